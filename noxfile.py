@@ -1,0 +1,213 @@
+"""Test, lint, type-check, build and benchmark every package under packages/.
+
+Sessions discover the packages from the folder, so a new package needs no edit here.
+`nox -l` lists the sessions; `nox` runs the default ones (the README's test command).
+
+CPU torch: every session that needs torch installs ``torch==2.13.0`` *before* the packages.
+The packages themselves declare an ordinary ``torch>=…`` range; a bare range resolved on a
+machine with no torch pulls a multi-GB CUDA build (see DEVELOPERS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+import tomllib
+
+ROOT = Path(__file__).parent
+PACKAGES_DIR = ROOT / "packages"
+TORCH_PIN = "torch==2.13.0"
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "isolated", "lint", "typecheck"]
+nox.options.error_on_missing_interpreters = True
+
+# No model or data set may come from the Hub in tests, demos or benchmarks (DESIGN.md §4).
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MPLBACKEND": "Agg",
+}
+
+
+def _pyproject(path: Path) -> dict:
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _packages() -> dict[str, dict]:
+    """Map distribution name (``jmllm-align``) to its parsed pyproject, for every package folder."""
+    found = {}
+    for folder in sorted(PACKAGES_DIR.iterdir()) if PACKAGES_DIR.is_dir() else []:
+        if (folder / "pyproject.toml").is_file():
+            found[folder.name] = _pyproject(folder / "pyproject.toml")
+    return found
+
+
+PACKAGES = _packages()
+ROOT_CONFIG = _pyproject(ROOT / "pyproject.toml")
+
+
+def _req_name(requirement: str) -> str:
+    name = requirement
+    for sep in "[<>=!~; ":
+        name = name.split(sep, 1)[0]
+    return name.strip().lower()
+
+
+def _local_closure(dist: str, extras: tuple[str, ...] = ()) -> list[str]:
+    """The sibling packages ``dist`` needs (its local dependencies, transitively), itself first."""
+    order: list[str] = []
+    todo = [(dist, extras)]
+    while todo:
+        name, want = todo.pop()
+        if name in order:
+            continue
+        order.append(name)
+        project = PACKAGES[name]["project"]
+        reqs = list(project.get("dependencies", []))
+        for extra in want:
+            reqs += project.get("optional-dependencies", {}).get(extra, [])
+        todo += [(_req_name(r), ()) for r in reqs if _req_name(r) in PACKAGES]
+    return order
+
+
+def _needs_torch(dist: str, extras: tuple[str, ...] = ()) -> bool:
+    for name in _local_closure(dist, extras):
+        project = PACKAGES[name]["project"]
+        reqs = list(project.get("dependencies", []))
+        if name == dist:
+            for extra in extras:
+                reqs += project.get("optional-dependencies", {}).get(extra, [])
+        if any(_req_name(r) == "torch" for r in reqs):
+            return True
+    return False
+
+
+def _group(name: str) -> list[str]:
+    return list(ROOT_CONFIG["dependency-groups"][name])
+
+
+def _all_extras(dist: str) -> str:
+    extras = sorted(PACKAGES[dist]["project"].get("optional-dependencies", {}))
+    return f"[{','.join(extras)}]" if extras else ""
+
+
+def _install_all(session: nox.Session, *, editable: bool = False) -> None:
+    """Install torch (CPU pin) first, then every package with all its extras."""
+    session.install(TORCH_PIN)
+    specs = [f"{PACKAGES_DIR / dist}{_all_extras(dist)}" for dist in PACKAGES]
+    if editable:
+        specs = [arg for spec in specs for arg in ("-e", spec)]
+    session.install(*specs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run every package's tests in one environment, against installed (non-editable) packages."""
+    _install_all(session)
+    session.install(*_group("test"))
+    test_dirs = [str(PACKAGES_DIR / dist / "tests") for dist in PACKAGES]
+    session.run(
+        "pytest",
+        *test_dirs,
+        "--durations=15",
+        *session.posargs,
+        env=OFFLINE_ENV,
+    )
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES))
+def isolated(session: nox.Session, package: str) -> None:
+    """Build one package's wheel, install it alone with only its declared dependencies into a
+    fresh environment, import it and run its CLI ``--help``."""
+    wheelhouse = Path(session.create_tmp()) / "wheels"
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    for old in wheelhouse.glob("*.whl"):
+        old.unlink()
+    session.install("build")
+    for dist in _local_closure(package):
+        session.run(
+            "python",
+            "-m",
+            "build",
+            "--wheel",
+            "--outdir",
+            str(wheelhouse),
+            str(PACKAGES_DIR / dist),
+            silent=True,
+        )
+    if _needs_torch(package):
+        session.install(TORCH_PIN)
+    (wheel,) = wheelhouse.glob(f"{package.replace('-', '_')}-*.whl")
+    session.install("--find-links", str(wheelhouse), str(wheel))
+    module = "jmllm." + package.removeprefix("jmllm-")
+    session.run(
+        "python", "-c", f"import {module}; print({module}.__name__, 'imports')", env=OFFLINE_ENV
+    )
+    session.run(package, "--help", env=OFFLINE_ENV, silent=True)
+    session.run("python", "-m", "pip", "check")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check over the whole tree."""
+    session.install(*_group("lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Mypy over every package's sources (packages installed editable for their dependencies)."""
+    _install_all(session, editable=True)
+    session.install(*_group("typecheck"))
+    sources = [str(PACKAGES_DIR / dist / "src") for dist in PACKAGES]
+    session.run("mypy", *sources)
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build the wheel and sdist of every package into dist/."""
+    session.install("build")
+    out = ROOT / "dist"
+    for dist in PACKAGES:
+        session.run("python", "-m", "build", "--outdir", str(out), str(PACKAGES_DIR / dist))
+
+
+@nox.session(default=False)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ (``mkdocs build --strict``)."""
+    session.install(*_group("docs"))
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks (all, or those named: ``nox -s bench -- ga_saliency``); JSON to stdout
+    and to ``.bench/NAME.json``."""
+    _install_all(session)
+    available = sorted(
+        p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_")
+    )
+    chosen = session.posargs or available
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        session.error(
+            f"Usage: nox -s bench -- [{'|'.join(available)}] (unknown: {', '.join(unknown)})"
+        )
+    out = ROOT / ".bench"
+    out.mkdir(exist_ok=True)
+    for name in chosen:
+        session.run(
+            "python",
+            str(ROOT / "benchmarks" / f"{name}.py"),
+            "--json-out",
+            str(out / f"{name}.json"),
+            env={**OFFLINE_ENV, "PYTHONUNBUFFERED": "1"},
+        )

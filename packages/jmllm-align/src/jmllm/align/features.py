@@ -1,0 +1,230 @@
+"""Images in, the two token sequences W is trained between out (DESIGN §1.1).
+
+- Source ``t``: OWL-ViT's vision encoder, penultimate hidden state, (B, 1 + N, D_owl) incl. CLS.
+- Target: LLaVA's vision tower at its configured feature layer + its multi-modal projector, i.e.
+  the (B, N, D_llm) image tokens LLaVA itself feeds its language model.
+
+Preprocessing: each image is decoded once to a uint8 tensor; each model then gets the whole
+image *squashed* to its square input size (no centre crop, so both token grids cover the same
+regions), normalised with its own mean/std. Resizing runs on tensors, batched per model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = (
+    20_000 * 20_000
+)  # larger than this is refused by PIL as a decompression bomb
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read; the message names the file and the problem."""
+
+
+def load_image(source: str | os.PathLike[str] | Image.Image) -> Image.Image:
+    """Decode an image to 8-bit RGB, with documented conversions for odd modes.
+
+    - EXIF orientation is applied.
+    - Alpha (RGBA, LA, P with transparency) is composited on white.
+    - 16-bit and 32-bit greyscale (``I;16``, ``I``, ``F``) are scaled by their maximum to 0–255.
+    - CMYK, YCbCr, palette and greyscale are converted to RGB by PIL.
+
+    Raises:
+        ImageLoadError: missing, truncated, corrupt or non-image file, or a 0-pixel image.
+
+    Example:
+        >>> load_image(Image.new("LA", (4, 4))).mode
+        'RGB'
+    """
+    name = getattr(source, "filename", None) or str(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(f"{path}: no such image file")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(f"{path}: not a readable image ({exc})") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(f"{path}: image too large ({exc})") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageLoadError(f"{name}: image has no pixels ({image.width}x{image.height})")
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:  # a broken EXIF block should not make the pixels unusable
+        pass
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 0 else 1.0
+        image = Image.fromarray((array / peak * 255.0).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (3, H, W) uint8 tensor (decoded once, shared by both models)."""
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class ImageNormalization:
+    """How one model wants its pixels: square side, mean and std (from its image processor)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike[str], size: int, **kwargs: Any
+    ) -> ImageNormalization:
+        """Read mean/std from a checkpoint's image processor; ``size`` comes from the model config."""
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+        return cls(size=size, mean=tuple(processor.image_mean), std=tuple(processor.image_std))  # type: ignore[arg-type]
+
+    def __call__(
+        self, images: list[torch.Tensor], device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Squash each (3, H, W) uint8 image to (3, size, size), normalise, and batch: (B, 3, S, S)."""
+        out = []
+        for image in images:
+            x = image.to(device=device, dtype=torch.float32).unsqueeze(0) / 255.0  # (1, 3, H, W)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False
+            )
+            out.append(x.clamp_(0.0, 1.0))
+        batch = torch.cat(out)  # (B, 3, S, S)
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return (batch - mean) / std
+
+
+def owl_penultimate(owl: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """OWL-ViT's vision encoder up to its penultimate hidden state: ``t``, (B, 1 + N, D) incl. CLS.
+
+    Runs the embeddings, the pre-layernorm and all encoder layers but the last through the modules'
+    own forward methods; equal to ``hidden_states[-2]`` of the full vision model, without computing
+    the last layer. ``owl`` is an ``OwlViTForObjectDetection`` (or ``OwlViTModel``).
+    """
+    vision = owl.owlvit.vision_model if hasattr(owl, "owlvit") else owl.vision_model
+    dtype = vision.embeddings.patch_embedding.weight.dtype
+    hidden = vision.embeddings(pixel_values.to(dtype))  # (B, 1 + N, D)
+    hidden = vision.pre_layernorm(hidden)
+    for layer in vision.encoder.layers[:-1]:
+        hidden = layer(hidden, attention_mask=None)
+    return hidden
+
+
+def llava_image_tokens(llava: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The image tokens LLaVA feeds its language model: (B, N, D_llm), through its public API."""
+    config = llava.config
+    dtype = next(llava.model.vision_tower.parameters()).dtype
+    features = llava.model.get_image_features(
+        pixel_values=pixel_values.to(dtype),
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
+    tokens = features.pooler_output if hasattr(features, "pooler_output") else features
+    return torch.stack(list(tokens)) if isinstance(tokens, (list, tuple)) else tokens
+
+
+@dataclass
+class FeaturePair:
+    """Source and target tokens for a batch: ``source`` (B, 1 + N, D_owl), ``target`` (B, N, D_llm)."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def source_patches(self) -> torch.Tensor:
+        """What W consumes: the N patch tokens, CLS dropped. (B, N, D_owl)."""
+        return self.source[:, 1:]
+
+
+class FeatureExtractor:
+    """Both frozen encoders with their preprocessing: images → (t, LLaVA image tokens).
+
+    Args:
+        owl: an ``OwlViTForObjectDetection``.
+        llava: a ``LlavaForConditionalGeneration``.
+        owl_norm, llava_norm: each model's :class:`ImageNormalization`.
+
+    Example:
+        >>> fx = FeatureExtractor.from_pretrained("google/owlvit-base-patch32",
+        ...                                       "llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
+        >>> pair = fx([image_to_tensor(load_image("cat.jpg"))])  # doctest: +SKIP
+        >>> pair.source.shape, pair.target.shape  # doctest: +SKIP
+        (torch.Size([1, 577, 768]), torch.Size([1, 576, 4096]))
+    """
+
+    def __init__(
+        self, owl: Any, llava: Any, owl_norm: ImageNormalization, llava_norm: ImageNormalization
+    ) -> None:
+        self.owl = owl.eval().requires_grad_(False)
+        self.llava = llava.eval().requires_grad_(False)
+        self.owl_norm = owl_norm
+        self.llava_norm = llava_norm
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        owl: str | os.PathLike[str],
+        llava: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        load_language_model: bool = False,
+    ) -> FeatureExtractor:
+        """Load both encoders. Only LLaVA's vision tower and projector are needed for training W,
+        so by default the language model is dropped after loading to save memory."""
+        from transformers import LlavaForConditionalGeneration, OwlViTForObjectDetection
+
+        owl_model = OwlViTForObjectDetection.from_pretrained(owl, dtype=dtype).to(device)
+        llava_model = LlavaForConditionalGeneration.from_pretrained(llava, dtype=dtype)
+        if not load_language_model:
+            llava_model.model.language_model = torch.nn.Identity()
+            llava_model.lm_head = torch.nn.Identity()
+        llava_model.to(device)
+        owl_norm = ImageNormalization.from_pretrained(
+            owl, owl_model.config.vision_config.image_size
+        )
+        llava_norm = ImageNormalization.from_pretrained(
+            llava, llava_model.config.vision_config.image_size
+        )
+        return cls(owl_model, llava_model, owl_norm, llava_norm)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.owl.parameters()).device
+
+    @torch.no_grad()
+    def source(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """``t`` for (3, H, W) uint8 images: (B, 1 + N, D_owl)."""
+        return owl_penultimate(self.owl, self.owl_norm(images, self.device))
+
+    @torch.no_grad()
+    def target(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """LLaVA's own image tokens for (3, H, W) uint8 images: (B, N, D_llm)."""
+        return llava_image_tokens(self.llava, self.llava_norm(images, self.device))
+
+    def __call__(self, images: list[torch.Tensor]) -> FeaturePair:
+        return FeaturePair(source=self.source(images), target=self.target(images))

@@ -1,0 +1,363 @@
+"""Tiny OWL-ViT and LLaVA checkpoints built offline, and the real-size configs (DESIGN §4).
+
+Tests, demos and benchmarks never reach the Hugging Face Hub. Instead this module builds small
+random-weight models with the real architectures, trains their tokenizers in-process with
+``tokenizers``, and saves everything with ``save_pretrained`` so that the *same*
+``from_pretrained`` code path users take with Hub ids is exercised on local folders.
+
+The two tiny models have equal token grids (6×6 patches), like the real pair (24×24).
+
+Example:
+    >>> from jmllm.align.testing import build_tiny_checkpoints
+    >>> ckpt = build_tiny_checkpoints("/tmp/jmllm-tiny")  # doctest: +SKIP
+    >>> ckpt.owl, ckpt.llava  # two folders loadable with from_pretrained  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_VERSION = 1  # bump when the tiny recipe changes, so cached folders are rebuilt
+
+# Words the tiny tokenizers know well: the paper's prompts, the user-study objects, digits.
+_CORPUS = [
+    "USER: <image>\nWhat's the content of the image? ASSISTANT: The image shows a bird.",
+    "USER: <image>\nWhat's in the image? ASSISTANT: The image shows a bird on a branch.",
+    "From one to ten, how likely is the person to be a man? Only answer with a number from 1 to 10.",
+    "From one to ten, how likely is the person to be a woman? 1 2 3 4 5 6 7 8 9 10",
+    "a photo of a cat. a photo of a dog. a photo of a person. a photo of a horse.",
+    "a photo of a bus, a car, a boat, a motorbike, a bird, a tv, a monitor, a couch, a bench.",
+    "There are two people in the image, both on skis in the snow near the trees.",
+    "The bus in the image is red and white. The dog has a purple collar and white fur.",
+    "A headshot of a man in his 40s, DSLR, detailed, 8k, in perfect focus, shoulder height",
+    "The cat is sitting on the couch in a living room with red curtains and pillows.",
+]
+
+
+def _train_bpe(vocab_size: int, specials: list[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=list(
+            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-/\n "
+        ),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return tok
+
+
+def tiny_llava_tokenizer() -> Any:
+    """A Llama-style tokenizer (BOS added, ``<image>`` special) trained in-process."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(320, ["<unk>", "<s>", "</s>", "<pad>"])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    return fast
+
+
+def tiny_owl_tokenizer() -> Any:
+    """A CLIP-style tokenizer whose end-of-text token has the largest id (OWL-ViT pools at argmax)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(200, ["<pad>", "<unk>", "<|startoftext|>"])
+    tok.add_special_tokens(["<|endoftext|>"])  # last id, as in CLIP
+    sot, eot = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", sot), ("<|endoftext|>", eot)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=16,
+    )
+
+
+def tiny_owl_config(tokenizer: Any = None) -> Any:
+    """OWL-ViT with a 6×6 patch grid (96 px, patch 16) and 32-wide layers."""
+    from transformers import OwlViTConfig
+
+    tokenizer = tokenizer or tiny_owl_tokenizer()
+    return OwlViTConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "image_size": 96,
+            "patch_size": 16,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+        },
+        projection_dim=32,  # OWL-ViT's class head needs projection_dim == text hidden size
+    )
+
+
+def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Any:
+    """LLaVA with a 6×6 CLIP grid (84 px, patch 14) and a 2-layer, 48-wide Llama."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "image_size": 84,
+            "patch_size": 14,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "projection_dim": 32,
+            "hidden_act": "quick_gelu",
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": vocab_size,
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5,
+            "pad_token_id": pad_token_id,
+        },
+        image_token_id=image_token_id,
+        pad_token_id=pad_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def llava_1_5_7b_config() -> Any:
+    """The published ``llava-hf/llava-1.5-7b-hf`` configuration, written out (no Hub access)."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "image_size": 336,
+            "patch_size": 14,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+            "vocab_size": 32000,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 32064,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "pad_token_id": 32001,
+        },
+        image_token_id=32000,
+        pad_token_id=32001,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def owlvit_b32_config() -> Any:
+    """OWL-ViT B/32 (``google/owlvit-base-patch32``) is the library default ``OwlViTConfig()``."""
+    from transformers import OwlViTConfig
+
+    return OwlViTConfig()
+
+
+@dataclass(frozen=True)
+class TinyCheckpoints:
+    """Folders of a tiny OWL-ViT and a tiny LLaVA, each loadable with ``from_pretrained``."""
+
+    root: Path
+    owl: Path
+    llava: Path
+
+
+def _save_owl(folder: Path, seed: int) -> None:
+    from transformers import OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+
+    tokenizer = tiny_owl_tokenizer()
+    torch.manual_seed(seed)
+    model = OwlViTForObjectDetection(tiny_owl_config(tokenizer)).eval()
+    image_processor = OwlViTImageProcessor(
+        size={"height": 96, "width": 96},
+        crop_size={"height": 96, "width": 96},
+        do_center_crop=False,
+    )
+    processor = OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def _save_llava(folder: Path, seed: int) -> None:
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = tiny_llava_tokenizer()
+    config = tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # Random weights give near-uniform logits; a larger scale makes greedy answers vary by image.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = CLIPImageProcessor(
+        size={"height": 84, "width": 84},
+        crop_size={"height": 84, "width": 84},
+        do_center_crop=False,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def _atomic_dir(target: Path, build: Any) -> None:
+    """Build into a temporary sibling folder, then rename, so a crash never leaves half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if target.is_dir():  # another process won the race; its copy is as good as ours
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+
+
+def build_tiny_checkpoints(root: str | os.PathLike[str], seed: int = 0) -> TinyCheckpoints:
+    """Build (or reuse, when already built with this recipe) tiny OWL-ViT and LLaVA checkpoints.
+
+    Args:
+        root: folder to hold ``owlvit/`` and ``llava/``; reused when its stamp matches.
+        seed: seed of the random weights.
+
+    Returns:
+        The two folders, ready for ``from_pretrained``.
+
+    Example:
+        >>> ckpt = build_tiny_checkpoints(tmp_path)  # doctest: +SKIP
+        >>> from transformers import OwlViTForObjectDetection
+        >>> OwlViTForObjectDetection.from_pretrained(ckpt.owl)  # doctest: +SKIP
+    """
+    root = Path(root)
+    stamp = {"version": TINY_VERSION, "seed": seed}
+    ckpt = TinyCheckpoints(root=root, owl=root / "owlvit", llava=root / "llava")
+    stamp_file = root / "tiny.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        if ckpt.owl.is_dir() and ckpt.llava.is_dir():
+            return ckpt
+    root.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for folder in (ckpt.owl, ckpt.llava):
+        if folder.exists():
+            shutil.rmtree(folder)
+    _atomic_dir(ckpt.owl, lambda d: _save_owl(d, seed))
+    _atomic_dir(ckpt.llava, lambda d: _save_llava(d, seed + 1))
+    tmp = stamp_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamp))
+    os.replace(tmp, stamp_file)
+    return ckpt
+
+
+def generated_images(count: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
+    """Simple, varied RGB images (random rectangles and ellipses on a gradient) for tests and demos.
+
+    Example:
+        >>> [im.size for im in generated_images(2, size=32)]
+        [(32, 32), (32, 32)]
+    """
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        base = np.linspace(0, 255, size, dtype=np.float32)
+        colour = rng.uniform(0.2, 1.0, size=3)
+        pixels = (base[None, :, None] * colour[None, None, :]).repeat(size, axis=0)
+        image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 4))):
+            x0, y0 = rng.integers(0, size // 2, size=2)
+            x1, y1 = np.array([x0, y0]) + rng.integers(size // 6, size // 2, size=2)
+            fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([int(x0), int(y0), int(x1), int(y1)], fill=fill)
+        images.append(image)
+    return images
+
+
+def write_image_folder(
+    folder: str | os.PathLike[str], count: int, size: int = 64, seed: int = 0
+) -> Path:
+    """Write :func:`generated_images` as PNG/JPEG files into ``folder`` (nested, mixed formats)."""
+    folder = Path(folder)
+    for i, image in enumerate(generated_images(count, size=size, seed=seed)):
+        sub = folder / f"part{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        suffix = ".png" if i % 2 else ".jpg"
+        image.save(sub / f"img{i:04d}{suffix}")
+    return folder
