@@ -1,0 +1,111 @@
+"""An example spec with the structure of the paper's user study, and placeholder images.
+
+The questions reproduce supplementary §3 of Giulivi & Boracchi (2024): objects, correct answers
+and the published share of correct answers for the questions whose objects the supplementary
+text shows (it lists 10 questions; in our copy one more answer, "A2 with 100%", has no legible
+objects and is left out). The paper's images are not distributed, so the images written here
+are **generated placeholders**: a flat scene with two labelled shapes and, as "explanations",
+the scene dimmed with a heat blob over one shape. Replace them with your own image and GA maps.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .atomic import atomic_write_bytes, atomic_write_text
+
+__all__ = ["PAPER_QUESTIONS", "write_example"]
+
+# (object 1, object 2, correct answer, published share correct) from supplementary §3.
+PAPER_QUESTIONS: tuple[tuple[str, str, str, float], ...] = (
+    ("cat", "TV/monitor", "A1", 1.00),
+    ("person", "horse", "A2", 0.71),
+    ("person", "boat", "A2", 1.00),
+    ("person", "motorbike", "A1", 1.00),
+    ("person", "horse", "A1", 1.00),
+)
+
+_SIZE = (320, 240)
+# Where the two objects sit in every placeholder scene: (x0, y0, x1, y1).
+_BOXES = ((30, 60, 140, 200), (180, 40, 295, 150))
+_COLOURS = ((70, 130, 180), (205, 133, 63))
+
+
+def _scene(objects: tuple[str, str]) -> Image.Image:
+    im = Image.new("RGB", _SIZE, (228, 232, 220))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((0, 170, _SIZE[0], _SIZE[1]), fill=(196, 206, 180))
+    for box, colour, name in zip(_BOXES, _COLOURS, objects, strict=True):
+        draw.rounded_rectangle(box, radius=12, fill=colour, outline=(40, 40, 40), width=2)
+        draw.text((box[0] + 6, box[1] + 6), name, fill=(255, 255, 255))
+    draw.text((6, _SIZE[1] - 16), "placeholder image", fill=(90, 90, 90))
+    return im
+
+
+def _explanation(scene: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The scene dimmed, with a red-to-yellow blob over ``box`` (a stand-in for a GA map)."""
+    w, h = _SIZE
+    ys, xs = np.mgrid[0:h, 0:w]  # (H, W)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    sx, sy = (box[2] - box[0]) / 2.2, (box[3] - box[1]) / 2.2
+    heat = np.exp(-(((xs - cx) / sx) ** 2 + ((ys - cy) / sy) ** 2))  # (H, W) in [0, 1]
+    colour = np.stack([np.full_like(heat, 255), 255 * heat, np.zeros_like(heat)], axis=-1)
+    base = np.asarray(scene, dtype=np.float64) * 0.35  # (H, W, 3)
+    alpha = (0.85 * heat)[..., None]
+    out = base * (1 - alpha) + colour * alpha
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def _png(im: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def write_example(out_dir: str | Path) -> Path:
+    """Write ``study.yaml`` and its placeholder images into ``out_dir``.
+
+    Args:
+        out_dir: Folder to write into (created if missing); images go to ``images/``.
+
+    Returns:
+        The path of the spec file.
+
+    >>> import tempfile
+    >>> write_example(tempfile.mkdtemp()).name
+    'study.yaml'
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for number, (first, second, correct, rate) in enumerate(PAPER_QUESTIONS, start=1):
+        scene = _scene((first, second))
+        by_object = [_explanation(scene, box) for box in _BOXES]
+        # A1: explanation 1 is for object 1; A2: explanation 1 is for object 2.
+        shown = by_object if correct == "A1" else by_object[::-1]
+        names = [f"images/q{number}.png", f"images/q{number}_e1.png", f"images/q{number}_e2.png"]
+        for name, im in zip(names, [scene, *shown], strict=True):
+            atomic_write_bytes(out / name, _png(im))
+        entries.append(
+            f"  - id: q{number}\n"
+            f"    image: {names[0]}\n"
+            f'    objects: ["{first}", "{second}"]\n'
+            f"    explanations: [{names[1]}, {names[2]}]\n"
+            f"    correct: {correct}\n"
+            f"    reference_share_correct: {rate}\n"
+        )
+    spec = (
+        "# Example user study with the structure of supplementary §3 of Giulivi & Boracchi (2024):\n"
+        "# objects, correct answers and published rates (reference_share_correct) of the paper's\n"
+        "# questions. The images are GENERATED PLACEHOLDERS: put your image and GA maps instead.\n"
+        "title: Which explanation is for which object?\n"
+        "seed: 2024\n"
+        "questions:\n" + "".join(entries)
+    )
+    path = out / "study.yaml"
+    atomic_write_text(path, spec)
+    return path

@@ -1,0 +1,121 @@
+"""Produce the explanation images of a question from a model (optional extra ``joint``).
+
+The questionnaire only needs image files. To make them with the joint model J of
+``jmllm-joint`` (GA saliency of each object), install the extra and call
+:func:`write_explanations` with :func:`joint_explainer`, then point the spec at the files::
+
+    pip install "jmllm-userstudy[joint]"
+
+    from jmllm.userstudy.from_joint import joint_explainer, write_explanations
+    e1, e2 = write_explanations("images/q1.png", ("cat", "TV/monitor"), "images", joint_explainer())
+    # spec: explanations: [images/q1_cat.png, images/q1_TV_monitor.png], correct: A1
+
+Any callable ``explain(image, object_name) -> image`` works in place of :func:`joint_explainer`
+(for example your own GA code), so this hook does not depend on the joint package's API beyond
+the one function named below. ``jmllm.joint`` is imported here, lazily, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .atomic import atomic_write_bytes
+
+__all__ = ["JOINT_ENTRY_POINT", "ExplainFn", "MissingExtraError", "joint_explainer", "write_explanations"]
+
+ExplainFn = Callable[[Image.Image, str], Image.Image]
+# The function of jmllm.joint this hook calls: explain_object(image, object_name, **options) -> PIL
+# image of the GA map for that object. Provisional until the joint package's GA API is stable.
+JOINT_ENTRY_POINT = "explain_object"
+
+
+class MissingExtraError(ImportError):
+    """The optional ``joint`` extra (``jmllm-joint``) is not installed or lacks the hook."""
+
+
+def joint_explainer(**options: Any) -> ExplainFn:
+    """An :data:`ExplainFn` backed by ``jmllm.joint`` (imported only now).
+
+    Args:
+        **options: Passed through to ``jmllm.joint.explain_object`` (model, prompt, ...).
+
+    Returns:
+        ``explain(image, object_name) -> PIL.Image``.
+
+    Raises:
+        MissingExtraError: ``jmllm-joint`` is missing or has no ``explain_object``.
+
+    >>> explain = joint_explainer(model=my_joint_model)  # doctest: +SKIP
+    >>> explain(Image.open("images/q1.png"), "cat").save("q1_cat.png")  # doctest: +SKIP
+    """
+    try:
+        joint = importlib.import_module("jmllm.joint")
+    except ImportError:
+        raise MissingExtraError(
+            "producing explanations from a model needs the optional extra: "
+            "pip install 'jmllm-userstudy[joint]' (or pass your own explain function)"
+        ) from None
+    entry = getattr(joint, JOINT_ENTRY_POINT, None)
+    if not callable(entry):
+        raise MissingExtraError(
+            f"the installed jmllm-joint has no {JOINT_ENTRY_POINT}(image, object_name, **options); "
+            "pass your own explain function to write_explanations"
+        )
+
+    def explain(image: Image.Image, object_name: str) -> Image.Image:
+        return entry(image, object_name, **options)
+
+    return explain
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:40] or "object"
+
+
+def write_explanations(
+    image: str | Path, objects: tuple[str, str], out_dir: str | Path, explain: ExplainFn
+) -> tuple[Path, Path]:
+    """Explain ``image`` for each of the two objects and write the maps as PNG files.
+
+    Args:
+        image: The question's image.
+        objects: Object 1 and object 2 of the question.
+        out_dir: Folder for the PNGs, named ``<image stem>_<object>.png``.
+        explain: ``explain(image, object_name) -> PIL.Image``, e.g. :func:`joint_explainer`.
+
+    Returns:
+        The explanation files for object 1 and object 2: list them in this order in the spec's
+        ``explanations`` with ``correct: A1`` (the questionnaire randomises the shown order).
+
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> Image.new("RGB", (4, 4)).save(root / "q.png")
+    >>> paths = write_explanations(root / "q.png", ("cat", "TV/monitor"), root, lambda im, o: im)
+    >>> [p.name for p in paths]
+    ['q_cat.png', 'q_TV_monitor.png']
+    """
+    source = Path(image)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as im:
+        picture = im.convert("RGB")
+    written = []
+    for number, name in enumerate(objects, start=1):
+        result = explain(picture, name)
+        if not isinstance(result, Image.Image):
+            raise TypeError(f"explain({source.name}, {name!r}) returned {type(result).__name__}, not a PIL image")
+        buffer = io.BytesIO()
+        result.save(buffer, format="PNG")
+        path = out / f"{source.stem}_{_slug(name)}.png"
+        if number == 2 and path == written[0]:
+            path = out / f"{source.stem}_{_slug(name)}_2.png"
+        atomic_write_bytes(path, buffer.getvalue())
+        written.append(path)
+    return written[0], written[1]

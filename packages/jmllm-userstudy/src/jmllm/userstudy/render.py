@@ -1,0 +1,192 @@
+"""Render a study spec into one self-contained HTML questionnaire.
+
+The file embeds every image as a ``data:`` URL, the stylesheet and the script inline, and loads
+nothing from the network, so it works opened from disk (``file://``), from any static host, or
+from ``jmllm-userstudy serve``. A Content-Security-Policy allows only the page's own script and
+style (by hash) and ``data:`` images, so injected markup could not run even if it slipped through
+(all spec text is escaped in Python and set with ``textContent`` in the browser anyway).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+
+from .atomic import atomic_write_text
+from .spec import StudySpec, answer_text, question_text
+
+__all__ = ["QUESTIONNAIRE_NAME", "image_data_url", "render_questionnaire", "write_questionnaire"]
+
+QUESTIONNAIRE_NAME = "questionnaire.html"
+# Formats every browser shows natively are embedded byte for byte; anything else becomes PNG.
+_NATIVE = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+def image_data_url(path: Path) -> str:
+    """A ``data:`` URL of the image at ``path`` (re-encoded as PNG if browsers cannot show it).
+
+    >>> import tempfile, pathlib
+    >>> from PIL import Image
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bmp"
+    >>> Image.new("RGB", (2, 2)).save(p)
+    >>> image_data_url(p)[:22]
+    'data:image/png;base64,'
+    """
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        mime = _NATIVE.get(im.format or "")
+        if mime is None or (mime == "image/jpeg" and im.mode == "CMYK"):
+            buffer = io.BytesIO()
+            converted = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            converted.save(buffer, format="PNG")
+            data, mime = buffer.getvalue(), "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _json_for_script(value: object) -> str:
+    """JSON that cannot end the ``<script>`` element it sits in."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def _csp_hash(source: str) -> str:
+    digest = hashlib.sha256(source.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
+
+
+def render_questionnaire(spec: StudySpec) -> str:
+    """The questionnaire of ``spec`` as one HTML document.
+
+    Args:
+        spec: A validated study spec.
+
+    Returns:
+        The HTML text (UTF-8), self-contained.
+
+    >>> from jmllm.userstudy.example import write_example
+    >>> from jmllm.userstudy.spec import load_spec
+    >>> import tempfile
+    >>> page = render_questionnaire(load_spec(write_example(tempfile.mkdtemp())))
+    >>> page.startswith("<!doctype html>") and "http" not in page.split("<style>")[0]
+    True
+    """
+    study = {
+        "title": spec.title,
+        "seed": spec.seed,
+        "fingerprint": spec.fingerprint(),
+        "questions": [
+            {
+                "id": q.id,
+                "text": question_text(q.objects),
+                "answers": {a: answer_text(a, q.objects) for a in ("A1", "A2")},
+                "image": image_data_url(q.image),
+                "explanations": [image_data_url(p) for p in q.explanations],
+            }
+            for q in spec.questions
+        ],
+    }
+    package = resources.files("jmllm.userstudy")
+    script = package.joinpath("questionnaire.js").read_text(encoding="utf-8")
+    style = package.joinpath("questionnaire.css").read_text(encoding="utf-8")
+    csp = (
+        "default-src 'none'; img-src data:; "
+        f"style-src {_csp_hash(style)}; script-src {_csp_hash(script)}; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'"
+    )
+    e = html.escape
+    paragraphs = "\n".join(
+        f"<p>{e(p.strip())}</p>" for p in spec.instructions.split("\n\n") if p.strip()
+    )
+    n = len(spec.questions)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{e(csp)}">
+<meta name="referrer" content="no-referrer">
+<title>{e(spec.title)}</title>
+<style>{style}</style>
+</head>
+<body>
+<main>
+<h1>{e(spec.title)}</h1>
+<section id="start" aria-labelledby="start-heading">
+<h2 id="start-heading">Instructions</h2>
+{paragraphs}
+<p class="meta">{n} question{"s" if n != 1 else ""}. Each has two possible answers, A1 and A2.</p>
+<form id="start-form" novalidate>
+<label class="field" for="participant-id">Participant ID</label>
+<input type="text" id="participant-id" name="participant-id" autocomplete="off"
+ maxlength="64" aria-describedby="participant-help start-error" required>
+<p class="meta" id="participant-help">The ID the researcher gave you.</p>
+<p class="error" id="start-error" role="alert"></p>
+<button type="submit" id="start-button">Start</button>
+</form>
+</section>
+<section id="question" hidden aria-labelledby="progress">
+<h2 id="progress" tabindex="-1"></h2>
+<p class="meta">Participant: <span id="participant-label"></span></p>
+<form id="question-form" novalidate>
+<fieldset aria-describedby="question-error">
+<legend id="question-text"></legend>
+<div class="figures">
+<figure><img id="img-image" alt="The image"><figcaption>Image</figcaption></figure>
+<figure><img id="img-expl-1" alt="Explanation 1"><figcaption>Explanation 1</figcaption></figure>
+<figure><img id="img-expl-2" alt="Explanation 2"><figcaption>Explanation 2</figcaption></figure>
+</div>
+<div class="choice"><input type="radio" id="answer-A1" name="answer" value="A1">
+<label for="answer-A1"><strong>A1:</strong> <span id="answer-A1-text"></span></label></div>
+<div class="choice"><input type="radio" id="answer-A2" name="answer" value="A2">
+<label for="answer-A2"><strong>A2:</strong> <span id="answer-A2-text"></span></label></div>
+</fieldset>
+<p class="error" id="question-error" role="alert"></p>
+<button type="button" class="secondary" id="prev">Previous</button>
+<button type="submit" id="next">Next</button>
+</form>
+</section>
+<section id="finish" hidden aria-labelledby="finish-heading">
+<h2 id="finish-heading" tabindex="-1">Thank you</h2>
+<p id="summary"></p>
+<p>Download your answers and send the file to the researcher.</p>
+<button type="button" id="download">Download answers</button>
+<button type="button" id="send" hidden>Send answers to the study server</button>
+<button type="button" class="secondary" id="review">Review answers</button>
+<p id="send-status" role="status"></p>
+</section>
+</main>
+<script type="application/json" id="study-data">{_json_for_script(study)}</script>
+<script>{script}</script>
+</body>
+</html>
+"""
+
+
+def write_questionnaire(spec: StudySpec, out_dir: str | Path) -> Path:
+    """Render ``spec`` and write ``questionnaire.html`` into ``out_dir`` atomically.
+
+    Args:
+        spec: A validated study spec.
+        out_dir: Output folder (created if missing).
+
+    Returns:
+        The path of the written questionnaire.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / QUESTIONNAIRE_NAME
+    atomic_write_text(target, render_questionnaire(spec))
+    return target
