@@ -62,7 +62,7 @@ def _explanation(scene: Image.Image, box: tuple[int, int, int, int]) -> Image.Im
 
 def _png(im: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    im.save(buffer, format="PNG", optimize=True)
+    im.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

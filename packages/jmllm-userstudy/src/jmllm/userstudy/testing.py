@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,16 @@ def write_answers(
     correct: Collection[str],
     file_name: str | None = None,
 ) -> Path:
-    """Write :func:`answers_document` as ``answers-<participant_id>.json`` (or ``file_name``).
+    """Write :func:`answers_document` as ``answers-<participant_id>.json`` (or ``file_name``),
+    with characters other than letters, digits, ``_`` and ``-`` replaced by ``_`` as the
+    questionnaire does.
 
     Returns:
         The path written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / (file_name or f"answers-{participant_id}.json")
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", participant_id)[:40]
+    path = out / (file_name or f"answers-{safe}.json")
     atomic_write_text(path, json.dumps(answers_document(spec, participant_id, correct), indent=2))
     return path
