@@ -181,6 +181,16 @@ def build(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """The main job on a built-in default: explain a sample image with tiny random-weight models
+    built offline (``nox -s demo -- --out DIR``; default ``out/demo``)."""
+    session.install(TORCH_PIN)
+    session.install(*(str(PACKAGES_DIR / dist) for dist in _local_closure("jmllm-joint")))
+    args = session.posargs or ["--out", str(ROOT / "out" / "demo")]
+    session.run("jmllm-joint", "demo", *args, env=OFFLINE_ENV)
+
+
+@nox.session(default=False)
 def docs(session: nox.Session) -> None:
     """Build the documentation site into site/ (``mkdocs build --strict``)."""
     session.install(*_group("docs"))
