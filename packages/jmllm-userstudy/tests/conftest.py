@@ -62,7 +62,9 @@ def spec_editor() -> Any:
 def chromium() -> Iterator[Any]:
     """A headless Debian Chromium driven by Playwright (skipped only if Chromium is absent)."""
     if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (apt-get install chromium)")
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium package (apt-get install chromium)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -81,10 +83,11 @@ def page(chromium: Any) -> Iterator[Any]:
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.on(
         "request",
-        lambda req: None
-        if req.url.split(":", 1)[0] in ("file", "data", "blob")
-        else page.external_requests.append(req.url),
+        lambda req: (
+            None
+            if req.url.split(":", 1)[0] in ("file", "data", "blob")
+            else page.external_requests.append(req.url)
+        ),
     )
     yield page
     context.close()
-

@@ -70,4 +70,6 @@ def test_every_permutation_maps_back_to_the_spec(example_spec, tmp_path):
     assert result.problems == ()
     assert {q.question_id: q.rate.correct for q in result.questions} == expected
     assert all(q.rate.total == 40 for q in result.questions)
-    assert {p.participant_id: p.rate.correct for p in result.participants} == expected_per_participant
+    assert {
+        p.participant_id: p.rate.correct for p in result.participants
+    } == expected_per_participant

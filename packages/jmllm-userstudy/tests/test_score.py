@@ -112,7 +112,10 @@ def test_problem_files_are_reported_not_scored(example_dir, example_spec, tmp_pa
     assert result.files_read == 13
     assert [q.rate.correct for q in result.questions] == [1, 1, 0, 0, 0]
     assert {p.kind for p in result.problems if p.file == "half.json"} == {"incomplete"}
-    assert next(p.detail for p in result.problems if p.file == "half.json") == "4 of 5 questions answered"
+    assert (
+        next(p.detail for p in result.problems if p.file == "half.json")
+        == "4 of 5 questions answered"
+    )
 
 
 def test_reports_escape_names_and_are_complete(example_dir, spec_editor, tmp_path):
@@ -124,12 +127,20 @@ def test_reports_escape_names_and_are_complete(example_dir, spec_editor, tmp_pat
     text = markdown_report(result)
     assert "<b>" not in text and "<script>" not in text
     assert "&lt;b&gt;x&lt;/b&gt; \\| $y$" in text
-    assert "| q3 | &lt;b&gt;x&lt;/b&gt; \\| $y$ / boat | A2 | 2 / 2 | 100% | 16%–100% | 100% |" in text
+    assert (
+        "| q3 | &lt;b&gt;x&lt;/b&gt; \\| $y$ / boat | A2 | 2 / 2 | 100% | 16%–100% | 100% |" in text
+    )
     assert "| **Overall** | | | 3 / 10 | 30% | 7%–65% | |" in text
     paths = write_results(result, tmp_path / "results")
     doc = json.loads(paths["json"].read_text())
     assert doc["questions"][2]["rate"]["correct"] == 2
-    assert doc["overall"] == {"correct": 3, "total": 10, "share": 0.3, "ci_low": pytest.approx(0.0667, abs=1e-4), "ci_high": pytest.approx(0.6525, abs=1e-4)}
+    assert doc["overall"] == {
+        "correct": 3,
+        "total": 10,
+        "share": 0.3,
+        "ci_low": pytest.approx(0.0667, abs=1e-4),
+        "ci_high": pytest.approx(0.6525, abs=1e-4),
+    }
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -137,7 +148,10 @@ def test_empty_folder_scores_nothing(example_spec, tmp_path):
     result = score_answers(example_spec, tmp_path)
     assert result.participants == () and result.overall.total == 0
     assert "No submission could be scored." in markdown_report(result)
-    assert json.loads(write_results(result, tmp_path / "r")["json"].read_text())["overall"]["share"] is None
+    assert (
+        json.loads(write_results(result, tmp_path / "r")["json"].read_text())["overall"]["share"]
+        is None
+    )
 
 
 def test_cli_three_commands(tmp_path, capsys):
@@ -146,18 +160,38 @@ def test_cli_three_commands(tmp_path, capsys):
     assert main(["render", str(spec_path), "--out", str(tmp_path / "site")]) == 0
     assert (tmp_path / "site" / "questionnaire.html").is_file()
     write_answers(load_spec(spec_path), tmp_path / "answers", "P1", correct={"q1", "q2"})
-    assert main(["score", str(spec_path), str(tmp_path / "answers"), "--out", str(tmp_path / "res")]) == 0
+    assert (
+        main(["score", str(spec_path), str(tmp_path / "answers"), "--out", str(tmp_path / "res")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "1 submissions scored, 0 not scored; overall 2/5 correct (40%)" in out
-    assert {p.name for p in (tmp_path / "res").iterdir()} == {"results.md", "results.json", "per_question.png"}
+    assert {p.name for p in (tmp_path / "res").iterdir()} == {
+        "results.md",
+        "results.json",
+        "per_question.png",
+    }
 
 
 def test_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("seed: [")
     assert main(["render", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("jmllm-userstudy: error: ") and "bad.yaml" in err and "Traceback" not in err
+    assert (
+        err.startswith("jmllm-userstudy: error: ") and "bad.yaml" in err and "Traceback" not in err
+    )
     assert err.count("\n") == 1
     main(["example", str(tmp_path / "s")])
-    assert main(["score", str(tmp_path / "s/study.yaml"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "score",
+                str(tmp_path / "s/study.yaml"),
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "answers folder not found" in capsys.readouterr().err

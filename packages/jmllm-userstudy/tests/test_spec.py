@@ -23,8 +23,14 @@ def test_example_spec_has_the_papers_questions(example_spec):
 
 def test_answer_texts_follow_the_paper():
     objects = ("cat", "TV/monitor")
-    assert answer_text("A1", objects) == 'Explanation 1 explains "cat" and Explanation 2 explains "TV/monitor"'
-    assert answer_text("A2", objects) == 'Explanation 1 explains "TV/monitor" and Explanation 2 explains "cat"'
+    assert (
+        answer_text("A1", objects)
+        == 'Explanation 1 explains "cat" and Explanation 2 explains "TV/monitor"'
+    )
+    assert (
+        answer_text("A2", objects)
+        == 'Explanation 1 explains "TV/monitor" and Explanation 2 explains "cat"'
+    )
 
 
 def test_json_spec_is_accepted(example_dir):
@@ -40,17 +46,45 @@ def test_json_spec_is_accepted(example_dir):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("images/q2_e2.png]", "images/missing.png]", r"questions\[1\]\.explanations\[1\]: image file not found: images/missing.png"),
-        ("image: images/q3.png", "image: notes.txt", r"questions\[2\]\.image: not a readable image: notes.txt"),
-        ("correct: A2\n    reference_share_correct: 0.71", "correct: B\n    reference_share_correct: 0.71", r"questions\[1\]\.correct: must be 'A1' or 'A2'"),
+        (
+            "images/q2_e2.png]",
+            "images/missing.png]",
+            r"questions\[1\]\.explanations\[1\]: image file not found: images/missing.png",
+        ),
+        (
+            "image: images/q3.png",
+            "image: notes.txt",
+            r"questions\[2\]\.image: not a readable image: notes.txt",
+        ),
+        (
+            "correct: A2\n    reference_share_correct: 0.71",
+            "correct: B\n    reference_share_correct: 0.71",
+            r"questions\[1\]\.correct: must be 'A1' or 'A2'",
+        ),
         ("seed: 2024\n", "", r"seed: missing"),
         ("seed: 2024", "seed: twenty", r"seed: must be an integer"),
         ("id: q2\n", "id: q1\n", r"questions\[1\]\.id: duplicate id 'q1'"),
-        ('["person", "boat"]', '["person", "person"]', r"questions\[2\]\.objects: the two objects are the same"),
-        ('["person", "boat"]', '["person"]', r"questions\[2\]\.objects: must be a list of exactly two"),
-        ("    correct: A1\n    reference_share_correct: 1.0\n  - id: q2", "    correct: A1\n    corect: A1\n  - id: q2", r"questions\[0\]\.corect: unknown key"),
+        (
+            '["person", "boat"]',
+            '["person", "person"]',
+            r"questions\[2\]\.objects: the two objects are the same",
+        ),
+        (
+            '["person", "boat"]',
+            '["person"]',
+            r"questions\[2\]\.objects: must be a list of exactly two",
+        ),
+        (
+            "    correct: A1\n    reference_share_correct: 1.0\n  - id: q2",
+            "    correct: A1\n    corect: A1\n  - id: q2",
+            r"questions\[0\]\.corect: unknown key",
+        ),
         ("title:", "titel:", r"titel: unknown key"),
-        ("reference_share_correct: 0.71", "reference_share_correct: 71", r"questions\[1\]\.reference_share_correct: must be a number in \[0, 1\]"),
+        (
+            "reference_share_correct: 0.71",
+            "reference_share_correct: 71",
+            r"questions\[1\]\.reference_share_correct: must be a number in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_specs_name_the_file_and_field(example_dir, spec_editor, old, new, message):
@@ -97,5 +131,9 @@ def test_fingerprint_tracks_what_participants_see(example_dir, spec_editor):
     im.save(path)
     changed = load_spec(example_dir / "study.yaml").fingerprint()
     assert changed != base
-    spec_editor(example_dir, "correct: A2\n    reference_share_correct: 0.5", "correct: A1\n    reference_share_correct: 0.5")
+    spec_editor(
+        example_dir,
+        "correct: A2\n    reference_share_correct: 0.5",
+        "correct: A1\n    reference_share_correct: 0.5",
+    )
     assert load_spec(example_dir / "study.yaml").fingerprint() != changed

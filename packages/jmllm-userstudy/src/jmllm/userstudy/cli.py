@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("example", help="write an example spec (paper's structure, placeholder images)")
+    p = sub.add_parser(
+        "example", help="write an example spec (paper's structure, placeholder images)"
+    )
     p.add_argument("out", help="folder to write study.yaml and images/ into")
 
     p = sub.add_parser("render", help="render SPEC into OUT/questionnaire.html")
@@ -38,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score the answer files in ANSWERS_DIR against SPEC")
     p.add_argument("spec", help="study spec the questionnaire was rendered from")
     p.add_argument("answers_dir", help="folder of answers-*.json files")
-    p.add_argument("--out", required=True, help="folder for results.md, results.json, per_question.png")
+    p.add_argument(
+        "--out", required=True, help="folder for results.md, results.json, per_question.png"
+    )
 
     p = sub.add_parser("serve", help="serve the questionnaire and store posted answers")
     p.add_argument("spec", help="study spec (YAML or JSON)")
@@ -92,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             server = make_server(load_spec(args.spec), args.answers, host=args.host, port=args.port)
             host, port = server.server_address[:2]
-            print(f"serving http://{host}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)")
+            print(f"serving http://{host!s}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)")
             try:
                 server.serve_forever()
             except KeyboardInterrupt:

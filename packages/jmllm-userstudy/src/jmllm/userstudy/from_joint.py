@@ -28,7 +28,13 @@ from PIL import Image
 
 from .atomic import atomic_write_bytes
 
-__all__ = ["JOINT_ENTRY_POINT", "ExplainFn", "MissingExtraError", "joint_explainer", "write_explanations"]
+__all__ = [
+    "JOINT_ENTRY_POINT",
+    "ExplainFn",
+    "MissingExtraError",
+    "joint_explainer",
+    "write_explanations",
+]
 
 ExplainFn = Callable[[Image.Image, str], Image.Image]
 # The function of jmllm.joint this hook calls: explain_object(image, object_name, **options) -> PIL
@@ -106,11 +112,13 @@ def write_explanations(
     out.mkdir(parents=True, exist_ok=True)
     with Image.open(source) as im:
         picture = im.convert("RGB")
-    written = []
+    written: list[Path] = []
     for number, name in enumerate(objects, start=1):
         result = explain(picture, name)
         if not isinstance(result, Image.Image):
-            raise TypeError(f"explain({source.name}, {name!r}) returned {type(result).__name__}, not a PIL image")
+            raise TypeError(
+                f"explain({source.name}, {name!r}) returned {type(result).__name__}, not a PIL image"
+            )
         buffer = io.BytesIO()
         result.save(buffer, format="PNG")
         path = out / f"{source.stem}_{_slug(name)}.png"

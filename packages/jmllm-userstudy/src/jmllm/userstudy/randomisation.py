@@ -102,6 +102,8 @@ def participant_order(
         j = rng.next_u32() % (i + 1)
         order[i], order[j] = order[j], order[i]
     return [
-        ShownQuestion(position=k + 1, question_id=question_ids[idx], swapped=rng.next_u32() >> 31 == 1)
+        ShownQuestion(
+            position=k + 1, question_id=question_ids[idx], swapped=rng.next_u32() >> 31 == 1
+        )
         for k, idx in enumerate(order)
     ]

@@ -49,7 +49,7 @@ def markdown_report(score: StudyScore) -> str:
     """
     n_scored = len(score.participants)
     lines = [
-        f"# {_md(score.title)}: results",
+        f"# Results: {_md(score.title)}",
         "",
         f"Spec fingerprint `{score.spec_fingerprint[:16]}`; {score.files_read} answer files read, "
         f"{n_scored} scored, {len(score.problems)} not scored. "
@@ -67,9 +67,7 @@ def markdown_report(score: StudyScore) -> str:
             f"| {q.rate.correct} / {q.rate.total} | {_pct(q.rate.share)} | {_ci(q.rate)} | {ref} |"
         )
     o = score.overall
-    lines.append(
-        f"| **Overall** | | | {o.correct} / {o.total} | {_pct(o.share)} | {_ci(o)} | |"
-    )
+    lines.append(f"| **Overall** | | | {o.correct} / {o.total} | {_pct(o.share)} | {_ci(o)} | |")
     lines += ["", "## Per participant", ""]
     if score.participants:
         lines += [
@@ -126,23 +124,47 @@ def plot_per_question(score: StudyScore) -> bytes:
     ax = fig.subplots()
     xs = list(range(n))
     shares = [0.0 if q.rate.total == 0 else 100 * q.rate.share for q in score.questions]
-    err_low = [0.0 if q.rate.total == 0 else s - 100 * q.rate.ci_low for q, s in zip(score.questions, shares, strict=True)]
-    err_high = [0.0 if q.rate.total == 0 else 100 * q.rate.ci_high - s for q, s in zip(score.questions, shares, strict=True)]
+    err_low = [
+        0.0 if q.rate.total == 0 else s - 100 * q.rate.ci_low
+        for q, s in zip(score.questions, shares, strict=True)
+    ]
+    err_high = [
+        0.0 if q.rate.total == 0 else 100 * q.rate.ci_high - s
+        for q, s in zip(score.questions, shares, strict=True)
+    ]
     ax.bar(xs, shares, color="#4a78c2", label="share correct")
-    ax.errorbar(xs, shares, yerr=[err_low, err_high], fmt="none", ecolor="#222", capsize=4, label="95% CI")
-    refs = [(x, 100 * q.reference_share_correct) for x, q in zip(xs, score.questions, strict=True) if q.reference_share_correct is not None]
+    ax.errorbar(
+        xs, shares, yerr=[err_low, err_high], fmt="none", ecolor="#222", capsize=4, label="95% CI"
+    )
+    refs = [
+        (x, 100 * q.reference_share_correct)
+        for x, q in zip(xs, score.questions, strict=True)
+        if q.reference_share_correct is not None
+    ]
     if refs:
-        ax.scatter([x for x, _ in refs], [r for _, r in refs], marker="D", color="#d0542c", zorder=3, label="reference")
-    for x, q, s in zip(xs, score.questions, shares, strict=True):
-        ax.text(x, 2, f"{q.rate.correct}/{q.rate.total}", ha="center", va="bottom", color="white", fontsize=8)
+        ax.scatter(
+            [x for x, _ in refs],
+            [r for _, r in refs],
+            marker="D",
+            color="#d0542c",
+            zorder=3,
+            label="reference",
+        )
     ax.set_xticks(xs)
     ax.set_xticklabels(
-        [_mpl_text(f"{q.question_id}\n{q.objects[0]}\n{q.objects[1]}") for q in score.questions], fontsize=8
+        [
+            _mpl_text(
+                f"{q.question_id}: {q.rate.correct}/{q.rate.total}\n{q.objects[0]}\n{q.objects[1]}"
+            )
+            for q in score.questions
+        ],
+        fontsize=8,
     )
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 122)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("correct answers (%)")
     ax.set_title(_mpl_text(f"{score.title}: {len(score.participants)} participants"), fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

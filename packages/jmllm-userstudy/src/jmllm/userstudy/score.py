@@ -198,7 +198,9 @@ def score_answers(spec: StudySpec, answers_dir: str | Path) -> StudyScore:
             others = ", ".join(s.file for s in subs)
             problems += [
                 SubmissionProblem(
-                    s.file, pid, "conflicting-duplicate",
+                    s.file,
+                    pid,
+                    "conflicting-duplicate",
                     f"participant has {len(subs)} files with different answers ({others}); none scored",
                 )
                 for s in subs
@@ -209,12 +211,16 @@ def score_answers(spec: StudySpec, answers_dir: str | Path) -> StudyScore:
     for q in spec.questions:
         hits = sum(s.spec_choices[q.id] == q.correct for s in scored)
         questions.append(
-            QuestionScore(q.id, q.objects, q.correct, Rate.of(hits, len(scored)), q.reference_share_correct)
+            QuestionScore(
+                q.id, q.objects, q.correct, Rate.of(hits, len(scored)), q.reference_share_correct
+            )
         )
     participants = []
     for s in scored:
         hits = sum(s.spec_choices[q.id] == q.correct for q in spec.questions)
-        participants.append(ParticipantScore(s.participant_id, s.file, Rate.of(hits, len(spec.questions))))
+        participants.append(
+            ParticipantScore(s.participant_id, s.file, Rate.of(hits, len(spec.questions)))
+        )
     overall = Rate.of(sum(p.rate.correct for p in participants), len(scored) * len(spec.questions))
     problems.sort(key=lambda p: (p.file, p.kind))
     log.info("scored %d of %d answer files; %d set aside", len(scored), len(files), len(problems))

@@ -253,7 +253,9 @@ def _parse_question(raw: Any, index: int, root: Path, fail: Any) -> Question:
         raise fail(where, "must be a mapping")
     unknown = sorted(set(map(str, raw)) - _QUESTION_KEYS)
     if unknown:
-        raise fail(f"{where}.{unknown[0]}", f"unknown key (expected one of {sorted(_QUESTION_KEYS)})")
+        raise fail(
+            f"{where}.{unknown[0]}", f"unknown key (expected one of {sorted(_QUESTION_KEYS)})"
+        )
     for key in ("image", "objects", "explanations", "correct"):
         if key not in raw:
             raise fail(f"{where}.{key}", "missing")
@@ -291,7 +293,9 @@ def _parse_question(raw: Any, index: int, root: Path, fail: Any) -> Question:
         or not isinstance(reference, int | float)
         or not 0 <= reference <= 1
     ):
-        raise fail(f"{where}.reference_share_correct", f"must be a number in [0, 1], got {reference!r}")
+        raise fail(
+            f"{where}.reference_share_correct", f"must be a number in [0, 1], got {reference!r}"
+        )
     return Question(
         id=qid,
         image=image,

@@ -1,0 +1,211 @@
+"""Real-browser tests: Debian's headless Chromium opens the rendered questionnaire."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jmllm.userstudy.randomisation import participant_order, participant_seed
+from jmllm.userstudy.render import image_data_url, write_questionnaire
+from jmllm.userstudy.score import score_answers
+from jmllm.userstudy.serve import make_server
+from jmllm.userstudy.spec import StudySpec, answer_text, load_spec, question_text
+
+pytestmark = pytest.mark.browser
+
+FLIP = {"A1": "A2", "A2": "A1"}
+
+
+def answer_questionnaire(page: Any, spec: StudySpec, pid: str, plan: dict[str, bool]) -> None:
+    """Answer as a participant: start with the keyboard, then alternate mouse clicks and keyboard
+    (Tab, arrows/Space, Enter), check each screen shows what the seed says, visit Previous once.
+
+    ``plan[question_id]`` says whether to answer that question correctly.
+    """
+    page.wait_for_selector("html[data-ready=true]", state="attached")
+    page.click("#start-button")  # no id yet
+    assert page.text_content("#start-error") == "Please enter your participant ID."
+    assert page.get_attribute("#participant-id", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "participant-id"
+    page.keyboard.type(pid)
+    page.keyboard.press("Enter")
+
+    order = participant_order([q.id for q in spec.questions], spec.seed, pid)
+    n = len(order)
+    k = 0
+    went_back = False
+    while k < n:
+        shown = order[k]
+        q = spec.question(shown.question_id)
+        assert page.text_content("#progress") == f"Question {k + 1} of {n}"
+        assert page.text_content("#question-text") == question_text(q.objects)
+        for a in ("A1", "A2"):
+            assert page.text_content(f"#answer-{a}-text") == answer_text(a, q.objects)
+        first, second = q.explanations[::-1] if shown.swapped else q.explanations
+        assert page.get_attribute("#img-expl-1", "src") == image_data_url(first)
+        assert page.get_attribute("#img-expl-2", "src") == image_data_url(second)
+        assert page.get_attribute("#img-image", "src") == image_data_url(q.image)
+
+        wanted = q.correct if plan[q.id] else FLIP[q.correct]
+        choice = FLIP[wanted] if shown.swapped else wanted  # A1/A2 as the participant sees them
+        if k == 0:
+            page.click("#next")  # nothing chosen yet
+            assert page.text_content("#question-error") == "Please choose A1 or A2 to continue."
+            assert page.text_content("#progress") == "Question 1 of 5"
+        if k % 2 == 0:
+            page.click(f"label[for=answer-{choice}]")
+            assert page.is_checked(f"#answer-{choice}")
+            page.click("#next")
+        else:
+            assert page.evaluate("document.activeElement.id") == "progress"
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.id") in ("answer-A1", "answer-A2")
+            if choice == "A1":
+                page.keyboard.press("Space")
+            else:
+                page.keyboard.press("ArrowDown")
+            assert page.is_checked(f"#answer-{choice}")
+            page.keyboard.press("Enter")
+        if k == 2 and not went_back:
+            went_back = True
+            page.click("#prev")  # back to the question just answered: the choice is kept
+            assert page.text_content("#progress") == f"Question {k + 1} of {n}"
+            assert page.is_checked(f"#answer-{choice}") and not page.is_checked(
+                f"#answer-{FLIP[choice]}"
+            )
+            page.click("#next")
+        k += 1
+    assert page.is_visible("#finish") and not page.is_visible("#question")
+    assert page.text_content("#summary") == f"You answered {n} of {n} questions."
+
+
+def download_answers(page: Any, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    page.focus("#download")
+    with page.expect_download() as info:
+        page.keyboard.press("Enter")
+    target = folder / info.value.suggested_filename
+    info.value.save_as(target)
+    return target
+
+
+PLAN = {"q1": True, "q2": False, "q3": True, "q4": True, "q5": False}
+
+
+def test_participant_flow_from_file_and_scoring(page, example_spec, tmp_path):
+    site = write_questionnaire(example_spec, tmp_path / "site")
+    page.goto(site.as_uri())
+    assert not page.is_visible("#send")
+    answer_questionnaire(page, example_spec, "P-01", PLAN)
+    assert not page.is_visible("#send")  # no server behind a file:// page
+    saved = download_answers(page, tmp_path / "answers")
+    assert saved.name == f"answers-P-01-{example_spec.fingerprint()[:8]}.json"
+
+    # A second participant, same page reloaded.
+    page.reload()
+    answer_questionnaire(page, example_spec, "P-02", dict.fromkeys(PLAN, True))
+    download_answers(page, tmp_path / "answers")
+
+    result = score_answers(example_spec, tmp_path / "answers")
+    assert result.problems == ()
+    assert {q.question_id: q.rate.correct for q in result.questions} == {
+        q: 1 + int(ok) for q, ok in PLAN.items()
+    }
+    assert [(p.participant_id, p.rate.correct) for p in result.participants] == [
+        ("P-01", 3),
+        ("P-02", 5),
+    ]
+    assert page.errors == [] and page.external_requests == []
+
+
+def test_browser_and_python_draw_the_same_orders(page, example_spec, tmp_path):
+    page.goto(write_questionnaire(example_spec, tmp_path).as_uri())
+    page.wait_for_selector("html[data-ready=true]", state="attached")
+    ids = [f"q{i}" for i in range(9)]
+    cases = [(2024, f"participant-{i}") for i in range(150)] + [
+        (0, "P1"),
+        (2**53 - 1, "ünïcödé 参加者 🙂"),
+        (7, 'quote" <tag> & \\ back'),
+    ]
+    js = page.evaluate(
+        """([ids, cases]) => cases.map(([s, p]) => [
+            window.jmllmUserstudy.participantSeed(s, p),
+            window.jmllmUserstudy.participantOrder(ids, s, p)])""",
+        [ids, cases],
+    )
+    for (seed, pid), (js_seed, js_order) in zip(cases, js, strict=True):
+        assert js_seed == participant_seed(seed, pid)
+        assert js_order == [
+            {"position": s.position, "question_id": s.question_id, "swapped": s.swapped}
+            for s in participant_order(ids, seed, pid)
+        ]
+
+
+def test_html_in_spec_and_participant_id_renders_as_text(page, example_dir, spec_editor, tmp_path):
+    evil_object = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+    evil_title = "</title><script>window.__pwned = 3</script>"
+    evil_text = '<img src=x onerror="window.__pwned = 4"> & </p>'
+    spec_editor(example_dir, '["person", "boat"]', f"['{evil_object}', 'boat']")
+    spec_editor(
+        example_dir, "title: Which explanation is for which object?", f"title: '{evil_title}'"
+    )
+    path = spec_editor(example_dir, "seed: 2024\n", f"seed: 2024\ninstructions: '{evil_text}'\n")
+    spec = load_spec(path)
+    site = write_questionnaire(spec, tmp_path / "site")
+    assert "<script>window.__pwned" not in site.read_text()
+    page.goto(site.as_uri())
+    assert page.text_content("h1") == evil_title
+    assert page.title() == evil_title
+    assert page.text_content("#start p") == evil_text
+    evil_pid = '<b id="bold">P</b><img src=x onerror="window.__pwned = 5">'
+    page.fill("#participant-id", evil_pid)
+    page.click("#start-button")
+    assert page.text_content("#participant-label") == evil_pid
+    order = participant_order([q.id for q in spec.questions], spec.seed, evil_pid)
+    for k, shown in enumerate(order):
+        q = spec.question(shown.question_id)
+        if q.id == "q3":
+            assert page.text_content("#question-text") == question_text(q.objects)
+            assert evil_object in page.text_content("#answer-A1-text")
+        page.click("label[for=answer-A1]")
+        page.click("#next")
+        assert k < len(order)
+    # Nothing injected: no script ran, no extra element exists.
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert page.evaluate("document.scripts.length") == 2
+    assert page.evaluate("document.images.length") == 3
+    assert page.evaluate("document.getElementById('bold')") is None
+    saved = download_answers(page, tmp_path / "answers")
+    assert re.fullmatch(r"answers-[A-Za-z0-9_-]+-[0-9a-f]{8}\.json", saved.name)
+    result = score_answers(spec, tmp_path / "answers")
+    assert [p.participant_id for p in result.participants] == [evil_pid]
+    assert page.errors == []
+
+
+def test_served_questionnaire_posts_answers(page, example_spec, tmp_path):
+    answers = tmp_path / "answers"
+    server = make_server(example_spec, answers, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        page.goto(f"http://{host}:{port}/")
+        answer_questionnaire(page, example_spec, "S1", PLAN)
+        assert page.is_visible("#send")
+        page.click("#send")
+        page.wait_for_function(
+            "document.getElementById('send-status').textContent.includes('sent')"
+        )
+        assert page.text_content("#send-status") == "Your answers were sent. Thank you!"
+    finally:
+        server.shutdown()
+        server.server_close()
+    (stored,) = answers.iterdir()
+    assert re.fullmatch(r"\d{8}T\d{6}Z-S1-[0-9a-f]{8}\.json", stored.name)
+    result = score_answers(example_spec, answers)
+    assert [(p.participant_id, p.rate.correct) for p in result.participants] == [("S1", 3)]
+    assert page.errors == []
