@@ -1,0 +1,402 @@
+"""``jmllm-align``: train, evaluate, inspect and import alignment weights W.
+
+Subcommands:
+
+- ``train SOURCES... --out DIR``: train W (preset ``paper`` by default); ``--resume`` continues.
+- ``eval WEIGHTS SOURCES...``: held-out MSE and mean token cosine of a weights file on images.
+- ``info FILE``: the stored config and provenance (``--json`` for machine output).
+- ``import-pth STATE_DICT OUT.safetensors``: convert the paper authors' PyTorch state dict.
+- ``demo``: a short W training run between tiny locally built encoders on generated images.
+
+Errors are one line naming the input, with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("jmllm.align.cli")
+
+EXIT_ERROR = 1
+
+
+def _default_tiny_cache() -> Path:
+    base = os.environ.get("JMLLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jmllm"
+    )
+    return Path(base) / "tiny"
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "sources",
+        nargs="*",
+        help="image folders (searched recursively for jpg/jpeg/png/webp) or list files "
+        "(one image path per line)",
+    )
+    p.add_argument("--dataset", help="a `datasets` dataset name (e.g. imagefolder) instead")
+    p.add_argument("--dataset-config", help="the dataset's configuration name")
+    p.add_argument("--split", default=None, help="dataset split (default: train)")
+    p.add_argument("--data-dir", help="data_dir passed to datasets.load_dataset")
+    p.add_argument("--streaming", action="store_true", help="stream the dataset")
+    p.add_argument("--image-column", default=None, help="dataset column holding images")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jmllm-align",
+        description="Alignment layer W between OWL-ViT and LLaVA (Giulivi and Boracchi, 2024).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train W between the two frozen encoders")
+    _add_data_arguments(p)
+    p.add_argument("--out", required=True, help="run folder (checkpoint, metrics, weights)")
+    p.add_argument("--preset", default="paper", help="built-in preset name or a .json file")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--source-model", help="OWL-ViT Hub id or folder")
+    p.add_argument("--target-model", help="LLaVA Hub id or folder")
+    p.add_argument("--architecture", choices=["deep-mlp", "llava-mlp", "transformer"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--batch-size", type=int, help="images per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=int, help="images per forward per rank")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-images", type=int, help="held-out images")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--num-workers", type=int, help="image decoding processes per rank")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any training option (value parsed as JSON, else a string); repeatable",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="held-out MSE / cosine of a weights file on images")
+    p.add_argument("weights", help="alignment .safetensors file, folder or Hub repo id")
+    _add_data_arguments(p)
+    p.add_argument("--source-model", help="OWL-ViT (default: the id stored in the weights)")
+    p.add_argument("--target-model", help="LLaVA (default: the id stored in the weights)")
+    p.add_argument("--limit", type=int, help="evaluate at most this many images")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("info", help="print a weights file's config and provenance")
+    p.add_argument("file", help="alignment .safetensors file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("import-pth", help="convert the authors' PyTorch state dict")
+    p.add_argument("state_dict", help="the authors' .pth (loaded with weights_only=True)")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument("--source-model", default="google/owlvit-base-patch32")
+    p.add_argument("--target-model", default="llava-hf/llava-1.5-7b-hf")
+    p.add_argument("--num-tokens", type=int, default=576)
+
+    p = sub.add_parser("demo", help="train W between tiny local encoders on generated images")
+    p.add_argument("--out", default="jmllm-demo", help="run folder (default: ./jmllm-demo)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the tiny checkpoints are built (default: $JMLLM_CACHE/tiny or "
+        "~/.cache/jmllm/tiny)",
+    )
+    p.add_argument("--images", type=int, default=48, help="generated images (default 48)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from jmllm.align.train import load_preset
+
+    config = load_preset(args.preset)
+    changes: dict[str, Any] = {}
+    for name in (
+        "source_model",
+        "target_model",
+        "architecture",
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "micro_batch_size",
+        "epochs",
+        "max_steps",
+        "seed",
+        "eval_images",
+        "eval_every",
+        "checkpoint_every",
+        "num_workers",
+        "precision",
+        "device",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.sources:
+        changes["images"] = args.sources
+    if args.dataset:
+        changes["dataset"] = args.dataset
+        changes["dataset_streaming"] = args.streaming
+    for name, attr in (
+        ("dataset_config", "dataset_config"),
+        ("dataset_split", "split"),
+        ("dataset_data_dir", "data_dir"),
+        ("image_column", "image_column"),
+    ):
+        if getattr(args, attr) is not None:
+            changes[name] = getattr(args, attr)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item}: expected KEY=VALUE")
+        changes[key.strip().replace("-", "_")] = _parse_value(value)
+    if args.no_progress:
+        changes["progress"] = False
+    return config.replace(**changes)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jmllm.align.train import CHECKPOINT_NAME, load_checkpoint, train
+
+    out = Path(args.out)
+    config = _train_config(args)
+    if args.resume and (out / CHECKPOINT_NAME).is_file():
+        # Resume with the stored options; only bookkeeping options may be changed on the line.
+        from jmllm.align.train import TrainConfig
+
+        saved = TrainConfig.from_dict(load_checkpoint(out / CHECKPOINT_NAME)["config"])
+        explicit = {k: v for k, v in config.to_dict().items() if k in saved.RESUMABLE_CHANGES}
+        given = _explicit_options(args)
+        config = saved.replace(**{k: v for k, v in explicit.items() if k in given})
+    elif not args.resume and (out / CHECKPOINT_NAME).is_file():
+        raise ValueError(
+            f"{out}: already holds a training run; pass --resume to continue it or choose "
+            "another --out"
+        )
+    result = train(config, out, resume=args.resume)
+    _print_result(result)
+    return 0
+
+
+def _explicit_options(args: argparse.Namespace) -> set[str]:
+    given = {
+        name
+        for name in ("max_steps", "eval_every", "checkpoint_every", "num_workers", "device")
+        if getattr(args, name) is not None
+    }
+    given |= {item.partition("=")[0].strip().replace("-", "_") for item in args.set}
+    if args.no_progress:
+        given.add("progress")
+    return given
+
+
+def _print_result(result: Any) -> None:
+    if result.interrupted:
+        print(f"interrupted at step {result.steps}; checkpoint: {result.checkpoint_path}")
+        return
+    ev, first = result.eval, result.initial_eval
+    print(f"steps: {result.steps}  images: {result.images_seen}  skipped: {result.images_skipped}")
+    if ev is not None:
+        before = f"{first.mse:.6g} -> " if first else ""
+        print(f"held-out MSE: {before}{ev.mse:.6g}  cosine: {ev.cosine:.4f} ({ev.images} images)")
+    print(f"weights: {result.weights_path}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from jmllm.align.features import FeatureExtractor
+    from jmllm.align.train import (
+        DatasetSource,
+        PathSource,
+        TrainConfig,
+        _decode_all,
+        _load_dataset,
+        evaluate,
+    )
+    from jmllm.align.weights import load_alignment
+
+    layer = load_alignment(args.weights)
+    source_model = args.source_model or layer.config.source_model
+    target_model = args.target_model or layer.config.target_model
+    if not source_model or not target_model:
+        raise ValueError(f"{args.weights}: no model ids stored; pass --source-model/--target-model")
+    if args.dataset:
+        config = TrainConfig(
+            dataset=args.dataset,
+            dataset_config=args.dataset_config,
+            dataset_split=args.split or "train",
+            dataset_data_dir=args.data_dir,
+            image_column=args.image_column or "image",
+        )
+        source: Any = DatasetSource(_load_dataset(config), config.image_column)
+    elif args.sources:
+        source = PathSource(args.sources)
+    else:
+        raise ValueError("no images: pass image folders/list files or --dataset")
+    count = len(source) if args.limit is None else min(args.limit, len(source))
+    if count == 0:
+        raise ValueError(f"no images found in {', '.join(args.sources) or args.dataset}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = device.startswith("cuda")
+    fx = FeatureExtractor.from_pretrained(
+        source_model, target_model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device
+    )
+    from jmllm.align.architectures import check_fits
+
+    check_fits(layer.config, fx.owl.config, fx.llava.config)
+    layer = layer.to(device)
+    batch = _decode_all([source.raw(i) for i in range(count)])
+    result = evaluate(
+        layer,
+        fx,
+        batch.images,
+        micro_batch_size=args.batch_size,
+        autocast=bf16,
+        skipped=batch.skipped,
+    )
+    record = {
+        "weights": str(args.weights),
+        "mse": result.mse,
+        "cosine": result.cosine,
+        "images": result.images,
+        "skipped": result.skipped,
+    }
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(
+            f"MSE: {result.mse:.6g}  cosine: {result.cosine:.4f}  images: {result.images}  "
+            f"skipped: {result.skipped}"
+        )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from jmllm.align.weights import read_metadata
+
+    config, provenance = read_metadata(args.file)
+    if args.json:
+        print(json.dumps({"config": config.to_dict(), "provenance": provenance}, indent=2))
+        return 0
+    print(f"{args.file}")
+    print("config:")
+    for key, value in config.to_dict().items():
+        print(f"  {key}: {value}")
+    print("provenance:" + ("" if provenance else " (none)"))
+    for key, value in sorted(provenance.items()):
+        print(f"  {key}: {value}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from jmllm.align.weights import import_authors_state_dict, read_metadata
+
+    path = import_authors_state_dict(
+        args.state_dict,
+        args.out,
+        source_model=args.source_model,
+        target_model=args.target_model,
+        num_tokens=args.num_tokens,
+    )
+    config, _ = read_metadata(path)
+    print(
+        f"wrote {path} ({config.architecture}, {config.in_dim} -> {config.out_dim}, "
+        f"hidden {config.hidden_dim} x {config.num_hidden_layers})"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from jmllm.align.testing import build_tiny_checkpoints, write_image_folder
+    from jmllm.align.train import load_preset, train
+
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
+    cache = Path(args.cache_dir) if args.cache_dir else _default_tiny_cache()
+    out = Path(args.out)
+    logger.info("tiny encoders in %s", cache)
+    ckpt = build_tiny_checkpoints(cache)
+    images = write_image_folder(out / "images", args.images, size=96, seed=0)
+    config = load_preset("tiny").replace(
+        source_model=str(ckpt.owl),
+        target_model=str(ckpt.llava),
+        images=[str(images)],
+        epochs=args.epochs,
+        progress=not args.no_progress,
+    )
+    result = train(config, out / "run")
+    _print_result(result)
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "info": _cmd_info,
+    "import-pth": _cmd_import,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jmllm-align``; returns the exit code (0 on success).
+
+    Example:
+        >>> main(["info", "runs/w/alignment.safetensors", "--json"])  # doctest: +SKIP
+        0
+    """
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("jmllm-align: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        if args.verbose:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"jmllm-align {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
