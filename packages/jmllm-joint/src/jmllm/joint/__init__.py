@@ -1,0 +1,45 @@
+"""jmllm-joint: the joint model J of Giulivi and Boracchi (2024).
+
+One OWL-ViT vision embedding ``t`` feeds LLaVA-1.5 through the alignment layer W *and* OWL-ViT's
+detection heads, so every answer comes with the detections it was made from.
+
+Example:
+    >>> from jmllm.joint import JointModel
+    >>> model = JointModel.from_pretrained(alignment="w.safetensors")  # doctest: +SKIP
+    >>> emb = model.embed(["cat.jpg"])  # doctest: +SKIP
+    >>> model.generate(emb, "What's in the image?")[0].text  # doctest: +SKIP
+"""
+
+from jmllm.joint.chat import ChatTurn, Conversation, PromptError, format_conversation, format_prompt
+from jmllm.joint.detection import Detections, decode_detections, nms
+from jmllm.joint.model import (
+    DEFAULT_LLAVA,
+    DEFAULT_OWL,
+    DEFAULT_QUERY_TEMPLATE,
+    JointAnswer,
+    JointEmbedding,
+    JointModel,
+    JointModelError,
+    check_compatible,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LLAVA",
+    "DEFAULT_OWL",
+    "DEFAULT_QUERY_TEMPLATE",
+    "ChatTurn",
+    "Conversation",
+    "Detections",
+    "JointAnswer",
+    "JointEmbedding",
+    "JointModel",
+    "JointModelError",
+    "PromptError",
+    "check_compatible",
+    "decode_detections",
+    "format_conversation",
+    "format_prompt",
+    "nms",
+]

@@ -1,0 +1,792 @@
+"""The joint model J: OWL-ViT + alignment W + LLaVA-1.5 fed by one vision embedding ``t``.
+
+Giulivi and Boracchi, *Explaining Multi-modal Large Language Models by Analyzing their Vision
+Perception* (BMVC 2024, arXiv 2405.14612), §3 and DESIGN §1.2::
+
+    image ─► OWL-ViT vision encoder ─► t (B, 1 + N, D_owl), penultimate hidden state, CLS first
+                                        ├─► drop CLS ─► W ─► LLaVA's language model ─► O^MLLM (text)
+                                        └─► last layer + heads H ─► O^OWL (boxes, class logits)
+
+Embed once (:meth:`JointModel.embed`), then generate, chat, detect and explain from the same ``t``
+— or from a perturbed copy of it. LLaVA's image tokens are replaced through its public
+``inputs_embeds`` argument; transformers is neither patched nor vendored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from jmllm.align import (
+    AlignmentLayer,
+    ImageLoadError,
+    ImageNormalization,
+    check_fits,
+    image_to_tensor,
+    llava_image_tokens,
+    load_alignment,
+    load_image,
+    owl_penultimate,
+)
+from jmllm.joint.chat import (
+    Conversation,
+    PromptError,
+    check_question,
+    format_conversation,
+)
+from jmllm.joint.detection import Detections, decode_detections, owl_detection_heads
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OWL = "google/owlvit-base-patch32"
+DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_QUERY_TEMPLATE = "a photo of a {}"
+# Images are shrunk (aspect kept) to this longest side before squashing: both models see at most
+# 768 px, and resizing a 20k-pixel-wide tensor would need gigabytes for nothing.
+MAX_IMAGE_SIDE = 4096
+
+ImageInput = str | os.PathLike[str] | Image.Image | torch.Tensor
+Vision = Literal["joint", "llava"]
+
+
+class JointModelError(ValueError):
+    """J cannot be built or used with these inputs; the message names the input and the problem."""
+
+
+@dataclass
+class JointEmbedding:
+    """The shared vision embedding of a batch of images.
+
+    Attributes:
+        t: (B, 1 + N, D_owl) OWL-ViT penultimate hidden state, CLS first (577 × 768 for B/32).
+        image_sizes: original (width, height) of every image, for pixel boxes.
+        images: the decoded (3, H, W) uint8 images (stock-LLaVA path and rendering); may be
+            empty for an embedding made from ``t`` alone.
+    """
+
+    t: torch.Tensor
+    image_sizes: list[tuple[int, int]]
+    images: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def with_t(self, t: torch.Tensor) -> JointEmbedding:
+        """The same images with another ``t`` (e.g. adversarially perturbed)."""
+        if t.shape != self.t.shape:
+            raise JointModelError(f"t: shape {tuple(t.shape)} != {tuple(self.t.shape)}")
+        return dataclasses.replace(self, t=t)
+
+    def select(self, index: int | Sequence[int]) -> JointEmbedding:
+        """A sub-batch (keeps the batch dimension)."""
+        indices = [index] if isinstance(index, int) else list(index)
+        return JointEmbedding(
+            t=self.t[indices],
+            image_sizes=[self.image_sizes[i] for i in indices],
+            images=[self.images[i] for i in indices] if self.images else [],
+        )
+
+    def pil_image(self, index: int = 0) -> Image.Image:
+        """The decoded image ``index`` as RGB PIL (for rendering)."""
+        if not self.images:
+            raise JointModelError("embedding: holds no images (made from t alone)")
+        return Image.fromarray(self.images[index].permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+@dataclass
+class JointAnswer:
+    """One generated answer.
+
+    Attributes:
+        text: the decoded answer, special tokens removed, stripped.
+        token_ids: (A,) generated token ids, answer only (no prompt, no padding, no EOS).
+        prompt_ids: (P,) the prompt's token ids, image tokens expanded, no padding.
+        prompt: the prompt text (before image-token expansion).
+        finished: whether generation stopped at the end-of-sequence token.
+        vision: ``"joint"`` (W(t)) or ``"llava"`` (stock vision tower and projector).
+    """
+
+    text: str
+    token_ids: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt: str
+    finished: bool
+    vision: str = "joint"
+
+    @property
+    def full_ids(self) -> torch.Tensor:
+        """Prompt and answer ids together: the input that reproduces the answer's logits."""
+        return torch.cat([self.prompt_ids, self.token_ids])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+
+def check_compatible(alignment_config: Any, owl_config: Any, llava_config: Any) -> None:
+    """Raise :class:`JointModelError` naming the mismatch if W, OWL-ViT and LLaVA do not fit.
+
+    Example:
+        >>> from jmllm.align import alignment_config_for
+        >>> from jmllm.align.testing import llava_1_5_7b_config, owlvit_b32_config
+        >>> owl, llava = owlvit_b32_config(), llava_1_5_7b_config()
+        >>> check_compatible(alignment_config_for(owl, llava), owl, llava)  # passes silently
+    """
+    strategy = getattr(llava_config, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise JointModelError(
+            f"LLaVA vision_feature_select_strategy is {strategy!r}; J replaces the CLS-free "
+            "'default' image tokens only"
+        )
+    try:
+        check_fits(alignment_config, owl_config, llava_config)
+    except ValueError as exc:
+        raise JointModelError(str(exc)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load(what: str, source: Any, loader: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return loader(source, *args, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise JointModelError(f"{source}: cannot load {what} ({_first_line(exc)})") from None
+
+
+class JointModel:
+    """J: one OWL-ViT embedding ``t`` feeds LLaVA (through W) and OWL-ViT's detection heads.
+
+    Build it with :meth:`from_pretrained`; the constructor takes already loaded modules.
+
+    Args:
+        owl: ``OwlViTForObjectDetection``.
+        llava: ``LlavaForConditionalGeneration``.
+        alignment: the alignment layer W.
+        tokenizer: LLaVA's tokenizer. owl_tokenizer: OWL-ViT's (CLIP) tokenizer.
+        owl_norm, llava_norm: each model's pixel normalisation (whole image squashed).
+
+    Example:
+        >>> model = JointModel.from_pretrained(alignment="w.safetensors")  # doctest: +SKIP
+        >>> emb = model.embed(["cat.jpg"])  # doctest: +SKIP
+        >>> model.generate(emb, "What's in the image?")[0].text  # doctest: +SKIP
+        'The image shows a cat sitting on a couch.'
+        >>> model.detect(emb, ["cat", "couch"])[0].names  # doctest: +SKIP
+        ['cat', 'couch']
+    """
+
+    def __init__(
+        self,
+        owl: Any,
+        llava: Any,
+        alignment: AlignmentLayer,
+        *,
+        tokenizer: Any = None,
+        owl_tokenizer: Any = None,
+        owl_norm: ImageNormalization | None = None,
+        llava_norm: ImageNormalization | None = None,
+        sources: dict[str, str] | None = None,
+    ) -> None:
+        check_compatible(alignment.config, owl.config, llava.config)
+        self.owl = owl.eval().requires_grad_(False)
+        self.llava = llava.eval().requires_grad_(False)
+        self.alignment = alignment.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.owl_tokenizer = owl_tokenizer
+        vision = owl.config.vision_config
+        self.owl_norm = owl_norm or ImageNormalization(
+            vision.image_size,
+            (0.48145466, 0.4578275, 0.40821073),
+            (0.26862954, 0.26130258, 0.27577711),
+        )
+        tower = llava.config.vision_config
+        self.llava_norm = llava_norm or ImageNormalization(
+            tower.image_size,
+            (0.48145466, 0.4578275, 0.40821073),
+            (0.26862954, 0.26130258, 0.27577711),
+        )
+        self.sources = dict(sources or {})
+        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        self._query_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        owl: str | os.PathLike[str] = DEFAULT_OWL,
+        llava: str | os.PathLike[str] = DEFAULT_LLAVA,
+        alignment: str | os.PathLike[str] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict[str, Any] | None = None,
+    ) -> JointModel:
+        """Load OWL-ViT, LLaVA and W (each a Hub id or a local folder/file) and check they fit.
+
+        Dimensions are checked from the configs and the weights file's metadata *before* the
+        large weights are loaded. ``trust_remote_code`` is never used.
+
+        Args:
+            owl: OWL-ViT checkpoint (``OwlViTForObjectDetection``).
+            llava: LLaVA-1.5 checkpoint (``LlavaForConditionalGeneration``).
+            alignment: W weights: ``.safetensors`` file, folder, or Hub repo id (required: the
+                paper's W has no public default).
+            dtype: weights dtype; default bfloat16 on GPU, float32 on CPU.
+            device: where OWL-ViT and W run (and LLaVA, without ``device_map``); default the
+                first GPU if any, else the CPU.
+            device_map: passed to LLaVA's ``from_pretrained`` (e.g. ``"auto"``) to spread the
+                language model over devices.
+
+        Returns:
+            The loaded :class:`JointModel`, all parts in eval mode and frozen.
+
+        Raises:
+            JointModelError: a checkpoint cannot be loaded, or the three do not fit (the message
+                names the source and the mismatched dimension).
+
+        Example:
+            >>> JointModel.from_pretrained("google/owlvit-base-patch32", "llava-hf/llava-1.5-7b-hf",
+            ...                            alignment="runs/w/alignment.safetensors")  # doctest: +SKIP
+        """
+        from transformers import (
+            AutoConfig,
+            AutoTokenizer,
+            LlavaForConditionalGeneration,
+            OwlViTForObjectDetection,
+        )
+
+        if alignment is None:
+            raise JointModelError(
+                "alignment: required (a W weights file, folder or Hub id); there is no public "
+                "default — train one with jmllm-align, or use jmllm.joint.testing for tiny models"
+            )
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        owl_config = _load("OWL-ViT config", owl, AutoConfig.from_pretrained)
+        llava_config = _load("LLaVA config", llava, AutoConfig.from_pretrained)
+        if owl_config.model_type != "owlvit":
+            raise JointModelError(f"{owl}: model_type is {owl_config.model_type!r}, not 'owlvit'")
+        if llava_config.model_type != "llava":
+            raise JointModelError(
+                f"{llava}: model_type is {llava_config.model_type!r}, not 'llava'"
+            )
+        w = load_alignment(alignment, device=device, dtype=dtype)
+        try:
+            check_compatible(w.config, owl_config, llava_config)
+        except JointModelError as exc:
+            raise JointModelError(f"{alignment}: {exc}") from None
+        owl_model = _load(
+            "OWL-ViT",
+            owl,
+            OwlViTForObjectDetection.from_pretrained,
+            dtype=dtype,
+            # eager attention: every order of autograd (GA saliency's JVPs) works through it
+            attn_implementation="eager",
+        ).to(device)
+        llava_model = _load(
+            "LLaVA",
+            llava,
+            LlavaForConditionalGeneration.from_pretrained,
+            dtype=dtype,
+            device_map=device_map,
+        )
+        if device_map is None:
+            llava_model.to(device)
+        tokenizer = _load("LLaVA tokenizer", llava, AutoTokenizer.from_pretrained)
+        tokenizer.padding_side = "left"
+        owl_tokenizer = _load("OWL-ViT tokenizer", owl, AutoTokenizer.from_pretrained)
+        owl_norm = _load(
+            "OWL-ViT image processor",
+            owl,
+            ImageNormalization.from_pretrained,
+            owl_config.vision_config.image_size,
+        )
+        llava_norm = _load(
+            "LLaVA image processor",
+            llava,
+            ImageNormalization.from_pretrained,
+            llava_config.vision_config.image_size,
+        )
+        return cls(
+            owl_model,
+            llava_model,
+            w,
+            tokenizer=tokenizer,
+            owl_tokenizer=owl_tokenizer,
+            owl_norm=owl_norm,
+            llava_norm=llava_norm,
+            sources={"owl": str(owl), "llava": str(llava), "alignment": str(alignment)},
+        )
+
+    # ------------------------------------------------------------------ devices
+    @property
+    def device(self) -> torch.device:
+        """Where OWL-ViT, W and ``t`` live."""
+        return next(self.owl.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.owl.parameters()).dtype
+
+    @property
+    def llava_device(self) -> torch.device:
+        """Where LLaVA's inputs go (its token embedding's device, also under ``device_map``)."""
+        return self.llava.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------ embedding
+    def _decode_images(self, images: Any) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (
+            isinstance(images, torch.Tensor) and images.dim() == 3
+        ):
+            images = [images]
+        if not isinstance(images, (list, tuple)) or not images:
+            raise JointModelError(
+                "images: expected a non-empty list of paths, PIL images or tensors"
+            )
+        tensors, sizes = [], []
+        for i, image in enumerate(images):
+            if isinstance(image, torch.Tensor):
+                if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+                    raise JointModelError(
+                        f"image {i}: tensor must be (3, H, W) uint8, got {tuple(image.shape)} {image.dtype}"
+                    )
+                if image.shape[1] < 1 or image.shape[2] < 1:
+                    raise JointModelError(f"image {i}: tensor has no pixels")
+                sizes.append((int(image.shape[2]), int(image.shape[1])))
+                pil = None
+                tensor = image.cpu()
+                if max(image.shape[1:]) > MAX_IMAGE_SIDE:
+                    pil = Image.fromarray(tensor.permute(1, 2, 0).numpy(), "RGB")
+            elif isinstance(image, (str, os.PathLike, Image.Image)):
+                try:
+                    pil = load_image(image)
+                except ImageLoadError as exc:
+                    raise JointModelError(str(exc)) from None
+                sizes.append(pil.size)
+                tensor = None
+            else:
+                raise JointModelError(f"image {i}: unsupported type {type(image).__name__}")
+            if pil is not None:
+                if max(pil.size) > MAX_IMAGE_SIDE:
+                    pil = pil.copy()
+                    pil.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), Image.Resampling.BICUBIC)
+                tensor = image_to_tensor(pil)
+            assert tensor is not None
+            tensors.append(tensor)
+        return tensors, sizes
+
+    @torch.no_grad()
+    def embed(self, images: Any) -> JointEmbedding:
+        """The shared embedding ``t`` of a batch of images.
+
+        Each image is decoded to RGB (:func:`jmllm.align.load_image` conversions: alpha on white,
+        16-bit scaled, CMYK/palette converted), shrunk to at most 4096 px on its longest side,
+        squashed to OWL-ViT's square input and run to the penultimate encoder layer.
+
+        Args:
+            images: one or a list of paths, PIL images or (3, H, W) uint8 tensors.
+
+        Returns:
+            :class:`JointEmbedding` with ``t`` (B, 1 + N, D_owl) and the original sizes.
+
+        Raises:
+            JointModelError: an image cannot be read (the message names it).
+
+        Example:
+            >>> emb = model.embed(["cat.jpg", "dog.png"])  # doctest: +SKIP
+            >>> emb.t.shape  # doctest: +SKIP
+            torch.Size([2, 577, 768])
+        """
+        tensors, sizes = self._decode_images(images)
+        pixel_values = self.owl_norm(tensors, self.device).to(self.dtype)  # (B, 3, S, S)
+        t = owl_penultimate(self.owl, pixel_values)  # (B, 1 + N, D)
+        return JointEmbedding(t=t, image_sizes=sizes, images=tensors)
+
+    def _as_embedding(self, emb_or_images: Any) -> JointEmbedding:
+        if isinstance(emb_or_images, JointEmbedding):
+            return emb_or_images
+        return self.embed(emb_or_images)
+
+    # ------------------------------------------------------------------ detection
+    def encode_queries(
+        self, queries: str | Sequence[str], template: str = DEFAULT_QUERY_TEMPLATE
+    ) -> torch.Tensor:
+        """Text-query embeddings for the class head, cached per (query set, template).
+
+        Each query is put in ``template``, tokenised with OWL-ViT's tokenizer (padded to its
+        16 positions, as OWL-ViT's processor does), run through the text model and the text
+        projection and L2-normalised, exactly as ``OwlViTModel.forward`` hands them to the
+        detection head.
+
+        Args:
+            queries: object names, e.g. ``["cat", "dog"]``.
+            template: format string with one ``{}``; ``"{}"`` uses the names as they are.
+
+        Returns:
+            (Q, D_q) tensor on :attr:`device`.
+
+        Raises:
+            PromptError: an empty query, or one longer than OWL-ViT's text positions.
+
+        Example:
+            >>> model.encode_queries(["cat", "dog"]).shape  # doctest: +SKIP
+            torch.Size([2, 512])
+        """
+        names = self._check_queries(queries)
+        if "{}" not in template:
+            raise PromptError(f"query template {template!r}: must contain '{{}}'")
+        key = (tuple(names), template, str(self.device), self.dtype)
+        cached = self._query_cache.get(key)
+        if cached is not None:
+            return cached
+        if self.owl_tokenizer is None:
+            raise JointModelError("owl_tokenizer: J was built without OWL-ViT's tokenizer")
+        texts = [template.format(name) for name in names]
+        max_len = int(self.owl.config.text_config.max_position_embeddings)
+        for name, text in zip(names, texts, strict=True):
+            n = len(self.owl_tokenizer(text).input_ids)
+            if n > max_len:
+                raise PromptError(
+                    f"query {name!r}: {n} tokens, OWL-ViT's text model takes at most {max_len}"
+                )
+        tokens = self.owl_tokenizer(
+            texts, padding="max_length", max_length=max_len, return_tensors="pt"
+        ).to(self.device)
+        with torch.no_grad():
+            out = self.owl.owlvit.get_text_features(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            )
+            embeds = out.pooler_output if hasattr(out, "pooler_output") else out  # (Q, D_q)
+            embeds = embeds / torch.linalg.norm(embeds, ord=2, dim=-1, keepdim=True)
+        self._query_cache[key] = embeds
+        return embeds
+
+    @staticmethod
+    def _check_queries(queries: str | Sequence[str]) -> list[str]:
+        if isinstance(queries, str):
+            queries = [queries]
+        names = list(queries)
+        if not names:
+            raise PromptError("queries: empty list; give at least one object name")
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not name.strip():
+                raise PromptError(f"query {i}: empty query")
+        return [name.strip() for name in names]
+
+    def detection_heads(
+        self, t: torch.Tensor, query_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """O^OWL from ``t``: class logits and boxes, a differentiable pure function of ``t``.
+
+        Args:
+            t: (B, 1 + N, D_owl) embedding (CLS first), possibly perturbed or requiring grad.
+            query_embeds: (Q, D_q) from :meth:`encode_queries`.
+
+        Returns:
+            class_logits (B, N, Q) and boxes (B, N, 4) ``cx, cy, w, h`` in [0, 1] of the
+            squashed square.
+
+        Example:
+            >>> logits, boxes = model.detection_heads(emb.t, model.encode_queries(["cat"]))  # doctest: +SKIP
+        """
+        return owl_detection_heads(self.owl, t, query_embeds)
+
+    def detect(
+        self,
+        emb_or_images: Any,
+        queries: str | Sequence[str],
+        threshold: float = 0.1,
+        nms_iou: float | None = None,
+        template: str = DEFAULT_QUERY_TEMPLATE,
+    ) -> list[Detections]:
+        """Detections of every image for open-vocabulary ``queries``, in original pixels.
+
+        Args:
+            emb_or_images: a :class:`JointEmbedding` (reused) or images for :meth:`embed`.
+            queries: object names; each is put in ``template``.
+            threshold: minimum sigmoid score.
+            nms_iou: per-class NMS IoU threshold; None keeps every box above the threshold.
+            template: query template.
+
+        Returns:
+            One :class:`Detections` per image, highest score first.
+
+        Example:
+            >>> dets = model.detect(emb, ["cat", "dog"], threshold=0.2, nms_iou=0.5)  # doctest: +SKIP
+            >>> dets[0].to_records()[0]  # doctest: +SKIP
+            {'label': 'cat', 'score': 0.71, 'box': [1.5, 55.3, 315.6, 472.2], 'patch': 301}
+        """
+        emb = self._as_embedding(emb_or_images)
+        names = self._check_queries(queries)
+        query_embeds = self.encode_queries(names, template)
+        with torch.no_grad():
+            logits, boxes = self.detection_heads(emb.t.to(self.device), query_embeds)
+        return [
+            decode_detections(logits[i], boxes[i], emb.image_sizes[i], names, threshold, nms_iou)
+            for i in range(len(emb))
+        ]
+
+    # ------------------------------------------------------------------ language side
+    def image_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """W(t without CLS): the image tokens J gives LLaVA's language model, (B, N, D_llm).
+
+        Differentiable in ``t``.
+        """
+        return self.alignment(t[:, 1:].to(self.device))
+
+    @torch.no_grad()
+    def stock_image_tokens(self, emb: JointEmbedding) -> torch.Tensor:
+        """Stock LLaVA's own image tokens (vision tower + projector on the squashed image)."""
+        if not emb.images:
+            raise JointModelError("embedding: stock LLaVA needs the images, not t alone")
+        tower_device = next(self.llava.model.vision_tower.parameters()).device
+        pixel_values = self.llava_norm(emb.images, tower_device)  # (B, 3, S, S)
+        return llava_image_tokens(self.llava, pixel_values)
+
+    def prompt_inputs(
+        self, prompts: str | Conversation | Sequence[str | Conversation]
+    ) -> dict[str, torch.Tensor]:
+        """Token ids of prompts with the LLaVA-1.5 template, left-padded, ``<image>`` expanded.
+
+        A string is one question (``USER: <image>\\n{question} ASSISTANT:``); a
+        :class:`~jmllm.joint.chat.Conversation` gives the multi-turn form.
+
+        Returns:
+            ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on LLaVA's input device.
+
+        Raises:
+            PromptError: an empty prompt, or one containing ``<image>`` itself.
+
+        Example:
+            >>> model.prompt_inputs(["What's in the image?"])["input_ids"].shape  # doctest: +SKIP
+            torch.Size([1, 593])
+        """
+        texts = self._prompt_texts(prompts)
+        image_token = self.tokenizer.convert_ids_to_tokens(self.llava.config.image_token_id)
+        expanded = [
+            text.replace("<image>", image_token * self.num_image_tokens, 1) for text in texts
+        ]
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(expanded, padding=True, return_tensors="pt")
+        return {
+            "input_ids": batch["input_ids"].to(self.llava_device),
+            "attention_mask": batch["attention_mask"].to(self.llava_device),
+        }
+
+    @staticmethod
+    def _prompt_texts(prompts: Any) -> list[str]:
+        if isinstance(prompts, (str, Conversation)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise PromptError("prompts: expected a non-empty list of prompts or conversations")
+        texts = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, Conversation):
+                if not prompt.pending:
+                    raise PromptError(f"conversation {i}: has no pending question")
+                texts.append(format_conversation(prompt))
+            else:
+                question = check_question(prompt, f"prompt {i}")
+                texts.append(format_conversation(Conversation().ask(question)))
+        return texts
+
+    def _merge(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """LLaVA's input embeddings with the image placeholders replaced by ``image_tokens``."""
+        embed = self.llava.get_input_embeddings()
+        inputs_embeds = embed(input_ids)  # (B, L, D_llm)
+        mask = input_ids == self.llava.config.image_token_id  # (B, L)
+        counts = mask.sum(-1)
+        B, N = image_tokens.shape[:2]
+        if input_ids.shape[0] != B or bool((counts != N).any()):
+            raise JointModelError(
+                f"prompts: {counts.tolist()} image tokens per row for {B} images of {N} tokens"
+            )
+        image_tokens = image_tokens.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_tokens)
+
+    def logits_from_image_tokens(
+        self,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LLaVA's logits (B, L, V) for ``input_ids`` with its image tokens replaced."""
+        inputs_embeds = self._merge(input_ids, image_tokens)
+        position_ids = None
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            # left padding: positions count real tokens only, as generate() does
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llava(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.logits
+
+    def language_logits(
+        self,
+        t: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """J's language-model logits (B, L, V) for ``input_ids``, differentiable in ``t``.
+
+        Args:
+            t: (B, 1 + N, D_owl) embedding.
+            input_ids: (B, L) ids from :meth:`prompt_inputs` (optionally with answer tokens
+                appended), with N image tokens per row.
+            attention_mask: (B, L), 0 on left padding.
+
+        Example:
+            >>> ids = model.prompt_inputs(["What's in the image?"])  # doctest: +SKIP
+            >>> model.language_logits(emb.t, **ids).shape  # doctest: +SKIP
+            torch.Size([1, 593, 32064])
+        """
+        return self.logits_from_image_tokens(self.image_tokens(t), input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        emb_or_images: Any,
+        prompts: str | Conversation | Sequence[str | Conversation],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        vision: Vision = "joint",
+    ) -> list[JointAnswer]:
+        """Answers for a batch of (image, prompt) pairs, with the KV cache.
+
+        Args:
+            emb_or_images: a :class:`JointEmbedding` or images for :meth:`embed`.
+            prompts: one per image (a single prompt is used for every image; a single image is
+                used for every prompt); strings or :class:`~jmllm.joint.chat.Conversation`.
+            max_new_tokens: answer length limit.
+            do_sample: sample (with ``temperature`` and ``top_p``) instead of greedy decoding.
+            seed: seeds sampling without touching the global random state.
+            vision: ``"joint"`` feeds W(t); ``"llava"`` feeds stock LLaVA's own vision tower and
+                projector on the same (squashed) images, for side-by-side comparison.
+
+        Returns:
+            One :class:`JointAnswer` per pair.
+
+        Example:
+            >>> answers = model.generate(emb, "What's the content of the image?")  # doctest: +SKIP
+            >>> stock = model.generate(emb, "What's the content of the image?", vision="llava")  # doctest: +SKIP
+        """
+        if vision not in ("joint", "llava"):
+            raise JointModelError(f"vision: {vision!r} is neither 'joint' nor 'llava'")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise JointModelError(
+                f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}"
+            )
+        emb = self._as_embedding(emb_or_images)
+        texts_in = [prompts] if isinstance(prompts, (str, Conversation)) else list(prompts)
+        if len(texts_in) == 1 and len(emb) > 1:
+            texts_in = texts_in * len(emb)
+        if len(emb) == 1 and len(texts_in) > 1:
+            emb = emb.select([0] * len(texts_in))
+        if len(texts_in) != len(emb):
+            raise JointModelError(f"prompts: {len(texts_in)} prompts for {len(emb)} images")
+        inputs = self.prompt_inputs(texts_in)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        limit = int(self.llava.config.text_config.max_position_embeddings)
+        if input_ids.shape[1] + max_new_tokens > limit:
+            raise PromptError(
+                f"prompts: {input_ids.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed "
+                f"LLaVA's {limit} positions"
+            )
+        with torch.no_grad():
+            if vision == "joint":
+                image_tokens = self.image_tokens(emb.t)
+            else:
+                image_tokens = self.stock_image_tokens(emb)
+            inputs_embeds = self._merge(input_ids, image_tokens)
+            eos = self.tokenizer.eos_token_id
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+            kwargs: dict[str, Any] = {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": do_sample,
+                "eos_token_id": eos,
+                "pad_token_id": pad,
+                "use_cache": True,
+            }
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            with torch.random.fork_rng(devices=self._cuda_devices(), enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                sequences = self.llava.generate(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+                )
+        texts = self._prompt_texts(texts_in)
+        answers = []
+        for row in range(sequences.shape[0]):
+            new = sequences[row].cpu()
+            finished = False
+            stop = (new == eos).nonzero()
+            if stop.numel():
+                new, finished = new[: int(stop[0])], True
+            prompt_ids = input_ids[row][attention_mask[row].bool()].cpu()
+            answers.append(
+                JointAnswer(
+                    text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+                    token_ids=new,
+                    prompt_ids=prompt_ids,
+                    prompt=texts[row],
+                    finished=finished,
+                    vision=vision,
+                )
+            )
+        return answers
+
+    def _cuda_devices(self) -> list[int]:
+        devices = {p.device.index for p in self.llava.parameters() if p.device.type == "cuda"}
+        return sorted(d for d in devices if d is not None)
+
+    def chat(
+        self,
+        emb_or_image: Any,
+        questions: str | Sequence[str],
+        history: Conversation | None = None,
+        **generate_kwargs: Any,
+    ) -> Conversation:
+        """Multi-turn chat about one image: answer ``questions`` in order, each with the history.
+
+        Args:
+            emb_or_image: one image or a one-image :class:`JointEmbedding`.
+            questions: the next question, or several scripted turns.
+            history: a previous :class:`~jmllm.joint.chat.Conversation` to continue.
+            **generate_kwargs: passed to :meth:`generate` (``max_new_tokens``, ``vision``, …).
+
+        Returns:
+            The conversation with the new turns answered; each turn's ``result`` holds its
+            :class:`JointAnswer`.
+
+        Example:
+            >>> conv = model.chat(emb, ["What's in the image?", "What colour is it?"])  # doctest: +SKIP
+            >>> [turn.answer for turn in conv.turns]  # doctest: +SKIP
+        """
+        emb = self._as_embedding(emb_or_image)
+        if len(emb) != 1:
+            raise JointModelError(f"chat: one image at a time, got {len(emb)}")
+        conversation = history or Conversation()
+        for question in [questions] if isinstance(questions, str) else list(questions):
+            conversation = conversation.ask(question)
+            answer = self.generate(emb, [conversation], **generate_kwargs)[0]
+            conversation = conversation.answered(answer.text, answer)
+        return conversation

@@ -1,0 +1,148 @@
+"""Tiny offline J: tiny OWL-ViT + tiny LLaVA (from :mod:`jmllm.align.testing`) + a matching W.
+
+Everything is saved to folders and loaded back through :meth:`JointModel.from_pretrained`, the
+path users take with Hub ids, so tests, the demo, the benchmarks and downstream packages exercise
+the real loading code without the Hub. The weights are random: answers are gibberish and
+detections arbitrary, but every shape, template and code path is the real one.
+
+Example:
+    >>> from jmllm.joint.testing import tiny_joint_model
+    >>> model = tiny_joint_model("/tmp/jmllm-tiny")  # doctest: +SKIP
+    >>> model.embed(generated_images(1)).t.shape  # doctest: +SKIP
+    torch.Size([1, 37, 32])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jmllm.align import AlignmentLayer, alignment_config_for, load_alignment, save_alignment
+from jmllm.align.testing import build_tiny_checkpoints, generated_images, write_image_folder
+
+__all__ = [
+    "TinyJoint",
+    "build_tiny_joint",
+    "generated_images",
+    "tiny_joint_model",
+    "write_image_folder",
+]
+
+TINY_JOINT_VERSION = 1  # bump when the tiny W recipe changes, so cached files are rebuilt
+TINY_HIDDEN_DIM = 64  # small deep-mlp width: the tiny W is about 9 k parameters
+FIT_IMAGES = 24  # generated images the tiny W's output layer is fitted on
+
+
+@dataclass(frozen=True)
+class TinyJoint:
+    """Sources of a tiny J, each loadable like the real one."""
+
+    root: Path
+    owl: Path  # OWL-ViT folder
+    llava: Path  # LLaVA folder
+    alignment: Path  # W .safetensors file
+
+
+def build_tiny_joint(root: str | os.PathLike[str], seed: int = 0) -> TinyJoint:
+    """Build (or reuse) tiny OWL-ViT and LLaVA checkpoints and a random deep-mlp W that fits them.
+
+    Args:
+        root: folder for ``owlvit/``, ``llava/`` and ``alignment.safetensors``.
+        seed: seed of all random weights.
+
+    Returns:
+        The three sources for :meth:`JointModel.from_pretrained`.
+
+    Example:
+        >>> paths = build_tiny_joint(tmp_path)  # doctest: +SKIP
+        >>> JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment)  # doctest: +SKIP
+    """
+    from transformers import AutoConfig
+
+    ckpt = build_tiny_checkpoints(root, seed=seed)
+    root = Path(root)
+    target = root / "alignment.safetensors"
+    stamp = {"version": TINY_JOINT_VERSION, "seed": seed}
+    stamp_file = root / "tiny-joint.json"
+    fresh = stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
+    if not (fresh and target.is_file()):
+        owl_config = AutoConfig.from_pretrained(ckpt.owl)
+        llava_config = AutoConfig.from_pretrained(ckpt.llava)
+        config = alignment_config_for(
+            owl_config,
+            llava_config,
+            "deep-mlp",
+            source_model=str(ckpt.owl),
+            target_model=str(ckpt.llava),
+            hidden_dim=TINY_HIDDEN_DIM,
+            num_hidden_layers=1,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 2)
+            layer = AlignmentLayer(config)
+            final_loss = _fit_tiny_alignment(layer, ckpt.owl, ckpt.llava, seed)
+        provenance = {
+            "note": "tiny W for tests: output layer least-squares fitted to the tiny LLaVA",
+            "seed": seed,
+            "images": FIT_IMAGES,
+            "final_loss": final_loss,
+        }
+        save_alignment(layer, target, provenance)
+        tmp = stamp_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, stamp_file)
+    return TinyJoint(root=root, owl=ckpt.owl, llava=ckpt.llava, alignment=target)
+
+
+def _fit_tiny_alignment(layer: AlignmentLayer, owl: Path, llava: Path, seed: int) -> float:
+    """Fit W's output layer by least squares to the tiny LLaVA's own image tokens.
+
+    Random W tokens are far larger than LLaVA's own and drown the prompt; with the output layer
+    solved in closed form on generated images (the hidden layers stay random features), the tiny
+    J answers much like the tiny LLaVA, so demos and comparisons are meaningful. Instant, unlike
+    gradient steps on a busy 2-core machine.
+    """
+    from jmllm.align import FeatureExtractor, image_to_tensor
+
+    net: Any = layer.net  # a DeepMLP (the tiny W is always deep-mlp)
+    extractor = FeatureExtractor.from_pretrained(owl, llava)
+    images = [image_to_tensor(im) for im in generated_images(FIT_IMAGES, size=96, seed=seed + 3)]
+    with torch.no_grad():
+        pair = extractor(images)
+        source = pair.source_patches.reshape(-1, pair.source.shape[-1])  # (B·N, D_owl)
+        target = pair.target.reshape(-1, pair.target.shape[-1])  # (B·N, D_llm)
+        hidden = torch.relu(net.input_layer(source))  # (B·N, h)
+        for linear in net.hidden_layers:
+            hidden = torch.relu(linear(hidden))
+        design = torch.cat([hidden, torch.ones(hidden.shape[0], 1)], dim=1).double()  # (B·N, h+1)
+        ridge = 1e-3 * torch.eye(design.shape[1], dtype=torch.float64)
+        solution = torch.linalg.solve(design.T @ design + ridge, design.T @ target.double())
+        net.output_layer.weight.copy_(solution[:-1].T.float())  # (D_llm, h)
+        net.output_layer.bias.copy_(solution[-1].float())
+        loss = torch.nn.functional.mse_loss(layer(source.unsqueeze(0))[0], target)
+    return float(loss)
+
+
+def tiny_joint_model(root: str | os.PathLike[str], seed: int = 0, **kwargs: Any) -> Any:
+    """A loaded tiny :class:`~jmllm.joint.JointModel` (float32, CPU unless ``device`` is given).
+
+    Args:
+        root: cache folder (built on first use).
+        seed: seed of the random weights.
+        **kwargs: passed to :meth:`JointModel.from_pretrained` (``dtype``, ``device``).
+    """
+    from jmllm.joint.model import JointModel
+
+    paths = build_tiny_joint(root, seed=seed)
+    kwargs.setdefault("device", "cpu")
+    return JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, **kwargs)
+
+
+def tiny_alignment(paths: TinyJoint) -> AlignmentLayer:
+    """The tiny W itself (for tests that need to tamper with it)."""
+    return load_alignment(paths.alignment)

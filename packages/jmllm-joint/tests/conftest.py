@@ -1,0 +1,45 @@
+"""Shared fixtures of jmllm-joint's tests (also used by the GA saliency tests in this folder).
+
+The tiny J is built once per test session into a temporary folder and loaded through the same
+``JointModel.from_pretrained`` path as real checkpoints. Set ``JMLLM_TEST_CACHE`` to a folder to
+reuse the built checkpoints across runs while developing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from jmllm.joint import JointModel
+from jmllm.joint.testing import TinyJoint, build_tiny_joint, generated_images
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_joint_paths(tmp_path_factory: pytest.TempPathFactory) -> TinyJoint:
+    """Folders of the tiny OWL-ViT and LLaVA and the tiny W file."""
+    cache = os.environ.get("JMLLM_TEST_CACHE")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("tiny-joint")
+    return build_tiny_joint(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_joint(tiny_joint_paths: TinyJoint) -> JointModel:
+    """A loaded tiny J (float32, CPU). Shared: tests must not modify it."""
+    torch.manual_seed(0)
+    return JointModel.from_pretrained(
+        tiny_joint_paths.owl, tiny_joint_paths.llava, tiny_joint_paths.alignment, device="cpu"
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list:
+    """Three small RGB PIL images of different sizes (one non-square)."""
+    images = generated_images(3, size=64, seed=11)
+    images[2] = images[2].resize((120, 48))
+    return images
