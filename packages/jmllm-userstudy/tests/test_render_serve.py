@@ -151,3 +151,35 @@ def test_docstring_examples(module):
     mod = importlib.import_module(f"jmllm.userstudy.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_serve_command_serves_until_interrupted(example_dir, tmp_path):
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jmllm.userstudy.cli",
+            "serve",
+            str(example_dir / "study.yaml"),
+            "--answers",
+            str(tmp_path / "answers"),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"serving (http://127\.0\.0\.1:\d+/)", line).group(1)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert b'id="study-data"' in response.read()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()

@@ -96,7 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             server = make_server(load_spec(args.spec), args.answers, host=args.host, port=args.port)
             host, port = server.server_address[:2]
-            print(f"serving http://{host!s}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)")
+            print(
+                f"serving http://{host!s}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)",
+                flush=True,
+            )
             try:
                 server.serve_forever()
             except KeyboardInterrupt:

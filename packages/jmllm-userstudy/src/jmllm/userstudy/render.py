@@ -14,6 +14,7 @@ import hashlib
 import html
 import io
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from .spec import StudySpec, answer_text, question_text
 
 __all__ = ["QUESTIONNAIRE_NAME", "image_data_url", "render_questionnaire", "write_questionnaire"]
 
+log = logging.getLogger(__name__)
+
 QUESTIONNAIRE_NAME = "questionnaire.html"
+_LARGE_PAGE_CHARS = 25_000_000
 # Formats every browser shows natively are embedded byte for byte; anything else becomes PNG.
 _NATIVE = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
@@ -188,5 +192,13 @@ def write_questionnaire(spec: StudySpec, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / QUESTIONNAIRE_NAME
-    atomic_write_text(target, render_questionnaire(spec))
+    page = render_questionnaire(spec)
+    if len(page) > _LARGE_PAGE_CHARS:
+        log.warning(
+            "%s is %.0f MB: participants on slow connections or phones may struggle; "
+            "consider downscaling the images",
+            target,
+            len(page) / 1e6,
+        )
+    atomic_write_text(target, page)
     return target
