@@ -124,8 +124,10 @@ def tests(session: nox.Session) -> None:
 @nox.session
 @nox.parametrize("package", list(PACKAGES))
 def isolated(session: nox.Session, package: str) -> None:
-    """Build one package's wheel, install it alone with only its declared dependencies into a
-    fresh environment, import it and run its CLI ``--help``."""
+    """Install one package's wheel alone (only its declared deps); import it, run its CLI --help.
+
+    Sibling packages it depends on come from wheels freshly built here, never from the tree.
+    """
     wheelhouse = Path(session.create_tmp()) / "wheels"
     wheelhouse.mkdir(parents=True, exist_ok=True)
     for old in wheelhouse.glob("*.whl"):
