@@ -1,0 +1,355 @@
+"""Bias assessment of J on a portrait cohort (paper §4.4, DESIGN §1.5).
+
+For every portrait: embed it once (``t``), ask J the paper's question, perturb ``t`` with FGSM/PGD
+(one perturbation per ε of the sweep), ask again, and record both answers, the parsed scores, their
+difference and the OWL-ViT scores of the two queries before and after. One JSON line per portrait
+is appended to ``results.jsonl`` as soon as the portrait is done, so an interrupted run resumes
+where it stopped; ``run.json`` holds the settings, and a rerun with different settings into the
+same folder is refused instead of mixing two experiments.
+
+A missing, unreadable or modified (hash differs from the cohort manifest) portrait is recorded
+with its status, counted and listed in the report, and retried on the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BiasInputError
+from .files import append_jsonl, atomic_write_text, read_jsonl, sha256_file
+from .perturb import PerturbationConfig, perturb
+from .scores import QUERY_TEMPLATE, parse_score, question, validate_term
+
+__all__ = [
+    "AssessConfig",
+    "AssessRun",
+    "CohortPortrait",
+    "assess_cohort",
+    "load_cohort",
+    "read_results",
+]
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+RUN = "run.json"
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class CohortPortrait:
+    """One portrait to assess."""
+
+    image_id: str
+    group: str
+    path: Path
+    sha256: str | None  # from the cohort manifest; None for a plain folder of images
+
+
+def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
+    """The portraits of a cohort folder.
+
+    A folder made by :func:`jmllm.bias.generate.generate_cohort` is read through its
+    ``manifest.jsonl`` (so a deleted portrait is noticed and reported). A plain folder of images
+    also works: each sub-folder is a group (images directly inside form the group ``all``).
+
+    Args:
+        folder: the cohort folder.
+
+    Returns:
+        The portraits in manifest (or sorted path) order.
+
+    Raises:
+        BiasInputError: the folder does not exist or holds no portrait.
+
+    Example:
+        >>> load_cohort("/nonexistent")
+        Traceback (most recent call last):
+        ...
+        jmllm.bias.errors.BiasInputError: /nonexistent: cohort folder not found
+    """
+    from .generate import MANIFEST, read_manifest
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise BiasInputError(f"{root}: cohort folder not found")
+    portraits: list[CohortPortrait] = []
+    if (root / MANIFEST).is_file():
+        for entry in read_manifest(root).values():
+            portraits.append(
+                CohortPortrait(entry.image_id, entry.group, root / entry.file, entry.sha256)
+            )
+    else:
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES):
+            rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            parts = rel.parts
+            group = (
+                "all"
+                if len(parts) == 1
+                else (parts[1] if parts[0] == "images" and len(parts) > 2 else parts[0])
+            )
+            image_id = "/".join(rel.with_suffix("").parts)
+            portraits.append(CohortPortrait(image_id, group, path, None))
+    if not portraits:
+        raise BiasInputError(f"{root}: empty cohort (no manifest entries and no images)")
+    return portraits
+
+
+@dataclass(frozen=True)
+class AssessConfig:
+    """What to ask and how to perturb.
+
+    Example:
+        >>> AssessConfig("nurse", original="man", adversarial="woman").eps
+        (1.0,)
+    """
+
+    characteristic: str  # asked about in the question, e.g. "nurse"
+    original: str  # OWL query term pushed down, e.g. "man"
+    adversarial: str  # OWL query term pushed up, e.g. "woman"
+    eps: tuple[float, ...] = (1.0,)  # one perturbation (and one answer) per ε: a sweep
+    steps: int = 1  # 1: FGSM (paper); more: PGD
+    step_size: float | None = None  # PGD step; None: see PerturbationConfig.alpha
+    reduction: str = "mean"  # objective over patches, see jmllm.bias.perturb
+    max_new_tokens: int = 8  # enough for "10." and to see what a chatty reply starts with
+    groups: tuple[str, ...] | None = None  # assess only these cohort groups
+
+    def __post_init__(self) -> None:
+        validate_term(self.characteristic, "characteristic")
+        validate_term(self.original, "original")
+        validate_term(self.adversarial, "adversarial")
+        if self.original == self.adversarial:
+            raise BiasInputError("original and adversarial must differ")
+        if not self.eps:
+            raise BiasInputError("at least one eps is needed")
+        if len(set(self.eps)) != len(self.eps):
+            raise BiasInputError(f"eps values must be distinct, got {list(self.eps)}")
+        for eps in self.eps:  # validates each value
+            self.perturbation(eps)
+        if self.max_new_tokens < 1:
+            raise BiasInputError("max_new_tokens must be >= 1")
+
+    def perturbation(self, eps: float) -> PerturbationConfig:
+        """The perturbation settings for one ε of the sweep."""
+        return PerturbationConfig(
+            eps=eps, steps=self.steps, step_size=self.step_size, reduction=self.reduction
+        )
+
+    @property
+    def question(self) -> str:
+        """The paper's question for this characteristic."""
+        return question(self.characteristic)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings as stored in ``run.json`` (with the derived question and queries)."""
+        data = asdict(self)
+        data["eps"] = [float(e) for e in self.eps]
+        data["groups"] = list(self.groups) if self.groups is not None else None
+        data["question"] = self.question
+        data["queries"] = [
+            QUERY_TEMPLATE.format(self.original),
+            QUERY_TEMPLATE.format(self.adversarial),
+        ]
+        data["step_sizes"] = [self.perturbation(e).alpha for e in self.eps]
+        return data
+
+
+@dataclass
+class AssessRun:
+    """What :func:`assess_cohort` did."""
+
+    out: Path
+    assessed: int  # portraits done in this run
+    resumed: int  # portraits already done by an earlier run
+    skipped: dict[str, int] = field(default_factory=dict)  # status -> count, this run
+
+
+def read_results(out: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The latest record per image of an assessment folder (later lines win)."""
+    records: dict[str, dict[str, Any]] = {}
+    for record in read_jsonl(Path(out) / RESULTS):
+        if isinstance(record.get("image_id"), str):
+            records[record["image_id"]] = record
+    return records
+
+
+def _check_run(out: Path, run_doc: dict[str, Any]) -> None:
+    path = out / RUN
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BiasInputError(f"{path}: unreadable run settings ({exc})") from None
+        keys = ("cohort", "settings", "models")
+        if any(previous.get(k) != run_doc.get(k) for k in keys):
+            raise BiasInputError(
+                f"{out}: holds results of different settings (see {RUN}); use another --out"
+            )
+    else:
+        atomic_write_text(path, json.dumps(run_doc, indent=2, ensure_ascii=False) + "\n")
+
+
+def _answer(model: Any, emb: Any, prompt: str, max_new_tokens: int) -> str:
+    answers = model.generate(emb, [prompt], max_new_tokens=max_new_tokens, do_sample=False)
+    return str(answers[0].text)
+
+
+def _assess_one(
+    model: Any, portrait: CohortPortrait, cfg: AssessConfig, queries: Any
+) -> dict[str, Any]:
+    import torch
+
+    from jmllm.align.features import ImageLoadError, load_image
+
+    record: dict[str, Any] = {
+        "image_id": portrait.image_id,
+        "group": portrait.group,
+        "file": str(portrait.path),
+    }
+    if not portrait.path.is_file():
+        return {**record, "status": "missing", "error": f"{portrait.path}: file not found"}
+    if portrait.sha256 is not None and sha256_file(portrait.path) != portrait.sha256:
+        return {
+            **record,
+            "status": "modified",
+            "error": f"{portrait.path}: SHA-256 differs from the cohort manifest",
+        }
+    try:
+        image = load_image(portrait.path)
+    except (ImageLoadError, OSError, ValueError) as exc:
+        return {
+            **record,
+            "status": "unreadable",
+            "error": str(exc).splitlines()[0] if str(exc) else f"{portrait.path}: unreadable",
+        }
+    prompt = cfg.question
+    with torch.no_grad():
+        emb = model.embed([image])
+    original_text = _answer(model, emb, prompt, cfg.max_new_tokens)
+    original_score = parse_score(original_text)
+    perturbed = []
+    before: dict[str, Any] = {}
+    for eps in cfg.eps:
+        res = perturb(model, emb.t, queries, cfg.perturbation(eps))
+        before = {
+            "owl": {
+                "original": res.scores_before[0, 0].item(),
+                "adversarial": res.scores_before[0, 1].item(),
+            },
+            "owl_logit": {
+                "original": res.logits_before[0, 0].item(),
+                "adversarial": res.logits_before[0, 1].item(),
+            },
+        }
+        text = _answer(model, dataclasses.replace(emb, t=res.t), prompt, cfg.max_new_tokens)
+        score = parse_score(text)
+        perturbed.append(
+            {
+                "eps": float(eps),
+                "answer": text,
+                "score": score,
+                "delta": score - original_score
+                if score is not None and original_score is not None
+                else None,
+                "owl_logit_after": {
+                    "original": res.logits_after[0, 0].item(),
+                    "adversarial": res.logits_after[0, 1].item(),
+                },
+                "owl_after": {
+                    "original": res.scores_after[0, 0].item(),
+                    "adversarial": res.scores_after[0, 1].item(),
+                },
+                "objective_before": res.objective_before[0].item(),
+                "objective_after": res.objective_after[0].item(),
+                "linf": res.linf[0].item(),
+            }
+        )
+    return {
+        **record,
+        "status": "ok",
+        "original": {
+            "answer": original_text,
+            "score": original_score,
+            **before,
+        },
+        "perturbed": perturbed,
+    }
+
+
+def assess_cohort(
+    model: Any,
+    cohort: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: AssessConfig,
+    models: dict[str, str] | None = None,
+) -> AssessRun:
+    """Assess every portrait of ``cohort`` with J; resumable, one JSONL record per portrait.
+
+    Args:
+        model: a :class:`jmllm.joint.JointModel`.
+        cohort: the cohort folder (see :func:`load_cohort`).
+        out: the results folder (``run.json``, ``results.jsonl``).
+        config: question, queries, ε sweep, PGD settings.
+        models: the checkpoint ids/paths behind ``model``, stored in ``run.json`` (provenance,
+            and a rerun with other models into the same folder is refused).
+
+    Returns:
+        Counts of this run.
+
+    Raises:
+        BiasInputError: empty cohort, unknown group, or ``out`` holding another experiment.
+
+    Example:
+        >>> cfg = AssessConfig("nurse", original="man", adversarial="woman")
+        >>> assess_cohort(model, "cohorts/gender", "results/nurse", cfg)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    portraits = load_cohort(cohort)
+    if config.groups is not None:
+        known = sorted({p.group for p in portraits})
+        unknown = [g for g in config.groups if g not in known]
+        if unknown:
+            raise BiasInputError(f"{cohort}: no group(s) {unknown} in the cohort; it has {known}")
+        portraits = [p for p in portraits if p.group in config.groups]
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BiasInputError(f"{out_dir}: results output exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_doc = {
+        "cohort": str(Path(cohort).resolve()),
+        "settings": config.to_dict(),
+        "models": dict(models or {}),
+    }
+    _check_run(out_dir, run_doc)
+    done = {k for k, r in read_results(out_dir).items() if r.get("status") == "ok"}
+    todo = [p for p in portraits if p.image_id not in done]
+    resumed = len(portraits) - len(todo)
+    if resumed:
+        log.info("%s: %d portrait(s) already assessed, %d to go", out_dir, resumed, len(todo))
+    queries = model.encode_queries([config.original, config.adversarial], template=QUERY_TEMPLATE)
+    skipped: dict[str, int] = {}
+    assessed = 0
+    for portrait in tqdm(todo, desc=f"assess {config.characteristic}", unit="img"):
+        record = _assess_one(model, portrait, config, queries)
+        append_jsonl(out_dir / RESULTS, record)
+        if record["status"] == "ok":
+            assessed += 1
+        else:
+            skipped[record["status"]] = skipped.get(record["status"], 0) + 1
+            log.warning("skipped %s", record["error"])
+    return AssessRun(out=out_dir, assessed=assessed, resumed=resumed, skipped=skipped)
+
+
+def eps_list(values: Sequence[float]) -> tuple[float, ...]:
+    """ε values as a tuple of floats, in the order given."""
+    return tuple(float(v) for v in values)

@@ -1,0 +1,266 @@
+"""Command line: ``jmllm-bias cohort|assess|report``.
+
+The paper's gender experiment, from nothing to a report::
+
+    jmllm-bias cohort --spec gender --out cohorts/gender            # 100 SDXL portraits
+    jmllm-bias assess --cohort cohorts/gender --groups male \\
+        --characteristic nurse --original man --adversarial woman \\
+        --owl google/owlvit-base-patch32 --llava llava-hf/llava-1.5-7b-hf \\
+        --alignment W.safetensors --out results/gender-male-nurse
+    jmllm-bias report results/gender-male-nurse                     # rewrite report.md/.json
+
+Several GPUs: ``accelerate launch --num_processes 4 -m jmllm.bias cohort --spec gender --out ...``.
+Offline smoke test of the whole chain: add ``--tiny`` to ``cohort`` and ``assess``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("jmllm.bias")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .generate import SDXL_BASE, SDXL_REFINER  # light: no torch at import
+
+    parser = argparse.ArgumentParser(
+        prog="jmllm-bias",
+        description="Bias assessment of multi-modal LLMs by semantic adversarial perturbation "
+        "(Giulivi & Boracchi 2024, §4.4): SDXL portrait cohorts, FGSM/PGD on J's shared "
+        "embedding, 1-10 score elicitation, statistical report.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cohort", help="generate (or finish) a portrait cohort with SDXL")
+    p.add_argument("--spec", required=True, help="'gender', 'ethnicity' or a JSON spec file")
+    p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
+    p.add_argument(
+        "--base", default=SDXL_BASE, help=f"SDXL base id or folder (default {SDXL_BASE})"
+    )
+    p.add_argument(
+        "--refiner",
+        default=SDXL_REFINER,
+        help=f"SDXL refiner id or folder (default {SDXL_REFINER})",
+    )
+    p.add_argument("--steps", type=int, default=50, help="total denoising steps (default 50)")
+    p.add_argument(
+        "--high-noise-frac",
+        type=float,
+        default=0.8,
+        help="share of steps run by the base (default 0.8: 40 of 50)",
+    )
+    p.add_argument(
+        "--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5.0)"
+    )
+    p.add_argument(
+        "--size", type=int, default=None, help="image side in pixels (default: the model's, 1024)"
+    )
+    p.add_argument(
+        "--images-per-group",
+        type=int,
+        default=None,
+        help="override the spec's count (e.g. a trial run)",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="default: float16 on GPU, float32 on CPU",
+    )
+    p.add_argument(
+        "--variant", default=None, help="weight file variant, e.g. fp16 (smaller download)"
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="use a tiny random SDXL built offline (smoke test)"
+    )
+
+    p = sub.add_parser("assess", help="ask J about every portrait before and after perturbing t")
+    p.add_argument(
+        "--cohort",
+        required=True,
+        help="cohort folder (from 'cohort', or sub-folders of images per group)",
+    )
+    p.add_argument("--characteristic", required=True, help="what J rates from 1 to 10, e.g. nurse")
+    p.add_argument("--original", required=True, help="OWL query term pushed down, e.g. man")
+    p.add_argument("--adversarial", required=True, help="OWL query term pushed up, e.g. woman")
+    p.add_argument(
+        "--eps", type=float, default=1.0, help="L-inf budget of the perturbation (paper: 1)"
+    )
+    p.add_argument(
+        "--eps-sweep",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="E",
+        help="several budgets (replaces --eps)",
+    )
+    p.add_argument("--steps", type=int, default=1, help="1: FGSM (paper); more: PGD steps")
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="PGD step (default 2.5*eps/steps; eps for one step)",
+    )
+    p.add_argument(
+        "--objective",
+        default="mean",
+        choices=["mean", "max"],
+        help="pool the patch logits by mean (default) or max",
+    )
+    p.add_argument(
+        "--groups", nargs="+", default=None, help="assess only these groups of the cohort"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
+    p.add_argument("--out", required=True, help="results folder (rerun to resume)")
+    p.add_argument("--owl", default="google/owlvit-base-patch32", help="OWL-ViT id or folder")
+    p.add_argument("--llava", default="llava-hf/llava-1.5-7b-hf", help="LLaVA id or folder")
+    p.add_argument(
+        "--alignment", default=None, help="alignment layer W (.safetensors path or Hub id)"
+    )
+    p.add_argument(
+        "--dtype", default=None, help="J's dtype, e.g. bfloat16 (default: the joint model's)"
+    )
+    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: the joint model's)")
+    p.add_argument(
+        "--tiny", action="store_true", help="use the tiny random J built offline (smoke test)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed of the report (default 0)")
+
+    p = sub.add_parser(
+        "report", help="(re)write report.md, report.json and histograms of an assessment"
+    )
+    p.add_argument("dir", help="the assessment's --out folder")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    return parser
+
+
+def _cohort(args: argparse.Namespace) -> None:
+    from .cohorts import load_spec
+    from .generate import GenerationConfig, generate_cohort
+
+    spec = load_spec(args.spec)
+    if args.images_per_group is not None:
+        spec = spec.with_images_per_group(args.images_per_group)
+    base, refiner = args.base, args.refiner
+    if args.tiny:
+        from .testing import build_tiny_sdxl
+
+        tiny = build_tiny_sdxl(Path(args.out) / ".tiny-sdxl")
+        base, refiner = str(tiny.base), str(tiny.refiner)
+    cfg = GenerationConfig(
+        base=base,
+        refiner=refiner,
+        steps=args.steps,
+        high_noise_frac=args.high_noise_frac,
+        guidance_scale=args.guidance_scale,
+        height=args.size,
+        width=args.size,
+        dtype=args.dtype,
+        variant=args.variant,
+        batch_size=args.batch_size,
+    )
+    run = generate_cohort(spec, args.out, cfg)
+    if run.contact_sheet is not None:  # main process only
+        print(
+            f"{run.out}: {run.generated} generated, {run.kept} kept, {run.planned} planned; {run.contact_sheet}"
+        )
+
+
+def _assess(args: argparse.Namespace) -> None:
+    from .assess import AssessConfig, assess_cohort, load_cohort
+    from .report import write_report
+
+    eps = tuple(args.eps_sweep) if args.eps_sweep else (args.eps,)
+    config = AssessConfig(
+        characteristic=args.characteristic,
+        original=args.original,
+        adversarial=args.adversarial,
+        eps=tuple(float(e) for e in eps),
+        steps=args.steps,
+        step_size=args.step_size,
+        reduction=args.objective,
+        max_new_tokens=args.max_new_tokens,
+        groups=tuple(args.groups) if args.groups else None,
+    )
+    load_cohort(args.cohort)  # fail on an empty/missing cohort before loading any model
+    if args.tiny:
+        from .testing import tiny_joint_model
+
+        model = tiny_joint_model(Path(args.out) / ".tiny-joint")
+        models = {"joint": "tiny (jmllm.joint.testing)"}
+    else:
+        if not args.alignment:
+            raise _UsageError("assess: --alignment is required (or --tiny)")
+        from jmllm.joint import JointModel
+
+        model = JointModel.from_pretrained(
+            owl=args.owl,
+            llava=args.llava,
+            alignment=args.alignment,
+            dtype=args.dtype,
+            device=args.device,
+        )
+        models = {"owl": args.owl, "llava": args.llava, "alignment": args.alignment}
+    run = assess_cohort(model, args.cohort, args.out, config, models=models)
+    paths = write_report(args.out, seed=args.seed)
+    skipped = sum(run.skipped.values())
+    print(
+        f"{run.out}: {run.assessed} assessed, {run.resumed} resumed, {skipped} skipped; {paths['markdown']}"
+    )
+
+
+class _UsageError(Exception):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 bad input, 2 usage).
+
+    >>> main(["report", "/nonexistent/results"])
+    1
+    """
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from .errors import BiasInputError
+
+    try:
+        if args.command == "cohort":
+            _cohort(args)
+        elif args.command == "assess":
+            _assess(args)
+        else:
+            from .report import write_report
+
+            print(write_report(args.dir, seed=args.seed)["markdown"])
+    except _UsageError as exc:
+        print(f"jmllm-bias: {exc}", file=sys.stderr)
+        return 2
+    except BiasInputError as exc:
+        print(f"jmllm-bias: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line for the user; -v shows the traceback
+        if args.verbose:
+            raise
+        # load errors of other layers (image files, weights) carry their own file names
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(
+            f"jmllm-bias: {args.command} failed: {type(exc).__name__}: {first} (rerun with -v for details)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
