@@ -24,8 +24,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def tiny_joint_paths(tmp_path_factory: pytest.TempPathFactory) -> TinyJoint:
     """Folders of the tiny OWL-ViT and LLaVA and the tiny W file."""
     cache = os.environ.get("JMLLM_TEST_CACHE")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("tiny-joint")
-    return build_tiny_joint(root)
+    base = Path(cache) if cache else tmp_path_factory.mktemp("jmllm-cache")
+    # <base>/tiny is where the CLI's --tiny looks when JMLLM_CACHE=<base> (see cli_env)
+    return build_tiny_joint(base / "tiny")
+
+
+@pytest.fixture
+def cli_env(tiny_joint_paths: TinyJoint, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the CLI's tiny-checkpoint cache at the session's tiny J (no rebuild)."""
+    monkeypatch.setenv("JMLLM_CACHE", str(tiny_joint_paths.root.parent))
+    return tiny_joint_paths.root.parent
 
 
 @pytest.fixture(scope="session")

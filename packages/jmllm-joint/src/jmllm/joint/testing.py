@@ -33,7 +33,7 @@ __all__ = [
     "write_image_folder",
 ]
 
-TINY_JOINT_VERSION = 1  # bump when the tiny W recipe changes, so cached files are rebuilt
+TINY_JOINT_VERSION = 2  # bump when the tiny W recipe changes, so cached files are rebuilt
 TINY_HIDDEN_DIM = 64  # small deep-mlp width: the tiny W is about 9 k parameters
 FIT_IMAGES = 24  # generated images the tiny W's output layer is fitted on
 
@@ -43,7 +43,7 @@ class TinyJoint:
     """Sources of a tiny J, each loadable like the real one."""
 
     root: Path
-    owl: Path  # OWL-ViT folder
+    owl: Path  # OWL-ViT folder (the align tiny OWL-ViT with rescaled detection heads)
     llava: Path  # LLaVA folder
     alignment: Path  # W .safetensors file
 
@@ -67,17 +67,20 @@ def build_tiny_joint(root: str | os.PathLike[str], seed: int = 0) -> TinyJoint:
     ckpt = build_tiny_checkpoints(root, seed=seed)
     root = Path(root)
     target = root / "alignment.safetensors"
-    stamp = {"version": TINY_JOINT_VERSION, "seed": seed}
+    owl_folder = root / "owlvit-joint"
+    base_stamp = (root / "tiny.json").read_text() if (root / "tiny.json").is_file() else ""
+    stamp = {"version": TINY_JOINT_VERSION, "seed": seed, "base": base_stamp}
     stamp_file = root / "tiny-joint.json"
     fresh = stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
-    if not (fresh and target.is_file()):
-        owl_config = AutoConfig.from_pretrained(ckpt.owl)
+    if not (fresh and target.is_file() and owl_folder.is_dir()):
+        _calibrated_owl(ckpt.owl, owl_folder)
+        owl_config = AutoConfig.from_pretrained(owl_folder)
         llava_config = AutoConfig.from_pretrained(ckpt.llava)
         config = alignment_config_for(
             owl_config,
             llava_config,
             "deep-mlp",
-            source_model=str(ckpt.owl),
+            source_model=str(owl_folder),
             target_model=str(ckpt.llava),
             hidden_dim=TINY_HIDDEN_DIM,
             num_hidden_layers=1,
@@ -85,7 +88,7 @@ def build_tiny_joint(root: str | os.PathLike[str], seed: int = 0) -> TinyJoint:
         with torch.random.fork_rng():
             torch.manual_seed(seed + 2)
             layer = AlignmentLayer(config)
-            final_loss = _fit_tiny_alignment(layer, ckpt.owl, ckpt.llava, seed)
+            final_loss = _fit_tiny_alignment(layer, owl_folder, ckpt.llava, seed)
         provenance = {
             "note": "tiny W for tests: output layer least-squares fitted to the tiny LLaVA",
             "seed": seed,
@@ -96,7 +99,35 @@ def build_tiny_joint(root: str | os.PathLike[str], seed: int = 0) -> TinyJoint:
         tmp = stamp_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(stamp))
         os.replace(tmp, stamp_file)
-    return TinyJoint(root=root, owl=ckpt.owl, llava=ckpt.llava, alignment=target)
+    return TinyJoint(root=root, owl=owl_folder, llava=ckpt.llava, alignment=target)
+
+
+def _calibrated_owl(source: Path, target: Path) -> None:
+    """The tiny OWL-ViT with its detection heads rescaled to a 1/sqrt(fan-in) initialisation.
+
+    The heads of a freshly initialised ``OwlViTForObjectDetection`` have unit-variance weights,
+    so every box saturates the sigmoid (zero-width boxes on the image border) and every score is
+    0 or 1. Rescaled heads give patch-sized boxes and spread scores, so tiny detections, the
+    demo's drawings and gradient-based explanations are well conditioned.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoProcessor, OwlViTForObjectDetection
+
+    owl = OwlViTForObjectDetection.from_pretrained(source).eval()
+    heads = [owl.box_head.dense0, owl.box_head.dense1, owl.box_head.dense2]
+    heads += [owl.class_head.dense0, owl.class_head.logit_shift, owl.class_head.logit_scale]
+    with torch.no_grad():
+        for linear in heads:
+            linear.weight.mul_(linear.weight.shape[1] ** -0.5)
+    processor = AutoProcessor.from_pretrained(source)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    owl.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, target)
 
 
 def _fit_tiny_alignment(layer: AlignmentLayer, owl: Path, llava: Path, seed: int) -> float:

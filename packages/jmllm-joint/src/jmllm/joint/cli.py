@@ -1,0 +1,485 @@
+"""Command line: ``jmllm-joint demo | chat | describe | detect`` (and plug-in subcommands).
+
+Every command takes ``--owl/--llava/--alignment`` (Hub ids or local paths) or ``--tiny`` for the
+built-in tiny random-weight checkpoints. Bad input ends with one line on stderr naming the input
+and a non-zero exit code, never a traceback (``--debug`` shows it).
+
+Extending: if a module ``jmllm.joint.cli_explain`` exists, :func:`build_parser` calls its
+``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
+``common_args`` is a parent parser holding the shared model options, used as
+``subparsers.add_parser("explain", parents=[common_args], help=...)``. A subcommand sets its
+handler with ``parser.set_defaults(func=handler)``; ``handler(args) -> int`` may call
+:func:`load_model` and raise :class:`CliError` for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("jmllm.joint.cli")
+
+PROG = "jmllm-joint"
+DEFAULT_QUESTION = "What's the content of the image?"
+DEMO_QUESTIONS = ("What's the content of the image?", "What colour is the house?")
+DEMO_QUERIES = ("house", "tree", "sun", "car")
+RANDOM_WEIGHTS_NOTE = (
+    "These are tiny models with random weights, built offline: the answers are gibberish and "
+    "the boxes arbitrary. They exercise the real code path (OWL-ViT → W → LLaVA, detection "
+    "heads from the same embedding)."
+)
+REAL_CHECKPOINTS_HINT = (
+    "To run on real checkpoints: jmllm-joint chat IMAGE --alignment W.safetensors "
+    "(defaults --owl google/owlvit-base-patch32 --llava llava-hf/llava-1.5-7b-hf; W comes from "
+    "`jmllm-align train` or the authors' weights via `jmllm-align import-pth`)."
+)
+
+
+class CliError(Exception):
+    """Bad command-line input; the message names the input and the problem."""
+
+
+def tiny_cache_dir() -> Path:
+    """Where ``--tiny`` checkpoints are built: ``$JMLLM_CACHE/tiny`` or ``~/.cache/jmllm/tiny``."""
+    base = os.environ.get("JMLLM_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "jmllm") / "tiny"
+
+
+def common_arguments() -> argparse.ArgumentParser:
+    """The parent parser of the model options every subcommand shares."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("models")
+    group.add_argument(
+        "--owl", help="OWL-ViT Hub id or folder (default google/owlvit-base-patch32)"
+    )
+    group.add_argument(
+        "--llava", help="LLaVA-1.5 Hub id or folder (default llava-hf/llava-1.5-7b-hf)"
+    )
+    group.add_argument(
+        "--alignment",
+        help="alignment W: .safetensors file, folder or Hub id (required for real models)",
+    )
+    group.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use the built-in tiny random-weight checkpoints (built into $JMLLM_CACHE/tiny)",
+    )
+    group.add_argument("--device", help="cpu, cuda, cuda:1, … (default: GPU if available)")
+    group.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
+    group.add_argument("--device-map", help="LLaVA device_map, e.g. 'auto' to spread it over GPUs")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    return common
+
+
+def _generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=int, default=64)
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument(
+        "--compare", action="store_true", help="also answer with stock LLaVA (its own vision tower)"
+    )
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+def _detection_arguments(
+    parser: argparse.ArgumentParser, default_queries: Sequence[str] = ()
+) -> None:
+    group = parser.add_argument_group("detection")
+    group.add_argument(
+        "-q",
+        "--query",
+        action="append",
+        dest="queries",
+        default=None,
+        help=f"object to detect (repeat for several){' ; default ' + ', '.join(default_queries) if default_queries else ''}",
+    )
+    group.add_argument("--threshold", type=float, default=0.1, help="minimum score (default 0.1)")
+    group.add_argument(
+        "--nms", type=float, default=0.3, help="per-class NMS IoU (default 0.3; 1 disables)"
+    )
+    group.add_argument("--template", default="a photo of a {}", help="query template")
+    group.add_argument(
+        "--max-boxes", type=int, default=20, help="boxes drawn and listed (default 20)"
+    )
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The :class:`~jmllm.joint.JointModel` the model options of ``args`` select."""
+    import torch
+
+    from jmllm.joint.model import DEFAULT_LLAVA, DEFAULT_OWL, JointModel
+    from jmllm.joint.testing import build_tiny_joint
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.tiny:
+        if args.owl or args.llava or args.alignment:
+            raise CliError("--tiny: cannot be combined with --owl, --llava or --alignment")
+        logger.info("building/reusing tiny checkpoints in %s", tiny_cache_dir())
+        paths = build_tiny_joint(tiny_cache_dir())
+        owl, llava, alignment = str(paths.owl), str(paths.llava), str(paths.alignment)
+        device = args.device or "cpu"
+    else:
+        if not args.alignment:
+            raise CliError(
+                "--alignment: required with real checkpoints (there is no public default W); "
+                "or use --tiny for the built-in tiny models"
+            )
+        owl, llava, alignment = args.owl or DEFAULT_OWL, args.llava or DEFAULT_LLAVA, args.alignment
+        device = args.device
+    logger.info("loading J: owl=%s llava=%s alignment=%s", owl, llava, alignment)
+    return JointModel.from_pretrained(
+        owl, llava, alignment, dtype=dtype, device=device, device_map=args.device_map
+    )
+
+
+def _queries(args: argparse.Namespace, default: Sequence[str] = ()) -> list[str]:
+    queries = args.queries if args.queries is not None else list(default)
+    if not queries:
+        raise CliError("-q/--query: give at least one object to detect")
+    for query in queries:
+        if not query.strip():
+            raise CliError("-q/--query: empty query")
+    return queries
+
+
+def _nms(args: argparse.Namespace) -> float | None:
+    if not 0.0 < args.nms <= 1.0:
+        raise CliError(f"--nms: IoU must be in (0, 1], got {args.nms}")
+    return None if args.nms >= 1.0 else args.nms
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--out {out}: cannot create folder ({exc.strerror or exc})") from None
+    return out
+
+
+def _image_arg(path: str) -> Path:
+    image = Path(path)
+    if not image.is_file():
+        raise CliError(f"{image}: no such image file")
+    return image
+
+
+def _run_chat(
+    model: Any, emb: Any, questions: Sequence[str], args: argparse.Namespace
+) -> tuple[Any, Any]:
+    kwargs = _generation_kwargs(args)
+    conversation = model.chat(emb, list(questions), **kwargs)
+    stock = model.chat(emb, list(questions), vision="llava", **kwargs) if args.compare else None
+    return conversation, stock
+
+
+def _print_conversation(conversation: Any, stock: Any) -> None:
+    for i, turn in enumerate(conversation.turns):
+        print(f"USER: {turn.question}")
+        print(f"J: {turn.answer}")
+        if stock is not None:
+            print(f"LLaVA: {stock.turns[i].answer}")
+
+
+def _write_outputs(
+    out: Path,
+    model: Any,
+    emb: Any,
+    conversation: Any,
+    stock: Any,
+    detections: Any,
+    args: Any,
+    notes: Sequence[str] = (),
+) -> Path:
+    from jmllm.joint.report import atomic_write_text, draw_detections, save_png, write_report
+
+    image = emb.pil_image(0)
+    record: dict[str, Any] = {"image_size": list(emb.image_sizes[0]), "sources": model.sources}
+    if conversation is not None:
+        record["conversation"] = [
+            {"question": turn.question, "answer": turn.answer} for turn in conversation.turns
+        ]
+        if stock is not None:
+            record["stock_llava"] = [turn.answer for turn in stock.turns]
+    if detections is not None:
+        save_png(
+            draw_detections(image, detections, max_boxes=args.max_boxes), out / "detections.png"
+        )
+        record["queries"] = detections.queries
+        record["threshold"] = detections.threshold
+        record["detections"] = detections.to_records()
+    atomic_write_text(out / "result.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return write_report(
+        out / "report.html",
+        image,
+        conversation=conversation,
+        stock=stock,
+        detections=detections,
+        notes=list(notes),
+        sources=model.sources,
+        max_boxes=args.max_boxes,
+    )
+
+
+def _print_detections(detections: Any, limit: int) -> None:
+    records = detections.to_records()
+    print(f"{len(records)} detections (score >= {detections.threshold:g})")
+    for record in records[:limit]:
+        box = ", ".join(f"{v:.1f}" for v in record["box"])
+        print(f"  {record['label']:<16} {record['score']:.3f}  [{box}]")
+
+
+# ---------------------------------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Chat + detection on the sample image shipped with the package; writes report.html."""
+    from importlib.resources import as_file, files
+
+    out = _out_dir(args.out)
+    tiny = not (args.owl or args.llava or args.alignment)
+    args.tiny = args.tiny or tiny
+    model = load_model(args)
+    with as_file(files("jmllm.joint") / "data" / "sample.png") as sample:
+        emb = model.embed([sample])
+    conversation, stock = _run_chat(model, emb, DEMO_QUESTIONS, args)
+    detections = model.detect(
+        emb,
+        _queries(args, DEMO_QUERIES),
+        threshold=args.threshold,
+        nms_iou=_nms(args),
+        template=args.template,
+    )[0]
+    notes = [RANDOM_WEIGHTS_NOTE, REAL_CHECKPOINTS_HINT] if args.tiny else []
+    report = _write_outputs(out, model, emb, conversation, stock, detections, args, notes)
+    _print_conversation(conversation, stock)
+    _print_detections(detections, 5)
+    print(f"Report: {report}")
+    if args.tiny:
+        print(RANDOM_WEIGHTS_NOTE)
+        print(REAL_CHECKPOINTS_HINT)
+    return 0
+
+
+def _interactive_questions() -> Any:
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn chat about IMAGE: scripted with --prompt (repeatable) or interactive."""
+    image = _image_arg(args.image)
+    model = load_model(args)
+    emb = model.embed([image])
+    kwargs = _generation_kwargs(args)
+    if args.prompt:
+        conversation, stock = _run_chat(model, emb, args.prompt, args)
+        _print_conversation(conversation, stock)
+    else:
+        from jmllm.joint.chat import Conversation
+
+        conversation, stock = Conversation(), (Conversation() if args.compare else None)
+        for question in _interactive_questions():
+            conversation = model.chat(emb, question, history=conversation, **kwargs)
+            print(f"J: {conversation.turns[-1].answer}", flush=True)
+            if stock is not None:
+                stock = model.chat(emb, question, history=stock, vision="llava", **kwargs)
+                print(f"LLaVA: {stock.turns[-1].answer}", flush=True)
+    if args.out and conversation.turns:
+        detections = None
+        if args.queries:
+            detections = model.detect(
+                emb,
+                _queries(args),
+                threshold=args.threshold,
+                nms_iou=_nms(args),
+                template=args.template,
+            )[0]
+        print(
+            f"Report: {_write_outputs(_out_dir(args.out), model, emb, conversation, stock, detections, args)}"
+        )
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """One answer about IMAGE (J's, and stock LLaVA's with --compare)."""
+    image = _image_arg(args.image)
+    model = load_model(args)
+    emb = model.embed([image])
+    kwargs = _generation_kwargs(args)
+    answer = model.generate(emb, args.prompt, **kwargs)[0]
+    stock = model.generate(emb, args.prompt, vision="llava", **kwargs)[0] if args.compare else None
+    if args.json:
+        record = {"prompt": args.prompt, "answer": answer.text, "tokens": answer.tokens}
+        if stock is not None:
+            record["stock_llava"] = stock.text
+        print(json.dumps(record, ensure_ascii=False))
+    else:
+        print(answer.text if stock is None else f"J: {answer.text}\nLLaVA: {stock.text}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Detections of the queries in IMAGE: detections.png, result.json and report.html in --out."""
+    image = _image_arg(args.image)
+    queries = _queries(args)
+    nms_iou = _nms(args)
+    out = _out_dir(args.out)
+    model = load_model(args)
+    emb = model.embed([image])
+    detections = model.detect(
+        emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.template
+    )[0]
+    report = _write_outputs(out, model, emb, None, None, detections, args)
+    _print_detections(detections, args.max_boxes)
+    print(f"Report: {report}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jmllm-joint`` parser, with plug-in subcommands from ``jmllm.joint.cli_explain``."""
+    common = common_arguments()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The joint model J (OWL-ViT + W + LLaVA-1.5): chat about an image and see "
+        "the detections made from the same vision embedding.",
+        epilog="Start with `jmllm-joint demo` (tiny offline models, no download).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="chat + detection on a sample image, report.html"
+    )
+    demo.add_argument(
+        "--out", default="jmllm-joint-demo", help="output folder (default ./jmllm-joint-demo)"
+    )
+    _generation_arguments(demo)
+    _detection_arguments(demo, DEMO_QUERIES)
+    demo.set_defaults(max_new_tokens=24, threshold=0.5, max_boxes=10)
+    demo.set_defaults(func=cmd_demo)
+
+    chat = sub.add_parser("chat", parents=[common], help="multi-turn chat about an image")
+    chat.add_argument("image", help="image file")
+    chat.add_argument(
+        "-p",
+        "--prompt",
+        action="append",
+        help="a user turn (repeat for scripted turns); none: interactive",
+    )
+    chat.add_argument(
+        "--out", help="also write report.html (and detections with -q) to this folder"
+    )
+    _generation_arguments(chat)
+    _detection_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    describe = sub.add_parser("describe", parents=[common], help="one answer about an image")
+    describe.add_argument("image", help="image file")
+    describe.add_argument(
+        "-p", "--prompt", default=DEFAULT_QUESTION, help=f"question (default {DEFAULT_QUESTION!r})"
+    )
+    describe.add_argument("--json", action="store_true", help="print a JSON record")
+    _generation_arguments(describe)
+    describe.set_defaults(func=cmd_describe)
+
+    detect = sub.add_parser("detect", parents=[common], help="open-vocabulary detections from t")
+    detect.add_argument("image", help="image file")
+    detect.add_argument("--out", required=True, help="output folder")
+    _detection_arguments(detect)
+    detect.set_defaults(func=cmd_detect)
+
+    if importlib.util.find_spec("jmllm.joint.cli_explain") is not None:
+        plugin = importlib.import_module("jmllm.joint.cli_explain")
+        plugin.register(sub, common)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jmllm-joint``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+        except Exception:  # logging tweaks are cosmetic
+            pass
+    from jmllm.joint.chat import PromptError
+    from jmllm.joint.model import JointModelError
+
+    known: tuple[type[BaseException], ...] = (
+        CliError,
+        JointModelError,
+        PromptError,
+        OSError,
+        ValueError,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except known as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # never a traceback for users; --debug shows it
+        if args.debug:
+            raise
+        print(
+            f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

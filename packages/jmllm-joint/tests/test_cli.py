@@ -1,0 +1,186 @@
+"""The jmllm-joint command line: demo report, commands, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+from PIL import Image
+
+from jmllm.joint import cli
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "in.png"
+    Image.new("RGB", (60, 40), (30, 120, 200)).save(path)
+    return path
+
+
+def test_demo_writes_report_with_answer_and_detections(cli_env, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "--alignment" in printed
+    record = json.loads((out / "result.json").read_text())
+    page = (out / "report.html").read_text()
+    for turn in record["conversation"]:
+        assert html.escape(turn["answer"]) in page
+        assert html.escape(turn["question"]) in page
+    assert record["detections"], "the demo's threshold should keep some detections"
+    for detection in record["detections"][:10]:
+        assert f"{detection['score']:.3f}" in page
+    assert {d["label"] for d in record["detections"]} <= set(cli.DEMO_QUERIES)
+    assert (out / "detections.png").is_file()
+    assert "random weights" in page
+
+
+def test_describe_chat_and_detect(cli_env, image_file, tmp_path, capsys, monkeypatch):
+    assert (
+        cli.main(
+            ["describe", str(image_file), "--tiny", "--max-new-tokens", "3", "--json", "--compare"]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert set(record) == {"prompt", "answer", "tokens", "stock_llava"}
+    args = ["chat", str(image_file), "--tiny", "-p", "Hi?", "-p", "And?", "--max-new-tokens", "2"]
+    assert cli.main([*args, "--out", str(tmp_path / "c"), "-q", "cat"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("USER:") == 2 and (tmp_path / "c" / "report.html").is_file()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\n\nexit\n"))
+    assert cli.main(["chat", str(image_file), "--tiny", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("J:") == 1
+    out = tmp_path / "d"
+    assert (
+        cli.main(
+            [
+                "detect",
+                str(image_file),
+                "--tiny",
+                "-q",
+                "cat",
+                "-q",
+                "dog",
+                "--out",
+                str(out),
+                "--threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
+    record = json.loads((out / "result.json").read_text())
+    assert record["queries"] == ["cat", "dog"] and record["image_size"] == [60, 40]
+    assert all(0 <= d["box"][2] <= 60 and 0 <= d["box"][3] <= 40 for d in record["detections"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["describe", "{missing}", "--tiny"], "no such image file"),
+        (["describe", "{corrupt}", "--tiny"], "not a readable image"),
+        (["describe", "{image}", "--tiny", "-p", "  "], "empty prompt"),
+        (["detect", "{image}", "--tiny", "-q", "", "--out", "{tmp}/o"], "-q/--query: empty query"),
+        (["detect", "{image}", "--tiny", "--out", "{tmp}/o"], "give at least one object"),
+        (["describe", "{image}"], "--alignment: required"),
+        (["describe", "{image}", "--tiny", "--alignment", "w.safetensors"], "cannot be combined"),
+        (
+            [
+                "describe",
+                "{image}",
+                "--alignment",
+                "{tmp}/none.safetensors",
+                "--owl",
+                "{tmp}",
+                "--llava",
+                "{tmp}",
+            ],
+            "cannot load OWL-ViT config",
+        ),
+        (["detect", "{image}", "--tiny", "-q", "cat", "--out", "{image}"], "is not a folder"),
+        (["describe", "{image}", "--tiny", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ],
+)
+def test_bad_input_is_one_line_naming_it(cli_env, image_file, tmp_path, capsys, argv, message):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    values = {
+        "missing": str(tmp_path / "missing.png"),
+        "corrupt": str(tmp_path / "corrupt.png"),
+        "image": str(image_file),
+        "tmp": str(tmp_path),
+    }
+    code = cli.main([arg.format(**values) for arg in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_mismatched_alignment_via_cli(cli_env, tiny_joint_paths, image_file, tmp_path, capsys):
+    from jmllm.align import AlignmentConfig, AlignmentLayer, save_alignment
+
+    wrong = save_alignment(
+        AlignmentLayer(AlignmentConfig("llava-mlp", in_dim=32, out_dim=40, num_tokens=36)),
+        tmp_path / "w.safetensors",
+    )
+    argv = [
+        "describe",
+        str(image_file),
+        "--owl",
+        str(tiny_joint_paths.owl),
+        "--llava",
+        str(tiny_joint_paths.llava),
+        "--alignment",
+        str(wrong),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "w.safetensors" in err and "output dimension 40 != LLaVA text hidden size 48" in err
+
+
+def test_installed_console_script_exits_nonzero_without_traceback(image_file, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JMLLM_CACHE": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jmllm.joint.cli", "describe", str(tmp_path / "nope.jpg"), "--tiny"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"jmllm-joint: error: {tmp_path / 'nope.jpg'}: no such image file"
+    )
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "tiny").exists()  # bad input is refused before building models
+
+
+def test_plugin_subcommands_are_registered(monkeypatch):
+    calls = []
+
+    def register(subparsers, common_args):
+        parser = subparsers.add_parser("explain", parents=[common_args])
+        parser.set_defaults(func=lambda args: 7)
+        calls.append(common_args)
+
+    plugin = types.ModuleType("jmllm.joint.cli_explain")
+    plugin.register = register  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "jmllm.joint.cli_explain", plugin)
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            object() if name == "jmllm.joint.cli_explain" else real_find_spec(name, *a)
+        ),
+    )
+    assert cli.main(["explain", "--tiny"]) == 7
+    assert len(calls) == 1
