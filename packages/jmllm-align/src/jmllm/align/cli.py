@@ -69,7 +69,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per optimizer step, all ranks")
     p.add_argument("--micro-batch-size", type=int, help="images per forward per rank")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int)
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop (and save) after this many steps in total; 0 = no limit (with --resume: lift "
+        "the limit the run was started with)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-images", type=int, help="held-out images")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
@@ -154,6 +159,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
+    if changes.get("max_steps") == 0:
+        changes["max_steps"] = None
     if args.sources:
         changes["images"] = args.sources
     if args.dataset:

@@ -361,3 +361,68 @@ def write_image_folder(
         suffix = ".png" if i % 2 else ".jpg"
         image.save(sub / f"img{i:04d}{suffix}")
     return folder
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _distributed_worker(
+    rank: int, world_size: int, port: int, config: dict[str, Any], out: str, dump: str
+) -> None:
+    from jmllm.align.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+        }
+    )
+    result = train(TrainConfig.from_dict(config), out)
+    assert result.layer is not None
+    torch.save(
+        {"state": result.layer.state_dict(), "steps": result.steps, "seen": result.images_seen},
+        Path(dump) / f"rank{rank}.pt",
+    )
+
+
+def train_distributed_cpu(
+    config: Any, out: str | os.PathLike[str], world_size: int = 2, *, fork: bool = True
+) -> list[dict[str, Any]]:
+    """Run :func:`jmllm.align.train.train` in ``world_size`` CPU processes (gloo), as torchrun would.
+
+    Returns, per rank, ``{"state": W's state dict, "steps": ..., "seen": images seen}``, so a test
+    can check that every rank ended with the same weights.
+
+    Example:
+        >>> ranks = train_distributed_cpu(config, tmp_path / "run")  # doctest: +SKIP
+        >>> torch.equal(ranks[0]["state"]["net.output_layer.weight"],
+        ...             ranks[1]["state"]["net.output_layer.weight"])  # doctest: +SKIP
+        True
+    """
+    import torch.multiprocessing as mp
+
+    dump = Path(tempfile.mkdtemp(prefix="jmllm-ddp-"))
+    try:
+        # fork: the children inherit the imported torch/transformers (spawn re-imports them,
+        # which costs tens of seconds on a small shared CPU). CPU only, so no CUDA state is forked.
+        mp.start_processes(
+            _distributed_worker,
+            args=(world_size, _free_port(), config.to_dict(), str(out), str(dump)),
+            nprocs=world_size,
+            join=True,
+            start_method="fork" if fork else "spawn",
+        )
+        return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    finally:
+        import shutil
+
+        shutil.rmtree(dump, ignore_errors=True)

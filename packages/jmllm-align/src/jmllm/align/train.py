@@ -376,9 +376,15 @@ class _StreamSteps(IterableDataset):
     """
 
     def __init__(
-        self, stream: Any, batch_size: int, rank: int, world: int, start_step: int
+        self,
+        stream: Any,
+        image_column: str,
+        batch_size: int,
+        rank: int,
+        world: int,
+        start_step: int,
     ) -> None:
-        self.stream, self.batch_size = stream, batch_size
+        self.stream, self.image_column, self.batch_size = stream, image_column, batch_size
         self.rank, self.world, self.start_step = rank, world, start_step
 
     def __iter__(self) -> Iterator[ImageBatch]:
@@ -386,8 +392,8 @@ class _StreamSteps(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         pending: list[Any] = []
         step = 0
-        for item in self.stream:
-            pending.append(item)
+        for row in self.stream:
+            pending.append(row[self.image_column])
             if len(pending) < self.batch_size:
                 continue
             if step >= self.start_step and (step - self.start_step) % workers == worker:
@@ -444,7 +450,7 @@ def rank_shares(
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # legacy tuple form
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
@@ -768,7 +774,7 @@ def _train(
         loaded = _load_dataset(config)
         if config.dataset_streaming:
             stream = _undecoded_column(loaded, config.image_column)
-            held_raw = list(stream.take(config.eval_images))
+            held_raw = [row[config.image_column] for row in stream.take(config.eval_images)]
             held_out_items: list[Any] = held_raw[info.rank :: info.world]
             stream = stream.skip(config.eval_images)
             source: ImageSource | None = None
@@ -941,11 +947,12 @@ def _train(
                 sse = 0.0
                 for i, chunk in enumerate(chunks):
                     sync = i == len(chunks) - 1
+                    # DDP: all-reduce gradients only on the last micro-batch of the step.
                     ctx = (
-                        model.no_sync()
+                        _no_sync(model)
                         if (info.world > 1 and not sync)
                         else contextlib.nullcontext()
-                    )  # type: ignore[operator]
+                    )
                     with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         if chunk:
                             errors, _ = _token_errors(model, fx, chunk, align_config.drop_cls)
@@ -1061,6 +1068,10 @@ def _train(
     return result
 
 
+def _no_sync(model: Any) -> Any:
+    return model.no_sync()
+
+
 def _decode_all(raws: list[Any]) -> ImageBatch:
     return collate_drop_failures([_decode(raw) for raw in raws])
 
@@ -1086,7 +1097,9 @@ def _epoch_loader(
         if config.shuffle_buffer > 0:
             shuffled = stream.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
             shuffled.set_epoch(epoch)
-        steps = _StreamSteps(shuffled, config.batch_size, info.rank, info.world, start_step)
+        steps = _StreamSteps(
+            shuffled, config.image_column, config.batch_size, info.rank, info.world, start_step
+        )
         return DataLoader(steps, batch_size=None, **common)
     order = epoch_order(train_ids, config.seed, epoch)
     shares = rank_shares(order, config.batch_size, info.rank, info.world, start_step)

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jmllm.align import AlignmentConfig, AlignmentLayer, load_alignment, save_alignment
+from jmllm.align.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    lines = [x for x in err.splitlines() if "error:" in x]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_info_text_and_json(tmp_path, capsys):
+    layer = AlignmentLayer(
+        AlignmentConfig("llava-mlp", in_dim=4, out_dim=8, num_tokens=4, source_model="o")
+    )
+    path = save_alignment(layer, tmp_path / "w.safetensors", {"steps": 3, "images_skipped": 1})
+    code, out, _ = _run(capsys, "info", str(path), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["config"]["architecture"] == "llava-mlp" and data["config"]["source_model"] == "o"
+    assert data["provenance"] == {"steps": 3, "images_skipped": 1}
+    code, out, _ = _run(capsys, "info", str(path))
+    assert code == 0 and "architecture: llava-mlp" in out and "steps: 3" in out
+
+
+def test_errors_are_one_line_with_non_zero_exit(tmp_path, capsys):
+    code, _, err = _run(capsys, "info", str(tmp_path / "absent.safetensors"))
+    assert code != 0
+    _one_line_error(err, "absent.safetensors", "no such file")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    code, _, err = _run(capsys, "info", str(bad))
+    assert code != 0
+    _one_line_error(err, "bad.safetensors", "not a readable safetensors file")
+    code, _, err = _run(
+        capsys, "import-pth", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors")
+    )
+    assert code != 0
+    _one_line_error(err, "nope.pth")
+    code, _, err = _run(capsys, "train", str(tmp_path / "no-images"), "--out", str(tmp_path / "r"))
+    assert code != 0
+    _one_line_error(err, "no-images", "no such image folder")
+    code, _, err = _run(
+        capsys, "train", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "colour=1"
+    )
+    assert code != 0
+    _one_line_error(err, "colour")
+
+
+def test_import_pth(tmp_path, capsys):
+    torch.manual_seed(0)
+    state = {
+        "input_layer.weight": torch.randn(16, 8), "input_layer.bias": torch.randn(16),
+        "hidden_layers.0.weight": torch.randn(16, 16), "hidden_layers.0.bias": torch.randn(16),
+        "output_layer.weight": torch.randn(12, 16), "output_layer.bias": torch.randn(12),
+    }  # fmt: skip
+    torch.save(state, tmp_path / "W.pth")
+    out = tmp_path / "w.safetensors"
+    code, text, _ = _run(
+        capsys, "import-pth", str(tmp_path / "W.pth"), str(out), "--num-tokens", "4"
+    )
+    assert code == 0 and str(out) in text and "8 -> 12" in text
+    layer = load_alignment(out)
+    assert torch.equal(layer.net.output_layer.weight, state["output_layer.weight"])
+
+
+def test_train_resume_and_eval(tiny, image_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = [
+        "train", str(image_folder), "--out", str(run), "--preset", "tiny",
+        "--source-model", str(tiny.owl), "--target-model", str(tiny.llava),
+        "--epochs", "1", "--no-progress",
+    ]  # fmt: skip
+    code, out, _ = _run(capsys, *common, "--max-steps", "2")
+    assert code == 0 and "weights:" in out
+    code, _, err = _run(capsys, *common)  # the folder holds a run: refuse to overwrite it
+    assert code != 0
+    _one_line_error(err, "--resume")
+    code, out, _ = _run(capsys, *common, "--resume")  # keeps the stored budget of 2 steps
+    assert code == 0 and "steps: 2" in out
+    code, out, _ = _run(capsys, *common, "--resume", "--max-steps", "0")  # lifts it
+    assert code == 0
+    assert "steps: 4" in out and "held-out MSE" in out
+    weights = run / "alignment.safetensors"
+    assert load_alignment(weights).provenance["steps"] == 4
+    code, out, _ = _run(capsys, "eval", str(weights), str(image_folder), "--limit", "6", "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert record["images"] == 6 and record["skipped"] == 0 and record["mse"] > 0
+    assert -1 <= record["cosine"] <= 1
+
+
+def test_demo_writes_weights_and_prints_where(tiny, tmp_path, capsys):
+    code, out, _ = _run(
+        capsys, "demo", "--out", str(tmp_path / "demo"), "--cache-dir", str(tiny.root),
+        "--images", "24", "--epochs", "2", "--no-progress",
+    )  # fmt: skip
+    assert code == 0
+    weights = tmp_path / "demo" / "run" / "alignment.safetensors"
+    assert f"weights: {weights}" in out
+    layer = load_alignment(weights)
+    assert layer.provenance["eval_mse"] < layer.provenance["eval_mse_initial"]
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "info", "import-pth", "demo"):
+        assert command in out
