@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import expect
 
 from jmllm.userstudy.randomisation import participant_order, participant_seed
 from jmllm.userstudy.render import image_data_url, write_questionnaire
@@ -197,10 +198,8 @@ def test_served_questionnaire_posts_answers(page, example_spec, tmp_path):
         answer_questionnaire(page, example_spec, "S1", PLAN)
         assert page.is_visible("#send")
         page.click("#send")
-        page.wait_for_function(
-            "document.getElementById('send-status').textContent.includes('sent')"
-        )
-        assert page.text_content("#send-status") == "Your answers were sent. Thank you!"
+        # expect() polls without eval, which the page's Content-Security-Policy forbids
+        expect(page.locator("#send-status")).to_have_text("Your answers were sent. Thank you!")
     finally:
         server.shutdown()
         server.server_close()
