@@ -131,6 +131,7 @@ def test_browser_and_python_draw_the_same_orders(page, example_spec, tmp_path):
         (0, "P1"),
         (2**53 - 1, "ünïcödé 参加者 🙂"),
         (7, 'quote" <tag> & \\ back'),
+        (7, "lone \ud800 surrogate"),
     ]
     js = page.evaluate(
         """([ids, cases]) => cases.map(([s, p]) => [

@@ -74,6 +74,8 @@ def test_problem_files_are_reported_not_scored(example_dir, example_spec, tmp_pa
     doc = answers_document(example_spec, "badchoice", correct=set())
     doc["answers"][0]["choice"] = "A3"
     _write(answers / "badchoice.json", doc)
+    doc = answers_document(example_spec, "bad\ud800id", correct=set())
+    _write(answers / "surrogate.json", doc)
     # Not JSON, not an answers file.
     (answers / "broken.json").write_text('{"format": ')
     _write(answers / "other.json", {"hello": 1})
@@ -101,6 +103,7 @@ def test_problem_files_are_reported_not_scored(example_dir, example_spec, tmp_pa
         ("flip.json", "tampered"),
         ("renamed.json", "tampered"),
         ("badchoice.json", "tampered"),
+        ("surrogate.json", "tampered"),
         ("broken.json", "unreadable"),
         ("other.json", "not-answers"),
         ("answers-foreigner.json", "foreign-spec"),
@@ -109,7 +112,7 @@ def test_problem_files_are_reported_not_scored(example_dir, example_spec, tmp_pa
         ("twice", "a-twice.json"),
         ("good", "answers-good.json"),
     ]
-    assert result.files_read == 13
+    assert result.files_read == 14
     assert [q.rate.correct for q in result.questions] == [1, 1, 0, 0, 0]
     assert {p.kind for p in result.problems if p.file == "half.json"} == {"incomplete"}
     assert (

@@ -77,7 +77,10 @@ def participant_seed(study_seed: int, participant_id: str) -> int:
     >>> participant_seed(2024, "P01")
     4266857536
     """
-    return fnv1a32(f"{study_seed}\n{participant_id}".encode())
+    text = f"{study_seed}\n{participant_id}"
+    # Like the browser's TextEncoder, encode a lone surrogate as U+FFFD instead of failing.
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return fnv1a32(text.encode("utf-8"))
 
 
 def participant_order(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,8 @@ def _check_file(path: Path, spec: StudySpec, fingerprint: str) -> _Submission | 
         )
     if pid is None:
         return problem("tampered", "missing participant_id")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in pid):
+        return problem("tampered", f"participant_id {pid!r} has control or invalid characters")
     if doc.get("study_seed") != spec.seed or doc.get("participant_seed") != participant_seed(
         spec.seed, pid
     ):
