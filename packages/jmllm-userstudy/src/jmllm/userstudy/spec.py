@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ _MAX_TEXT = 200  # object names and titles longer than this are a spec mistake, 
 
 class SpecError(ValueError):
     """A study spec that cannot be used; the message names the file and the field."""
+
+
+_Fail = Callable[[str, str], SpecError]  # (field, problem) -> the error to raise
 
 
 def question_text(objects: tuple[str, str]) -> str:
@@ -239,7 +243,7 @@ def _parse(data: Any, path: Path) -> StudySpec:
     )
 
 
-def _text(value: Any, field: str, fail: Any) -> str:
+def _text(value: Any, field: str, fail: _Fail) -> str:
     if not isinstance(value, str) or not value.strip():
         raise fail(field, f"must be non-empty text, got {value!r}")
     if len(value) > _MAX_TEXT:
@@ -247,7 +251,7 @@ def _text(value: Any, field: str, fail: Any) -> str:
     return value.strip()
 
 
-def _parse_question(raw: Any, index: int, root: Path, fail: Any) -> Question:
+def _parse_question(raw: Any, index: int, root: Path, fail: _Fail) -> Question:
     where = f"questions[{index}]"
     if not isinstance(raw, dict):
         raise fail(where, "must be a mapping")
@@ -306,7 +310,7 @@ def _parse_question(raw: Any, index: int, root: Path, fail: Any) -> Question:
     )
 
 
-def _image_file(value: Any, root: Path, field: str, fail: Any) -> Path:
+def _image_file(value: Any, root: Path, field: str, fail: _Fail) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise fail(field, f"must be a file path, got {value!r}")
     path = (root / value).resolve()
