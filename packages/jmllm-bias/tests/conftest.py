@@ -57,7 +57,7 @@ class ScriptedJoint:
     def __init__(self, answers: dict[int, tuple[str, str]]):
         self.answers = answers
         self.embedded: list[int] = []
-        self.generate_calls = 0
+        self.prompts: list[str] = []
 
     def embed(self, images: list[Image.Image]) -> FakeEmbedding:
         red = images[0].convert("RGB").getpixel((0, 0))[0]
@@ -71,12 +71,14 @@ class ScriptedJoint:
         q[1, self.dim // 2 :] = 1.0  # adversarial query the second half
         return q
 
-    def detection_heads(self, t: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def detection_heads(
+        self, t: torch.Tensor, q: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = t[:, 1:] @ q.T  # (B, N, 2)
         return logits, torch.zeros(t.shape[0], t.shape[1] - 1, 4)
 
     def generate(self, emb: FakeEmbedding, prompts: list[str], **kwargs: Any) -> list[FakeAnswer]:
-        self.generate_calls += 1
+        self.prompts.extend(prompts)
         red = round(float(emb.t[0, 0, 0]) * 255.0)
         perturbed = not torch.all(emb.t == emb.t[0, 0, 0])
         original, after = self.answers.get(red, ("5", "5"))
@@ -95,3 +97,13 @@ def write_portraits(folder: Path, groups: dict[str, list[int]]) -> Path:
 @pytest.fixture
 def portraits(tmp_path: Path) -> Path:
     return write_portraits(tmp_path / "cohort", {"female": [10, 20, 30], "male": [40, 50, 60]})
+
+
+@pytest.fixture
+def scripted_joint() -> type[ScriptedJoint]:
+    return ScriptedJoint
+
+
+@pytest.fixture
+def make_portraits():
+    return write_portraits

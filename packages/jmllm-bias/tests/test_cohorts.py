@@ -83,7 +83,9 @@ def test_bad_specs_name_the_problem(data, message) -> None:
 
 
 def test_unknown_spec_name_and_bad_files(tmp_path) -> None:
-    with pytest.raises(BiasInputError, match="unknown cohort spec 'gendre'.*'ethnicity', 'gender'"):
+    with pytest.raises(
+        BiasInputError, match=r"unknown cohort spec 'gendre'.*'ethnicity', 'gender'"
+    ):
         load_spec("gendre")
     with pytest.raises(BiasInputError, match="spec file not found"):
         load_spec(tmp_path / "missing.json")

@@ -53,8 +53,12 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            # a torn last line (killed mid-write) must not swallow this record
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
