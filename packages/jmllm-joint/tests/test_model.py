@@ -123,7 +123,7 @@ def test_greedy_generation_with_cache_equals_recomputation(tiny_joint, sample_im
     n_prompt = answer.prompt_ids.numel()
     with torch.no_grad():
         no_cache = model.language_logits(emb.t, full_ids)[0, n_prompt - 1 :]
-        embeds = model._merge(full_ids[:, :n_prompt], model.image_tokens(emb.t))
+        embeds = model.merge_image_tokens(full_ids[:, :n_prompt], model.image_tokens(emb.t))
         out = model.llava(inputs_embeds=embeds, use_cache=True)
         steps, cache = [out.logits[0, -1]], out.cache
         for token in answer.token_ids.tolist():

@@ -600,8 +600,24 @@ class JointModel:
                 texts.append(format_conversation(Conversation().ask(question)))
         return texts
 
-    def _merge(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """LLaVA's input embeddings with the image placeholders replaced by ``image_tokens``."""
+    def merge_image_tokens(
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """LLaVA's input embeddings with the image placeholders replaced by ``image_tokens``.
+
+        Args:
+            input_ids: (B, L) with N image-token ids per row.
+            image_tokens: (B, N, D_llm), e.g. :meth:`image_tokens` of ``t``.
+
+        Returns:
+            (B, L, D_llm) ``inputs_embeds`` for LLaVA's forward or ``generate``; differentiable
+            in ``image_tokens``.
+
+        Example:
+            >>> ids = model.prompt_inputs("Hi?")["input_ids"]  # doctest: +SKIP
+            >>> model.merge_image_tokens(ids, model.image_tokens(emb.t)).shape  # doctest: +SKIP
+            torch.Size([1, 590, 4096])
+        """
         embed = self.llava.get_input_embeddings()
         inputs_embeds = embed(input_ids)  # (B, L, D_llm)
         mask = input_ids == self.llava.config.image_token_id  # (B, L)
@@ -621,7 +637,7 @@ class JointModel:
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """LLaVA's logits (B, L, V) for ``input_ids`` with its image tokens replaced."""
-        inputs_embeds = self._merge(input_ids, image_tokens)
+        inputs_embeds = self.merge_image_tokens(input_ids, image_tokens)
         position_ids = None
         if attention_mask is not None and bool((attention_mask == 0).any()):
             # left padding: positions count real tokens only, as generate() does
@@ -713,7 +729,7 @@ class JointModel:
                 image_tokens = self.image_tokens(emb.t)
             else:
                 image_tokens = self.stock_image_tokens(emb)
-            inputs_embeds = self._merge(input_ids, image_tokens)
+            inputs_embeds = self.merge_image_tokens(input_ids, image_tokens)
             eos = self.tokenizer.eos_token_id
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
             kwargs: dict[str, Any] = {
