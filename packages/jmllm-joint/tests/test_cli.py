@@ -33,6 +33,8 @@ def test_demo_writes_report_with_answer_and_detections(cli_env, tmp_path, capsys
     for turn in record["conversation"]:
         assert html.escape(turn["answer"]) in page
         assert html.escape(turn["question"]) in page
+    assert len(record["stock_llava"]) == len(record["conversation"])  # J beside stock LLaVA
+    assert "Stock LLaVA" in page
     assert record["detections"], "the demo's threshold should keep some detections"
     for detection in record["detections"][:10]:
         assert f"{detection['score']:.3f}" in page

@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _generation_arguments(demo)
     _detection_arguments(demo, DEMO_QUERIES)
-    demo.set_defaults(max_new_tokens=24, threshold=0.5, max_boxes=10)
+    # the demo shows J beside stock LLaVA: the comparison is the point of J
+    demo.set_defaults(max_new_tokens=24, threshold=0.5, max_boxes=10, compare=True)
     demo.set_defaults(func=cmd_demo)
 
     chat = sub.add_parser("chat", parents=[common], help="multi-turn chat about an image")

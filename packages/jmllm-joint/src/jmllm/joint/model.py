@@ -51,6 +51,7 @@ DEFAULT_QUERY_TEMPLATE = "a photo of a {}"
 # Images are shrunk (aspect kept) to this longest side before squashing: both models see at most
 # 768 px, and resizing a 20k-pixel-wide tensor would need gigabytes for nothing.
 MAX_IMAGE_SIDE = 4096
+QUERY_CACHE_SIZE = 256  # query sets whose text embeddings are kept
 
 ImageInput = str | os.PathLike[str] | Image.Image | torch.Tensor
 Vision = Literal["joint", "llava"]
@@ -468,6 +469,8 @@ class JointModel:
             )
             embeds = out.pooler_output if hasattr(out, "pooler_output") else out  # (Q, D_q)
             embeds = embeds / torch.linalg.norm(embeds, ord=2, dim=-1, keepdim=True)
+        if len(self._query_cache) >= QUERY_CACHE_SIZE:  # drop the oldest query set
+            self._query_cache.pop(next(iter(self._query_cache)))
         self._query_cache[key] = embeds
         return embeds
 

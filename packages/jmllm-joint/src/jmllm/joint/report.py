@@ -133,7 +133,7 @@ h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
 .note { background: #fff4d6; border-left: 4px solid #e69f00; padding: .5rem 1rem; }
 .images { display: flex; gap: 1rem; flex-wrap: wrap; }
 .images figure { margin: 0; } .images img { max-width: 28rem; border: 1px solid #ccc; }
-.turn { margin: .6rem 0; } .role { font-weight: 600; display: inline-block; min-width: 6rem; }
+.turn { margin: .6rem 0; display: grid; grid-template-columns: 8rem 1fr; } .role { font-weight: 600; }
 .answer { white-space: pre-wrap; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .2rem .6rem; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
