@@ -171,6 +171,8 @@ def test_plugin_subcommands_are_registered(monkeypatch):
     def register(subparsers, common_args):
         parser = subparsers.add_parser("explain", parents=[common_args])
         parser.set_defaults(func=lambda args: 7)
+        other = common_args(subparsers.add_parser("hallucinations"))  # the callable form
+        other.set_defaults(func=lambda args: 8)
         calls.append(common_args)
 
     plugin = types.ModuleType("jmllm.joint.cli_explain")
@@ -185,4 +187,5 @@ def test_plugin_subcommands_are_registered(monkeypatch):
         ),
     )
     assert cli.main(["explain", "--tiny"]) == 7
-    assert len(calls) == 1
+    assert cli.main(["hallucinations", "--tiny", "--device", "cpu"]) == 8
+    assert len(calls) == 2

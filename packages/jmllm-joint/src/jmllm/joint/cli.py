@@ -6,8 +6,9 @@ and a non-zero exit code, never a traceback (``--debug`` shows it).
 
 Extending: if a module ``jmllm.joint.cli_explain`` exists, :func:`build_parser` calls its
 ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
-``common_args`` is a parent parser holding the shared model options, used as
-``subparsers.add_parser("explain", parents=[common_args], help=...)``. A subcommand sets its
+``common_args`` holds the shared model options: use it as a parent parser,
+``subparsers.add_parser("explain", parents=[common_args], help=...)``, or call it on a parser,
+``common_args(parser)``. A subcommand sets its
 handler with ``parser.set_defaults(func=handler)``; ``handler(args) -> int`` may call
 :func:`load_model` and raise :class:`CliError` for bad input.
 """
@@ -53,9 +54,23 @@ def tiny_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "jmllm") / "tiny"
 
 
-def common_arguments() -> argparse.ArgumentParser:
+class CommonArguments(argparse.ArgumentParser):
+    """The shared model options: a parent parser (``parents=[common_args]``) that can also be
+    called on a parser to add the same options to it (``common_args(parser)``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        _add_common_arguments(parser)
+        return parser
+
+
+def common_arguments() -> CommonArguments:
     """The parent parser of the model options every subcommand shares."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = CommonArguments(add_help=False)
+    _add_common_arguments(common)
+    return common
+
+
+def _add_common_arguments(common: argparse.ArgumentParser) -> None:
     group = common.add_argument_group("models")
     group.add_argument(
         "--owl", help="OWL-ViT Hub id or folder (default google/owlvit-base-patch32)"
@@ -82,7 +97,6 @@ def common_arguments() -> argparse.ArgumentParser:
     group.add_argument("--device-map", help="LLaVA device_map, e.g. 'auto' to spread it over GPUs")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    return common
 
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
