@@ -151,3 +151,11 @@ def test_distributed_two_processes_gloo(tiny_config, tmp_path):
         torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=1e-6)
     untrained = TrainConfig.from_dict(config.to_dict())  # sanity: config survives the round trip
     assert untrained == config
+
+
+def test_preprocessing_in_workers_or_in_the_loop_gives_the_same_weights(tiny_config, tmp_path):
+    config = tiny_config.replace(epochs=1, eval_images=0)
+    in_workers = train(config.replace(preprocess="workers", num_workers=1), tmp_path / "a")
+    in_loop = train(config.replace(preprocess="device", num_workers=0), tmp_path / "b")
+    assert in_workers.steps == in_loop.steps == 5
+    assert _states_equal(in_workers.layer.state_dict(), in_loop.layer.state_dict())

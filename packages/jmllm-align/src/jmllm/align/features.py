@@ -104,12 +104,25 @@ class ImageNormalization:
     def __call__(
         self, images: list[torch.Tensor], device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """Squash each (3, H, W) uint8 image to (3, size, size), normalise, and batch: (B, 3, S, S)."""
+        """Squash each (3, H, W) uint8 image to (3, size, size), normalise, and batch: (B, 3, S, S).
+
+        The resize is antialiased bicubic. On CPU it runs on uint8 pixels (torch's vectorised
+        kernel, about 4x faster; like PIL it rounds to whole grey levels, within one level of
+        the float result); elsewhere in float32.
+        """
         out = []
+        size = (self.size, self.size)
         for image in images:
+            if torch.device(device).type == "cpu" and image.dtype == torch.uint8:
+                x = image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+                x = torch.nn.functional.interpolate(
+                    x, size=size, mode="bicubic", antialias=True, align_corners=False
+                )  # (1, 3, S, S) uint8
+                out.append(x.float().div_(255.0))
+                continue
             x = image.to(device=device, dtype=torch.float32).unsqueeze(0) / 255.0  # (1, 3, H, W)
             x = torch.nn.functional.interpolate(
-                x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False
+                x, size=size, mode="bicubic", antialias=True, align_corners=False
             )
             out.append(x.clamp_(0.0, 1.0))
         batch = torch.cat(out)  # (B, 3, S, S)

@@ -53,7 +53,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
 from jmllm.align.architectures import AlignmentLayer, alignment_config_for
-from jmllm.align.features import FeatureExtractor, ImageLoadError, image_to_tensor, load_image
+from jmllm.align.features import (
+    FeatureExtractor,
+    ImageLoadError,
+    ImageNormalization,
+    image_to_tensor,
+    llava_image_tokens,
+    load_image,
+    owl_penultimate,
+)
 from jmllm.align.weights import save_alignment
 
 logger = logging.getLogger(__name__)
@@ -103,6 +111,9 @@ class TrainConfig:
     seed: int = 0  # W's init, the data order and the held-out subset
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
+    # Where images are resized/normalised: "workers" (DataLoader processes, frees the main
+    # process on CPU), "device" (batched on the GPU), or "auto" (device on GPU, else workers).
+    preprocess: str = "auto"
     # Held-out evaluation: a fixed subset never trained on.
     eval_images: int = 256
     eval_every: int = 1000  # steps between evaluations (0: only at the end)
@@ -132,6 +143,8 @@ class TrainConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.preprocess not in ("auto", "workers", "device"):
+            raise ValueError(f"preprocess must be auto, workers or device, got {self.preprocess!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.eval_images < 0:
@@ -314,11 +327,18 @@ def decode_image(raw: Any) -> torch.Tensor:
         raise ImageLoadError(f"{raw}: not a readable image ({exc})") from None
 
 
+# A decoded image is either (3, H, W) uint8 pixels, normalised on the training device, or, when
+# preprocessing runs in the workers (CPU training), the pair of normalised model inputs
+# ((3, S_owl, S_owl), (3, S_llava, S_llava)) float32: the same ImageNormalization code either way.
+Pixels = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Normalizations = tuple[ImageNormalization, ImageNormalization]
+
+
 @dataclass
 class DecodedImage:
-    """One image after decoding in a worker: ``pixels`` (3, H, W) uint8, or the error."""
+    """One image after decoding in a worker: its pixels, or the error that made it unreadable."""
 
-    pixels: torch.Tensor | None
+    pixels: Pixels | None
     error: str | None = None
 
 
@@ -326,16 +346,29 @@ class DecodedImage:
 class ImageBatch:
     """A rank's decoded images for one optimizer step, with the failures dropped and counted."""
 
-    images: list[torch.Tensor]
+    images: list[Pixels]
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
 
 
-def _decode(raw: Any) -> DecodedImage:
+def _decode(raw: Any, norms: Normalizations | None = None) -> DecodedImage:
     try:
-        return DecodedImage(decode_image(raw))
+        pixels = decode_image(raw)
     except ImageLoadError as exc:
         return DecodedImage(None, str(exc))
+    if norms is None:
+        return DecodedImage(pixels)
+    return DecodedImage((norms[0]([pixels])[0], norms[1]([pixels])[0]))
+
+
+def _model_inputs(fx: FeatureExtractor, chunk: list[Pixels]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (B, 3, S, S) inputs of both encoders on fx's device, for decoded images."""
+    if isinstance(chunk[0], tuple):  # normalised in the workers
+        owl = torch.stack([c[0] for c in chunk])  # type: ignore[index]
+        llava = torch.stack([c[1] for c in chunk])  # type: ignore[index]
+        return owl.to(fx.device), llava.to(fx.device)
+    images: list[torch.Tensor] = chunk  # type: ignore[assignment]
+    return fx.owl_norm(images, fx.device), fx.llava_norm(images, fx.device)
 
 
 def collate_drop_failures(items: list[DecodedImage]) -> ImageBatch:
@@ -353,8 +386,8 @@ def collate_drop_failures(items: list[DecodedImage]) -> ImageBatch:
 class _DecodeItems(torch.utils.data.Dataset):
     """Map-style view of a source that decodes in the DataLoader worker."""
 
-    def __init__(self, source: ImageSource) -> None:
-        self.source = source
+    def __init__(self, source: ImageSource, norms: Normalizations | None = None) -> None:
+        self.source, self.norms = source, norms
 
     def __len__(self) -> int:
         return len(self.source)
@@ -364,7 +397,7 @@ class _DecodeItems(torch.utils.data.Dataset):
             raw = self.source.raw(index)
         except Exception as exc:  # a broken row of a dataset is one skipped image
             return DecodedImage(None, f"item {index}: cannot be read ({exc})")
-        return _decode(raw)
+        return _decode(raw, self.norms)
 
 
 class _StreamSteps(IterableDataset):
@@ -383,8 +416,10 @@ class _StreamSteps(IterableDataset):
         rank: int,
         world: int,
         start_step: int,
+        norms: Normalizations | None = None,
     ) -> None:
         self.stream, self.image_column, self.batch_size = stream, image_column, batch_size
+        self.norms = norms
         self.rank, self.world, self.start_step = rank, world, start_step
 
     def __iter__(self) -> Iterator[ImageBatch]:
@@ -398,7 +433,7 @@ class _StreamSteps(IterableDataset):
                 continue
             if step >= self.start_step and (step - self.start_step) % workers == worker:
                 share = pending[self.rank :: self.world]
-                yield collate_drop_failures([_decode(x) for x in share])
+                yield collate_drop_failures([_decode(x, self.norms) for x in share])
             pending, step = [], step + 1
 
 
@@ -595,28 +630,29 @@ def _all_sum(values: list[float], info: _Dist, device: torch.device) -> list[flo
     return t.tolist()
 
 
-def _micro_batches(images: list[torch.Tensor], size: int | None) -> list[list[torch.Tensor]]:
+def _micro_batches(images: list[Pixels], size: int | None) -> list[list[Pixels]]:
     size = size or max(len(images), 1)
     return [images[i : i + size] for i in range(0, len(images), size)]
 
 
 def _token_errors(
-    model: torch.nn.Module, fx: FeatureExtractor, images: list[torch.Tensor], drop_cls: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """W's predictions against LLaVA's tokens: per-token squared error (B, N) and targets."""
+    model: torch.nn.Module, fx: FeatureExtractor, images: list[Pixels], drop_cls: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W against LLaVA's own tokens: per-token squared error (B, N), prediction and target."""
     with torch.no_grad():
-        source = fx.source(images)  # (B, 1 + N, D_owl), frozen teacher side
+        owl_pixels, llava_pixels = _model_inputs(fx, images)  # (B, 3, S, S) each
+        source = owl_penultimate(fx.owl, owl_pixels)  # (B, 1 + N, D_owl), frozen teacher side
         source = source[:, 1:] if drop_cls else source  # (B, N, D_owl)
-        target = fx.target(images).float()  # (B, N, D_llm)
+        target = llava_image_tokens(fx.llava, llava_pixels).float()  # (B, N, D_llm)
     prediction = model(source).float()  # (B, N, D_llm)
-    return (prediction - target).pow(2).mean(dim=-1), prediction  # (B, N) per-token MSE
+    return (prediction - target).pow(2).mean(dim=-1), prediction, target  # (B, N) per-token MSE
 
 
 @torch.no_grad()
 def evaluate(
     layer: AlignmentLayer,
     fx: FeatureExtractor,
-    images: list[torch.Tensor],
+    images: list[Pixels],
     *,
     micro_batch_size: int = 16,
     autocast: bool = False,
@@ -640,10 +676,8 @@ def evaluate(
         if not chunk:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            source = fx.source(chunk)[:, 1:] if layer.config.drop_cls else fx.source(chunk)
-            target = fx.target(chunk).float()  # (B, N, D_llm)
-            prediction = layer(source).float()  # (B, N, D_llm)
-        sse += (prediction - target).pow(2).mean(dim=-1).sum().item()
+            errors, prediction, target = _token_errors(layer, fx, chunk, layer.config.drop_cls)
+        sse += errors.sum().item()
         cos += torch.nn.functional.cosine_similarity(prediction, target, dim=-1).sum().item()
         tokens += target.shape[0] * target.shape[1]
     layer.train(was_training)
@@ -913,6 +947,10 @@ def _train(
         )
 
     # -- the loop
+    in_workers = config.preprocess == "workers" or (
+        config.preprocess == "auto" and device.type != "cuda"
+    )
+    norms: Normalizations | None = (fx.owl_norm, fx.llava_norm) if in_workers else None
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -933,7 +971,9 @@ def _train(
         while epoch < config.epochs and not finished:
             if total_steps is not None and step >= total_steps:
                 break
-            loader = _epoch_loader(config, source, train_ids, stream, epoch, step_in_epoch, info)
+            loader = _epoch_loader(
+                config, source, train_ids, stream, epoch, step_in_epoch, info, norms
+            )
             for batch in loader:
                 # One optimizer step: counts first (all ranks), so the loss is the mean over
                 # every valid token of the global batch whatever each rank kept.
@@ -955,7 +995,7 @@ def _train(
                     )
                     with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         if chunk:
-                            errors, _ = _token_errors(model, fx, chunk, align_config.drop_cls)
+                            errors, _, _ = _token_errors(model, fx, chunk, align_config.drop_cls)
                         else:  # nothing decoded on this rank: still join DDP's all-reduce
                             empty = torch.zeros(
                                 0, align_config.num_tokens, align_config.in_dim, device=device
@@ -1084,6 +1124,7 @@ def _epoch_loader(
     epoch: int,
     start_step: int,
     info: _Dist,
+    norms: Normalizations | None,
 ) -> Any:
     """The DataLoader of one epoch, starting at ``start_step`` (resume), yielding ImageBatch."""
     workers = max(0, config.num_workers)
@@ -1098,13 +1139,22 @@ def _epoch_loader(
             shuffled = stream.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
             shuffled.set_epoch(epoch)
         steps = _StreamSteps(
-            shuffled, config.image_column, config.batch_size, info.rank, info.world, start_step
+            shuffled,
+            config.image_column,
+            config.batch_size,
+            info.rank,
+            info.world,
+            start_step,
+            norms,
         )
         return DataLoader(steps, batch_size=None, **common)
     order = epoch_order(train_ids, config.seed, epoch)
     shares = rank_shares(order, config.batch_size, info.rank, info.world, start_step)
     return DataLoader(
-        _DecodeItems(source), batch_sampler=shares, collate_fn=collate_drop_failures, **common
+        _DecodeItems(source, norms),
+        batch_sampler=shares,
+        collate_fn=collate_drop_failures,
+        **common,
     )
 
 
