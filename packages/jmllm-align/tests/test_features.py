@@ -52,6 +52,22 @@ def test_target_is_what_llava_itself_feeds_its_language_model(fx, images):
     torch.testing.assert_close(pair.target, ours)
 
 
+def test_extractor_without_language_model_matches_the_full_llava(fx, tiny, images):
+    from transformers import LlavaForConditionalGeneration
+
+    full = LlavaForConditionalGeneration.from_pretrained(tiny.llava).eval()
+    assert full.model.language_model.layers  # the full model has its decoder layers
+    assert isinstance(fx.llava.model.language_model, torch.nn.Identity)  # ours never loaded them
+    pixels = fx.llava_norm(images)
+    with torch.no_grad():
+        theirs = full.get_image_features(
+            pixel_values=pixels,
+            vision_feature_layer=full.config.vision_feature_layer,
+            vision_feature_select_strategy=full.config.vision_feature_select_strategy,
+        ).pooler_output
+    torch.testing.assert_close(fx.target(images), torch.stack(list(theirs)), rtol=0, atol=0)
+
+
 def test_whole_image_is_squashed_not_centre_cropped():
     wide = np.zeros((100, 200, 3), dtype=np.uint8)
     wide[:, :50] = (255, 0, 0)  # left quarter red

@@ -207,13 +207,34 @@ class FeatureExtractor:
         device: str | torch.device = "cpu",
         load_language_model: bool = False,
     ) -> FeatureExtractor:
-        """Load both encoders. Only LLaVA's vision tower and projector are needed for training W,
-        so by default the language model is dropped after loading to save memory."""
-        from transformers import LlavaForConditionalGeneration, OwlViTForObjectDetection
+        """Load both encoders.
+
+        Only LLaVA's vision tower and projector are needed to train W, so by default its language
+        model is never loaded: the model is built with zero decoder layers (the checkpoint's layer
+        tensors are skipped, about 13 GB for LLaVA-1.5-7b in bf16) and the embeddings and LM head
+        are dropped after loading.
+        """
+        from transformers import (
+            AutoConfig,
+            LlavaForConditionalGeneration,
+            OwlViTForObjectDetection,
+        )
+        from transformers.utils import logging as hf_logging
 
         owl_model = OwlViTForObjectDetection.from_pretrained(owl, dtype=dtype).to(device)
-        llava_model = LlavaForConditionalGeneration.from_pretrained(llava, dtype=dtype)
-        if not load_language_model:
+        if load_language_model:
+            llava_model = LlavaForConditionalGeneration.from_pretrained(llava, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(llava)
+            config.text_config.num_hidden_layers = 0
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the skipped layers are "unexpected keys" by design
+            try:
+                llava_model = LlavaForConditionalGeneration.from_pretrained(
+                    llava, config=config, dtype=dtype
+                )
+            finally:
+                hf_logging.set_verbosity(verbosity)
             llava_model.model.language_model = torch.nn.Identity()
             llava_model.lm_head = torch.nn.Identity()
         llava_model.to(device)
