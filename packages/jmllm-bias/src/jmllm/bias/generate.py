@@ -201,6 +201,14 @@ def _finished(folder: Path, spec: CohortSpec, cfg: GenerationConfig) -> set[str]
     return done
 
 
+def _use_cpu() -> bool:
+    """CPU processes (``accelerate launch --cpu``, or no GPU): accelerate then splits over gloo."""
+    import torch
+
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
 def _torch_dtype(cfg: GenerationConfig, device: Any) -> Any:
     import torch
 
@@ -371,7 +379,7 @@ def generate_cohort(
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise BiasInputError(f"{folder}: cohort output exists and is not a folder")
-    state = PartialState()
+    state = PartialState(cpu=_use_cpu())
     plan = spec.plan()
     cohort_doc = {"spec": spec.to_dict(), "generation": asdict(cfg)}
     if state.is_main_process:
@@ -384,6 +392,10 @@ def generate_cohort(
         log.info("%s: keeping %d finished image(s), generating %d", folder, len(done), len(todo))
     with state.split_between_processes(todo) as share:
         made = _generate_share(folder, list(share), spec, cfg, state.device, state.process_index)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        made = list(gather_object(made))  # every process reports the whole cohort's work
     state.wait_for_everyone()
     sheet = None
     if state.is_main_process:
