@@ -238,7 +238,18 @@ def test_real_size_compatibility_on_meta_device():
         t = torch.empty(1, 577, 768)
         assert model.image_tokens(t).shape == (1, 576, 4096)
         logits, boxes = model.detection_heads(t, torch.empty(2, 512))
+        ids = torch.cat(
+            [
+                torch.ones(1, 5, dtype=torch.long),
+                torch.full((1, 576), 32000),
+                torch.ones(1, 7, dtype=torch.long),
+            ],
+            dim=1,
+        )
+        # (LLaMA's own forward cannot run on meta tensors; the merge into its inputs can)
+        embeds = model.merge_image_tokens(ids, model.image_tokens(t))
     assert logits.shape == (1, 576, 2) and boxes.shape == (1, 576, 4)
+    assert embeds.shape == (1, 588, 4096)
     assert model.num_image_tokens == 576
     wrong = AlignmentConfig("deep-mlp", in_dim=1024, out_dim=4096, hidden_dim=8)
     with pytest.raises(
