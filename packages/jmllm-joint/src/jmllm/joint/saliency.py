@@ -222,16 +222,22 @@ class OwlHeadGradients:
 
     # -- norms: once per (image, queries) ----------------------------------------------------------
 
-    def gradient_norms(self, chunk_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    def gradient_norms(
+        self,
+        chunk_size: int | None = None,
+        progress: bool = False,
+        patches: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """``‖g_{k,c}‖`` for every (k, c), exactly, via the row-restricted backward.
 
         Args:
             chunk_size: patches per batch; the peak memory is about
                 ``chunk_size · (Q + 4) · 16 H · (1 + N + D)`` floats (default: ~128 MB worth).
             progress: show a tqdm bar over chunks.
+            patches: only these patch indices (0-based, CLS excluded); None: all N.
 
         Returns:
-            (N, Q + 4) float tensor.
+            (N, Q + 4) float tensor, or (len(patches), Q + 4) rows in the given order.
         """
         t = self.t[0]  # (T, D)
         T, D = t.shape
@@ -274,15 +280,20 @@ class OwlHeadGradients:
             x_hat_sum = x_hat.sum(-1)  # (T,) 1ᵀx̂_j (= 0 up to rounding)
             z_k = ((x_hat * gamma) @ attn.k_proj.weight.T).view(T, H, d)  # (x̂_j⊙γ) W_K^T
             z_v = ((x_hat * gamma) @ attn.v_proj.weight.T).view(T, H, d)  # (x̂_j⊙γ) W_V^T
-        norms = torch.empty(N, C, dtype=t.dtype, device=t.device)
-        starts = range(0, N, chunk_size)
+        wanted = torch.arange(N) if patches is None else torch.as_tensor(list(patches)).long()
+        if wanted.numel() and (int(wanted.min()) < 0 or int(wanted.max()) >= N):
+            raise ValueError(f"patches: indices must be in 0..{N - 1}")
+        wanted = wanted.to(t.device)
+        norms = torch.empty(wanted.numel(), C, dtype=t.dtype, device=t.device)
+        starts = range(0, wanted.numel(), chunk_size)
         if progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="GA gradient norms", unit="chunk")
         with torch.no_grad():
             for start in starts:
-                rows = torch.arange(start, min(start + chunk_size, N), device=t.device) + 1
+                out_rows = torch.arange(start, min(start + chunk_size, wanted.numel()))
+                rows = wanted[out_rows] + 1  # rows of t (CLS is row 0)
                 B = rows.numel()
                 batch = torch.arange(B, device=t.device)
                 yk_rep = y[rows].repeat_interleave(C, dim=0)  # (B·C, D)
@@ -342,7 +353,7 @@ class OwlHeadGradients:
                     z - z.mean(-1, keepdim=True) - x_hat_sp * (z * x_hat_sp).mean(-1, keepdim=True)
                 ) * inv_std[special].unsqueeze(1) + dh  # residual around the attention
                 total = sq.clamp(min=0).sum(-1) + (dt_sp * dt_sp).sum((-2, -1))  # (B, C)
-                norms[rows - 1] = total.sqrt()
+                norms[out_rows.to(t.device)] = total.sqrt()
         return norms
 
 
