@@ -109,7 +109,7 @@ def cub_folder(tmp_path, sample_images):
 
 def test_read_folder_groups_boxes(cub_folder):
     items = read_wsol_folder(cub_folder)
-    assert [i.image_id for i in items][0] == "001.Bird/bird_0.jpg"
+    assert items[0].image_id == "001.Bird/bird_0.jpg"
     assert items[0].boxes.shape == (2, 4) and len(items) == 4
 
 
@@ -128,7 +128,7 @@ def test_bad_folders(tmp_path):
     with pytest.raises(WsolDataError, match="no such folder"):
         read_wsol_folder(tmp_path / "nope")
     (tmp_path / "images").mkdir()
-    with pytest.raises(WsolDataError, match="boxes.csv: missing"):
+    with pytest.raises(WsolDataError, match=r"boxes\.csv: missing"):
         read_wsol_folder(tmp_path)
     (tmp_path / "boxes.csv").write_text("id,a,b,c,d\n")
     with pytest.raises(WsolDataError, match=":1: header"):
