@@ -26,6 +26,8 @@ def test_embed_shapes_and_sizes(tiny_joint, sample_images):
     # paths, PIL and uint8 tensors give the same t
     again = tiny_joint.embed([emb.images[2]])
     torch.testing.assert_close(again.t[0], emb.t[2])
+    chunked = tiny_joint.embed(sample_images, batch_size=2)
+    torch.testing.assert_close(chunked.t, emb.t)
 
 
 def test_detection_heads_equal_owlvit_forward(tiny_joint, sample_images):

@@ -387,7 +387,7 @@ class JointModel:
         return tensors, sizes
 
     @torch.no_grad()
-    def embed(self, images: Any) -> JointEmbedding:
+    def embed(self, images: Any, batch_size: int = 32) -> JointEmbedding:
         """The shared embedding ``t`` of a batch of images.
 
         Each image is decoded to RGB (:func:`jmllm.align.load_image` conversions: alpha on white,
@@ -396,6 +396,7 @@ class JointModel:
 
         Args:
             images: one or a list of paths, PIL images or (3, H, W) uint8 tensors.
+            batch_size: images per OWL-ViT forward (bounds memory for long lists).
 
         Returns:
             :class:`JointEmbedding` with ``t`` (B, 1 + N, D_owl) and the original sizes.
@@ -408,10 +409,15 @@ class JointModel:
             >>> emb.t.shape  # doctest: +SKIP
             torch.Size([2, 577, 768])
         """
+        if batch_size < 1:
+            raise JointModelError(f"batch_size: must be positive, got {batch_size}")
         tensors, sizes = self._decode_images(images)
-        pixel_values = self.owl_norm(tensors, self.device).to(self.dtype)  # (B, 3, S, S)
-        t = owl_penultimate(self.owl, pixel_values)  # (B, 1 + N, D)
-        return JointEmbedding(t=t, image_sizes=sizes, images=tensors)
+        chunks = []
+        for start in range(0, len(tensors), batch_size):
+            batch = tensors[start : start + batch_size]
+            pixel_values = self.owl_norm(batch, self.device).to(self.dtype)  # (b, 3, S, S)
+            chunks.append(owl_penultimate(self.owl, pixel_values))  # (b, 1 + N, D)
+        return JointEmbedding(t=torch.cat(chunks), image_sizes=sizes, images=tensors)
 
     def _as_embedding(self, emb_or_images: Any) -> JointEmbedding:
         if isinstance(emb_or_images, JointEmbedding):
