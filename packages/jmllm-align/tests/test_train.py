@@ -159,3 +159,66 @@ def test_preprocessing_in_workers_or_in_the_loop_gives_the_same_weights(tiny_con
     in_loop = train(config.replace(preprocess="device", num_workers=0), tmp_path / "b")
     assert in_workers.steps == in_loop.steps == 5
     assert _states_equal(in_workers.layer.state_dict(), in_loop.layer.state_dict())
+
+
+def _checkpoint_step(path) -> int:
+    try:
+        return int(load_checkpoint(path)["step"])
+    except (ValueError, KeyError, FileNotFoundError):
+        return -1
+
+
+def test_resume_after_sigkill_is_exact(tiny_config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tiny_config.replace(epochs=12, eval_images=0, checkpoint_every=1)  # 60 steps
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "preset.json").write_text(json.dumps(config.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "jmllm.align.cli", "train", "--preset",
+               str(run / "preset.json"), "--out", str(run)]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while _checkpoint_step(run / "checkpoint.pt") < 3 and process.poll() is None:
+            assert time.monotonic() < deadline, "training never wrote a checkpoint"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    killed_at = _checkpoint_step(run / "checkpoint.pt")
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    assert 3 <= killed_at < 60
+    assert not (run / "alignment.safetensors").exists()
+    resumed = train(config, run, resume=True)
+    full = train(config, tmp_path / "full")
+    assert resumed.steps == full.steps == 60
+    assert _states_equal(resumed.layer.state_dict(), full.layer.state_dict())
+
+
+def test_sigterm_checkpoints_and_returns(tiny_config, tmp_path):
+    import os
+    import signal
+    import threading
+
+    config = tiny_config.replace(epochs=12, eval_images=0, checkpoint_every=0)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def send_sigterm_after_two_steps() -> None:
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            threading.Event().wait(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm_after_two_steps, daemon=True).start()
+    part = train(config, tmp_path / "run")
+    assert part.interrupted and part.weights_path is None and 2 <= part.steps < 60
+    assert _checkpoint_step(part.checkpoint_path) == part.steps
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    rest = train(config, tmp_path / "run", resume=True)
+    full = train(config, tmp_path / "full")
+    assert _states_equal(rest.layer.state_dict(), full.layer.state_dict())
