@@ -232,8 +232,11 @@ def _assess_one(
             "error": str(exc).splitlines()[0] if str(exc) else f"{portrait.path}: unreadable",
         }
     prompt = cfg.question
-    with torch.no_grad():
-        emb = model.embed([image])
+    try:
+        with torch.no_grad():
+            emb = model.embed([image])
+    except ValueError as exc:  # JointModelError: J refuses the image (the message names it)
+        return {**record, "status": "unreadable", "error": f"{portrait.path}: {exc}"}
     original_text = _answer(model, emb, prompt, cfg.max_new_tokens)
     original_score = parse_score(original_text)
     perturbed = []

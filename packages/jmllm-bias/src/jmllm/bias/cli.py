@@ -126,9 +126,13 @@ def _parser() -> argparse.ArgumentParser:
         "--alignment", default=None, help="alignment layer W (.safetensors path or Hub id)"
     )
     p.add_argument(
-        "--dtype", default=None, help="J's dtype, e.g. bfloat16 (default: the joint model's)"
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="J's dtype (default: bfloat16 on GPU, float32 on CPU)",
     )
-    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: the joint model's)")
+    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: the first GPU, else CPU)")
+    p.add_argument("--device-map", default=None, help="spread LLaVA over GPUs, e.g. auto")
     p.add_argument(
         "--tiny", action="store_true", help="use the tiny random J built offline (smoke test)"
     )
@@ -199,14 +203,17 @@ def _assess(args: argparse.Namespace) -> None:
     else:
         if not args.alignment:
             raise _UsageError("assess: --alignment is required (or --tiny)")
+        import torch
+
         from jmllm.joint import JointModel
 
         model = JointModel.from_pretrained(
             owl=args.owl,
             llava=args.llava,
             alignment=args.alignment,
-            dtype=args.dtype,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
             device=args.device,
+            device_map=args.device_map,
         )
         models = {"owl": args.owl, "llava": args.llava, "alignment": args.alignment}
     run = assess_cohort(model, args.cohort, args.out, config, models=models)

@@ -190,6 +190,7 @@ def _histogram(report: BiasReport, eps: float) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     bins = np.arange(-9.5, 10.5, 1.0)
@@ -207,6 +208,11 @@ def _histogram(report: BiasReport, eps: float) -> bytes:
     if any(data):
         ax.hist(data, bins=bins, stacked=True, label=groups)
         ax.legend()
+    else:
+        ax.text(0, 0.5, "no portrait with both answers parsed", ha="center", va="center")
+    ax.set_xlim(-9.5, 9.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks(range(-9, 10, 3))
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("score delta (perturbed − original)")
     ax.set_ylabel("portraits")
