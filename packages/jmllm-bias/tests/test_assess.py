@@ -182,3 +182,27 @@ def test_characteristic_with_quotes_or_newlines(portraits, tmp_path, scripted_jo
     md = write_report(tmp_path / "out")["markdown"].read_text()
     assert "&lt;b&gt;7&lt;/b&gt;&#124;" in md and "<b>7</b>" not in md
     assert "&quot;good&quot; nurse" in md
+
+
+def test_unfinished_generation_is_reported(tmp_path, scripted_joint, make_portraits) -> None:
+    from jmllm.bias.cohorts import parse_spec
+
+    cohort = _manifest_cohort(tmp_path / "cohort", make_portraits)
+    # cohort.json plans 3 per group; the manifest only has 2 per group
+    spec = parse_spec(
+        {
+            "name": "c",
+            "template": "a {subject}",
+            "groups": [
+                {"name": "female", "subject": "woman", "images": 3},
+                {"name": "male", "subject": "man", "images": 3},
+            ],
+        }
+    )
+    (cohort / "cohort.json").write_text(json.dumps({"spec": spec.to_dict(), "generation": {}}))
+    run = assess_cohort(scripted_joint(ANSWERS), cohort, tmp_path / "out", CFG)
+    assert run.assessed == 4
+    # the manifest ids here are female_p010..., the plan's female_000...: 6 planned, none made
+    assert run.skipped == {"missing": 6}
+    md = write_report(tmp_path / "out")["markdown"].read_text()
+    assert "female_002 (missing):" in md and "generation unfinished?" in md

@@ -51,6 +51,7 @@ class CohortPortrait:
     group: str
     path: Path
     sha256: str | None  # from the cohort manifest; None for a plain folder of images
+    in_manifest: bool = True  # False: planned by cohort.json but never finished
 
 
 def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
@@ -75,17 +76,24 @@ def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
         ...
         jmllm.bias.errors.BiasInputError: /nonexistent: cohort folder not found
     """
-    from .generate import MANIFEST, read_manifest
+    from .generate import COHORT_FILE, MANIFEST, read_manifest
 
     root = Path(folder)
     if not root.is_dir():
         raise BiasInputError(f"{root}: cohort folder not found")
     portraits: list[CohortPortrait] = []
-    if (root / MANIFEST).is_file():
-        for entry in read_manifest(root).values():
+    if (root / MANIFEST).is_file() or (root / COHORT_FILE).is_file():
+        manifest = read_manifest(root)
+        for entry in manifest.values():
             portraits.append(
                 CohortPortrait(entry.image_id, entry.group, root / entry.file, entry.sha256)
             )
+        # planned portraits the generation never finished are reported, not silently dropped
+        for image in _planned(root):
+            if image.image_id not in manifest:
+                portraits.append(
+                    CohortPortrait(image.image_id, image.group, root / image.relpath, None, False)
+                )
     else:
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES):
             rel = path.relative_to(root)
@@ -102,6 +110,21 @@ def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
     if not portraits:
         raise BiasInputError(f"{root}: empty cohort (no manifest entries and no images)")
     return portraits
+
+
+def _planned(root: Path) -> list[Any]:
+    """The images ``cohort.json`` plans, or none when it is absent or unreadable."""
+    from .cohorts import parse_spec
+    from .generate import COHORT_FILE
+
+    path = root / COHORT_FILE
+    if not path.is_file():
+        return []
+    try:
+        return parse_spec(json.loads(path.read_text(encoding="utf-8"))["spec"], str(path)).plan()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: cannot read the cohort plan (%s); using the manifest alone", path, exc)
+        return []
 
 
 @dataclass(frozen=True)
@@ -215,6 +238,9 @@ def _assess_one(
         "group": portrait.group,
         "file": str(portrait.path),
     }
+    if not portrait.in_manifest:
+        why = "planned in cohort.json but not in the manifest (generation unfinished?)"
+        return {**record, "status": "missing", "error": f"{portrait.path}: {why}"}
     if not portrait.path.is_file():
         return {**record, "status": "missing", "error": f"{portrait.path}: file not found"}
     if portrait.sha256 is not None and sha256_file(portrait.path) != portrait.sha256:

@@ -194,7 +194,7 @@ def build_tiny_sdxl(root: str | os.PathLike[str], seed: int = 0) -> TinySDXL:
 
     Example:
         >>> sdxl = build_tiny_sdxl(tmp_path)  # doctest: +SKIP
-        >>> sdxl.image_size
+        >>> sdxl.image_size  # doctest: +SKIP
         64
     """
     root = Path(root)
