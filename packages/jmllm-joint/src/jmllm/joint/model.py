@@ -51,6 +51,9 @@ DEFAULT_QUERY_TEMPLATE = "a photo of a {}"
 # Images are shrunk (aspect kept) to this longest side before squashing: both models see at most
 # 768 px, and resizing a 20k-pixel-wide tensor would need gigabytes for nothing.
 MAX_IMAGE_SIDE = 4096
+# Both OWL-ViT's and LLaVA-1.5's processors use CLIP's statistics (the default without processors).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QUERY_CACHE_SIZE = 256  # query sets whose text embeddings are kept
 
 ImageInput = str | os.PathLike[str] | Image.Image | torch.Tensor
@@ -204,17 +207,9 @@ class JointModel:
         self.tokenizer = tokenizer
         self.owl_tokenizer = owl_tokenizer
         vision = owl.config.vision_config
-        self.owl_norm = owl_norm or ImageNormalization(
-            vision.image_size,
-            (0.48145466, 0.4578275, 0.40821073),
-            (0.26862954, 0.26130258, 0.27577711),
-        )
+        self.owl_norm = owl_norm or ImageNormalization(vision.image_size, CLIP_MEAN, CLIP_STD)
         tower = llava.config.vision_config
-        self.llava_norm = llava_norm or ImageNormalization(
-            tower.image_size,
-            (0.48145466, 0.4578275, 0.40821073),
-            (0.26862954, 0.26130258, 0.27577711),
-        )
+        self.llava_norm = llava_norm or ImageNormalization(tower.image_size, CLIP_MEAN, CLIP_STD)
         self.sources = dict(sources or {})
         self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
         self._query_cache: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -286,6 +281,22 @@ class JointModel:
             check_compatible(w.config, owl_config, llava_config)
         except JointModelError as exc:
             raise JointModelError(f"{alignment}: {exc}") from None
+        # the small parts first: a missing tokenizer should not cost a 14 GB load
+        tokenizer = _load("LLaVA tokenizer", llava, AutoTokenizer.from_pretrained)
+        tokenizer.padding_side = "left"
+        owl_tokenizer = _load("OWL-ViT tokenizer", owl, AutoTokenizer.from_pretrained)
+        owl_norm = _load(
+            "OWL-ViT image processor",
+            owl,
+            ImageNormalization.from_pretrained,
+            owl_config.vision_config.image_size,
+        )
+        llava_norm = _load(
+            "LLaVA image processor",
+            llava,
+            ImageNormalization.from_pretrained,
+            llava_config.vision_config.image_size,
+        )
         owl_model = _load(
             "OWL-ViT",
             owl,
@@ -303,21 +314,6 @@ class JointModel:
         )
         if device_map is None:
             llava_model.to(device)
-        tokenizer = _load("LLaVA tokenizer", llava, AutoTokenizer.from_pretrained)
-        tokenizer.padding_side = "left"
-        owl_tokenizer = _load("OWL-ViT tokenizer", owl, AutoTokenizer.from_pretrained)
-        owl_norm = _load(
-            "OWL-ViT image processor",
-            owl,
-            ImageNormalization.from_pretrained,
-            owl_config.vision_config.image_size,
-        )
-        llava_norm = _load(
-            "LLaVA image processor",
-            llava,
-            ImageNormalization.from_pretrained,
-            llava_config.vision_config.image_size,
-        )
         return cls(
             owl_model,
             llava_model,
@@ -581,6 +577,8 @@ class JointModel:
             torch.Size([1, 593])
         """
         texts = self._prompt_texts(prompts)
+        if self.tokenizer is None:
+            raise JointModelError("tokenizer: J was built without LLaVA's tokenizer")
         image_token = self.tokenizer.convert_ids_to_tokens(self.llava.config.image_token_id)
         expanded = [
             text.replace("<image>", image_token * self.num_image_tokens, 1) for text in texts
