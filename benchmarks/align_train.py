@@ -233,14 +233,18 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     from jmllm.align import alignment_config_for
     from jmllm.align.features import FeatureExtractor, ImageNormalization
-    from jmllm.align.testing import llava_1_5_7b_config
+    from jmllm.align.testing import llava_1_5_7b_config, tiny_llava_config, tiny_owl_config
     from jmllm.align.train import load_preset, train
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu: no CUDA device available")
-    device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False  # the baseline is plain fp32
-    owl_config, llava_config = OwlViTConfig(), llava_1_5_7b_config()
+    if args.full_path_on_cpu:  # check this code path without a GPU: tiny shapes, CPU
+        device = torch.device("cpu")
+        owl_config, llava_config = tiny_owl_config(), tiny_llava_config(300, 299, 3)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: no CUDA device available")
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False  # the baseline is plain fp32
+        owl_config, llava_config = OwlViTConfig(), llava_1_5_7b_config()
     torch.manual_seed(0)
     with device:
         owl = OwlViTForObjectDetection(owl_config).eval()
@@ -248,11 +252,13 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     owl_norm = ImageNormalization(owl_config.vision_config.image_size, clip_mean, clip_std)
     llava_norm = ImageNormalization(llava_config.vision_config.image_size, clip_mean, clip_std)
-    align_config = alignment_config_for(owl_config, llava_config, "deep-mlp")
+    hidden = {"hidden_dim": 64} if args.full_path_on_cpu else {}
+    align_config = alignment_config_for(owl_config, llava_config, "deep-mlp", **hidden)
     flops = model_flops_per_image(owl_config, llava_config, align_config)
 
     work = Path(tempfile.mkdtemp(prefix="jmllm-bench-"))
     count = 512 if args.quick else 4096
+    count = 48 if args.full_path_on_cpu else count
     paths = write_jpegs(work / "images", count, size=args.image_size, seed=0)
     batch = 16
     config = load_preset("paper").replace(
@@ -264,7 +270,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint_every=0,
         num_workers=args.workers,
         precision="bf16",
+        device=str(device),
         progress=False,
+        **hidden,
     )
     # bf16 encoders for the trainer (as it loads them itself for bf16 runs).
     fx = FeatureExtractor(
@@ -273,10 +281,18 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     trainer = train(config.replace(max_steps=8), work / "warmup", feature_extractor=fx)
     trainer = train(config, work / "run", feature_extractor=fx)
     del fx
-    torch.cuda.empty_cache()
-    owl_processor = OwlViTImageProcessor()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    owl_side, llava_side = (
+        owl_config.vision_config.image_size,
+        llava_config.vision_config.image_size,
+    )
+    owl_processor = OwlViTImageProcessor(
+        size={"height": owl_side, "width": owl_side},
+        crop_size={"height": owl_side, "width": owl_side},
+    )
     llava_processor = CLIPImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+        size={"shortest_edge": llava_side}, crop_size={"height": llava_side, "width": llava_side}
     )
     baseline_paths = paths[: max(batch * 8, count // 8)]  # the slow loop gets fewer images
     baseline = baseline_images_per_s(
@@ -286,8 +302,12 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     mfu = trainer.images_per_s * flops["total"] / args.peak_flops
     return {
         "benchmark": "align_train",
-        "device": torch.cuda.get_device_name(device),
-        "models": "OWL-ViT B/32 + LLaVA-1.5-7b vision tower/projector, random weights",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "models": (
+            "tiny shapes (code-path check only)"
+            if args.full_path_on_cpu
+            else "OWL-ViT B/32 + LLaVA-1.5-7b vision tower/projector, random weights"
+        ),
         "architecture": "deep-mlp",
         "w_parameters": sum(p.numel() for p in trainer.layer.parameters()) if trainer.layer else 0,
         "workers": args.workers,
@@ -319,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads")
     parser.add_argument("--image-size", type=int, default=None, help="generated image side")
     parser.add_argument("--cache-dir", help="CPU mode: reuse tiny checkpoints from here")
+    parser.add_argument(
+        "--full-path-on-cpu",
+        action="store_true",
+        help="run the --gpu code path on the CPU with tiny shapes (checks the code, not speed)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -331,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = min(12, (os.cpu_count() or 2) - 2) if args.gpu else 0
     if args.image_size is None:
         args.image_size = 640 if args.gpu else 256
-    result = run_gpu(args) if args.gpu else run_cpu(args)
+    result = run_gpu(args) if (args.gpu or args.full_path_on_cpu) else run_cpu(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

@@ -79,6 +79,7 @@ def test_unreadable_images_are_skipped_and_counted(tiny_config, image_folder, tm
     config = tiny_config.replace(images=[str(listing)], batch_size=19, epochs=1, eval_images=0)
     result = train(config, tmp_path / "run")  # one step holding every listed image once
     assert (result.steps, result.images_seen, result.images_skipped) == (1, 16, 3)
+    assert result.eval is None  # nothing held out
     assert load_alignment(result.weights_path).provenance["images_skipped"] == 3
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["images_skipped"] == 3
@@ -222,3 +223,19 @@ def test_sigterm_checkpoints_and_returns(tiny_config, tmp_path):
     rest = train(config, tmp_path / "run", resume=True)
     full = train(config, tmp_path / "full")
     assert _states_equal(rest.layer.state_dict(), full.layer.state_dict())
+
+
+def test_distributed_with_a_rank_left_without_images(tiny_config, image_folder, tmp_path):
+    good = sorted(str(p) for p in image_folder.rglob("*.png"))[:8]
+    for i in range(8):
+        (tmp_path / f"bad{i}.jpg").write_text("not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(good + [f"bad{i}.jpg" for i in range(8)]))
+    # One image per rank and step, half of them unreadable: some steps leave one rank empty.
+    config = tiny_config.replace(images=[str(listing)], batch_size=2, epochs=1, eval_images=0)
+    ranks = train_distributed_cpu(config, tmp_path / "ddp", world_size=2)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 8
+    assert ranks[0]["seen"] == 8
+    assert _states_equal(ranks[0]["state"], ranks[1]["state"])
+    provenance = load_alignment(tmp_path / "ddp" / "alignment.safetensors").provenance
+    assert provenance["images_skipped"] == 8 and provenance["world_size"] == 2

@@ -962,10 +962,12 @@ def _train(
     )
     last_eval: EvalResult | None = None
     interrupted = finished = False
-    window_images, window_start = 0, time.perf_counter()
-    loop_start, session_images = time.perf_counter(), 0
+    step_sse: torch.Tensor | None = None
+    step_tokens = 0.0
     if state is None and config.eval_images > 0:
         initial_eval = run_eval()  # the untrained W: the baseline the final eval is read against
+    window_images, window_start = 0, time.perf_counter()
+    loop_start, session_images = time.perf_counter(), 0
     layer.train()
     with _StopFlag() as stop:
         while epoch < config.epochs and not finished:
@@ -975,16 +977,23 @@ def _train(
                 config, source, train_ids, stream, epoch, step_in_epoch, info, norms
             )
             for batch in loader:
-                # One optimizer step: counts first (all ranks), so the loss is the mean over
-                # every valid token of the global batch whatever each rank kept.
-                n_images, n_skipped = _all_sum(
-                    [float(len(batch.images)), float(batch.skipped)], info, device
+                # One optimizer step. Counts first (all ranks), so the loss is the mean over
+                # every valid token of the global batch whatever each rank kept; the same
+                # all-reduce carries the stop votes (SIGTERM), so ranks stop at the same step.
+                n_images, n_skipped, stop_votes = _all_sum(
+                    [float(len(batch.images)), float(batch.skipped), float(stop.requested)],
+                    info,
+                    device,
                 )
+                if stop_votes > 0:  # this step is not trained: the data position stays before it
+                    interrupted = True
+                    break
                 for error in batch.errors:
                     logger.warning("skipped image: %s", error)
                 tokens = n_images * align_config.num_tokens
-                chunks = _micro_batches(batch.images, config.micro_batch_size)
-                sse = 0.0
+                # A rank that kept no image still runs one empty micro-batch to join DDP.
+                chunks = _micro_batches(batch.images, config.micro_batch_size) or [[]]
+                step_sse = torch.zeros((), device=device)  # summed on the device: no host sync
                 for i, chunk in enumerate(chunks):
                     sync = i == len(chunks) - 1
                     # DDP: all-reduce gradients only on the last micro-batch of the step.
@@ -1005,14 +1014,13 @@ def _train(
                     if tokens > 0:
                         # DDP averages gradients over ranks; scaling by world makes it a sum.
                         (local_sse * (info.world / tokens)).backward()
-                    sse += local_sse.item()
+                    step_sse += local_sse.detach()
                 if tokens > 0:
                     if config.grad_clip:
                         torch.nn.utils.clip_grad_norm_(layer.parameters(), config.grad_clip)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                (global_sse,) = _all_sum([sse], info, device)
-                last_loss = global_sse / tokens if tokens > 0 else last_loss
+                step_tokens = tokens
                 step += 1
                 step_in_epoch += 1
                 images_seen += int(n_images)
@@ -1020,7 +1028,13 @@ def _train(
                 session_images += int(n_images)
                 window_images += int(n_images)
                 bar.update(1)
-                if config.log_every and step % config.log_every == 0:
+                log_now = bool(config.log_every) and step % config.log_every == 0
+                checkpoint_now = (
+                    bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                )
+                if log_now or checkpoint_now:  # the loss is read (a host sync) only when needed
+                    last_loss = _global_loss(step_sse, step_tokens, last_loss, info, device)
+                if log_now:
                     now = time.perf_counter()
                     rate = window_images / max(now - window_start, 1e-9)
                     window_images, window_start = 0, now
@@ -1038,14 +1052,10 @@ def _train(
                                 "lr": optimizer.param_groups[0]["lr"],
                             },
                         )
-                if config.eval_every and step % config.eval_every == 0:
+                if config.eval_images and config.eval_every and step % config.eval_every == 0:
                     last_eval = run_eval()
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                if checkpoint_now:
                     write_checkpoint()
-                (stop_votes,) = _all_sum([float(stop.requested)], info, device)
-                if stop_votes > 0:
-                    interrupted = True
-                    break
                 if total_steps is not None and step >= total_steps:
                     finished = True
                     break
@@ -1053,6 +1063,8 @@ def _train(
                 break
             if not finished:
                 epoch, step_in_epoch = epoch + 1, 0
+    if step_sse is not None:  # the loss of the last step trained in this session
+        last_loss = _global_loss(step_sse, step_tokens, last_loss, info, device)
     train_seconds = time.perf_counter() - loop_start
     bar.close()
     write_checkpoint()
@@ -1073,11 +1085,9 @@ def _train(
     if interrupted:
         logger.info("interrupted at step %d; resume with --resume", step)
         return result
-    result.eval = (
-        last_eval
-        if (last_eval and config.eval_every and step % config.eval_every == 0)
-        else run_eval()
-    )
+    if config.eval_images > 0:
+        evaluated_now = last_eval and config.eval_every and step % config.eval_every == 0
+        result.eval = last_eval if evaluated_now else run_eval()
     if info.main:
         provenance = {
             "trainer": "jmllm-align train",
@@ -1085,9 +1095,9 @@ def _train(
             "images_seen": images_seen,
             "images_skipped": images_skipped,
             "final_loss": last_loss,
-            "eval_mse": result.eval.mse,
-            "eval_cosine": result.eval.cosine,
-            "eval_images": result.eval.images,
+            "eval_mse": result.eval.mse if result.eval else None,
+            "eval_cosine": result.eval.cosine if result.eval else None,
+            "eval_images": result.eval.images if result.eval else 0,
             "eval_mse_initial": initial_eval.mse if initial_eval else None,
             "source_model": config.source_model,
             "target_model": config.target_model,
@@ -1106,6 +1116,14 @@ def _train(
             held_batch.skipped,
         )
     return result
+
+
+def _global_loss(
+    step_sse: torch.Tensor, tokens: float, previous: float | None, info: _Dist, device: torch.device
+) -> float | None:
+    """The mean squared error of one step over every rank's tokens (None before any token)."""
+    (total,) = _all_sum([float(step_sse.item())], info, device)
+    return total / tokens if tokens > 0 else previous
 
 
 def _no_sync(model: Any) -> Any:
