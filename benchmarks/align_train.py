@@ -252,7 +252,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     owl_norm = ImageNormalization(owl_config.vision_config.image_size, clip_mean, clip_std)
     llava_norm = ImageNormalization(llava_config.vision_config.image_size, clip_mean, clip_std)
-    hidden = {"hidden_dim": 64} if args.full_path_on_cpu else {}
+    hidden: dict[str, Any] = {"hidden_dim": 64} if args.full_path_on_cpu else {}
     align_config = alignment_config_for(owl_config, llava_config, "deep-mlp", **hidden)
     flops = model_flops_per_image(owl_config, llava_config, align_config)
 
