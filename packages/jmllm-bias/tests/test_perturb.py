@@ -106,3 +106,11 @@ def test_default_step_sizes() -> None:
     assert PerturbationConfig(eps=1.0).alpha == 1.0
     assert PerturbationConfig(eps=1.0, steps=10).alpha == pytest.approx(0.25)
     assert PerturbationConfig(eps=1.0, steps=10, step_size=0.3).alpha == 0.3
+
+
+def test_query_too_long_for_owl_is_a_clear_error(tiny_joint, portraits, tmp_path) -> None:
+    from jmllm.bias.assess import AssessConfig, assess_cohort
+
+    cfg = AssessConfig("nurse", original="man", adversarial=" ".join(["very"] * 12) + " tall woman")
+    with pytest.raises(BiasInputError, match=r"original/adversarial query: .*16"):
+        assess_cohort(tiny_joint, portraits, tmp_path / "out", cfg)

@@ -365,7 +365,12 @@ def assess_cohort(
     resumed = len(portraits) - len(todo)
     if resumed:
         log.info("%s: %d portrait(s) already assessed, %d to go", out_dir, resumed, len(todo))
-    queries = model.encode_queries([config.original, config.adversarial], template=QUERY_TEMPLATE)
+    try:
+        queries = model.encode_queries(
+            [config.original, config.adversarial], template=QUERY_TEMPLATE
+        )
+    except ValueError as exc:  # PromptError: e.g. longer than OWL-ViT's 16 text positions
+        raise BiasInputError(f"original/adversarial query: {exc}") from None
     skipped: dict[str, int] = {}
     assessed = 0
     for portrait in tqdm(todo, desc=f"assess {config.characteristic}", unit="img"):
