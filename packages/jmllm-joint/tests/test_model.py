@@ -263,3 +263,18 @@ def test_real_size_compatibility_on_meta_device():
         JointModelError, match="output dimension 5120 != LLaVA text hidden size 4096"
     ):
         check_compatible(wrong, owl_config, llava_config)
+
+
+def test_one_image_many_prompts_and_embedding_from_t_alone(tiny_joint, sample_images):
+    emb = tiny_joint.embed(sample_images[:1])
+    prompts = ["What's in the image?", "Is there a bird?"]
+    both = tiny_joint.generate(emb, prompts, max_new_tokens=3)
+    assert [a.prompt for a in both] == [
+        "USER: <image>\nWhat's in the image? ASSISTANT:",
+        "USER: <image>\nIs there a bird? ASSISTANT:",
+    ]
+    bare = JointEmbedding(t=emb.t.clone(), image_sizes=emb.image_sizes)  # e.g. a perturbed t
+    again = tiny_joint.generate(bare, prompts[0], max_new_tokens=3)[0]
+    assert again.token_ids.tolist() == both[0].token_ids.tolist()
+    with pytest.raises(JointModelError, match="needs the images"):
+        tiny_joint.generate(bare, prompts[0], max_new_tokens=1, vision="llava")
