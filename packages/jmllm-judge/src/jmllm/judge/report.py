@@ -1,0 +1,438 @@
+"""Step 4: the Table 1 report — per-system scores with uncertainty, and paired comparisons.
+
+From a :class:`~jmllm.judge.runner.RunResults`:
+
+* per system (the supplementary's Table 1 layout, one column per system): mean score, standard
+  deviation (ddof=1), 95% percentile-bootstrap CI of the mean, and the counts of valid, invalid
+  (answered, but not a bare 1–10 integer) and failed (never answered) judgements. Only valid scores
+  enter the statistics;
+* for every pair of systems, on the images where both have a valid score: the mean paired
+  difference A − B with its bootstrap CI, and the Wilcoxon signed-rank p-value (two-sided,
+  ``scipy.stats.wilcoxon``, zero differences dropped);
+* token usage in and out per system, where the server reported it;
+* every invalid reply, raw, and every failure, with its error.
+
+Written as Markdown (all model text and names escaped), JSON, and a bar chart with CIs (PNG).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jmllm.judge.files import atomic_write_bytes, atomic_write_text
+from jmllm.judge.runner import JudgementRecord, RunResults
+
+__all__ = [
+    "JudgeReport",
+    "PairComparison",
+    "SystemSummary",
+    "bootstrap_ci",
+    "build_report",
+    "markdown_cell",
+    "render_chart",
+    "render_markdown",
+    "write_report",
+]
+
+REPORT_FORMAT = "jmllm-judge/report"
+
+
+@dataclass(frozen=True)
+class SystemSummary:
+    """One column of Table 1."""
+
+    system: str
+    n_images: int
+    valid: int
+    invalid: int
+    failed: int  # no reply after every retry
+    pending: int  # never sent (the run was interrupted)
+    mean: float | None
+    std: float | None
+    ci_low: float | None
+    ci_high: float | None
+    prompt_tokens: int | None  # None when the server reported no usage
+    completion_tokens: int | None
+    usage_reported: int  # judgements whose reply carried usage
+
+
+@dataclass(frozen=True)
+class PairComparison:
+    """System A against system B on the images where both have a valid score."""
+
+    a: str
+    b: str
+    n_pairs: int
+    mean_diff: float | None  # mean of (A − B)
+    ci_low: float | None
+    ci_high: float | None
+    wilcoxon_p: float | None
+    a_higher: int
+    b_higher: int
+    ties: int
+
+
+@dataclass
+class JudgeReport:
+    settings: dict[str, Any]
+    n_images: int
+    systems: list[SystemSummary]
+    pairs: list[PairComparison]
+    invalid: list[JudgementRecord]
+    failed: list[JudgementRecord]  # failed or pending
+    total_prompt_tokens: int | None  # over distinct requests (a shared judgement counts once)
+    total_completion_tokens: int | None
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        def record(r: JudgementRecord) -> dict[str, Any]:
+            return {**asdict(r), "score": r.score}
+
+        return _finite(
+            {
+                "format": REPORT_FORMAT,
+                "version": 1,
+                "settings": self.settings,
+                "n_images": self.n_images,
+                "bootstrap": self.bootstrap,
+                "systems": [asdict(s) for s in self.systems],
+                "pairs": [asdict(p) for p in self.pairs],
+                "tokens": {
+                    "prompt": self.total_prompt_tokens,
+                    "completion": self.total_completion_tokens,
+                },
+                "invalid": [record(r) for r in self.invalid],
+                "failed": [record(r) for r in self.failed],
+            }
+        )
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: replace non-finite floats with null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    *,
+    resamples: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile-bootstrap confidence interval of the mean; ``None`` for fewer than 2 values.
+
+    >>> bootstrap_ci([5, 5, 5])
+    (5.0, 5.0)
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // x.size)  # bound memory: (chunk, n) indices at a time
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = x[rng.integers(0, x.size, size=(stop - start, x.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def _wilcoxon_p(diffs: np.ndarray) -> float | None:
+    from scipy.stats import wilcoxon
+
+    if diffs.size == 0:
+        return None
+    if not np.any(diffs):
+        return 1.0  # identical scores on every image: no evidence of a difference
+    return float(wilcoxon(diffs, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def build_report(
+    results: RunResults, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0
+) -> JudgeReport:
+    """Compute the report of a run (deterministic for a given ``seed``)."""
+    by_system: dict[str, dict[str, JudgementRecord]] = {s: {} for s in results.systems}
+    for r in results.records:
+        by_system.setdefault(r.system, {})[r.image_id] = r
+
+    summaries = []
+    for system, records in by_system.items():
+        scores = np.array(
+            [r.score for r in records.values() if r.score is not None], dtype=np.float64
+        )
+        ci = bootstrap_ci(scores, resamples=resamples, level=level, seed=seed)
+        usage = [
+            r
+            for r in records.values()
+            if r.prompt_tokens is not None or r.completion_tokens is not None
+        ]
+        summaries.append(
+            SystemSummary(
+                system=system,
+                n_images=len(records),
+                valid=int(scores.size),
+                invalid=sum(r.invalid for r in records.values()),
+                failed=sum(r.status == "failed" for r in records.values()),
+                pending=sum(r.status == "pending" for r in records.values()),
+                mean=float(scores.mean()) if scores.size else None,
+                std=float(scores.std(ddof=1)) if scores.size > 1 else None,
+                ci_low=ci[0] if ci else None,
+                ci_high=ci[1] if ci else None,
+                prompt_tokens=sum(r.prompt_tokens or 0 for r in usage) if usage else None,
+                completion_tokens=sum(r.completion_tokens or 0 for r in usage) if usage else None,
+                usage_reported=len(usage),
+            )
+        )
+
+    pairs = []
+    for a, b in combinations(list(by_system), 2):
+        diffs = np.array(
+            [
+                score_a - score_b
+                for image_id, ra in by_system[a].items()
+                if (score_a := ra.score) is not None
+                and image_id in by_system[b]
+                and (score_b := by_system[b][image_id].score) is not None
+            ],
+            dtype=np.float64,
+        )
+        ci = bootstrap_ci(diffs, resamples=resamples, level=level, seed=seed)
+        pairs.append(
+            PairComparison(
+                a=a,
+                b=b,
+                n_pairs=int(diffs.size),
+                mean_diff=float(diffs.mean()) if diffs.size else None,
+                ci_low=ci[0] if ci else None,
+                ci_high=ci[1] if ci else None,
+                wilcoxon_p=_wilcoxon_p(diffs),
+                a_higher=int((diffs > 0).sum()),
+                b_higher=int((diffs < 0).sum()),
+                ties=int((diffs == 0).sum()),
+            )
+        )
+
+    distinct: dict[str, JudgementRecord] = {r.key: r for r in results.records}
+    with_usage = [
+        r
+        for r in distinct.values()
+        if r.prompt_tokens is not None or r.completion_tokens is not None
+    ]
+    return JudgeReport(
+        settings=results.settings,
+        n_images=results.n_images,
+        systems=summaries,
+        pairs=pairs,
+        invalid=[r for r in results.records if r.invalid],
+        failed=[r for r in results.records if r.status in ("failed", "pending")],
+        total_prompt_tokens=sum(r.prompt_tokens or 0 for r in with_usage) if with_usage else None,
+        total_completion_tokens=sum(r.completion_tokens or 0 for r in with_usage)
+        if with_usage
+        else None,
+        bootstrap={"method": "percentile", "resamples": resamples, "level": level, "seed": seed},
+    )
+
+
+# Markdown punctuation to backslash-escape. Not "<", ">", "&": those are HTML-escaped first, and
+# the entities that produces (&lt; &gt; &amp;) contain none of these characters.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+!|~$:-])")
+
+
+def markdown_cell(text: object, limit: int | None = 500) -> str:
+    """``text`` safe inside a Markdown table cell: HTML-escaped, Markdown punctuation
+    backslash-escaped, line breaks shown as ``⏎``, cut at ``limit`` characters."""
+    s = str(text)
+    if limit is not None and len(s) > limit:
+        s = s[:limit] + "…"
+    s = html.escape(s, quote=False)
+    s = _MARKDOWN_SPECIAL.sub(r"\\\1", s)
+    return s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    return "—" if low is None or high is None else f"[{low:.2f}, {high:.2f}]"
+
+
+def _tokens(value: int | None) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def render_markdown(report: JudgeReport) -> str:
+    """The report as Markdown."""
+    settings = report.settings
+    level = round(100 * float(report.bootstrap.get("level", 0.95)))
+    out = ["# Judge report", ""]
+    out.append(
+        f"Judge `{markdown_cell(settings.get('model'))}` at {markdown_cell(settings.get('base_url') or 'the default OpenAI URL')}, "
+        f"temperature {settings.get('temperature')}, {report.n_images} images; system and user prompts "
+        "verbatim from the supplementary §1.1. Invalid replies and failures are excluded from every "
+        "statistic and listed below."
+    )
+    out += ["", "## Table 1: average judge score (1–10)", ""]
+    names = [markdown_cell(s.system) for s in report.systems]
+    out.append("| Model: | " + " | ".join(names) + " |")
+    out.append("| --- |" + " --- |" * len(names))
+    out.append("| Avg. score: | " + " | ".join(_num(s.mean, 1) for s in report.systems) + " |")
+
+    out += ["", "## Per system", ""]
+    out.append(
+        f"| System | Mean | Std | {level}% CI | Valid | Invalid | Failed | Tokens in | Tokens out |"
+    )
+    out.append("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for s in report.systems:
+        failed = s.failed + s.pending
+        out.append(
+            f"| {markdown_cell(s.system)} | {_num(s.mean)} | {_num(s.std)} | {_ci(s.ci_low, s.ci_high)} | "
+            f"{s.valid} | {s.invalid} | {failed} | {_tokens(s.prompt_tokens)} | {_tokens(s.completion_tokens)} |"
+        )
+    if report.total_prompt_tokens is not None:
+        out += [
+            "",
+            f"Tokens over distinct requests: {_tokens(report.total_prompt_tokens)} in, "
+            f"{_tokens(report.total_completion_tokens)} out (as reported by the server).",
+        ]
+    else:
+        out += ["", "The server reported no token usage."]
+
+    if report.pairs:
+        out += ["", "## Pairwise comparisons (same images, both valid)", ""]
+        out.append(
+            f"| A | B | Images | Mean A − B | {level}% CI | Wilcoxon p | A higher | B higher | Ties |"
+        )
+        out.append("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+        for p in report.pairs:
+            out.append(
+                f"| {markdown_cell(p.a)} | {markdown_cell(p.b)} | {p.n_pairs} | {_num(p.mean_diff)} | "
+                f"{_ci(p.ci_low, p.ci_high)} | {_p(p.wilcoxon_p)} | {p.a_higher} | {p.b_higher} | {p.ties} |"
+            )
+
+    out += ["", f"## Invalid replies ({len(report.invalid)})", ""]
+    if report.invalid:
+        out.append("| System | Image | Raw reply | Caption |")
+        out.append("| --- | --- | --- | --- |")
+        for r in report.invalid:
+            out.append(
+                f"| {markdown_cell(r.system)} | {markdown_cell(r.image_id)} | {markdown_cell(repr(r.reply))} | "
+                f"{markdown_cell(r.caption, 200)} |"
+            )
+    else:
+        out.append("None.")
+    out += ["", f"## Failed or missing judgements ({len(report.failed)})", ""]
+    if report.failed:
+        out.append("| System | Image | Status | Attempts | Error |")
+        out.append("| --- | --- | --- | ---: | --- |")
+        for r in report.failed:
+            error = r.error if r.status == "failed" else "not sent yet: run `jmllm-judge run` again"
+            out.append(
+                f"| {markdown_cell(r.system)} | {markdown_cell(r.image_id)} | {r.status} | {r.attempts} | "
+                f"{markdown_cell(error)} |"
+            )
+    else:
+        out.append("None.")
+    out += [
+        "",
+        f"Means exclude invalid and failed judgements. CIs: {report.bootstrap.get('method')} bootstrap of "
+        f"the mean, {report.bootstrap.get('resamples')} resamples, seed {report.bootstrap.get('seed')}. "
+        "Wilcoxon: two-sided signed-rank test on the paired differences, zero differences dropped.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def render_chart(report: JudgeReport) -> bytes:
+    """Bar chart of the mean score per system with its CI, as PNG bytes (Agg, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    systems = report.systems
+    fig = Figure(figsize=(max(4.0, 1.3 * len(systems) + 1.5), 3.6), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = np.arange(len(systems))
+    means = np.array([s.mean if s.mean is not None else np.nan for s in systems])
+    low = np.array(
+        [s.mean - s.ci_low if s.mean is not None and s.ci_low is not None else 0.0 for s in systems]
+    )
+    high = np.array(
+        [
+            s.ci_high - s.mean if s.mean is not None and s.ci_high is not None else 0.0
+            for s in systems
+        ]
+    )
+    ax.bar(
+        xs,
+        np.nan_to_num(means),
+        yerr=np.vstack([low, high]),
+        capsize=5,
+        color="#4C72B0",
+        alpha=0.85,
+    )
+    for x, s in zip(xs, systems, strict=True):
+        label = "no valid score" if s.mean is None else f"{s.mean:.1f}"
+        ax.text(
+            x,
+            0.15,
+            label,
+            ha="center",
+            va="bottom",
+            color="white" if s.mean else "black",
+            fontsize=8,
+        )
+    # One line, at most 24 characters; "$" would switch matplotlib to mathtext.
+    labels = [" ".join(s.system.split()) for s in systems]
+    labels = [(name if len(name) <= 24 else name[:23] + "…").replace("$", r"\$") for name in labels]
+    tilt = len(systems) > 4 or max(len(label) for label in labels) > 12
+    ax.set_xticks(xs, labels, rotation=20 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_ylim(0, 10.5)
+    ax.set_ylabel("judge score (1–10)")
+    level = round(100 * float(report.bootstrap.get("level", 0.95)))
+    ax.set_title(
+        f"Mean judge score, {level}% bootstrap CI (n = {report.n_images} images)", fontsize=9
+    )
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_report(report: JudgeReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` and ``scores.png`` into ``out_dir`` (atomically)."""
+    out_dir = Path(out_dir)
+    return {
+        "markdown": atomic_write_text(out_dir / "report.md", render_markdown(report)),
+        "json": atomic_write_text(
+            out_dir / "report.json",
+            json.dumps(report.to_json(), ensure_ascii=False, indent=1) + "\n",
+        ),
+        "chart": atomic_write_bytes(out_dir / "scores.png", render_chart(report)),
+    }

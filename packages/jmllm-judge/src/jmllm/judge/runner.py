@@ -1,0 +1,311 @@
+"""Step 3: judge every (system, image) caption, resuming from the cache.
+
+:func:`run_judgements` plans one judgement per system and manifest image, looks every key up in the
+:class:`~jmllm.judge.cache.JudgeCache`, sends only those without an answer (failures are sent again),
+stores each reply or failure the moment it arrives, and returns :class:`RunResults` — which
+:func:`save_results` writes as the JSON file that ``jmllm-judge report`` reads.
+
+Two systems that gave the very same caption for an image share one judgement: the request is
+identical, so it is sent once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jmllm.judge.cache import CachedJudgement, JudgeCache
+from jmllm.judge.captions import SystemCaptions
+from jmllm.judge.client import (
+    JudgeClient,
+    JudgeReply,
+    JudgeSettings,
+    build_messages,
+    image_data_url,
+    judgement_key,
+    read_api_key,
+    request_record,
+    verified_image_bytes,
+)
+from jmllm.judge.errors import JudgeError
+from jmllm.judge.files import atomic_write_text
+from jmllm.judge.manifest import Manifest, ManifestImage
+from jmllm.judge.parsing import parse_score
+
+__all__ = [
+    "RESULTS_FORMAT",
+    "JudgementRecord",
+    "RunResults",
+    "judge_all",
+    "load_results",
+    "run_judgements",
+    "save_results",
+]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "jmllm-judge/results"
+RESULTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JudgementRecord:
+    """The judgement of one system's caption for one image."""
+
+    system: str
+    image_id: str
+    caption: str
+    key: str
+    status: str  # "answered", "failed" (no reply after every retry) or "pending" (never sent)
+    reply: str | None = None  # the judge's raw reply, when answered
+    error: str | None = None  # why it failed
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def score(self) -> int | None:
+        """The 1–10 score; ``None`` unless answered with a valid score."""
+        return parse_score(self.reply) if self.status == "answered" else None
+
+    @property
+    def invalid(self) -> bool:
+        """Answered, but not with a bare 1–10 integer."""
+        return self.status == "answered" and self.score is None
+
+
+@dataclass
+class RunResults:
+    """All judgements of a run, with the settings and systems that produced them."""
+
+    settings: dict[str, Any]  # JudgeSettings.public()
+    systems: list[str]
+    records: list[JudgementRecord]
+    n_images: int
+    sent: int = 0  # requests that needed sending in this run (cache misses)
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out = {"answered": 0, "failed": 0, "pending": 0, "invalid": 0}
+        for r in self.records:
+            out[r.status] += 1
+            out["invalid"] += r.invalid
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return all(r.status == "answered" for r in self.records)
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    image: ManifestImage
+    caption: str
+
+
+def _plan(
+    manifest: Manifest, systems: Sequence[SystemCaptions], settings: JudgeSettings
+) -> tuple[list[tuple[str, str, str, str]], dict[str, _Job]]:
+    """``(system, image_id, caption, key)`` rows and the unique jobs behind them."""
+    names = [s.system for s in systems]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise JudgeError(f"two caption files for the same system: {', '.join(duplicates)}")
+    rows: list[tuple[str, str, str, str]] = []
+    jobs: dict[str, _Job] = {}
+    for system in systems:
+        missing = system.missing(manifest)
+        if missing:
+            raise JudgeError(
+                f"system {system.system!r} has no caption for {len(missing)} manifest images "
+                f"(first: {', '.join(missing[:5])}); were its captions made for another manifest?"
+            )
+        for image in manifest.images:
+            caption = system.captions[image.image_id]
+            key = judgement_key(settings, image, caption)
+            rows.append((system.system, image.image_id, caption, key))
+            jobs.setdefault(key, _Job(key, image, caption))
+    return rows, jobs
+
+
+def _record(row: tuple[str, str, str, str], cached: CachedJudgement | None) -> JudgementRecord:
+    system, image_id, caption, key = row
+    if cached is None:
+        return JudgementRecord(system, image_id, caption, key, "pending")
+    return JudgementRecord(
+        system,
+        image_id,
+        caption,
+        key,
+        cached.status,
+        reply=cached.reply,
+        error=cached.error,
+        attempts=cached.attempts,
+        prompt_tokens=cached.prompt_tokens,
+        completion_tokens=cached.completion_tokens,
+    )
+
+
+async def judge_all(
+    manifest: Manifest,
+    systems: Sequence[SystemCaptions],
+    settings: JudgeSettings,
+    cache: JudgeCache,
+    *,
+    api_key: str,
+    show_progress: bool = False,
+    seed: int | None = None,
+) -> RunResults:
+    """Judge every caption of every system on every manifest image (async form of
+    :func:`run_judgements`). Cancelling it (Ctrl-C) keeps everything stored so far.
+
+    Args:
+        api_key: the key itself; it goes to the openai client and nowhere else.
+        show_progress: a progress bar on stderr (hidden when stderr is not a terminal).
+        seed: seeds the retry jitter (tests).
+    """
+    rows, jobs = _plan(manifest, systems, settings)
+    cached = cache.get_many(jobs)
+    todo = [job for key, job in jobs.items() if key not in cached or not cached[key].answered]
+    log.info(
+        "%d judgements (%d distinct requests): %d answered in the cache, %d to send",
+        len(rows), len(jobs), len(jobs) - len(todo), len(todo),
+    )  # fmt: skip
+    if todo:
+        # Fail before sending anything if an image is missing or changed since sampling.
+        for image in {job.image.image_id: job.image for job in todo}.values():
+            if image.path is not None:
+                verified_image_bytes(image)
+        from tqdm import tqdm
+
+        client = JudgeClient(settings, api_key=api_key, seed=seed)
+        bar = tqdm(
+            total=len(todo), desc="judging", unit="req", disable=None if show_progress else True
+        )
+        try:
+            await _send(client, cache, todo, settings, bar.update)
+        finally:
+            bar.close()
+            await client.aclose()
+    final = cache.get_many(jobs)
+    return RunResults(
+        settings=settings.public(),
+        systems=[s.system for s in systems],
+        records=[_record(row, final.get(row[3])) for row in rows],
+        n_images=len(manifest),
+        sent=len(todo),
+        origin={"manifest_seed": manifest.seed, "systems": {s.system: s.origin for s in systems}},
+    )
+
+
+async def _send(
+    client: JudgeClient,
+    cache: JudgeCache,
+    todo: Sequence[_Job],
+    settings: JudgeSettings,
+    progress: Callable[[int], object],
+) -> None:
+    async def one(job: _Job) -> None:
+        outcome = await client.judge(
+            # Built when a slot is free, so only the requests in flight hold an encoded image.
+            lambda: build_messages(settings, image_data_url(job.image), job.caption),
+            label=f"image {job.image.image_id}",
+        )
+        record = request_record(settings, job.image, job.caption)
+        if isinstance(outcome, JudgeReply):
+            cache.put_answer(
+                job.key,
+                model=settings.model,
+                request=record,
+                reply=outcome.reply,
+                attempts=outcome.attempts,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                response_id=outcome.response_id,
+            )
+        else:
+            cache.put_failure(
+                job.key,
+                model=settings.model,
+                request=record,
+                error=outcome.error,
+                attempts=outcome.attempts,
+            )
+        progress(1)
+
+    tasks = [asyncio.ensure_future(one(job)) for job in todo]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        # On a fatal error or cancellation, stop the others; what was stored stays stored.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_judgements(
+    manifest: Manifest,
+    systems: Sequence[SystemCaptions],
+    settings: JudgeSettings,
+    cache: JudgeCache,
+    *,
+    environ: Mapping[str, str] | None = None,
+    show_progress: bool = False,
+) -> RunResults:
+    """Judge every caption, sending only what the cache lacks. The API key is read from the
+    environment variable ``settings.api_key_env``.
+
+    >>> results = run_judgements(manifest, [gt, llava], JudgeSettings(model="gpt-4o"), cache)  # doctest: +SKIP
+    """
+    api_key = read_api_key(settings.api_key_env, os.environ if environ is None else environ)
+    return asyncio.run(
+        judge_all(manifest, systems, settings, cache, api_key=api_key, show_progress=show_progress)
+    )
+
+
+def save_results(path: str | os.PathLike[str], results: RunResults) -> Path:
+    """Write the results JSON (atomically)."""
+    payload = {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "settings": results.settings,
+        "systems": results.systems,
+        "n_images": results.n_images,
+        "origin": results.origin,
+        "counts": results.counts(),
+        "records": [{**asdict(r), "score": r.score, "invalid": r.invalid} for r in results.records],
+    }
+    return atomic_write_text(path, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
+
+
+def load_results(path: str | os.PathLike[str]) -> RunResults:
+    """Read a results JSON written by :func:`save_results` (``jmllm-judge run --out``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise JudgeError(f"cannot read results {path}: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise JudgeError(f"results {path} are not valid JSON ({e.msg})") from e
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise JudgeError(
+            f"{path} is not a jmllm-judge results file (write one with `jmllm-judge run`)"
+        )
+    fields = set(JudgementRecord.__dataclass_fields__)
+    records = [
+        JudgementRecord(**{k: v for k, v in r.items() if k in fields}) for r in data["records"]
+    ]
+    return RunResults(
+        settings=data["settings"],
+        systems=list(data["systems"]),
+        records=records,
+        n_images=int(data["n_images"]),
+        origin=data.get("origin", {}),
+    )

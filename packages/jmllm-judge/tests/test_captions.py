@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jmllm.judge.captions import (
+    captions_from_ground_truth,
+    captions_from_joint,
+    captions_from_jsonl,
+    load_captions,
+    save_captions,
+)
+from jmllm.judge.errors import JudgeError
+from jmllm.judge.manifest import Manifest
+from jmllm.judge.prompts import CAPTION_PROMPT
+
+TRICKY = 'A "quoted" <b>bold</b> caption | with a pipe,\nsecond line & {braces} <caption>'
+
+
+def test_ground_truth_is_a_system(manifest: Manifest, tmp_path: Path) -> None:
+    gt = captions_from_ground_truth(manifest)
+    assert gt.system == "COCO GT"
+    assert gt.captions == {im.image_id: im.ground_truth for im in manifest.images}
+    path = save_captions(tmp_path / "gt.jsonl", gt, manifest)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["image_id"] for line in lines] == [im.image_id for im in manifest.images]
+    assert all(line["prompt"] == CAPTION_PROMPT for line in lines)
+
+
+def test_jsonl_from_any_system_by_id_or_file_name(manifest: Manifest, tmp_path: Path) -> None:
+    source = tmp_path / "theirs.jsonl"
+    rows = []
+    for i, image in enumerate(manifest.images):
+        caption = TRICKY if i == 0 else f"caption {i}"
+        if i % 2:
+            rows.append({"image_id": int(image.image_id), "answer": caption})
+        else:
+            assert image.path is not None
+            rows.append({"image": f"/elsewhere/{image.path.name}", "answer": caption})
+    rows.append({"image_id": "999999", "answer": "not in the manifest"})
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    captions = captions_from_jsonl(manifest, source, "Theirs", caption_field="answer")
+    assert captions.captions[manifest.images[0].image_id] == TRICKY.strip()
+    assert len(captions.captions) == len(manifest)
+
+    path = save_captions(tmp_path / "theirs-captions.jsonl", captions, manifest)
+    loaded = load_captions(path)
+    assert loaded.system == "Theirs" and loaded.captions == captions.captions
+
+
+def test_jsonl_problems_are_named(manifest: Manifest, tmp_path: Path) -> None:
+    source = tmp_path / "partial.jsonl"
+    source.write_text(json.dumps({"image_id": manifest.images[0].image_id, "caption": "x"}) + "\n")
+    with pytest.raises(
+        JudgeError, match=f"no caption for {len(manifest) - 1} of the {len(manifest)}"
+    ):
+        captions_from_jsonl(manifest, source, "S")
+    source.write_text("{broken\n")
+    with pytest.raises(JudgeError, match=r"partial.jsonl:1: not valid JSON"):
+        captions_from_jsonl(manifest, source, "S")
+    image_id = manifest.images[0].image_id
+    source.write_text(
+        json.dumps({"image_id": image_id, "caption": "a"})
+        + "\n"
+        + json.dumps({"image_id": image_id, "caption": "b"})
+    )
+    with pytest.raises(JudgeError, match="has two captions"):
+        captions_from_jsonl(manifest, source, "S")
+
+
+def test_joint_extra_missing_gives_a_clear_error(
+    manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "jmllm.joint", None)  # as if jmllm-joint were not installed
+    with pytest.raises(JudgeError, match=r"pip install 'jmllm-judge\[joint\]'"):
+        captions_from_joint(manifest, "J", alignment="w.safetensors")
+
+
+def test_joint_adapter_loads_once_and_batches(
+    manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call shape, without torch: a stand-in JointModel records what it is asked."""
+    calls: list[dict[str, Any]] = []
+
+    class StandInError(ValueError):
+        pass
+
+    class StandInModel:
+        @classmethod
+        def from_pretrained(cls, **kwargs: Any) -> StandInModel:
+            calls.append({"from_pretrained": kwargs})
+            return cls()
+
+        def generate(self, images: list[str], prompts: list[str], **kwargs: Any) -> list[Any]:
+            calls.append({"images": images, "prompts": prompts, **kwargs})
+            if kwargs["max_new_tokens"] == 0:
+                raise StandInError("max_new_tokens: must be a positive integer")
+            return [
+                types.SimpleNamespace(text=f"  answer {len(calls)}-{i} ")
+                for i in range(len(images))
+            ]
+
+    joint = types.SimpleNamespace(
+        JointModel=StandInModel, JointModelError=StandInError, PromptError=StandInError
+    )
+    monkeypatch.setitem(sys.modules, "jmllm.joint", joint)
+    j = captions_from_joint(
+        manifest, "J", owl="owl-dir", llava="llava-dir", alignment="w.safetensors", batch_size=3
+    )
+    assert calls[0] == {
+        "from_pretrained": {"owl": "owl-dir", "llava": "llava-dir", "alignment": "w.safetensors"}
+    }
+    assert [len(c["images"]) for c in calls[1:]] == [3, 3, 2]  # 8 images, one model load
+    assert calls[1]["images"] == [str(im.path) for im in manifest.images[:3]]
+    assert all(c["prompts"] == [CAPTION_PROMPT] * len(c["images"]) for c in calls[1:])
+    assert all(c["vision"] == "joint" for c in calls[1:])
+    assert j.captions[manifest.images[0].image_id] == "answer 2-0"
+
+    calls.clear()
+    captions_from_joint(manifest, "LLaVA", alignment="w", vision="llava", max_new_tokens=7)
+    assert calls[0] == {"from_pretrained": {"alignment": "w"}}  # jmllm-joint's default models
+    assert calls[1]["vision"] == "llava" and calls[1]["max_new_tokens"] == 7
+    with pytest.raises(JudgeError, match="jmllm-joint: max_new_tokens"):
+        captions_from_joint(manifest, "J", alignment="w", max_new_tokens=0)
+
+
+@pytest.mark.slow
+def test_captions_from_a_real_tiny_joint_model(manifest: Manifest, tmp_path: Path) -> None:
+    """J and stock LLaVA through jmllm-joint itself, on its tiny offline checkpoints."""
+    pytest.importorskip("jmllm.joint")
+    from jmllm.joint.testing import build_tiny_joint
+
+    tiny = build_tiny_joint(tmp_path / "tiny")
+    small = Manifest(manifest.images[:3], seed=0)
+    sources = {"owl": str(tiny.owl), "llava": str(tiny.llava), "alignment": str(tiny.alignment)}
+    from jmllm.joint import JointModel
+
+    loaded = JointModel.from_pretrained(
+        **sources
+    )  # the call the CLI's --owl/--llava/--alignment make
+    j = captions_from_joint(small, "J", max_new_tokens=6, batch_size=2, model=loaded)
+    llava = captions_from_joint(small, "LLaVA", vision="llava", max_new_tokens=6, model=loaded)
+    for system in (j, llava):
+        assert set(system.captions) == {im.image_id for im in small.images}
+        assert all(isinstance(c, str) for c in system.captions.values())
+    path = save_captions(tmp_path / "j.jsonl", j, small)
+    assert load_captions(path).captions == j.captions
+
+
+def test_joint_needs_local_images(coco_file: Path) -> None:
+    from jmllm.judge.manifest import sample_coco
+
+    remote = sample_coco(coco_file, 2)
+    with pytest.raises(JudgeError, match="need local images"):
+        captions_from_joint(remote, "J")

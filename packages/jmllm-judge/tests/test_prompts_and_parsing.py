@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from jmllm.judge.parsing import parse_score
+from jmllm.judge.prompts import (
+    CAPTION_PROMPT,
+    JUDGE_SYSTEM_PROMPT,
+    JUDGE_USER_PROMPT_TEMPLATE,
+    judge_user_prompt,
+)
+
+
+def test_prompts_are_the_papers_verbatim() -> None:
+    assert CAPTION_PROMPT == "What's the content of the image?"
+    assert JUDGE_SYSTEM_PROMPT == (
+        "Please act as an impartial judge and evaluate the quality of the caption provided by an AI "
+        "assistant for the provided image. Your evaluation should consider factors such as the "
+        "helpfulness, relevance, accuracy, depth, and level of detail of the caption. Be as objective "
+        "as possible."
+    )
+    assert judge_user_prompt("A dog.") == (
+        "From 1 to 10, score this caption for the image: A dog.. Only answer with a number from 1 to 10."
+    )
+
+
+def _supplementary() -> Path | None:
+    """The paper's supplementary in the steering folder beside the checkout, when there is one."""
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "paper" / "supplementary.md"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(
+    _supplementary() is None, reason="the paper's supplementary is not beside this checkout"
+)
+def test_prompts_match_the_supplementary_text() -> None:
+    text = _supplementary().read_text(encoding="utf-8")  # type: ignore[union-attr]
+    # Each prompt stands on its own line as ROLE: "prompt"; the quotes are the document's.
+    prompts = re.findall(r'^(USER|SYSTEM): "(.*)"\s*$', text, flags=re.MULTILINE)
+    assert prompts == [
+        ("USER", CAPTION_PROMPT),
+        ("SYSTEM", JUDGE_SYSTEM_PROMPT),
+        ("USER", JUDGE_USER_PROMPT_TEMPLATE),
+    ]
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "He said \"hi\" and 'bye'",
+        "line one\nline two\r\nline three",
+        "<b>bold</b> <script>alert(1)</script> &amp; | pipe",
+        "{caption} {0} %s <caption> \\n",
+        "",
+        "emoji 🐶 and ünïcödé",
+    ],
+)
+def test_caption_is_inserted_literally(caption: str) -> None:
+    head, tail = JUDGE_USER_PROMPT_TEMPLATE.split("<caption>")
+    assert judge_user_prompt(caption) == head + caption + tail
+
+
+def test_template_must_have_one_placeholder() -> None:
+    with pytest.raises(ValueError):
+        judge_user_prompt("x", "no placeholder")
+    with pytest.raises(ValueError):
+        judge_user_prompt("x", "<caption> twice <caption>")
+
+
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [
+        ("1", 1),
+        ("7", 7),
+        ("10", 10),
+        (" 8 ", 8),
+        ("9\n", 9),
+        ("7.", 7),
+        ("\t10.\n", 10),
+    ],
+)
+def test_valid_scores(reply: str, score: int) -> None:
+    assert parse_score(reply) == score
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        None, "", " ", "0", "11", "-3", "+7", "07", "7.5", "8.0", "7/10", "Score: 7", "7 out of 10",
+        "seven", "7 7", "7..", "**7**", "١٠", "７", "10/10", "I would rate it 8.", "8\nBecause",
+    ],
+)  # fmt: skip
+def test_invalid_replies(reply: str | None) -> None:
+    assert parse_score(reply) is None
