@@ -123,3 +123,12 @@ def test_help_lists_the_commands(capsys):
     out = capsys.readouterr().out
     for command in ("train", "eval", "info", "import-pth", "demo"):
         assert command in out
+
+
+def test_unreachable_model_is_named(image_folder, tmp_path, capsys):
+    code, _, err = _run(
+        capsys, "train", str(image_folder), "--out", str(tmp_path / "r"), "--eval-images", "8",
+        "--source-model", str(tmp_path / "no-owl"), "--target-model", str(tmp_path / "no-llava"),
+    )  # fmt: skip
+    assert code != 0
+    _one_line_error(err, "no-owl", "cannot load OWL-ViT")

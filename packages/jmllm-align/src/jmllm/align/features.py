@@ -11,7 +11,9 @@ regions), normalised with its own mean/std. Resizing runs on tensors, batched pe
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,36 +216,21 @@ class FeatureExtractor:
         tensors are skipped, about 13 GB for LLaVA-1.5-7b in bf16) and the embeddings and LM head
         are dropped after loading.
         """
-        from transformers import (
-            AutoConfig,
-            LlavaForConditionalGeneration,
-            OwlViTForObjectDetection,
-        )
-        from transformers.utils import logging as hf_logging
+        from transformers import OwlViTForObjectDetection
 
-        owl_model = OwlViTForObjectDetection.from_pretrained(owl, dtype=dtype).to(device)
-        if load_language_model:
-            llava_model = LlavaForConditionalGeneration.from_pretrained(llava, dtype=dtype)
-        else:
-            config = AutoConfig.from_pretrained(llava)
-            config.text_config.num_hidden_layers = 0
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the skipped layers are "unexpected keys" by design
-            try:
-                llava_model = LlavaForConditionalGeneration.from_pretrained(
-                    llava, config=config, dtype=dtype
-                )
-            finally:
-                hf_logging.set_verbosity(verbosity)
-            llava_model.model.language_model = torch.nn.Identity()
-            llava_model.lm_head = torch.nn.Identity()
+        with _naming_errors(owl, "OWL-ViT"):
+            owl_model = OwlViTForObjectDetection.from_pretrained(owl, dtype=dtype).to(device)
+        with _naming_errors(llava, "LLaVA"):
+            llava_model = _load_llava(llava, dtype, load_language_model)
         llava_model.to(device)
-        owl_norm = ImageNormalization.from_pretrained(
-            owl, owl_model.config.vision_config.image_size
-        )
-        llava_norm = ImageNormalization.from_pretrained(
-            llava, llava_model.config.vision_config.image_size
-        )
+        with _naming_errors(owl, "OWL-ViT image processor"):
+            owl_norm = ImageNormalization.from_pretrained(
+                owl, owl_model.config.vision_config.image_size
+            )
+        with _naming_errors(llava, "LLaVA image processor"):
+            llava_norm = ImageNormalization.from_pretrained(
+                llava, llava_model.config.vision_config.image_size
+            )
         return cls(owl_model, llava_model, owl_norm, llava_norm)
 
     @property
@@ -262,3 +249,33 @@ class FeatureExtractor:
 
     def __call__(self, images: list[torch.Tensor]) -> FeaturePair:
         return FeaturePair(source=self.source(images), target=self.target(images))
+
+
+@contextlib.contextmanager
+def _naming_errors(source: Any, what: str) -> Iterator[None]:
+    """Turn a loading failure deep inside transformers into one line naming the checkpoint."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"{source}: cannot load {what} ({first})") from None
+
+
+def _load_llava(llava: Any, dtype: torch.dtype, load_language_model: bool) -> Any:
+    """LLaVA, by default without its language model (built with 0 decoder layers, then dropped)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    if load_language_model:
+        return LlavaForConditionalGeneration.from_pretrained(llava, dtype=dtype)
+    config = AutoConfig.from_pretrained(llava)
+    config.text_config.num_hidden_layers = 0
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the skipped layers are "unexpected keys" by design
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(llava, config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.model.language_model = torch.nn.Identity()
+    model.lm_head = torch.nn.Identity()
+    return model

@@ -826,7 +826,7 @@ def _train(
         if len(train_ids) < config.batch_size:
             raise ValueError(
                 f"{len(train_ids)} training images (after holding out {len(held_ids)}) are fewer "
-                f"than one batch of {config.batch_size}"
+                f"than one batch of {config.batch_size} (lower eval_images or batch_size)"
             )
         held_out_items = held_ids[info.rank :: info.world]
     steps_per_epoch = len(train_ids) // config.batch_size if source is not None else None
