@@ -769,7 +769,9 @@ class GradientAlignment:
         t_var = t.detach().clone().requires_grad_(True)
         grads = []
         with torch.enable_grad():
-            logits = model.language_logits(t_var, ids)  # (1, L, V)
+            # W may run in another dtype (e.g. bf16 on GPU): the cast is part of the graph
+            w_dtype = next(model.alignment.parameters()).dtype
+            logits = model.language_logits(t_var.to(w_dtype), ids)  # (1, L, V)
             for g, group in enumerate(positions):
                 # the logit of answer token i is predicted at sequence position P + i − 1
                 rows = torch.tensor([P + i - 1 for i in group], device=logits.device)

@@ -1,0 +1,190 @@
+"""``jmllm-joint explain | hallucinations | wsol``: GA saliency from the command line.
+
+Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
+
+    jmllm-joint explain IMAGE --prompt P [--token WORD | --position N | --all] [-q QUERY…] --out DIR
+    jmllm-joint hallucinations IMAGE --prompt P --out DIR [-q EXTRA…]
+    jmllm-joint wsol DATA_DIR [--limit N] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("jmllm.joint.cli")
+
+
+def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
+    """Add the GA subcommands to ``jmllm-joint``'s parser."""
+    explain = subparsers.add_parser(
+        "explain",
+        parents=[common_args],
+        help="GA saliency maps of answer tokens (report.html, PNGs, arrays)",
+    )
+    explain.add_argument("image", help="image file")
+    explain.add_argument("-p", "--prompt", required=True, help="the question")
+    target = explain.add_mutually_exclusive_group()
+    target.add_argument("--token", help="a word of the answer (several tokens: logits summed)")
+    target.add_argument("--position", type=int, help="a token position in the answer (0-based)")
+    target.add_argument("--all", action="store_true", help="every word of the answer (the default)")
+    explain.add_argument(
+        "-q", "--query", action="append", dest="queries", help="OWL-ViT query (repeatable)"
+    )
+    explain.add_argument("--answer", help="explain this answer instead of generating one")
+    explain.add_argument("--out", required=True, help="output folder")
+    _shared(explain)
+    explain.set_defaults(func=cmd_explain)
+
+    hall = subparsers.add_parser(
+        "hallucinations",
+        parents=[common_args],
+        help="objects the answer mentions vs what OWL-ViT detects in the same embedding",
+    )
+    hall.add_argument("image", help="image file")
+    hall.add_argument("-p", "--prompt", required=True, help="the question")
+    hall.add_argument(
+        "-q",
+        "--query",
+        action="append",
+        dest="queries",
+        help="extra object to query although not mentioned (repeatable)",
+    )
+    hall.add_argument(
+        "--objects", help="comma-separated object vocabulary (default: the 80 COCO names)"
+    )
+    hall.add_argument("--threshold", type=float, default=0.1, help="detection score (0.1)")
+    hall.add_argument("--answer", help="check this answer instead of generating one")
+    hall.add_argument("--out", required=True, help="output folder")
+    _shared(hall, weighting=False)
+    hall.set_defaults(func=cmd_hallucinations)
+
+    wsol = subparsers.add_parser(
+        "wsol",
+        parents=[common_args],
+        help="MaxBoxAccV2 of GA maps (and the plain-gradient baseline) on a CUB-style folder",
+    )
+    wsol.add_argument("data_dir", help="folder with images/ and boxes.csv (image_id,x0,y0,x1,y1)")
+    wsol.add_argument("--limit", type=int, help="score only the first N images")
+    wsol.add_argument(
+        "--weighting", choices=("class", "coord", "any"), default="class", help="GA map"
+    )
+    wsol.add_argument("--json-out", help="write the full report (curves included) here")
+    wsol.set_defaults(func=cmd_wsol)
+
+
+def _shared(parser: argparse.ArgumentParser, weighting: bool = True) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    if weighting:
+        parser.add_argument(
+            "--weighting",
+            choices=("class", "coord", "any", "gradient"),
+            default="class",
+            help="map shown in the report (gradient: the plain-gradient baseline)",
+        )
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    from jmllm.joint.cli import CliError
+
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model
+    from jmllm.joint.explain_report import write_explanation_report
+    from jmllm.joint.saliency import GradientAlignment
+
+    _check_common(args)
+    image = _image_arg(args.image)
+    queries = args.queries or ([args.token] if args.token else None)
+    if not queries:
+        raise CliError("-q/--query: give at least one OWL-ViT query (or use --token WORD)")
+    if any(not q.strip() for q in queries):
+        raise CliError("-q/--query: empty query")
+    if args.answer is not None and not args.answer.strip():
+        raise CliError("--answer: empty answer; there is no token to explain")
+    out = _out_dir(args.out)
+    model = load_model(args)
+    ga = GradientAlignment(model, progress=args.verbose)
+    emb = model.embed([image])
+    answer = args.answer
+    if args.token is not None or args.position is not None:
+        target = args.token if args.token is not None else args.position
+        result = ga.attribute(
+            emb, args.prompt, target, queries, answer=answer, max_new_tokens=args.max_new_tokens
+        )
+        results, text = [result], result.answer_text
+    else:
+        exp = ga.explain_answer(
+            emb, args.prompt, queries, answer=answer, max_new_tokens=args.max_new_tokens
+        )
+        results, text = exp.word_results, exp.answer_text
+        if not results:
+            raise CliError(f"answer {text!r}: has no words to explain")
+    report = write_explanation_report(
+        out, emb.pil_image(0), args.prompt, text, results, weighting=args.weighting
+    )
+    print(f"ASSISTANT: {text}")
+    print(f"Report: {report}")
+    return 0
+
+
+def cmd_hallucinations(args: argparse.Namespace) -> int:
+    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model
+    from jmllm.joint.hallucination import check_hallucinations, write_hallucination_report
+
+    _check_common(args)
+    image = _image_arg(args.image)
+    if not 0.0 < args.threshold < 1.0:
+        raise CliError(f"--threshold: must be in (0, 1), got {args.threshold}")
+    objects = None
+    if args.objects is not None:
+        objects = [o.strip() for o in args.objects.split(",") if o.strip()]
+        if not objects:
+            raise CliError("--objects: empty list")
+    out = _out_dir(args.out)
+    model = load_model(args)
+    report = check_hallucinations(
+        model,
+        model.embed([image]),
+        args.prompt,
+        answer=args.answer,
+        objects=objects,
+        extra_queries=args.queries or (),
+        threshold=args.threshold,
+        max_new_tokens=args.max_new_tokens,
+    )
+    path = write_hallucination_report(report, out)
+    print(f"ASSISTANT: {report.answer_text}")
+    print(f"Mentioned but not detected: {', '.join(report.mentioned_not_detected) or 'none'}")
+    print(f"Detected but not mentioned: {', '.join(report.detected_not_mentioned) or 'none'}")
+    print(f"Report: {path}")
+    return 0
+
+
+def cmd_wsol(args: argparse.Namespace) -> int:
+    from jmllm.joint.cli import CliError, load_model
+    from jmllm.joint.wsol import read_wsol_folder, run_wsol
+
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit: must be at least 1, got {args.limit}")
+    read_wsol_folder(args.data_dir)  # fail on a malformed folder before loading the models
+    model = load_model(args)
+    report = run_wsol(model, args.data_dir, weighting=args.weighting, limit=args.limit)
+    if args.json_out:
+        report.save(Path(args.json_out))
+    summary = {
+        "max_box_acc_v2": report.to_json()["max_box_acc_v2"],
+        "per_iou": {
+            m: {str(d): v for d, v in r.per_iou.items()} for m, r in report.results.items()
+        },
+        "num_images": report.num_images,
+        "skipped": len(report.skipped),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0

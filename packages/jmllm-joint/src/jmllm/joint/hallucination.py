@@ -1,0 +1,344 @@
+"""Hallucination view: does O^OWL see, in the same embedding ``t``, what the answer mentions?
+(DESIGN §1.4; the supplementary material's Figures 1–4 are the kind of output.)
+
+For one answer of J:
+
+1. the **object words** it mentions are picked — from a user list when given, otherwise by a
+   simple rule: words (or two-word phrases) that are COCO category names, singular or with a
+   plural ``s``/``es`` (:data:`COCO_OBJECTS`);
+2. every mentioned object, plus any extra query the user lists, is queried in O^OWL on the same
+   ``t``; its detection score is the best sigmoid class score over the patches;
+3. each mentioned object gets its GA map (class channel of its own query; one norm computation for
+   the whole query set);
+4. the report lists *mentioned but not detected* (score < threshold: questionable words) and
+   *detected but not mentioned* (extra queries above the threshold).
+
+The HTML shows the conversation with the questionable words highlighted in red (detected ones in
+green) and the detections beside it; clicking a word shows its GA map and its best box.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from jmllm.joint.explain_report import (
+    _atomic_bytes,
+    box_view_png,
+    data_url,
+    heatmap_overlay_png,
+    highlighted_answer,
+    page,
+)
+from jmllm.joint.saliency import GAResult, GradientAlignment
+
+COCO_OBJECTS: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MentionedObject:
+    """An object phrase of the answer: its canonical name and character span."""
+
+    name: str
+    text: str
+    start: int
+    end: int
+
+
+def _plural_forms(name: str) -> list[str]:
+    last = name.split()[-1]
+    forms = [name, name[: -len(last)] + last + "s"]
+    if last.endswith(("s", "x", "ch", "sh")):
+        forms.append(name[: -len(last)] + last + "es")
+    if last.endswith("y"):
+        forms.append(name[: -len(last)] + last[:-1] + "ies")
+    if last == "person":
+        forms.append(name[: -len(last)] + "people")
+    return forms
+
+
+def object_mentions(text: str, vocabulary: Sequence[str] | None = None) -> list[MentionedObject]:
+    """Object phrases of ``text`` from ``vocabulary`` (default :data:`COCO_OBJECTS`).
+
+    Matching is case-insensitive on whole words, singular or plural (``s``, ``es``, ``y``→``ies``,
+    person→people); longer names win (``teddy bear`` before ``bear``).
+
+    Example:
+        >>> [m.name for m in object_mentions("Two dogs sit near a teddy bear.")]
+        ['dog', 'teddy bear']
+    """
+    names = [v.strip().lower() for v in (vocabulary or COCO_OBJECTS) if v and v.strip()]
+    patterns = []
+    for name in sorted(set(names), key=len, reverse=True):
+        for form in _plural_forms(name):
+            patterns.append((re.compile(rf"(?<![\w-]){re.escape(form)}(?![\w-])", re.I), name))
+    taken: list[tuple[int, int]] = []
+    found = []
+    for pattern, name in patterns:
+        for m in pattern.finditer(text):
+            if any(m.start() < e and m.end() > s for s, e in taken):
+                continue
+            taken.append((m.start(), m.end()))
+            found.append(MentionedObject(name, m.group(), m.start(), m.end()))
+    return sorted(found, key=lambda o: o.start)
+
+
+@dataclass
+class ObjectCheck:
+    """One queried object: mentioned or not, its detection score and best box, its GA map."""
+
+    name: str
+    mentioned: bool
+    score: float
+    box: list[float]  # best patch's box, x0, y0, x1, y1 pixels of the original image
+    detected: bool
+    ga: GAResult | None = None  # the GA of the first mention (mentioned objects only)
+
+
+@dataclass
+class HallucinationReport:
+    """The hallucination view of one answer.
+
+    Attributes:
+        prompt, answer_text: the exchange.
+        mentions: every object phrase found in the answer.
+        objects: name → :class:`ObjectCheck` for mentioned objects and extra queries.
+        threshold: detection score threshold.
+        image: the RGB image (None if explained from ``t``); image_size: (width, height).
+    """
+
+    prompt: str
+    answer_text: str
+    mentions: list[MentionedObject]
+    objects: dict[str, ObjectCheck]
+    threshold: float
+    image: Any
+    image_size: tuple[int, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mentioned_not_detected(self) -> list[str]:
+        return [o.name for o in self.objects.values() if o.mentioned and not o.detected]
+
+    @property
+    def detected_not_mentioned(self) -> list[str]:
+        return [o.name for o in self.objects.values() if o.detected and not o.mentioned]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "answer": self.answer_text,
+            "threshold": self.threshold,
+            "mentioned_not_detected": self.mentioned_not_detected,
+            "detected_not_mentioned": self.detected_not_mentioned,
+            "objects": [
+                {
+                    "name": o.name,
+                    "mentioned": o.mentioned,
+                    "detected": o.detected,
+                    "score": round(o.score, 6),
+                    "box": [round(v, 2) for v in o.box],
+                }
+                for o in self.objects.values()
+            ],
+            "mentions": [m.__dict__ for m in self.mentions],
+        }
+
+
+def check_hallucinations(
+    model: Any,
+    image_or_t: Any,
+    prompt: str,
+    answer: Any = None,
+    objects: Sequence[str] | None = None,
+    extra_queries: Sequence[str] = (),
+    threshold: float = 0.1,
+    max_new_tokens: int = 64,
+) -> HallucinationReport:
+    """Build the hallucination view of J's answer to ``prompt``.
+
+    Args:
+        model: a ``JointModel``.
+        image_or_t: image, ``JointEmbedding`` or ``t`` (as :meth:`GradientAlignment.attribute`).
+        prompt: the question.
+        answer: the answer (text or ``JointAnswer``); None generates one greedily.
+        objects: the object vocabulary mentions are looked up in (default: COCO's 80 names).
+        extra_queries: objects to query although not mentioned (detected-but-not-mentioned).
+        threshold: detection score threshold.
+        max_new_tokens: generation limit when ``answer`` is None.
+
+    Returns:
+        :class:`HallucinationReport`.
+
+    Example:
+        >>> rep = check_hallucinations(model, "bus.jpg", "What's on the back of the bus?",
+        ...                            extra_queries=["advertisement"])  # doctest: +SKIP
+        >>> rep.mentioned_not_detected  # doctest: +SKIP
+        ['heart']
+    """
+    from jmllm.joint.saliency import answer_tokens
+
+    ga = GradientAlignment(model)
+    t, size, emb = ga.embedding(image_or_t)
+    prompt_ids, answer_ids = ga.answer(emb, t, prompt, answer, max_new_tokens)
+    text, _ = answer_tokens(model.tokenizer, answer_ids)
+    mentions = object_mentions(text, objects)
+    mentioned = list(dict.fromkeys(m.name for m in mentions))
+    extras = [q.strip() for q in extra_queries if q.strip() and q.strip() not in mentioned]
+    queries = mentioned + list(dict.fromkeys(extras))
+    checks: dict[str, ObjectCheck] = {}
+    if queries:
+        prepared = ga.prepare(t, size, queries, _template())
+        scores = prepared.class_scores  # (N, Q)
+        forced = _Forced(prompt_ids, answer_ids)
+        for q, name in enumerate(queries):
+            best = int(scores[:, q].argmax())
+            score = float(scores[best, q])
+            checks[name] = ObjectCheck(
+                name=name,
+                mentioned=name in mentioned,
+                score=score,
+                box=[float(v) for v in prepared.boxes_xyxy[best]],
+                detected=score >= threshold,
+            )
+        for m in mentions:
+            check = checks[m.name]
+            if check.ga is None:
+                word = _first_word(m.text)
+                check.ga = ga.attribute(
+                    emb if emb is not None else t, prompt, word, queries, answer=forced
+                )
+                check.ga.meta["query_index"] = queries.index(m.name)
+    return HallucinationReport(
+        prompt=prompt,
+        answer_text=text,
+        mentions=mentions,
+        objects=checks,
+        threshold=threshold,
+        image=emb.pil_image(0) if emb is not None and emb.images else None,
+        image_size=size,
+    )
+
+
+def _template() -> str:
+    from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+
+    return DEFAULT_QUERY_TEMPLATE
+
+
+def _first_word(phrase: str) -> str:
+    # a two-word name ("teddy bear") is explained through its last, head word
+    return re.findall(r"[^\W_]+", phrase)[-1]
+
+
+@dataclass
+class _Forced:
+    """An already known answer (prompt and answer ids) to explain without regenerating."""
+
+    prompt_ids: Any
+    token_ids: Any
+
+
+def _detections_png(image: Image.Image | None, report: HallucinationReport) -> bytes:
+    """The image with the best box of every queried object, labelled with its score."""
+    import io
+
+    width, height = report.image_size
+    base = (image or Image.new("RGB", (width, height), (128, 128, 128))).convert("RGB").copy()
+    draw = ImageDraw.Draw(base)
+    for o in report.objects.values():
+        colour = (0, 170, 0) if o.detected else (200, 0, 0)
+        x0, y0, x1, y1 = o.box
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=2)
+        draw.text((x0 + 2, y0 + 1), f"{o.name} {o.score:.2f}", fill=colour)
+    buf = io.BytesIO()
+    base.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_hallucination_report(
+    report: HallucinationReport, out_dir: str | os.PathLike[str]
+) -> Path:
+    """Write ``hallucinations.html`` (self-contained) and ``hallucinations.json``.
+
+    Returns:
+        the path of the HTML file.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spans, classes, panels = [], {}, []
+    for i, m in enumerate(report.mentions):
+        key = f"m{i}"
+        check = report.objects[m.name]
+        spans.append((m.start, m.end, key, f"{m.name}: score {check.score:.3f}"))
+        classes[key] = "hit" if check.detected else "miss"
+        ga = check.ga
+        if ga is None:
+            continue
+        q = int(ga.meta.get("query_index", 0))
+        overlay = heatmap_overlay_png(
+            report.image, ga.map("class", query=q), f"GA of '{m.text}' (query {m.name})"
+        )
+        boxes = box_view_png(report.image, ga, f"boxes of '{m.text}'", query=q)
+        state = "detected" if check.detected else "NOT detected"
+        panels.append(
+            f"<div class='panel' id='p-{key}'><div><img alt='GA map' src='{data_url(overlay)}'>"
+            f"<img alt='box view' src='{data_url(boxes)}'></div><p><b>{html.escape(m.text)}"
+            f"</b>: {html.escape(state)} by OWL-ViT (score {check.score:.3f}, threshold "
+            f"{report.threshold})</p></div>"
+        )
+    rows = "".join(
+        f"<tr><td>{html.escape(o.name)}</td><td>{'yes' if o.mentioned else 'no'}</td>"
+        f"<td>{o.score:.3f}</td><td>{'yes' if o.detected else 'no'}</td></tr>"
+        for o in sorted(report.objects.values(), key=lambda o: -o.score)
+    )
+    missing = ", ".join(report.mentioned_not_detected) or "none"
+    unmentioned = ", ".join(report.detected_not_mentioned) or "none"
+    detections = data_url(_detections_png(report.image, report))
+    body = (
+        "<h1>Hallucination view</h1><div style='display:flex;gap:2em;flex-wrap:wrap'><div>"
+        f"<div class='turn'><span class='who'>USER:</span>{html.escape(report.prompt)}</div>"
+        f"<div class='turn'><span class='who'>ASSISTANT:</span>"
+        f"{highlighted_answer(report.answer_text, spans, classes)}</div>"
+        f"<p><b>Mentioned but not detected:</b> {html.escape(missing)}<br>"
+        f"<b>Detected but not mentioned:</b> {html.escape(unmentioned)}</p>"
+        f"<table><tr><th>object</th><th>mentioned</th><th>score</th><th>detected</th></tr>"
+        f"{rows}</table><p class='note'>Red: mentioned but below the detection threshold "
+        f"{report.threshold}; green: detected. Click a word for its GA map.</p></div>"
+        f"<div><img alt='detections' style='max-width:560px' src='{detections}'></div></div>"
+        + "".join(panels)
+    )
+    _atomic_bytes(
+        out / "hallucinations.json", (json.dumps(report.to_json(), indent=2) + "\n").encode()
+    )
+    return _atomic_bytes(out / "hallucinations.html", page("Hallucination view", body).encode())
+
+
+__all__ = [
+    "COCO_OBJECTS",
+    "HallucinationReport",
+    "MentionedObject",
+    "ObjectCheck",
+    "check_hallucinations",
+    "object_mentions",
+    "write_hallucination_report",
+]
