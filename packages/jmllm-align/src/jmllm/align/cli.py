@@ -161,8 +161,8 @@ def _train_config(args: argparse.Namespace) -> Any:
             changes[name] = value
     if changes.get("max_steps") == 0:
         changes["max_steps"] = None
-    if args.sources:
-        changes["images"] = args.sources
+    if args.sources:  # absolute, so a run can be resumed from another working directory
+        changes["images"] = [str(Path(p).absolute()) for p in args.sources]
     if args.dataset:
         changes["dataset"] = args.dataset
         changes["dataset_streaming"] = args.streaming
@@ -241,6 +241,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         TrainConfig,
         _decode_all,
         _load_dataset,
+        _undecoded_column,
         evaluate,
     )
     from jmllm.align.weights import load_alignment
@@ -258,7 +259,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             dataset_data_dir=args.data_dir,
             image_column=args.image_column or "image",
         )
-        source: Any = DatasetSource(_load_dataset(config), config.image_column)
+        if args.streaming:
+            if args.limit is None:
+                raise ValueError(f"--dataset {args.dataset} --streaming: pass --limit N")
+            stream = _load_dataset(config.replace(dataset_streaming=True))
+            rows = _undecoded_column(stream, config.image_column).take(args.limit)
+            source: Any = [row[config.image_column] for row in rows]
+        else:
+            source = DatasetSource(_load_dataset(config), config.image_column)
     elif args.sources:
         source = PathSource(args.sources)
     else:
@@ -277,7 +285,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     check_fits(layer.config, fx.owl.config, fx.llava.config)
     layer = layer.to(device)
-    batch = _decode_all([source.raw(i) for i in range(count)])
+    raws = source[:count] if isinstance(source, list) else [source.raw(i) for i in range(count)]
+    batch = _decode_all(raws)
     result = evaluate(
         layer,
         fx,
