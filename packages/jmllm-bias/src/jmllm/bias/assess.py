@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,8 +381,3 @@ def assess_cohort(
             skipped[record["status"]] = skipped.get(record["status"], 0) + 1
             log.warning("skipped %s", record["error"])
     return AssessRun(out=out_dir, assessed=assessed, resumed=resumed, skipped=skipped)
-
-
-def eps_list(values: Sequence[float]) -> tuple[float, ...]:
-    """ε values as a tuple of floats, in the order given."""
-    return tuple(float(v) for v in values)

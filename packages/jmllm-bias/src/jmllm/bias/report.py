@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from .assess import RESULTS, RUN, read_results
+from .assess import RUN, read_results
 from .errors import BiasInputError
 from .files import atomic_write_bytes, atomic_write_text
 from .stats import DeltaStats, delta_stats
 
-__all__ = ["BiasReport", "GroupSummary", "build_report", "write_report"]
+__all__ = ["BiasReport", "GroupSummary", "build_report", "render_markdown", "write_report"]
 
 ALL = "all"
 
@@ -327,6 +327,3 @@ def write_report(folder: str | os.PathLike[str], seed: int = 0) -> dict[str, Pat
     )
     written["markdown"] = atomic_write_text(root / "report.md", render_markdown(report))
     return written
-
-
-__all__ += ["RESULTS", "render_markdown"]
