@@ -206,3 +206,13 @@ def test_unfinished_generation_is_reported(tmp_path, scripted_joint, make_portra
     assert run.skipped == {"missing": 6}
     md = write_report(tmp_path / "out")["markdown"].read_text()
     assert "female_002 (missing):" in md and "generation unfinished?" in md
+
+
+def test_cohort_planned_but_never_generated(tmp_path) -> None:
+    from jmllm.bias.cohorts import builtin_spec
+
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    (folder / "cohort.json").write_text(json.dumps({"spec": builtin_spec("gender").to_dict()}))
+    with pytest.raises(BiasInputError, match="no finished portrait in the manifest"):
+        load_cohort(folder)

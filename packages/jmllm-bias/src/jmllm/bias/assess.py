@@ -108,6 +108,10 @@ def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
             portraits.append(CohortPortrait(image_id, group, path, None))
     if not portraits:
         raise BiasInputError(f"{root}: empty cohort (no manifest entries and no images)")
+    if not any(p.in_manifest for p in portraits):
+        raise BiasInputError(
+            f"{root}: empty cohort (no finished portrait in the manifest; run 'jmllm-bias cohort')"
+        )
     return portraits
 
 
