@@ -1,0 +1,173 @@
+"""GA pictures, the HTML report and the explain/wsol CLI on the tiny J."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from safetensors.torch import load_file
+
+from jmllm.joint.cli import main
+from jmllm.joint.explain_report import (
+    box_view_png,
+    heatmap_overlay_png,
+    highlighted_answer,
+    write_explanation_report,
+)
+from jmllm.joint.saliency import GradientAlignment
+
+QUESTION = "What's in the image?"
+ANSWER = "The image shows a bird on a branch"
+
+
+def _assert_self_contained(text: str) -> None:
+    # every src/href is a data URL or an in-page anchor: no network resource
+    for ref in re.findall(r"(?:src|href)\s*=\s*['\"]([^'\"]*)", text):
+        assert ref.startswith(("data:", "#")), ref
+    assert "http://" not in text and "https://" not in text
+
+
+@pytest.fixture(scope="module")
+def explanation(tiny_joint, sample_images):
+    return GradientAlignment(tiny_joint).explain_answer(
+        sample_images[2], QUESTION, ["bird", "branch"], answer=ANSWER
+    )
+
+
+def test_pictures_are_pngs(explanation):
+    res = explanation.word_results[0]
+    overlay = heatmap_overlay_png(explanation.image, res.map("class"), "t")
+    boxes = box_view_png(explanation.image, res, "b", class_threshold=0.0)
+    assert overlay[:8] == b"\x89PNG\r\n\x1a\n" and boxes[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(boxes) > 1000
+
+
+def test_report_is_self_contained_and_escaped(explanation, tmp_path):
+    path = write_explanation_report(
+        tmp_path,
+        explanation.image,
+        "<script>alert(1)</script>",
+        explanation.answer_text,
+        explanation.word_results,
+    )
+    text = path.read_text()
+    _assert_self_contained(text)
+    assert "<script>alert(1)</script>" not in text and "&lt;script&gt;" in text
+    words = [w.text for w in explanation.words]
+    assert words == ["The", "image", "shows", "a", "bird", "on", "a", "branch"]
+    assert text.count("<button class='w'") == len(words)  # every word is clickable
+    assert text.count("class='panel'") == len(words)
+    summary = json.loads((tmp_path / "explanation.json").read_text())
+    assert [r["target"] for r in summary["results"]] == words
+    arrays = load_file(tmp_path / "arrays.safetensors")
+    assert arrays["004_bird/similarities"].shape == (36, 6)
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2 * len(words)
+
+
+def test_highlighting_escapes_model_text():
+    out = highlighted_answer("a <b>x</b> & y", [(3, 4, "k", "t'\"")])
+    assert out == (
+        "a &lt;<button class='w' data-k='k' title='t&#x27;&quot;'>b</button>&gt;x&lt;/b&gt; &amp; y"
+    )
+
+
+def test_cli_explain_all_and_token(cli_env, sample_images, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    sample_images[0].save(image)
+    out = tmp_path / "all"
+    rc = main(
+        [
+            "explain",
+            str(image),
+            "--tiny",
+            "-p",
+            QUESTION,
+            "--answer",
+            ANSWER,
+            "-q",
+            "bird",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0 and (out / "report.html").is_file()
+    assert "Report:" in capsys.readouterr().out
+    one = tmp_path / "one"
+    rc = main(
+        [
+            "explain",
+            str(image),
+            "--tiny",
+            "-p",
+            QUESTION,
+            "--answer",
+            ANSWER,
+            "--token",
+            "bird",
+            "--weighting",
+            "any",
+            "--out",
+            str(one),
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((one / "explanation.json").read_text())
+    assert [r["target"] for r in summary["results"]] == ["bird"]
+    assert summary["queries"] == ["bird"]  # --token WORD queries WORD by default
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--token", "zebra", "--answer", ANSWER], "word 'zebra' is not in the answer"),
+        (["--position", "40", "--answer", ANSWER, "-q", "bird"], "position 40 is outside"),
+        (["--answer", " ", "-q", "bird"], "--answer: empty answer"),
+        (["--all"], "-q/--query: give at least one"),
+    ],
+)
+def test_cli_explain_bad_input(cli_env, sample_images, tmp_path, capsys, extra, message):
+    image = tmp_path / "img.png"
+    sample_images[0].save(image)
+    rc = main(
+        ["explain", str(image), "--tiny", "-p", QUESTION, "--out", str(tmp_path / "o"), *extra]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_explain_missing_image(cli_env, tmp_path, capsys):
+    rc = main(
+        [
+            "explain",
+            str(tmp_path / "nope.jpg"),
+            "--tiny",
+            "-p",
+            QUESTION,
+            "-q",
+            "bird",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0 and "nope.jpg: no such image file" in err
+
+
+def test_cli_wsol(cli_env, sample_images, tmp_path, capsys):
+    root = tmp_path / "cub"
+    (root / "images").mkdir(parents=True)
+    rows = ["image_id,x0,y0,x1,y1"]
+    for i, im in enumerate(sample_images[:2]):
+        im.save(root / "images" / f"{i}.png")
+        rows.append(f"{i}.png,2,2,{im.width - 3},{im.height - 3}")
+    (root / "boxes.csv").write_text("\n".join(rows) + "\n")
+    rc = main(["wsol", str(root), "--tiny", "--json-out", str(tmp_path / "w.json")])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["num_images"] == 2
+    assert set(summary["max_box_acc_v2"]) == {"ga", "gradient"}
+    assert (tmp_path / "w.json").is_file()
+    (root / "boxes.csv").write_text("image_id,x0\n")
+    rc = main(["wsol", str(root), "--tiny"])
+    assert rc != 0 and "header must be" in capsys.readouterr().err
