@@ -8,7 +8,7 @@ Example:
     >>> from jmllm.align import AlignmentConfig, AlignmentLayer
     >>> w = AlignmentLayer(AlignmentConfig("deep-mlp", in_dim=8, out_dim=16, hidden_dim=32))
     >>> sum(p.numel() for p in w.parameters())
-    2448
+    2928
 """
 
 from jmllm.align.architectures import (
