@@ -98,6 +98,7 @@ def bench_norms(sample_size: int, chunk_size: int | None) -> dict[str, Any]:
     sample = [(i // C, i % C) for i in picks]
     start = time.perf_counter()
     naive_norms, naive_nums = naive_owl_gradients(owl, t, query, sample, g_llm)
+    assert naive_nums is not None
     naive_sample_seconds = time.perf_counter() - start
     per_output = naive_sample_seconds / sample_size
     naive_extrapolated = per_output * N * C
@@ -106,6 +107,7 @@ def bench_norms(sample_size: int, chunk_size: int | None) -> dict[str, Any]:
     ref_norms, ref_nums = naive_owl_gradients(
         owl64, t.double(), query.double(), sample, g_llm.double()
     )
+    assert ref_nums is not None
     fast_norms = torch.stack([norms[k, c] for k, c in sample]).double()
     fast_nums = torch.stack([numerators[k, c] for k, c in sample]).double()
 
@@ -221,7 +223,8 @@ def bench_gpu(device: torch.device, tokens: int, scale: str) -> dict[str, Any]:
         t = owl_penultimate(owl, pixels)
     ga = GradientAlignment(model)
     query = torch.randn(1, owl.config.projection_dim, generator=gen).to(device)
-    model.encode_queries = lambda names, template=None: query  # no tokenizer offline
+    # no OWL-ViT tokenizer offline: a random query embedding stands in for the text model
+    model.encode_queries = lambda names, template=None: query  # type: ignore[method-assign,assignment]
     _sync(device)
     start = time.perf_counter()
     prepared = ga.prepare(t, (768, 768), ["object"], "a photo of a {}")

@@ -62,6 +62,7 @@ def test_every_output_equals_naive_on_tiny(tiny_joint, eager_owl, tiny_t):
     fast_norms = heads.gradient_norms(chunk_size=7)  # a chunk size that does not divide N
     fast_nums = heads.numerators(g_llm)
     naive_norms, naive_nums = naive_owl_gradients(eager_owl, tiny_t, queries, None, g_llm)
+    assert naive_nums is not None
     N, C = fast_norms.shape
     assert (N, C) == (36, 5)
     assert _rel(fast_norms, naive_norms.view(N, C)) < 1e-4
@@ -115,6 +116,7 @@ def test_sampled_outputs_equal_naive_on_b32_shapes():
     naive_norms, naive_nums = naive_owl_gradients(
         owl, t.double(), queries.double(), sample, g_llm.double()
     )
+    assert naive_nums is not None
     assert _rel(fast64_norms, naive_norms) < 1e-9
     assert _rel(fast64_nums, naive_nums) < 1e-9
     assert _rel(fast32_norms.double(), naive_norms) < 1e-3

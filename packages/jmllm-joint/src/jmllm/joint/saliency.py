@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -217,7 +217,7 @@ class OwlHeadGradients:
         """
         tangent = g_llm.reshape(self.t.shape[1:]).to(self.t)
         with torch.no_grad():
-            _, out = jvp(self._outputs_of, (self.t[0],), (tangent,))
+            out = jvp(self._outputs_of, (self.t[0],), (tangent,))[1]
         return out
 
     # -- norms: once per (image, queries) ----------------------------------------------------------
@@ -285,7 +285,7 @@ class OwlHeadGradients:
             raise ValueError(f"patches: indices must be in 0..{N - 1}")
         wanted = wanted.to(t.device)
         norms = torch.empty(wanted.numel(), C, dtype=t.dtype, device=t.device)
-        starts = range(0, wanted.numel(), chunk_size)
+        starts: Iterable[int] = range(0, wanted.numel(), chunk_size)
         if progress:
             from tqdm.auto import tqdm
 
@@ -297,10 +297,10 @@ class OwlHeadGradients:
                 B = rows.numel()
                 batch = torch.arange(B, device=t.device)
                 yk_rep = y[rows].repeat_interleave(C, dim=0)  # (B·C, D)
-                _, heads_vjp = vjp(heads_of, y[0].expand_as(yk_rep), yk_rep)
+                heads_vjp = vjp(heads_of, y[0].expand_as(yk_rep), yk_rep)[1]
                 u0, uk = heads_vjp(eye.repeat(B, 1))  # (B·C, D) each: ∂O/∂y_0, ∂O/∂y_k
                 v0 = (u0 @ jac_row0).view(B, C, D)  # ∂O/∂h_0
-                _, mlp_vjp = vjp(mlp_rows, h[rows].repeat_interleave(C, dim=0))
+                mlp_vjp = vjp(mlp_rows, h[rows].repeat_interleave(C, dim=0))[1]
                 vk = mlp_vjp(uk)[0].view(B, C, D)  # ∂O/∂h_k
                 dh = torch.stack([v0, vk], dim=2)  # (B, C, 2, D) cotangents at rows i ∈ {0, k}
                 # Attention backward restricted to the two query rows.
@@ -522,7 +522,9 @@ class AnswerWord:
     positions: tuple[int, ...]
 
 
-def answer_tokens(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, list[AnswerToken]]:
+def answer_tokens(
+    tokenizer: Any, token_ids: Sequence[int] | torch.Tensor
+) -> tuple[str, list[AnswerToken]]:
     """The decoded answer and every token's character span (by decoding growing prefixes)."""
     ids = [int(i) for i in token_ids]
     text = tokenizer.decode(ids, skip_special_tokens=True)
