@@ -22,6 +22,8 @@ from jmllm.joint.model import (
     JointModelError,
     check_compatible,
 )
+from jmllm.joint.saliency import AnswerExplanation, GAError, GAResult, GradientAlignment
+from jmllm.joint.wsol import max_box_acc_v2, run_wsol
 
 __version__ = "0.1.0"
 
@@ -29,9 +31,13 @@ __all__ = [
     "DEFAULT_LLAVA",
     "DEFAULT_OWL",
     "DEFAULT_QUERY_TEMPLATE",
+    "AnswerExplanation",
     "ChatTurn",
     "Conversation",
     "Detections",
+    "GAError",
+    "GAResult",
+    "GradientAlignment",
     "JointAnswer",
     "JointEmbedding",
     "JointModel",
@@ -41,5 +47,7 @@ __all__ = [
     "decode_detections",
     "format_conversation",
     "format_prompt",
+    "max_box_acc_v2",
     "nms",
+    "run_wsol",
 ]
