@@ -135,6 +135,11 @@ def test_datasets_source_map_style_and_streaming(tiny_config, image_folder, tmp_
     whole = train(base.replace(dataset_streaming=True, shuffle_buffer=8), tmp_path / "w")
     assert resumed.steps == whole.steps == 4
     assert _states_equal(resumed.layer.state_dict(), whole.layer.state_dict())
+    # Decoding in worker processes does not change which images make each step.
+    stream = base.replace(dataset_streaming=True, shuffle_buffer=8, num_workers=2)
+    in_workers = train(stream, tmp_path / "workers")
+    assert in_workers.steps == 4
+    assert _states_equal(in_workers.layer.state_dict(), whole.layer.state_dict())
     with pytest.raises(ValueError, match="no image column 'picture'"):
         train(base.replace(image_column="picture"), tmp_path / "x")
 

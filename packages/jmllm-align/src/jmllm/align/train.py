@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from jmllm.align.architectures import AlignmentLayer, alignment_config_for
 from jmllm.align.features import (
@@ -400,41 +400,58 @@ class _DecodeItems(torch.utils.data.Dataset):
         return _decode(raw, self.norms)
 
 
-class _StreamSteps(IterableDataset):
-    """Streaming source: yields one rank's decoded share of each global batch, in step order.
+def _stream_shares(
+    stream: Any, image_column: str, batch_size: int, rank: int, world: int, start_step: int
+) -> Iterator[list[Any]]:
+    """Raw images of this rank's share of every global batch of a stream, from ``start_step``."""
+    pending: list[Any] = []
+    step = 0
+    for row in stream:
+        pending.append(row[image_column])
+        if len(pending) < batch_size:
+            continue
+        if step >= start_step:
+            yield pending[rank::world]
+        pending, step = [], step + 1
 
-    Every DataLoader worker reads the (seeded) stream and decodes only the steps assigned to it
-    (step % num_workers), so the order never depends on the number of workers and a resumed run
-    can skip exactly the steps already done.
+
+def _decode_share(share: list[Any], norms: Normalizations | None) -> ImageBatch:
+    return collate_drop_failures([_decode(raw, norms) for raw in share])
+
+
+def _stream_batches(
+    shares: Iterator[list[Any]], norms: Normalizations | None, workers: int
+) -> Iterator[ImageBatch]:
+    """Decode streamed shares in order, in ``workers`` processes with bounded prefetch.
+
+    The stream itself is read here, in one process (``datasets`` would split a stream between
+    DataLoader workers by shard, so the order would depend on the number of workers); only the
+    decoding is spread out, so a resumed run sees exactly the same batches.
     """
+    if workers == 0:
+        for share in shares:
+            yield _decode_share(share, norms)
+        return
+    import collections
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
 
-    def __init__(
-        self,
-        stream: Any,
-        image_column: str,
-        batch_size: int,
-        rank: int,
-        world: int,
-        start_step: int,
-        norms: Normalizations | None = None,
-    ) -> None:
-        self.stream, self.image_column, self.batch_size = stream, image_column, batch_size
-        self.norms = norms
-        self.rank, self.world, self.start_step = rank, world, start_step
-
-    def __iter__(self) -> Iterator[ImageBatch]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        pending: list[Any] = []
-        step = 0
-        for row in self.stream:
-            pending.append(row[self.image_column])
-            if len(pending) < self.batch_size:
-                continue
-            if step >= self.start_step and (step - self.start_step) % workers == worker:
-                share = pending[self.rank :: self.world]
-                yield collate_drop_failures([_decode(x, self.norms) for x in share])
-            pending, step = [], step + 1
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_worker_init,
+        initargs=(0,),
+    )
+    in_flight: collections.deque[Future[ImageBatch]] = collections.deque()
+    try:
+        for share in shares:
+            in_flight.append(pool.submit(_decode_share, share, norms))
+            if len(in_flight) >= 4 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1156,16 +1173,10 @@ def _epoch_loader(
         if config.shuffle_buffer > 0:
             shuffled = stream.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
             shuffled.set_epoch(epoch)
-        steps = _StreamSteps(
-            shuffled,
-            config.image_column,
-            config.batch_size,
-            info.rank,
-            info.world,
-            start_step,
-            norms,
+        stream_shares = _stream_shares(
+            shuffled, config.image_column, config.batch_size, info.rank, info.world, start_step
         )
-        return DataLoader(steps, batch_size=None, **common)
+        return _stream_batches(stream_shares, norms, workers)
     order = epoch_order(train_ids, config.seed, epoch)
     shares = rank_shares(order, config.batch_size, info.rank, info.world, start_step)
     return DataLoader(
