@@ -316,21 +316,26 @@ class FakeJudgeServer:
             self._send_json(handler, 401, self._error("invalid api key", authorization))
             return
 
-        if cfg.latency_s:
-            time.sleep(cfg.latency_s)
         fault = self._fault(served)
+        hang = False
         if fault is None:
-            with self._lock:  # decide under the lock so that answer_limit is exact
+            # Decided on arrival, under the lock, before the latency: a request that arrived while
+            # the limit held is held too, even if release() comes during its latency. Otherwise
+            # a request the client has already given up on could be answered after release() and
+            # look like a judgement paid twice.
+            with self._lock:
                 limit = cfg.answer_limit
                 hang = (
                     limit is not None and sum(r.outcome == "answered" for r in self.served) >= limit
                 )
                 served.outcome = "hung" if hang else "answered"
-            if hang:
-                self._release.wait()
-                fault = "drop"
         else:
             self._set_outcome(served, fault)
+        if cfg.latency_s:
+            time.sleep(cfg.latency_s)
+        if hang:
+            self._release.wait()
+            fault = "drop"
 
         if fault == "429":
             headers = {"Retry-After": str(cfg.retry_after_s)}
