@@ -179,6 +179,38 @@ def test_multi_token_word_sums_its_token_logits(tiny_joint, tiny_t):
     )
 
 
+def test_position_list_target_sums_words_and_is_labelled_by_its_span(tiny_joint, tiny_t):
+    answer = "The image shows a traffic light"
+    ga = GradientAlignment(tiny_joint)
+    words = [
+        ga.attribute(tiny_t, QUESTION, target=w, queries=["bird"], answer=answer)
+        for w in ("traffic", "light")
+    ]
+    positions = [t.position for r in words for t in r.tokens]
+    both = ga.attribute(tiny_t, QUESTION, target=positions, queries=["bird"], answer=answer)
+    assert both.target == "traffic light"
+    assert [t.position for t in both.tokens] == sorted(positions)
+    torch.testing.assert_close(
+        both.numerators, words[0].numerators + words[1].numerators, rtol=1e-4, atol=1e-6
+    )
+    # negative positions name the same tokens; duplicates count once
+    n = len(tiny_joint.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    again = ga.attribute(
+        tiny_t,
+        QUESTION,
+        target=[p - n for p in positions] + positions[:1],
+        queries=["bird"],
+        answer=answer,
+    )
+    torch.testing.assert_close(again.numerators, both.numerators)
+    with pytest.raises(GAError, match="non-empty"):
+        ga.attribute(tiny_t, QUESTION, target=[], queries=["bird"], answer=answer)
+    with pytest.raises(GAError, match=r"positions \[99\] are outside"):
+        ga.attribute(tiny_t, QUESTION, target=[0, 99], queries=["bird"], answer=answer)
+    with pytest.raises(GAError, match="only integers"):
+        ga.attribute(tiny_t, QUESTION, target=[0, "a"], queries=["bird"], answer=answer)
+
+
 def test_explain_answer_computes_norms_once(tiny_joint, sample_images, monkeypatch):
     calls = {"norms": 0, "jvp": 0, "grad": 0, "forward": 0}
     t_shape = tuple(tiny_joint.embed(sample_images[:1]).t.shape)

@@ -819,7 +819,7 @@ class GradientAlignment:
         self,
         image_or_t: Any,
         prompt: str,
-        target: int | str,
+        target: int | str | Sequence[int],
         queries: Sequence[str],
         answer: Any = None,
         max_new_tokens: int = 64,
@@ -835,6 +835,8 @@ class GradientAlignment:
             target: an answer position (0-based, negative counts from the end) or a word of the
                 answer (case-insensitive). A word of several tokens is explained through the
                 **sum of the logits of all its tokens**, each at its own position.
+                A list of positions is explained the same way (the sum of their logits), e.g.
+                the tokens of a multi-word object name.
             queries: OWL-ViT text queries (class channels), e.g. ``["bird"]``.
             answer: the answer to explain: text (teacher-forced after the prompt), a
                 ``JointAnswer``, or None to generate one greedily.
@@ -957,11 +959,28 @@ class AnswerExplanation:
 
 
 def resolve_target(
-    target: int | str, text: str, tokens: Sequence[AnswerToken], occurrence: int = 0
+    target: int | str | Sequence[int],
+    text: str,
+    tokens: Sequence[AnswerToken],
+    occurrence: int = 0,
 ) -> tuple[list[int], str]:
-    """Answer positions of a target (position or word) and its label; GAError if absent."""
+    """Answer positions of a target (position, word, or list of positions) and its label;
+    GAError if absent."""
     words = answer_words(text, tokens)
     listing = ", ".join(repr(w.text) for w in words) or "(no words)"
+    if isinstance(target, (list, tuple)):
+        n = len(tokens)
+        if not target or not all(isinstance(i, int) and not isinstance(i, bool) for i in target):
+            raise GAError("target: a list of positions must be non-empty and hold only integers")
+        outside = [i for i in target if not -n <= i < n]
+        if outside:
+            raise GAError(
+                f"target: positions {outside} are outside the answer ({n} tokens, 0..{n - 1}); "
+                f"its words: {listing}"
+            )
+        positions = sorted({i % n for i in target})
+        span = text[tokens[positions[0]].start : tokens[positions[-1]].end].strip()
+        return positions, span or "#" + ",".join(map(str, positions))
     if isinstance(target, bool) or not isinstance(target, (int, str)):
         raise GAError(f"target: expected a position or a word, got {type(target).__name__}")
     if isinstance(target, int):
