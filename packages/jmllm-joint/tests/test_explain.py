@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from jmllm.joint.cli import main
 from jmllm.joint.explain_report import (
     box_view_png,
+    explain_object,
     heatmap_overlay_png,
     highlighted_answer,
     write_explanation_report,
 )
-from jmllm.joint.saliency import GradientAlignment
+from jmllm.joint.saliency import GAError, GradientAlignment
 
 QUESTION = "What's in the image?"
 ANSWER = "The image shows a bird on a branch"
@@ -63,6 +67,30 @@ def test_report_is_self_contained_and_escaped(explanation, tmp_path):
     arrays = load_file(tmp_path / "arrays.safetensors")
     assert arrays["004_bird/similarities"].shape == (36, 6)
     assert len(list((tmp_path / "maps").glob("*.png"))) == 2 * len(words)
+
+
+def test_explain_object_is_the_paper_setting_drawn(tiny_joint, sample_images):
+    """explain_object = attribute on 'The image shows a <name>' over every name token, drawn."""
+    image = sample_images[2]
+    emb = tiny_joint.embed(image)
+    answer = "The image shows a hot dog"
+    ga = GradientAlignment(tiny_joint)
+    words = [ga.attribute(emb, QUESTION, w, ["hot dog"], answer=answer) for w in ("hot", "dog")]
+    positions = [t.position for r in words for t in r.tokens]
+    expected = ga.attribute(emb, QUESTION, positions, ["hot dog"], answer=answer)
+    png = box_view_png(emb.pil_image(0), expected, "GA: hot dog")
+    with Image.open(io.BytesIO(png)) as im:
+        want = np.asarray(im.convert("RGB"))
+    got = explain_object(image, "  hot   dog ", model=tiny_joint)
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
+    overlay = explain_object(image, "hot dog", model=tiny_joint, view="overlay")
+    assert overlay.size != (0, 0) and not np.array_equal(np.asarray(overlay)[:10], want[:10])
+    with pytest.raises(GAError, match="object_name: is empty"):
+        explain_object(image, " ", model=tiny_joint)
+    with pytest.raises(GAError, match="view: expected one of box, overlay"):
+        explain_object(image, "cat", model=tiny_joint, view="pie")
+    with pytest.raises(GAError, match="weighting"):
+        explain_object(image, "cat", model=tiny_joint, view="overlay", weighting="nope")
 
 
 def test_highlighting_escapes_model_text():

@@ -12,6 +12,7 @@ Example:
 
 from jmllm.joint.chat import ChatTurn, Conversation, PromptError, format_conversation, format_prompt
 from jmllm.joint.detection import Detections, decode_detections, nms
+from jmllm.joint.explain_report import explain_object
 from jmllm.joint.model import (
     DEFAULT_LLAVA,
     DEFAULT_OWL,
@@ -45,6 +46,7 @@ __all__ = [
     "PromptError",
     "check_compatible",
     "decode_detections",
+    "explain_object",
     "format_conversation",
     "format_prompt",
     "max_box_acc_v2",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from jmllm.joint.saliency import GAResult
@@ -343,9 +344,94 @@ def write_explanation_report(
     return _atomic_bytes(out / "report.html", page(title, body).encode("utf-8"))
 
 
+OBJECT_QUESTION = "What's in the image?"
+OBJECT_ANSWER = "The image shows a {}"  # the paper's WSOL/user-study setting, teacher-forced
+OBJECT_VIEWS = ("box", "overlay")
+
+
+def explain_object(
+    image: Any,
+    object_name: str,
+    *,
+    model: Any,
+    view: str = "box",
+    weighting: str = "class",
+    queries: Sequence[str] | None = None,
+    question: str = OBJECT_QUESTION,
+    ga: Any = None,
+) -> Image.Image:
+    """A picture of J's GA explanation of one object in an image (the user study's questions).
+
+    The setting is the paper's: J is asked ``question`` and teacher-forced to answer
+    ``"The image shows a <object_name>"``; the explained target is every token of the object
+    name (their logits summed, so multi-word names such as ``"traffic light"`` work), against
+    the OWL-ViT query ``a photo of a <object_name>`` (or ``queries``).
+
+    Args:
+        image: path, PIL image or (3, H, W) uint8 tensor.
+        object_name: the object to explain, e.g. ``"cat"``.
+        model: a :class:`~jmllm.joint.JointModel`.
+        view: ``"box"`` (the box view of the paper's user-study figures) or ``"overlay"``
+            (heat map over the image with a colour bar).
+        weighting: map weighting for the overlay (``class``, ``coord``, ``any``, ``gradient``).
+        queries: OWL-ViT queries (default ``[object_name]``).
+        question: the question asked before the forced answer.
+        ga: a :class:`~jmllm.joint.GradientAlignment` to reuse (its OWL norm cache is kept
+            between objects of the same image only if the queries are the same).
+
+    Returns:
+        The RGB picture.
+
+    Raises:
+        GAError: empty object name, unknown view or weighting.
+
+    Example:
+        >>> from jmllm.joint import JointModel, explain_object
+        >>> model = JointModel.from_pretrained(alignment="w.safetensors")  # doctest: +SKIP
+        >>> explain_object("q1.png", "cat", model=model).save("q1_cat.png")  # doctest: +SKIP
+    """
+    from jmllm.joint.saliency import WEIGHTINGS, GAError, GradientAlignment, answer_tokens
+
+    name = " ".join(str(object_name).split())
+    if not name:
+        raise GAError("object_name: is empty")
+    if view not in OBJECT_VIEWS:
+        raise GAError(f"view: expected one of {', '.join(OBJECT_VIEWS)}, got {view!r}")
+    if weighting not in (*WEIGHTINGS, "gradient"):
+        raise GAError(
+            f"weighting: expected one of {', '.join(WEIGHTINGS)}, gradient; got {weighting!r}"
+        )
+    ga = ga or GradientAlignment(model)
+    answer = OBJECT_ANSWER.format(name)
+    ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    text, tokens = answer_tokens(model.tokenizer, ids)
+    start = text.rfind(name)
+    positions = [t.position for t in tokens if start >= 0 and t.end > start and t.start < len(text)]
+    if not positions:
+        raise GAError(
+            f"object_name: {name!r} is not recoverable from the tokenised answer {text!r}"
+        )
+    bare_t = isinstance(image, torch.Tensor) and image.is_floating_point()
+    source = image if bare_t or hasattr(image, "image_sizes") else model.embed(image)
+    result = ga.attribute(
+        source, question, target=positions, queries=list(queries or [name]), answer=answer
+    )
+    picture = source.pil_image(0) if not bare_t and getattr(source, "images", None) else None
+    title = f"GA: {name}"
+    if view == "box":
+        png = box_view_png(picture, result, title)
+    else:
+        png = heatmap_overlay_png(picture, result.map(weighting), f"{title} ({weighting})")
+    with Image.open(io.BytesIO(png)) as im:
+        return im.convert("RGB")
+
+
 __all__ = [
+    "OBJECT_ANSWER",
+    "OBJECT_QUESTION",
     "box_view_png",
     "data_url",
+    "explain_object",
     "heatmap_overlay_png",
     "highlighted_answer",
     "page",
