@@ -114,6 +114,22 @@ def test_joint_hook_reports_a_missing_extra(monkeypatch):
         joint_explainer()
 
 
+def test_joint_hook_draws_each_object_with_the_joint_model(tmp_path):
+    """With the extra installed, joint_explainer draws J's GA explanation of each object."""
+    testing = pytest.importorskip("jmllm.joint.testing")
+    model = testing.tiny_joint_model(tmp_path / "tiny")
+    testing.generated_images(1, size=64, seed=3)[0].save(tmp_path / "q.png")
+    first, second = write_explanations(
+        tmp_path / "q.png", ("cat", "TV/monitor"), tmp_path / "maps", joint_explainer(model=model)
+    )
+    with Image.open(first) as a, Image.open(second) as b:
+        assert a.size == b.size and a.size[0] > 64  # a drawn figure, not the bare image
+        # each object is explained against its own query: the two pictures differ
+        assert a.tobytes() != b.tobytes()
+    with pytest.raises(TypeError, match="model"):
+        joint_explainer()(Image.new("RGB", (8, 8)), "cat")
+
+
 def test_joint_hook_writes_one_map_per_object(tmp_path):
     Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "q.png")
     calls = []

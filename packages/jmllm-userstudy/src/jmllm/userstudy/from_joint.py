@@ -37,8 +37,8 @@ __all__ = [
 ]
 
 ExplainFn = Callable[[Image.Image, str], Image.Image]
-# The function of jmllm.joint this hook calls: explain_object(image, object_name, **options) -> PIL
-# image of the GA map for that object. Provisional until the joint package's GA API is stable.
+# The function of jmllm.joint this hook calls: explain_object(image, object_name, *, model, view,
+# ...) -> PIL image of J's GA explanation of that object (the paper's box view by default).
 JOINT_ENTRY_POINT = "explain_object"
 
 
@@ -50,7 +50,9 @@ def joint_explainer(**options: Any) -> ExplainFn:
     """An :data:`ExplainFn` backed by ``jmllm.joint`` (imported only now).
 
     Args:
-        **options: Passed through to ``jmllm.joint.explain_object`` (model, prompt, ...).
+        **options: Passed through to ``jmllm.joint.explain_object``: ``model`` (a
+            ``JointModel``, required), ``view`` (``"box"``, the paper's figures, or
+            ``"overlay"``), ``weighting``, ``queries``, ``question``.
 
     Returns:
         ``explain(image, object_name) -> PIL.Image``.
@@ -58,6 +60,8 @@ def joint_explainer(**options: Any) -> ExplainFn:
     Raises:
         MissingExtraError: ``jmllm-joint`` is missing or has no ``explain_object``.
 
+    >>> from jmllm.joint import JointModel  # doctest: +SKIP
+    >>> my_joint_model = JointModel.from_pretrained(alignment="w.safetensors")  # doctest: +SKIP
     >>> explain = joint_explainer(model=my_joint_model)  # doctest: +SKIP
     >>> explain(Image.open("images/q1.png"), "cat").save("q1_cat.png")  # doctest: +SKIP
     """
