@@ -41,6 +41,12 @@ def test_demo_writes_report_with_answer_and_detections(cli_env, tmp_path, capsys
     assert {d["label"] for d in record["detections"]} <= set(cli.DEMO_QUERIES)
     assert (out / "detections.png").is_file()
     assert "random weights" in page
+    # the main job explains the first answer: one clickable panel per word, self-contained
+    explanation = (out / "explanation" / "report.html").read_text()
+    assert "explanation/report.html" in page and "GA explanation:" in printed
+    words = json.loads((out / "explanation" / "explanation.json").read_text())["results"]
+    assert words and explanation.count("class='panel'") == len(words)
+    assert "https://" not in explanation and "http://" not in explanation
 
 
 def test_describe_chat_and_detect(cli_env, image_file, tmp_path, capsys, monkeypatch):

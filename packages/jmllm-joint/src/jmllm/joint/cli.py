@@ -275,7 +275,8 @@ def _print_detections(detections: Any, limit: int) -> None:
 
 # ---------------------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Chat + detection on the sample image shipped with the package; writes report.html."""
+    """Chat + detection + GA explanation on the sample image shipped with the package; writes
+    report.html and explanation/report.html."""
     from importlib.resources import as_file, files
 
     out = _out_dir(args.out)
@@ -293,14 +294,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
         template=args.template,
     )[0]
     notes = [RANDOM_WEIGHTS_NOTE, REAL_CHECKPOINTS_HINT] if args.tiny else []
+    explanation = None
+    if args.explain:
+        explanation = _explain_first_answer(model, emb, conversation, detections.queries, out)
+        notes.append(
+            "GA explanation of every word of the first answer (click a word): "
+            "explanation/report.html beside this file."
+        )
     report = _write_outputs(out, model, emb, conversation, stock, detections, args, notes)
     _print_conversation(conversation, stock)
     _print_detections(detections, 5)
     print(f"Report: {report}")
+    if explanation is not None:
+        print(f"GA explanation: {explanation}")
     if args.tiny:
         print(RANDOM_WEIGHTS_NOTE)
         print(REAL_CHECKPOINTS_HINT)
     return 0
+
+
+def _explain_first_answer(
+    model: Any, emb: Any, conversation: Any, queries: Sequence[str], out: Path
+) -> Path:
+    """GA for every word of the first answer (exactly the generated tokens), as a report."""
+    from jmllm.joint.explain_report import write_explanation_report
+    from jmllm.joint.saliency import GradientAlignment
+
+    turn = conversation.turns[0]
+    ga = GradientAlignment(model, progress=True)
+    exp = ga.explain_answer(emb, turn.question, list(queries), answer=turn.result)
+    return write_explanation_report(
+        out / "explanation",
+        exp.image,
+        exp.prompt,
+        exp.answer_text,
+        exp.word_results,
+        title="GA explanation of J's first answer",
+    )
 
 
 def _interactive_questions() -> Any:
@@ -406,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_arguments(demo)
     _detection_arguments(demo, DEMO_QUERIES)
     # the demo shows J beside stock LLaVA: the comparison is the point of J
+    demo.add_argument(
+        "--explain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GA explanation of every word of the first answer (default on)",
+    )
     demo.set_defaults(max_new_tokens=24, threshold=0.5, max_boxes=10, compare=True)
     demo.set_defaults(func=cmd_demo)
 
