@@ -142,6 +142,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: with more concurrent clients the kernel drops
+    # connection attempts and the client retries them a second later, which a real judge server
+    # never does. A backlog as large as a production server's keeps the fake from throttling.
+    request_queue_size = 1024
     owner: FakeJudgeServer
 
 
