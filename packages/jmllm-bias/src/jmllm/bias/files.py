@@ -12,40 +12,16 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = ["append_jsonl", "atomic_write_bytes", "atomic_write_text", "read_jsonl", "sha256_file"]
 
+# One implementation of atomic whole-file writes in the joint -> bias chain.
+from jmllm.joint.report import atomic_write_bytes, atomic_write_text
+
 log = logging.getLogger(__name__)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; readers see the old file or the new one, never half.
-
-    Example:
-        >>> p = atomic_write_bytes(tmp_path / "a.bin", b"x")  # doctest: +SKIP
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from jmllm.joint.report import atomic_write_bytes
 from jmllm.joint.saliency import GAResult
 
 MAX_SIDE = 768  # pictures are drawn at most this large (maps keep their full resolution)
-
-
-def _atomic_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return path
 
 
 def _display(image: Image.Image | None, size: tuple[int, int]) -> Image.Image:
@@ -255,7 +246,7 @@ def save_arrays(path: Path, results: Sequence[tuple[str, GAResult]]) -> Path:
         tensors[f"{label}/patch_gradient_norms"] = r.patch_gradient_norms.float().clone()
     meta = {label: ",".join(r.channels) for label, r in results}
     data = save({k: torch.as_tensor(v) for k, v in tensors.items()}, metadata=meta)
-    return _atomic_bytes(path, data)
+    return atomic_write_bytes(path, data)
 
 
 def write_explanation_report(
@@ -301,8 +292,8 @@ def write_explanation_report(
             spans.append((start, end, key, f"explain {result.target}"))
         panel, overlay, boxes = result_panel(key, result, image, weighting, result.target)
         panels.append(panel)
-        _atomic_bytes(maps / f"{label}_{weighting}.png", overlay)
-        _atomic_bytes(maps / f"{label}_boxes.png", boxes)
+        atomic_write_bytes(maps / f"{label}_{weighting}.png", overlay)
+        atomic_write_bytes(maps / f"{label}_boxes.png", boxes)
         labelled.append((label, result))
         records.append(
             {
@@ -340,8 +331,8 @@ def write_explanation_report(
         "weighting": weighting,
         "results": records,
     }
-    _atomic_bytes(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
-    return _atomic_bytes(out / "report.html", page(title, body).encode("utf-8"))
+    atomic_write_bytes(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return atomic_write_bytes(out / "report.html", page(title, body).encode("utf-8"))
 
 
 OBJECT_QUESTION = "What's in the image?"

@@ -31,13 +31,13 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from jmllm.joint.explain_report import (
-    _atomic_bytes,
     box_view_png,
     data_url,
     heatmap_overlay_png,
     highlighted_answer,
     page,
 )
+from jmllm.joint.report import atomic_write_bytes
 from jmllm.joint.saliency import GAResult, GradientAlignment
 
 COCO_OBJECTS: tuple[str, ...] = (
@@ -327,10 +327,12 @@ def write_hallucination_report(
         f"<div><img alt='detections' style='max-width:560px' src='{detections}'></div></div>"
         + "".join(panels)
     )
-    _atomic_bytes(
+    atomic_write_bytes(
         out / "hallucinations.json", (json.dumps(report.to_json(), indent=2) + "\n").encode()
     )
-    return _atomic_bytes(out / "hallucinations.html", page("Hallucination view", body).encode())
+    return atomic_write_bytes(
+        out / "hallucinations.html", page("Hallucination view", body).encode()
+    )
 
 
 __all__ = [
