@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,19 @@ def test_truncated_corrupt_and_missing_files_are_named(tmp_path):
         load_image(text)
     with pytest.raises(ImageLoadError, match="no such image file"):
         load_image(tmp_path / "absent.png")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_unreadable_images_do_not_keep_their_files_open(tmp_path):
+    """A long dataset with many bad files must not run out of file handles."""
+    buffer = io.BytesIO()
+    generated_images(1, size=64)[0].save(buffer, "PNG")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(buffer.getvalue()[:100])
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    kept = []  # the errors stay alive, as in a skip log: they must not hold the files
+    for _ in range(20):
+        with pytest.raises(ImageLoadError) as error:
+            load_image(cut)
+        kept.append(error)
+    assert len(list(Path("/proc/self/fd").iterdir())) == before

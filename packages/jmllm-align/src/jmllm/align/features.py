@@ -54,8 +54,11 @@ def load_image(source: str | os.PathLike[str] | Image.Image) -> Image.Image:
         if not path.is_file():
             raise ImageLoadError(f"{path}: no such image file")
         try:
-            image = Image.open(path)
-            image.load()
+            # Our own handle, closed on every path: a truncated file's handle must not live on
+            # in the traceback of the error (a skip log keeps those).
+            with path.open("rb") as handle:
+                image = Image.open(handle)
+                image.load()  # the pixels are in memory before the handle closes
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ImageLoadError(f"{path}: not a readable image ({exc})") from None
         except Image.DecompressionBombError as exc:
