@@ -150,8 +150,9 @@ PAGE_CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px;color:#222}
 .turn{margin:.4em 0;line-height:1.8}.who{font-weight:600;margin-right:.4em}
 button.w{font:inherit;border:1px solid #99b;background:#eef;border-radius:4px;padding:0 .25em;
-cursor:pointer}button.w.on{background:#335;color:#fff}
+cursor:pointer}
 button.w.miss{background:#fdd;border-color:#c33}button.w.hit{background:#dfd;border-color:#393}
+button.w.on{background:#335;color:#fff}
 .panel{display:none;gap:1em;flex-wrap:wrap}.panel.on{display:flex}
 .panel img{max-width:640px;width:100%;height:auto}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.15em .5em}
