@@ -397,8 +397,8 @@ def explain_object(
     answer = OBJECT_ANSWER.format(name)
     ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
     text, tokens = answer_tokens(model.tokenizer, ids)
-    start = text.rfind(name)
-    positions = [t.position for t in tokens if start >= 0 and t.end > start and t.start < len(text)]
+    start = text.rfind(name)  # the name ends the answer: its tokens are those ending after start
+    positions = [t.position for t in tokens if start >= 0 and t.end > start]
     if not positions:
         raise GAError(
             f"object_name: {name!r} is not recoverable from the tokenised answer {text!r}"
