@@ -37,3 +37,19 @@ def test_conversation_misuse():
         Conversation().ask("  ")
     with pytest.raises(PromptError, match="no turns"):
         format_conversation(Conversation())
+
+
+def test_paper_template_is_the_authors_string_verbatim():
+    # the authors' scripts: "<image>\nUSER: {question}\nASSISTANT:"
+    assert format_prompt("What's the content of the image?", template="paper") == (
+        "<image>\nUSER: What's the content of the image?\nASSISTANT:"
+    )
+    conv = Conversation().ask("Q1").answered("A1").ask("Q2")
+    assert format_conversation(conv, template="paper") == (
+        "<image>\nUSER: Q1\nASSISTANT: A1</s>\nUSER: Q2\nASSISTANT:"
+    )
+
+
+def test_unknown_template_is_named():
+    with pytest.raises(PromptError, match=r"template: unknown conversation template 'vicuna'"):
+        format_prompt("Q", template="vicuna")

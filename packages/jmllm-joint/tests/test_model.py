@@ -224,6 +224,27 @@ def test_prompt_inputs_template(tiny_joint):
     assert text.replace(" ", "").endswith("What'sintheimage?ASSISTANT:")
 
 
+def test_paper_template_reaches_the_model(tiny_joint, sample_images):
+    from jmllm.joint import format_prompt
+
+    image_id = tiny_joint.llava.config.image_token_id
+    inputs = tiny_joint.prompt_inputs("What's in the image?", template="paper")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.index(image_id) == 1  # right after <s>: the image comes first
+    expected = tiny_joint.tokenizer(format_prompt("What's in the image?", template="paper"))
+    assert [i for i in ids if i != image_id] == [
+        i for i in expected["input_ids"] if i != image_id
+    ]
+    answers = {
+        name: tiny_joint.generate(
+            sample_images[:1], "What's in the image?", max_new_tokens=3, template=name
+        )[0]
+        for name in ("paper", "llava-1.5")
+    }
+    assert answers["paper"].prompt == format_prompt("What's in the image?", template="paper")
+    assert not torch.equal(answers["paper"].prompt_ids, answers["llava-1.5"].prompt_ids)
+
+
 def test_real_size_compatibility_on_meta_device():
     owl_config, llava_config = owlvit_b32_config(), llava_1_5_7b_config()
     w_config = alignment_config_for(owl_config, llava_config, "deep-mlp")

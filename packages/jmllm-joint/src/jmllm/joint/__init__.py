@@ -10,7 +10,16 @@ Example:
     >>> model.generate(emb, "What's in the image?")[0].text  # doctest: +SKIP
 """
 
-from jmllm.joint.chat import ChatTurn, Conversation, PromptError, format_conversation, format_prompt
+from jmllm.joint.chat import (
+    CONVERSATION_TEMPLATES,
+    ChatTurn,
+    Conversation,
+    ConversationTemplate,
+    PromptError,
+    format_conversation,
+    format_prompt,
+    get_template,
+)
 from jmllm.joint.detection import Detections, decode_detections, nms
 from jmllm.joint.explain_report import explain_object
 from jmllm.joint.model import (
@@ -29,12 +38,14 @@ from jmllm.joint.wsol import max_box_acc_v2, run_wsol
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONVERSATION_TEMPLATES",
     "DEFAULT_LLAVA",
     "DEFAULT_OWL",
     "DEFAULT_QUERY_TEMPLATE",
     "AnswerExplanation",
     "ChatTurn",
     "Conversation",
+    "ConversationTemplate",
     "Detections",
     "GAError",
     "GAResult",
@@ -49,6 +60,7 @@ __all__ = [
     "explain_object",
     "format_conversation",
     "format_prompt",
+    "get_template",
     "max_box_acc_v2",
     "nms",
     "run_wsol",

@@ -1,12 +1,27 @@
-"""LLaVA-1.5 prompt templates and multi-turn conversations.
+"""Conversation templates (``llava-1.5`` and ``paper``) and multi-turn conversations.
 
-LLaVA-1.5 (``llava-hf/llava-1.5-*-hf``) was trained with the Vicuna-v1 conversation format:
-roles ``USER``/``ASSISTANT`` separated by a space, every finished assistant turn closed by the
-end-of-sequence token ``</s>``, and the image placeholder only in the first user turn::
+J and stock LLaVA are prompted through a *named* template:
 
-    USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:
+``llava-1.5``
+    The model card's Vicuna-v1 format, which LLaVA-1.5 (``llava-hf/llava-1.5-*-hf``) was trained
+    with: roles ``USER``/``ASSISTANT`` separated by a space, every finished assistant turn closed
+    by the end-of-sequence token ``</s>``, the image placeholder only in the first user turn::
 
-The placeholder is later expanded to one image token per vision patch (576 for LLaVA-1.5).
+        USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:
+
+``paper``
+    The string the paper's authors prompt J with in their scripts (captions for the judge, bias
+    assessment, CUB heatmaps, hallucination study): the image first, then the turn on its own
+    lines::
+
+        <image>\\nUSER: Q1\\nASSISTANT:
+
+    The authors only ever ask one question; later turns continue in the same shape
+    (``A1</s>\\nUSER: Q2\\nASSISTANT:``).
+
+Paper-reproduction paths default to ``paper``; interactive use defaults to ``llava-1.5``
+(``docs/fidelity.md``). The placeholder is later expanded to one image token per vision patch
+(576 for LLaVA-1.5).
 """
 
 from __future__ import annotations
@@ -19,6 +34,56 @@ if TYPE_CHECKING:
 
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_EOS = "</s>"
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """How a conversation becomes LLaVA's prompt text.
+
+    ``first`` formats the first user turn (it holds ``{image}`` once), ``user`` every later user
+    turn, ``answer`` every finished assistant turn; each has ``{question}`` / ``{answer}``.
+    """
+
+    name: str
+    first: str  # first user turn, with {image} and {question}
+    user: str  # later user turns, with {question}
+    answer: str  # a finished assistant turn, with {answer} and {eos}
+
+
+CONVERSATION_TEMPLATES: dict[str, ConversationTemplate] = {
+    "llava-1.5": ConversationTemplate(
+        name="llava-1.5",
+        first="USER: {image}\n{question} ASSISTANT:",
+        user="USER: {question} ASSISTANT:",
+        answer=" {answer}{eos}",
+    ),
+    "paper": ConversationTemplate(
+        name="paper",
+        first="{image}\nUSER: {question}\nASSISTANT:",
+        user="\nUSER: {question}\nASSISTANT:",
+        answer=" {answer}{eos}",
+    ),
+}
+INTERACTIVE_TEMPLATE = "llava-1.5"  # chat, describe, the demo, the explorer app
+PAPER_TEMPLATE = "paper"  # judge captions, bias, WSOL, user-study maps, hallucination audit
+
+
+def get_template(template: str | ConversationTemplate) -> ConversationTemplate:
+    """The :class:`ConversationTemplate` named ``template`` (or ``template`` itself).
+
+    Raises:
+        PromptError: an unknown name; the message lists the known ones.
+
+    Example:
+        >>> get_template("paper").first
+        '{image}\\nUSER: {question}\\nASSISTANT:'
+    """
+    if isinstance(template, ConversationTemplate):
+        return template
+    if isinstance(template, str) and template in CONVERSATION_TEMPLATES:
+        return CONVERSATION_TEMPLATES[template]
+    known = ", ".join(sorted(CONVERSATION_TEMPLATES))
+    raise PromptError(f"template: unknown conversation template {template!r} (known: {known})")
 
 
 class PromptError(ValueError):
@@ -100,27 +165,37 @@ class Conversation:
         return out
 
 
-def format_prompt(question: str) -> str:
-    """The single-turn LLaVA-1.5 prompt for ``question``.
+def format_prompt(
+    question: str, template: str | ConversationTemplate = INTERACTIVE_TEMPLATE
+) -> str:
+    """The single-turn prompt for ``question`` in the named conversation template.
 
     Example:
         >>> format_prompt("What's the content of the image?")
         "USER: <image>\\nWhat's the content of the image? ASSISTANT:"
+        >>> format_prompt("What's the content of the image?", template="paper")
+        "<image>\\nUSER: What's the content of the image?\\nASSISTANT:"
     """
-    return format_conversation(Conversation().ask(question))
+    return format_conversation(Conversation().ask(question), template=template)
 
 
-def format_conversation(conversation: Conversation, eos: str = DEFAULT_EOS) -> str:
-    """The LLaVA-1.5 (Vicuna-v1) text of a conversation, ending with ``ASSISTANT:`` when the last
+def format_conversation(
+    conversation: Conversation,
+    eos: str = DEFAULT_EOS,
+    template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+) -> str:
+    """The text of a conversation in a named template, ending with ``ASSISTANT:`` when the last
     turn is pending.
 
     Args:
         conversation: the turns; only the last may lack an answer.
         eos: the end-of-sequence token that closes each finished assistant turn.
+        template: ``"llava-1.5"`` (default), ``"paper"`` or a :class:`ConversationTemplate`.
 
     Returns:
         The prompt string, with one image placeholder in the first user turn.
     """
+    form = get_template(template)
     if not conversation.turns:
         raise PromptError("conversation: no turns")
     parts = []
@@ -128,10 +203,12 @@ def format_conversation(conversation: Conversation, eos: str = DEFAULT_EOS) -> s
         if turn.answer is None and i != len(conversation.turns) - 1:
             raise PromptError(f"conversation: turn {i + 1} has no answer but is not the last")
         question = check_question(turn.question, f"turn {i + 1}")
-        prefix = IMAGE_PLACEHOLDER + "\n" if i == 0 else ""
-        parts.append(f"USER: {prefix}{question} ASSISTANT:")
+        if i == 0:
+            parts.append(form.first.format(image=IMAGE_PLACEHOLDER, question=question))
+        else:
+            parts.append(form.user.format(question=question))
         if turn.answer is not None:
             # model text never adds image tokens: the placeholder only belongs to turn 1
             answer = turn.answer.replace(IMAGE_PLACEHOLDER, "").strip()
-            parts.append(f" {answer}{eos}")
+            parts.append(form.answer.format(answer=answer, eos=eos))
     return "".join(parts)

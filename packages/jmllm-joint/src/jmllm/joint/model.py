@@ -36,10 +36,13 @@ from jmllm.align import (
     owl_penultimate,
 )
 from jmllm.joint.chat import (
+    INTERACTIVE_TEMPLATE,
     Conversation,
+    ConversationTemplate,
     PromptError,
     check_question,
     format_conversation,
+    get_template,
 )
 from jmllm.joint.detection import Detections, decode_detections, owl_detection_heads
 
@@ -559,12 +562,19 @@ class JointModel:
         return llava_image_tokens(self.llava, pixel_values)
 
     def prompt_inputs(
-        self, prompts: str | Conversation | Sequence[str | Conversation]
+        self,
+        prompts: str | Conversation | Sequence[str | Conversation],
+        template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
     ) -> dict[str, torch.Tensor]:
-        """Token ids of prompts with the LLaVA-1.5 template, left-padded, ``<image>`` expanded.
+        """Token ids of prompts in a conversation template, left-padded, ``<image>`` expanded.
 
-        A string is one question (``USER: <image>\\n{question} ASSISTANT:``); a
+        A string is one question (``USER: <image>\\n{question} ASSISTANT:`` with the default
+        ``llava-1.5`` template, ``<image>\\nUSER: {question}\\nASSISTANT:`` with ``paper``); a
         :class:`~jmllm.joint.chat.Conversation` gives the multi-turn form.
+
+        Args:
+            prompts: one prompt or conversation, or a list of them.
+            template: ``"llava-1.5"`` (default) or ``"paper"`` (see :mod:`jmllm.joint.chat`).
 
         Returns:
             ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on LLaVA's input device.
@@ -576,7 +586,7 @@ class JointModel:
             >>> model.prompt_inputs(["What's in the image?"])["input_ids"].shape  # doctest: +SKIP
             torch.Size([1, 593])
         """
-        texts = self._prompt_texts(prompts)
+        texts = self._prompt_texts(prompts, template)
         if self.tokenizer is None:
             raise JointModelError("tokenizer: J was built without LLaVA's tokenizer")
         image_token = self.tokenizer.convert_ids_to_tokens(self.llava.config.image_token_id)
@@ -591,7 +601,10 @@ class JointModel:
         }
 
     @staticmethod
-    def _prompt_texts(prompts: Any) -> list[str]:
+    def _prompt_texts(
+        prompts: Any, template: str | ConversationTemplate = INTERACTIVE_TEMPLATE
+    ) -> list[str]:
+        get_template(template)  # an unknown name fails before any work
         if isinstance(prompts, (str, Conversation)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -601,10 +614,10 @@ class JointModel:
             if isinstance(prompt, Conversation):
                 if not prompt.pending:
                     raise PromptError(f"conversation {i}: has no pending question")
-                texts.append(format_conversation(prompt))
+                texts.append(format_conversation(prompt, template=template))
             else:
                 question = check_question(prompt, f"prompt {i}")
-                texts.append(format_conversation(Conversation().ask(question)))
+                texts.append(format_conversation(Conversation().ask(question), template=template))
         return texts
 
     def merge_image_tokens(
@@ -690,6 +703,7 @@ class JointModel:
         top_p: float = 1.0,
         seed: int | None = None,
         vision: Vision = "joint",
+        template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
     ) -> list[JointAnswer]:
         """Answers for a batch of (image, prompt) pairs, with the KV cache.
 
@@ -702,6 +716,7 @@ class JointModel:
             seed: seeds sampling without touching the global random state.
             vision: ``"joint"`` feeds W(t); ``"llava"`` feeds stock LLaVA's own vision tower and
                 projector on the same (squashed) images, for side-by-side comparison.
+            template: conversation template, ``"llava-1.5"`` (default) or ``"paper"``.
 
         Returns:
             One :class:`JointAnswer` per pair.
@@ -724,7 +739,7 @@ class JointModel:
             emb = emb.select([0] * len(texts_in))
         if len(texts_in) != len(emb):
             raise JointModelError(f"prompts: {len(texts_in)} prompts for {len(emb)} images")
-        inputs = self.prompt_inputs(texts_in)
+        inputs = self.prompt_inputs(texts_in, template)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         limit = int(self.llava.config.text_config.max_position_embeddings)
         if input_ids.shape[1] + max_new_tokens > limit:
@@ -757,7 +772,7 @@ class JointModel:
                 sequences = self.llava.generate(
                     inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
                 )
-        texts = self._prompt_texts(texts_in)
+        texts = self._prompt_texts(texts_in, template)
         answers = []
         for row in range(sequences.shape[0]):
             new = sequences[row].cpu()
