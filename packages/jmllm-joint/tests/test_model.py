@@ -232,9 +232,7 @@ def test_paper_template_reaches_the_model(tiny_joint, sample_images):
     ids = inputs["input_ids"][0].tolist()
     assert ids.index(image_id) == 1  # right after <s>: the image comes first
     expected = tiny_joint.tokenizer(format_prompt("What's in the image?", template="paper"))
-    assert [i for i in ids if i != image_id] == [
-        i for i in expected["input_ids"] if i != image_id
-    ]
+    assert [i for i in ids if i != image_id] == [i for i in expected["input_ids"] if i != image_id]
     answers = {
         name: tiny_joint.generate(
             sample_images[:1], "What's in the image?", max_new_tokens=3, template=name
