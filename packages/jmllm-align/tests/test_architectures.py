@@ -32,7 +32,7 @@ def test_real_size_deep_mlp_on_meta_is_768_to_4096_with_174m_parameters():
 
 def test_real_size_llava_mlp_and_transformer_shapes_on_meta():
     owl, llava = OwlViTConfig(), llava_1_5_7b_config()
-    for arch in ("llava-mlp", "transformer"):
+    for arch in ("llava-mlp", "transformer", "sequence-transformer"):
         with torch.device("meta"):
             layer = AlignmentLayer(alignment_config_for(owl, llava, arch))
             assert layer(torch.empty(1, 576, 768)).shape == (1, 576, 4096)
@@ -55,7 +55,7 @@ def test_small_parameter_counts(arch, expected):
     assert layer.token_wise
 
 
-def test_token_wise_layers_treat_tokens_independently_and_transformer_mixes():
+def test_token_wise_layers_treat_tokens_independently_and_sequence_transformer_mixes():
     torch.manual_seed(0)
     x = torch.randn(1, 4, 8)
     y = x.clone()
@@ -64,7 +64,7 @@ def test_token_wise_layers_treat_tokens_independently_and_transformer_mixes():
     assert torch.equal(mlp(x)[0, :3], mlp(y)[0, :3])
     tr = AlignmentLayer(
         AlignmentConfig(
-            "transformer", in_dim=8, out_dim=16, hidden_dim=16, num_heads=2, num_tokens=4
+            "sequence-transformer", in_dim=8, out_dim=16, hidden_dim=16, num_heads=2, num_tokens=4
         )
     )
     assert not tr.token_wise

@@ -132,3 +132,23 @@ def test_unreachable_model_is_named(image_folder, tmp_path, capsys):
     )  # fmt: skip
     assert code != 0
     _one_line_error(err, "no-owl", "cannot load OWL-ViT")
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+def test_import_pth_transformer_and_its_heads(tmp_path, capsys):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=16)
+    module = torch.nn.Module()
+    module.linear_in = torch.nn.Linear(8, 16)
+    module.transformer_encoder = torch.nn.TransformerEncoder(layer, num_layers=2)
+    module.linear_out = torch.nn.Linear(16, 12)
+    torch.save(module.state_dict(), tmp_path / "T.pth")
+    out = tmp_path / "t.safetensors"
+    code, text, _ = _run(
+        capsys, "import-pth", str(tmp_path / "T.pth"), str(out), "--num-heads", "4"
+    )
+    assert code == 0 and "transformer, 8 -> 12, width 16, 2 layers, 4 heads" in text
+    assert load_alignment(out).config.num_heads == 4
+    code, _, err = _run(capsys, "import-pth", str(tmp_path / "T.pth"), str(out), "--num-heads", "0")
+    assert code != 0
+    _one_line_error(err, "--num-heads: must be at least 1")

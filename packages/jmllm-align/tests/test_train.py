@@ -29,10 +29,22 @@ def test_presets():
     paper = load_preset("paper")
     assert (paper.architecture, paper.lr, paper.weight_decay) == ("deep-mlp", 1e-4, 1e-2)
     assert (paper.batch_size, paper.epochs, paper.hidden_dim) == (16, 1, None)
+    assert paper.precision == "fp32"  # the authors trained in float32, on GPU too
     with pytest.raises(ValueError, match="no such preset"):
         load_preset("huge")
     with pytest.raises(ValueError, match="unknown training option"):
         paper.replace(learning_rate=1)
+
+
+def test_precision_rule():
+    from jmllm.align.train import uses_bf16
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not uses_bf16(load_preset("paper").precision, cuda)  # the paper preset: fp32 on GPU
+    assert uses_bf16("auto", cuda) and not uses_bf16("auto", cpu)
+    assert uses_bf16("bf16", cpu) and uses_bf16("bf16", cuda)
+    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
+        load_preset("paper").replace(precision="fp16")
 
 
 def test_data_order_is_seeded_disjoint_and_sharded():

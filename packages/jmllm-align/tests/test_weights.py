@@ -25,7 +25,7 @@ def _layer(arch: str = "deep-mlp", **kw) -> AlignmentLayer:
     return AlignmentLayer(config)
 
 
-@pytest.mark.parametrize("arch", ["deep-mlp", "llava-mlp", "transformer"])
+@pytest.mark.parametrize("arch", ["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"])
 def test_round_trip_keeps_tensors_config_and_provenance(tmp_path, arch):
     layer = _layer(arch, num_heads=2, source_model="owl", target_model="llava")
     path = save_alignment(
@@ -175,7 +175,33 @@ def test_import_refuses_pickled_non_tensor_content(tmp_path, capsys):
     with pytest.raises(AlignmentWeightsError, match="expected a dict of tensors"):
         import_authors_state_dict(plain, tmp_path / "w.safetensors")
     wrong = tmp_path / "wrong.pth"
-    torch.save({"linear_1.weight": torch.zeros(2, 2)}, wrong)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(AlignmentWeightsError, match=r"missing tensor input_layer.weight"):
         import_authors_state_dict(wrong, tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_version_1_transformer_files_load_as_the_sequence_transformer(tmp_path):
+    """Before version 2 the project's whole-sequence network was called "transformer"."""
+    layer = _layer("sequence-transformer", num_heads=2).eval()
+    path = save_alignment(layer, tmp_path / "w.safetensors")
+    config = json.loads(_metadata(path)["config"])
+    for key in ("ffn_dim", "dropout"):  # fields version 1 did not have
+        config.pop(key)
+    old = json.dumps({**config, "architecture": "transformer"})
+    _rewrite(path, metadata=lambda m: {**m, "format_version": "1", "config": old})
+    loaded = load_alignment(path)
+    assert loaded.config.architecture == "sequence-transformer"
+    assert loaded.config == layer.config
+    x = torch.randn(2, 4, 8)
+    assert torch.equal(loaded(x), layer(x))
+    _rewrite(path, metadata=lambda m: {**m, "format_version": "3"})
+    with pytest.raises(AlignmentWeightsError, match="format version '3' is not supported"):
+        load_alignment(path)
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata())

@@ -1,11 +1,18 @@
 """The alignment layer W: maps OWL-ViT vision tokens into LLaVA's image-token space.
 
 Giulivi and Boracchi, *Explaining Multi-modal Large Language Models by Analyzing their Vision
-Perception* (BMVC 2024, arXiv 2405.14612), supplementary §1 and Table 1. Three architectures:
+Perception* (BMVC 2024, arXiv 2405.14612), supplementary §1 and Table 1. The paper's three
+architectures, each exactly as the authors built it (their ``projection_modules.py``), plus one of
+the project's own:
 
 - ``deep-mlp``: the paper's W. Token-wise MLP, hidden 8192, two hidden layers (judge score 6.1).
 - ``llava-mlp``: LLaVA-1.5's own projector shape, Linear + GELU + Linear (5.6).
-- ``transformer``: a small encoder over the whole token sequence (3.2).
+- ``transformer``: the authors' small transformer (3.2): Linear(in→4096), two post-norm
+  ``nn.TransformerEncoderLayer`` (width 4096, 8 heads, feed-forward 4096, ReLU, dropout 0.1, no
+  position embeddings), Linear(4096→out). Token-wise: see :class:`TokenwiseTransformer`.
+- ``sequence-transformer``: the project's transformer over the whole token sequence (pre-norm,
+  learned positions, width 1024, 16 heads). Not in the paper; files written before the weight
+  format's version 2 call it ``transformer`` and still load as this architecture.
 
 Dimensions always come from the two models' configs (:func:`alignment_config_for`); 768 and
 4096 are only what OWL-ViT B/32 and LLaVA-1.5-7b give.
@@ -20,8 +27,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Architecture = Literal["deep-mlp", "llava-mlp", "transformer"]
-ARCHITECTURES: tuple[str, ...] = ("deep-mlp", "llava-mlp", "transformer")
+Architecture = Literal["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"]
+ARCHITECTURES: tuple[str, ...] = ("deep-mlp", "llava-mlp", "transformer", "sequence-transformer")
+TRANSFORMERS = ("transformer", "sequence-transformer")
 
 
 @dataclass
@@ -31,12 +39,17 @@ class AlignmentConfig:
     architecture: str = "deep-mlp"
     in_dim: int = 768  # OWL-ViT vision hidden size (B/32: 768)
     out_dim: int = 4096  # LLaVA language model hidden size (LLaVA-1.5-7b: 4096)
-    hidden_dim: int = 8192  # deep-mlp width (paper: 8192); transformer model width
-    num_hidden_layers: int = 2  # deep-mlp: hidden 8192→8192 blocks; transformer: encoder layers
-    num_heads: int = 8  # transformer only
+    hidden_dim: int = 8192  # deep-mlp width (paper: 8192); transformers: model width
+    num_hidden_layers: int = 2  # deep-mlp: hidden 8192→8192 blocks; transformers: encoder layers
+    num_heads: int = 8  # transformers only (the authors': 8)
     num_tokens: int = (
-        576  # tokens W sees per image (CLS dropped); needed by the transformer's positions
+        576  # tokens W sees per image (CLS dropped); sequence-transformer: its positions
     )
+    # Transformers only; None: the architecture's own (transformer: feed-forward = hidden_dim and
+    # dropout 0.1, as the authors' nn.TransformerEncoderLayer(d, 8, dim_feedforward=d);
+    # sequence-transformer: 4 × hidden_dim and no dropout).
+    ffn_dim: int | None = None
+    dropout: float | None = None
     # Provenance of the two sides, checked when W is attached to models.
     source_model: str = ""  # e.g. google/owlvit-base-patch32
     source_layer: int = -2  # OWL-ViT hidden state W reads (penultimate)
@@ -55,14 +68,38 @@ class AlignmentConfig:
                 raise ValueError(
                     f"alignment config {name} must be a positive integer, got {value!r}"
                 )
-        if self.architecture == "transformer" and self.hidden_dim % self.num_heads:
-            raise ValueError(
-                f"transformer hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}"
-            )
+        if self.architecture in TRANSFORMERS:
+            if not isinstance(self.num_heads, int) or self.num_heads <= 0:
+                raise ValueError(
+                    f"alignment config num_heads must be a positive integer, got {self.num_heads!r}"
+                )
+            if self.hidden_dim % self.num_heads:
+                raise ValueError(
+                    f"{self.architecture} hidden_dim {self.hidden_dim} is not divisible by "
+                    f"num_heads {self.num_heads}"
+                )
+            authors = self.architecture == "transformer"
+            if self.ffn_dim is None:
+                self.ffn_dim = self.hidden_dim if authors else 4 * self.hidden_dim
+            if self.dropout is None:
+                self.dropout = 0.1 if authors else 0.0
+            if not isinstance(self.ffn_dim, int) or self.ffn_dim <= 0:
+                raise ValueError(
+                    f"alignment config ffn_dim must be a positive integer, got {self.ffn_dim!r}"
+                )
+            if not 0.0 <= float(self.dropout) < 1.0:
+                raise ValueError(
+                    f"alignment config dropout must be in [0, 1), got {self.dropout!r}"
+                )
+
+    @property
+    def token_wise(self) -> bool:
+        """Whether every token is mapped on its own (all but ``sequence-transformer``)."""
+        return self.architecture != "sequence-transformer"
 
     def fits_tokens(self, num_tokens: int) -> bool:
-        """Token-wise MLPs take any sequence length; the transformer only its own."""
-        return self.architecture != "transformer" or self.num_tokens == num_tokens
+        """Token-wise layers take any sequence length; the sequence transformer only its own."""
+        return self.token_wise or self.num_tokens == num_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,10 +143,53 @@ class LlavaMLP(nn.Module):
         return self.linear_2(nn.functional.gelu(self.linear_1(tokens)))  # (B, S, in) -> (B, S, out)
 
 
-class SequenceTransformer(nn.Module):
-    """Whole-sequence W: input projection, encoder layers with learned positions, output projection.
+class TokenwiseTransformer(nn.Module):
+    """The authors' transformer W, computed the way their code computes it for one image.
 
-    Unlike the MLPs it mixes tokens, so it only accepts sequences of ``num_tokens`` tokens.
+    Their module (``TransformerProjectionModule``) is ``linear_in``, an ``nn.TransformerEncoder``
+    of ``nn.TransformerEncoderLayer(d_model=h, nhead=8, dim_feedforward=h)`` (PyTorch's defaults:
+    post-norm, ReLU, dropout 0.1, no position embeddings) and ``linear_out``. The layer is built
+    without ``batch_first``, so a (B, N, h) input is read as a sequence of B over a batch of N:
+    attention runs across the images of a batch at each token position. At batch 1, how the
+    authors caption, explain and assess, every token is a sequence of one, whose attention
+    over its single key returns its value: the network is token-wise. This class computes exactly
+    that for any batch: every token is its own length-1 sequence, so images never leak into each
+    other and imported weights give the authors' batch-1 outputs whatever the batch size.
+
+    The submodules carry the authors' names (``linear_in``, ``transformer_encoder.layers.N.*``,
+    ``linear_out``); their state dict's unused ``transformer_layer.*`` (the template layer that
+    ``nn.TransformerEncoder`` copies) is not kept.
+    """
+
+    def __init__(self, config: AlignmentConfig) -> None:
+        super().__init__()
+        assert config.ffn_dim is not None and config.dropout is not None
+        self.hidden_dim = config.hidden_dim
+        self.linear_in = nn.Linear(config.in_dim, config.hidden_dim)
+        layer = nn.TransformerEncoderLayer(
+            d_model=config.hidden_dim,
+            nhead=config.num_heads,
+            dim_feedforward=config.ffn_dim,
+            dropout=config.dropout,
+        )  # batch_first=False, norm_first=False, activation relu: the authors' construction
+        self.transformer_encoder = nn.TransformerEncoder(
+            layer, num_layers=config.num_hidden_layers, enable_nested_tensor=False
+        )
+        self.linear_out = nn.Linear(config.hidden_dim, config.out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        lead = tokens.shape[:-1]  # (B, S)
+        x = self.linear_in(tokens).reshape(1, -1, self.hidden_dim)  # (1, B·S, h): seq-first
+        x = self.transformer_encoder(x)  # every token a sequence of length 1
+        return self.linear_out(x).reshape(*lead, -1)  # (B, S, out)
+
+
+class SequenceTransformer(nn.Module):
+    """The project's whole-sequence W (``sequence-transformer``, not in the paper): input
+    projection, pre-norm encoder layers with learned positions, output projection.
+
+    Unlike the other architectures it mixes the tokens of an image, so it only accepts sequences
+    of ``num_tokens`` tokens.
     """
 
     def __init__(self, config: AlignmentConfig) -> None:
@@ -120,10 +200,10 @@ class SequenceTransformer(nn.Module):
         layer = nn.TransformerEncoderLayer(
             d_model=config.hidden_dim,
             nhead=config.num_heads,
-            dim_feedforward=4 * config.hidden_dim,
+            dim_feedforward=config.ffn_dim or 4 * config.hidden_dim,
             batch_first=True,
             norm_first=True,
-            dropout=0.0,
+            dropout=config.dropout or 0.0,
         )
         self.encoder = nn.TransformerEncoder(
             layer, num_layers=config.num_hidden_layers, enable_nested_tensor=False
@@ -133,7 +213,8 @@ class SequenceTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-2] != self.num_tokens:
             raise ValueError(
-                f"transformer alignment expects {self.num_tokens} tokens per image, got {tokens.shape[-2]}"
+                f"sequence-transformer alignment expects {self.num_tokens} tokens per image, "
+                f"got {tokens.shape[-2]}"
             )
         x = self.input_projection(tokens) + self.positions  # (B, S, h)
         x = self.encoder(x)  # (B, S, h)
@@ -143,7 +224,8 @@ class SequenceTransformer(nn.Module):
 _CLASSES: dict[str, type[nn.Module]] = {
     "deep-mlp": DeepMLP,
     "llava-mlp": LlavaMLP,
-    "transformer": SequenceTransformer,
+    "transformer": TokenwiseTransformer,
+    "sequence-transformer": SequenceTransformer,
 }
 
 
@@ -168,8 +250,8 @@ class AlignmentLayer(nn.Module):
 
     @property
     def token_wise(self) -> bool:
-        """Whether every token is mapped independently (MLPs) or the sequence is mixed."""
-        return self.config.architecture != "transformer"
+        """Whether every token is mapped independently or the sequence is mixed."""
+        return self.config.token_wise
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] != self.config.in_dim:
@@ -247,7 +329,9 @@ def alignment_config_for(
     """
     dims = encoder_dims(owl_config, llava_config)
     defaults: dict[str, Any] = {"hidden_dim": 8192, "num_hidden_layers": 2}
-    if architecture == "transformer":
+    if architecture == "transformer":  # the authors' TransformerProjectionModule defaults
+        defaults = {"hidden_dim": 4096, "num_hidden_layers": 2, "num_heads": 8}
+    elif architecture == "sequence-transformer":
         defaults = {"hidden_dim": 1024, "num_hidden_layers": 2, "num_heads": 16}
     defaults.update(overrides)
     return AlignmentConfig(

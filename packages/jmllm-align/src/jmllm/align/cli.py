@@ -63,7 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--source-model", help="OWL-ViT Hub id or folder")
     p.add_argument("--target-model", help="LLaVA Hub id or folder")
-    p.add_argument("--architecture", choices=["deep-mlp", "llava-mlp", "transformer"])
+    p.add_argument(
+        "--architecture", choices=["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"]
+    )
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int, help="images per optimizer step, all ranks")
@@ -80,7 +82,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--num-workers", type=int, help="image decoding processes per rank")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        help="fp32 (the paper preset, as the authors trained), bf16 autocast, or auto "
+        "(bf16 on GPU, fp32 on CPU)",
+    )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--set",
@@ -111,6 +118,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-model", default="google/owlvit-base-patch32")
     p.add_argument("--target-model", default="llava-hf/llava-1.5-7b-hf")
     p.add_argument("--num-tokens", type=int, default=576)
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=8,
+        help="attention heads of a transformer state dict (the authors': 8; not in the tensors)",
+    )
 
     p = sub.add_parser("demo", help="train W between tiny local encoders on generated images")
     p.add_argument("--out", default="jmllm-demo", help="run folder (default: ./jmllm-demo)")
@@ -332,18 +345,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from jmllm.align.weights import import_authors_state_dict, read_metadata
 
+    if args.num_heads < 1:
+        raise ValueError(f"--num-heads: must be at least 1, got {args.num_heads}")
     path = import_authors_state_dict(
         args.state_dict,
         args.out,
         source_model=args.source_model,
         target_model=args.target_model,
         num_tokens=args.num_tokens,
+        num_heads=args.num_heads,
     )
     config, _ = read_metadata(path)
-    print(
-        f"wrote {path} ({config.architecture}, {config.in_dim} -> {config.out_dim}, "
-        f"hidden {config.hidden_dim} x {config.num_hidden_layers})"
-    )
+    shape = f"hidden {config.hidden_dim} x {config.num_hidden_layers}"
+    if config.architecture == "llava-mlp":
+        shape = "Linear + GELU + Linear"
+    elif config.architecture == "transformer":
+        shape = (
+            f"width {config.hidden_dim}, {config.num_hidden_layers} layers, "
+            f"{config.num_heads} heads, feed-forward {config.ffn_dim}"
+        )
+    print(f"wrote {path} ({config.architecture}, {config.in_dim} -> {config.out_dim}, {shape})")
     return 0
 
 

@@ -109,7 +109,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # stop (and save) after this many optimizer steps in total
     seed: int = 0  # W's init, the data order and the held-out subset
-    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
+    # "fp32" (the paper preset: the authors trained in float32), "bf16" (encoders in bfloat16,
+    # W under bf16 autocast) or "auto" (bf16 on GPU, fp32 on CPU).
+    precision: str = "auto"
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when available, else cpu
     # Where images are resized/normalised: "workers" (DataLoader processes, frees the main
     # process on CPU), "device" (batched on the GPU), or "auto" (device on GPU, else workers).
@@ -798,6 +800,16 @@ def train(
             dist.destroy_process_group()
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run trains in bfloat16 (encoders in bf16, W's forward under autocast).
+
+    Example:
+        >>> uses_bf16("fp32", torch.device("cuda")), uses_bf16("auto", torch.device("cuda"))
+        (False, True)
+    """
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _train(
     config: TrainConfig,
     out: Path,
@@ -806,7 +818,7 @@ def _train(
     info: _Dist,
 ) -> TrainResult:
     device = _resolve_device(config, info)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(config.precision, device)
     checkpoint_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
     if config.batch_size < info.world:
         raise ValueError(f"batch_size {config.batch_size} is smaller than {info.world} processes")

@@ -1,14 +1,20 @@
 """The alignment weight format shared by every jmllm package (DESIGN §3).
 
-One ``.safetensors`` file. Tensor names are the module names of :class:`AlignmentLayer`'s network
-(for ``deep-mlp``: ``input_layer.{weight,bias}``, ``hidden_layers.N.{weight,bias}``,
-``output_layer.{weight,bias}``; for ``llava-mlp``: ``linear_1.*``, ``linear_2.*``). The file's
-metadata holds:
+One ``.safetensors`` file. Tensor names are the module names of :class:`AlignmentLayer`'s network,
+which are the authors' names for the paper's three architectures (``deep-mlp``:
+``input_layer.{weight,bias}``, ``hidden_layers.N.{weight,bias}``, ``output_layer.{weight,bias}``;
+``llava-mlp``: ``linear_1.*``, ``linear_2.*``; ``transformer``: ``linear_in.*``,
+``transformer_encoder.layers.N.*`` (PyTorch ``TransformerEncoderLayer`` names), ``linear_out.*``;
+``sequence-transformer``: ``input_projection.*``, ``positions``, ``encoder.layers.N.*``,
+``output_projection.*``). The file's metadata holds:
 
-- ``format``: ``"jmllm-alignment"``; ``format_version``: ``"1"``;
+- ``format``: ``"jmllm-alignment"``; ``format_version``: ``"2"``;
 - ``config``: JSON of :class:`AlignmentConfig` (architecture, dims, source model and layer, target
   model, CLS handling);
 - ``provenance``: JSON of how the weights were made (steps, images, final loss, ...).
+
+Version 1 files still load: their ``transformer`` was the project's whole-sequence network, now
+named ``sequence-transformer`` (version 2 gave the name to the authors' token-wise transformer).
 
 Only safetensors (or ``torch.load(weights_only=True)`` for the authors' ``.pth``) is ever read.
 """
@@ -26,7 +32,10 @@ import torch
 from jmllm.align.architectures import AlignmentConfig, AlignmentLayer
 
 FORMAT_NAME = "jmllm-alignment"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+# Version 1 named the project's whole-sequence transformer "transformer".
+_V1_ARCHITECTURES = {"transformer": "sequence-transformer"}
 DEFAULT_FILENAME = "alignment.safetensors"
 
 
@@ -92,13 +101,18 @@ def read_metadata(path: str | os.PathLike[str]) -> tuple[AlignmentConfig, dict[s
             f"{path}: not a jmllm alignment file (metadata 'format' is {metadata.get('format')!r}); "
             "convert the authors' .pth with `jmllm-align import-pth`"
         )
-    if metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise AlignmentWeightsError(
-            f"{path}: format version {metadata.get('format_version')!r} is not supported "
-            f"(this jmllm reads version {FORMAT_VERSION})"
+            f"{path}: format version {version!r} is not supported "
+            f"(this jmllm reads versions {', '.join(READABLE_VERSIONS)})"
         )
     try:
-        config = AlignmentConfig.from_dict(json.loads(metadata["config"]))
+        data = json.loads(metadata["config"])
+        if version == "1" and isinstance(data, dict):
+            arch = data.get("architecture")
+            data["architecture"] = _V1_ARCHITECTURES.get(arch, arch)
+        config = AlignmentConfig.from_dict(data)
         provenance = json.loads(metadata.get("provenance", "{}"))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise AlignmentWeightsError(f"{path}: invalid config in metadata ({exc})") from None
@@ -207,6 +221,100 @@ def _existing_file(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+# The authors' modules (their projection_modules.py) and the tensors that identify each.
+AUTHORS_MODULES = {
+    "deep-mlp": "DeeperMLPProjectionModule (input_layer, hidden_layers.N, output_layer)",
+    "llava-mlp": "CopyProjectionModule / LlavaMultiModalProjector (linear_1, linear_2)",
+    "transformer": "TransformerProjectionModule (linear_in, transformer_encoder.layers.N, linear_out)",
+}
+# Prefixes their saved dicts may carry: DataParallel's, and CopyProjectionModule's own
+# state_dict() (its projector is the attribute token_projection).
+_PREFIXES = ("module.", "token_projection.")
+
+
+def _layer_indices(state: dict[str, torch.Tensor], prefix: str, pth: Path) -> list[int]:
+    indices = sorted({int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)})
+    if indices != list(range(len(indices))):
+        raise AlignmentWeightsError(f"{pth}: {prefix}N layers are not numbered 0..N-1: {indices}")
+    return indices
+
+
+def authors_config(
+    state: dict[str, torch.Tensor],
+    pth: Path,
+    *,
+    num_heads: int = 8,
+    **common: Any,
+) -> tuple[AlignmentConfig, dict[str, torch.Tensor], list[str]]:
+    """Recognise which of the authors' three modules a state dict holds and its dimensions.
+
+    Returns:
+        the :class:`AlignmentConfig`, the tensors under the project's names (the authors' own
+        for these architectures) and the names of tensors dropped as unused by the forward pass
+        (the transformer's template layer ``transformer_layer.*``).
+    """
+    dropped: list[str] = []
+    if "input_layer.weight" in state and "output_layer.weight" in state:
+        hidden_dim, in_dim = state["input_layer.weight"].shape
+        config = AlignmentConfig(
+            architecture="deep-mlp",
+            in_dim=int(in_dim),
+            out_dim=int(state["output_layer.weight"].shape[0]),
+            hidden_dim=int(hidden_dim),
+            num_hidden_layers=len(_layer_indices(state, "hidden_layers.", pth)),
+            **common,
+        )
+    elif "linear_1.weight" in state or "linear_2.weight" in state:
+        for key in ("linear_1.weight", "linear_2.weight"):
+            if key not in state:
+                raise AlignmentWeightsError(
+                    f"{pth}: missing tensor {key}; expected the authors' LLaVA MLP "
+                    f"({AUTHORS_MODULES['llava-mlp']})"
+                )
+        out_dim, in_dim = state["linear_1.weight"].shape
+        config = AlignmentConfig(
+            architecture="llava-mlp",
+            in_dim=int(in_dim),
+            out_dim=int(out_dim),
+            hidden_dim=int(out_dim),  # LLaVA's projector: its hidden width is the output's
+            **common,
+        )
+    elif "linear_in.weight" in state or "linear_out.weight" in state:
+        for key in (
+            "linear_in.weight",
+            "linear_out.weight",
+            "transformer_encoder.layers.0.linear1.weight",
+        ):
+            if key not in state:
+                raise AlignmentWeightsError(
+                    f"{pth}: missing tensor {key}; expected the authors' transformer "
+                    f"({AUTHORS_MODULES['transformer']})"
+                )
+        dropped = sorted(k for k in state if k.startswith("transformer_layer."))
+        state = {k: v for k, v in state.items() if k not in dropped}
+        hidden_dim, in_dim = state["linear_in.weight"].shape
+        try:
+            config = AlignmentConfig(
+                architecture="transformer",
+                in_dim=int(in_dim),
+                out_dim=int(state["linear_out.weight"].shape[0]),
+                hidden_dim=int(hidden_dim),
+                num_hidden_layers=len(_layer_indices(state, "transformer_encoder.layers.", pth)),
+                num_heads=num_heads,
+                ffn_dim=int(state["transformer_encoder.layers.0.linear1.weight"].shape[0]),
+                **common,
+            )
+        except ValueError as exc:  # e.g. a width the number of heads does not divide
+            raise AlignmentWeightsError(f"{pth}: {exc}") from None
+    else:
+        known = "; ".join(AUTHORS_MODULES.values())
+        raise AlignmentWeightsError(
+            f"{pth}: not one of the authors' state dicts (missing tensor input_layer.weight, "
+            f"linear_1.weight or linear_in.weight); expected {known}"
+        )
+    return config, state, dropped
+
+
 def import_authors_state_dict(
     pth: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -214,21 +322,32 @@ def import_authors_state_dict(
     source_model: str = "google/owlvit-base-patch32",
     target_model: str = "llava-hf/llava-1.5-7b-hf",
     num_tokens: int = 576,
+    num_heads: int = 8,
 ) -> Path:
-    """Convert the paper authors' published PyTorch state dict into the jmllm format.
+    """Convert one of the paper authors' PyTorch state dicts into the jmllm format.
 
-    Their deep MLP stores ``input_layer.*``, ``hidden_layers.N.*`` and ``output_layer.*``; the
-    architecture (dims and depth) is inferred from the tensors. The file is read with
-    ``torch.load(weights_only=True)``: no pickled code is ever executed.
+    All three of their modules (``projection_modules.py``) are recognised by their tensor names,
+    and the architecture's dimensions and depth are read from the tensors:
+
+    - the deep MLP (``input_layer.*``, ``hidden_layers.N.*``, ``output_layer.*``) → ``deep-mlp``;
+    - the LLaVA-shaped MLP (``linear_1.*``, ``linear_2.*``, optionally under
+      ``token_projection.``) → ``llava-mlp``;
+    - the transformer (``linear_in.*``, ``transformer_encoder.layers.N.*``, ``linear_out.*``; the
+      unused template layer ``transformer_layer.*`` is dropped) → ``transformer``, token-wise as
+      their code runs at batch 1. Its number of heads is not in the tensors: ``num_heads``
+      (theirs: 8).
+
+    The file is read with ``torch.load(weights_only=True)``: no pickled code is ever executed.
 
     Args:
         pth: the ``.pth`` / ``.pt`` state dict.
         out: the ``.safetensors`` file to write.
         source_model, target_model: recorded in the config (the models the weights were trained for).
         num_tokens: image tokens per image (576 for the default pair).
+        num_heads: attention heads of a transformer (the authors': 8).
 
     Example:
-        >>> import_authors_state_dict("W.pth", "w.safetensors")  # doctest: +SKIP
+        >>> import_authors_state_dict("projector_deepermlp.pth", "w.safetensors")  # doctest: +SKIP
     """
     pth = _existing_file(pth)
     try:
@@ -241,26 +360,12 @@ def import_authors_state_dict(
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AlignmentWeightsError(f"{pth}: expected a dict of tensors (a state dict)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    for key in ("input_layer.weight", "output_layer.weight"):
-        if key not in state:
-            raise AlignmentWeightsError(
-                f"{pth}: missing tensor {key}; expected the authors' deep MLP "
-                "(input_layer, hidden_layers.N, output_layer)"
-            )
-    hidden_dim, in_dim = state["input_layer.weight"].shape
-    out_dim = state["output_layer.weight"].shape[0]
-    hidden_indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("hidden_layers.")})
-    if hidden_indices != list(range(len(hidden_indices))):
-        raise AlignmentWeightsError(
-            f"{pth}: hidden layers are not numbered 0..N-1: {hidden_indices}"
-        )
-    config = AlignmentConfig(
-        architecture="deep-mlp",
-        in_dim=int(in_dim),
-        out_dim=int(out_dim),
-        hidden_dim=int(hidden_dim),
-        num_hidden_layers=len(hidden_indices),
+    for prefix in _PREFIXES:
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    config, state, dropped = authors_config(
+        state,
+        pth,
+        num_heads=num_heads,
         num_tokens=num_tokens,
         source_model=source_model,
         target_model=target_model,
@@ -269,5 +374,11 @@ def import_authors_state_dict(
     try:
         layer.net.load_state_dict(state)
     except RuntimeError as exc:
-        raise AlignmentWeightsError(f"{pth}: tensors do not form a deep MLP ({exc})") from None
-    return save_alignment(layer, out, {"imported_from": pth.name})
+        raise AlignmentWeightsError(
+            f"{pth}: tensors do not form the authors' {config.architecture} "
+            f"({AUTHORS_MODULES[config.architecture]}): {' '.join(str(exc).split())}"
+        ) from None
+    provenance: dict[str, Any] = {"imported_from": pth.name}
+    if dropped:
+        provenance["dropped_unused_tensors"] = dropped
+    return save_alignment(layer, out, provenance)
