@@ -70,14 +70,15 @@ def test_report_is_self_contained_and_escaped(explanation, tmp_path):
 
 
 def test_explain_object_is_the_paper_setting_drawn(tiny_joint, sample_images):
-    """explain_object = attribute on 'The image shows a <name>' over every name token, drawn."""
+    """explain_object = attribute on 'The image shows a <name>' over every name token, in the
+    authors' conversation template, drawn."""
     image = sample_images[2]
     emb = tiny_joint.embed(image)
     answer = "The image shows a hot dog"
     ga = GradientAlignment(tiny_joint)
     words = [ga.attribute(emb, QUESTION, w, ["hot dog"], answer=answer) for w in ("hot", "dog")]
     positions = [t.position for r in words for t in r.tokens]
-    expected = ga.attribute(emb, QUESTION, positions, ["hot dog"], answer=answer)
+    expected = ga.attribute(emb, QUESTION, positions, ["hot dog"], answer=answer, template="paper")
 
     def pixels(png: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(png)) as im:

@@ -1,4 +1,9 @@
-"""MaxBoxAccV2 on maps whose answer is known by construction, and the WSOL runner."""
+"""MaxBoxAccV2 on maps whose answer is known by construction, and the WSOL runner.
+
+The geometric tests use the ``exact`` protocol (boxes end at the component's last pixel); the
+reference protocol's quirks and its parity with an independent implementation are in
+``test_wsol_reference.py``.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +33,15 @@ def _blob(shape, box, value=1.0, base=None):
 
 def test_perfect_map_scores_100():
     gt = np.array([[10, 5, 29, 19]])
-    res = max_box_acc_v2([_blob((40, 50), gt[0])], [gt])
+    res = max_box_acc_v2([_blob((40, 50), gt[0])], [gt], protocol="exact")
     assert res.value == 100.0 and res.per_iou == {0.3: 100.0, 0.5: 100.0, 0.7: 100.0}
 
 
 def test_wrong_region_scores_0():
     gt = np.array([[0, 0, 9, 9]])
-    res = max_box_acc_v2([_blob((40, 40), (25, 25, 39, 39))], [gt])
-    assert res.value == 0.0
+    for protocol in ("exact", "wsolevaluation"):
+        res = max_box_acc_v2([_blob((40, 40), (25, 25, 39, 39))], [gt], protocol=protocol)
+        assert res.value == 0.0
 
 
 def test_needs_every_contour():
@@ -45,22 +51,25 @@ def test_needs_every_contour():
     gt = np.array([[2, 2, 11, 11]])
     m = _blob((60, 60), gt[0], 1.0)
     m = _blob((60, 60), (40, 40, 55, 55), 0.6, base=m)
-    acc = BoxAccumulator(thresholds=[0.3])  # τ below the distractor: two components
+    acc = BoxAccumulator(thresholds=[0.3], protocol="exact")  # τ below the distractor
     assert acc.best_ious(m, gt)[0] == pytest.approx(1.0)
     union_box = np.array([[2, 2, 55, 55]])
     assert box_iou_inclusive(union_box, gt)[0, 0] < 0.3  # the single-box answer would fail
-    assert max_box_acc_v2([m], [gt], thresholds=[0.3]).value == 100.0
+    assert max_box_acc_v2([m], [gt], thresholds=[0.3], protocol="exact").value == 100.0
+    # the reference also boxes every contour (its boxes end one pixel past: IoU 100/121)
+    reference = BoxAccumulator(thresholds=[0.3]).best_ious(m, gt)[0]
+    assert reference == pytest.approx(100 / 121)
 
 
 def test_any_gt_box_counts_and_best_tau_per_delta():
     gts = np.array([[0, 0, 4, 4], [20, 20, 29, 29]])
     m = _blob((40, 40), gts[1])  # matches the second object only
-    assert max_box_acc_v2([m], [gts]).value == 100.0
+    assert max_box_acc_v2([m], [gts], protocol="exact").value == 100.0
     # two images: the best τ is chosen per δ over the dataset, then averaged over δ
     good = _blob((30, 30), (5, 5, 14, 14))
     half = _blob((30, 30), (5, 5, 14, 14), 0.5, base=_blob((30, 30), (5, 5, 24, 14), 0.2))
     gt = np.array([[5, 5, 14, 14]])
-    res = max_box_acc_v2([good, half], [gt, gt], thresholds=[0.1, 0.6])
+    res = max_box_acc_v2([good, half], [gt, gt], thresholds=[0.1, 0.6], protocol="exact")
     # τ=0.1: `half` gives the 20×10 box (IoU 0.5) → right at δ 0.3 and 0.5; τ=0.6: exact
     assert res.per_iou == {0.3: 100.0, 0.5: 100.0, 0.7: 100.0}
     assert res.best_threshold[0.7] == 0.6
@@ -69,8 +78,14 @@ def test_any_gt_box_counts_and_best_tau_per_delta():
 
 def test_constant_and_nan_maps_do_not_divide_by_zero():
     gt = np.array([[0, 0, 3, 3]])
-    res = max_box_acc_v2([np.full((10, 10), 0.7), np.full((10, 10), np.nan)], [gt, gt])
+    maps = [np.full((10, 10), 0.7), np.full((10, 10), np.nan)]
+    res = max_box_acc_v2(maps, [gt, gt], protocol="exact")
     assert res.value == 0.0 and res.num_images == 2
+    # the reference refuses what it cannot score, naming the map
+    with pytest.raises(ValueError, match="map 1: contains NaN"):
+        max_box_acc_v2(maps, [gt, gt])
+    with pytest.raises(ValueError, match=r"map 0: values must lie in \[0, 1\].*got \[2, 2\]"):
+        max_box_acc_v2([np.full((10, 10), 2.0)], [gt])
 
 
 def test_component_boxes_use_8_connectivity():
@@ -87,6 +102,8 @@ def test_bad_arguments():
         max_box_acc_v2([np.ones((4, 4))] * 2, [np.array([[0, 0, 1, 1]])])
     with pytest.raises(ValueError, match="iou_thresholds"):
         BoxAccumulator(iou_thresholds=(0.0,))
+    with pytest.raises(ValueError, match="protocol: 'clova' is not one of wsolevaluation, exact"):
+        BoxAccumulator(protocol="clova")
 
 
 @pytest.fixture
@@ -116,6 +133,14 @@ def test_read_folder_groups_boxes(cub_folder):
 def test_runner_scores_ga_beside_the_baseline(tiny_joint, cub_folder, tmp_path):
     report = run_wsol(tiny_joint, cub_folder, progress=False)
     assert set(report.results) == {"ga", "gradient"}
+    # every default is the authors' protocol
+    assert {k: report.setting[k] for k in ("template", "protocol", "pipeline", "map_size")} == {
+        "template": "paper",
+        "protocol": "wsolevaluation",
+        "pipeline": "authors",
+        "map_size": [224, 224],
+    }
+    assert (report.setting["box_rounding"], report.setting["class_query"]) == ("truncate", "first")
     assert report.num_images == 3 and list(report.skipped) == ["001.Bird/broken.jpg"]
     for res in report.results.values():
         assert 0.0 <= res.value <= 100.0 and res.num_images == 3

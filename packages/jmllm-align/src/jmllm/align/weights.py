@@ -110,7 +110,7 @@ def read_metadata(path: str | os.PathLike[str]) -> tuple[AlignmentConfig, dict[s
     try:
         data = json.loads(metadata["config"])
         if version == "1" and isinstance(data, dict):
-            arch = data.get("architecture")
+            arch = str(data.get("architecture"))
             data["architecture"] = _V1_ARCHITECTURES.get(arch, arch)
         config = AlignmentConfig.from_dict(data)
         provenance = json.loads(metadata.get("provenance", "{}"))

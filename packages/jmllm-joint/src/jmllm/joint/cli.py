@@ -99,6 +99,21 @@ def _add_common_arguments(common: argparse.ArgumentParser) -> None:
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--template``: the conversation template J (and stock LLaVA) is prompted with."""
+    from jmllm.joint.chat import CONVERSATION_TEMPLATES
+
+    forms = "; ".join(
+        f"{name}: {form.first!r}" for name, form in sorted(CONVERSATION_TEMPLATES.items())
+    )
+    parser.add_argument(
+        "--template",
+        choices=sorted(CONVERSATION_TEMPLATES),
+        default=default,
+        help=f"conversation template (default {default}; {forms.replace('%', '%%')})",
+    )
+
+
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
     group.add_argument("--max-new-tokens", type=int, default=64)
@@ -120,6 +135,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "seed": args.seed,
+        "template": args.template,
     }
 
 
@@ -139,7 +155,11 @@ def _detection_arguments(
     group.add_argument(
         "--nms", type=float, default=0.3, help="per-class NMS IoU (default 0.3; 1 disables)"
     )
-    group.add_argument("--template", default="a photo of a {}", help="query template")
+    group.add_argument(
+        "--query-template",
+        default="a photo of a {}",
+        help="OWL-ViT query template (default 'a photo of a {}')",
+    )
     group.add_argument(
         "--max-boxes", type=int, default=20, help="boxes drawn and listed (default 20)"
     )
@@ -240,6 +260,7 @@ def _write_outputs(
     image = emb.pil_image(0)
     record: dict[str, Any] = {"image_size": list(emb.image_sizes[0]), "sources": model.sources}
     if conversation is not None:
+        record["template"] = args.template
         record["conversation"] = [
             {"question": turn.question, "answer": turn.answer} for turn in conversation.turns
         ]
@@ -291,7 +312,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _queries(args, DEMO_QUERIES),
         threshold=args.threshold,
         nms_iou=_nms(args),
-        template=args.template,
+        template=args.query_template,
     )[0]
     notes = [RANDOM_WEIGHTS_NOTE, REAL_CHECKPOINTS_HINT] if args.tiny else []
     explanation = None
@@ -372,7 +393,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 _queries(args),
                 threshold=args.threshold,
                 nms_iou=_nms(args),
-                template=args.template,
+                template=args.query_template,
             )[0]
         print(
             f"Report: {_write_outputs(_out_dir(args.out), model, emb, conversation, stock, detections, args)}"
@@ -389,7 +410,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
     answer = model.generate(emb, args.prompt, **kwargs)[0]
     stock = model.generate(emb, args.prompt, vision="llava", **kwargs)[0] if args.compare else None
     if args.json:
-        record = {"prompt": args.prompt, "answer": answer.text, "tokens": answer.tokens}
+        record = {
+            "prompt": args.prompt,
+            "template": answer.template,
+            "answer": answer.text,
+            "tokens": answer.tokens,
+        }
         if stock is not None:
             record["stock_llava"] = stock.text
         print(json.dumps(record, ensure_ascii=False))
@@ -407,7 +433,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     model = load_model(args)
     emb = model.embed([image])
     detections = model.detect(
-        emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.template
+        emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.query_template
     )[0]
     report = _write_outputs(out, model, emb, None, None, detections, args)
     _print_detections(detections, args.max_boxes)
@@ -418,6 +444,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``jmllm-joint`` parser, with plug-in subcommands from ``jmllm.joint.cli_explain``."""
+    from jmllm.joint.chat import INTERACTIVE_TEMPLATE
+
     common = common_arguments()
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -434,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="jmllm-joint-demo", help="output folder (default ./jmllm-joint-demo)"
     )
     _generation_arguments(demo)
+    template_argument(demo, INTERACTIVE_TEMPLATE)
     _detection_arguments(demo, DEMO_QUERIES)
     # the demo shows J beside stock LLaVA: the comparison is the point of J
     demo.add_argument(
@@ -457,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="also write report.html (and detections with -q) to this folder"
     )
     _generation_arguments(chat)
+    template_argument(chat, INTERACTIVE_TEMPLATE)
     _detection_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -467,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     describe.add_argument("--json", action="store_true", help="print a JSON record")
     _generation_arguments(describe)
+    template_argument(describe, INTERACTIVE_TEMPLATE)
     describe.set_defaults(func=cmd_describe)
 
     detect = sub.add_parser("detect", parents=[common], help="open-vocabulary detections from t")

@@ -5,6 +5,10 @@ Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
     jmllm-joint explain IMAGE --prompt P [--token WORD | --position N | --all] [-q QUERY…] --out DIR
     jmllm-joint hallucinations IMAGE --prompt P --out DIR [-q EXTRA…]
     jmllm-joint wsol DATA_DIR [--limit N] [--json-out FILE]
+
+``explain`` and ``hallucinations`` prompt J like ``chat`` (``--template llava-1.5``); ``wsol``
+reproduces the paper, so every default there is the authors' protocol (``--template paper``,
+``--protocol wsolevaluation``, ``--pipeline authors``; ``docs/fidelity.md``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ logger = logging.getLogger("jmllm.joint.cli")
 
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add the GA subcommands to ``jmllm-joint``'s parser."""
+    from jmllm.joint.chat import INTERACTIVE_TEMPLATE, PAPER_TEMPLATE
+    from jmllm.joint.cli import template_argument
+    from jmllm.joint.wsol import PIPELINES, PROTOCOLS
+
     explain = subparsers.add_parser(
         "explain",
         parents=[common_args],
@@ -37,6 +45,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     explain.add_argument("--answer", help="explain this answer instead of generating one")
     explain.add_argument("--out", required=True, help="output folder")
     _shared(explain)
+    template_argument(explain, INTERACTIVE_TEMPLATE)
+    _painting(explain)
     explain.set_defaults(func=cmd_explain)
 
     hall = subparsers.add_parser(
@@ -60,6 +70,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     hall.add_argument("--answer", help="check this answer instead of generating one")
     hall.add_argument("--out", required=True, help="output folder")
     _shared(hall, weighting=False)
+    template_argument(hall, INTERACTIVE_TEMPLATE)
     hall.set_defaults(func=cmd_hallucinations)
 
     wsol = subparsers.add_parser(
@@ -73,6 +84,21 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--weighting", choices=("class", "coord", "any"), default="class", help="GA map"
     )
     wsol.add_argument("--json-out", help="write the full report (curves included) here")
+    template_argument(wsol, PAPER_TEMPLATE)
+    wsol.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="wsolevaluation",
+        help="MaxBoxAccV2 as clovaai/wsolevaluation computes it (default; needs "
+        "jmllm-joint[wsol]) or with exact geometry",
+    )
+    wsol.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="authors",
+        help="authors: maps at 224 px, boxes resized to it (default); original: own resolution",
+    )
+    _painting(wsol)
     wsol.set_defaults(func=cmd_wsol)
 
 
@@ -85,6 +111,24 @@ def _shared(parser: argparse.ArgumentParser, weighting: bool = True) -> None:
             default="class",
             help="map shown in the report (gradient: the plain-gradient baseline)",
         )
+
+
+def _painting(parser: argparse.ArgumentParser) -> None:
+    from jmllm.joint.saliency import BOX_ROUNDINGS, CLASS_QUERY_MODES
+
+    parser.add_argument(
+        "--box-rounding",
+        choices=BOX_ROUNDINGS,
+        default="truncate",
+        help="GA box corners to pixels: truncate (int(), the authors', default) or outward",
+    )
+    parser.add_argument(
+        "--class-query",
+        choices=CLASS_QUERY_MODES,
+        default="first",
+        help="with several queries the class map uses the first query (the authors', default) "
+        "or the maximum over them",
+    )
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -110,24 +154,46 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CliError("--answer: empty answer; there is no token to explain")
     out = _out_dir(args.out)
     model = load_model(args)
-    ga = GradientAlignment(model, progress=args.verbose)
+    ga = GradientAlignment(
+        model,
+        progress=args.verbose,
+        box_rounding=args.box_rounding,
+        class_query=args.class_query,
+    )
     emb = model.embed([image])
     answer = args.answer
     if args.token is not None or args.position is not None:
         target = args.token if args.token is not None else args.position
         result = ga.attribute(
-            emb, args.prompt, target, queries, answer=answer, max_new_tokens=args.max_new_tokens
+            emb,
+            args.prompt,
+            target,
+            queries,
+            answer=answer,
+            max_new_tokens=args.max_new_tokens,
+            template=args.template,
         )
         results, text = [result], result.answer_text
     else:
         exp = ga.explain_answer(
-            emb, args.prompt, queries, answer=answer, max_new_tokens=args.max_new_tokens
+            emb,
+            args.prompt,
+            queries,
+            answer=answer,
+            max_new_tokens=args.max_new_tokens,
+            template=args.template,
         )
         results, text = exp.word_results, exp.answer_text
         if not results:
             raise CliError(f"answer {text!r}: has no words to explain")
     report = write_explanation_report(
-        out, emb.pil_image(0), args.prompt, text, results, weighting=args.weighting
+        out,
+        emb.pil_image(0),
+        args.prompt,
+        text,
+        results,
+        weighting=args.weighting,
+        template=args.template,
     )
     print(f"ASSISTANT: {text}")
     print(f"Report: {report}")
@@ -158,6 +224,7 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         extra_queries=args.queries or (),
         threshold=args.threshold,
         max_new_tokens=args.max_new_tokens,
+        template=args.template,
     )
     path = write_hallucination_report(report, out)
     print(f"ASSISTANT: {report.answer_text}")
@@ -169,13 +236,28 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
 
 def cmd_wsol(args: argparse.Namespace) -> int:
     from jmllm.joint.cli import CliError, load_model
-    from jmllm.joint.wsol import read_wsol_folder, run_wsol
+    from jmllm.joint.wsol import WsolDependencyError, opencv, read_wsol_folder, run_wsol
 
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit: must be at least 1, got {args.limit}")
+    if args.protocol == "wsolevaluation":
+        try:
+            opencv()
+        except WsolDependencyError as exc:
+            raise CliError(f"--protocol wsolevaluation: {exc}") from None
     read_wsol_folder(args.data_dir)  # fail on a malformed folder before loading the models
     model = load_model(args)
-    report = run_wsol(model, args.data_dir, weighting=args.weighting, limit=args.limit)
+    report = run_wsol(
+        model,
+        args.data_dir,
+        weighting=args.weighting,
+        limit=args.limit,
+        template=args.template,
+        protocol=args.protocol,
+        pipeline=args.pipeline,
+        box_rounding=args.box_rounding,
+        class_query=args.class_query,
+    )
     if args.json_out:
         report.save(Path(args.json_out))
     summary = {
@@ -185,6 +267,9 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         },
         "num_images": report.num_images,
         "skipped": len(report.skipped),
+        "setting": {
+            k: report.setting[k] for k in ("template", "protocol", "pipeline", "box_rounding")
+        },
     }
     print(json.dumps(summary, indent=2))
     return 0

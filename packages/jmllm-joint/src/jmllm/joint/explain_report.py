@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from jmllm.joint.chat import PAPER_TEMPLATE, get_template
 from jmllm.joint.report import atomic_write_bytes
 from jmllm.joint.saliency import GAResult
 
@@ -94,7 +95,7 @@ def box_view_png(
     title: str = "",
     class_threshold: float = 0.5,
     max_thickness: int = 10,
-    query: int | None = None,
+    query: int | str | None = None,
     cmap: str = "viridis",
 ) -> bytes:
     """PNG bytes of the box view: for every patch with class weight ≥ ``class_threshold``, its
@@ -258,6 +259,7 @@ def write_explanation_report(
     results: Sequence[GAResult],
     weighting: str = "class",
     title: str = "GA explanation",
+    template: str | None = None,
 ) -> Path:
     """Write ``report.html`` (self-contained), ``maps/*.png``, ``explanation.json`` and
     ``arrays.safetensors`` for GA results of one answer.
@@ -272,6 +274,8 @@ def write_explanation_report(
         results: GA results (e.g. ``AnswerExplanation.word_results``, or one ``attribute``).
         weighting: map weighting shown (``class``, ``coord``, ``any``, ``gradient``).
         title: page title.
+        template: the conversation template the prompt was put in (shown and recorded;
+            default: the one the results record, if any).
 
     Returns:
         the path of ``report.html``.
@@ -280,6 +284,8 @@ def write_explanation_report(
         >>> write_explanation_report("out", exp.image, exp.prompt, exp.answer_text,
         ...                          exp.word_results)  # doctest: +SKIP
     """
+    if template is None:
+        template = next((r.meta["template"] for r in results if "template" in r.meta), None)
     out = Path(out_dir)
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
@@ -321,19 +327,31 @@ def write_explanation_report(
         f"{highlighted_answer(answer_text, spans)}</div>"
         f"<p>Choose a word: <select id='pick'>{options}</select> "
         f"<span class='note'>OWL-ViT queries: {html.escape(queries)}; weighting: "
-        f"{html.escape(weighting)}. GA: cosine between ∂logit/∂t and each OWL-ViT output's "
-        f"∂/∂t (Giulivi &amp; Boracchi, BMVC 2024).</span></p>" + "".join(panels)
+        f"{html.escape(weighting)}{_template_note(template)}. GA: cosine between ∂logit/∂t "
+        f"and each OWL-ViT output's ∂/∂t (Giulivi &amp; Boracchi, BMVC 2024).</span></p>"
+        + "".join(panels)
     )
     save_arrays(out / "arrays.safetensors", labelled)
     summary = {
         "prompt": prompt,
         "answer": answer_text,
         "queries": results[0].queries if results else [],
+        "template": template,
         "weighting": weighting,
         "results": records,
     }
     atomic_write_bytes(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
     return atomic_write_bytes(out / "report.html", page(title, body).encode("utf-8"))
+
+
+def _template_note(template: str | None) -> str:
+    if template is None:
+        return ""
+    first = get_template(template).first
+    return (
+        f"; conversation template: {html.escape(template)} "
+        f"(<code>{html.escape(first.replace(chr(10), '⏎'))}</code>)"
+    )
 
 
 OBJECT_QUESTION = "What's in the image?"
@@ -351,6 +369,7 @@ def explain_object(
     queries: Sequence[str] | None = None,
     question: str = OBJECT_QUESTION,
     ga: Any = None,
+    template: str = PAPER_TEMPLATE,
 ) -> Image.Image:
     """A picture of J's GA explanation of one object in an image (the user study's questions).
 
@@ -370,6 +389,8 @@ def explain_object(
         question: the question asked before the forced answer.
         ga: a :class:`~jmllm.joint.GradientAlignment` to reuse (its OWL norm cache is kept
             between objects of the same image only if the queries are the same).
+        template: the conversation template, ``"paper"`` (default: the authors' prompt,
+            ``<image>\\nUSER: {question}\\nASSISTANT:``) or ``"llava-1.5"``.
 
     Returns:
         The RGB picture.
@@ -406,7 +427,12 @@ def explain_object(
     bare_t = isinstance(image, torch.Tensor) and image.is_floating_point()
     source = image if bare_t or hasattr(image, "image_sizes") else model.embed(image)
     result = ga.attribute(
-        source, question, target=positions, queries=list(queries or [name]), answer=answer
+        source,
+        question,
+        target=positions,
+        queries=list(queries or [name]),
+        answer=answer,
+        template=template,
     )
     picture = source.pil_image(0) if not bare_t and getattr(source, "images", None) else None
     title = f"GA: {name}"

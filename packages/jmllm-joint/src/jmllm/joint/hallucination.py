@@ -30,6 +30,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from jmllm.joint.chat import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
 from jmllm.joint.explain_report import (
     box_view_png,
     data_url,
@@ -124,6 +125,7 @@ class HallucinationReport:
         objects: name → :class:`ObjectCheck` for mentioned objects and extra queries.
         threshold: detection score threshold.
         image: the RGB image (None if explained from ``t``); image_size: (width, height).
+        template: the conversation template the prompt was put in.
     """
 
     prompt: str
@@ -134,6 +136,7 @@ class HallucinationReport:
     image: Any
     image_size: tuple[int, int]
     meta: dict[str, Any] = field(default_factory=dict)
+    template: str = INTERACTIVE_TEMPLATE
 
     @property
     def mentioned_not_detected(self) -> list[str]:
@@ -147,6 +150,7 @@ class HallucinationReport:
         return {
             "prompt": self.prompt,
             "answer": self.answer_text,
+            "template": self.template,
             "threshold": self.threshold,
             "mentioned_not_detected": self.mentioned_not_detected,
             "detected_not_mentioned": self.detected_not_mentioned,
@@ -173,6 +177,7 @@ def check_hallucinations(
     extra_queries: Sequence[str] = (),
     threshold: float = 0.1,
     max_new_tokens: int = 64,
+    template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
 ) -> HallucinationReport:
     """Build the hallucination view of J's answer to ``prompt``.
 
@@ -185,6 +190,8 @@ def check_hallucinations(
         extra_queries: objects to query although not mentioned (detected-but-not-mentioned).
         threshold: detection score threshold.
         max_new_tokens: generation limit when ``answer`` is None.
+        template: the conversation template of the prompt, ``"llava-1.5"`` (default, as chat)
+            or ``"paper"`` (the authors' hallucination study); a ``JointAnswer`` brings its own.
 
     Returns:
         :class:`HallucinationReport`.
@@ -195,11 +202,12 @@ def check_hallucinations(
         >>> rep.mentioned_not_detected  # doctest: +SKIP
         ['heart']
     """
-    from jmllm.joint.saliency import answer_tokens
+    from jmllm.joint.saliency import _template_name, answer_tokens
 
+    template_name = _template_name(answer, template)  # an unknown name fails here, first
     ga = GradientAlignment(model)
     t, size, emb = ga.embedding(image_or_t)
-    prompt_ids, answer_ids = ga.answer(emb, t, prompt, answer, max_new_tokens)
+    prompt_ids, answer_ids = ga.answer(emb, t, prompt, answer, max_new_tokens, template)
     text, _ = answer_tokens(model.tokenizer, answer_ids)
     mentions = object_mentions(text, objects)
     mentioned = list(dict.fromkeys(m.name for m in mentions))
@@ -227,6 +235,7 @@ def check_hallucinations(
                 check.ga = ga.attribute(
                     emb if emb is not None else t, prompt, word, queries, answer=forced
                 )
+                check.ga.meta["template"] = template_name
                 check.ga.meta["query_index"] = queries.index(m.name)
     return HallucinationReport(
         prompt=prompt,
@@ -236,6 +245,7 @@ def check_hallucinations(
         threshold=threshold,
         image=emb.pil_image(0) if emb is not None and emb.images else None,
         image_size=size,
+        template=template_name,
     )
 
 
@@ -323,7 +333,9 @@ def write_hallucination_report(
         f"<b>Detected but not mentioned:</b> {html.escape(unmentioned)}</p>"
         f"<table><tr><th>object</th><th>mentioned</th><th>score</th><th>detected</th></tr>"
         f"{rows}</table><p class='note'>Red: mentioned but below the detection threshold "
-        f"{report.threshold}; green: detected. Click a word for its GA map.</p></div>"
+        f"{report.threshold}; green: detected. Click a word for its GA map. Conversation "
+        f"template: {html.escape(report.template)} "
+        f"(<code>{html.escape(get_template(report.template).first)}</code>).</p></div>"
         f"<div><img alt='detections' style='max-width:560px' src='{detections}'></div></div>"
         + "".join(panels)
     )

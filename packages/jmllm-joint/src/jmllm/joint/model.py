@@ -118,6 +118,8 @@ class JointAnswer:
         prompt: the prompt text (before image-token expansion).
         finished: whether generation stopped at the end-of-sequence token.
         vision: ``"joint"`` (W(t)) or ``"llava"`` (stock vision tower and projector).
+        template: the conversation template the prompt was put in (``"llava-1.5"``,
+            ``"paper"``).
     """
 
     text: str
@@ -126,6 +128,7 @@ class JointAnswer:
     prompt: str
     finished: bool
     vision: str = "joint"
+    template: str = INTERACTIVE_TEMPLATE
 
     @property
     def full_ids(self) -> torch.Tensor:
@@ -789,6 +792,7 @@ class JointModel:
                     prompt=texts[row],
                     finished=finished,
                     vision=vision,
+                    template=get_template(template).name,
                 )
             )
         return answers

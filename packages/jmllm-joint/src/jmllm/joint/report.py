@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from jmllm.joint.chat import Conversation
+from jmllm.joint.chat import Conversation, get_template
 from jmllm.joint.detection import Detections
 
 # Colour-blind-safe palette (Okabe–Ito), one colour per query label.
@@ -249,6 +249,13 @@ def render_report_html(
     parts.append('<div class="images">' + "".join(figures) + "</div>")
     if conversation is not None:
         parts.append("<h2>Conversation</h2>")
+        answer = conversation.last_answer
+        if answer is not None:
+            first = get_template(answer.template).first.replace("\n", "⏎")
+            parts.append(
+                f'<p class="note">Conversation template: {_escape(answer.template)} '
+                f"(<code>{_escape(first)}</code>)</p>"
+            )
         parts.append(_conversation_html(conversation, stock))
     if detections is not None:
         queries = ", ".join(detections.queries)

@@ -13,6 +13,11 @@ The box channels are taken *before* the sigmoid: the sigmoid's derivative is a p
 so the cosine is the same as after it (what the authors' scripts use), but pre-sigmoid gradients
 never underflow to zero on saturated boxes. Class and box similarities are then min–max normalised
 separately, and every patch paints its predicted box with its weight (pixel-wise maximum).
+As in the authors' scripts, by default the box corners are truncated to pixels (``int()``,
+``box_rounding="truncate"``; ``"outward"`` floors the top-left and ceils the bottom-right) and with
+several queries the ``class`` map weighs each box by the **first** query's channel
+(``class_query="first"``; ``"max"`` takes the maximum over the queries). ``docs/fidelity.md``
+lists every such choice.
 
 How it is computed, exactly and fast:
 
@@ -41,6 +46,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.func import jvp, vjp
+
+from jmllm.joint.chat import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -420,22 +427,52 @@ def normalise_similarities(similarities: torch.Tensor, num_queries: int) -> torc
 
 Weighting = Literal["class", "coord", "any"]
 WEIGHTINGS: tuple[str, ...] = ("class", "coord", "any")
+# With several queries, which class channel weighs a box: the first query's (the authors'
+# class_id=[0]) or the maximum over the queries.
+CLASS_QUERY_MODES: tuple[str, ...] = ("first", "max")
+# Box corners to pixels: int() truncation as the authors' scripts, or floor/ceil outward.
+BOX_ROUNDINGS: tuple[str, ...] = ("truncate", "outward")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return str(value)
 
 
 def patch_weights(
-    normalised: torch.Tensor, num_queries: int, weighting: str, query: int | None = None
+    normalised: torch.Tensor,
+    num_queries: int,
+    weighting: str,
+    query: int | str | None = "first",
 ) -> torch.Tensor:
     """Per-patch box weight (N,) from the normalised similarity table (N, Q + 4).
 
-    - ``class``: the class channel of ``query``; with ``query=None`` the maximum over the query
-      channels (the only one when there is one query).
+    - ``class``: the class channel of ``query``: an index, ``"first"`` (the default, the
+      authors' choice: the first query) or ``"max"`` (the maximum over the query channels).
+      The three agree when there is one query. ``None`` means ``"first"``.
     - ``coord``: the maximum over the four box channels ``cx, cy, w, h``.
-    - ``any``: the maximum over all Q + 4 channels, i.e. ``max(class, coord)`` — the patch counts
-      if its gradient aligns with the token's through any of its outputs.
+    - ``any``: the maximum over all Q + 4 channels, i.e. ``max(class channels, coord)`` — the
+      patch counts if its gradient aligns with the token's through any of its outputs (the
+      authors' ``anyweight``).
+
+    Example:
+        >>> table = torch.tensor([[0.2, 0.9, 0.1, 0.0, 0.0, 0.0]])  # 2 queries + 4 box channels
+        >>> patch_weights(table, 2, "class"), patch_weights(table, 2, "class", "max")
+        (tensor([0.2000]), tensor([0.9000]))
     """
     if weighting == "class":
         cls = normalised[:, :num_queries]
-        return cls.max(-1).values if query is None else cls[:, query]
+        if query is None or query == "first":
+            return cls[:, 0]
+        if query == "max":
+            return cls.max(-1).values
+        if isinstance(query, bool) or not isinstance(query, int):
+            raise ValueError(
+                f"class_query: {query!r} is neither a query index nor one of "
+                f"{', '.join(CLASS_QUERY_MODES)}"
+            )
+        return cls[:, query]
     if weighting == "coord":
         return normalised[:, num_queries:].max(-1).values
     if weighting == "any":
@@ -443,16 +480,44 @@ def patch_weights(
     raise ValueError(f"weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
 
 
-def box_pixels(boxes: torch.Tensor, image_size: tuple[int, int]) -> np.ndarray:
+def box_pixels(
+    boxes: torch.Tensor, image_size: tuple[int, int], rounding: str = "truncate"
+) -> np.ndarray:
     """(N, 4) ``cx, cy, w, h`` in [0, 1] to integer pixel corners ``x0, y0, x1, y1`` (N, 4),
-    x scaled by the width and y by the height (the image was squashed), clipped to the image."""
+    x scaled by the width and y by the height (the image was squashed), clipped to the image.
+    A box covers rows ``y0:y1`` and columns ``x0:x1`` (the end excluded).
+
+    Args:
+        boxes: (N, 4) boxes.
+        image_size: (width, height) in pixels.
+        rounding: ``"truncate"`` (default): the authors' ``int(width * (cx - w / 2))``, computed
+            in float32 as their torch tensors are, truncated toward zero; ``"outward"``: floor the
+            top-left and ceil the bottom-right corner in float64, so a box never loses a pixel
+            it partly covers (1 px wider at right and bottom).
+
+    Example:
+        >>> b = torch.tensor([[0.5, 0.5, 0.35, 0.35]])
+        >>> box_pixels(b, (10, 10)).tolist(), box_pixels(b, (10, 10), "outward").tolist()
+        ([[3, 3, 6, 6]], [[3, 3, 7, 7]])
+    """
+    _check_choice("box_rounding", rounding, BOX_ROUNDINGS)
     width, height = image_size
-    b = boxes.detach().float().cpu().numpy().astype(np.float64)
-    x0 = np.floor(width * (b[:, 0] - b[:, 2] / 2))
-    x1 = np.ceil(width * (b[:, 0] + b[:, 2] / 2))
-    y0 = np.floor(height * (b[:, 1] - b[:, 3] / 2))
-    y1 = np.ceil(height * (b[:, 1] + b[:, 3] / 2))
-    xyxy = np.stack([x0, y0, x1, y1], axis=1)
+    if rounding == "truncate":
+        t = boxes.detach().float().cpu()  # (N, 4) float32, the dtype of the authors' boxes
+        corners = [
+            width * (t[:, 0] - t[:, 2] / 2),
+            height * (t[:, 1] - t[:, 3] / 2),
+            width * (t[:, 0] + t[:, 2] / 2),
+            height * (t[:, 1] + t[:, 3] / 2),
+        ]
+        xyxy = torch.stack([torch.trunc(c) for c in corners], dim=1).numpy().astype(np.float64)
+    else:
+        b = boxes.detach().float().cpu().numpy().astype(np.float64)
+        x0 = np.floor(width * (b[:, 0] - b[:, 2] / 2))
+        x1 = np.ceil(width * (b[:, 0] + b[:, 2] / 2))
+        y0 = np.floor(height * (b[:, 1] - b[:, 3] / 2))
+        y1 = np.ceil(height * (b[:, 1] + b[:, 3] / 2))
+        xyxy = np.stack([x0, y0, x1, y1], axis=1)
     xyxy[:, 0::2] = np.clip(xyxy[:, 0::2], 0, width)
     xyxy[:, 1::2] = np.clip(xyxy[:, 1::2], 0, height)
     return xyxy.astype(np.int64)
@@ -585,6 +650,10 @@ class GAResult:
             [0, 1]: ``class``, ``coord``, ``any`` and ``gradient`` (the baseline painted on each
             patch's grid cell). Painted on first access.
         answer_text: the decoded answer the token(s) come from.
+        class_query: which class channel the ``class`` map uses with several queries
+            (``"first"``, the authors', or ``"max"``).
+        box_rounding: how box corners became pixels (``"truncate"``, the authors', or
+            ``"outward"``; see :func:`box_pixels`).
     """
 
     tokens: list[AnswerToken]
@@ -602,6 +671,8 @@ class GAResult:
     image_size: tuple[int, int]
     answer_text: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    class_query: str = "first"
+    box_rounding: str = "truncate"
     _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -620,15 +691,35 @@ class GAResult:
     def num_queries(self) -> int:
         return len(self.queries)
 
-    def weights(self, weighting: str = "class", query: int | None = None) -> torch.Tensor:
-        """Per-patch box weights (N,) of a weighting (see :func:`patch_weights`)."""
-        return patch_weights(self.normalised, self.num_queries, weighting, query)
+    def weights(self, weighting: str = "class", query: int | str | None = None) -> torch.Tensor:
+        """Per-patch box weights (N,) of a weighting (see :func:`patch_weights`); ``query``
+        None uses the result's ``class_query``."""
+        chosen = self.class_query if query is None else query
+        return patch_weights(self.normalised, self.num_queries, weighting, chosen)
 
-    def map(self, weighting: str = "class", query: int | None = None) -> np.ndarray:
-        """The (H, W) map of a weighting; ``query`` picks one class channel for ``class``."""
-        if query is None and weighting in self.maps:
+    def map(
+        self,
+        weighting: str = "class",
+        query: int | str | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """The (H, W) map of a weighting (or ``"gradient"``, the baseline).
+
+        Args:
+            weighting: ``class``, ``coord``, ``any`` or ``gradient``.
+            query: for ``class``: a query index, ``"first"`` or ``"max"`` (default: the
+                result's ``class_query``).
+            size: (width, height) to paint at instead of the image's own size, e.g. (224, 224)
+                for the authors' CUB pipeline (boxes scaled to that size, then rounded).
+        """
+        if size is None and query is None and weighting in self.maps:
             return self.maps[weighting]
-        return paint_boxes(self.weights(weighting, query), self.boxes_xyxy, self.image_size)
+        if weighting == "gradient":
+            return patch_grid_map(self.patch_gradient_norms, size or self.image_size)
+        if size is None:
+            return paint_boxes(self.weights(weighting, query), self.boxes_xyxy, self.image_size)
+        boxes = box_pixels(self.boxes, size, self.box_rounding)
+        return paint_boxes(self.weights(weighting, query), boxes, size)
 
 
 @dataclass
@@ -653,6 +744,9 @@ class GradientAlignment:
         model: a ``JointModel``.
         chunk_size: patches per batch of the norm computation (memory bound).
         progress: show a progress bar for the norm computation.
+        box_rounding: box corners to pixels, ``"truncate"`` (the authors') or ``"outward"``.
+        class_query: with several queries, the ``class`` map's channel: ``"first"`` (the
+            authors') or ``"max"``.
 
     Example:
         >>> ga = GradientAlignment(model)  # doctest: +SKIP
@@ -662,10 +756,20 @@ class GradientAlignment:
         (375, 500)
     """
 
-    def __init__(self, model: Any, chunk_size: int | None = None, progress: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        chunk_size: int | None = None,
+        progress: bool = False,
+        *,
+        box_rounding: str = "truncate",
+        class_query: str = "first",
+    ) -> None:
         self.model = model
         self.chunk_size = chunk_size
         self.progress = progress
+        self.box_rounding = _check_choice("box_rounding", box_rounding, BOX_ROUNDINGS)
+        self.class_query = _check_choice("class_query", class_query, CLASS_QUERY_MODES)
         self._cache_key: tuple[Any, ...] | None = None
         self._cache: _Prepared | None = None
 
@@ -698,15 +802,21 @@ class GradientAlignment:
             raise GAError("t: contains NaN or infinite values")
 
     def prepare(
-        self, t: torch.Tensor, image_size: tuple[int, int], queries: Sequence[str], template: str
+        self,
+        t: torch.Tensor,
+        image_size: tuple[int, int],
+        queries: Sequence[str],
+        query_template: str,
     ) -> _Prepared:
-        """OWL side of one (image, queries): heads, boxes, scores; norms computed lazily, once."""
+        """OWL side of one (image, queries): heads, boxes, scores; norms computed lazily, once.
+
+        ``query_template`` is the OWL-ViT query template (``"a photo of a {}"``)."""
         names = self.model._check_queries(queries)
         digest = hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-        key = (digest, tuple(t.shape), tuple(names), template, tuple(image_size))
+        key = (digest, tuple(t.shape), tuple(names), query_template, tuple(image_size))
         if self._cache is not None and self._cache_key == key:
             return self._cache
-        query_embeds = self.model.encode_queries(names, template)
+        query_embeds = self.model.encode_queries(names, query_template)
         heads = OwlHeadGradients(self.model.owl, t.to(self.model.device), query_embeds)
         outputs = heads.outputs()
         boxes = torch.sigmoid(outputs[:, heads.num_queries :])
@@ -716,7 +826,7 @@ class GradientAlignment:
             queries=names,
             heads=heads,
             boxes=boxes,
-            boxes_xyxy=box_pixels(boxes, image_size),
+            boxes_xyxy=box_pixels(boxes, image_size, self.box_rounding),
             class_scores=torch.sigmoid(outputs[:, : heads.num_queries]),
         )
         self._cache_key, self._cache = key, prepared
@@ -735,18 +845,24 @@ class GradientAlignment:
         prompt: str,
         answer: Any,
         max_new_tokens: int,
+        template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt ids (P,), answer ids (A,)): ``answer`` given (text or JointAnswer) or generated."""
+        """(prompt ids (P,), answer ids (A,)): ``answer`` given (text or JointAnswer) or generated.
+
+        The prompt is put in the conversation ``template``; a ``JointAnswer`` brings its own
+        prompt ids (the template it was generated with)."""
         model = self.model
         if answer is None:
             source = emb_or_t if emb_or_t is not None else _bare_embedding(t)
-            generated = model.generate(source, prompt, max_new_tokens=max_new_tokens)[0]
+            generated = model.generate(
+                source, prompt, max_new_tokens=max_new_tokens, template=template
+            )[0]
             return generated.prompt_ids, generated.token_ids
         if hasattr(answer, "token_ids") and hasattr(answer, "prompt_ids"):
             return answer.prompt_ids, answer.token_ids
         if not isinstance(answer, str):
             raise GAError(f"answer: expected text or a JointAnswer, got {type(answer).__name__}")
-        prompt_ids = model.prompt_inputs(prompt)["input_ids"][0].cpu()
+        prompt_ids = model.prompt_inputs(prompt, template)["input_ids"][0].cpu()
         ids = model.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
         return prompt_ids, torch.tensor(ids, dtype=torch.long)
 
@@ -813,6 +929,8 @@ class GradientAlignment:
             patch_gradient_norms=per_patch.cpu(),
             image_size=prepared.image_size,
             answer_text=answer_text,
+            class_query=self.class_query,
+            box_rounding=self.box_rounding,
         )
 
     def attribute(
@@ -823,8 +941,9 @@ class GradientAlignment:
         queries: Sequence[str],
         answer: Any = None,
         max_new_tokens: int = 64,
-        template: str | None = None,
+        template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
         occurrence: int = 0,
+        query_template: str | None = None,
     ) -> GAResult:
         """Explain one token (or word) of J's answer with Gradient Alignment.
 
@@ -841,8 +960,11 @@ class GradientAlignment:
             answer: the answer to explain: text (teacher-forced after the prompt), a
                 ``JointAnswer``, or None to generate one greedily.
             max_new_tokens: generation limit when ``answer`` is None.
-            template: query template (default J's ``"a photo of a {}"``).
+            template: the conversation template the prompt is put in, ``"llava-1.5"`` (default,
+                as :meth:`JointModel.generate`) or ``"paper"`` (the authors' scripts); ignored
+                for a ``JointAnswer``, which brings its prompt ids.
             occurrence: which occurrence of a repeated word (0 = first).
+            query_template: OWL-ViT query template (default J's ``"a photo of a {}"``).
 
         Returns:
             :class:`GAResult`.
@@ -856,19 +978,22 @@ class GradientAlignment:
         """
         from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
 
-        template = template or DEFAULT_QUERY_TEMPLATE
+        get_template(template)  # an unknown name fails before any work
+        query_template = query_template or DEFAULT_QUERY_TEMPLATE
         t, size, emb = self.embedding(image_or_t)
-        prompt_ids, answer_ids = self.answer(emb, t, prompt, answer, max_new_tokens)
+        prompt_ids, answer_ids = self.answer(emb, t, prompt, answer, max_new_tokens, template)
         text, tokens = answer_tokens(self.model.tokenizer, answer_ids)
         if not tokens:
             raise GAError("answer: is empty; there is no token to explain")
         positions, label = resolve_target(target, text, tokens, occurrence)
-        prepared = self.prepare(t, size, queries, template)
+        prepared = self.prepare(t, size, queries, query_template)
         (g_llm,) = self.llm_gradients(t, prompt_ids, answer_ids, [positions])
         numerators = prepared.heads.numerators(g_llm)
-        return self._result(
+        result = self._result(
             prepared, g_llm, numerators, [tokens[i] for i in positions], label, text
         )
+        result.meta["template"] = _template_name(answer, template)
+        return result
 
     def explain_answer(
         self,
@@ -877,7 +1002,8 @@ class GradientAlignment:
         queries: Sequence[str],
         answer: Any = None,
         max_new_tokens: int = 64,
-        template: str | None = None,
+        template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+        query_template: str | None = None,
     ) -> AnswerExplanation:
         """A GA result for every answer token and every word, norms computed once.
 
@@ -887,8 +1013,8 @@ class GradientAlignment:
         ``g_L``), so words cost nothing more.
 
         Args:
-            image_or_t, prompt, queries, answer, max_new_tokens, template: as in
-                :meth:`attribute`.
+            image_or_t, prompt, queries, answer, max_new_tokens, template, query_template: as
+                in :meth:`attribute`.
 
         Returns:
             :class:`AnswerExplanation`.
@@ -900,13 +1026,14 @@ class GradientAlignment:
         """
         from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
 
-        template = template or DEFAULT_QUERY_TEMPLATE
+        get_template(template)
+        query_template = query_template or DEFAULT_QUERY_TEMPLATE
         t, size, emb = self.embedding(image_or_t)
-        prompt_ids, answer_ids = self.answer(emb, t, prompt, answer, max_new_tokens)
+        prompt_ids, answer_ids = self.answer(emb, t, prompt, answer, max_new_tokens, template)
         text, tokens = answer_tokens(self.model.tokenizer, answer_ids)
         if not tokens:
             raise GAError("answer: is empty; there is no token to explain")
-        prepared = self.prepare(t, size, queries, template)
+        prepared = self.prepare(t, size, queries, query_template)
         grads = self.llm_gradients(t, prompt_ids, answer_ids, [[tok.position] for tok in tokens])
         numerators = [prepared.heads.numerators(g) for g in grads]
         token_results = [
@@ -922,6 +1049,9 @@ class GradientAlignment:
                 self._result(prepared, g, num, [tokens[i] for i in word.positions], word.text, text)
             )
         image = emb.pil_image(0) if emb is not None and emb.images else None
+        name = _template_name(answer, template)
+        for result in (*token_results, *word_results):
+            result.meta["template"] = name
         return AnswerExplanation(
             prompt=prompt,
             answer_text=text,
@@ -932,6 +1062,7 @@ class GradientAlignment:
             queries=list(prepared.queries),
             image=image,
             image_size=size,
+            template=name,
         )
 
 
@@ -945,6 +1076,8 @@ class AnswerExplanation:
         words / word_results: every word (multi-token words: summed logits) and its result.
         queries: the OWL-ViT queries; image: the RGB image (None when explained from ``t``);
         image_size: (width, height) of the maps.
+        template: the conversation template of the prompt (a ``JointAnswer``'s own when one was
+            explained).
     """
 
     prompt: str
@@ -956,6 +1089,14 @@ class AnswerExplanation:
     queries: list[str]
     image: Any
     image_size: tuple[int, int]
+    template: str = INTERACTIVE_TEMPLATE
+
+
+def _template_name(answer: Any, template: str | ConversationTemplate) -> str:
+    """The name of the conversation template an explained answer's prompt was put in."""
+    if hasattr(answer, "token_ids") and isinstance(getattr(answer, "template", None), str):
+        return str(answer.template)
+    return get_template(template).name
 
 
 def resolve_target(
@@ -1010,6 +1151,8 @@ def _bare_embedding(t: torch.Tensor) -> Any:
 
 __all__ = [
     "BOX_CHANNELS",
+    "BOX_ROUNDINGS",
+    "CLASS_QUERY_MODES",
     "WEIGHTINGS",
     "AnswerExplanation",
     "AnswerToken",

@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
     "TinyJoint",
     "build_tiny_joint",
     "generated_images",
+    "record_prompts",
     "tiny_joint_model",
     "write_image_folder",
 ]
@@ -177,3 +180,35 @@ def tiny_joint_model(root: str | os.PathLike[str], seed: int = 0, **kwargs: Any)
 def tiny_alignment(paths: TinyJoint) -> AlignmentLayer:
     """The tiny W itself (for tests that need to tamper with it)."""
     return load_alignment(paths.alignment)
+
+
+@contextlib.contextmanager
+def record_prompts() -> Iterator[list[str]]:
+    """Record the prompt text of every :meth:`JointModel.prompt_inputs` call, as it is tokenised
+    (before the image placeholder is expanded), for every J built in the block — the one
+    funnel through which generation, chat and GA reach LLaVA. Tests use it to check which
+    conversation template a command or API sends.
+
+    Example:
+        >>> with record_prompts() as sent:  # doctest: +SKIP
+        ...     model.generate(emb, "What's in the image?", template="paper")
+        >>> sent  # doctest: +SKIP
+        ["<image>\\nUSER: What's in the image?\\nASSISTANT:"]
+    """
+    from jmllm.joint.model import JointModel
+
+    sent: list[str] = []
+    original = JointModel.prompt_inputs
+
+    def recording(self: Any, prompts: Any, template: Any = None, **kwargs: Any) -> Any:
+        if template is None:
+            sent.extend(self._prompt_texts(prompts))
+            return original(self, prompts, **kwargs)
+        sent.extend(self._prompt_texts(prompts, template))
+        return original(self, prompts, template, **kwargs)
+
+    JointModel.prompt_inputs = recording  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        JointModel.prompt_inputs = original  # type: ignore[method-assign]

@@ -1,20 +1,32 @@
 """Weakly supervised object localisation (WSOL) check of GA maps with MaxBoxAccV2 (DESIGN §1.8).
 
-MaxBoxAccV2 follows Choe et al., *Evaluating Weakly Supervised Object Localization Methods Right*
-(CVPR 2020) and their ``wsolevaluation`` code:
+MaxBoxAccV2 is Choe et al., *Evaluating Weakly Supervised Object Localization Methods Right*
+(CVPR 2020): for each threshold τ (0, 0.01, …, 0.99) a box is drawn around every contour of the
+map above τ; at IoU threshold δ an image is correct at τ if **any** predicted box has IoU ≥ δ with
+**any** of its ground-truth boxes (inclusive pixel corners, the ``+1`` area convention);
+BoxAcc(δ, τ) is the percentage of correct images, the best τ is taken per δ ∈ {0.3, 0.5, 0.7}
+over the whole dataset, and MaxBoxAccV2 is the mean over δ.
 
-- every map is min–max normalised to [0, 1];
-- for each threshold τ (default 0, 0.01, …, 0.99) the pixels **strictly above** τ are split into
-  8-connected components (``scipy.ndimage.label``; the outer contours OpenCV would trace) and a
-  box is drawn around **every** component;
-- at IoU threshold δ an image is correct at τ if **any** predicted box has IoU ≥ δ with **any**
-  of its ground-truth boxes (boxes are inclusive pixel corners; IoU uses the ``+1`` pixel
-  convention of ``wsolevaluation``);
-- BoxAcc(δ, τ) is the percentage of correct images; for each δ ∈ {0.3, 0.5, 0.7} the best τ is
-  taken over the whole dataset, and MaxBoxAccV2 is the mean over δ of those best accuracies.
+Two protocols, by name (``docs/fidelity.md``):
 
-Maps are scored at the original image resolution with boxes in original pixels (``wsolevaluation``
-resizes both to 224 px; IoU is scale-invariant up to pixel rounding).
+``wsolevaluation`` (default)
+    What clovaai/wsolevaluation's ``BoxEvaluator`` computes with ``multi_contour_eval`` and
+    ``multi_iou_eval`` — the code every published WSOL number comes from, and which the paper's
+    authors ran. It differs from the paper's description in four places, all reproduced: the
+    map is **not** re-normalised (it must already lie in [0, 1]; a map whose minimum is above 0
+    keeps it); an **8-bit copy** (``map × 255`` truncated) is thresholded at
+    ``int(τ × its maximum)``, keeping pixels strictly above; contours are OpenCV's ``RETR_TREE``,
+    so every **hole** of a component gets a box too; and a box ends at ``x + w`` (one pixel past
+    the contour, clipped to the last column/row). No contour gives the box ``[0, 0, 0, 0]``.
+    Needs OpenCV, the reference's own contour routine: ``pip install 'jmllm-joint[wsol]'``.
+``exact``
+    The paper's description with exact geometry: min–max normalised map, pixels strictly above τ
+    in float, a box around every 8-connected component (outer contours only), boxes ending at
+    the component's last pixel. No OpenCV needed.
+
+The runner (:func:`run_wsol`) also offers two pipelines: ``authors`` (default, the authors' CUB
+script: maps painted at 224 × 224 px, ground-truth boxes resized to 224 px as wsolevaluation does,
+``int(x · 224 / width)``) and ``original`` (maps and boxes at the image's own resolution).
 
 Dataset layout (CUB-200-2011 style), ``DATA_DIR``:
 
@@ -52,10 +64,35 @@ WSOL_ANSWER = "The image shows a bird"
 WSOL_TARGET = "bird"
 WSOL_QUERY = "bird"  # with J's template "a photo of a {}"
 METHODS = ("ga", "gradient")
+PROTOCOLS = ("wsolevaluation", "exact")
+PIPELINES = ("authors", "original")
+AUTHORS_MAP_SIZE = 224  # wsolevaluation's _RESIZE_LENGTH; the authors paint their maps at it
 
 
 class WsolDataError(ValueError):
     """The WSOL folder or its boxes file is malformed; the message names the file and line."""
+
+
+class WsolDependencyError(ImportError):
+    """The reference protocol needs OpenCV, which is not installed."""
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return str(value)
+
+
+def opencv() -> Any:
+    """The ``cv2`` module, or :class:`WsolDependencyError` saying how to install it."""
+    try:
+        import cv2
+    except ImportError:
+        raise WsolDependencyError(
+            "MaxBoxAccV2 with the reference protocol (wsolevaluation) needs OpenCV: "
+            "pip install 'jmllm-joint[wsol]' (any OpenCV build works), or use protocol 'exact'"
+        ) from None
+    return cv2
 
 
 def default_thresholds(step: float = 0.01) -> np.ndarray:
@@ -85,6 +122,87 @@ def component_boxes(mask: np.ndarray) -> np.ndarray:
     )
 
 
+def check_reference_map(saliency: np.ndarray) -> np.ndarray:
+    """The map as the reference accepts it: 2-D, finite, in [0, 1]; returned as float64 (the
+    reference's dtype; float32 values convert exactly)."""
+    m = np.asarray(saliency, dtype=np.float64)
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"map: expected a non-empty (H, W) array, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("map: contains NaN or infinite values (the reference refuses them)")
+    lo, hi = float(m.min()), float(m.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"map: values must lie in [0, 1] for the reference protocol, got [{lo:g}, {hi:g}] "
+            "(it does not re-normalise; min-max normalise first with normalise_map, or use "
+            "protocol 'exact')"
+        )
+    return m
+
+
+def reference_boxes(
+    saliency: np.ndarray, thresholds: Sequence[float] | np.ndarray
+) -> list[np.ndarray]:
+    """Predicted boxes at every τ as clovaai/wsolevaluation's multi-contour ``BoxEvaluator``
+    computes them (see the module docstring): one (K, 4) int array ``x0, y0, x1, y1`` per τ.
+
+    Example:
+        >>> m = np.zeros((8, 8)); m[2:5, 1:4] = 1.0
+        >>> reference_boxes(m, [0.5])[0].tolist()  # ends one pixel past the blob
+        [[1, 2, 4, 5]]
+    """
+    cv2 = opencv()
+    m = check_reference_map(saliency)
+    height, width = m.shape
+    image = (m * 255).astype(np.uint8)  # the 8-bit copy the reference thresholds
+    peak = image.max()
+    out = []
+    for tau in thresholds:
+        _, binary = cv2.threshold(image, int(tau * peak), 255, cv2.THRESH_BINARY)
+        contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+        if len(contours) == 0:
+            out.append(np.zeros((1, 4), dtype=np.int64))
+            continue
+        rects = np.array([cv2.boundingRect(c) for c in contours], dtype=np.int64)  # x, y, w, h
+        out.append(
+            np.stack(
+                [
+                    rects[:, 0],
+                    rects[:, 1],
+                    np.minimum(rects[:, 0] + rects[:, 2], width - 1),
+                    np.minimum(rects[:, 1] + rects[:, 3], height - 1),
+                ],
+                axis=1,
+            )
+        )
+    return out
+
+
+def resize_boxes(
+    boxes: np.ndarray, image_size: tuple[int, int], size: tuple[int, int] = (224, 224)
+) -> np.ndarray:
+    """Ground-truth boxes resized as wsolevaluation's ``resize_bbox`` does: every coordinate
+    ``x · new_width / width`` in float64, truncated with ``int()``.
+
+    Example:
+        >>> resize_boxes(np.array([[60, 27, 385, 331]]), (500, 335)).tolist()
+        [[26, 18, 172, 221]]
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    width, height = (float(v) for v in image_size)
+    new_width, new_height = (float(v) for v in size)
+    scaled = np.stack(
+        [
+            b[:, 0] * new_width / width,
+            b[:, 1] * new_height / height,
+            b[:, 2] * new_width / width,
+            b[:, 3] * new_height / height,
+        ],
+        axis=1,
+    )
+    return np.trunc(scaled).astype(np.int64)
+
+
 def box_iou_inclusive(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """IoU (P, G) of inclusive-pixel boxes with the ``+1`` convention of ``wsolevaluation``."""
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
@@ -111,6 +229,7 @@ class BoxAccuracy:
         curve: δ → BoxAcc (percent) at every τ.
         thresholds: the τ grid.
         num_images: images scored.
+        protocol: ``wsolevaluation`` or ``exact``.
     """
 
     value: float
@@ -119,6 +238,7 @@ class BoxAccuracy:
     curve: dict[float, list[float]]
     thresholds: list[float]
     num_images: int
+    protocol: str = "wsolevaluation"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,8 +250,14 @@ class BoxAccuracy:
 class BoxAccumulator:
     """Streams images into MaxBoxAccV2 so a dataset's maps are never all held in memory.
 
+    Args:
+        thresholds: τ grid (default 0, 0.01, …, 0.99).
+        iou_thresholds: δ values (default 0.3, 0.5, 0.7).
+        protocol: ``"wsolevaluation"`` (default, the reference code's numbers; needs OpenCV) or
+            ``"exact"`` (see the module docstring).
+
     Example:
-        >>> acc = BoxAccumulator()
+        >>> acc = BoxAccumulator(protocol="exact")
         >>> m = np.zeros((10, 10)); m[2:5, 3:8] = 1
         >>> acc.add(m, np.array([[3, 2, 7, 4]]))
         >>> acc.result().value
@@ -142,7 +268,11 @@ class BoxAccumulator:
         self,
         thresholds: Sequence[float] | np.ndarray | None = None,
         iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
+        protocol: str = "wsolevaluation",
     ) -> None:
+        self.protocol = _check_choice("protocol", protocol, PROTOCOLS)
+        if protocol == "wsolevaluation":
+            opencv()  # fail now, not after the first model call
         self.thresholds = np.asarray(
             default_thresholds() if thresholds is None else thresholds, dtype=np.float64
         )
@@ -159,8 +289,13 @@ class BoxAccumulator:
         gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
         if gt.shape[0] == 0:
             raise ValueError("gt_boxes: an image needs at least one ground-truth box")
-        m = normalise_map(saliency)
         best = np.zeros(self.thresholds.size)
+        if self.protocol == "wsolevaluation":
+            per_tau = reference_boxes(saliency, self.thresholds)
+            ious = box_iou_inclusive(np.concatenate(per_tau), gt).max(axis=1)  # (sum K,)
+            starts = np.cumsum([0] + [len(b) for b in per_tau[:-1]])
+            return np.maximum.reduceat(ious, starts)
+        m = normalise_map(saliency)
         for i, tau in enumerate(self.thresholds):
             boxes = component_boxes(m > tau)
             if boxes.shape[0]:
@@ -189,6 +324,7 @@ class BoxAccumulator:
             curve={d: acc[j].tolist() for j, d in enumerate(self.iou_thresholds)},
             thresholds=self.thresholds.tolist(),
             num_images=self.count,
+            protocol=self.protocol,
         )
 
 
@@ -197,29 +333,39 @@ def max_box_acc_v2(
     gt_boxes: Iterable[np.ndarray],
     thresholds: Sequence[float] | np.ndarray | None = None,
     iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
+    protocol: str = "wsolevaluation",
 ) -> BoxAccuracy:
     """MaxBoxAccV2 (Choe et al., CVPR 2020) of saliency maps against ground-truth boxes.
 
     Args:
-        maps: one (H, W) map per image (any range; min–max normalised here).
-        gt_boxes: one (G, 4) array per image of inclusive pixel boxes ``x0, y0, x1, y1``.
-        thresholds: τ grid over the normalised map (default 0, 0.01, …, 0.99).
+        maps: one (H, W) map per image. ``wsolevaluation`` (default): values in [0, 1], scored
+            as given (not re-normalised); ``exact``: any range, min–max normalised here.
+        gt_boxes: one (G, 4) array per image of inclusive pixel boxes ``x0, y0, x1, y1``
+            (integers, as the reference reads them).
+        thresholds: τ grid (default 0, 0.01, …, 0.99: ``cam_curve_interval`` 0.01).
         iou_thresholds: δ values (default 0.3, 0.5, 0.7).
+        protocol: ``"wsolevaluation"`` (clovaai/wsolevaluation's ``BoxEvaluator``, exactly;
+            needs OpenCV) or ``"exact"`` (see the module docstring).
 
     Returns:
         :class:`BoxAccuracy`; ``.value`` is MaxBoxAccV2 in percent.
 
     Example:
         >>> m = np.zeros((8, 8)); m[1:4, 1:4] = 1
-        >>> max_box_acc_v2([m], [np.array([[1, 1, 3, 3]])]).value
+        >>> max_box_acc_v2([m], [np.array([[1, 1, 3, 3]])], protocol="exact").value
         100.0
+        >>> max_box_acc_v2([m], [np.array([[1, 1, 3, 3]])]).per_iou[0.7]  # box ends at x + w
+        0.0
     """
-    acc = BoxAccumulator(thresholds, iou_thresholds)
+    acc = BoxAccumulator(thresholds, iou_thresholds, protocol)
     maps, gt_boxes = list(maps), list(gt_boxes)
     if len(maps) != len(gt_boxes):
         raise ValueError(f"maps: {len(maps)} maps for {len(gt_boxes)} ground-truth box sets")
-    for saliency, gt in zip(maps, gt_boxes, strict=True):
-        acc.add(saliency, gt)
+    for i, (saliency, gt) in enumerate(zip(maps, gt_boxes, strict=True)):
+        try:
+            acc.add(saliency, gt)
+        except ValueError as exc:
+            raise ValueError(f"map {i}: {str(exc).removeprefix('map: ')}") from None
     return acc.result()
 
 
@@ -356,13 +502,20 @@ def run_wsol(
     limit: int | None = None,
     thresholds: Sequence[float] | np.ndarray | None = None,
     progress: bool = True,
+    *,
+    template: str = "paper",
+    protocol: str = "wsolevaluation",
+    pipeline: str = "authors",
+    box_rounding: str = "truncate",
+    class_query: str = "first",
 ) -> WsolReport:
     """GA maps (and the plain-gradient baseline) for every image of a WSOL folder, scored.
 
-    Each image is explained with the paper's setting: question ``What's in the image?``, J's
-    answer teacher-forced to ``The image shows a bird``, token ``bird``, query
-    ``a photo of a bird``. One GA computation yields both maps: the GA map of ``weighting``
-    and the baseline (per-patch ‖∂ logit / ∂ t‖ painted on its grid cell).
+    Each image is explained with the paper's setting: question ``What's in the image?`` in the
+    authors' conversation template, J's answer teacher-forced to ``The image shows a bird``,
+    token ``bird``, query ``a photo of a bird``. One GA computation yields both maps: the GA
+    map of ``weighting`` and the baseline (per-patch ‖∂ logit / ∂ t‖ painted on its grid cell).
+    Every default is the authors' protocol (``docs/fidelity.md``).
 
     Args:
         model: a ``JointModel``.
@@ -371,6 +524,14 @@ def run_wsol(
         limit: score only the first ``limit`` images.
         thresholds: τ grid (default 0..0.99 step 0.01).
         progress: show a tqdm bar.
+        template: conversation template, ``"paper"`` (default, the authors' CUB script:
+            ``<image>\\nUSER: What's in the image?\\nASSISTANT: The image shows a``) or
+            ``"llava-1.5"``.
+        protocol: MaxBoxAccV2 protocol, ``"wsolevaluation"`` (default) or ``"exact"``.
+        pipeline: ``"authors"`` (default: maps painted at 224 × 224 px, ground-truth boxes
+            resized to 224 px as wsolevaluation does) or ``"original"`` (both at the image's
+            own resolution).
+        box_rounding, class_query: GA painting (see :class:`GradientAlignment`).
 
     Returns:
         :class:`WsolReport`. Unreadable images are skipped and listed, never silently dropped.
@@ -380,18 +541,21 @@ def run_wsol(
         >>> report.to_json()["max_box_acc_v2"]  # doctest: +SKIP
         {'ga': 61.2, 'gradient': 48.3}
     """
+    from jmllm.joint.chat import get_template
     from jmllm.joint.model import JointModelError
     from jmllm.joint.saliency import WEIGHTINGS, GradientAlignment
 
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    template = get_template(template).name
+    _check_choice("pipeline", pipeline, PIPELINES)
+    accumulators = {m: BoxAccumulator(thresholds, protocol=protocol) for m in METHODS}
+    ga = GradientAlignment(model, box_rounding=box_rounding, class_query=class_query)
     items = read_wsol_folder(data_dir)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit: must be >= 1, got {limit}")
         items = items[:limit]
-    ga = GradientAlignment(model)
-    accumulators = {m: BoxAccumulator(thresholds) for m in METHODS}
     skipped: dict[str, str] = {}
     start = time.perf_counter()
     iterator: Iterable[WsolItem] = items
@@ -399,17 +563,26 @@ def run_wsol(
         from tqdm.auto import tqdm
 
         iterator = tqdm(items, desc="WSOL", unit="image")
+    size = (AUTHORS_MAP_SIZE, AUTHORS_MAP_SIZE) if pipeline == "authors" else None
     for item in iterator:
         try:
             result = ga.attribute(
-                item.path, WSOL_QUESTION, WSOL_TARGET, [WSOL_QUERY], answer=WSOL_ANSWER
+                item.path,
+                WSOL_QUESTION,
+                WSOL_TARGET,
+                [WSOL_QUERY],
+                answer=WSOL_ANSWER,
+                template=template,
             )
         except JointModelError as exc:
             skipped[item.image_id] = str(exc)
             logger.warning("skipping %s: %s", item.image_id, exc)
             continue
-        accumulators["ga"].add(result.maps[weighting], item.boxes)
-        accumulators["gradient"].add(result.maps["gradient"], item.boxes)
+        gt = item.boxes
+        if size is not None:
+            gt = resize_boxes(item.boxes, result.image_size, size)
+        accumulators["ga"].add(result.map(weighting, size=size), gt)
+        accumulators["gradient"].add(result.map("gradient", size=size), gt)
     if not accumulators["ga"].count:
         raise WsolDataError(f"{data_dir}: no image could be scored ({len(skipped)} skipped)")
     return WsolReport(
@@ -423,23 +596,37 @@ def run_wsol(
             "target": WSOL_TARGET,
             "query": WSOL_QUERY,
             "weighting": weighting,
+            "template": template,
+            "protocol": protocol,
+            "pipeline": pipeline,
+            "map_size": list(size) if size is not None else "original",
+            "box_rounding": box_rounding,
+            "class_query": class_query,
         },
     )
 
 
 __all__ = [
+    "AUTHORS_MAP_SIZE",
     "IOU_THRESHOLDS",
+    "PIPELINES",
+    "PROTOCOLS",
     "BoxAccumulator",
     "BoxAccuracy",
     "WsolDataError",
+    "WsolDependencyError",
     "WsolItem",
     "WsolReport",
     "box_iou_inclusive",
+    "check_reference_map",
     "component_boxes",
     "cub_to_boxes_csv",
     "default_thresholds",
     "max_box_acc_v2",
     "normalise_map",
+    "opencv",
     "read_wsol_folder",
+    "reference_boxes",
+    "resize_boxes",
     "run_wsol",
 ]
