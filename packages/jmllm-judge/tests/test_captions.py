@@ -119,12 +119,18 @@ def test_joint_adapter_loads_once_and_batches(
     assert calls[1]["images"] == [str(im.path) for im in manifest.images[:3]]
     assert all(c["prompts"] == [CAPTION_PROMPT] * len(c["images"]) for c in calls[1:])
     assert all(c["vision"] == "joint" for c in calls[1:])
+    assert all(c["template"] == "paper" for c in calls[1:])  # the authors' template (Table 1)
+    assert j.origin["template"] == "paper"
     assert j.captions[manifest.images[0].image_id] == "answer 2-0"
 
     calls.clear()
     captions_from_joint(manifest, "LLaVA", alignment="w", vision="llava", max_new_tokens=7)
     assert calls[0] == {"from_pretrained": {"alignment": "w"}}  # jmllm-joint's default models
     assert calls[1]["vision"] == "llava" and calls[1]["max_new_tokens"] == 7
+    assert calls[1]["template"] == "paper"
+    calls.clear()
+    captions_from_joint(manifest, "J", alignment="w", template="llava-1.5")
+    assert all(c["template"] == "llava-1.5" for c in calls[1:])
     with pytest.raises(JudgeError, match="jmllm-joint: max_new_tokens"):
         captions_from_joint(manifest, "J", alignment="w", max_new_tokens=0)
 
@@ -143,8 +149,13 @@ def test_captions_from_a_real_tiny_joint_model(manifest: Manifest, tmp_path: Pat
     loaded = JointModel.from_pretrained(
         **sources
     )  # the call the CLI's --owl/--llava/--alignment make
-    j = captions_from_joint(small, "J", max_new_tokens=6, batch_size=2, model=loaded)
-    llava = captions_from_joint(small, "LLaVA", vision="llava", max_new_tokens=6, model=loaded)
+    from jmllm.joint.testing import record_prompts
+
+    with record_prompts() as sent:
+        j = captions_from_joint(small, "J", max_new_tokens=6, batch_size=2, model=loaded)
+        llava = captions_from_joint(small, "LLaVA", vision="llava", max_new_tokens=6, model=loaded)
+    # J and stock LLaVA both prompted as the authors' caption script, verbatim
+    assert sent == ["<image>\nUSER: What's the content of the image?\nASSISTANT:"] * 6
     for system in (j, llava):
         assert set(system.captions) == {im.image_id for im in small.images}
         assert all(isinstance(c, str) for c in system.captions.values())

@@ -92,6 +92,8 @@ def test_coco_to_table1_one_command_per_step(
     # The nasty caption reached the judge intact, inside the verbatim prompt.
     nasty = [s for s in server.served if s.caption == NASTY]
     assert nasty and all(s.user_text == judge_user_prompt(NASTY) for s in nasty)
+    authors = f'From 1 to 10, score this caption for the image: "{NASTY}". Only answer with a number from 1 to 10.'
+    assert nasty[0].user_text == authors  # the authors' form by default, verbatim
 
     # Table 1: invalid replies counted and excluded.
     report = json.loads((run / "report" / "report.json").read_text())
@@ -161,3 +163,30 @@ def test_failed_judgements_give_exit_code_3_and_are_reported(
     assert report["systems"][0]["failed"] == len(manifest) and report["systems"][0]["mean"] is None
     assert all(r["score"] is None and r["reply"] is None for r in report["failed"])
     assert "A: — (0 valid, 0 invalid, 8 failed)" in capsys.readouterr().out
+
+
+def test_judge_prompt_by_name_is_sent_and_reported(
+    tmp_path: Path, manifest, make_captions, judge_server, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from jmllm.judge.captions import save_captions
+
+    server = judge_server()
+    monkeypatch.setenv("K", "k")
+    manifest_path = manifest.save(tmp_path / "m.json")
+    captions = make_captions(manifest, "A")
+    save_captions(tmp_path / "a.jsonl", captions, manifest)
+    base = ["run", "--manifest", str(manifest_path), "--captions", str(tmp_path / "a.jsonl"), "--model", "m", "--base-url", server.base_url, "--api-key-env", "K"]  # fmt: skip
+    assert main([*base, "-o", str(tmp_path / "authors.json")]) == 0
+    sent = len(server.served)
+    assert main([*base, "--judge-prompt", "supplementary", "-o", str(tmp_path / "supp.json")]) == 0
+    # another prompt is another judgement: every image is judged again, with the bare caption
+    supplementary = server.served[sent:]
+    assert len(supplementary) == len(manifest)
+    tail = ". Only answer with a number from 1 to 10."
+    head = "From 1 to 10, score this caption for the image: "
+    texts = captions.captions.values()
+    assert {s.user_text for s in server.served[:sent]} == {f'{head}"{c}"{tail}' for c in texts}
+    assert {s.user_text for s in supplementary} == {f"{head}{c}{tail}" for c in texts}
+    for name, words in (("authors", "authors' script"), ("supp", "supplementary §1.1")):
+        assert main(["report", str(tmp_path / f"{name}.json"), "-o", str(tmp_path / name)]) == 0
+        assert words in (tmp_path / name / "report.md").read_text()

@@ -5,11 +5,15 @@ from pathlib import Path
 
 import pytest
 
+from jmllm.judge.errors import JudgeError
 from jmllm.judge.parsing import parse_score
 from jmllm.judge.prompts import (
     CAPTION_PROMPT,
     JUDGE_SYSTEM_PROMPT,
     JUDGE_USER_PROMPT_TEMPLATE,
+    JUDGE_USER_PROMPTS,
+    SUPPLEMENTARY_USER_PROMPT_TEMPLATE,
+    judge_prompt_template,
     judge_user_prompt,
 )
 
@@ -22,9 +26,20 @@ def test_prompts_are_the_papers_verbatim() -> None:
         "helpfulness, relevance, accuracy, depth, and level of detail of the caption. Be as objective "
         "as possible."
     )
+    # the default: the authors' script (Table 1), caption in double quotes
     assert judge_user_prompt("A dog.") == (
+        'From 1 to 10, score this caption for the image: "A dog.". Only answer with a number from 1 to 10.'
+    )
+    # by name: the supplementary's printed text, caption bare
+    assert judge_user_prompt("A dog.", judge_prompt_template("supplementary")) == (
         "From 1 to 10, score this caption for the image: A dog.. Only answer with a number from 1 to 10."
     )
+    assert JUDGE_USER_PROMPTS == {
+        "authors": JUDGE_USER_PROMPT_TEMPLATE,
+        "supplementary": SUPPLEMENTARY_USER_PROMPT_TEMPLATE,
+    }
+    with pytest.raises(JudgeError, match="unknown name 'gpt'"):
+        judge_prompt_template("gpt")
 
 
 def _supplementary() -> Path | None:
@@ -46,8 +61,13 @@ def test_prompts_match_the_supplementary_text() -> None:
     assert prompts == [
         ("USER", CAPTION_PROMPT),
         ("SYSTEM", JUDGE_SYSTEM_PROMPT),
-        ("USER", JUDGE_USER_PROMPT_TEMPLATE),
+        ("USER", SUPPLEMENTARY_USER_PROMPT_TEMPLATE),
     ]
+    # the authors' form differs from the printed text only by the quotes around the caption
+    assert (
+        SUPPLEMENTARY_USER_PROMPT_TEMPLATE.replace("<caption>", '"<caption>"')
+        == JUDGE_USER_PROMPT_TEMPLATE
+    )
 
 
 @pytest.mark.parametrize(
@@ -62,8 +82,9 @@ def test_prompts_match_the_supplementary_text() -> None:
     ],
 )
 def test_caption_is_inserted_literally(caption: str) -> None:
-    head, tail = JUDGE_USER_PROMPT_TEMPLATE.split("<caption>")
-    assert judge_user_prompt(caption) == head + caption + tail
+    for template in JUDGE_USER_PROMPTS.values():
+        head, tail = template.split("<caption>")
+        assert judge_user_prompt(caption, template) == head + caption + tail
 
 
 def test_template_must_have_one_placeholder() -> None:

@@ -40,6 +40,9 @@ from jmllm.judge.prompts import (
     CAPTION_PROMPT,
     JUDGE_SYSTEM_PROMPT,
     JUDGE_USER_PROMPT_TEMPLATE,
+    JUDGE_USER_PROMPTS,
+    SUPPLEMENTARY_USER_PROMPT_TEMPLATE,
+    judge_prompt_template,
     judge_user_prompt,
 )
 from jmllm.judge.report import JudgeReport, build_report, write_report
@@ -55,7 +58,9 @@ from jmllm.judge.runner import (
 __all__ = [
     "CAPTION_PROMPT",
     "JUDGE_SYSTEM_PROMPT",
+    "JUDGE_USER_PROMPTS",
     "JUDGE_USER_PROMPT_TEMPLATE",
+    "SUPPLEMENTARY_USER_PROMPT_TEMPLATE",
     "CachedJudgement",
     "JudgeCache",
     "JudgeClient",
@@ -74,6 +79,7 @@ __all__ = [
     "captions_from_joint",
     "captions_from_jsonl",
     "judge_all",
+    "judge_prompt_template",
     "judge_user_prompt",
     "judgement_key",
     "load_captions",

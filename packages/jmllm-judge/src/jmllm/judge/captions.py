@@ -223,6 +223,7 @@ def _joint_generate(
     alignment: str | None,
     vision: str,
     max_new_tokens: int,
+    template: str = "paper",
     model: Any = None,
 ) -> tuple[Any, list[str]]:
     """Load J once (when ``model`` is None) and caption a batch of image files greedily; returns
@@ -239,7 +240,11 @@ def _joint_generate(
             given: dict[str, Any] = {k: v for k, v in sources.items() if v is not None}
             model = JointModel.from_pretrained(**given)  # unset: jmllm-joint's defaults
         answers = model.generate(
-            list(images), list(prompts), max_new_tokens=max_new_tokens, vision=vision
+            list(images),
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            vision=vision,
+            template=template,
         )
     except (JointModelError, PromptError) as e:
         raise JudgeError(f"jmllm-joint: {e}") from e
@@ -258,13 +263,16 @@ def captions_from_joint(
     batch_size: int = 4,
     model: Any = None,
     progress: Callable[[int], object] | None = None,
+    template: str = "paper",
 ) -> SystemCaptions:
     """Captions from the joint model J (``vision="joint"``: OWL-ViT + W + LLaVA) or from stock
     LLaVA-1.5 (``vision="llava"``) through the ``joint`` extra, greedy decoding, the paper's caption
     prompt. ``owl`` and ``llava`` default to jmllm-joint's defaults; ``alignment`` (W) is required
     by :meth:`jmllm.joint.JointModel.from_pretrained` in both cases. Pass an already loaded
     ``model`` instead to caption J and stock LLaVA with one load. Only local images are supported
-    (sample with ``--images-dir``).
+    (sample with ``--images-dir``). Both J and stock LLaVA are prompted in the conversation
+    ``template``: ``"paper"`` (default: the authors' ``<image>\\nUSER: {question}\\nASSISTANT:``,
+    how Table 1's captions were made) or ``"llava-1.5"`` (the model card's).
 
     >>> j = captions_from_joint(manifest, "J", alignment="w.safetensors")  # doctest: +SKIP
     >>> llava = captions_from_joint(manifest, "LLaVA", vision="llava", model=loaded_joint_model)  # doctest: +SKIP
@@ -288,6 +296,7 @@ def captions_from_joint(
             alignment=alignment,
             vision=vision,
             max_new_tokens=max_new_tokens,
+            template=template,
             model=model,
         )
         if len(answers) != len(batch):
@@ -296,5 +305,12 @@ def captions_from_joint(
             captions[image.image_id] = answer.strip()
         if progress is not None:
             progress(len(batch))
-    origin = {"kind": "joint", "vision": vision, "owl": owl, "llava": llava, "alignment": alignment}
+    origin = {
+        "kind": "joint",
+        "vision": vision,
+        "template": template,
+        "owl": owl,
+        "llava": llava,
+        "alignment": alignment,
+    }
     return SystemCaptions(system=system, captions=captions, origin=origin)

@@ -114,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--owl", help="with --joint: OWL-ViT id or folder")
     p.add_argument("--llava", help="with --joint: LLaVA-1.5 id or folder")
     p.add_argument("--alignment", help="with --joint: alignment weights (.safetensors) or Hub repo")
+    p.add_argument(
+        "--template",
+        choices=("paper", "llava-1.5"),
+        default="paper",
+        help="with --joint: conversation template; paper (default) is the authors' "
+        "'<image>\\nUSER: {question}\\nASSISTANT:' that produced Table 1, llava-1.5 the model "
+        "card's 'USER: <image>\\n{question} ASSISTANT:'",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="with --joint (default: 256)")
     p.add_argument("--batch-size", type=int, default=4, help="with --joint (default: 4)")
     p.add_argument(
@@ -150,6 +158,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
     p.add_argument(
         "--max-attempts", type=int, default=8, help="attempts per judgement (default: 8)"
+    )
+    p.add_argument(
+        "--judge-prompt",
+        choices=("authors", "supplementary"),
+        default="authors",
+        help="judge user prompt: authors (default; the script that produced Table 1, caption "
+        "in double quotes) or supplementary (its printed text, caption bare)",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="(default: 0, as the paper)")
     p.add_argument(
@@ -235,6 +250,7 @@ def _cmd_captions(args: argparse.Namespace) -> int:
                 llava=args.llava,
                 alignment=args.alignment,
                 vision=args.vision,
+                template=args.template,
                 max_new_tokens=args.max_new_tokens,
                 batch_size=args.batch_size,
                 progress=bar.update,
@@ -249,6 +265,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from jmllm.judge.captions import load_captions
     from jmllm.judge.client import JudgeSettings, RetryPolicy, read_api_key
     from jmllm.judge.manifest import Manifest
+    from jmllm.judge.prompts import judge_prompt_template
     from jmllm.judge.runner import judge_all, save_results
 
     manifest = Manifest.load(args.manifest)
@@ -259,6 +276,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         api_key_env=args.api_key_env,
         temperature=args.temperature,
         max_tokens=args.max_tokens,
+        user_prompt_template=judge_prompt_template(args.judge_prompt),
         concurrency=args.concurrency,
         timeout_s=args.timeout,
         retry=RetryPolicy(max_attempts=args.max_attempts),

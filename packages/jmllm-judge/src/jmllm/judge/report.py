@@ -286,6 +286,21 @@ def _tokens(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
 
 
+def _prompt_source(settings: dict[str, Any]) -> str:
+    """Which judge prompts a run used, in words."""
+    from jmllm.judge.prompts import JUDGE_SYSTEM_PROMPT, JUDGE_USER_PROMPTS
+
+    user = settings.get("user_prompt_template")
+    system = settings.get("system_prompt")
+    if system != JUDGE_SYSTEM_PROMPT:
+        return "custom system prompt"
+    if user == JUDGE_USER_PROMPTS["authors"]:
+        return "the paper's prompts as the authors' script sent them (caption in double quotes)"
+    if user == JUDGE_USER_PROMPTS["supplementary"]:
+        return "the paper's prompts as the supplementary §1.1 prints them (caption bare)"
+    return "the paper's system prompt and a custom user prompt"
+
+
 def render_markdown(report: JudgeReport) -> str:
     """The report as Markdown."""
     settings = report.settings
@@ -293,9 +308,8 @@ def render_markdown(report: JudgeReport) -> str:
     out = ["# Judge report", ""]
     out.append(
         f"Judge `{markdown_cell(settings.get('model'))}` at {markdown_cell(settings.get('base_url') or 'the default OpenAI URL')}, "
-        f"temperature {settings.get('temperature')}, {report.n_images} images; system and user prompts "
-        "verbatim from the supplementary §1.1. Invalid replies and failures are excluded from every "
-        "statistic and listed below."
+        f"temperature {settings.get('temperature')}, {report.n_images} images; {_prompt_source(settings)}. "
+        "Invalid replies and failures are excluded from every statistic and listed below."
     )
     out += ["", "## Table 1: average judge score (1–10)", ""]
     names = [markdown_cell(s.system) for s in report.systems]

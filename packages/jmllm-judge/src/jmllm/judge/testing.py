@@ -55,12 +55,16 @@ _PROMPT_TAIL = ". Only answer with a number from 1 to 10."
 
 
 def caption_of(user_text: str) -> str:
-    """The caption inside the paper's judge user prompt (the text between its fixed head and tail)."""
+    """The caption inside a judge user prompt (the text between its fixed head and tail), in
+    either form: the authors' (caption in double quotes) or the supplementary's (bare)."""
     start = user_text.find(_PROMPT_HEAD)
     end = user_text.rfind(_PROMPT_TAIL)
     if start < 0 or end < start:
         return user_text
-    return user_text[start + len(_PROMPT_HEAD) : end]
+    inner = user_text[start + len(_PROMPT_HEAD) : end]
+    if len(inner) >= 2 and inner.startswith('"') and inner.endswith('"'):
+        return inner[1:-1]
+    return inner
 
 
 def default_answer(user_text: str) -> str:
