@@ -58,6 +58,7 @@ class ScriptedJoint:
         self.answers = answers
         self.embedded: list[int] = []
         self.prompts: list[str] = []
+        self.templates: list[str] = []  # the conversation template of every generate call
 
     def embed(self, images: list[Image.Image]) -> FakeEmbedding:
         red = images[0].convert("RGB").getpixel((0, 0))[0]
@@ -79,6 +80,7 @@ class ScriptedJoint:
 
     def generate(self, emb: FakeEmbedding, prompts: list[str], **kwargs: Any) -> list[FakeAnswer]:
         self.prompts.extend(prompts)
+        self.templates.append(kwargs.get("template", "llava-1.5"))  # J's default when omitted
         red = round(float(emb.t[0, 0, 0]) * 255.0)
         perturbed = not torch.all(emb.t == emb.t[0, 0, 0])
         original, after = self.answers.get(red, ("5", "5"))

@@ -148,6 +148,9 @@ class AssessConfig:
     reduction: str = "mean"  # objective over patches, see jmllm.bias.perturb
     max_new_tokens: int = 8  # enough for "10." and to see what a chatty reply starts with
     groups: tuple[str, ...] | None = None  # assess only these cohort groups
+    # J's conversation template: "paper" (the authors' bias script, "<image>\nUSER: ...\n
+    # ASSISTANT:") or "llava-1.5" (the model card's)
+    template: str = "paper"
 
     def __post_init__(self) -> None:
         validate_term(self.characteristic, "characteristic")
@@ -163,6 +166,13 @@ class AssessConfig:
             self.perturbation(eps)
         if self.max_new_tokens < 1:
             raise BiasInputError("max_new_tokens must be >= 1")
+        from jmllm.joint.chat import CONVERSATION_TEMPLATES
+
+        if self.template not in CONVERSATION_TEMPLATES:
+            known = ", ".join(sorted(CONVERSATION_TEMPLATES))
+            raise BiasInputError(
+                f"template: unknown conversation template {self.template!r} (known: {known})"
+            )
 
     def perturbation(self, eps: float) -> PerturbationConfig:
         """The perturbation settings for one ε of the sweep."""
@@ -175,12 +185,20 @@ class AssessConfig:
         """The paper's question for this characteristic."""
         return question(self.characteristic)
 
+    @property
+    def prompt(self) -> str:
+        """The question in J's conversation template, as the language model reads it."""
+        from jmllm.joint.chat import format_prompt
+
+        return format_prompt(self.question, template=self.template)
+
     def to_dict(self) -> dict[str, Any]:
         """Settings as stored in ``run.json`` (with the derived question and queries)."""
         data = asdict(self)
         data["eps"] = [float(e) for e in self.eps]
         data["groups"] = list(self.groups) if self.groups is not None else None
         data["question"] = self.question
+        data["prompt"] = self.prompt
         data["queries"] = [
             QUERY_TEMPLATE.format(self.original),
             QUERY_TEMPLATE.format(self.adversarial),
@@ -224,8 +242,10 @@ def _check_run(out: Path, run_doc: dict[str, Any]) -> None:
         atomic_write_text(path, json.dumps(run_doc, indent=2, ensure_ascii=False) + "\n")
 
 
-def _answer(model: Any, emb: Any, prompt: str, max_new_tokens: int) -> str:
-    answers = model.generate(emb, [prompt], max_new_tokens=max_new_tokens, do_sample=False)
+def _answer(model: Any, emb: Any, prompt: str, cfg: AssessConfig) -> str:
+    answers = model.generate(
+        emb, [prompt], max_new_tokens=cfg.max_new_tokens, do_sample=False, template=cfg.template
+    )
     return str(answers[0].text)
 
 
@@ -266,7 +286,7 @@ def _assess_one(
             emb = model.embed([image])
     except ValueError as exc:  # JointModelError: J refuses the image (the message names it)
         return {**record, "status": "unreadable", "error": f"{portrait.path}: {exc}"}
-    original_text = _answer(model, emb, prompt, cfg.max_new_tokens)
+    original_text = _answer(model, emb, prompt, cfg)
     original_score = parse_score(original_text)
     perturbed = []
     before: dict[str, Any] = {}
@@ -282,7 +302,7 @@ def _assess_one(
                 "adversarial": res.logits_before[0, 1].item(),
             },
         }
-        text = _answer(model, dataclasses.replace(emb, t=res.t), prompt, cfg.max_new_tokens)
+        text = _answer(model, dataclasses.replace(emb, t=res.t), prompt, cfg)
         score = parse_score(text)
         perturbed.append(
             {

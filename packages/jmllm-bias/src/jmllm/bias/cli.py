@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         "--groups", nargs="+", default=None, help="assess only these groups of the cohort"
     )
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
+    p.add_argument(
+        "--template",
+        choices=["paper", "llava-1.5"],
+        default="paper",
+        help="J's conversation template: paper (default, the authors' bias script: "
+        "'<image>\\nUSER: {question}\\nASSISTANT:') or llava-1.5 (the model card's)",
+    )
     p.add_argument("--out", required=True, help="results folder (rerun to resume)")
     p.add_argument("--owl", default="google/owlvit-base-patch32", help="OWL-ViT id or folder")
     p.add_argument("--llava", default="llava-hf/llava-1.5-7b-hf", help="LLaVA id or folder")
@@ -193,6 +200,7 @@ def _assess(args: argparse.Namespace) -> None:
         reduction=args.objective,
         max_new_tokens=args.max_new_tokens,
         groups=tuple(args.groups) if args.groups else None,
+        template=args.template,
     )
     load_cohort(args.cohort)  # fail on an empty/missing cohort before loading any model
     if args.tiny:

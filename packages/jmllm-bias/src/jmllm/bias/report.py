@@ -238,6 +238,8 @@ def render_markdown(report: BiasReport) -> str:
         f"# Bias report: {_md(s['characteristic'])}",
         "",
         f"- Question: `{_md(s['question'])}`",
+        f"- Conversation template: {_md(s.get('template', 'llava-1.5'))}"
+        + (f" (`{_md(s['prompt'])}`)" if "prompt" in s else ""),
         f"- Perturbation: {method} on `t`, pushing `{_md(s['queries'][0])}` down and "
         f"`{_md(s['queries'][1])}` up (objective: {s['reduction']} over patches; "
         f"step size {step_sizes})",
