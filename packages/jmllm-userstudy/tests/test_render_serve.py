@@ -120,9 +120,18 @@ def test_joint_hook_draws_each_object_with_the_joint_model(tmp_path):
     testing = pytest.importorskip("jmllm.joint.testing")
     model = testing.tiny_joint_model(tmp_path / "tiny")
     testing.generated_images(1, size=64, seed=3)[0].save(tmp_path / "q.png")
-    first, second = write_explanations(
-        tmp_path / "q.png", ("cat", "TV/monitor"), tmp_path / "maps", joint_explainer(model=model)
-    )
+    with testing.record_prompts() as sent:
+        first, second = write_explanations(
+            tmp_path / "q.png",
+            ("cat", "TV/monitor"),
+            tmp_path / "maps",
+            joint_explainer(model=model),
+        )
+    # the paper's setting: J asked in the authors' conversation template, verbatim
+    assert sent == ["<image>\nUSER: What's in the image?\nASSISTANT:"] * 2
+    with testing.record_prompts() as sent:
+        joint_explainer(model=model, template="llava-1.5")(Image.new("RGB", (8, 8)), "cat")
+    assert sent == ["USER: <image>\nWhat's in the image? ASSISTANT:"]
     # each file is exactly jmllm.joint.explain_object's picture of its object
     with Image.open(tmp_path / "q.png") as source:
         picture = source.convert("RGB")

@@ -52,7 +52,9 @@ def joint_explainer(**options: Any) -> ExplainFn:
     Args:
         **options: Passed through to ``jmllm.joint.explain_object``: ``model`` (a
             ``JointModel``, required), ``view`` (``"box"``, the paper's figures, or
-            ``"overlay"``), ``weighting``, ``queries``, ``question``.
+            ``"overlay"``), ``weighting``, ``queries``, ``question``, ``template`` (J's
+            conversation template: ``"paper"`` by default, the authors' prompt, or
+            ``"llava-1.5"``).
 
     Returns:
         ``explain(image, object_name) -> PIL.Image``.
