@@ -173,3 +173,22 @@ def test_cub_conversion(tmp_path):
     assert cub_to_boxes_csv(tmp_path, tmp_path / "out" / "boxes.csv") == 1
     lines = (tmp_path / "out" / "boxes.csv").read_text().splitlines()
     assert lines == ["image_id,x0,y0,x1,y1", "001.A/b.jpg,10.0,20.0,40.0,60.0"]
+
+
+def test_missing_opencv_is_one_clear_error(monkeypatch, cli_env, tmp_path, capsys):
+    import sys
+
+    from jmllm.joint.cli import main
+    from jmllm.joint.wsol import WsolDependencyError
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+    with pytest.raises(WsolDependencyError, match=r"pip install 'jmllm-joint\[wsol\]'"):
+        max_box_acc_v2([np.zeros((4, 4))], [np.array([[0, 0, 1, 1]])])
+    # the exact protocol needs no OpenCV
+    blob = _blob((8, 8), (0, 0, 3, 3))
+    assert max_box_acc_v2([blob], [np.array([[0, 0, 3, 3]])], protocol="exact").value == 100.0
+    (tmp_path / "images").mkdir()
+    (tmp_path / "boxes.csv").write_text("image_id,x0,y0,x1,y1\na.png,0,0,1,1\n")
+    assert main(["wsol", str(tmp_path), "--tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--protocol wsolevaluation: " in err and "[wsol]" in err
