@@ -10,7 +10,10 @@ from jmllm.align.cli import main
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse refusals (bad option values): exit code 2
+        code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -151,4 +154,4 @@ def test_import_pth_transformer_and_its_heads(tmp_path, capsys):
     assert load_alignment(out).config.num_heads == 4
     code, _, err = _run(capsys, "import-pth", str(tmp_path / "T.pth"), str(out), "--num-heads", "0")
     assert code != 0
-    _one_line_error(err, "--num-heads: must be at least 1")
+    _one_line_error(err, "--num-heads: must be >= 1")

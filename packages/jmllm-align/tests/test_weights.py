@@ -167,7 +167,7 @@ class Payload:  # a pickled object: weights_only loading must refuse to build it
 def test_import_refuses_pickled_non_tensor_content(tmp_path, capsys):
     pth = tmp_path / "evil.pth"
     torch.save({"input_layer.weight": Payload()}, pth)
-    with pytest.raises(AlignmentWeightsError, match=r"evil.pth: not a loadable tensor-only"):
+    with pytest.raises(AlignmentWeightsError, match=r"evil.pth: not a readable tensor-only"):
         import_authors_state_dict(pth, tmp_path / "w.safetensors")
     assert "pickle code ran" not in capsys.readouterr().out
     plain = tmp_path / "plain.pth"

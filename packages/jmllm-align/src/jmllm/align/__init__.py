@@ -2,7 +2,10 @@
 
 W maps OWL-ViT's penultimate vision tokens (CLS dropped) into the image-token space of LLaVA's
 language model. This package holds W's architectures, the shared ``.safetensors`` weight format,
-feature extraction for both encoders, and the trainer.
+feature extraction for both encoders, and the trainer; and the rules every jmllm package
+follows: one image-decoding policy (:mod:`jmllm.align.images`), one output-file writer
+(:mod:`jmllm.align.files`), one set of command-line checks and exit codes
+(:mod:`jmllm.align.options`).
 
 Example:
     >>> from jmllm.align import AlignmentConfig, AlignmentLayer
@@ -23,13 +26,12 @@ from jmllm.align.architectures import (
 from jmllm.align.features import (
     FeatureExtractor,
     FeaturePair,
-    ImageLoadError,
     ImageNormalization,
     image_to_tensor,
     llava_image_tokens,
-    load_image,
     owl_penultimate,
 )
+from jmllm.align.images import ImageLoadError, LoadedImage, load_image, open_image
 from jmllm.align.weights import (
     AlignmentWeightsError,
     import_authors_state_dict,
@@ -50,6 +52,7 @@ __all__ = [
     "FeaturePair",
     "ImageLoadError",
     "ImageNormalization",
+    "LoadedImage",
     "alignment_config_for",
     "check_fits",
     "encoder_dims",
@@ -58,6 +61,7 @@ __all__ = [
     "llava_image_tokens",
     "load_alignment",
     "load_image",
+    "open_image",
     "owl_penultimate",
     "read_metadata",
     "save_alignment",

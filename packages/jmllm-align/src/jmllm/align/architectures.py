@@ -30,6 +30,9 @@ from torch import nn
 Architecture = Literal["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"]
 ARCHITECTURES: tuple[str, ...] = ("deep-mlp", "llava-mlp", "transformer", "sequence-transformer")
 TRANSFORMERS = ("transformer", "sequence-transformer")
+# A W above this size is refused from its config, before anything is allocated (10 G parameters,
+# 40 GB in float32; the paper's W has 174 M).
+MAX_PARAMETERS = 10**10
 
 
 @dataclass
@@ -57,22 +60,40 @@ class AlignmentConfig:
     drop_cls: bool = True  # W consumes patch tokens only
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        """Check every field's type and range, and the size of the network it describes (a
+        ``ValueError`` naming the field, before anything is allocated)."""
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"unknown alignment architecture {self.architecture!r}; "
                 f"expected one of {', '.join(ARCHITECTURES)}"
             )
-        for name in ("in_dim", "out_dim", "hidden_dim", "num_hidden_layers", "num_tokens"):
+        for name in (
+            "in_dim",
+            "out_dim",
+            "hidden_dim",
+            "num_hidden_layers",
+            "num_heads",
+            "num_tokens",
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(
                     f"alignment config {name} must be a positive integer, got {value!r}"
                 )
-        if self.architecture in TRANSFORMERS:
-            if not isinstance(self.num_heads, int) or self.num_heads <= 0:
+        if isinstance(self.source_layer, bool) or not isinstance(self.source_layer, int):
+            raise ValueError(
+                f"alignment config source_layer must be an integer, got {self.source_layer!r}"
+            )
+        for name in ("source_model", "target_model"):
+            if not isinstance(getattr(self, name), str):
                 raise ValueError(
-                    f"alignment config num_heads must be a positive integer, got {self.num_heads!r}"
+                    f"alignment config {name} must be text, got {getattr(self, name)!r}"
                 )
+        if not isinstance(self.drop_cls, bool):
+            raise ValueError(
+                f"alignment config drop_cls must be true or false, got {self.drop_cls!r}"
+            )
+        if self.architecture in TRANSFORMERS:
             if self.hidden_dim % self.num_heads:
                 raise ValueError(
                     f"{self.architecture} hidden_dim {self.hidden_dim} is not divisible by "
@@ -83,14 +104,49 @@ class AlignmentConfig:
                 self.ffn_dim = self.hidden_dim if authors else 4 * self.hidden_dim
             if self.dropout is None:
                 self.dropout = 0.1 if authors else 0.0
-            if not isinstance(self.ffn_dim, int) or self.ffn_dim <= 0:
+            if (
+                isinstance(self.ffn_dim, bool)
+                or not isinstance(self.ffn_dim, int)
+                or self.ffn_dim <= 0
+            ):
                 raise ValueError(
                     f"alignment config ffn_dim must be a positive integer, got {self.ffn_dim!r}"
                 )
-            if not 0.0 <= float(self.dropout) < 1.0:
+            if (
+                isinstance(self.dropout, bool)
+                or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= float(self.dropout) < 1.0
+            ):
                 raise ValueError(
                     f"alignment config dropout must be in [0, 1), got {self.dropout!r}"
                 )
+        count = self.num_parameters()
+        if count > MAX_PARAMETERS:
+            raise ValueError(
+                f"alignment config ({self.architecture}, in_dim={self.in_dim}, "
+                f"out_dim={self.out_dim}, hidden_dim={self.hidden_dim}, "
+                f"num_hidden_layers={self.num_hidden_layers}) has {count:.3g} parameters; "
+                f"the limit is {MAX_PARAMETERS:.0e} (the paper's W has 1.74e+08)"
+            )
+
+    def num_parameters(self) -> int:
+        """Parameters of the network this config describes, counted without building it.
+
+        Example:
+            >>> AlignmentConfig().num_parameters()  # the paper's W, 768 -> 4096
+            174092288
+        """
+        i, o, h, n = self.in_dim, self.out_dim, self.hidden_dim, self.num_hidden_layers
+        if self.architecture == "deep-mlp":
+            return i * h + h + n * (h * h + h) + h * o + o
+        if self.architecture == "llava-mlp":
+            return i * o + o + o * o + o
+        # transformers: projections in and out; per layer attention (4 h x h + biases), the
+        # feed-forward (h -> f -> h) and two layer norms; the sequence one adds its positions
+        f = self.ffn_dim if isinstance(self.ffn_dim, int) else h
+        per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+        positions = self.num_tokens * h if self.architecture == "sequence-transformer" else 0
+        return i * h + h + positions + n * per_layer + h * o + o
 
     @property
     def token_wise(self) -> bool:

@@ -8,7 +8,9 @@ Subcommands:
 - ``import-pth STATE_DICT OUT.safetensors``: convert the paper authors' PyTorch state dict.
 - ``demo``: a short W training run between tiny locally built encoders on generated images.
 
-Errors are one line naming the input, with a non-zero exit code.
+Errors are one line naming the input. Exit codes (docs/conventions.md): 0 success, 1 runtime
+failure, 2 bad input or usage (numbers are checked here, at the boundary), 3 partial results
+(images skipped and counted, or training stopped early with a resumable checkpoint), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,9 +23,40 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.options import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    ArgumentParser,
+    exit_code_for,
+    finite_float,
+    integer,
+    one_line,
+    print_error,
+)
+
 logger = logging.getLogger("jmllm.align.cli")
 
-EXIT_ERROR = 1
+# Training options that map to a TrainConfig field (a field not here is set with --set KEY=VALUE).
+TRAIN_OPTIONS = (
+    "source_model",
+    "target_model",
+    "architecture",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "micro_batch_size",
+    "epochs",
+    "max_steps",
+    "seed",
+    "eval_images",
+    "eval_every",
+    "checkpoint_every",
+    "num_workers",
+    "precision",
+    "device",
+)
 
 
 def _default_tiny_cache() -> Path:
@@ -49,7 +82,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jmllm-align",
         description="Alignment layer W between OWL-ViT and LLaVA (Giulivi and Boracchi, 2024).",
     )
@@ -59,29 +92,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train W between the two frozen encoders")
     _add_data_arguments(p)
     p.add_argument("--out", required=True, help="run folder (checkpoint, metrics, weights)")
-    p.add_argument("--preset", default="paper", help="built-in preset name or a .json file")
+    p.add_argument(
+        "--preset", default=None, help="built-in preset name or a .json file (default: paper)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--source-model", help="OWL-ViT Hub id or folder")
     p.add_argument("--target-model", help="LLaVA Hub id or folder")
     p.add_argument(
         "--architecture", choices=["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"]
     )
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--batch-size", type=int, help="images per optimizer step, all ranks")
-    p.add_argument("--micro-batch-size", type=int, help="images per forward per rank")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=finite_float(0, open_low=True), help="learning rate (> 0)")
+    p.add_argument("--weight-decay", type=finite_float(0), help="AdamW weight decay (>= 0)")
+    p.add_argument("--batch-size", type=integer(1), help="images per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=integer(1), help="images per forward per rank")
+    p.add_argument("--epochs", type=integer(1))
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=integer(0),
         help="stop (and save) after this many steps in total; 0 = no limit (with --resume: lift "
         "the limit the run was started with)",
     )
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-images", type=int, help="held-out images")
-    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--num-workers", type=int, help="image decoding processes per rank")
+    p.add_argument("--seed", type=integer(0))
+    p.add_argument("--eval-images", type=integer(0), help="held-out images")
+    p.add_argument("--eval-every", type=integer(0), help="steps between held-out evaluations")
+    p.add_argument("--checkpoint-every", type=integer(0), help="steps between checkpoints")
+    p.add_argument("--num-workers", type=integer(0), help="image decoding processes per rank")
     p.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
@@ -103,8 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(p)
     p.add_argument("--source-model", help="OWL-ViT (default: the id stored in the weights)")
     p.add_argument("--target-model", help="LLaVA (default: the id stored in the weights)")
-    p.add_argument("--limit", type=int, help="evaluate at most this many images")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=integer(1), help="evaluate at most this many images")
+    p.add_argument("--batch-size", type=integer(1), default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -117,10 +152,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--source-model", default="google/owlvit-base-patch32")
     p.add_argument("--target-model", default="llava-hf/llava-1.5-7b-hf")
-    p.add_argument("--num-tokens", type=int, default=576)
+    p.add_argument("--num-tokens", type=integer(1), default=576)
     p.add_argument(
         "--num-heads",
-        type=int,
+        type=integer(1),
         default=8,
         help="attention heads of a transformer state dict (the authors': 8; not in the tensors)",
     )
@@ -133,8 +168,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="where the tiny checkpoints are built (default: $JMLLM_CACHE/tiny or "
         "~/.cache/jmllm/tiny)",
     )
-    p.add_argument("--images", type=int, default=48, help="generated images (default 48)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument(
+        "--images", type=integer(16), default=48, help="generated images (default 48, at least 16)"
+    )
+    p.add_argument("--epochs", type=integer(1), default=3)
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -146,29 +183,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    from jmllm.align.train import load_preset
-
-    config = load_preset(args.preset)
+def _train_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the command line sets explicitly (options, sources, --set)."""
     changes: dict[str, Any] = {}
-    for name in (
-        "source_model",
-        "target_model",
-        "architecture",
-        "lr",
-        "weight_decay",
-        "batch_size",
-        "micro_batch_size",
-        "epochs",
-        "max_steps",
-        "seed",
-        "eval_images",
-        "eval_every",
-        "checkpoint_every",
-        "num_workers",
-        "precision",
-        "device",
-    ):
+    for name in TRAIN_OPTIONS:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -189,47 +207,81 @@ def _train_config(args: argparse.Namespace) -> Any:
             changes[name] = getattr(args, attr)
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"--set {item}: expected KEY=VALUE")
         changes[key.strip().replace("-", "_")] = _parse_value(value)
     if args.no_progress:
         changes["progress"] = False
-    return config.replace(**changes)
+    return changes
+
+
+def _option_name(field: str, args: argparse.Namespace) -> str:
+    """How the user set a TrainConfig field: ``--lr``, ``--set grad_clip=…``, the sources, ..."""
+    set_keys = {item.partition("=")[0].strip().replace("-", "_"): item for item in args.set}
+    if field in set_keys:
+        return f"--set {set_keys[field]}"
+    if field == "images":
+        return "the image sources"
+    if field in ("dataset_split", "dataset_data_dir"):
+        return "--" + field.removeprefix("dataset_").replace("_", "-")
+    return "--" + field.replace("_", "-")
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from jmllm.align.train import load_preset
+
+    config = load_preset(args.preset or "paper")
+    return config.replace(**_train_changes(args))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from jmllm.align.train import CHECKPOINT_NAME, load_checkpoint, train
+    from jmllm.align.train import (
+        CHECKPOINT_NAME,
+        TrainConfig,
+        load_checkpoint,
+        preset_fields,
+        train,
+    )
 
     out = Path(args.out)
-    config = _train_config(args)
     if args.resume and (out / CHECKPOINT_NAME).is_file():
-        # Resume with the stored options; only bookkeeping options may be changed on the line.
-        from jmllm.align.train import TrainConfig
-
+        # Resume with the stored options. Bookkeeping options may change; any other option given
+        # on the line must equal the stored one (a silently ignored --lr would be a lie).
         saved = TrainConfig.from_dict(load_checkpoint(out / CHECKPOINT_NAME)["config"])
-        explicit = {k: v for k, v in config.to_dict().items() if k in saved.RESUMABLE_CHANGES}
-        given = _explicit_options(args)
-        config = saved.replace(**{k: v for k, v in explicit.items() if k in given})
+        changes = _train_changes(args)
+        requested: dict[str, tuple[Any, str]] = {}
+        if args.preset is not None:
+            requested = {
+                k: (v, f"--preset {args.preset}") for k, v in preset_fields(args.preset).items()
+            }
+        requested.update({k: (v, _option_name(k, args)) for k, v in changes.items()})
+        stored = saved.to_dict()
+        for field, (value, option) in requested.items():
+            if field in TrainConfig.RESUMABLE_CHANGES:
+                continue
+            wanted = saved.replace(**{field: value}).to_dict()[field]
+            if wanted != stored[field]:
+                raise ValueError(
+                    f"{option}: cannot change {field} on --resume (the run was started with "
+                    f"{field}={stored[field]!r}, this asks {wanted!r}); start a new --out "
+                    "folder to change it"
+                )
+        config = saved.replace(
+            **{k: v for k, v in changes.items() if k in TrainConfig.RESUMABLE_CHANGES}
+        )
     elif not args.resume and (out / CHECKPOINT_NAME).is_file():
         raise ValueError(
             f"{out}: already holds a training run; pass --resume to continue it or choose "
             "another --out"
         )
+    else:
+        config = _train_config(args)
     result = train(config, out, resume=args.resume)
     _print_result(result)
-    return 0
-
-
-def _explicit_options(args: argparse.Namespace) -> set[str]:
-    given = {
-        name
-        for name in ("max_steps", "eval_every", "checkpoint_every", "num_workers", "device")
-        if getattr(args, name) is not None
-    }
-    given |= {item.partition("=")[0].strip().replace("-", "_") for item in args.set}
-    if args.no_progress:
-        given.add("progress")
-    return given
+    if result.interrupted:
+        return EXIT_PARTIAL
+    held_out_skipped = result.eval.skipped if result.eval is not None else 0
+    return EXIT_PARTIAL if (result.images_skipped or held_out_skipped) else EXIT_OK
 
 
 def _print_result(result: Any) -> None:
@@ -308,6 +360,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         autocast=bf16,
         skipped=batch.skipped,
     )
+    if result.images == 0:
+        raise ValueError(
+            f"no image could be read ({result.skipped} unreadable); nothing was evaluated"
+        )
     record = {
         "weights": str(args.weights),
         "mse": result.mse,
@@ -322,7 +378,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"MSE: {result.mse:.6g}  cosine: {result.cosine:.4f}  images: {result.images}  "
             f"skipped: {result.skipped}"
         )
-    return 0
+    return EXIT_PARTIAL if result.skipped else EXIT_OK
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -345,8 +401,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from jmllm.align.weights import import_authors_state_dict, read_metadata
 
-    if args.num_heads < 1:
-        raise ValueError(f"--num-heads: must be at least 1, got {args.num_heads}")
     path = import_authors_state_dict(
         args.state_dict,
         args.out,
@@ -426,13 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("jmllm-align: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line, never a traceback (-v shows it)
         if args.verbose:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"jmllm-align {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+        code = exit_code_for(exc)
+        message = one_line(exc)
+        if code == EXIT_FAILURE:
+            message = f"{type(exc).__name__}: {message} (run with -v for details)"
+        print_error(f"jmllm-align {args.command}", message)
+        return code
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 - Target: LLaVA's vision tower at its configured feature layer + its multi-modal projector, i.e.
   the (B, N, D_llm) image tokens LLaVA itself feeds its language model.
 
-Preprocessing: each image is decoded once to a uint8 tensor; each model then gets the whole
+Preprocessing: each image is decoded once, under the image policy of :mod:`jmllm.align.images`
+(pixel limit from the header, reduced JPEG decoding, one shrink to the working size), to a uint8
+tensor; each model then gets the whole
 image *squashed* to its square input size (no centre crop, so both token grids cover the same
 regions), normalised with its own mean/std. Resizing runs on tensors, batched per model.
 """
@@ -15,71 +17,26 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-Image.MAX_IMAGE_PIXELS = (
-    20_000 * 20_000
-)  # larger than this is refused by PIL as a decompression bomb
+# re-exported: the image policy lives in jmllm.align.images
+from jmllm.align.images import ImageLoadError, load_image
 
-
-class ImageLoadError(ValueError):
-    """An image could not be read; the message names the file and the problem."""
-
-
-def load_image(source: str | os.PathLike[str] | Image.Image) -> Image.Image:
-    """Decode an image to 8-bit RGB, with documented conversions for odd modes.
-
-    - EXIF orientation is applied.
-    - Alpha (RGBA, LA, P with transparency) is composited on white.
-    - 16-bit and 32-bit greyscale (``I;16``, ``I``, ``F``) are scaled by their maximum to 0–255.
-    - CMYK, YCbCr, palette and greyscale are converted to RGB by PIL.
-
-    Raises:
-        ImageLoadError: missing, truncated, corrupt or non-image file, or a 0-pixel image.
-
-    Example:
-        >>> load_image(Image.new("LA", (4, 4))).mode
-        'RGB'
-    """
-    name = getattr(source, "filename", None) or str(source)
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ImageLoadError(f"{path}: no such image file")
-        try:
-            # Our own handle, closed on every path: a truncated file's handle must not live on
-            # in the traceback of the error (a skip log keeps those).
-            with path.open("rb") as handle:
-                image = Image.open(handle)
-                image.load()  # the pixels are in memory before the handle closes
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ImageLoadError(f"{path}: not a readable image ({exc})") from None
-        except Image.DecompressionBombError as exc:
-            raise ImageLoadError(f"{path}: image too large ({exc})") from None
-    if image.width < 1 or image.height < 1:
-        raise ImageLoadError(f"{name}: image has no pixels ({image.width}x{image.height})")
-    try:
-        image = ImageOps.exif_transpose(image) or image
-    except Exception:  # a broken EXIF block should not make the pixels unusable
-        pass
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 0 else 1.0
-        image = Image.fromarray((array / peak * 255.0).round().astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+__all__ = [
+    "FeatureExtractor",
+    "FeaturePair",
+    "ImageLoadError",
+    "ImageNormalization",
+    "ModelLoadError",
+    "image_to_tensor",
+    "llava_image_tokens",
+    "load_image",
+    "owl_penultimate",
+]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -254,6 +211,12 @@ class FeatureExtractor:
         return FeaturePair(source=self.source(images), target=self.target(images))
 
 
+class ModelLoadError(OSError):
+    """A model cannot be loaded from the source given (a wrong path or id: bad input, exit 2)."""
+
+    exit_code = 2
+
+
 @contextlib.contextmanager
 def _naming_errors(source: Any, what: str) -> Iterator[None]:
     """Turn a loading failure deep inside transformers into one line naming the checkpoint."""
@@ -261,7 +224,7 @@ def _naming_errors(source: Any, what: str) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OSError(f"{source}: cannot load {what} ({first})") from None
+        raise ModelLoadError(f"{source}: cannot load {what} ({first})") from None
 
 
 def _load_llava(llava: Any, dtype: torch.dtype, load_language_model: bool) -> Any:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jmllm.align.files import folder_mode
+
 TINY_VERSION = 1  # bump when the tiny recipe changes, so cached folders are rebuilt
 
 # Words the tiny tokenizers know well: the paper's prompts, the user-study objects, digits.
@@ -277,6 +279,7 @@ def _atomic_dir(target: Path, build: Any) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(tmp)
+        os.chmod(tmp, folder_mode())  # mkdtemp's 0700 would hide the cache from others
         os.replace(tmp, target)
     except OSError:
         if target.is_dir():  # another process won the race; its copy is as good as ours
@@ -361,6 +364,35 @@ def write_image_folder(
         suffix = ".png" if i % 2 else ".jpg"
         image.save(sub / f"img{i:04d}{suffix}")
     return folder
+
+
+def png_claiming(width: int, height: int, rows: int = 0) -> bytes:
+    """A greyscale PNG whose header claims ``width`` x ``height`` pixels, for image-policy tests.
+
+    ``rows`` all-zero rows of real data follow: 0 gives a few hundred bytes (a header that lies,
+    refused from the header alone), ``height`` a genuine, highly compressed decompression bomb
+    (28000 x 28000 is 784 megapixels in 3.4 MB).
+
+    Example:
+        >>> from PIL import Image
+        >>> import io
+        >>> Image.open(io.BytesIO(png_claiming(300, 200))).size
+        (300, 200)
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    compressor = zlib.compressobj(1)
+    row = b"\x00" * (width + 1)  # filter byte, then the pixels
+    data = b"".join(compressor.compress(row) for _ in range(rows)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
 
 
 def _free_port() -> int:

@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -52,16 +50,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from jmllm.align.architectures import AlignmentLayer, alignment_config_for
+from jmllm.align.architectures import ARCHITECTURES, AlignmentLayer, alignment_config_for
 from jmllm.align.features import (
     FeatureExtractor,
-    ImageLoadError,
     ImageNormalization,
     image_to_tensor,
     llava_image_tokens,
-    load_image,
     owl_penultimate,
 )
+from jmllm.align.files import atomic_write
+from jmllm.align.images import ImageLoadError, load_image, open_image
+from jmllm.align.options import check_finite
 from jmllm.align.weights import save_alignment
 
 logger = logging.getLogger(__name__)
@@ -137,20 +136,48 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        """Check every field's type and range (a value from ``--set`` or a preset included):
+        a wrong one is a ``ValueError`` naming the field, before anything is loaded."""
+        for name, kind in _TEXT_FIELDS.items():
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (kind == "optional" and value is None)):
+                raise ValueError(f"{name}: must be text, got {value!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        for name, (low, optional) in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}: must be an integer, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name}: must be >= {low}, got {value}")
+        for name, (low, open_low, optional) in _FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            check_finite(value, name, low, open_low=open_low)
+            setattr(self, name, float(value))
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"betas: must be two numbers, got {self.betas!r}")
+        self.betas = tuple(  # type: ignore[assignment]
+            float(check_finite(b, f"betas[{i}]", 0.0, 1.0, open_high=True))
+            for i, b in enumerate(self.betas)
+        )
+        if not isinstance(self.images, (list, tuple)):
+            raise ValueError(
+                f"images: must be a list of folders or list files, got {self.images!r}"
+            )
         self.images = [str(p) for p in self.images]
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture: must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
+            )
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.preprocess not in ("auto", "workers", "device"):
             raise ValueError(f"preprocess must be auto, workers or device, got {self.preprocess!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.eval_images < 0:
-            raise ValueError(f"eval_images must be >= 0, got {self.eval_images}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -171,6 +198,44 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
+# Types and ranges of TrainConfig's fields (checked in __post_init__).
+_TEXT_FIELDS = {
+    "source_model": "required",
+    "target_model": "required",
+    "architecture": "required",
+    "dataset": "optional",
+    "dataset_config": "optional",
+    "dataset_split": "required",
+    "dataset_data_dir": "optional",
+    "image_column": "required",
+    "precision": "required",
+    "device": "required",
+    "preprocess": "required",
+}
+_BOOL_FIELDS = ("dataset_streaming", "progress")
+_INT_FIELDS = {  # name: (minimum, may be None)
+    "hidden_dim": (1, True),
+    "num_hidden_layers": (1, True),
+    "num_heads": (1, True),
+    "shuffle_buffer": (0, False),
+    "batch_size": (1, False),
+    "micro_batch_size": (1, True),
+    "epochs": (1, False),
+    "max_steps": (1, True),
+    "seed": (0, False),
+    "eval_images": (0, False),
+    "eval_every": (0, False),
+    "checkpoint_every": (0, False),
+    "log_every": (0, False),
+    "num_workers": (0, False),
+}
+_FLOAT_FIELDS = {  # name: (minimum, minimum excluded, may be None)
+    "lr": (0.0, True, False),
+    "weight_decay": (0.0, False, False),
+    "grad_clip": (0.0, True, True),
+}
+
+
 def preset_names() -> list[str]:
     """Names of the built-in presets (``paper``, ``tiny``, ...)."""
     folder = resources.files("jmllm.align") / "presets"
@@ -183,6 +248,16 @@ def load_preset(name_or_path: str | os.PathLike[str]) -> TrainConfig:
     Example:
         >>> load_preset("paper").lr
         0.0001
+    """
+    return TrainConfig.from_dict(preset_fields(name_or_path))
+
+
+def preset_fields(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fields a preset (built-in name or JSON file) sets itself, as stored in it.
+
+    Example:
+        >>> preset_fields("tiny")["hidden_dim"]
+        64
     """
     path = Path(name_or_path)
     if path.suffix == ".json" and path.is_file():
@@ -199,8 +274,9 @@ def load_preset(name_or_path: str | os.PathLike[str]) -> TrainConfig:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name_or_path}: preset is not valid JSON ({exc})") from None
-    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys
-    return TrainConfig.from_dict(data)
+    if not isinstance(data, dict):
+        raise ValueError(f"{name_or_path}: preset must be a JSON object of training options")
+    return {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,29 +380,25 @@ def _load_dataset(config: TrainConfig) -> Any:
 
 
 def decode_image(raw: Any) -> torch.Tensor:
-    """Decode one raw image (path, ``{"bytes", "path"}`` dict, bytes or PIL) to (3, H, W) uint8.
+    """Decode one raw image (path, ``{"bytes", "path"}`` dict, bytes or PIL) to (3, H, W) uint8,
+    under the image policy (:mod:`jmllm.align.images`: pixel limit from the header, reduced
+    JPEG decoding, working copy of at most 4096 px).
 
     Raises:
-        ImageLoadError: the image cannot be decoded; the message names it.
+        ImageLoadError: the image cannot be decoded or is refused; the message names it.
     """
-    from PIL import Image
-
+    name = None
     if isinstance(raw, dict):
         data, name = raw.get("bytes"), raw.get("path") or "<bytes>"
         raw = data if data is not None else name
-    if isinstance(raw, bytes):
-        try:
-            image = Image.open(io.BytesIO(raw))
-            image.load()
-        except Exception as exc:
-            raise ImageLoadError(f"<bytes>: not a readable image ({exc})") from None
-        raw = image
     try:
-        return image_to_tensor(load_image(raw))
+        return image_to_tensor(
+            load_image(raw) if name is None else open_image(raw, name=name).image
+        )
     except ImageLoadError:
         raise
     except Exception as exc:  # PIL raises assorted errors on odd files during conversion
-        raise ImageLoadError(f"{raw}: not a readable image ({exc})") from None
+        raise ImageLoadError(f"{name or raw}: not a readable image ({exc})") from None
 
 
 # A decoded image is either (3, H, W) uint8 pixels, normalised on the training device, or, when
@@ -543,16 +615,9 @@ def _as_tuple(value: Any) -> Any:
 
 
 def write_atomically(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``
+    (fsynced, ordinary permissions; :func:`jmllm.align.files.atomic_write`)."""
+    atomic_write(path, write)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -562,11 +627,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint written by :func:`train` (tensors and plain data only: ``weights_only``)."""
+    from jmllm.align.weights import torch_load_tensors
+
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable training checkpoint ({exc})") from None
+    state = torch_load_tensors(path, "training checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a jmllm-align training checkpoint")
     return state
@@ -574,6 +638,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # 5. Training
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced non-finite weights (a runtime failure: exit code 1)."""
 
 
 @dataclass
@@ -1117,6 +1185,11 @@ def _train(
     if config.eval_images > 0:
         evaluated_now = last_eval and config.eval_every and step % config.eval_every == 0
         result.eval = last_eval if evaluated_now else run_eval()
+    if not all(bool(torch.isfinite(p).all()) for p in layer.parameters()):
+        raise TrainingDivergedError(
+            f"training diverged: W holds NaN or infinite weights after step {step} (last loss "
+            f"{last_loss}); no weights written; lower lr or set grad_clip and start again"
+        )
     if info.main:
         provenance = {
             "trainer": "jmllm-align train",

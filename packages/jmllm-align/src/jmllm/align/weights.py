@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from jmllm.align.architectures import AlignmentConfig, AlignmentLayer
+from jmllm.align.files import atomic_write
 
 FORMAT_NAME = "jmllm-alignment"
 FORMAT_VERSION = "2"
@@ -67,23 +68,19 @@ def save_alignment(
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in layer.net.state_dict().items()}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AlignmentWeightsError(
+                f"{path}: refusing to write W: tensor {name} holds NaN or infinite values"
+            )
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": json.dumps(layer.config.to_dict(), sort_keys=True),
         "provenance": json.dumps(provenance or {}, sort_keys=True, default=str),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> tuple[AlignmentConfig, dict[str, Any]]:
@@ -109,13 +106,22 @@ def read_metadata(path: str | os.PathLike[str]) -> tuple[AlignmentConfig, dict[s
         )
     try:
         data = json.loads(metadata["config"])
-        if version == "1" and isinstance(data, dict):
-            arch = str(data.get("architecture"))
-            data["architecture"] = _V1_ARCHITECTURES.get(arch, arch)
-        config = AlignmentConfig.from_dict(data)
         provenance = json.loads(metadata.get("provenance", "{}"))
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise AlignmentWeightsError(f"{path}: invalid config in metadata ({exc})") from None
+    except KeyError:
+        raise AlignmentWeightsError(f"{path}: metadata holds no 'config'") from None
+    except json.JSONDecodeError as exc:
+        raise AlignmentWeightsError(f"{path}: metadata is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AlignmentWeightsError(f"{path}: metadata 'config' is not a JSON object")
+    if not isinstance(provenance, dict):
+        raise AlignmentWeightsError(f"{path}: metadata 'provenance' is not a JSON object")
+    if version == "1":
+        arch = str(data.get("architecture"))
+        data["architecture"] = _V1_ARCHITECTURES.get(arch, arch)
+    try:
+        config = AlignmentConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise AlignmentWeightsError(f"{path}: invalid config in metadata: {exc}") from None
     return config, provenance
 
 
@@ -144,18 +150,63 @@ def load_alignment(
         >>> w.config.architecture  # doctest: +SKIP
         'deep-mlp'
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = resolve_alignment_path(source, revision=revision, filename=filename)
     config, provenance = read_metadata(path)
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as exc:
-        raise AlignmentWeightsError(f"{path}: tensors could not be read ({exc})") from None
     with torch.device("meta"):
         expected = AlignmentLayer(config).net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            # shapes and dtypes come from the header: checked before any tensor is read
+            names = list(f.keys())  # a safetensors handle is not iterable
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
+            dtypes = {name: str(f.get_slice(name).get_dtype()) for name in names}
+            check_state_shapes(path, config, shapes, expected)
+            for name, stored in dtypes.items():
+                if stored not in _FLOAT_DTYPES:
+                    raise AlignmentWeightsError(
+                        f"{path}: tensor {name} has dtype {stored}; alignment weights must be "
+                        "floating point (F32, F16, BF16 or F64)"
+                    )
+            tensors = {name: f.get_tensor(name) for name in shapes}
+    except AlignmentWeightsError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt data
+        raise AlignmentWeightsError(f"{path}: tensors could not be read ({exc})") from None
+    check_finite_tensors(path, tensors)
+    layer = AlignmentLayer(config)
+    layer.net.load_state_dict(tensors)
+    layer.provenance = provenance
+    return layer.to(device=device, dtype=dtype).eval()
+
+
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def check_state_shapes(
+    path: str | os.PathLike[str],
+    config: AlignmentConfig,
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Refuse tensors that do not form ``config``'s network: missing, unexpected or misshapen
+    (named), before anything of that size is allocated.
+
+    Args:
+        path: the file, for messages.
+        config: the architecture the tensors must fit.
+        shapes: tensor name → shape, as stored.
+        expected: the network's state dict on the ``meta`` device (built from ``config`` if None).
+
+    Raises:
+        AlignmentWeightsError: naming the file and the first mismatched tensor.
+    """
+    if expected is None:
+        with torch.device("meta"):
+            expected = AlignmentLayer(config).net.state_dict()
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -163,20 +214,31 @@ def load_alignment(
         if unexpected:
             parts.append(f"unexpected tensors {', '.join(unexpected)}")
         raise AlignmentWeightsError(
-            f"{path}: tensors do not match the stored {config.architecture} config: "
-            + "; ".join(parts)
+            f"{path}: tensors do not match the {config.architecture} config: " + "; ".join(parts)
         )
     for name, ref in expected.items():
-        if tuple(tensors[name].shape) != tuple(ref.shape):
+        if tuple(shapes[name]) != tuple(ref.shape):
             raise AlignmentWeightsError(
-                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                f"{path}: tensor {name} has shape {tuple(shapes[name])}, "
                 f"the config ({config.architecture}, in_dim={config.in_dim}, out_dim={config.out_dim}, "
                 f"hidden_dim={config.hidden_dim}) needs {tuple(ref.shape)}"
             )
-    layer = AlignmentLayer(config)
-    layer.net.load_state_dict(tensors)
-    layer.provenance = provenance
-    return layer.to(device=device, dtype=dtype).eval()
+
+
+def check_finite_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse floating tensors with NaN or infinite values (naming the file and tensor), and
+    non-floating tensors."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AlignmentWeightsError(
+                f"{path}: tensor {name} has dtype {tensor.dtype}; alignment weights must be "
+                "floating point"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AlignmentWeightsError(
+                f"{path}: tensor {name} holds {bad} NaN or infinite value(s)"
+            )
 
 
 def resolve_alignment_path(
@@ -195,8 +257,7 @@ def resolve_alignment_path(
             return found[0]
         raise AlignmentWeightsError(f"{path}: folder holds no {filename}")
     text = str(source)
-    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/")) and not path.suffix
-    if not looks_like_repo:
+    if not looks_like_repo_id(text):
         raise AlignmentWeightsError(f"{text}: no such alignment weights file or folder")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -212,6 +273,22 @@ def resolve_alignment_path(
         raise AlignmentWeightsError(
             f"{text}: could not download {filename} from the Hub ({exc})"
         ) from None
+
+
+def looks_like_repo_id(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` can only be a Hub repo id (``user/name``) rather than a local path.
+
+    Example:
+        >>> looks_like_repo_id("jmllm/w-paper"), looks_like_repo_id("runs/w.safetensors")
+        (True, False)
+    """
+    text = str(source)
+    return (
+        text.count("/") == 1
+        and not text.startswith((".", "/", "~"))
+        and not Path(text).suffix
+        and not Path(text).exists()
+    )
 
 
 def _existing_file(path: str | os.PathLike[str]) -> Path:
@@ -350,35 +427,101 @@ def import_authors_state_dict(
         >>> import_authors_state_dict("projector_deepermlp.pth", "w.safetensors")  # doctest: +SKIP
     """
     pth = _existing_file(pth)
-    try:
-        state = torch.load(pth, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    out = Path(out)
+    if out.exists() and (out.resolve() == pth.resolve() or os.path.samefile(out, pth)):
         raise AlignmentWeightsError(
-            f"{pth}: not a loadable tensor-only state dict ({exc})"
-        ) from None
+            f"{out}: is the input state dict; refusing to overwrite it (choose another output)"
+        )
+    state = torch_load_tensors(pth)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AlignmentWeightsError(f"{pth}: expected a dict of tensors (a state dict)")
     for prefix in _PREFIXES:
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    config, state, dropped = authors_config(
-        state,
-        pth,
-        num_heads=num_heads,
-        num_tokens=num_tokens,
-        source_model=source_model,
-        target_model=target_model,
-    )
-    layer = AlignmentLayer(config)
+        state = {str(k).removeprefix(prefix): v for k, v in state.items()}
     try:
-        layer.net.load_state_dict(state)
-    except RuntimeError as exc:
+        config, state, dropped = authors_config(
+            state,
+            pth,
+            num_heads=num_heads,
+            num_tokens=num_tokens,
+            source_model=source_model,
+            target_model=target_model,
+        )
+    except AlignmentWeightsError:
+        raise
+    except (ValueError, TypeError) as exc:  # a tensor of the wrong rank, a size over the limit
         raise AlignmentWeightsError(
-            f"{pth}: tensors do not form the authors' {config.architecture} "
-            f"({AUTHORS_MODULES[config.architecture]}): {' '.join(str(exc).split())}"
+            f"{pth}: tensors do not form one of the authors' modules ({exc})"
         ) from None
+    # Every size is checked against the tensors actually in the file before anything is built:
+    # the network is created on the meta device and takes the file's (memory-mapped) tensors,
+    # so a small file that declares a huge architecture cannot make this allocate gigabytes.
+    try:
+        check_state_shapes(pth, config, {k: tuple(v.shape) for k, v in state.items()})
+    except AlignmentWeightsError as exc:
+        raise AlignmentWeightsError(
+            f"{exc} (the authors' {config.architecture}: {AUTHORS_MODULES[config.architecture]})"
+        ) from None
+    check_finite_tensors(pth, state)
+    with torch.device("meta"):
+        layer = AlignmentLayer(config)
+    layer.net.load_state_dict(state, assign=True)
     provenance: dict[str, Any] = {"imported_from": pth.name}
     if dropped:
         provenance["dropped_unused_tensors"] = dropped
     return save_alignment(layer, out, provenance)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _torch_load_reason(exc: BaseException) -> str:
+    """What was wrong with a file ``torch.load(weights_only=True)`` refused, without torch's
+    advice to load it with ``weights_only=False`` (never do that: it runs pickled code)."""
+    if isinstance(exc, KeyError):  # torch's legacy reader on a file that is no torch file
+        return "not a PyTorch file"
+    text = _ANSI.sub("", str(exc))
+    kept = []
+    for line in text.splitlines():
+        line = re.split(r"\bPlease use\b", line)[0]  # torch's allow-listing instructions
+        line = re.sub(r"^\s*(\(\d\)\s*)?(WeightsUnpickler error:\s*)?", "", line).strip()
+        if not line or any(marker in line for marker in _TORCH_ADVICE):
+            continue
+        kept.append(line)
+    return " ".join(kept) or type(exc).__name__
+
+
+# Phrases of torch's advice on refused files, never repeated: it suggests weights_only=False,
+# which runs the file's pickled code.
+_TORCH_ADVICE = (
+    "weights_only",
+    "Weights only load failed",
+    "trust",
+    "documentation",
+    "http",
+    "Alternatively",
+)
+
+
+def torch_load_tensors(path: str | os.PathLike[str], what: str = "tensor-only state dict") -> Any:
+    """``torch.load(path, weights_only=True)``, memory-mapped where the format allows, with
+    failures as one :class:`AlignmentWeightsError` line naming the file (no pickled code runs,
+    and the message never suggests ``weights_only=False``).
+
+    Example:
+        >>> torch_load_tensors("W.pth")  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # the legacy (pre-zip) format cannot be memory-mapped; it is read whole
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AlignmentWeightsError(
+            f"{path}: not a readable {what} ({_torch_load_reason(exc)}); pickled code is never run"
+        ) from None

@@ -1,0 +1,154 @@
+"""How every jmllm package writes output files (docs/conventions.md).
+
+- **Atomic**: a temporary file in the same folder, flushed and fsynced, then ``os.replace``d over
+  the target; readers see the old file or the new one, never half of one; the temporary file is
+  removed on any error.
+- **Ordinary permissions**: ``0o666 & ~umask``, what ``open()`` gives a new file (``mkstemp``
+  alone gives 0600, which hid W files, training runs and reports from the rest of a group).
+- **No empty folders left behind**: :func:`output_folder` removes the folders it created when
+  the work inside fails before writing anything.
+
+Every writer in ``jmllm-align`` and the packages above it (``jmllm-joint``, ``jmllm-bias``) goes
+through :func:`atomic_write` / :func:`atomic_write_bytes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "current_umask",
+    "file_mode",
+    "folder_mode",
+    "output_folder",
+]
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux /proc).
+
+    Elsewhere it is read with the ``os.umask`` round trip (briefly setting it, then restoring).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permissions of a new output file: ``0o666 & ~umask`` (0644 under the usual 022).
+
+    Example:
+        >>> file_mode() == 0o666 & ~current_umask()
+        True
+    """
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The permissions of a new output folder: ``0o777 & ~umask`` (``mkdtemp`` gives 0700)."""
+    return 0o777 & ~current_umask()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary file is fsynced and given :func:`file_mode` before the rename, and removed if
+    ``write`` (or anything after it) fails. The parent folder is created.
+
+    Args:
+        path: the file to (re)place.
+        write: writes the content to the path it is given (e.g. ``torch.save(obj, tmp)``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "sub" / "a.txt"
+        >>> atomic_write(target, lambda tmp: pathlib.Path(tmp).write_text("hi")).read_text()
+        'hi'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:  # the writer may have closed its own handle unsynced
+            os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> atomic_write_bytes(pathlib.Path(tempfile.mkdtemp()) / "a.bin", b"x").read_bytes()
+        b'x'
+    """
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create ``path`` (and missing parents) for the duration of some work; if the work raises
+    and the folders it created are still empty, remove them again.
+
+    A folder that existed before is never removed, and nothing is removed after success.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a folder.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "run" / "out"
+        >>> try:
+        ...     with output_folder(out):
+        ...         raise RuntimeError("model failed to load")
+        ... except RuntimeError:
+        ...     pass
+        >>> out.parent.exists()
+        False
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target}: exists and is not a folder")
+    created: list[Path] = []
+    for folder in [*reversed(target.parents), target]:
+        if not folder.exists():
+            created.append(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        yield target
+    except BaseException:
+        for folder in reversed(created):  # deepest first
+            try:
+                folder.rmdir()  # only succeeds on an empty folder
+            except OSError:
+                break
+        raise
