@@ -111,15 +111,19 @@ def test_describe_chat_and_detect(cli_env, image_file, tmp_path, capsys, monkeyp
                 "--llava",
                 "{tmp}",
             ],
+            "none.safetensors: no such alignment weights file or folder",
+        ),
+        (
+            ["describe", "{image}", "--alignment", "{w}", "--owl", "{tmp}", "--llava", "{tmp}"],
             "cannot load OWL-ViT config",
         ),
         (["detect", "{image}", "--tiny", "-q", "cat", "--out", "{image}"], "is not a folder"),
-        (["describe", "{image}", "--tiny", "--max-new-tokens", "0"], "--max-new-tokens"),
     ],
 )
 def test_bad_input_is_one_line_naming_it(cli_env, image_file, tmp_path, capsys, argv, message):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     values = {
+        "w": str(cli_env / "tiny" / "alignment.safetensors"),
         "missing": str(tmp_path / "missing.png"),
         "corrupt": str(tmp_path / "corrupt.png"),
         "image": str(image_file),

@@ -152,6 +152,24 @@ def test_cli_explain_all_and_token(cli_env, sample_images, tmp_path, capsys):
     assert summary["queries"] == ["bird"]  # --token WORD queries WORD by default
 
 
+@pytest.mark.parametrize("weighting", ["class", "coord", "any", "gradient"])
+def test_cli_explain_every_documented_weighting(
+    weighting, cli_env, sample_images, tmp_path, capsys
+):
+    """Each --weighting the help and docs offer writes its report (gradient crashed after the
+    whole computation: the top-patches table asked the box weights for it)."""
+    image = tmp_path / "img.png"
+    sample_images[0].save(image)
+    out = tmp_path / weighting
+    argv = ["explain", str(image), "--tiny", "-p", QUESTION, "--answer", ANSWER, "-q", "bird"]
+    rc = main([*argv, "--token", "bird", "--weighting", weighting, "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "explanation.json").read_text())
+    assert summary["weighting"] == weighting and len(summary["results"]) == 1
+    assert len(list((out / "maps").glob(f"*_{weighting}.png"))) == 1
+    assert len(summary["results"][0]["top_patches"]) == 10
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -90,17 +90,23 @@ def test_cli_hallucinations(cli_env, sample_images, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "Mentioned but not detected:" in out
     assert (tmp_path / "h" / "hallucinations.html").is_file()
-    rc = main(
-        [
-            "hallucinations",
-            str(image),
-            "--tiny",
-            "-p",
-            QUESTION,
-            "--threshold",
-            "2",
-            "--out",
-            str(tmp_path / "h"),
-        ]
+
+
+def test_extra_queries_the_answer_mentions_are_mentions(tiny_joint, sample_images):
+    """An extra query (-q) that the answer itself names, in any case or number, is a mention:
+    never reported as detected-but-not-mentioned (threshold 0: every query is detected)."""
+    answer = "Two Houses stand near a tree, a car and three dogs"
+    report = check_hallucinations(
+        tiny_joint,
+        sample_images[0],
+        QUESTION,
+        answer=answer,
+        extra_queries=["house", "Tree", "dog", " car ", "horse"],
+        threshold=0.0,
     )
-    assert rc != 0 and "--threshold" in capsys.readouterr().err
+    assert report.detected_not_mentioned == ["horse"]
+    assert [m.text for m in report.mentions] == ["Houses", "tree", "car", "dogs"]
+    for name in ("house", "tree", "car", "dog"):
+        check = report.objects[name]
+        assert check.mentioned and check.ga is not None, name
+    assert report.mentioned_not_detected == []

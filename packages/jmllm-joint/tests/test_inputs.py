@@ -110,9 +110,13 @@ def test_mismatched_alignment_weights_name_file_and_dimension(tiny_joint_paths, 
 
 
 def test_bad_checkpoint_sources(tiny_joint_paths, tmp_path):
-    with pytest.raises(JointModelError, match="cannot load OWL-ViT config"):
+    with pytest.raises(JointModelError, match="nowhere: no such OWL-ViT folder"):
         JointModel.from_pretrained(
             tmp_path / "nowhere", tiny_joint_paths.llava, tiny_joint_paths.alignment, device="cpu"
+        )
+    with pytest.raises(JointModelError, match="cannot load OWL-ViT config"):
+        JointModel.from_pretrained(
+            tmp_path, tiny_joint_paths.llava, tiny_joint_paths.alignment, device="cpu"
         )
     with pytest.raises(JointModelError, match="not 'owlvit'"):
         JointModel.from_pretrained(

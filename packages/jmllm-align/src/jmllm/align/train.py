@@ -153,12 +153,12 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be an integer, got {value!r}")
             if value < low:
                 raise ValueError(f"{name}: must be >= {low}, got {value}")
-        for name, (low, open_low, optional) in _FLOAT_FIELDS.items():
-            value = getattr(self, name)
-            if optional and value is None:
+        for name, (bound, open_low, optional) in _FLOAT_FIELDS.items():
+            number = getattr(self, name)
+            if optional and number is None:
                 continue
-            check_finite(value, name, low, open_low=open_low)
-            setattr(self, name, float(value))
+            check_finite(number, name, bound, open_low=open_low)
+            setattr(self, name, float(number))
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ValueError(f"betas: must be two numbers, got {self.betas!r}")
         self.betas = tuple(  # type: ignore[assignment]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from jmllm.align.images import load_image
+
 from .files import atomic_write_bytes
 
 __all__ = ["write_contact_sheet"]
@@ -64,9 +66,8 @@ def write_contact_sheet(
             x = pad + (i % width_cols) * (thumb + pad)
             yy = y + (i // width_cols) * (thumb + pad)
             try:
-                with Image.open(path) as im:
-                    tile = im.convert("RGB")
-                    tile.thumbnail((thumb, thumb))
+                # the shared image policy: pixel limit from the header, reduced JPEG decoding
+                tile = load_image(path, max_side=thumb)
             except (OSError, ValueError):
                 tile = Image.new("RGB", (thumb, thumb), (200, 200, 200))
                 ImageDraw.Draw(tile).text((4, thumb // 2 - 6), "missing", fill="red", font=font)

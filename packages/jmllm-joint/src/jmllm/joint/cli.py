@@ -1,8 +1,10 @@
 """Command line: ``jmllm-joint demo | chat | describe | detect`` (and plug-in subcommands).
 
 Every command takes ``--owl/--llava/--alignment`` (Hub ids or local paths) or ``--tiny`` for the
-built-in tiny random-weight checkpoints. Bad input ends with one line on stderr naming the input
-and a non-zero exit code, never a traceback (``--debug`` shows it).
+built-in tiny random-weight checkpoints. Bad input ends with one line on stderr naming the input,
+never a traceback (``--debug`` shows it). Exit codes follow docs/conventions.md: 2 bad input or
+usage (numbers are checked here, at the boundary, with the argparse types of
+:mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
 
 Extending: if a module ``jmllm.joint.cli_explain`` exists, :func:`build_parser` calls its
 ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
@@ -26,6 +28,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.options import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    ArgumentParser,
+    exit_code_for,
+    finite_float,
+    integer,
+    one_line,
+    template_type,
+    unit_interval,
+)
+
 logger = logging.getLogger("jmllm.joint.cli")
 
 PROG = "jmllm-joint"
@@ -44,8 +58,8 @@ REAL_CHECKPOINTS_HINT = (
 )
 
 
-class CliError(Exception):
-    """Bad command-line input; the message names the input and the problem."""
+class CliError(ValueError):
+    """Bad command-line input; the message names the input and the problem (exit code 2)."""
 
 
 def tiny_cache_dir() -> Path:
@@ -54,7 +68,7 @@ def tiny_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "jmllm") / "tiny"
 
 
-class CommonArguments(argparse.ArgumentParser):
+class CommonArguments(ArgumentParser):
     """The shared model options: a parent parser (``parents=[common_args]``) that can also be
     called on a parser to add the same options to it (``common_args(parser)``)."""
 
@@ -116,19 +130,21 @@ def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=int, default=64)
+    group.add_argument("--max-new-tokens", type=integer(1), default=64)
     group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--seed", type=int, default=None)
+    group.add_argument(
+        "--temperature", type=finite_float(0, open_low=True), default=1.0, help="> 0 (sampling)"
+    )
+    group.add_argument(
+        "--top-p", type=unit_interval(open_low=True), default=1.0, help="in (0, 1] (sampling)"
+    )
+    group.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
     group.add_argument(
         "--compare", action="store_true", help="also answer with stock LLaVA (its own vision tower)"
     )
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
     return {
         "max_new_tokens": args.max_new_tokens,
         "do_sample": args.sample,
@@ -151,22 +167,34 @@ def _detection_arguments(
         default=None,
         help=f"object to detect (repeat for several){' ; default ' + ', '.join(default_queries) if default_queries else ''}",
     )
-    group.add_argument("--threshold", type=float, default=0.1, help="minimum score (default 0.1)")
     group.add_argument(
-        "--nms", type=float, default=0.3, help="per-class NMS IoU (default 0.3; 1 disables)"
+        "--threshold", type=unit_interval(), default=0.1, help="minimum score in [0, 1] (0.1)"
+    )
+    group.add_argument(
+        "--nms",
+        type=unit_interval(open_low=True),
+        default=0.3,
+        help="per-class NMS IoU in (0, 1] (default 0.3; 1 disables)",
     )
     group.add_argument(
         "--query-template",
+        type=template_type("--query-template"),
         default="a photo of a {}",
-        help="OWL-ViT query template (default 'a photo of a {}')",
+        help="OWL-ViT query template with exactly one {} (default 'a photo of a {}')",
     )
     group.add_argument(
-        "--max-boxes", type=int, default=20, help="boxes drawn and listed (default 20)"
+        "--max-boxes", type=integer(0), default=20, help="boxes drawn and listed (default 20)"
     )
 
 
-def load_model(args: argparse.Namespace) -> Any:
-    """The :class:`~jmllm.joint.JointModel` the model options of ``args`` select."""
+def load_model(args: argparse.Namespace, *, language: bool = True) -> Any:
+    """The :class:`~jmllm.joint.JointModel` the model options of ``args`` select.
+
+    Args:
+        args: parsed options (``--owl/--llava/--alignment`` or ``--tiny``, ``--device``, ...).
+        language: False loads OWL-ViT alone (:meth:`JointModel.detector`), for commands that
+            only detect: neither LLaVA nor W is loaded (nor needed).
+    """
     import torch
 
     from jmllm.joint.model import DEFAULT_LLAVA, DEFAULT_OWL, JointModel
@@ -180,6 +208,9 @@ def load_model(args: argparse.Namespace) -> Any:
         paths = build_tiny_joint(tiny_cache_dir())
         owl, llava, alignment = str(paths.owl), str(paths.llava), str(paths.alignment)
         device = args.device or "cpu"
+    elif not language:
+        owl, llava, alignment = args.owl or DEFAULT_OWL, None, None
+        device = args.device
     else:
         if not args.alignment:
             raise CliError(
@@ -188,6 +219,9 @@ def load_model(args: argparse.Namespace) -> Any:
             )
         owl, llava, alignment = args.owl or DEFAULT_OWL, args.llava or DEFAULT_LLAVA, args.alignment
         device = args.device
+    if not language or llava is None:
+        logger.info("loading OWL-ViT only (detection): owl=%s", owl)
+        return JointModel.detector(owl, dtype=dtype, device=device)
     logger.info("loading J: owl=%s llava=%s alignment=%s", owl, llava, alignment)
     return JointModel.from_pretrained(
         owl, llava, alignment, dtype=dtype, device=device, device_map=args.device_map
@@ -205,20 +239,31 @@ def _queries(args: argparse.Namespace, default: Sequence[str] = ()) -> list[str]
 
 
 def _nms(args: argparse.Namespace) -> float | None:
-    if not 0.0 < args.nms <= 1.0:
-        raise CliError(f"--nms: IoU must be in (0, 1], got {args.nms}")
     return None if args.nms >= 1.0 else args.nms
 
 
 def _out_dir(path: str) -> Path:
+    """Check ``--out`` (a folder, or a path where one can be made) without creating it: it is
+    created when there is something to write (:func:`output_folder`), so a run that fails
+    first leaves no empty folder behind."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"--out {out}: cannot create folder ({exc.strerror or exc})") from None
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if out.exists():
+        parent = out
+    if parent is None or not parent.is_dir():
+        raise CliError(f"--out {out}: cannot create folder (no existing parent folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: cannot create or write the folder (permission denied)")
     return out
+
+
+def output_folder(out: Path) -> Any:
+    """Create ``out`` for the outputs; removed again if still empty when the work fails."""
+    from jmllm.align.files import output_folder as folder
+
+    return folder(out)
 
 
 def _image_arg(path: str) -> Path:
@@ -298,11 +343,16 @@ def _print_detections(detections: Any, limit: int) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Chat + detection + GA explanation on the sample image shipped with the package; writes
     report.html and explanation/report.html."""
-    from importlib.resources import as_file, files
-
     out = _out_dir(args.out)
     tiny = not (args.owl or args.llava or args.alignment)
     args.tiny = args.tiny or tiny
+    with output_folder(out):
+        return _demo(args, out)
+
+
+def _demo(args: argparse.Namespace, out: Path) -> int:
+    from importlib.resources import as_file, files
+
     model = load_model(args)
     with as_file(files("jmllm.joint") / "data" / "sample.png") as sample:
         emb = model.embed([sample])
@@ -369,6 +419,9 @@ def _interactive_questions() -> Any:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat about IMAGE: scripted with --prompt (repeatable) or interactive."""
     image = _image_arg(args.image)
+    out = _out_dir(args.out) if args.out else None
+    if args.queries is not None:
+        _queries(args)  # bad queries are refused before the models load
     model = load_model(args)
     emb = model.embed([image])
     kwargs = _generation_kwargs(args)
@@ -385,7 +438,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if stock is not None:
                 stock = model.chat(emb, question, history=stock, vision="llava", **kwargs)
                 print(f"LLaVA: {stock.turns[-1].answer}", flush=True)
-    if args.out and conversation.turns:
+    if out is not None and conversation.turns:
         detections = None
         if args.queries:
             detections = model.detect(
@@ -395,9 +448,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 nms_iou=_nms(args),
                 template=args.query_template,
             )[0]
-        print(
-            f"Report: {_write_outputs(_out_dir(args.out), model, emb, conversation, stock, detections, args)}"
-        )
+        with output_folder(out):
+            report = _write_outputs(out, model, emb, conversation, stock, detections, args)
+        print(f"Report: {report}")
     return 0
 
 
@@ -430,12 +483,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     queries = _queries(args)
     nms_iou = _nms(args)
     out = _out_dir(args.out)
-    model = load_model(args)
+    model = load_model(args, language=False)  # detection needs OWL-ViT only
     emb = model.embed([image])
     detections = model.detect(
         emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.query_template
     )[0]
-    report = _write_outputs(out, model, emb, None, None, detections, args)
+    with output_folder(out):
+        report = _write_outputs(out, model, emb, None, None, detections, args)
     _print_detections(detections, args.max_boxes)
     print(f"Report: {report}")
     return 0
@@ -447,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE
 
     common = common_arguments()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="The joint model J (OWL-ViT + W + LLaVA-1.5): chat about an image and see "
         "the detections made from the same vision embedding.",
@@ -512,13 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jmllm-joint``; returns the exit code."""
+    """Entry point of ``jmllm-joint``; returns the exit code (docs/conventions.md)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -533,34 +582,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             transformers.logging.disable_progress_bar()
         except Exception:  # logging tweaks are cosmetic
             pass
-    from jmllm.joint.chat import PromptError
-    from jmllm.joint.model import JointModelError
-
-    known: tuple[type[BaseException], ...] = (
-        CliError,
-        JointModelError,
-        PromptError,
-        OSError,
-        ValueError,
-    )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except known as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_INTERRUPTED
     except Exception as exc:  # never a traceback for users; --debug shows it
         if args.debug:
             raise
-        print(
-            f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for details)",
-            file=sys.stderr,
-        )
-        return 1
+        code = exit_code_for(exc)
+        message = one_line(exc)
+        if code == EXIT_FAILURE:
+            message = f"{type(exc).__name__}: {message} (run with --debug for details)"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

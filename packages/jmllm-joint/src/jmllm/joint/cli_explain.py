@@ -19,6 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.options import EXIT_OK, EXIT_PARTIAL, finite_float, integer
+
 logger = logging.getLogger("jmllm.joint.cli")
 
 
@@ -37,7 +39,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     explain.add_argument("-p", "--prompt", required=True, help="the question")
     target = explain.add_mutually_exclusive_group()
     target.add_argument("--token", help="a word of the answer (several tokens: logits summed)")
-    target.add_argument("--position", type=int, help="a token position in the answer (0-based)")
+    target.add_argument(
+        "--position",
+        type=integer(),
+        help="a token position in the answer (0-based; negative counts from the end)",
+    )
     target.add_argument("--all", action="store_true", help="every word of the answer (the default)")
     explain.add_argument(
         "-q", "--query", action="append", dest="queries", help="OWL-ViT query (repeatable)"
@@ -66,7 +72,12 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     hall.add_argument(
         "--objects", help="comma-separated object vocabulary (default: the 80 COCO names)"
     )
-    hall.add_argument("--threshold", type=float, default=0.1, help="detection score (0.1)")
+    hall.add_argument(
+        "--threshold",
+        type=finite_float(0, 1, open_low=True, open_high=True),
+        default=0.1,
+        help="detection score in (0, 1) (0.1)",
+    )
     hall.add_argument("--answer", help="check this answer instead of generating one")
     hall.add_argument("--out", required=True, help="output folder")
     _shared(hall, weighting=False)
@@ -79,7 +90,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="MaxBoxAccV2 of GA maps (and the plain-gradient baseline) on a CUB-style folder",
     )
     wsol.add_argument("data_dir", help="folder with images/ and boxes.csv (image_id,x0,y0,x1,y1)")
-    wsol.add_argument("--limit", type=int, help="score only the first N images")
+    wsol.add_argument("--limit", type=integer(1), help="score only the first N images")
     wsol.add_argument(
         "--weighting", choices=("class", "coord", "any"), default="class", help="GA map"
     )
@@ -103,7 +114,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
 
 
 def _shared(parser: argparse.ArgumentParser, weighting: bool = True) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    parser.add_argument("--max-new-tokens", type=integer(1), default=64, help="answer length limit")
     if weighting:
         parser.add_argument(
             "--weighting",
@@ -131,19 +142,11 @@ def _painting(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    from jmllm.joint.cli import CliError
-
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model
+    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model, output_folder
     from jmllm.joint.explain_report import write_explanation_report
     from jmllm.joint.saliency import GradientAlignment
 
-    _check_common(args)
     image = _image_arg(args.image)
     queries = args.queries or ([args.token] if args.token else None)
     if not queries:
@@ -186,28 +189,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
         results, text = exp.word_results, exp.answer_text
         if not results:
             raise CliError(f"answer {text!r}: has no words to explain")
-    report = write_explanation_report(
-        out,
-        emb.pil_image(0),
-        args.prompt,
-        text,
-        results,
-        weighting=args.weighting,
-        template=args.template,
-    )
+    with output_folder(out):
+        report = write_explanation_report(
+            out,
+            emb.pil_image(0),
+            args.prompt,
+            text,
+            results,
+            weighting=args.weighting,
+            template=args.template,
+        )
     print(f"ASSISTANT: {text}")
     print(f"Report: {report}")
     return 0
 
 
 def cmd_hallucinations(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model
+    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model, output_folder
     from jmllm.joint.hallucination import check_hallucinations, write_hallucination_report
 
-    _check_common(args)
     image = _image_arg(args.image)
-    if not 0.0 < args.threshold < 1.0:
-        raise CliError(f"--threshold: must be in (0, 1), got {args.threshold}")
     objects = None
     if args.objects is not None:
         objects = [o.strip() for o in args.objects.split(",") if o.strip()]
@@ -226,7 +227,8 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         template=args.template,
     )
-    path = write_hallucination_report(report, out)
+    with output_folder(out):
+        path = write_hallucination_report(report, out)
     print(f"ASSISTANT: {report.answer_text}")
     print(f"Mentioned but not detected: {', '.join(report.mentioned_not_detected) or 'none'}")
     print(f"Detected but not mentioned: {', '.join(report.detected_not_mentioned) or 'none'}")
@@ -238,8 +240,8 @@ def cmd_wsol(args: argparse.Namespace) -> int:
     from jmllm.joint.cli import CliError, load_model
     from jmllm.joint.wsol import WsolDependencyError, opencv, read_wsol_folder, run_wsol
 
-    if args.limit is not None and args.limit < 1:
-        raise CliError(f"--limit: must be at least 1, got {args.limit}")
+    if args.json_out and Path(args.json_out).is_dir():
+        raise CliError(f"--json-out {args.json_out}: is a folder; give a file name")
     if args.protocol == "wsolevaluation":
         try:
             opencv()
@@ -272,4 +274,4 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         },
     }
     print(json.dumps(summary, indent=2))
-    return 0
+    return EXIT_PARTIAL if report.skipped else EXIT_OK  # images skipped: partial results

@@ -30,6 +30,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from jmllm.align.images import box_scale
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
 from jmllm.joint.explain_report import (
     box_view_png,
@@ -187,7 +188,8 @@ def check_hallucinations(
         prompt: the question.
         answer: the answer (text or ``JointAnswer``); None generates one greedily.
         objects: the object vocabulary mentions are looked up in (default: COCO's 80 names).
-        extra_queries: objects to query although not mentioned (detected-but-not-mentioned).
+        extra_queries: further objects to query; one the answer names (singular or plural) counts
+            as mentioned, the others can only be detected-but-not-mentioned.
         threshold: detection score threshold.
         max_new_tokens: generation limit when ``answer`` is None.
         template: the conversation template of the prompt, ``"llava-1.5"`` (default, as chat)
@@ -209,9 +211,12 @@ def check_hallucinations(
     t, size, emb = ga.embedding(image_or_t)
     prompt_ids, answer_ids = ga.answer(emb, t, prompt, answer, max_new_tokens, template)
     text, _ = answer_tokens(model.tokenizer, answer_ids)
-    mentions = object_mentions(text, objects)
+    extra_names = [" ".join(q.split()).lower() for q in extra_queries if q.strip()]
+    # An extra query the answer itself names is a mention like any other (singular or plural),
+    # never "detected but not mentioned".
+    mentions = object_mentions(text, [*(objects or COCO_OBJECTS), *extra_names])
     mentioned = list(dict.fromkeys(m.name for m in mentions))
-    extras = [q.strip() for q in extra_queries if q.strip() and q.strip() not in mentioned]
+    extras = [q for q in extra_names if q not in mentioned]
     queries = mentioned + list(dict.fromkeys(extras))
     checks: dict[str, ObjectCheck] = {}
     if queries:
@@ -274,10 +279,11 @@ def _detections_png(image: Image.Image | None, report: HallucinationReport) -> b
 
     width, height = report.image_size
     base = (image or Image.new("RGB", (width, height), (128, 128, 128))).convert("RGB").copy()
+    sx, sy = box_scale((width, height), base.size)  # the image may be a working copy
     draw = ImageDraw.Draw(base)
     for o in report.objects.values():
         colour = (0, 170, 0) if o.detected else (200, 0, 0)
-        x0, y0, x1, y1 = o.box
+        x0, y0, x1, y1 = (v * f for v, f in zip(o.box, (sx, sy, sx, sy), strict=True))
         draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=2)
         draw.text((x0 + 2, y0 + 1), f"{o.name} {o.score:.2f}", fill=colour)
     buf = io.BytesIO()

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,9 +33,11 @@ from jmllm.align import (
     image_to_tensor,
     llava_image_tokens,
     load_alignment,
-    load_image,
     owl_penultimate,
 )
+from jmllm.align.images import WORKING_SIDE, check_pixels, open_image, working_size
+from jmllm.align.options import check_template
+from jmllm.align.weights import looks_like_repo_id, resolve_alignment_path
 from jmllm.joint.chat import (
     INTERACTIVE_TEMPLATE,
     Conversation,
@@ -51,9 +54,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_OWL = "google/owlvit-base-patch32"
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_QUERY_TEMPLATE = "a photo of a {}"
-# Images are shrunk (aspect kept) to this longest side before squashing: both models see at most
-# 768 px, and resizing a 20k-pixel-wide tensor would need gigabytes for nothing.
-MAX_IMAGE_SIDE = 4096
+# Images are shrunk (aspect kept) to this longest side before squashing (the image policy of
+# jmllm.align.images): both models see at most 768 px.
+MAX_IMAGE_SIDE = WORKING_SIDE
 # Both OWL-ViT's and LLaVA-1.5's processors use CLIP's statistics (the default without processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,9 +76,10 @@ class JointEmbedding:
 
     Attributes:
         t: (B, 1 + N, D_owl) OWL-ViT penultimate hidden state, CLS first (577 × 768 for B/32).
-        image_sizes: original (width, height) of every image, for pixel boxes.
-        images: the decoded (3, H, W) uint8 images (stock-LLaVA path and rendering); may be
-            empty for an embedding made from ``t`` alone.
+        image_sizes: original (width, height) of every image: boxes are in these pixels.
+        images: the decoded (3, H, W) uint8 working copies (at most 4096 px on the longest side,
+            aspect kept; stock-LLaVA path and rendering); may be empty for an embedding made
+            from ``t`` alone.
     """
 
     t: torch.Tensor
@@ -101,7 +105,9 @@ class JointEmbedding:
         )
 
     def pil_image(self, index: int = 0) -> Image.Image:
-        """The decoded image ``index`` as RGB PIL (for rendering)."""
+        """The decoded working copy of image ``index`` as RGB PIL (for rendering; it may be
+        smaller than ``image_sizes[index]``: scale boxes with
+        :func:`jmllm.align.images.box_scale`)."""
         if not self.images:
             raise JointModelError("embedding: holds no images (made from t alone)")
         return Image.fromarray(self.images[index].permute(1, 2, 0).cpu().numpy(), "RGB")
@@ -166,6 +172,26 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def check_local_source(source: str | os.PathLike[str], what: str) -> None:
+    """Refuse at once a source that can only be a local path and does not exist (before any Hub
+    call: transformers would take it for a repo id and retry the Hub for a while).
+
+    Raises:
+        JointModelError: naming the missing path.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(source)
+    if Path(text).expanduser().exists():
+        return
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise JointModelError(
+            f"{text}: no such {what} folder (and not a Hugging Face Hub id)"
+        ) from None
+
+
 def _load(what: str, source: Any, loader: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return loader(source, *args, **kwargs)
@@ -198,7 +224,7 @@ class JointModel:
         self,
         owl: Any,
         llava: Any,
-        alignment: AlignmentLayer,
+        alignment: AlignmentLayer | None,
         *,
         tokenizer: Any = None,
         owl_tokenizer: Any = None,
@@ -206,16 +232,22 @@ class JointModel:
         llava_norm: ImageNormalization | None = None,
         sources: dict[str, str] | None = None,
     ) -> None:
-        check_compatible(alignment.config, owl.config, llava.config)
+        if (llava is None) != (alignment is None):
+            raise JointModelError("llava and alignment: give both (J) or neither (detection only)")
+        if llava is not None and alignment is not None:
+            check_compatible(alignment.config, owl.config, llava.config)
         self.owl = owl.eval().requires_grad_(False)
-        self.llava = llava.eval().requires_grad_(False)
-        self.alignment = alignment.eval().requires_grad_(False)
+        # None for a detector (OWL-ViT alone); language methods check with _language()
+        self.llava: Any = llava.eval().requires_grad_(False) if llava is not None else None
+        self.alignment: Any = (
+            alignment.eval().requires_grad_(False) if alignment is not None else None
+        )
         self.tokenizer = tokenizer
         self.owl_tokenizer = owl_tokenizer
         vision = owl.config.vision_config
         self.owl_norm = owl_norm or ImageNormalization(vision.image_size, CLIP_MEAN, CLIP_STD)
-        tower = llava.config.vision_config
-        self.llava_norm = llava_norm or ImageNormalization(tower.image_size, CLIP_MEAN, CLIP_STD)
+        side = llava.config.vision_config.image_size if llava is not None else vision.image_size
+        self.llava_norm = llava_norm or ImageNormalization(side, CLIP_MEAN, CLIP_STD)
         self.sources = dict(sources or {})
         self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
         self._query_cache: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -271,6 +303,11 @@ class JointModel:
                 "alignment: required (a W weights file, folder or Hub id); there is no public "
                 "default — train one with jmllm-align, or use jmllm.joint.testing for tiny models"
             )
+        # Local paths first, before any Hub call: a missing file is named at once.
+        check_local_source(owl, "OWL-ViT")
+        check_local_source(llava, "LLaVA")
+        if not looks_like_repo_id(alignment):
+            alignment = resolve_alignment_path(alignment)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -331,6 +368,68 @@ class JointModel:
             sources={"owl": str(owl), "llava": str(llava), "alignment": str(alignment)},
         )
 
+    @classmethod
+    def detector(
+        cls,
+        owl: str | os.PathLike[str] = DEFAULT_OWL,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> JointModel:
+        """OWL-ViT alone, for detection (:meth:`embed`, :meth:`detect`, :meth:`detection_heads`):
+        neither LLaVA nor W is loaded, so detecting costs OWL-ViT's memory only.
+
+        Language methods (``generate``, ``chat``, GA) raise :class:`JointModelError`.
+
+        Example:
+            >>> det = JointModel.detector("google/owlvit-base-patch32")  # doctest: +SKIP
+            >>> det.detect(["street.jpg"], ["car", "bus"])[0].names  # doctest: +SKIP
+        """
+        from transformers import AutoConfig, AutoTokenizer, OwlViTForObjectDetection
+
+        check_local_source(owl, "OWL-ViT")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        owl_config = _load("OWL-ViT config", owl, AutoConfig.from_pretrained)
+        if owl_config.model_type != "owlvit":
+            raise JointModelError(f"{owl}: model_type is {owl_config.model_type!r}, not 'owlvit'")
+        owl_tokenizer = _load("OWL-ViT tokenizer", owl, AutoTokenizer.from_pretrained)
+        owl_norm = _load(
+            "OWL-ViT image processor",
+            owl,
+            ImageNormalization.from_pretrained,
+            owl_config.vision_config.image_size,
+        )
+        owl_model = _load(
+            "OWL-ViT",
+            owl,
+            OwlViTForObjectDetection.from_pretrained,
+            dtype=dtype,
+            attn_implementation="eager",
+        ).to(device)
+        return cls(
+            owl_model,
+            None,
+            None,
+            owl_tokenizer=owl_tokenizer,
+            owl_norm=owl_norm,
+            sources={"owl": str(owl)},
+        )
+
+    @property
+    def has_language(self) -> bool:
+        """Whether LLaVA and W are loaded (False for :meth:`detector`)."""
+        return self.llava is not None
+
+    def _language(self) -> Any:
+        if self.llava is None or self.alignment is None:
+            raise JointModelError(
+                "J was loaded for detection only (OWL-ViT): load LLaVA and W with "
+                "JointModel.from_pretrained to generate, chat or explain"
+            )
+        return self.llava
+
     # ------------------------------------------------------------------ devices
     @property
     def device(self) -> torch.device:
@@ -344,7 +443,7 @@ class JointModel:
     @property
     def llava_device(self) -> torch.device:
         """Where LLaVA's inputs go (its token embedding's device, also under ``device_map``)."""
-        return self.llava.get_input_embeddings().weight.device
+        return self._language().get_input_embeddings().weight.device
 
     # ------------------------------------------------------------------ embedding
     def _decode_images(self, images: Any) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
@@ -363,28 +462,24 @@ class JointModel:
                     raise JointModelError(
                         f"image {i}: tensor must be (3, H, W) uint8, got {tuple(image.shape)} {image.dtype}"
                     )
-                if image.shape[1] < 1 or image.shape[2] < 1:
-                    raise JointModelError(f"image {i}: tensor has no pixels")
-                sizes.append((int(image.shape[2]), int(image.shape[1])))
-                pil = None
-                tensor = image.cpu()
-                if max(image.shape[1:]) > MAX_IMAGE_SIDE:
-                    pil = Image.fromarray(tensor.permute(1, 2, 0).numpy(), "RGB")
-            elif isinstance(image, (str, os.PathLike, Image.Image)):
+                size = (int(image.shape[2]), int(image.shape[1]))
                 try:
-                    pil = load_image(image)
+                    check_pixels(size, f"image {i}")
                 except ImageLoadError as exc:
                     raise JointModelError(str(exc)) from None
-                sizes.append(pil.size)
-                tensor = None
+                tensor = image.cpu()
+                if working_size(size) != size:  # shrunk once, like a decoded file
+                    pil = Image.fromarray(tensor.permute(1, 2, 0).numpy(), "RGB")
+                    tensor = image_to_tensor(open_image(pil).image)
+            elif isinstance(image, (str, os.PathLike, Image.Image)):
+                try:
+                    loaded = open_image(image)
+                except ImageLoadError as exc:
+                    raise JointModelError(str(exc)) from None
+                size, tensor = loaded.original_size, image_to_tensor(loaded.image)
             else:
                 raise JointModelError(f"image {i}: unsupported type {type(image).__name__}")
-            if pil is not None:
-                if max(pil.size) > MAX_IMAGE_SIDE:
-                    pil = pil.copy()
-                    pil.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), Image.Resampling.BICUBIC)
-                tensor = image_to_tensor(pil)
-            assert tensor is not None
+            sizes.append(size)
             tensors.append(tensor)
         return tensors, sizes
 
@@ -392,9 +487,12 @@ class JointModel:
     def embed(self, images: Any, batch_size: int = 32) -> JointEmbedding:
         """The shared embedding ``t`` of a batch of images.
 
-        Each image is decoded to RGB (:func:`jmllm.align.load_image` conversions: alpha on white,
-        16-bit scaled, CMYK/palette converted), shrunk to at most 4096 px on its longest side,
-        squashed to OWL-ViT's square input and run to the penultimate encoder layer.
+        Each image is decoded under the image policy (:func:`jmllm.align.images.open_image`:
+        more than 20 000 × 20 000 pixels refused from the header, large JPEGs decoded reduced,
+        RGB conversions — alpha on white, 16-bit scaled, CMYK/palette converted), shrunk once to
+        at most 4096 px on its longest side, squashed to OWL-ViT's square input and run to the
+        penultimate encoder layer. ``image_sizes`` keep the original sizes, so boxes are in
+        original pixels; ``images`` hold the working copies.
 
         Args:
             images: one or a list of paths, PIL images or (3, H, W) uint8 tensors.
@@ -452,8 +550,10 @@ class JointModel:
             torch.Size([2, 512])
         """
         names = self._check_queries(queries)
-        if "{}" not in template:
-            raise PromptError(f"query template {template!r}: must contain '{{}}'")
+        try:
+            check_template(template, "query template")
+        except ValueError as exc:
+            raise PromptError(str(exc)) from None
         key = (tuple(names), template, str(self.device), self.dtype)
         cached = self._query_cache.get(key)
         if cached is not None:
@@ -553,11 +653,14 @@ class JointModel:
 
         Differentiable in ``t``.
         """
+        self._language()
+        assert self.alignment is not None
         return self.alignment(t[:, 1:].to(self.device))
 
     @torch.no_grad()
     def stock_image_tokens(self, emb: JointEmbedding) -> torch.Tensor:
         """Stock LLaVA's own image tokens (vision tower + projector on the squashed image)."""
+        self._language()
         if not emb.images:
             raise JointModelError("embedding: stock LLaVA needs the images, not t alone")
         tower_device = next(self.llava.model.vision_tower.parameters()).device
@@ -589,6 +692,7 @@ class JointModel:
             >>> model.prompt_inputs(["What's in the image?"])["input_ids"].shape  # doctest: +SKIP
             torch.Size([1, 593])
         """
+        self._language()
         texts = self._prompt_texts(prompts, template)
         if self.tokenizer is None:
             raise JointModelError("tokenizer: J was built without LLaVA's tokenizer")
@@ -641,7 +745,7 @@ class JointModel:
             >>> model.merge_image_tokens(ids, model.image_tokens(emb.t)).shape  # doctest: +SKIP
             torch.Size([1, 590, 4096])
         """
-        embed = self.llava.get_input_embeddings()
+        embed = self._language().get_input_embeddings()
         inputs_embeds = embed(input_ids)  # (B, L, D_llm)
         mask = input_ids == self.llava.config.image_token_id  # (B, L)
         counts = mask.sum(-1)
@@ -728,6 +832,7 @@ class JointModel:
             >>> answers = model.generate(emb, "What's the content of the image?")  # doctest: +SKIP
             >>> stock = model.generate(emb, "What's the content of the image?", vision="llava")  # doctest: +SKIP
         """
+        self._language()
         if vision not in ("joint", "llava"):
             raise JointModelError(f"vision: {vision!r} is neither 'joint' nor 'llava'")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -13,13 +13,14 @@ import base64
 import html
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from jmllm.align import files
+from jmllm.align.images import box_scale
 from jmllm.joint.chat import Conversation, get_template
 from jmllm.joint.detection import Detections
 
@@ -47,7 +48,8 @@ def draw_detections(
     """A copy of ``image`` with the top ``max_boxes`` detections drawn and labelled.
 
     Args:
-        image: the original image (the detections' pixel coordinates refer to it).
+        image: the original image, or a uniformly scaled copy of it (the working copy of a large
+            photo): boxes, in original pixels, are scaled to it.
         detections: from :meth:`JointModel.detect`, highest score first.
         max_boxes: how many boxes to draw.
         width: line width in pixels (default: scaled to the image size).
@@ -63,11 +65,8 @@ def draw_detections(
         (32, 32)
     """
     canvas = image.convert("RGB").copy()
-    if tuple(canvas.size) != tuple(detections.image_size):
-        raise ValueError(
-            f"image is {canvas.size[0]}x{canvas.size[1]} but the detections are for "
-            f"{detections.image_size[0]}x{detections.image_size[1]}"
-        )
+    # the image may be the working copy of a larger original (boxes are in original pixels)
+    sx, sy = box_scale(detections.image_size, canvas.size)
     draw = ImageDraw.Draw(canvas)
     line = width or max(1, round(max(canvas.size) / 200))
     font = ImageFont.load_default()
@@ -75,7 +74,7 @@ def draw_detections(
         zip(detections.boxes, detections.scores, detections.labels, strict=True)
     )[:max_boxes]:
         colour = label_colour(int(label))
-        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, y0, x1, y1 = (float(v) * f for v, f in zip(box, (sx, sy, sx, sy), strict=True))
         draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=colour, width=line)
         text = f"{detections.queries[int(label)]} {float(score):.2f}"
         left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
@@ -91,7 +90,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and durably: a temporary file in the same folder,
     flushed to disk, then renamed; readers see the old file or the new one, never half of one.
 
-    The file gets the ordinary permissions of a new file (0666 less the umask), not mkstemp's 0600.
+    The file gets the ordinary permissions of a new file (0666 less the umask), not mkstemp's
+    0600. The one writer of every package: :func:`jmllm.align.files.atomic_write_bytes`.
 
     Example:
         >>> import tempfile, pathlib
@@ -99,27 +99,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         >>> atomic_write_bytes(target, b"x").read_bytes()
         b'x'
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return files.atomic_write_bytes(path, data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """UTF-8 text version of :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return files.atomic_write_text(path, text)
 
 
 def png_bytes(image: Image.Image) -> bytes:

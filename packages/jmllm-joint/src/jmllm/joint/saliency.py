@@ -397,10 +397,18 @@ def naive_owl_gradients(
     return torch.stack(norms).detach(), (torch.stack(nums).detach() if g_llm is not None else None)
 
 
+def _f32(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached float32 CPU copy (GA results are float32 whatever the model's dtype)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32)
+
+
 def cosine_similarities(
     numerators: torch.Tensor, norms: torch.Tensor, g_llm_norm: float | torch.Tensor
 ) -> torch.Tensor:
-    """``s = ⟨g, g_L⟩ / (‖g‖ ‖g_L‖)``; 0 where either gradient is zero (never NaN)."""
+    """``s = ⟨g, g_L⟩ / (‖g‖ ‖g_L‖)``; 0 where either gradient is zero (never NaN).
+
+    Computed in float32 whatever the inputs' dtype (bf16 numerators and norms are promoted)."""
+    numerators, norms = numerators.float(), norms.float()
     denom = norms * torch.as_tensor(g_llm_norm, dtype=norms.dtype, device=norms.device)
     return torch.where(denom > 0, numerators / denom.clamp(min=1e-30), torch.zeros_like(denom))
 
@@ -532,8 +540,10 @@ def paint_boxes(
     """
     width, height = image_size
     canvas = np.zeros((height, width), dtype=np.float32)
-    w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights)
-    w = w.astype(np.float32)
+    w = np.asarray(
+        weights.detach().float().cpu() if isinstance(weights, torch.Tensor) else weights,
+        dtype=np.float32,
+    )
     for i in np.argsort(w, kind="stable"):
         x0, y0, x1, y1 = boxes_xyxy[i]
         if x1 > x0 and y1 > y0:
@@ -677,10 +687,8 @@ class GAResult:
 
     @property
     def maps(self) -> dict[str, np.ndarray]:
-        if not self._maps:
-            for w in WEIGHTINGS:
-                self._maps[w] = paint_boxes(self.weights(w), self.boxes_xyxy, self.image_size)
-            self._maps["gradient"] = patch_grid_map(self.patch_gradient_norms, self.image_size)
+        for w in (*WEIGHTINGS, "gradient"):
+            self.map(w)
         return self._maps
 
     @property
@@ -692,8 +700,11 @@ class GAResult:
         return len(self.queries)
 
     def weights(self, weighting: str = "class", query: int | str | None = None) -> torch.Tensor:
-        """Per-patch box weights (N,) of a weighting (see :func:`patch_weights`); ``query``
-        None uses the result's ``class_query``."""
+        """Per-patch weights (N,) of a weighting: ``class``, ``coord``, ``any`` (box weights, see
+        :func:`patch_weights`; ``query`` None uses the result's ``class_query``) or ``gradient``
+        (the plain-gradient baseline, min–max normalised per-patch ‖∂ logit / ∂ t‖)."""
+        if weighting == "gradient":
+            return minmax(self.patch_gradient_norms.float())
         chosen = self.class_query if query is None else query
         return patch_weights(self.normalised, self.num_queries, weighting, chosen)
 
@@ -705,6 +716,9 @@ class GAResult:
     ) -> np.ndarray:
         """The (H, W) map of a weighting (or ``"gradient"``, the baseline).
 
+        The maps of the result's own settings are painted on first use and kept (only the
+        weightings asked for are painted: at a camera photo's resolution each is large).
+
         Args:
             weighting: ``class``, ``coord``, ``any`` or ``gradient``.
             query: for ``class``: a query index, ``"first"`` or ``"max"`` (default: the
@@ -712,8 +726,17 @@ class GAResult:
             size: (width, height) to paint at instead of the image's own size, e.g. (224, 224)
                 for the authors' CUB pipeline (boxes scaled to that size, then rounded).
         """
-        if size is None and query is None and weighting in self.maps:
-            return self.maps[weighting]
+        if size is None and query is None:
+            if weighting not in self._maps:
+                if weighting == "gradient":
+                    self._maps[weighting] = patch_grid_map(
+                        self.patch_gradient_norms, self.image_size
+                    )
+                else:
+                    self._maps[weighting] = paint_boxes(
+                        self.weights(weighting), self.boxes_xyxy, self.image_size
+                    )
+            return self._maps[weighting]
         if weighting == "gradient":
             return patch_grid_map(self.patch_gradient_norms, size or self.image_size)
         if size is None:
@@ -914,19 +937,21 @@ class GradientAlignment:
         Q = len(prepared.queries)
         normalised = normalise_similarities(sims, Q)
         per_patch = torch.linalg.vector_norm(g_llm.reshape(g_llm.shape[-2:])[1:], dim=-1)
+        # Results leave the model in float32 whatever its dtype (bf16 on a GPU): numpy, the
+        # maps and the reports cannot take bfloat16.
         return GAResult(
             tokens=tokens,
             target=target,
             queries=list(prepared.queries),
-            similarities=sims.cpu(),
-            normalised=normalised.cpu(),
-            numerators=numerators.cpu(),
-            norms=norms.cpu(),
+            similarities=_f32(sims),
+            normalised=_f32(normalised),
+            numerators=_f32(numerators),
+            norms=_f32(norms),
             g_llm_norm=g_norm,
-            boxes=prepared.boxes.cpu(),
+            boxes=_f32(prepared.boxes),
             boxes_xyxy=prepared.boxes_xyxy,
-            class_scores=prepared.class_scores.cpu(),
-            patch_gradient_norms=per_patch.cpu(),
+            class_scores=_f32(prepared.class_scores),
+            patch_gradient_norms=_f32(per_patch),
             image_size=prepared.image_size,
             answer_text=answer_text,
             class_query=self.class_query,

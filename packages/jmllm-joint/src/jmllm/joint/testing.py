@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from jmllm.align import AlignmentLayer, alignment_config_for, load_alignment, save_alignment
+from jmllm.align.files import atomic_write_text, folder_mode
 from jmllm.align.testing import build_tiny_checkpoints, generated_images, write_image_folder
 
 __all__ = [
@@ -99,9 +100,7 @@ def build_tiny_joint(root: str | os.PathLike[str], seed: int = 0) -> TinyJoint:
             "final_loss": final_loss,
         }
         save_alignment(layer, target, provenance)
-        tmp = stamp_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stamp))
-        os.replace(tmp, stamp_file)
+        atomic_write_text(stamp_file, json.dumps(stamp))
     return TinyJoint(root=root, owl=owl_folder, llava=ckpt.llava, alignment=target)
 
 
@@ -130,6 +129,7 @@ def _calibrated_owl(source: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     owl.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    os.chmod(tmp, folder_mode())  # mkdtemp's 0700 would hide the cache from others
     os.replace(tmp, target)
 
 

@@ -44,7 +44,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,6 +52,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from jmllm.align.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -453,11 +454,8 @@ def cub_to_boxes_csv(cub_root: str | os.PathLike[str], out: str | os.PathLike[st
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    # fsynced, ordinary permissions, temporary file removed on error (docs/conventions.md)
+    atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------- runner

@@ -1,0 +1,67 @@
+"""The GPU check driver (benchmarks/_gpu_check.py, ``./dev -s gpu``): every benchmark runs in
+its own process under a time cap; one that fails or overruns is recorded and the rest still run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+DRIVER = Path(__file__).resolve().parents[3] / "benchmarks" / "_gpu_check.py"
+pytestmark = pytest.mark.skipif(not DRIVER.is_file(), reason="needs the repository's benchmarks/")
+
+
+@pytest.fixture
+def driver(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_check", DRIVER)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scripts = {
+        "ok.py": """
+            import json, sys
+            out = sys.argv[sys.argv.index("--json-out") + 1]
+            json.dump({"batch1": {"decode_ratio_joint_over_llava": 0.97}, "args": sys.argv[1:]},
+                      open(out, "w"))
+        """,
+        "fails.py": "raise SystemExit('no CUDA device: --gpu needs one')",
+        "slow.py": "import time; time.sleep(60)",
+    }
+    for name, code in scripts.items():
+        (tmp_path / name).write_text(textwrap.dedent(code))
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    monkeypatch.setattr(
+        module,
+        "BENCHMARKS",
+        {
+            "generate_throughput": ("ok.py", ["--gpu"], ["--small"], 0.4),
+            "ga_saliency": ("fails.py", [], [], 0.3),
+            "align_train": ("slow.py", [], [], 0.3),
+        },
+    )
+    return module
+
+
+def test_driver_records_each_outcome_and_writes_one_json(driver, tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    code = driver.main(["--json-out", str(out), "--budget-seconds", "30", "--cpu"])
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    runs = report["benchmarks"]
+    assert runs["generate_throughput"]["status"] == "ok"
+    assert runs["generate_throughput"]["result"]["args"][0] == "--small"  # the CPU arguments
+    assert runs["ga_saliency"]["status"] == "failed"
+    assert "no CUDA device" in runs["ga_saliency"]["stderr_tail"][-1]
+    assert runs["align_train"]["status"] == "timed_out" and runs["align_train"]["seconds"] < 20
+    assert report["summary"]["decode_ratio_joint_over_llava_batch1"] == 0.97
+    assert report["mode"] == "cpu-small-code-path-only" and code == 3
+    assert report["wall_seconds"] < 40
+
+
+def test_driver_refuses_a_bad_budget(driver, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        driver.main(["--json-out", str(tmp_path / "g.json"), "--budget-seconds", "nan"])
+    assert info.value.code == 2
