@@ -199,6 +199,33 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
+@nox.session(default=False, venv_params=["--system-site-packages"])
+def gpu(session: nox.Session) -> None:
+    """The one-command GPU check: J vs stock decode, GA seconds per token and W training MFU at
+    full size with random weights, one JSON in ``.bench/gpu.json`` (``./dev -s gpu``; about
+    8 minutes on one H100/H200). Without CUDA: the same code paths, small, on the CPU.
+
+    The session sees the system's packages, so a CUDA build of PyTorch installed there is used;
+    the CPU pin is installed only when no torch is importable."""
+    found = session.run(
+        "python",
+        "-c",
+        "import importlib.util; print(importlib.util.find_spec('torch') is not None)",
+        silent=True,
+    )
+    if "True" not in str(found):
+        session.install(TORCH_PIN)
+    session.install(*(str(PACKAGES_DIR / dist) for dist in _local_closure("jmllm-joint")))
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "_gpu_check.py"),
+        "--json-out",
+        str(ROOT / ".bench" / "gpu.json"),
+        *session.posargs,
+        env={**OFFLINE_ENV, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Run the benchmarks (all, or those named: ``nox -s bench -- ga_saliency``); JSON to stdout
