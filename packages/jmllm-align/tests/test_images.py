@@ -46,13 +46,14 @@ def test_real_decompression_bomb_keeps_memory_small(tmp_path):
     assert bomb.stat().st_size < 4_000_000
     script = textwrap.dedent(
         f"""
-        import resource, sys
+        import sys
+        from jmllm.align.testing import peak_rss_mb
         from jmllm.align.images import ImageLoadError, open_image
         try:
             open_image({str(bomb)!r})
         except ImageLoadError as exc:
             print("REFUSED", exc)
-        print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print("PEAK", peak_rss_mb())
         """
     )
     proc = subprocess.run(

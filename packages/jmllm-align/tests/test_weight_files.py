@@ -177,10 +177,11 @@ def test_import_checks_sizes_before_allocating(tmp_path):
     assert pth.stat().st_size < 200_000
     script = textwrap.dedent(
         f"""
-        import resource, sys
+        import sys
+        from jmllm.align.testing import peak_rss_mb
         from jmllm.align.cli import main
         code = main(["import-pth", {str(pth)!r}, {str(tmp_path / "o.safetensors")!r}])
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = peak_rss_mb()
         print(f"PEAK {{peak_mb:.0f}}", file=sys.stderr)
         sys.exit(code)
         """

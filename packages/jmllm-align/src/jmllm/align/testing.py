@@ -366,6 +366,32 @@ def write_image_folder(
     return folder
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB, since it started (or exec'd).
+
+    Linux's ``VmHWM`` (``/proc/self/status``) belongs to the process's own address space; the
+    ``ru_maxrss`` of ``getrusage`` also counts what a parent held when it forked the process, so
+    a child started from a large test runner would report the runner's memory. ``ru_maxrss`` is
+    the fallback elsewhere.
+
+    Example:
+        >>> peak_rss_mb() > 0
+        True
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
+
+
 def png_claiming(width: int, height: int, rows: int = 0) -> bytes:
     """A greyscale PNG whose header claims ``width`` x ``height`` pixels, for image-policy tests.
 
