@@ -94,7 +94,8 @@ def _add_common_arguments(common: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--alignment",
-        help="alignment W: .safetensors file, folder or Hub id (required for real models)",
+        help="alignment W: .safetensors file, folder or Hub id (required for real models; "
+        "detect needs none)",
     )
     group.add_argument(
         "--tiny",
