@@ -13,25 +13,45 @@ A row is either
   never be read as a score. A failed key is sent again by the next run.
 
 An answered row is never overwritten. The API key is never passed to this module.
+
+**Several runs on one cache.** Two ``jmllm-judge run`` processes may share a cache (same
+machine: WAL mode needs shared memory); they never send the same judgement twice. Before sending,
+a run *claims* the keys it will send (:meth:`JudgeCache.claim`, one ``BEGIN IMMEDIATE``
+transaction, so two runs cannot both win a key); a key claimed by another live run is waited for
+and then read from the cache. A claim belongs to an owner (a random id per open cache, with the
+process id and host name) and is dropped in the same transaction that stores the outcome. A run
+that stops (Ctrl-C, an error) releases its claims; a run that is killed leaves them behind, and
+they count as stale, so another run takes them over, when their process is gone (same host) or
+their heartbeat (refreshed every :data:`HEARTBEAT_S` while the run lives) is older than
+:data:`STALE_AFTER_S`.
+
+A claim also counts the attempts made for its key (:meth:`JudgeCache.count_attempt`, just before
+each request) and keeps that count when released or taken over, so a judgement's ``attempts`` is
+the number of requests sent for it by every run, interrupted ones included.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jmllm.judge.errors import JudgeError
 from jmllm.judge.parsing import parse_score
 
-__all__ = ["CachedJudgement", "JudgeCache"]
+__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "CachedJudgement", "Claims", "JudgeCache"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the claims table is an addition older versions ignore
+HEARTBEAT_S = 5.0  # a running run refreshes its claims this often
+STALE_AFTER_S = 60.0  # a claim not refreshed for this long belongs to a run that is gone
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -53,7 +73,41 @@ CREATE TABLE IF NOT EXISTS judgements (
     CHECK ((status = 'answered') = (reply IS NOT NULL)),
     CHECK (status = 'failed' OR error IS NULL)
 );
+CREATE TABLE IF NOT EXISTS claims (
+    key        TEXT PRIMARY KEY,
+    owner      TEXT,               -- NULL: released, free to claim (the attempts are kept)
+    pid        INTEGER,
+    host       TEXT,
+    heartbeat  REAL NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0  -- requests sent since the last stored outcome
+);
 """
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, killed but not reaped, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill()
+
+
+@dataclass
+class Claims:
+    """What :meth:`JudgeCache.claim` decided for each key."""
+
+    claimed: list[str] = field(default_factory=list)  # ours now: send them
+    done: list[str] = field(default_factory=list)  # answered, or failed by another run meanwhile
+    busy: list[str] = field(default_factory=list)  # another live run is sending them: wait"""
 
 
 @dataclass(frozen=True)
@@ -89,7 +143,16 @@ class JudgeCache:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.owner = uuid.uuid4().hex  # this open cache's identity in the claims table
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite creates new databases 0644 whatever the umask; ours get ordinary permissions
+            # (0666 & ~umask) like every other output, and its -wal/-shm files copy them.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666))
+        except OSError as e:
+            raise JudgeError(f"cannot open judge cache {self.path}: {e.strerror or e}") from e
         try:
             # Autocommit: every write below is its own transaction, durable once it returns.
             self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
@@ -120,7 +183,115 @@ class JudgeCache:
         self.close()
 
     def close(self) -> None:
+        """Release this cache's remaining claims and close the database."""
+        try:
+            self.release()
+        except sqlite3.Error:
+            pass
         self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding SQLite's write lock from its first statement."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _live(self, owner: str | None, pid: int | None, host: str | None, beat: float) -> bool:
+        if owner is None:
+            return False
+        if owner == self.owner:
+            return True
+        if time.time() - beat > STALE_AFTER_S:
+            return False
+        # same machine: a process that is gone holds nothing, whatever its last heartbeat
+        return not (host == self.host and pid is not None and not _pid_alive(pid))
+
+    def claim(self, keys: Sequence[str], *, since: float) -> Claims:
+        """Claim ``keys`` for sending, atomically against other runs on this cache.
+
+        Args:
+            keys: judgement keys this run wants to send.
+            since: when this run started (``time.time()``); a key that another run stored as
+                failed after it is not sent again by this run (that run has just tried it).
+
+        Returns:
+            :class:`Claims`: the keys now ours, those done (answered, or failed meanwhile by
+            another run), and those another live run is sending.
+        """
+        result = Claims()
+        wanted = list(dict.fromkeys(keys))
+        now = time.time()
+        with self._transaction() as db:
+            status: dict[str, tuple[str, float]] = {}
+            held: dict[str, tuple[Any, ...]] = {}
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for key, st, updated in db.execute(
+                    f"SELECT key, status, updated_at FROM judgements WHERE key IN ({marks})", chunk
+                ):
+                    status[key] = (st, updated)
+                for key, *claim in db.execute(
+                    f"SELECT key, owner, pid, host, heartbeat FROM claims WHERE key IN ({marks})",
+                    chunk,
+                ):
+                    held[key] = tuple(claim)
+            for key in wanted:
+                st, updated = status.get(key, ("", 0.0))
+                if st == "answered":
+                    result.done.append(key)
+                elif key in held and held[key][0] != self.owner and self._live(*held[key]):
+                    result.busy.append(key)
+                elif st == "failed" and updated >= since:
+                    result.done.append(key)
+                else:
+                    result.claimed.append(key)
+            db.executemany(
+                """
+                INSERT INTO claims (key, owner, pid, host, heartbeat, attempts)
+                VALUES (?, ?, ?, ?, ?, 0)
+                ON CONFLICT (key) DO UPDATE SET
+                    owner = excluded.owner, pid = excluded.pid, host = excluded.host,
+                    heartbeat = excluded.heartbeat
+                """,
+                [(key, self.owner, self.pid, self.host, now) for key in result.claimed],
+            )
+        return result
+
+    def count_attempt(self, key: str) -> None:
+        """Count one request about to be sent for ``key`` (claimed by this cache)."""
+        self._db.execute(
+            "UPDATE claims SET attempts = attempts + 1, heartbeat = ? WHERE key = ? AND owner = ?",
+            (time.time(), key, self.owner),
+        )
+
+    def heartbeat(self) -> None:
+        """Mark this cache's claims as alive (call every :data:`HEARTBEAT_S` while sending)."""
+        self._db.execute(
+            "UPDATE claims SET heartbeat = ? WHERE owner = ?", (time.time(), self.owner)
+        )
+
+    def release(self) -> None:
+        """Give up this cache's claims; their attempt counts stay for whoever sends them next."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM claims WHERE owner = ? AND attempts = 0", (self.owner,))
+            db.execute("UPDATE claims SET owner = NULL WHERE owner = ?", (self.owner,))
+
+    def _take_claim(self, db: sqlite3.Connection, key: str, attempts: int) -> int:
+        """Drop our claim on ``key``; the attempts to record: the claim's count if we held it
+        (every run's requests since the last outcome), else ``attempts``."""
+        row = db.execute(
+            "SELECT attempts FROM claims WHERE key = ? AND owner = ?", (key, self.owner)
+        ).fetchone()
+        if row is None:
+            return attempts
+        db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner))
+        return int(row[0]) or attempts
 
     _COLUMNS = (
         "key, status, reply, error, attempts, prompt_tokens, completion_tokens, model, request"
@@ -171,8 +342,13 @@ class JudgeCache:
         completion_tokens: int | None = None,
         response_id: str | None = None,
     ) -> None:
-        """Store the judge's reply. Replaces a failure; an existing answer is kept as it is."""
-        self._db.execute(
+        """Store the judge's reply. Replaces a failure; an existing answer is kept as it is.
+
+        ``attempts`` is the number of requests this call made; when this cache holds a claim on
+        ``key``, the claim's count (requests of every run since the last outcome) is used."""
+        with self._transaction() as db:
+            attempts = self._take_claim(db, key, attempts)
+            db.execute(
             """
             INSERT INTO judgements (key, status, reply, error, attempts, prompt_tokens,
                                     completion_tokens, model, request, response_id, updated_at)
@@ -187,13 +363,16 @@ class JudgeCache:
             """,
             (key, reply, attempts, prompt_tokens, completion_tokens, model,
              json.dumps(request, ensure_ascii=False, sort_keys=True), response_id, time.time()),
-        )  # fmt: skip
+            )  # fmt: skip
 
     def put_failure(
         self, key: str, *, model: str, request: dict[str, Any], error: str, attempts: int
     ) -> None:
-        """Record that ``key`` got no reply. Never replaces an answer."""
-        self._db.execute(
+        """Record that ``key`` got no reply. Never replaces an answer. ``attempts`` as in
+        :meth:`put_answer`."""
+        with self._transaction() as db:
+            attempts = self._take_claim(db, key, attempts)
+            db.execute(
             """
             INSERT INTO judgements (key, status, reply, error, attempts, model, request, updated_at)
             VALUES (?, 'failed', NULL, ?, ?, ?, ?, ?)
@@ -204,7 +383,7 @@ class JudgeCache:
             """,
             (key, error, attempts, model, json.dumps(request, ensure_ascii=False, sort_keys=True),
              time.time()),
-        )  # fmt: skip
+            )  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         """Number of rows per status."""

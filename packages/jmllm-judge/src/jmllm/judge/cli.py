@@ -13,17 +13,29 @@ import argparse
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jmllm.judge.errors import JudgeError
+from jmllm.judge.conventions import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    ArgumentParser,
+    check_output_dir,
+    check_output_file,
+    exit_code_for,
+    finite_float,
+    integer,
+    one_line,
+    remove_empty_folders,
+)
 
 log = logging.getLogger("jmllm.judge")
 
-EXIT_FAILED_JUDGEMENTS = 3  # the run finished but some judgements have no answer yet
-EXIT_INTERRUPTED = 130
+EXIT_FAILED_JUDGEMENTS = EXIT_PARTIAL  # the run finished but some judgements have no answer yet
 
 
 def _version() -> str:
@@ -36,7 +48,9 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from jmllm.judge.client import MAX_TEMPERATURE, MAX_TIMEOUT_S
+
+    parser = ArgumentParser(
         prog="jmllm-judge",
         description="Reproducible, resumable GPT-as-a-judge scoring of image captions "
         "(supplementary §1.1 and Table 1 of Giulivi & Boracchi, BMVC 2024).",
@@ -79,9 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--id-column", default=None, help="with --dataset (default: row index)")
     p.add_argument(
-        "-n", type=int, default=100, help="number of images (default: 100, as the paper)"
+        "-n", type=integer(1), default=100, help="number of images (default: 100, as the paper)"
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=integer(0), default=0, help="sampling seed (default: 0)")
     p.add_argument(
         "-o", "--out", type=Path, required=True, metavar="MANIFEST", help="manifest JSON to write"
     )
@@ -122,8 +136,10 @@ def _parser() -> argparse.ArgumentParser:
         "'<image>\\nUSER: {question}\\nASSISTANT:' that produced Table 1, llava-1.5 the model "
         "card's 'USER: <image>\\n{question} ASSISTANT:'",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="with --joint (default: 256)")
-    p.add_argument("--batch-size", type=int, default=4, help="with --joint (default: 4)")
+    p.add_argument(
+        "--max-new-tokens", type=integer(1), default=256, help="with --joint (default: 256)"
+    )
+    p.add_argument("--batch-size", type=integer(1), default=4, help="with --joint (default: 4)")
     p.add_argument(
         "-o", "--out", type=Path, required=True, metavar="JSONL", help="captions file to write"
     )
@@ -140,7 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="judge model, e.g. gpt-4o")
     p.add_argument(
-        "--base-url", default=None, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1"
+        "--base-url",
+        default=None,
+        help="OpenAI-compatible API root, e.g. http://localhost:8000/v1; a query string "
+        "(?api-version=...) is sent with every request; credentials in the URL are refused",
     )
     p.add_argument(
         "--api-key-env",
@@ -154,10 +173,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="SQLite cache (default: judge-cache.sqlite beside --out)",
     )
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
     p.add_argument(
-        "--max-attempts", type=int, default=8, help="attempts per judgement (default: 8)"
+        "--concurrency",
+        type=integer(1, 4096),
+        default=16,
+        help="requests in flight, 1-4096 (default: 16)",
     )
     p.add_argument(
         "--judge-prompt",
@@ -166,9 +186,26 @@ def _parser() -> argparse.ArgumentParser:
         help="judge user prompt: authors (default; the script that produced Table 1, caption "
         "in double quotes) or supplementary (its printed text, caption bare)",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="(default: 0, as the paper)")
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="reply length cap (default: not sent)"
+        "--timeout",
+        type=finite_float(0, MAX_TIMEOUT_S, open_low=True),
+        default=60.0,
+        help="seconds per request, > 0 (default: 60)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=integer(1, 100),
+        default=8,
+        help="attempts per judgement, 1-100 (default: 8)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=finite_float(0, MAX_TEMPERATURE),
+        default=0.0,
+        help="0-2 (default: 0, as the paper)",
+    )
+    p.add_argument(
+        "--max-tokens", type=integer(1), default=None, help="reply length cap (default: not sent)"
     )
     p.add_argument(
         "-o", "--out", type=Path, required=True, metavar="JSON", help="results file to write"
@@ -185,9 +222,12 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for report.md, report.json, scores.png",
     )
     p.add_argument(
-        "--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)"
+        "--resamples",
+        type=integer(1, 10_000_000),
+        default=10_000,
+        help="bootstrap resamples, >= 1 (default: 10000)",
     )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed (default: 0)")
     return parser
 
 
@@ -200,6 +240,7 @@ def _progress(total: int, desc: str) -> Any:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from jmllm.judge.manifest import sample_coco, sample_dataset, sample_folder
 
+    check_output_file(args.out, "-o")
     if args.coco is not None:
         manifest = sample_coco(args.coco, args.n, seed=args.seed, images_dir=args.images_dir)
     elif args.folder is not None:
@@ -234,6 +275,7 @@ def _cmd_captions(args: argparse.Namespace) -> int:
     )
     from jmllm.judge.manifest import Manifest
 
+    check_output_file(args.out, "-o")
     manifest = Manifest.load(args.manifest)
     if args.ground_truth:
         captions = captions_from_ground_truth(manifest, args.system)
@@ -268,6 +310,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from jmllm.judge.prompts import judge_prompt_template
     from jmllm.judge.runner import judge_all, save_results
 
+    check_output_file(args.out, "-o")
+    cache_path = args.cache if args.cache is not None else args.out.parent / "judge-cache.sqlite"
+    check_output_file(cache_path, "--cache")
     manifest = Manifest.load(args.manifest)
     systems = [load_captions(path) for path in args.captions]
     settings = JudgeSettings(
@@ -282,20 +327,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         retry=RetryPolicy(max_attempts=args.max_attempts),
     )
     api_key = read_api_key(settings.api_key_env, os.environ)
-    cache_path = args.cache if args.cache is not None else args.out.parent / "judge-cache.sqlite"
-    with JudgeCache(cache_path) as cache:
-        try:
-            results = asyncio.run(
-                judge_all(manifest, systems, settings, cache, api_key=api_key, show_progress=True)
-            )
-        except KeyboardInterrupt:
-            counts = cache.counts()
-            print(
-                f"interrupted: {counts.get('answered', 0)} judgements are safe in {cache_path}; "
-                "run the same command again to send only the missing ones",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
+    # A run that fails before storing anything leaves neither a new cache nor new folders.
+    new_folders = [p for p in reversed(cache_path.parents) if not p.exists()]
+    new_cache = not cache_path.exists()
+    try:
+        with JudgeCache(cache_path) as cache:
+            try:
+                results = asyncio.run(
+                    judge_all(
+                        manifest, systems, settings, cache, api_key=api_key, show_progress=True
+                    )
+                )
+            except KeyboardInterrupt:
+                counts = cache.counts()
+                if counts.get("answered", 0) or counts.get("failed", 0):
+                    print(
+                        f"interrupted: {counts.get('answered', 0)} judgements are safe in "
+                        f"{cache_path}; run the same command again to send only the missing ones",
+                        file=sys.stderr,
+                    )
+                    return EXIT_INTERRUPTED
+                raise
+    except BaseException:
+        if new_cache:
+            _discard_empty_cache(cache_path)
+            remove_empty_folders(new_folders)
+        raise
     save_results(args.out, results)
     counts = results.counts()
     print(
@@ -312,10 +369,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _discard_empty_cache(path: Path) -> None:
+    """Delete a cache this run created if it holds no judgement and no other run uses it."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0) as db:
+            rows = db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
+            owners = db.execute("SELECT COUNT(*) FROM claims WHERE owner IS NOT NULL").fetchone()
+        db.close()
+    except sqlite3.Error:
+        return
+    if rows or owners[0]:
+        return
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from jmllm.judge.report import build_report, write_report
     from jmllm.judge.runner import load_results
 
+    check_output_dir(args.out, "-o")
     report = build_report(load_results(args.results), resamples=args.resamples, seed=args.seed)
     paths = write_report(report, args.out)
     for s in report.systems:
@@ -336,6 +409,12 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status: 0 ok, 1 runtime failure, 2 bad input or usage,
+    3 some judgements have no answer, 130 interrupted.
+
+    >>> main(["report", "/nonexistent/results.json", "-o", "/tmp/report"])
+    2
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
@@ -344,14 +423,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:  # keep third-party HTTP chatter out of -v
         for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    redact = _redactor(args)
     try:
         return COMMANDS[args.command](args)
-    except JudgeError as e:
-        print(f"jmllm-judge {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # one line for the user; -vv logs the traceback too
+        code = exit_code_for(e)
+        kind = "error" if code != EXIT_FAILURE else "failed"
+        detail = one_line(e) if code != EXIT_FAILURE else f"{type(e).__name__}: {one_line(e)}"
+        log.debug("traceback", exc_info=True)
+        print(f"jmllm-judge {args.command}: {kind}: {redact(detail)}", file=sys.stderr)
+        return code
+
+
+def _redactor(args: argparse.Namespace) -> Callable[[str], str]:
+    """Redaction of the run's secrets (API key, --base-url's query values) in every log line and
+    error message."""
+    from jmllm.judge.client import RedactingFilter, Redactor
+
+    if args.command != "run":
+        return lambda text: text
+    redactor = Redactor(os.environ.get(args.api_key_env, "").strip() or None, args.base_url)
+    RedactingFilter.install(redactor, logging.getLogger().handlers)
+    return redactor
 
 
 if __name__ == "__main__":

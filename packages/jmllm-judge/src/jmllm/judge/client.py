@@ -21,7 +21,13 @@ the only one, visible and testable:
   :class:`JudgeConfigError`.
 
 The API key is read from the environment by the caller and handed to the client only; every string
-that leaves this module (errors, replies) passes through :meth:`JudgeClient.redact` first.
+that leaves this module (errors, replies) passes through :meth:`JudgeClient.redact` first, and the
+command line puts the same redaction on every log line (:class:`RedactingFilter`).
+
+``base_url`` may carry a query string (Azure-style ``?api-version=…``): it is split off and sent
+with every request as the client's ``default_query``; its values are treated as secrets (never in
+messages, logs or results). Credentials in the URL (``https://user:pw@host``) are refused: the
+openai client would send them instead of the API key.
 """
 
 from __future__ import annotations
@@ -37,11 +43,20 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from jmllm.judge.conventions import (
+    ImageLoadError,
+    UsageError,
+    check_finite,
+    check_pixels,
+    one_line,
+    open_image,
+)
 from jmllm.judge.errors import JudgeError
 from jmllm.judge.manifest import ManifestImage
 from jmllm.judge.prompts import JUDGE_SYSTEM_PROMPT, JUDGE_USER_PROMPT_TEMPLATE, judge_user_prompt
@@ -52,6 +67,8 @@ __all__ = [
     "JudgeFailure",
     "JudgeReply",
     "JudgeSettings",
+    "RedactingFilter",
+    "Redactor",
     "RequestSlots",
     "RetryPolicy",
     "build_messages",
@@ -61,6 +78,7 @@ __all__ = [
     "read_api_key",
     "request_record",
     "retry_after_s",
+    "split_base_url",
     "verified_image_bytes",
 ]
 
@@ -84,8 +102,12 @@ class RetryPolicy:
     max_retry_after_s: float = 300.0  # cap on what a server may ask us to wait
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise JudgeError(f"max_attempts must be an integer, got {self.max_attempts!r}")
         if self.max_attempts < 1:
             raise JudgeError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        for name in ("base_delay_s", "max_delay_s", "max_retry_after_s"):
+            _finite(getattr(self, name), name, 0.0)
 
     def delay_s(self, retry: int, retry_after_s: float | None, rng: random.Random) -> float:
         """Wait before retry number ``retry`` (1 = first retry): full jitter over an exponential
@@ -113,12 +135,23 @@ class JudgeSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if not self.model or not self.model.strip():
             raise JudgeError("name the judge model (--model)")
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
+            raise JudgeError(f"concurrency must be an integer, got {self.concurrency!r}")
         if self.concurrency < 1:
             raise JudgeError(f"concurrency must be at least 1, got {self.concurrency}")
-        if self.timeout_s <= 0:
-            raise JudgeError(f"timeout must be positive, got {self.timeout_s}")
+        # NaN compares false with everything, so ranges alone would let it through (and a NaN
+        # timeout made every request fail and be retried to the last attempt).
+        _finite(self.timeout_s, "timeout", 0.0, MAX_TIMEOUT_S, open_low=True)
+        _finite(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise JudgeError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        split_base_url(self.base_url)  # refuses credentials and malformed URLs
         judge_user_prompt("", self.user_prompt_template)  # validates the placeholder
 
     def key_fields(self) -> dict[str, Any]:
@@ -135,6 +168,124 @@ class JudgeSettings:
         out = asdict(self)
         out["base_url"] = public_base_url(self.base_url)
         return out
+
+
+MAX_TIMEOUT_S = 86_400.0  # a day: larger values overflow socket timeouts
+MAX_TEMPERATURE = 2.0  # the OpenAI API's range is [0, 2]
+
+
+def _finite(
+    value: Any, name: str, low: float, high: float | None = None, *, open_low: bool = False
+) -> float:
+    try:
+        return check_finite(value, name, low, high, open_low=open_low)
+    except UsageError as e:
+        raise JudgeError(str(e)) from None
+
+
+def split_base_url(base_url: str | None) -> tuple[str | None, dict[str, str]]:
+    """``(API root, query parameters)`` of ``--base-url``: the root goes to the openai client as
+    ``base_url``, the parameters as ``default_query`` (sent with every request).
+
+    Raises:
+        JudgeError: not an http(s) URL with a host, a fragment, a repeated query parameter, or
+            credentials (``user:password@``). The message never repeats the URL, which may hold
+            a secret.
+
+    >>> split_base_url("https://example.org/openai/v1?api-version=2024-06-01")
+    ('https://example.org/openai/v1', {'api-version': '2024-06-01'})
+    """
+    if base_url is None:
+        return None, {}
+    if not isinstance(base_url, str):
+        raise JudgeError(f"--base-url must be text, got {type(base_url).__name__}")
+    try:
+        parts = urlsplit(base_url.strip())
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        raise JudgeError(
+            "--base-url is not a valid URL (not repeated here, as it may hold a secret)"
+        ) from None
+    if "@" in parts.netloc:
+        raise JudgeError(
+            "--base-url contains credentials (user:password@ before the host); they would be "
+            "sent instead of the API key and could reach logs, so they are refused: put the key "
+            "in the environment variable named by --api-key-env (the URL is not repeated here)"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JudgeError(
+            "--base-url must be an http:// or https:// URL with a host name, e.g. "
+            "http://localhost:8000/v1"
+        )
+    if parts.fragment:
+        raise JudgeError("--base-url must not have a #fragment")
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise JudgeError(f"--base-url repeats the query parameter(s) {', '.join(repeated)}")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), dict(pairs)
+
+
+class Redactor:
+    """Replaces secrets in text: the API key, and the values of ``--base-url``'s query.
+
+    >>> Redactor("sk-123", "http://h/v1?key=abcd").redact("sk-123 and key=abcd")
+    '[REDACTED] and key=[REDACTED]'
+    """
+
+    MIN_SECRET_CHARS = 4  # shorter query values ("1") are not secrets and would mangle text
+
+    def __init__(self, api_key: str | None, base_url: str | None = None) -> None:
+        secrets: list[str] = [api_key] if api_key else []
+        try:
+            _, query = split_base_url(base_url)
+        except JudgeError:
+            query = {}
+        secrets += [v for v in query.values() if len(v) >= self.MIN_SECRET_CHARS]
+        # longest first, so a secret containing another is replaced whole
+        self.secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[REDACTED]")
+        return text
+
+    def __call__(self, text: str) -> str:
+        return self.redact(text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts every record passing a handler (third-party ones included:
+    httpx logs request URLs with their query, openai logs response headers).
+
+    >>> import logging
+    >>> record = logging.LogRecord("httpx", logging.INFO, "", 0, "GET %s", ("/v1?k=secret",), None)
+    >>> RedactingFilter(Redactor(None, "http://h/v1?k=secret")).filter(record), record.getMessage()
+    (True, 'GET /v1?k=[REDACTED]')
+    """
+
+    def __init__(self, redactor: Callable[[str], str]) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler's own error path
+            return True
+        redacted = self.redactor(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_text:
+            record.exc_text = self.redactor(record.exc_text)
+        return True
+
+    @classmethod
+    def install(cls, redactor: Callable[[str], str], handlers: Iterable[logging.Handler]) -> None:
+        """Add a filter with ``redactor`` to each of ``handlers``."""
+        for handler in handlers:
+            handler.addFilter(cls(redactor))
 
 
 def public_base_url(base_url: str | None) -> str | None:
@@ -198,21 +349,37 @@ def image_data_url(image: ManifestImage) -> str:
     if image.path is None:
         assert image.url is not None
         return image.url
-    from PIL import Image, UnidentifiedImageError
-
     data = verified_image_bytes(image)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        decoded = None
+        with _open_checked_image(data, image) as im:
             mime = _SENT_AS_IS.get(im.format or "")
-            if mime is None:
-                buffer = io.BytesIO()
-                im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buffer, format="PNG")
-                data, mime = buffer.getvalue(), "image/png"
-    except (OSError, UnidentifiedImageError) as e:
-        raise JudgeError(
-            f"image {image.image_id}: {image.path} is not a readable image ({e})"
-        ) from e
+        if mime is None:  # converted: decode under the same pixel limit
+            decoded = open_image(data, name=f"image {image.image_id}: {image.path}")
+            buffer = io.BytesIO()
+            decoded.convert("RGBA" if "A" in decoded.getbands() else "RGB").save(
+                buffer, format="PNG"
+            )
+            data, mime = buffer.getvalue(), "image/png"
+    except ImageLoadError as e:
+        raise JudgeError(str(e)) from None
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _open_checked_image(data: bytes, image: ManifestImage) -> Any:
+    """The image's header, opened under the pixel limit (nothing decoded)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageLoadError(
+                f"image {image.image_id}: {image.path} is not a readable image ({one_line(e)})"
+            ) from None
+    check_pixels(im.size, f"image {image.image_id}: {image.path}")
+    return im
 
 
 def build_messages(settings: JudgeSettings, image_url: str, caption: str) -> list[dict[str, Any]]:
@@ -332,10 +499,12 @@ class JudgeClient:
         from openai import AsyncOpenAI
 
         self.settings = settings
-        self._secret = api_key
+        self._redactor = Redactor(api_key, settings.base_url)
+        root, query = split_base_url(settings.base_url)
         self._client = AsyncOpenAI(
             api_key=api_key,
-            base_url=settings.base_url,
+            base_url=root,
+            default_query=query or None,
             max_retries=0,  # our retries are the only ones
             timeout=settings.timeout_s,
         )
@@ -347,17 +516,24 @@ class JudgeClient:
         await self._client.close()
 
     def redact(self, text: str) -> str:
-        """``text`` with every occurrence of the API key replaced."""
-        return text.replace(self._secret, "[REDACTED]") if self._secret else text
+        """``text`` with every occurrence of the API key (and of ``base_url``'s query values)
+        replaced."""
+        return self._redactor.redact(text)
 
     async def judge(
-        self, messages: Callable[[], list[dict[str, Any]]], *, label: str = ""
+        self,
+        messages: Callable[[], list[dict[str, Any]]],
+        *,
+        label: str = "",
+        on_attempt: Callable[[int], object] | None = None,
     ) -> JudgeReply | JudgeFailure:
         """Send one judgement until it is answered, fails for good, or runs out of attempts.
 
         Args:
             messages: builds the chat messages; called once per attempt, when a slot is free.
             label: names the judgement in log lines.
+            on_attempt: called with the attempt number just before each request is sent (the
+                runner counts attempts in the cache with it, so a killed run's count survives).
         """
         policy = self.settings.retry
         error = "not sent"
@@ -366,6 +542,8 @@ class JudgeClient:
             try:
                 if self._refused is not None:
                     raise self._refused
+                if on_attempt is not None:
+                    on_attempt(attempt)
                 outcome = await self._attempt(messages())
             except JudgeConfigError as e:
                 self._refused = e

@@ -1,38 +1,37 @@
-"""Small file helpers shared by every writer: atomic writes, JSONL, content hashes."""
+"""Small file helpers shared by every reader and writer: atomic writes, JSON and JSONL, hashes.
+
+Writers follow the package's conventions (:mod:`jmllm.judge.conventions`): atomic, ordinary
+permissions. Readers turn every way a file can be unusable (missing, unreadable, not UTF-8, not
+JSON, nested too deeply) into one :class:`~jmllm.judge.errors.JudgeError` naming the file.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jmllm.judge.conventions import atomic_write_bytes as _atomic_write_bytes
 from jmllm.judge.errors import JudgeError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "read_jsonl", "sha256_file", "write_jsonl"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "read_json",
+    "read_jsonl",
+    "sha256_file",
+    "write_jsonl",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a
-    reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
-    return path
+    reader (or a crash) never sees a half-written file; the file gets ordinary permissions
+    (``0o666 & ~umask``)."""
+    return _atomic_write_bytes(path, data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -45,27 +44,53 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]])
     return atomic_write_text(path, "".join(lines))
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield the objects of a JSONL file; blank lines are skipped, anything else that is not a
-    JSON object is an error naming the file and line."""
+def _loads(text: str, where: str, lines: bool = True) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f", line {e.lineno}" if lines else ""
+        raise JudgeError(f"{where}: not valid JSON ({e.msg}{at})") from None
+    except RecursionError:
+        raise JudgeError(f"{where}: JSON nested too deeply") from None
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The JSON value in ``path``; ``what`` names the file's role in messages (``"manifest"``).
+
+    Raises:
+        JudgeError: the file is missing or unreadable, not UTF-8, not JSON, or nested too deeply.
+    """
     path = Path(path)
     try:
-        f = path.open(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JudgeError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise JudgeError(f"cannot read {path}: {e.strerror or e}") from e
-    with f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JudgeError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise JudgeError(
-                    f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
-                )
-            yield record
+        raise JudgeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    return _loads(text, f"{what} {path}")
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Yield the objects of a JSONL file; blank lines are skipped, anything else that is not a
+    JSON object (or not UTF-8) is an error naming the file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise JudgeError(f"cannot read {path}: {e.strerror or e}") from None
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JudgeError(f"{path}:{number}: not UTF-8 text (byte {e.start})") from None
+        if not line.strip():
+            continue
+        record = _loads(line, f"{path}:{number}", lines=False)
+        if not isinstance(record, dict):
+            raise JudgeError(
+                f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
+            )
+        yield record
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

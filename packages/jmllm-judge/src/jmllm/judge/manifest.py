@@ -20,7 +20,6 @@ dropped), and the same seed always gives the same manifest.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -30,8 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jmllm.judge.conventions import ImageLoadError, open_image
 from jmllm.judge.errors import JudgeError
-from jmllm.judge.files import atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
+from jmllm.judge.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    sha256_file,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -125,22 +131,44 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Manifest:
+        """Read a manifest written by :meth:`save` (``jmllm-judge sample``).
+
+        Raises:
+            JudgeError: the file is unreadable, not a manifest, or a field has the wrong type
+                (naming the file and the field).
+        """
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise JudgeError(f"cannot read manifest {path}: {e.strerror or e}") from e
-        except json.JSONDecodeError as e:
-            raise JudgeError(f"manifest {path} is not valid JSON ({e.msg}, line {e.lineno})") from e
+        data = read_json(path, "manifest")
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise JudgeError(
                 f"{path} is not a jmllm-judge manifest (write one with `jmllm-judge sample`)"
             )
         if data.get("version") != MANIFEST_VERSION:
             raise JudgeError(f"manifest {path}: unsupported version {data.get('version')!r}")
+        records = data.get("images", [])
+        if not isinstance(records, list):
+            raise JudgeError(
+                f"manifest {path}: 'images' must be a list, got {type(records).__name__}"
+            )
+        seed = data.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise JudgeError(f"manifest {path}: 'seed' must be an integer, got {seed!r}")
+        origin = data.get("origin", {})
+        if not isinstance(origin, dict):
+            raise JudgeError(f"manifest {path}: 'origin' must be an object")
         base = path.resolve().parent
         images = []
-        for i, record in enumerate(data.get("images", [])):
+        for i, record in enumerate(records):
+            where = f"manifest {path}: images[{i}]"
+            if not isinstance(record, dict):
+                raise JudgeError(f"{where} must be an object, got {type(record).__name__}")
+            for name in ("path", "url", "sha256", "ground_truth"):
+                if record.get(name) is not None and not isinstance(record[name], str):
+                    raise JudgeError(f"{where}.{name} must be a string")
+            if not isinstance(record.get("image_id"), (str, int)) or isinstance(
+                record.get("image_id"), bool
+            ):
+                raise JudgeError(f"{where}.image_id must be a string or an integer")
             try:
                 local = record.get("path")
                 images.append(
@@ -153,8 +181,8 @@ class Manifest:
                     )
                 )
             except (KeyError, TypeError, ValueError) as e:
-                raise JudgeError(f"manifest {path}: image #{i} is malformed ({e})") from e
-        return cls(images=images, seed=int(data.get("seed", 0)), origin=data.get("origin", {}))
+                raise JudgeError(f"{where} is malformed ({e})") from None
+        return cls(images=images, seed=seed, origin=origin)
 
 
 def _portable(path: Path, base: Path | None) -> str:
@@ -168,16 +196,15 @@ def _portable(path: Path, base: Path | None) -> str:
 
 
 def check_image(path: Path) -> str | None:
-    """``None`` if the file decodes as an image, else the reason it does not."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()  # full decode: catches truncated files that Image.verify() lets through
-    except FileNotFoundError:
+    """``None`` if the file decodes as an image, else the reason it does not. The pixel limit
+    (:data:`~jmllm.judge.conventions.MAX_IMAGE_PIXELS`) is checked from the header first, so an
+    image too large is refused without being decoded."""
+    if not path.is_file():
         return "file not found"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"not a readable image ({type(e).__name__}: {e})"
+    try:
+        open_image(path, name=path.name).close()  # full decode: catches truncated files too
+    except ImageLoadError as e:
+        return str(e).removeprefix(f"{path.name}: ")
     return None
 
 
@@ -256,12 +283,7 @@ def sample_coco(
     >>> manifest = sample_coco("captions_train2017.json", 100, seed=0, images_dir="train2017")  # doctest: +SKIP
     """
     annotations = Path(annotations)
-    try:
-        data = json.loads(annotations.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise JudgeError(f"cannot read COCO annotations {annotations}: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise JudgeError(f"COCO annotations {annotations} are not valid JSON ({e.msg})") from e
+    data = read_json(annotations, "COCO annotations")
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("images"), list)
@@ -484,14 +506,12 @@ def sample_dataset(
 def _export_image(
     image_id: str, index: int, data: bytes, out_dir: Path, truth: str | None
 ) -> ManifestImage | str:
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            suffix = "." + (im.format or "png").lower().replace("jpeg", "jpg")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"row {index}: not a readable image ({type(e).__name__}: {e})"
+        im = open_image(data, name=f"row {index}")
+    except ImageLoadError as e:
+        return str(e)
+    suffix = "." + (im.format or "png").lower().replace("jpeg", "jpg")
+    im.close()
     path = atomic_write_bytes(out_dir / "images" / f"{index:08d}{suffix}", data)
     return ManifestImage(
         image_id=image_id, path=path.resolve(), sha256=sha256_file(path), ground_truth=truth

@@ -6,7 +6,9 @@ stores each reply or failure the moment it arrives, and returns :class:`RunResul
 :func:`save_results` writes as the JSON file that ``jmllm-judge report`` reads.
 
 Two systems that gave the very same caption for an image share one judgement: the request is
-identical, so it is sent once.
+identical, so it is sent once. Two runs on one cache share the work without sending anything twice:
+each claims a judgement in the cache before sending it and waits for the ones another run is
+sending (see :mod:`jmllm.judge.cache`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jmllm.judge.cache import CachedJudgement, JudgeCache
+from jmllm.judge.cache import HEARTBEAT_S, CachedJudgement, JudgeCache
 from jmllm.judge.captions import SystemCaptions
 from jmllm.judge.client import (
     JudgeClient,
@@ -34,7 +37,7 @@ from jmllm.judge.client import (
     verified_image_bytes,
 )
 from jmllm.judge.errors import JudgeError
-from jmllm.judge.files import atomic_write_text
+from jmllm.judge.files import atomic_write_text, read_json
 from jmllm.judge.manifest import Manifest, ManifestImage
 from jmllm.judge.parsing import parse_score
 
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "jmllm-judge/results"
 RESULTS_VERSION = 1
+POLL_S = 0.25  # how often a run looks whether judgements another run is sending are done
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class RunResults:
     systems: list[str]
     records: list[JudgementRecord]
     n_images: int
-    sent: int = 0  # requests that needed sending in this run (cache misses)
+    sent: int = 0  # judgements this run sent (the others were in the cache or sent by another run)
     origin: dict[str, Any] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
@@ -172,12 +176,14 @@ async def judge_all(
         seed: seeds the retry jitter (tests).
     """
     rows, jobs = _plan(manifest, systems, settings)
+    since = time.time()
     cached = cache.get_many(jobs)
     todo = [job for key, job in jobs.items() if key not in cached or not cached[key].answered]
     log.info(
         "%d judgements (%d distinct requests): %d answered in the cache, %d to send",
         len(rows), len(jobs), len(jobs) - len(todo), len(todo),
     )  # fmt: skip
+    sent = 0
     if todo:
         # Fail before sending anything if an image is missing or changed since sampling.
         for image in {job.image.image_id: job.image for job in todo}.values():
@@ -189,10 +195,13 @@ async def judge_all(
         bar = tqdm(
             total=len(todo), desc="judging", unit="req", disable=None if show_progress else True
         )
+        beat = asyncio.ensure_future(_heartbeat(cache))
         try:
-            await _send(client, cache, todo, settings, bar.update)
+            sent = await _send(client, cache, todo, settings, bar.update, since)
         finally:
+            beat.cancel()
             bar.close()
+            cache.release()
             await client.aclose()
     final = cache.get_many(jobs)
     return RunResults(
@@ -200,9 +209,15 @@ async def judge_all(
         systems=[s.system for s in systems],
         records=[_record(row, final.get(row[3])) for row in rows],
         n_images=len(manifest),
-        sent=len(todo),
+        sent=sent,
         origin={"manifest_seed": manifest.seed, "systems": {s.system: s.origin for s in systems}},
     )
+
+
+async def _heartbeat(cache: JudgeCache) -> None:
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        cache.heartbeat()
 
 
 async def _send(
@@ -211,12 +226,17 @@ async def _send(
     todo: Sequence[_Job],
     settings: JudgeSettings,
     progress: Callable[[int], object],
-) -> None:
+    since: float,
+) -> int:
+    """Send the judgements of ``todo`` this run can claim, wait for those another run is sending;
+    returns how many this run sent."""
+
     async def one(job: _Job) -> None:
         outcome = await client.judge(
             # Built when a slot is free, so only the requests in flight hold an encoded image.
             lambda: build_messages(settings, image_data_url(job.image), job.caption),
             label=f"image {job.image.image_id}",
+            on_attempt=lambda _: cache.count_attempt(job.key),
         )
         record = request_record(settings, job.image, job.caption)
         if isinstance(outcome, JudgeReply):
@@ -240,14 +260,43 @@ async def _send(
             )
         progress(1)
 
-    tasks = [asyncio.ensure_future(one(job)) for job in todo]
+    waiting = {job.key: job for job in todo}
+    tasks: set[asyncio.Future[None]] = set()
+    sent = 0
+    told = False
     try:
-        await asyncio.gather(*tasks)
+        while waiting or tasks:
+            if waiting:
+                claims = cache.claim(list(waiting), since=since)
+                for key in claims.claimed:
+                    tasks.add(asyncio.ensure_future(one(waiting.pop(key))))
+                sent += len(claims.claimed)
+                for key in claims.done:
+                    del waiting[key]
+                progress(len(claims.done))
+                if claims.busy and not told:
+                    told = True
+                    log.warning(
+                        "%d judgements are being sent by another run on this cache; "
+                        "waiting for them instead of sending them again",
+                        len(claims.busy),
+                    )
+            if tasks:
+                finished, tasks = await asyncio.wait(
+                    tasks,
+                    timeout=POLL_S if waiting else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in finished:
+                    task.result()  # a fatal error (e.g. the judge refused the key) stops the run
+            elif waiting:
+                await asyncio.sleep(POLL_S)
     finally:
         # On a fatal error or cancellation, stop the others; what was stored stays stored.
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return sent
 
 
 def run_judgements(
@@ -286,26 +335,33 @@ def save_results(path: str | os.PathLike[str], results: RunResults) -> Path:
 
 
 def load_results(path: str | os.PathLike[str]) -> RunResults:
-    """Read a results JSON written by :func:`save_results` (``jmllm-judge run --out``)."""
+    """Read a results JSON written by :func:`save_results` (``jmllm-judge run --out``).
+
+    Raises:
+        JudgeError: the file is unreadable, not a results file, or malformed (naming the field).
+    """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise JudgeError(f"cannot read results {path}: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise JudgeError(f"results {path} are not valid JSON ({e.msg})") from e
+    data = read_json(path, "results")
     if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
         raise JudgeError(
             f"{path} is not a jmllm-judge results file (write one with `jmllm-judge run`)"
         )
     fields = set(JudgementRecord.__dataclass_fields__)
-    records = [
-        JudgementRecord(**{k: v for k, v in r.items() if k in fields}) for r in data["records"]
-    ]
-    return RunResults(
-        settings=data["settings"],
-        systems=list(data["systems"]),
-        records=records,
-        n_images=int(data["n_images"]),
-        origin=data.get("origin", {}),
-    )
+    try:
+        records = [
+            JudgementRecord(**{k: v for k, v in r.items() if k in fields}) for r in data["records"]
+        ]
+        for r in records:
+            if r.status not in ("answered", "failed", "pending"):
+                raise ValueError(f"unknown status {r.status!r}")
+            if r.reply is not None and not isinstance(r.reply, str):
+                raise ValueError("a reply is not text")
+        return RunResults(
+            settings=dict(data["settings"]),
+            systems=[str(s) for s in data["systems"]],
+            records=records,
+            n_images=int(data["n_images"]),
+            origin=dict(data.get("origin", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise JudgeError(f"results {path} are malformed ({type(e).__name__}: {e})") from None

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 __all__ = [
     "FAULT_KINDS",
@@ -42,6 +43,7 @@ __all__ = [
     "make_test_images",
     "request_key",
     "write_coco_captions",
+    "write_png_header",
 ]
 
 # The transient faults, drawn at random with `fault_rate`: "429": rate limited with Retry-After;
@@ -115,6 +117,7 @@ class ServedRequest:
     body: dict[str, Any] = field(repr=False)
     authorization: str | None = field(repr=False)
     at_s: float  # time.monotonic() when the request arrived
+    query: dict[str, str] = field(default_factory=dict, repr=False)  # the URL's query parameters
 
     @property
     def user_text(self) -> str:
@@ -314,11 +317,13 @@ class FakeJudgeServer:
                 handler, 400, self._error("malformed chat completion request", authorization)
             )
             return
-        if handler.path.rstrip("/") != "/v1/chat/completions":
-            self._send_json(handler, 404, self._error(f"no route {handler.path}", authorization))
+        route, _, query = handler.path.partition("?")
+        if route.rstrip("/") != "/v1/chat/completions":
+            self._send_json(handler, 404, self._error(f"no route {route}", authorization))
             return
         key = request_key(body)
         served = self._record(key, body, authorization)
+        served.query = dict(parse_qsl(query, keep_blank_values=True))
         if cfg.api_key is not None and authorization != f"Bearer {cfg.api_key}":
             self._set_outcome(served, "unauthorized")
             self._send_json(handler, 401, self._error("invalid api key", authorization))
@@ -500,6 +505,31 @@ def write_coco_captions(
     path.write_text(
         json.dumps({"info": {}, "images": images, "annotations": annotations}), encoding="utf-8"
     )
+    return path
+
+
+def write_png_header(path: str | os.PathLike[str], width: int, height: int) -> Path:
+    """A PNG file of a few hundred bytes whose header claims ``width`` x ``height`` pixels: a
+    decompression bomb for any reader that trusts the header (the pixel data is a stub).
+
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> bomb = write_png_header(Path(tempfile.mkdtemp()) / "bomb.png", 28_000, 28_000)
+    >>> bomb.stat().st_size < 1000
+    True
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+    data += chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+    path = Path(path)
+    path.write_bytes(data)
     return path
 
 
