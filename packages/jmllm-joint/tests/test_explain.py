@@ -84,13 +84,16 @@ def test_explain_object_is_the_paper_setting_drawn(tiny_joint, sample_images):
         with Image.open(io.BytesIO(png)) as im:
             return np.asarray(im.convert("RGB"))
 
+    # untitled by default: user-study participants must not read the object's name
     got = explain_object(image, "  hot   dog ", model=tiny_joint)
-    want = pixels(box_view_png(emb.pil_image(0), expected, "GA: hot dog"))
+    want = pixels(box_view_png(emb.pil_image(0), expected, ""))
     assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
+    titled = explain_object(image, "hot dog", model=tiny_joint, title="GA: hot dog")
+    want_titled = pixels(box_view_png(emb.pil_image(0), expected, "GA: hot dog"))
+    assert np.array_equal(np.asarray(titled), want_titled)
+    assert not np.array_equal(want_titled, want)  # the title is in the pixels when asked for
     overlay = explain_object(image, "hot dog", model=tiny_joint, view="overlay", weighting="coord")
-    want = pixels(
-        heatmap_overlay_png(emb.pil_image(0), expected.map("coord"), "GA: hot dog (coord)")
-    )
+    want = pixels(heatmap_overlay_png(emb.pil_image(0), expected.map("coord"), ""))
     assert np.array_equal(np.asarray(overlay), want)
     with pytest.raises(GAError, match="object_name: is empty"):
         explain_object(image, " ", model=tiny_joint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
+from jmllm.userstudy.participants import normalise_participant_id
 from jmllm.userstudy.randomisation import participant_order, participant_seed
-from jmllm.userstudy.render import image_data_url, write_questionnaire
+from jmllm.userstudy.render import explanation_data_url, image_data_url, write_questionnaire
 from jmllm.userstudy.score import score_answers
 from jmllm.userstudy.serve import make_server
 from jmllm.userstudy.spec import StudySpec, answer_text, load_spec, question_text
@@ -35,7 +37,10 @@ def answer_questionnaire(page: Any, spec: StudySpec, pid: str, plan: dict[str, b
     page.keyboard.type(pid)
     page.keyboard.press("Enter")
 
-    order = participant_order([q.id for q in spec.questions], spec.seed, pid)
+    # the questionnaire seeds the order with the id's normal form
+    order = participant_order(
+        [q.id for q in spec.questions], spec.seed, normalise_participant_id(pid)
+    )
     n = len(order)
     k = 0
     went_back = False
@@ -46,13 +51,19 @@ def answer_questionnaire(page: Any, spec: StudySpec, pid: str, plan: dict[str, b
         assert page.text_content("#question-text") == question_text(q.objects)
         for a in ("A1", "A2"):
             assert page.text_content(f"#answer-{a}-text") == answer_text(a, q.objects)
-        first, second = q.explanations[::-1] if shown.swapped else q.explanations
-        assert page.get_attribute("#img-expl-1", "src") == image_data_url(first)
-        assert page.get_attribute("#img-expl-2", "src") == image_data_url(second)
+        on_page = q.page_explanations()
+        first, second = on_page[::-1] if shown.swapped else on_page
+        assert page.get_attribute("#img-expl-1", "src") == explanation_data_url(first)
+        assert page.get_attribute("#img-expl-2", "src") == explanation_data_url(second)
         assert page.get_attribute("#img-image", "src") == image_data_url(q.image)
 
         wanted = q.correct if plan[q.id] else FLIP[q.correct]
-        choice = FLIP[wanted] if shown.swapped else wanted  # A1/A2 as the participant sees them
+        # A1/A2 as the participant sees them: flipped when the screen shows the spec's
+        # explanation 2 as "Explanation 1" (read from the pixels on screen, not from the seed)
+        spec_first_on_screen = page.get_attribute("#img-expl-1", "src") == explanation_data_url(
+            q.explanations[0]
+        )
+        choice = wanted if spec_first_on_screen else FLIP[wanted]
         if k == 0:
             page.click("#next")  # nothing chosen yet
             assert page.text_content("#question-error") == "Please choose A1 or A2 to continue."
@@ -103,8 +114,11 @@ def test_participant_flow_from_file_and_scoring(page, example_spec, tmp_path):
     assert not page.is_visible("#send")
     answer_questionnaire(page, example_spec, "P-01", PLAN)
     assert not page.is_visible("#send")  # no server behind a file:// page
+    assert page.text_content("#finish-help") == (
+        "Download your answers and send the file to the researcher."
+    )
     saved = download_answers(page, tmp_path / "answers")
-    assert saved.name == f"answers-P-01-{example_spec.fingerprint()[:8]}.json"
+    assert saved.name == f"answers-p-01-{example_spec.fingerprint()[:8]}.json"
 
     # A second participant, same page reloaded.
     page.reload()
@@ -117,8 +131,8 @@ def test_participant_flow_from_file_and_scoring(page, example_spec, tmp_path):
         q: 1 + int(ok) for q, ok in PLAN.items()
     }
     assert [(p.participant_id, p.rate.correct) for p in result.participants] == [
-        ("P-01", 3),
-        ("P-02", 5),
+        ("p-01", 3),
+        ("p-02", 5),
     ]
     assert page.errors == [] and page.external_requests == []
 
@@ -147,6 +161,28 @@ def test_browser_and_python_draw_the_same_orders(page, example_spec, tmp_path):
         ]
 
 
+LOOK_ALIKE_IDS = [
+    "P01", " P01 ", "p01", "\uff30\uff10\uff11", "P\u200b01", "\ufeffP01", "P\u00ad01",
+    "P\u200d0\u200c1", "  Anna\u00a0\u00a0Maria ", "STRASSE", "Stra\u00dfe", "\u1e9e",
+    "\u03a3\u039f\u03a6\u0399\u0391\u03a3", "\u03c3\u03bf\u03c6\u03b9\u03b1\u03c2",
+    "\ufb01le", "\u2460", "\u00b5", "K\u212a", "\u0130stanbul", "caf\u00e9", "cafe\u0301",
+    "\u3000\u53c2\u52a0\u8005\u3000", "\u2028x\u2029", "", "\u200b",
+]  # fmt: skip
+
+
+def test_browser_and_python_normalise_participant_ids_alike(page, example_spec, tmp_path):
+    """The questionnaire's normal form of an id is participants.normalise_participant_id's: the
+    order a participant sees and the id scoring groups them by agree."""
+    page.goto(write_questionnaire(example_spec, tmp_path).as_uri())
+    page.wait_for_selector("html[data-ready=true]", state="attached")
+    js = page.evaluate(
+        "(ids) => ids.map((p) => window.jmllmUserstudy.normaliseParticipantId(p))",
+        LOOK_ALIKE_IDS,
+    )
+    assert js == [normalise_participant_id(p) for p in LOOK_ALIKE_IDS]
+    assert len({normalise_participant_id(p) for p in LOOK_ALIKE_IDS[:8]}) == 1
+
+
 def test_html_in_spec_and_participant_id_renders_as_text(page, example_dir, spec_editor, tmp_path):
     evil_object = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
     evil_title = "</title><script>window.__pwned = 3</script>"
@@ -166,8 +202,10 @@ def test_html_in_spec_and_participant_id_renders_as_text(page, example_dir, spec
     evil_pid = '<b id="bold">P</b><img src=x onerror="window.__pwned = 5">'
     page.fill("#participant-id", evil_pid)
     page.click("#start-button")
-    assert page.text_content("#participant-label") == evil_pid
-    order = participant_order([q.id for q in spec.questions], spec.seed, evil_pid)
+    assert page.text_content("#participant-label") == normalise_participant_id(evil_pid)
+    order = participant_order(
+        [q.id for q in spec.questions], spec.seed, normalise_participant_id(evil_pid)
+    )
     for k, shown in enumerate(order):
         q = spec.question(shown.question_id)
         if q.id == "q3":
@@ -184,11 +222,15 @@ def test_html_in_spec_and_participant_id_renders_as_text(page, example_dir, spec
     saved = download_answers(page, tmp_path / "answers")
     assert re.fullmatch(r"answers-[A-Za-z0-9_-]+-[0-9a-f]{8}\.json", saved.name)
     result = score_answers(spec, tmp_path / "answers")
-    assert [p.participant_id for p in result.participants] == [evil_pid]
+    assert [p.participant_id for p in result.participants] == [normalise_participant_id(evil_pid)]
     assert page.errors == []
 
 
-def test_served_questionnaire_posts_answers(page, example_spec, tmp_path):
+def test_served_questionnaire_posts_answers_once(page, example_spec, tmp_path, caplog):
+    """Served, the finish page offers one way back (Send), says nothing about downloading a
+    file, and Send works once: a double click stores one submission, and the server logs it
+    with the participant id and nothing else of the answers."""
+    caplog.set_level(logging.INFO, logger="jmllm.userstudy.serve")
     answers = tmp_path / "answers"
     server = make_server(example_spec, answers, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -197,15 +239,21 @@ def test_served_questionnaire_posts_answers(page, example_spec, tmp_path):
         host, port = server.server_address[:2]
         page.goto(f"http://{host}:{port}/")
         answer_questionnaire(page, example_spec, "S1", PLAN)
-        assert page.is_visible("#send")
-        page.click("#send")
+        assert page.is_visible("#send") and not page.is_visible("#download")
+        finish_text = page.inner_text("#finish")  # what is shown
+        assert "download" not in finish_text.lower() and "send the file" not in finish_text
+        assert "Send answers" in page.text_content("#finish-help")
+        page.dblclick("#send")
         # expect() polls without eval, which the page's Content-Security-Policy forbids
         expect(page.locator("#send-status")).to_have_text("Your answers were sent. Thank you!")
+        assert not page.is_visible("#send")  # nothing left to press
     finally:
         server.shutdown()
         server.server_close()
     (stored,) = answers.iterdir()
-    assert re.fullmatch(r"\d{8}T\d{6}Z-S1-[0-9a-f]{8}\.json", stored.name)
+    assert re.fullmatch(r"\d{8}T\d{6}Z-s1-[0-9a-f]{8}\.json", stored.name)
     result = score_answers(example_spec, answers)
-    assert [(p.participant_id, p.rate.correct) for p in result.participants] == [("S1", 3)]
+    assert [(p.participant_id, p.rate.correct) for p in result.participants] == [("s1", 3)]
+    logged = [r.getMessage() for r in caplog.records if r.name == "jmllm.userstudy.serve"]
+    assert logged == [f"stored the answers of participant 's1' as {stored.name}"]
     assert page.errors == []

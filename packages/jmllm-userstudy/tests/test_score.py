@@ -37,9 +37,9 @@ def test_counts_per_question_participant_and_overall(example_spec, tmp_path):
     assert [q.rate.correct for q in result.questions] == [3, 1, 2, 1, 1]
     assert all(q.rate.total == 3 for q in result.questions)
     assert [(p.participant_id, p.rate.correct) for p in result.participants] == [
-        ("P1", 5),
-        ("P2", 2),
-        ("P3", 1),
+        ("p1", 5),  # ids are shown in their normal form
+        ("p2", 2),
+        ("p3", 1),
     ]
     assert (result.overall.correct, result.overall.total) == (8, 15)
     assert result.files_read == 3 and result.problems == ()
@@ -178,7 +178,7 @@ def test_cli_three_commands(tmp_path, capsys):
 
 def test_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("seed: [")
-    assert main(["render", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["render", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert (
         err.startswith("jmllm-userstudy: error: ") and "bad.yaml" in err and "Traceback" not in err
@@ -195,6 +195,6 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
                 str(tmp_path / "o"),
             ]
         )
-        == 1
+        == 2
     )
     assert "answers folder not found" in capsys.readouterr().err

@@ -370,6 +370,7 @@ def explain_object(
     question: str = OBJECT_QUESTION,
     ga: Any = None,
     template: str = PAPER_TEMPLATE,
+    title: str | None = None,
 ) -> Image.Image:
     """A picture of J's GA explanation of one object in an image (the user study's questions).
 
@@ -391,6 +392,8 @@ def explain_object(
             between objects of the same image only if the queries are the same).
         template: the conversation template, ``"paper"`` (default: the authors' prompt,
             ``<image>\\nUSER: {question}\\nASSISTANT:``) or ``"llava-1.5"``.
+        title: a title drawn above the picture. None (the default) draws none: these pictures
+            are shown to user-study participants, who must not read the object's name on them.
 
     Returns:
         The RGB picture.
@@ -435,11 +438,10 @@ def explain_object(
         template=template,
     )
     picture = source.pil_image(0) if not bare_t and getattr(source, "images", None) else None
-    title = f"GA: {name}"
     if view == "box":
-        png = box_view_png(picture, result, title)
+        png = box_view_png(picture, result, title or "")
     else:
-        png = heatmap_overlay_png(picture, result.map(weighting), f"{title} ({weighting})")
+        png = heatmap_overlay_png(picture, result.map(weighting), title or "")
     with Image.open(io.BytesIO(png)) as im:
         return im.convert("RGB")
 

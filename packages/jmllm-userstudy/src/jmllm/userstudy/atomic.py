@@ -1,10 +1,12 @@
-"""Atomic file writes: a temporary file in the same folder, then ``os.replace``."""
+"""Atomic file writes: a temporary file in the same folder, flushed and fsynced, then
+``os.replace``; the file gets ordinary permissions (``0o666 & ~umask``) and the temporary file is
+removed on any error (see :mod:`jmllm.userstudy.conventions`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from . import conventions
 
 __all__ = ["atomic_write_bytes", "atomic_write_text"]
 
@@ -17,15 +19,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     >>> atomic_write_bytes(p, b"x"); p.read_bytes()
     b'x'
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared or served
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    conventions.atomic_write_bytes(path, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

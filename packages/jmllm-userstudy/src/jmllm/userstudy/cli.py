@@ -14,16 +14,29 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .conventions import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    ArgumentParser,
+    exit_code_for,
+    finite_float,
+    integer,
+    one_line,
+)
+
 __all__ = ["main"]
 
 log = logging.getLogger("jmllm.userstudy")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jmllm-userstudy",
         description="User study of GA explanations: render a spec into a self-contained HTML "
-        "questionnaire, collect the answer files, score them.",
+        "questionnaire, collect the answer files, score them. Exit codes: 0 ok, 1 failure, "
+        "2 bad input or usage, 3 some answer files could not be scored.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         "example", help="write an example spec (paper's structure, placeholder images)"
     )
     p.add_argument("out", help="folder to write study.yaml and images/ into")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing study.yaml and its images"
+    )
 
     p = sub.add_parser("render", help="render SPEC into OUT/questionnaire.html")
     p.add_argument("spec", help="study spec (YAML or JSON)")
@@ -48,68 +64,103 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="study spec (YAML or JSON)")
     p.add_argument("--answers", required=True, help="folder to store submissions in")
     p.add_argument("--host", default="127.0.0.1", help="interface (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--port", type=integer(0, 65535), default=8000, help="TCP port, 0-65535 (default 8000)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=finite_float(0, 3600, open_low=True),
+        default=30.0,
+        help="seconds a client has for each read of its request (default 30)",
+    )
     return parser
 
 
+def _score(args: argparse.Namespace) -> int:
+    from .conventions import check_output_dir
+    from .report import write_results
+    from .score import score_answers
+    from .spec import load_spec
+
+    check_output_dir(args.out, "--out")
+    score = score_answers(load_spec(args.spec), args.answers_dir)
+    paths = write_results(score, args.out)
+    o = score.overall
+    share = "n/a" if o.total == 0 else f"{100 * o.share:.0f}%"
+    print(
+        f"{len(score.participants)} submissions scored, {len(score.problems)} not scored; "
+        f"overall {o.correct}/{o.total} correct ({share})"
+    )
+    for problem in score.problems:
+        log.warning("%s not scored: %s (%s)", problem.file, problem.kind, problem.detail)
+    for path in paths.values():
+        print(path)
+    # an exact copy scored once is no loss; any other file set aside leaves the results partial
+    lost = [p for p in score.problems if p.kind != "duplicate"]
+    return EXIT_PARTIAL if lost else EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import make_server
+    from .spec import load_spec
+
+    server = make_server(
+        load_spec(args.spec), args.answers, host=args.host, port=args.port, timeout=args.timeout
+    )
+    logging.getLogger("jmllm.userstudy.serve").setLevel(logging.INFO)  # one line per submission
+    host, port = server.server_address[:2]
+    print(
+        f"serving http://{host!s}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 bad input).
+    """Run the CLI; returns the exit status: 0 ok, 1 failure, 2 bad input or usage, 3 some answer
+    files could not be scored.
 
     >>> main(["render", "/nonexistent/study.yaml", "--out", "/tmp/x"])
-    1
+    2
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    # Heavy imports (scipy, matplotlib) only for the command that needs them, so --help is fast.
-    from .spec import SpecError, load_spec
-
     try:
+        # Heavy imports (scipy, matplotlib) only for the command that needs them: --help is fast.
         if args.command == "example":
             from .example import write_example
 
-            print(write_example(args.out))
+            print(write_example(args.out, force=args.force))
         elif args.command == "render":
+            from .conventions import check_output_dir
             from .render import write_questionnaire
+            from .spec import load_spec
 
+            check_output_dir(args.out, "--out")
             print(write_questionnaire(load_spec(args.spec), args.out))
         elif args.command == "score":
-            from .report import write_results
-            from .score import score_answers
-
-            score = score_answers(load_spec(args.spec), args.answers_dir)
-            paths = write_results(score, args.out)
-            o = score.overall
-            share = "n/a" if o.total == 0 else f"{100 * o.share:.0f}%"
-            print(
-                f"{len(score.participants)} submissions scored, {len(score.problems)} not scored; "
-                f"overall {o.correct}/{o.total} correct ({share})"
-            )
-            for problem in score.problems:
-                log.warning("%s not scored: %s (%s)", problem.file, problem.kind, problem.detail)
-            for path in paths.values():
-                print(path)
+            return _score(args)
         elif args.command == "serve":
-            from .serve import make_server
-
-            server = make_server(load_spec(args.spec), args.answers, host=args.host, port=args.port)
-            host, port = server.server_address[:2]
-            print(
-                f"serving http://{host!s}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)",
-                flush=True,
-            )
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                server.server_close()
-    except (SpecError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
-        print(f"jmllm-userstudy: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            return _serve(args)
+    except KeyboardInterrupt:
+        print("jmllm-userstudy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line for the user; -v logs the traceback too
+        code = exit_code_for(exc)
+        log.debug("traceback", exc_info=True)
+        detail = one_line(exc) if code != EXIT_FAILURE else f"{type(exc).__name__}: {one_line(exc)}"
+        print(f"jmllm-userstudy: error: {detail}", file=sys.stderr)
+        return code
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .conventions import UsageError, check_output_dir
 
-__all__ = ["PAPER_QUESTIONS", "write_example"]
+__all__ = ["PAPER_QUESTIONS", "ExampleExistsError", "write_example"]
 
 # (object 1, object 2, correct answer, published share correct) from supplementary §3.
 PAPER_QUESTIONS: tuple[tuple[str, str, str, float], ...] = (
@@ -66,20 +67,51 @@ def _png(im: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_example(out_dir: str | Path) -> Path:
+class ExampleExistsError(UsageError):
+    """The folder already holds a spec or images of its own; nothing was written."""
+
+
+def _existing(out: Path) -> list[Path]:
+    names = ["study.yaml"]
+    for number in range(1, len(PAPER_QUESTIONS) + 1):
+        names += [f"images/q{number}.png", f"images/q{number}_e1.png", f"images/q{number}_e2.png"]
+    return [out / name for name in names if (out / name).exists()]
+
+
+def write_example(out_dir: str | Path, *, force: bool = False) -> Path:
     """Write ``study.yaml`` and its placeholder images into ``out_dir``.
 
     Args:
         out_dir: Folder to write into (created if missing); images go to ``images/``.
+        force: Replace an existing ``study.yaml`` and placeholder images. Without it, a folder
+            that already holds any of them is left untouched (an edited spec is never lost).
 
     Returns:
         The path of the spec file.
 
+    Raises:
+        ExampleExistsError: without ``force``, the folder already holds one of the files.
+
     >>> import tempfile
-    >>> write_example(tempfile.mkdtemp()).name
+    >>> root = tempfile.mkdtemp()
+    >>> write_example(root).name
     'study.yaml'
+    >>> try:
+    ...     write_example(root)
+    ... except ExampleExistsError as exc:
+    ...     print(str(exc).replace(root, "DIR"))
+    DIR/study.yaml already exists (and 15 more of the example's files); nothing was written (use --force to replace them)
     """
     out = Path(out_dir)
+    existing = _existing(out)
+    if existing and not force:
+        more = (
+            f" (and {len(existing) - 1} more of the example's files)" if len(existing) > 1 else ""
+        )
+        raise ExampleExistsError(
+            f"{existing[0]} already exists{more}; nothing was written (use --force to replace them)"
+        )
+    check_output_dir(out, "example folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     entries = []
     for number, (first, second, correct, rate) in enumerate(PAPER_QUESTIONS, start=1):

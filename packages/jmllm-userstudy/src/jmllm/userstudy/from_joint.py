@@ -13,11 +13,17 @@ The questionnaire only needs image files. To make them with the joint model J of
 Any callable ``explain(image, object_name) -> image`` works in place of :func:`joint_explainer`
 (for example your own GA code), so this hook does not depend on the joint package's API beyond
 the one function named below. ``jmllm.joint`` is imported here, lazily, and nowhere else.
+
+The pictures are shown to participants, so they must not name their object: :func:`joint_explainer`
+draws them untitled (and refuses a ``title``). The file names written here do name the objects, for
+the researcher; they never reach the questionnaire, which embeds the pixels alone, in an order
+that does not follow the spec's (:attr:`jmllm.userstudy.spec.Question.page_flipped`).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 import re
 from collections.abc import Callable
@@ -27,6 +33,7 @@ from typing import Any
 from PIL import Image
 
 from .atomic import atomic_write_bytes
+from .conventions import open_image
 
 __all__ = [
     "JOINT_ENTRY_POINT",
@@ -47,7 +54,8 @@ class MissingExtraError(ImportError):
 
 
 def joint_explainer(**options: Any) -> ExplainFn:
-    """An :data:`ExplainFn` backed by ``jmllm.joint`` (imported only now).
+    """An :data:`ExplainFn` backed by ``jmllm.joint`` (imported only now), drawing untitled
+    pictures: a title would name the object the explanation is for, the study's answer.
 
     Args:
         **options: Passed through to ``jmllm.joint.explain_object``: ``model`` (a
@@ -60,7 +68,9 @@ def joint_explainer(**options: Any) -> ExplainFn:
         ``explain(image, object_name) -> PIL.Image``.
 
     Raises:
-        MissingExtraError: ``jmllm-joint`` is missing or has no ``explain_object``.
+        MissingExtraError: ``jmllm-joint`` is missing, has no ``explain_object``, or one that
+            cannot draw untitled pictures.
+        ValueError: ``title`` among the options.
 
     >>> from jmllm.joint import JointModel  # doctest: +SKIP
     >>> my_joint_model = JointModel.from_pretrained(alignment="w.safetensors")  # doctest: +SKIP
@@ -74,15 +84,24 @@ def joint_explainer(**options: Any) -> ExplainFn:
             "producing explanations from a model needs the optional extra: "
             "pip install 'jmllm-userstudy[joint]' (or pass your own explain function)"
         ) from None
+    if "title" in options:
+        raise ValueError(
+            "joint_explainer: no title: participants would read the object's name on the picture"
+        )
     entry = getattr(joint, JOINT_ENTRY_POINT, None)
     if not callable(entry):
         raise MissingExtraError(
             f"the installed jmllm-joint has no {JOINT_ENTRY_POINT}(image, object_name, **options); "
             "pass your own explain function to write_explanations"
         )
+    if "title" not in inspect.signature(entry).parameters:
+        raise MissingExtraError(
+            f"the installed jmllm-joint's {JOINT_ENTRY_POINT} titles its pictures with the object "
+            "name, which would give the answer away; upgrade jmllm-joint"
+        )
 
     def explain(image: Image.Image, object_name: str) -> Image.Image:
-        return entry(image, object_name, **options)
+        return entry(image, object_name, title=None, **options)
 
     return explain
 
@@ -115,9 +134,9 @@ def write_explanations(
     """
     source = Path(image)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with Image.open(source) as im:
+    with open_image(source) as im:  # the pixel limit, checked before decoding
         picture = im.convert("RGB")
+    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for number, name in enumerate(objects, start=1):
         result = explain(picture, name)

@@ -1,6 +1,7 @@
 // Questionnaire logic. Reads the study from <script id="study-data" type="application/json">,
 // builds every participant-provided or spec-provided text with textContent (never innerHTML),
-// and must stay in step with randomisation.py (same FNV-1a + Mulberry32 + Fisher-Yates).
+// and must stay in step with randomisation.py (same FNV-1a + Mulberry32 + Fisher-Yates) and
+// participants.py (same participant-id normal form).
 "use strict";
 (function () {
   var study = JSON.parse(document.getElementById("study-data").textContent);
@@ -25,6 +26,16 @@
     };
   }
 
+  // participants.normalise_participant_id: NFKC, format characters (Cf) removed, whitespace
+  // trimmed and collapsed, case folded (JavaScript has no casefold: upper then lower case, with
+  // the final sigma and the sharp s folded as Python does), NFKC again.
+  function normaliseParticipantId(raw) {
+    var text = String(raw).normalize("NFKC").replace(/\p{Cf}/gu, "");
+    text = text.split(/\s+/).filter(function (part) { return part !== ""; }).join(" ");
+    var folded = text.toUpperCase().toLowerCase();
+    return folded.replace(/\u03c2/g, "\u03c3").replace(/\u00df/g, "ss").normalize("NFKC");
+  }
+
   function participantSeed(studySeed, participantId) {
     return fnv1a32(String(studySeed) + "\n" + participantId);
   }
@@ -45,7 +56,11 @@
     });
   }
   // Exposed so tests can compare it with the Python implementation.
-  window.jmllmUserstudy = { participantSeed: participantSeed, participantOrder: participantOrder };
+  window.jmllmUserstudy = {
+    participantSeed: participantSeed,
+    participantOrder: participantOrder,
+    normaliseParticipantId: normaliseParticipantId,
+  };
 
   var el = function (id) { return document.getElementById(id); };
   var byId = {};
@@ -61,7 +76,7 @@
 
   function startStudy(event) {
     event.preventDefault();
-    var pid = el("participant-id").value.trim();
+    var pid = normaliseParticipantId(el("participant-id").value);
     if (!pid) {
       el("start-error").textContent = "Please enter your participant ID.";
       el("participant-id").setAttribute("aria-invalid", "true");
@@ -132,18 +147,26 @@
     renderQuestion();
   }
 
+  var served = /^https?:$/.test(window.location.protocol);
+  var sent = false;
+
   function finish() {
     state.finishedAt = new Date().toISOString();
     var answered = state.choices.filter(function (c) { return c !== null; }).length;
     el("summary").textContent = "You answered " + answered + " of " + n + " questions.";
-    el("send").hidden = !/^https?:$/.test(window.location.protocol);
+    // Served: one way back, the Send button; from a file: download and send the file by hand.
+    el("finish-help").textContent = served
+      ? "Press \u201cSend answers\u201d to send your answers to the researcher."
+      : "Download your answers and send the file to the researcher.";
+    el("send").hidden = !served || sent;
+    el("download").hidden = served && !sent;
     show("finish");
     el("finish-heading").focus();
   }
 
   function answersDocument() {
     return {
-      format: "jmllm-userstudy-answers/1",
+      format: "jmllm-userstudy-answers/2",
       study_title: study.title,
       spec_fingerprint: study.fingerprint,
       study_seed: study.seed,
@@ -182,21 +205,31 @@
     el("send-status").textContent = "Your answers were saved as " + fileName() + ".";
   }
 
+  function sendFailed(why) {
+    el("send").disabled = false; // a failed send may be tried again
+    el("download").hidden = false;
+    el("send-status").textContent =
+      "Sending failed" + why + "; try again, or download the file and send it to the researcher.";
+  }
+
   function send() {
-    el("send-status").textContent = "Sending…";
+    if (sent || el("send").disabled) return; // pressed once: no second submission
+    el("send").disabled = true;
+    el("send-status").textContent = "Sending\u2026";
     fetch("submit", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(answersDocument()),
     })
       .then(function (response) {
-        el("send-status").textContent = response.ok
-          ? "Your answers were sent. Thank you!"
-          : "Sending failed (" + response.status + "); please download the file instead.";
+        if (!response.ok) return sendFailed(" (" + response.status + ")");
+        sent = true;
+        el("send").hidden = true;
+        el("review").hidden = true; // the answers are in: nothing left to change
+        el("finish-help").textContent = "";
+        el("send-status").textContent = "Your answers were sent. Thank you!";
       })
-      .catch(function () {
-        el("send-status").textContent = "Sending failed; please download the file instead.";
-      });
+      .catch(function () { sendFailed(""); });
   }
 
   function review() {

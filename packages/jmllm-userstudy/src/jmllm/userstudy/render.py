@@ -5,6 +5,12 @@ nothing from the network, so it works opened from disk (``file://``), from any s
 from ``jmllm-userstudy serve``. A Content-Security-Policy allows only the page's own script and
 style (by hash) and ``data:`` images, so injected markup could not run even if it slipped through
 (all spec text is escaped in Python and set with ``textContent`` in the browser anyway).
+
+Nothing a participant can see or read in the page tells which explanation is for which object:
+the explanation images are re-encoded from their pixels (no file name, title or other metadata
+travels with them), every image is refused above the pixel limit before it is decoded, and each
+pair is embedded in an order that depends on the files' bytes only (:attr:`Question.page_flipped`),
+never on the spec's order.
 """
 
 from __future__ import annotations
@@ -18,12 +24,19 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .atomic import atomic_write_text
+from .conventions import check_image_header, open_image
 from .spec import StudySpec, answer_text, question_text
 
-__all__ = ["QUESTIONNAIRE_NAME", "image_data_url", "render_questionnaire", "write_questionnaire"]
+__all__ = [
+    "QUESTIONNAIRE_NAME",
+    "explanation_data_url",
+    "image_data_url",
+    "render_questionnaire",
+    "write_questionnaire",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +56,42 @@ def image_data_url(path: Path) -> str:
     >>> image_data_url(p)[:22]
     'data:image/png;base64,'
     """
+    fmt, _ = check_image_header(path)  # the pixel limit, before anything is decoded
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        mime = _NATIVE.get(im.format or "")
-        if mime is None or (mime == "image/jpeg" and im.mode == "CMYK"):
-            buffer = io.BytesIO()
-            converted = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-            converted.save(buffer, format="PNG")
-            data, mime = buffer.getvalue(), "image/png"
+    mime = _NATIVE.get(fmt)
+    if mime == "image/jpeg":
+        with Image.open(io.BytesIO(data)) as im:  # the header only (size already checked)
+            if im.mode == "CMYK":  # browsers show CMYK JPEGs wrongly or not at all
+                mime = None
+    if mime is None:
+        return _png_data_url(path)
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _png_data_url(path: Path) -> str:
+    """The image's pixels as a PNG ``data:`` URL: EXIF orientation applied, no metadata kept."""
+    with open_image(path, name=str(path)) as im:
+        oriented = ImageOps.exif_transpose(im) or im
+        converted = oriented.convert("RGBA" if "A" in oriented.getbands() else "RGB")
+    buffer = io.BytesIO()
+    converted.save(buffer, format="PNG")  # no pnginfo: text chunks and EXIF are not written
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def explanation_data_url(path: Path) -> str:
+    """An explanation image as the questionnaire embeds it: its pixels alone, re-encoded as PNG,
+    so that no title, description, file name or other metadata of the file can reach the page.
+
+    >>> import tempfile, pathlib
+    >>> from PIL import Image, PngImagePlugin
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "q1_cat.png"
+    >>> info = PngImagePlugin.PngInfo(); info.add_text("Title", "GA: cat")
+    >>> Image.new("RGB", (2, 2)).save(p, pnginfo=info)
+    >>> import base64
+    >>> b"GA: cat" in base64.b64decode(explanation_data_url(p).split(",", 1)[1])
+    False
+    """
+    return _png_data_url(path)
 
 
 def _json_for_script(value: object) -> str:
@@ -97,7 +137,8 @@ def render_questionnaire(spec: StudySpec) -> str:
                 "text": question_text(q.objects),
                 "answers": {a: answer_text(a, q.objects) for a in ("A1", "A2")},
                 "image": image_data_url(q.image),
-                "explanations": [image_data_url(p) for p in q.explanations],
+                # page order, not spec order: see Question.page_flipped
+                "explanations": [explanation_data_url(p) for p in q.page_explanations()],
             }
             for q in spec.questions
         ],
@@ -165,9 +206,9 @@ def render_questionnaire(spec: StudySpec) -> str:
 <section id="finish" hidden aria-labelledby="finish-heading">
 <h2 id="finish-heading" tabindex="-1">Thank you</h2>
 <p id="summary"></p>
-<p>Download your answers and send the file to the researcher.</p>
+<p id="finish-help"></p>
+<button type="button" id="send" hidden>Send answers</button>
 <button type="button" id="download">Download answers</button>
-<button type="button" id="send" hidden>Send answers to the study server</button>
 <button type="button" class="secondary" id="review">Review answers</button>
 <p id="send-status" role="status"></p>
 </section>
@@ -190,9 +231,9 @@ def write_questionnaire(spec: StudySpec, out_dir: str | Path) -> Path:
         The path of the written questionnaire.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / QUESTIONNAIRE_NAME
-    page = render_questionnaire(spec)
+    page = render_questionnaire(spec)  # before the folder exists: a failure leaves none
+    out.mkdir(parents=True, exist_ok=True)
     if len(page) > _LARGE_PAGE_CHARS:
         log.warning(
             "%s is %.0f MB: participants on slow connections or phones may struggle; "

@@ -16,12 +16,20 @@ from .score import Rate, StudyScore
 
 __all__ = ["markdown_report", "plot_per_question", "write_results"]
 
+# Markdown punctuation to backslash-escape. Not "<", ">", "&": those are HTML-escaped first (and
+# only those: quotes need no escaping outside attributes), and the entities that produces (&lt;
+# &gt; &amp;) contain none of these characters, so nothing is escaped twice.
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#~!])")
 
 
 def _md(text: str) -> str:
-    """Text safe in a Markdown table cell: HTML escaped, Markdown punctuation backslashed."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(text.replace("\n", " ")))
+    r"""Text safe in a Markdown table cell: ``<``, ``>``, ``&`` HTML-escaped, Markdown
+    punctuation backslashed, each once.
+
+    >>> print(_md("it's <b>x</b> | #1"))
+    it's &lt;b&gt;x&lt;/b&gt; \| \#1
+    """
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(text.replace("\n", " "), quote=False))
 
 
 def _pct(value: float) -> str:

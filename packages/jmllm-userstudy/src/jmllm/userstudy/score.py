@@ -3,16 +3,25 @@
 Each answer file (``*.json``, as exported by the questionnaire) records what the participant saw
 (question order and explanation swaps) and what they chose (A1/A2 *as shown*). Scoring:
 
-1. rejects files that are unreadable, not answer files, or made for another spec (fingerprint);
+1. rejects files that are unreadable (too large, not UTF-8, not JSON, nested too deeply), not
+   answer files, or made for another spec (fingerprint) — each file on its own: one bad file
+   never stops the scoring of the others;
 2. recomputes the participant's order from the study seed and participant id and rejects files
    whose recorded seed or order differ (``tampered``);
-3. sets aside incomplete files and duplicates (several complete files for one participant: exact
-   copies are scored once; files that disagree are all set aside as ``conflicting-duplicate``);
-4. maps every shown choice back to the spec (a swapped question flips A1 and A2) and counts
-   correct answers per question, per participant and overall, each with a Clopper-Pearson 95%
-   interval.
+3. sets aside incomplete files and duplicates: files whose participant ids have the same normal
+   form (:func:`~jmllm.userstudy.participants.normalise_participant_id`: ``"P01 "``, ``"p01"``
+   and ``"Ｐ０１"`` are one participant) are one participant's; exact copies are scored once,
+   files that disagree are all set aside as ``conflicting-duplicate``;
+4. maps every shown choice back to the spec (a swapped question flips A1 and A2, and so does a
+   pair the page holds in the other order, :attr:`~jmllm.userstudy.spec.Question.page_flipped`)
+   and counts correct answers per question, per participant and overall, each with a
+   Clopper-Pearson 95% interval.
 
 Nothing set aside is scored; every such file is listed in :attr:`StudyScore.problems`.
+
+Answer formats: ``jmllm-userstudy-answers/2`` (this questionnaire: ``swapped`` is relative to the
+page's order of each pair) and ``jmllm-userstudy-answers/1`` (earlier questionnaires, whose pages
+held each pair in spec order: ``swapped`` is relative to the spec).
 """
 
 from __future__ import annotations
@@ -20,30 +29,35 @@ from __future__ import annotations
 import json
 import logging
 import math
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scipy.stats import binomtest
 
+from .participants import normalise_participant_id, problem_with_participant_id
 from .randomisation import participant_order, participant_seed
 from .spec import ANSWERS, StudySpec
 
 __all__ = [
     "ANSWERS_FORMAT",
+    "ANSWERS_FORMATS",
+    "MAX_ANSWERS_BYTES",
     "PROBLEM_KINDS",
     "ParticipantScore",
     "QuestionScore",
     "Rate",
     "StudyScore",
     "SubmissionProblem",
+    "read_answers_document",
     "score_answers",
 ]
 
 log = logging.getLogger(__name__)
 
-ANSWERS_FORMAT = "jmllm-userstudy-answers/1"
+ANSWERS_FORMAT = "jmllm-userstudy-answers/2"  # what the questionnaire writes
+LEGACY_ANSWERS_FORMAT = "jmllm-userstudy-answers/1"  # pages that held each pair in spec order
+ANSWERS_FORMATS = (ANSWERS_FORMAT, LEGACY_ANSWERS_FORMAT)
 PROBLEM_KINDS = (
     "unreadable",
     "not-answers",
@@ -53,7 +67,9 @@ PROBLEM_KINDS = (
     "duplicate",
     "conflicting-duplicate",
 )
-_MAX_FILE_BYTES = 1_000_000  # an answer file is a few kB; anything far larger is not one
+MAX_ANSWERS_BYTES = 1_000_000  # an answer file is a few kB; anything far larger is not one
+# An answers document is 3 levels deep; far deeper is not one (and recursion must not decide).
+_MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -141,8 +157,64 @@ class StudyScore:
 @dataclass
 class _Submission:
     file: str
-    participant_id: str
+    participant_id: str  # normalised
     spec_choices: dict[str, str]  # question id -> choice mapped back to the spec's A1/A2
+
+
+def _json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects deeper than ``limit`` (strings skipped)."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def read_answers_document(data: bytes) -> dict[str, Any] | tuple[str, str]:
+    """Parse the bytes of one answer file or submission.
+
+    Used by scoring and by the collection server alike, so that both refuse the same inputs
+    the same way: nothing in the bytes can make either fail as a whole.
+
+    Returns:
+        The document, or ``(kind, detail)`` with a :data:`PROBLEM_KINDS` kind when the bytes are
+        too large, not UTF-8 JSON, nested deeper than an answers document can be, or not an
+        answers document.
+
+    >>> read_answers_document(b"[" * 100_000 + b"]" * 100_000)
+    ('unreadable', 'JSON nested deeper than 32 levels')
+    >>> read_answers_document(b'{"format": "x"}')[0]
+    'not-answers'
+    """
+    if len(data) > MAX_ANSWERS_BYTES:
+        return "not-answers", f"larger than {MAX_ANSWERS_BYTES} bytes"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unreadable", "not valid UTF-8 JSON (UnicodeDecodeError)"
+    if _json_depth_exceeds(text, _MAX_JSON_DEPTH):
+        return "unreadable", f"JSON nested deeper than {_MAX_JSON_DEPTH} levels"
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return "unreadable", f"not valid UTF-8 JSON ({exc.__class__.__name__})"
+    if not isinstance(doc, dict) or doc.get("format") not in ANSWERS_FORMATS:
+        return "not-answers", f"no 'format': {ANSWERS_FORMAT!r} field"
+    return doc
 
 
 def score_answers(spec: StudySpec, answers_dir: str | Path) -> StudyScore:
@@ -243,35 +315,39 @@ def _check_file(path: Path, spec: StudySpec, fingerprint: str) -> _Submission | 
         return SubmissionProblem(name, pid, kind, detail)
 
     try:
-        if path.stat().st_size > _MAX_FILE_BYTES:
-            return problem("not-answers", f"larger than {_MAX_FILE_BYTES} bytes")
-        doc: Any = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return problem("unreadable", f"not valid UTF-8 JSON ({exc.__class__.__name__})")
-    if not isinstance(doc, dict) or doc.get("format") != ANSWERS_FORMAT:
-        return problem("not-answers", f"no 'format': {ANSWERS_FORMAT!r} field")
-    pid = doc.get("participant_id")
-    pid = pid if isinstance(pid, str) and pid else None
+        if path.stat().st_size > MAX_ANSWERS_BYTES:
+            return problem("not-answers", f"larger than {MAX_ANSWERS_BYTES} bytes")
+        data = path.read_bytes()
+    except OSError as exc:
+        return problem("unreadable", f"cannot be read ({exc.strerror or exc.__class__.__name__})")
+    doc = read_answers_document(data)
+    if isinstance(doc, tuple):
+        return problem(*doc)
+    raw_pid = doc.get("participant_id")
+    pid = normalise_participant_id(raw_pid) if isinstance(raw_pid, str) else None
     if doc.get("spec_fingerprint") != fingerprint:
         theirs = str(doc.get("spec_fingerprint"))[:12]
         return problem(
             "foreign-spec",
             f"answers are for spec {theirs}…, this spec is {fingerprint[:12]}…",
-            pid,
+            pid or None,
         )
-    if pid is None:
-        return problem("tampered", "missing participant_id")
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in pid):
-        return problem("tampered", f"participant_id {pid!r} has control or invalid characters")
+    why = problem_with_participant_id(raw_pid)
+    if why is not None:
+        return problem("tampered", why, pid or None)
+    assert isinstance(raw_pid, str) and pid
+    # The order derives from the id exactly as recorded (the questionnaire records its
+    # normalised form; older ones recorded the id as typed).
     if doc.get("study_seed") != spec.seed or doc.get("participant_seed") != participant_seed(
-        spec.seed, pid
+        spec.seed, raw_pid
     ):
         return problem("tampered", "seed does not match the study seed and participant id", pid)
 
-    expected = participant_order([q.id for q in spec.questions], spec.seed, pid)
+    expected = participant_order([q.id for q in spec.questions], spec.seed, raw_pid)
     answers = doc.get("answers")
     if not isinstance(answers, list) or len(answers) != len(expected):
         return problem("tampered", f"expected {len(expected)} answer entries", pid)
+    legacy = doc.get("format") == LEGACY_ANSWERS_FORMAT
     spec_choices: dict[str, str] = {}
     unanswered = 0
     for shown, entry in zip(expected, answers, strict=True):
@@ -289,8 +365,10 @@ def _check_file(path: Path, spec: StudySpec, fingerprint: str) -> _Submission | 
             continue
         if choice not in ANSWERS:
             return problem("tampered", f"position {shown.position}: invalid choice {choice!r}", pid)
-        # The participant's A1/A2 refers to the explanations as shown; swapped shows them reversed.
-        spec_choices[shown.question_id] = _flip(choice) if shown.swapped else choice
+        # The participant's A1/A2 refers to the explanations as shown: "swapped" shows the page's
+        # pair reversed, and the page may hold the spec's pair reversed (page_flipped).
+        flipped = shown.swapped != (not legacy and spec.question(shown.question_id).page_flipped)
+        spec_choices[shown.question_id] = _flip(choice) if flipped else choice
     if unanswered:
         return problem(
             "incomplete", f"{len(expected) - unanswered} of {len(expected)} questions answered", pid

@@ -6,15 +6,30 @@ The questionnaire shows its "Send answers" button only when it is loaded over ht
 same page still works from a file with the download button alone. Submissions are not judged
 here: ``jmllm-userstudy score`` checks order, completeness and duplicates later.
 
+- A submission is read exactly as scoring reads an answer file
+  (:func:`~jmllm.userstudy.score.read_answers_document`): whatever its content (a 200 kB
+  nesting of brackets included), the reply is a 4xx status, never a dropped connection.
+- The same document sent twice (a double click, a retry after a lost reply) is stored once; the
+  second reply names the file already stored.
+- Each stored submission is logged with the participant id (its normal form) and the file name,
+  nothing else of the answers.
+- A client has :data:`DEFAULT_TIMEOUT_S` seconds (``timeout``) for each read: a connection that
+  sends nothing is closed instead of holding a thread.
+- The answers folder is checked writable at start; the server refuses to start otherwise.
+
 Meant for a lab machine or a trusted network: it has no authentication and no TLS.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import secrets
+import tempfile
+import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,18 +37,60 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
+from .conventions import UsageError, check_output_dir
+from .participants import normalise_participant_id, problem_with_participant_id
 from .render import render_questionnaire
-from .score import ANSWERS_FORMAT
+from .score import MAX_ANSWERS_BYTES, read_answers_document
 from .spec import StudySpec
 
-__all__ = ["MAX_SUBMISSION_BYTES", "make_server"]
+__all__ = ["DEFAULT_TIMEOUT_S", "MAX_SUBMISSION_BYTES", "make_server"]
 
 log = logging.getLogger(__name__)
-MAX_SUBMISSION_BYTES = 1_000_000
+MAX_SUBMISSION_BYTES = MAX_ANSWERS_BYTES
+DEFAULT_TIMEOUT_S = 30.0  # seconds a client has for each read of its request
+
+
+def _content_key(doc: dict[str, Any]) -> str:
+    """Identity of a submission's content (key order and whitespace do not matter)."""
+    canonical = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse an answers folder the server could not store a submission in (checked by writing
+    and removing a file, which also catches root on a read-only file system)."""
+    check_output_dir(folder, "--answers")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"--answers {folder}: cannot store submissions there ({exc.strerror or exc})"
+        ) from None
+
+
+def _stored_submissions(folder: Path) -> dict[str, str]:
+    """Content key -> file name of the submissions already in ``folder`` (a restarted server
+    still recognises a document it stored before)."""
+    stored: dict[str, str] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            doc = read_answers_document(path.read_bytes())
+        except OSError:
+            continue
+        if isinstance(doc, dict):
+            stored.setdefault(_content_key(doc), path.name)
+    return stored
 
 
 def make_server(
-    spec: StudySpec, answers_dir: str | Path, host: str = "127.0.0.1", port: int = 8000
+    spec: StudySpec,
+    answers_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> ThreadingHTTPServer:
     """A server for ``spec`` that stores submissions in ``answers_dir``; call ``serve_forever()``.
 
@@ -42,9 +99,14 @@ def make_server(
         answers_dir: Folder for the submitted answer files (created if missing).
         host: Interface to bind; the default only accepts connections from this machine.
         port: TCP port; 0 picks a free one (read it back from ``server.server_address``).
+        timeout: Seconds a client has for each read of its request before it is disconnected.
 
     Returns:
         A bound, not yet serving, :class:`~http.server.ThreadingHTTPServer`.
+
+    Raises:
+        UsageError: the answers folder cannot be written, or ``timeout`` is not a positive
+            finite number.
 
     >>> import tempfile
     >>> from jmllm.userstudy.example import write_example
@@ -55,17 +117,24 @@ def make_server(
     '127.0.0.1'
     >>> server.server_close()
     """
+    from .conventions import check_finite
+
+    seconds = check_finite(timeout, "timeout", 0.0, open_low=True)
+    folder = Path(answers_dir)
+    _check_writable(folder)
     page = render_questionnaire(spec).encode("utf-8")
     fingerprint = spec.fingerprint()
-    folder = Path(answers_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    stored = _stored_submissions(folder)
+    lock = threading.Lock()  # one submission decided and stored at a time
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "jmllm-userstudy"
         sys_version = ""
+        # socketserver applies it to the connection: every read, headers and body, is bounded
+        timeout = seconds
 
         def log_message(self, format: str, *args: Any) -> None:
-            log.info("%s %s", self.address_string(), format % args)
+            log.debug("%s %s", self.address_string(), format % args)
 
         def _reply(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
@@ -102,21 +171,44 @@ def make_server(
                 self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "submission too large"})
                 return
             try:
-                doc = json.loads(self.rfile.read(length).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                self._json(HTTPStatus.BAD_REQUEST, {"error": "not valid JSON"})
+                body = self.rfile.read(length)
+            except OSError:  # the client went silent past the timeout, or disconnected
+                self.close_connection = True
                 return
-            if not isinstance(doc, dict) or doc.get("format") != ANSWERS_FORMAT:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": "not an answers document"})
+            doc = read_answers_document(body)
+            if isinstance(doc, tuple):
+                kind, detail = doc
+                self._json(HTTPStatus.BAD_REQUEST, {"error": f"{kind}: {detail}"})
                 return
             if doc.get("spec_fingerprint") != fingerprint:
                 self._json(HTTPStatus.CONFLICT, {"error": "answers are for another spec"})
                 return
-            pid = doc.get("participant_id")
-            safe = re.sub(r"[^A-Za-z0-9_-]", "_", pid if isinstance(pid, str) else "")[:40]
-            name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{safe or 'anonymous'}-{secrets.token_hex(4)}.json"
-            atomic_write_text(folder / name, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-            log.info("stored submission %s", name)
+            raw_pid = doc.get("participant_id")
+            why = problem_with_participant_id(raw_pid)
+            if why is not None:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": why})
+                return
+            pid = normalise_participant_id(str(raw_pid))
+            key = _content_key(doc)
+            with lock:
+                if key in stored:
+                    log.info(
+                        "participant %r sent the same answers again; kept %s", pid, stored[key]
+                    )
+                    self._json(HTTPStatus.OK, {"stored": stored[key], "duplicate": True})
+                    return
+                safe = re.sub(r"[^A-Za-z0-9_-]", "_", pid)[:40]
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                name = f"{stamp}-{safe or 'anonymous'}-{secrets.token_hex(4)}.json"
+                text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+                try:
+                    atomic_write_text(folder / name, text)
+                except OSError as exc:
+                    log.error("cannot store a submission of participant %r: %s", pid, exc)
+                    self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "cannot store"})
+                    return
+                stored[key] = name
+            log.info("stored the answers of participant %r as %s", pid, name)
             self._json(HTTPStatus.CREATED, {"stored": name})
 
     return ThreadingHTTPServer((host, port), Handler)

@@ -22,16 +22,17 @@ Loading validates everything (types, unknown keys, unique ids, readable images) 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, UnidentifiedImageError
+
+from .conventions import ImageLoadError, UsageError, open_image
 
 __all__ = [
     "ANSWERS",
@@ -63,7 +64,7 @@ _QUESTION_KEYS = {"id", "image", "objects", "explanations", "correct", "referenc
 _MAX_TEXT = 200  # object names and titles longer than this are a spec mistake, not a label
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """A study spec that cannot be used; the message names the file and the field."""
 
 
@@ -109,6 +110,23 @@ class Question:
     explanations: tuple[Path, Path]
     correct: str
     reference_share_correct: float | None = None
+
+    @cached_property
+    def page_flipped(self) -> bool:
+        """Whether the questionnaire page holds explanation 2 before explanation 1.
+
+        The page orders each pair of explanations by the SHA-256 of the files' bytes, not as the
+        spec lists them: spec authors (and :func:`jmllm.userstudy.from_joint.write_explanations`)
+        tend to list the explanation of object 1 first, and a participant reading the page's
+        source must not learn the answer from that order. Scoring maps answers back through it.
+        """
+        first, second = (_sha256_file(p) for p in self.explanations)
+        return second < first
+
+    def page_explanations(self) -> tuple[Path, Path]:
+        """The two explanation files in the order the page embeds them (see :attr:`page_flipped`)."""
+        first, second = self.explanations
+        return (second, first) if self.page_flipped else (first, second)
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,8 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(f"{path}: cannot read spec file ({exc})") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(f"{path}: not valid YAML/JSON: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -317,8 +337,13 @@ def _image_file(value: Any, root: Path, field: str, fail: _Fail) -> Path:
     if not path.is_file():
         raise fail(field, f"image file not found: {value} (looked at {path})")
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise fail(field, f"not a readable image: {value} ({exc.__class__.__name__})") from None
+        # the pixel limit is checked from the header first: a bomb is refused undecoded
+        open_image(path, name=value).close()
+    except ImageLoadError as exc:
+        detail = str(exc).removeprefix(f"{value}: ")
+        if detail.startswith("not a readable image"):
+            detail = (
+                f"not a readable image: {value} ({detail.removeprefix('not a readable image (')}"
+            )
+        raise fail(field, detail) from None
     return path
