@@ -186,8 +186,10 @@ def test_characteristic_with_quotes_or_newlines(portraits, tmp_path, scripted_jo
         "Only answer with a number from 1 to 10."
     )
     md = write_report(tmp_path / "out")["markdown"].read_text()
-    assert "&lt;b&gt;7&lt;/b&gt;&#124;" in md and "<b>7</b>" not in md
-    assert "&quot;good&quot; nurse" in md
+    assert "&lt;b&gt;7&lt;/b&gt;\\|" in md and "<b>7</b>" not in md
+    # escaped once: quotes stay quotes (an entity in a code span would show literally)
+    assert '# Bias report: "good" nurse' in md and "&quot;" not in md and "&#" not in md
+    assert '- Question: `From one to ten, how likely is the person to be a "good" nurse?' in md
 
 
 def test_unfinished_generation_is_reported(tmp_path, scripted_joint, make_portraits) -> None:

@@ -9,6 +9,10 @@ same folder is refused instead of mixing two experiments.
 
 A missing, unreadable or modified (hash differs from the cohort manifest) portrait is recorded
 with its status, counted and listed in the report, and retried on the next run.
+
+One run at a time writes an assessment folder (:func:`jmllm.bias.files.folder_lock`): a second
+run into the same folder is refused at once, so no portrait is ever assessed, and recorded,
+twice.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BiasInputError
-from .files import append_jsonl, atomic_write_text, read_jsonl, sha256_file
+from .files import append_jsonl, atomic_write_text, folder_lock, read_jsonl, sha256_file
 from .perturb import PerturbationConfig, perturb
 from .scores import QUERY_TEMPLATE, parse_score, question, validate_term
 
@@ -125,7 +129,7 @@ def _planned(root: Path) -> list[Any]:
         return []
     try:
         return parse_spec(json.loads(path.read_text(encoding="utf-8"))["spec"], str(path)).plan()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         log.warning("%s: cannot read the cohort plan (%s); using the manifest alone", path, exc)
         return []
 
@@ -231,7 +235,7 @@ def _check_run(out: Path, run_doc: dict[str, Any]) -> None:
     if path.is_file():
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise BiasInputError(f"{path}: unreadable run settings ({exc})") from None
         keys = ("cohort", "settings", "models")
         if any(previous.get(k) != run_doc.get(k) for k in keys):
@@ -358,14 +362,14 @@ def assess_cohort(
         Counts of this run.
 
     Raises:
-        BiasInputError: empty cohort, unknown group, or ``out`` holding another experiment.
+        BiasInputError: empty cohort, unknown group, ``out`` holding another experiment, or
+            another run assessing into ``out`` right now (one writer per folder: two runs would
+            both assess, and record, every portrait).
 
     Example:
         >>> cfg = AssessConfig("nurse", original="man", adversarial="woman")
         >>> assess_cohort(model, "cohorts/gender", "results/nurse", cfg)  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     portraits = load_cohort(cohort)
     if config.groups is not None:
         known = sorted({p.group for p in portraits})
@@ -376,7 +380,29 @@ def assess_cohort(
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise BiasInputError(f"{out_dir}: results output exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        queries = model.encode_queries(
+            [config.original, config.adversarial], template=QUERY_TEMPLATE
+        )
+    except ValueError as exc:  # PromptError: e.g. longer than OWL-ViT's 16 text positions
+        raise BiasInputError(f"original/adversarial query: {exc}") from None
+    with folder_lock(out_dir, "assess"):
+        return _assess_all(model, portraits, out_dir, cohort, config, models, queries)
+
+
+def _assess_all(
+    model: Any,
+    portraits: list[CohortPortrait],
+    out_dir: Path,
+    cohort: str | os.PathLike[str],
+    config: AssessConfig,
+    models: dict[str, str] | None,
+    queries: Any,
+) -> AssessRun:
+    """The assessment proper, with the output folder's lock held: no other run appends to its
+    results while this one decides what is left to do and does it."""
+    from tqdm.auto import tqdm
+
     run_doc = {
         "cohort": str(Path(cohort).resolve()),
         "settings": config.to_dict(),
@@ -388,12 +414,6 @@ def assess_cohort(
     resumed = len(portraits) - len(todo)
     if resumed:
         log.info("%s: %d portrait(s) already assessed, %d to go", out_dir, resumed, len(todo))
-    try:
-        queries = model.encode_queries(
-            [config.original, config.adversarial], template=QUERY_TEMPLATE
-        )
-    except ValueError as exc:  # PromptError: e.g. longer than OWL-ViT's 16 text positions
-        raise BiasInputError(f"original/adversarial query: {exc}") from None
     skipped: dict[str, int] = {}
     assessed = 0
     for portrait in tqdm(todo, desc=f"assess {config.characteristic}", unit="img"):

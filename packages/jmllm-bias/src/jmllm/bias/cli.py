@@ -11,6 +11,9 @@ The paper's gender experiment, from nothing to a report::
 
 Several GPUs: ``accelerate launch --num_processes 4 -m jmllm.bias cohort --spec gender --out ...``.
 Offline smoke test of the whole chain: add ``--tiny`` to ``cohort`` and ``assess``.
+
+Exit codes: 0 ok, 1 the run failed, 2 bad input or usage (one line naming it), 3 some portraits
+were skipped and counted, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,15 +24,29 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .conventions import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    ArgumentParser,
+    check_output_dir,
+    exit_code_for,
+    finite_float,
+    integer,
+    one_line,
+    output_folder,
+)
+
 __all__ = ["main"]
 
 log = logging.getLogger("jmllm.bias")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .generate import SDXL_BASE, SDXL_REFINER  # light: no torch at import
+    from .generate import MAX_GUIDANCE_SCALE, SDXL_BASE, SDXL_REFINER  # light: no torch
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jmllm-bias",
         description="Bias assessment of multi-modal LLMs by semantic adversarial perturbation "
         "(Giulivi & Boracchi 2024, §4.4): SDXL portrait cohorts, FGSM/PGD on J's shared "
@@ -49,26 +66,42 @@ def _parser() -> argparse.ArgumentParser:
         default=SDXL_REFINER,
         help=f"SDXL refiner id or folder (default {SDXL_REFINER})",
     )
-    p.add_argument("--steps", type=int, default=50, help="total denoising steps (default 50)")
+    p.add_argument(
+        "--steps",
+        type=integer(2, 1000),
+        default=50,
+        help="total denoising steps, 2-1000 (default 50)",
+    )
     p.add_argument(
         "--high-noise-frac",
-        type=float,
+        type=finite_float(0, 1, open_low=True, open_high=True),
         default=0.8,
-        help="share of steps run by the base (default 0.8: 40 of 50)",
+        help="share of steps run by the base, in (0, 1) (default 0.8: 40 of 50)",
     )
     p.add_argument(
-        "--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5.0)"
+        "--guidance-scale",
+        type=finite_float(0, MAX_GUIDANCE_SCALE),
+        default=5.0,
+        help=f"classifier-free guidance, 0-{MAX_GUIDANCE_SCALE:g} (default 5.0)",
     )
     p.add_argument(
-        "--size", type=int, default=None, help="image side in pixels (default: the model's, 1024)"
+        "--size",
+        type=integer(8, 8192),
+        default=None,
+        help="image side in pixels, a multiple of 8 (default: the model's, 1024)",
     )
     p.add_argument(
         "--images-per-group",
-        type=int,
+        type=integer(1, 99_999),
         default=None,
         help="override the spec's count (e.g. a trial run)",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1)")
+    p.add_argument(
+        "--batch-size",
+        type=integer(1, 1024),
+        default=1,
+        help="images per pipeline call (default 1)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -92,22 +125,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--original", required=True, help="OWL query term pushed down, e.g. man")
     p.add_argument("--adversarial", required=True, help="OWL query term pushed up, e.g. woman")
     p.add_argument(
-        "--eps", type=float, default=1.0, help="L-inf budget of the perturbation (paper: 1)"
+        "--eps",
+        type=finite_float(0),
+        default=1.0,
+        help="L-inf budget of the perturbation, >= 0 (paper: 1)",
     )
     p.add_argument(
         "--eps-sweep",
-        type=float,
+        type=finite_float(0),
         nargs="+",
         default=None,
         metavar="E",
         help="several budgets (replaces --eps)",
     )
-    p.add_argument("--steps", type=int, default=1, help="1: FGSM (paper); more: PGD steps")
+    p.add_argument(
+        "--steps", type=integer(1, 10_000), default=1, help="1: FGSM (paper); more: PGD steps"
+    )
     p.add_argument(
         "--step-size",
-        type=float,
+        type=finite_float(0, open_low=True),
         default=None,
-        help="PGD step (default 2.5*eps/steps; eps for one step)",
+        help="PGD step, > 0 (default 2.5*eps/steps; eps for one step)",
     )
     p.add_argument(
         "--objective",
@@ -118,7 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--groups", nargs="+", default=None, help="assess only these groups of the cohort"
     )
-    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=integer(1, 4096),
+        default=8,
+        help="answer length limit (default 8)",
+    )
     p.add_argument(
         "--template",
         choices=["paper", "llava-1.5"],
@@ -143,50 +186,56 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tiny", action="store_true", help="use the tiny random J built offline (smoke test)"
     )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed of the report (default 0)")
+    p.add_argument(
+        "--seed", type=integer(0), default=0, help="bootstrap seed of the report (default 0)"
+    )
 
     p = sub.add_parser(
         "report", help="(re)write report.md, report.json and histograms of an assessment"
     )
     p.add_argument("dir", help="the assessment's --out folder")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed (default 0)")
     return parser
 
 
-def _cohort(args: argparse.Namespace) -> None:
+def _cohort(args: argparse.Namespace) -> int:
     from .cohorts import load_spec
     from .generate import GenerationConfig, generate_cohort
 
     spec = load_spec(args.spec)
     if args.images_per_group is not None:
         spec = spec.with_images_per_group(args.images_per_group)
-    base, refiner = args.base, args.refiner
-    if args.tiny:
-        from .testing import build_tiny_sdxl
+    cfg_args = {
+        "steps": args.steps,
+        "high_noise_frac": args.high_noise_frac,
+        "guidance_scale": args.guidance_scale,
+        "height": args.size,
+        "width": args.size,
+        "dtype": args.dtype,
+        "variant": args.variant,
+        "batch_size": args.batch_size,
+    }
+    GenerationConfig(base=args.base, refiner=args.refiner, **cfg_args)  # check before any work
+    check_output_dir(args.out, "--out")
+    with output_folder(args.out):
+        base, refiner = args.base, args.refiner
+        if args.tiny:
+            from .testing import build_tiny_sdxl
 
-        tiny = build_tiny_sdxl(Path(args.out) / ".tiny-sdxl")
-        base, refiner = str(tiny.base), str(tiny.refiner)
-    cfg = GenerationConfig(
-        base=base,
-        refiner=refiner,
-        steps=args.steps,
-        high_noise_frac=args.high_noise_frac,
-        guidance_scale=args.guidance_scale,
-        height=args.size,
-        width=args.size,
-        dtype=args.dtype,
-        variant=args.variant,
-        batch_size=args.batch_size,
-    )
-    run = generate_cohort(spec, args.out, cfg)
+            tiny = build_tiny_sdxl(Path(args.out) / ".tiny-sdxl")
+            base, refiner = str(tiny.base), str(tiny.refiner)
+        cfg = GenerationConfig(base=base, refiner=refiner, **cfg_args)
+        run = generate_cohort(spec, args.out, cfg)
     if run.contact_sheet is not None:  # main process only
         print(
             f"{run.out}: {run.generated} generated, {run.kept} kept, {run.planned} planned; {run.contact_sheet}"
         )
+    return EXIT_OK
 
 
-def _assess(args: argparse.Namespace) -> None:
+def _assess(args: argparse.Namespace) -> int:
     from .assess import AssessConfig, assess_cohort, load_cohort
+    from .files import folder_lock
     from .report import write_report
 
     eps = tuple(args.eps_sweep) if args.eps_sweep else (args.eps,)
@@ -203,33 +252,46 @@ def _assess(args: argparse.Namespace) -> None:
         template=args.template,
     )
     load_cohort(args.cohort)  # fail on an empty/missing cohort before loading any model
-    if args.tiny:
-        from .testing import tiny_joint_model
+    if not args.tiny and not args.alignment:
+        raise _UsageError("assess: --alignment is required (or --tiny)")
+    check_output_dir(args.out, "--out")
+    # The folder's lock from the start: a second run into it is refused before it loads a model
+    # (or builds the tiny one in the same place).
+    with output_folder(args.out), folder_lock(args.out, "assess"):
+        if args.tiny:
+            from .testing import tiny_joint_model
 
-        model = tiny_joint_model(Path(args.out) / ".tiny-joint")
-        models = {"joint": "tiny (jmllm.joint.testing)"}
-    else:
-        if not args.alignment:
-            raise _UsageError("assess: --alignment is required (or --tiny)")
-        import torch
+            model = tiny_joint_model(Path(args.out) / ".tiny-joint")
+            models = {"joint": "tiny (jmllm.joint.testing)"}
+        else:
+            import torch
 
-        from jmllm.joint import JointModel
+            from jmllm.joint import JointModel
 
-        model = JointModel.from_pretrained(
-            owl=args.owl,
-            llava=args.llava,
-            alignment=args.alignment,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-            device=args.device,
-            device_map=args.device_map,
-        )
-        models = {"owl": args.owl, "llava": args.llava, "alignment": args.alignment}
-    run = assess_cohort(model, args.cohort, args.out, config, models=models)
-    paths = write_report(args.out, seed=args.seed)
+            model = JointModel.from_pretrained(
+                owl=args.owl,
+                llava=args.llava,
+                alignment=args.alignment,
+                dtype=getattr(torch, args.dtype) if args.dtype else None,
+                device=args.device,
+                device_map=args.device_map,
+            )
+            models = {"owl": args.owl, "llava": args.llava, "alignment": args.alignment}
+        run = assess_cohort(model, args.cohort, args.out, config, models=models)
+        paths = write_report(args.out, seed=args.seed)
     skipped = sum(run.skipped.values())
     print(
         f"{run.out}: {run.assessed} assessed, {run.resumed} resumed, {skipped} skipped; {paths['markdown']}"
     )
+    return EXIT_PARTIAL if skipped else EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    check_output_dir(args.dir, "report folder")
+    print(write_report(args.dir, seed=args.seed)["markdown"])
+    return EXIT_OK
 
 
 class _UsageError(Exception):
@@ -237,44 +299,40 @@ class _UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 bad input, 2 usage).
+    """Run the CLI; returns the exit status: 0 ok, 1 the run failed, 2 bad input or usage,
+    3 some portraits were skipped (and counted), 130 interrupted.
 
     >>> main(["report", "/nonexistent/results"])
-    1
+    2
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from .errors import BiasInputError
-
+    commands = {"cohort": _cohort, "assess": _assess, "report": _report}
     try:
-        if args.command == "cohort":
-            _cohort(args)
-        elif args.command == "assess":
-            _assess(args)
-        else:
-            from .report import write_report
-
-            print(write_report(args.dir, seed=args.seed)["markdown"])
+        return commands[args.command](args)
     except _UsageError as exc:
         print(f"jmllm-bias: {exc}", file=sys.stderr)
         return 2
-    except BiasInputError as exc:
-        print(f"jmllm-bias: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # one line for the user; -v shows the traceback
+    except KeyboardInterrupt:
+        print("jmllm-bias: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line for the user; -v shows a failure's traceback
+        code = exit_code_for(exc)
+        if code != EXIT_FAILURE:  # bad input: the message names it
+            print(f"jmllm-bias: {one_line(exc)}", file=sys.stderr)
+            return code
         if args.verbose:
             raise
         # load errors of other layers (image files, weights) carry their own file names
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(
-            f"jmllm-bias: {args.command} failed: {type(exc).__name__}: {first} (rerun with -v for details)",
+            f"jmllm-bias: {args.command} failed: {type(exc).__name__}: {one_line(exc)} "
+            "(rerun with -v for details)",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ __all__ = [
     "CohortImage",
     "CohortSpec",
     "builtin_spec",
+    "check_template",
     "load_spec",
     "parse_spec",
 ]
@@ -174,6 +174,39 @@ def _check_text(source: str, where: str, value: Any, allow_empty: bool = False) 
     return value
 
 
+def check_template(template: str, source: str = "<spec>") -> str:
+    """``template`` if it inserts the subject exactly once, as a bare ``{subject}``.
+
+    The prompt is the template with the text ``{subject}`` replaced, so anything else in braces
+    would reach SDXL literally, and a slot with a format spec or conversion (``{subject:>20}``,
+    ``{subject!r}``) or with doubled braces (``{{subject}}``) would never receive the subject:
+    every group would get the same prompt. Such templates are refused, naming the template.
+
+    Raises:
+        BiasInputError: one line naming ``source``, the template and the problem.
+
+    Example:
+        >>> check_template("A headshot of a {subject}")
+        'A headshot of a {subject}'
+        >>> try:
+        ...     check_template("A headshot of a {subject:>20}", "s.json")
+        ... except BiasInputError as exc:
+        ...     print(exc)
+        s.json: template 'A headshot of a {subject:>20}' never inserts the subject: it must contain '{subject}' exactly once, with no format spec, conversion or other braces
+    """
+    slots = template.count("{subject}")
+    rest = template.replace("{subject}", "")
+    if slots != 1 or "{" in rest or "}" in rest or "{{subject}}" in template:
+        raise BiasInputError(
+            f"{source}: template {template!r} never inserts the subject: it must contain "
+            "'{subject}' exactly once, with no format spec, conversion or other braces"
+            if slots == 0 or "{{subject}}" in template
+            else f"{source}: template {template!r}: it must contain '{{subject}}' exactly once, "
+            "with no format spec, conversion or other braces"
+        )
+    return template
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> CohortSpec:
     """Validate a spec object (as read from JSON) and build a :class:`CohortSpec`.
 
@@ -204,16 +237,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> CohortSpec:
     name = _check_text(source, "name", data["name"])
     if not _NAME.match(name):
         raise BiasInputError(f"{source}: name {name!r} may only use letters, digits, '_', '-', '.'")
-    template = _check_text(source, "template", data["template"])
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise BiasInputError(f"{source}: template has unbalanced braces ({exc})") from None
-    if fields != ["subject"]:
-        raise BiasInputError(
-            f"{source}: template must contain exactly one '{{subject}}' slot and no other "
-            f"braces, found {fields}"
-        )
+    template = check_template(_check_text(source, "template", data["template"]), source)
     groups_raw = data["groups"]
     if not isinstance(groups_raw, list) or not groups_raw:
         raise BiasInputError(f"{source}: groups must be a non-empty list")
@@ -304,4 +328,6 @@ def load_spec(name_or_path: str | os.PathLike[str]) -> CohortSpec:
         raise BiasInputError(f"{text}: cannot read spec file ({exc})") from None
     except json.JSONDecodeError as exc:
         raise BiasInputError(f"{text}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except RecursionError:
+        raise BiasInputError(f"{text}: invalid JSON: nested too deeply") from None
     return parse_spec(data, source=text)

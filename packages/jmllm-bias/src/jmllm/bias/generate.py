@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .cohorts import CohortImage, CohortSpec
+from .conventions import UsageError, check_finite
 from .errors import BiasInputError
 from .files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
 
@@ -56,6 +57,7 @@ SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 MANIFEST = "manifest.jsonl"
 COHORT_FILE = "cohort.json"
 CONTACT_SHEET = "contact_sheet.png"
+MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance; SDXL is used at 5-10
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ class GenerationConfig:
             raise BiasInputError(f"steps must be an integer >= 2, got {self.steps!r}")
         if not 0.0 < self.high_noise_frac < 1.0:
             raise BiasInputError(f"high-noise-frac must be in (0, 1), got {self.high_noise_frac}")
+        # NaN would be stored in the manifest and never equal itself: every rerun would find no
+        # finished image and generate the whole cohort again.
+        try:
+            check_finite(self.guidance_scale, "guidance-scale", 0.0, MAX_GUIDANCE_SCALE)
+        except UsageError as exc:
+            raise BiasInputError(str(exc)) from None
         if not 1 <= self.base_steps < self.steps:
             raise BiasInputError(
                 f"steps={self.steps} with high-noise-frac={self.high_noise_frac} leaves the base "

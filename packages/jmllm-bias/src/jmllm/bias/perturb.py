@@ -67,8 +67,10 @@ class PerturbationConfig:
             raise BiasInputError(f"eps must be a finite number >= 0, got {self.eps!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise BiasInputError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise BiasInputError(f"step size must be > 0, got {self.step_size!r}")
+        if self.step_size is not None and (
+            not isinstance(self.step_size, (int, float)) or not 0 < self.step_size < float("inf")
+        ):
+            raise BiasInputError(f"step size must be a finite number > 0, got {self.step_size!r}")
         if self.reduction not in _REDUCTIONS:
             raise BiasInputError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
 

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def build_report(folder: str | os.PathLike[str], seed: int = 0) -> BiasReport:
         run = json.loads((root / RUN).read_text(encoding="utf-8"))
         settings = run["settings"]
         eps_values = [float(e) for e in settings["eps"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BiasInputError(f"{root / RUN}: malformed run settings ({exc})") from None
     records = list(read_results(root).values())
     ok, skipped = [], []
@@ -177,12 +178,35 @@ def _p(value: float | None) -> str:
 
 
 def _md(text: Any) -> str:
-    """Model or user text made safe for a Markdown table cell (HTML-escaped, one line)."""
-    s = html.escape(str(text), quote=True)
-    return (
-        s.replace("|", "&#124;").replace("\r", " ").replace("\n", "⏎").replace("`", "&#96;")
-        or "(empty)"
-    )
+    r"""Model or user text made safe for a Markdown table cell or list item, escaped once:
+    ``<``, ``>``, ``&`` as HTML entities (quotes need none outside attributes), ``|`` and the
+    backtick backslashed, one line.
+
+    Example:
+        >>> print(_md("it's <b>10</b> | `x`"))
+        it's &lt;b&gt;10&lt;/b&gt; \| \`x\`
+    """
+    s = html.escape(str(text), quote=False)
+    s = s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    return s.replace("\r", " ").replace("\n", "⏎") or "(empty)"
+
+
+def _code(text: Any) -> str:
+    """``text`` as a Markdown code span, shown literally: nothing inside a code span is
+    interpreted (HTML entities included), so nothing is escaped; the fence is one backtick
+    longer than any run of backticks in the text.
+
+    Example:
+        >>> print(_code("a photo of a `man`"))
+        `` a photo of a `man` ``
+    """
+    s = str(text).replace("\r", " ").replace("\n", "⏎")
+    if not s:
+        return "(empty)"
+    runs = [len(run) for run in re.findall(r"`+", s)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if runs else ""  # CommonMark strips one space each side when both are there
+    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 def _histogram(report: BiasReport, eps: float) -> bytes:
@@ -237,16 +261,16 @@ def render_markdown(report: BiasReport) -> str:
     lines = [
         f"# Bias report: {_md(s['characteristic'])}",
         "",
-        f"- Question: `{_md(s['question'])}`",
+        f"- Question: {_code(s['question'])}",
         f"- Conversation template: {_md(s.get('template', 'llava-1.5'))}"
-        + (f" (`{_md(s['prompt'])}`)" if "prompt" in s else ""),
-        f"- Perturbation: {method} on `t`, pushing `{_md(s['queries'][0])}` down and "
-        f"`{_md(s['queries'][1])}` up (objective: {s['reduction']} over patches; "
+        + (f" ({_code(s['prompt'])})" if "prompt" in s else ""),
+        f"- Perturbation: {method} on `t`, pushing {_code(s['queries'][0])} down and "
+        f"{_code(s['queries'][1])} up (objective: {s['reduction']} over patches; "
         f"step size {step_sizes})",
-        f"- Cohort: `{_md(report.cohort)}`",
+        f"- Cohort: {_code(report.cohort)}",
     ]
     for role, model in sorted(report.models.items()):
-        lines.append(f"- {role}: `{_md(model)}`")
+        lines.append(f"- {role}: {_code(model)}")
     lines += [
         f"- Portraits assessed: {len(report.images)}; skipped: {len(report.skipped)}",
         "",

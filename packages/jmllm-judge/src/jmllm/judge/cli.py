@@ -433,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code_for(e)
         kind = "error" if code != EXIT_FAILURE else "failed"
         detail = one_line(e) if code != EXIT_FAILURE else f"{type(e).__name__}: {one_line(e)}"
-        log.debug("traceback", exc_info=True)
+        if code == EXIT_FAILURE:  # not a usage error: -vv shows where it came from
+            log.debug("traceback", exc_info=True)
         print(f"jmllm-judge {args.command}: {kind}: {redact(detail)}", file=sys.stderr)
         return code
 

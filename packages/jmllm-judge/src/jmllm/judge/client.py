@@ -277,6 +277,8 @@ class RedactingFilter(logging.Filter):
         redacted = self.redactor(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:  # format it here, to redact it
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = self.redactor(record.exc_text)
         return True

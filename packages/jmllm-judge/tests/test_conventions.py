@@ -1,0 +1,68 @@
+"""The shared conventions module: its rules, and that every installed copy is the same file."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import math
+
+import pytest
+
+from jmllm.judge import conventions
+
+COPIES = ["jmllm.judge.conventions", "jmllm.userstudy.conventions", "jmllm.bias.conventions"]
+
+
+def test_every_installed_copy_is_identical() -> None:
+    """The standalone packages carry the conventions as a file of their own: identical copies
+    behave identically."""
+    sources = {}
+    for name in COPIES:
+        try:
+            sources[name] = inspect.getsource(importlib.import_module(name))
+        except ModuleNotFoundError:  # that package is not installed here
+            continue
+    assert len(sources) >= 1
+    assert len(set(sources.values())) == 1, sorted(sources)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "accepted"),
+    [
+        (conventions.finite_float(0, open_low=True), "2.5", 2.5),
+        (conventions.finite_float(0, open_low=True), "nan", None),
+        (conventions.finite_float(0, open_low=True), "NaN", None),
+        (conventions.finite_float(0, open_low=True), "inf", None),
+        (conventions.finite_float(0, open_low=True), "-inf", None),
+        (conventions.finite_float(0, open_low=True), "0", None),
+        (conventions.finite_float(0, 2), "2", 2.0),
+        (conventions.finite_float(0, 2), "2.0001", None),
+        (conventions.finite_float(0, 2), "1e309", None),
+        (conventions.finite_float(0, 2), "x", None),
+        (conventions.integer(1), "1", 1),
+        (conventions.integer(1), "0", None),
+        (conventions.integer(1), "1.5", None),
+        (conventions.integer(1), "1e3", None),
+        (conventions.integer(0, 65535), "65535", 65535),
+        (conventions.integer(0, 65535), "65536", None),
+    ],
+)
+def test_numbers_are_finite_and_in_range(kind, text: str, accepted: float | None) -> None:  # type: ignore[no-untyped-def]
+    if accepted is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+    else:
+        value = kind(text)
+        assert value == accepted and math.isfinite(value)
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = conventions.ArgumentParser(prog="tool")
+    parser.add_argument("--timeout", type=conventions.finite_float(0, open_low=True))
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--timeout", "nan"])
+    assert exc.value.code == conventions.EXIT_USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        "tool: error: argument --timeout: must be a finite number, got nan (see tool --help)"
+    ]
