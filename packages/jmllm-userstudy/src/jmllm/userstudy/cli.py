@@ -154,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jmllm-userstudy: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # one line for the user; -v logs the traceback too
+    except Exception as exc:  # one line for the user; -v logs a failure's traceback too
         code = exit_code_for(exc)
-        log.debug("traceback", exc_info=True)
+        if code == EXIT_FAILURE:  # not a usage error: -v shows where it came from
+            log.info("traceback", exc_info=True)
         detail = one_line(exc) if code != EXIT_FAILURE else f"{type(exc).__name__}: {one_line(exc)}"
         print(f"jmllm-userstudy: error: {detail}", file=sys.stderr)
         return code
