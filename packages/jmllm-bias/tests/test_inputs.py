@@ -280,3 +280,18 @@ def test_outputs_have_ordinary_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.jsonl").stat().st_mode) == 0o664
+
+
+def test_failed_assess_leaves_no_empty_output_folder(
+    tmp_path: Path, portraits: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """Models that cannot be loaded: one line, and the --out folders this run created are gone."""
+    out = tmp_path / "new" / "out"
+    missing = str(tmp_path / "no-such-model")
+    argv = ["assess", "--cohort", str(portraits), "--characteristic", "nurse", "--original", "man",
+            "--adversarial", "woman", "--owl", missing, "--llava", missing,
+            "--alignment", str(tmp_path / "w.safetensors"), "--out", str(out)]  # fmt: skip
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot load" in err and "no-such-model" in err
+    assert not (tmp_path / "new").exists()

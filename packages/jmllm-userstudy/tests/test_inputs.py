@@ -340,3 +340,16 @@ def test_outputs_have_ordinary_permissions(example_spec, tmp_path, served) -> No
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
     shutil.rmtree(tmp_path / "ex")
+
+
+def test_explanation_hook_applies_the_image_policy_and_refuses_titles(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from jmllm.userstudy.conventions import ImageLoadError
+    from jmllm.userstudy.from_joint import joint_explainer, write_explanations
+
+    bomb = write_png_header(tmp_path / "q.png", 28_000, 28_000)
+    with pytest.raises(ImageLoadError, match="image too large: 28000x28000"):
+        write_explanations(bomb, ("cat", "dog"), tmp_path / "maps", lambda im, name: im)
+    assert not (tmp_path / "maps").exists()
+    pytest.importorskip("jmllm.joint")
+    with pytest.raises(ValueError, match="no title"):
+        joint_explainer(title="GA: cat")

@@ -235,6 +235,7 @@ def _cohort(args: argparse.Namespace) -> int:
 
 def _assess(args: argparse.Namespace) -> int:
     from .assess import AssessConfig, assess_cohort, load_cohort
+    from .errors import BiasInputError
     from .files import folder_lock
     from .report import write_report
 
@@ -266,16 +267,19 @@ def _assess(args: argparse.Namespace) -> int:
         else:
             import torch
 
-            from jmllm.joint import JointModel
+            from jmllm.joint import JointModel, JointModelError
 
-            model = JointModel.from_pretrained(
-                owl=args.owl,
-                llava=args.llava,
-                alignment=args.alignment,
-                dtype=getattr(torch, args.dtype) if args.dtype else None,
-                device=args.device,
-                device_map=args.device_map,
-            )
+            try:
+                model = JointModel.from_pretrained(
+                    owl=args.owl,
+                    llava=args.llava,
+                    alignment=args.alignment,
+                    dtype=getattr(torch, args.dtype) if args.dtype else None,
+                    device=args.device,
+                    device_map=args.device_map,
+                )
+            except JointModelError as exc:  # a model path or id that does not load: the input
+                raise BiasInputError(str(exc)) from None
             models = {"owl": args.owl, "llava": args.llava, "alignment": args.alignment}
         run = assess_cohort(model, args.cohort, args.out, config, models=models)
         paths = write_report(args.out, seed=args.seed)
