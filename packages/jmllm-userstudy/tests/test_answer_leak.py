@@ -111,7 +111,9 @@ def test_questionnaire_from_the_joint_model_does_not_give_the_answer_away(tmp_pa
             ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
             text, tokens = answer_tokens(model.tokenizer, ids)
             positions = [t.position for t in tokens if t.end > text.rfind(name)]
-            result = ga.attribute(emb, OBJECT_QUESTION, positions, [name], answer=answer)
+            result = ga.attribute(
+                emb, OBJECT_QUESTION, positions, [name], answer=answer, template="paper"
+            )
             with Image.open(root / file) as written:
                 got = np.asarray(written.convert("RGB"))
             for title, same in (("", True), (f"GA: {name}", False)):
