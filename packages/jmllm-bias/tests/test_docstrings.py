@@ -5,7 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["__init__", "cohorts", "scores", "stats", "perturb", "errors", "generate", "assess"]
+MODULES = [
+    "__init__", "cohorts", "scores", "stats", "perturb", "errors", "generate", "assess", "files",
+    "report", "conventions",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODULES)

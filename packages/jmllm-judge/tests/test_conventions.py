@@ -66,3 +66,11 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err.splitlines() == [
         "tool: error: argument --timeout: must be a finite number, got nan (see tool --help)"
     ]
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    for name in ("conventions", "files", "client"):
+        module = importlib.import_module(f"jmllm.judge.{name}")
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, name

@@ -173,6 +173,8 @@ def test_joint_hook_writes_one_map_per_object(tmp_path):
         "atomic",
         "from_joint",
         "serve",
+        "conventions",
+        "participants",
     ],
 )
 def test_docstring_examples(module):

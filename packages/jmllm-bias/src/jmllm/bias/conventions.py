@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import math
 import os
 import tempfile
@@ -83,20 +82,7 @@ MAX_IMAGE_PIXELS = 20_000 * 20_000  # larger images are refused from their heade
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-# OS errors that the user fixes by choosing another path: usage errors (exit 2), not failures.
-_PATH_ERRNOS = {
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENOTDIR,
-    errno.EISDIR,
-    errno.EEXIST,
-    errno.ENOENT,
-    errno.ENAMETOOLONG,
-    errno.ELOOP,
-}
-
-
+# Errors the user fixes by choosing another path: usage errors (exit 2), not failures.
 _PATH_ERRORS = (
     FileNotFoundError,
     FileExistsError,
@@ -114,32 +100,39 @@ class ImageLoadError(UsageError):
     """An image could not be read, or is refused; the message names the file and the problem."""
 
 
-def one_line(message: object) -> str:
-    """The first line of ``message`` (an error's text), never empty.
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (its type name when it has none).
 
     Example:
-        >>> one_line("bad value\\nmore detail")
-        'bad value'
+        >>> one_line(ValueError("bad value\\n  more detail"))
+        'bad value more detail'
     """
-    lines = str(message).strip().splitlines()
-    return lines[0] if lines else "unknown error"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The exit code of an error that reached a command line's top level.
+    """The exit code of a command that stopped on ``exc``, the same rule as every jmllm package:
+
+    - an ``exit_code`` attribute on the exception wins;
+    - ``ValueError`` / ``LookupError`` (bad values, malformed files, inputs that do not fit;
+      :class:`UsageError` is one) and path errors (no such file, not a folder, already exists,
+      permission denied): 2;
+    - Ctrl-C: 130; anything else (out of memory, disk full, a bug): 1.
 
     Example:
         >>> exit_code_for(UsageError("x")), exit_code_for(PermissionError(13, "denied"))
         (2, 2)
-        >>> exit_code_for(OSError(28, "No space left on device")), exit_code_for(RuntimeError())
+        >>> exit_code_for(OSError(28, "No space left on device")), exit_code_for(MemoryError())
         (1, 1)
     """
-    if isinstance(exc, UsageError):
-        return EXIT_USAGE
-    if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS):
-        return EXIT_USAGE
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if isinstance(exc, (ValueError, LookupError, *_PATH_ERRORS)):
+        return EXIT_USAGE
     return EXIT_FAILURE
 
 
