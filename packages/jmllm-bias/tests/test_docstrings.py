@@ -7,7 +7,7 @@ import pytest
 
 MODULES = [
     "__init__", "cohorts", "scores", "stats", "perturb", "errors", "generate", "assess", "files",
-    "report", "conventions",
+    "report",
 ]  # fmt: skip
 
 

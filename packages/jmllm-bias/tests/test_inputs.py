@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from jmllm.align.options import EXIT_USAGE
 from jmllm.bias.cli import main
 from jmllm.bias.cohorts import parse_spec
-from jmllm.bias.conventions import EXIT_USAGE
 from jmllm.bias.errors import BiasInputError
 from jmllm.bias.files import LOCK_FILE, append_jsonl, folder_lock
 from jmllm.bias.generate import GenerationConfig
@@ -293,5 +293,5 @@ def test_failed_assess_leaves_no_empty_output_folder(
             "--alignment", str(tmp_path / "w.safetensors"), "--out", str(out)]  # fmt: skip
     code, err = run_cli(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert "cannot load" in err and "no-such-model" in err
+    assert "no-such-model" in err  # the input that does not load is named
     assert not (tmp_path / "new").exists()

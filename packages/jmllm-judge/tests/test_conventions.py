@@ -11,7 +11,7 @@ import pytest
 
 from jmllm.judge import conventions
 
-COPIES = ["jmllm.judge.conventions", "jmllm.userstudy.conventions", "jmllm.bias.conventions"]
+COPIES = ["jmllm.judge.conventions", "jmllm.userstudy.conventions"]
 
 
 def test_every_installed_copy_is_identical() -> None:
@@ -74,3 +74,58 @@ def test_docstring_examples() -> None:
     for name in ("conventions", "files", "client"):
         module = importlib.import_module(f"jmllm.judge.{name}")
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, name
+
+
+def test_the_same_rules_as_jmllm_align() -> None:
+    """The standalone copy behaves as jmllm-align's modules (the packages that can import them
+    do), case by case: numbers, exit codes, messages, the pixel limit."""
+    options = pytest.importorskip("jmllm.align.options")
+    images = pytest.importorskip("jmllm.align.images")
+    assert (conventions.EXIT_USAGE, conventions.EXIT_FAILURE, conventions.EXIT_PARTIAL) == (
+        options.EXIT_USAGE,
+        options.EXIT_FAILURE,
+        options.EXIT_PARTIAL,
+    )
+    assert conventions.MAX_IMAGE_PIXELS == images.MAX_IMAGE_PIXELS
+    for args, texts in [
+        ((0,), ["1", "0", "-1", "nan", "inf", "x"]),
+        ((0, 2), ["2", "2.5", "1e309"]),
+    ]:
+        for text in texts:
+            for kwargs in ({}, {"open_low": True}):
+                outcomes = []
+                for module in (conventions, options):
+                    try:
+                        outcomes.append(module.finite_float(*args, **kwargs)(text))
+                    except argparse.ArgumentTypeError as exc:
+                        outcomes.append(str(exc))
+                assert outcomes[0] == outcomes[1], (args, kwargs, text)
+    for text in ["1", "0", "70000", "1.5", "x"]:
+        outcomes = []
+        for module in (conventions, options):
+            try:
+                outcomes.append(module.integer(1, 65535)(text))
+            except argparse.ArgumentTypeError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1], text
+    for exc in [
+        ValueError("x"),
+        KeyError("k"),
+        FileNotFoundError("f"),
+        PermissionError(13, "denied"),
+        OSError(28, "No space left on device"),
+        MemoryError(),
+        KeyboardInterrupt(),
+        RuntimeError("bug"),
+    ]:
+        assert conventions.exit_code_for(exc) == options.exit_code_for(exc), exc
+        assert conventions.one_line(exc) == options.one_line(exc), exc
+    for size in [(28_000, 28_000), (20_000, 20_000), (20_001, 20_000), (0, 5)]:
+        outcomes = []
+        for module in (conventions, images):
+            try:
+                module.check_pixels(size, "x.png")
+                outcomes.append(None)
+            except ValueError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1], size

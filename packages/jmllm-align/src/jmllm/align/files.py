@@ -24,6 +24,8 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_dir",
+    "check_output_file",
     "current_umask",
     "file_mode",
     "folder_mode",
@@ -152,3 +154,63 @@ def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
             except OSError:
                 break
         raise
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def _check_writable_folder(target: Path, folder: Path, what: str) -> None:
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {target}: cannot write in {existing} (permission denied)")
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "output") -> Path:
+    """Check, before any work, that a file can be written at ``path``: it is not a folder, no
+    part of its folder is a file, and the nearest existing folder is writable.
+
+    Raises:
+        IsADirectoryError, NotADirectoryError, PermissionError: naming ``what``, the path and
+            the problem (bad input: exit code 2).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> check_output_file(root / "new" / "w.safetensors").name
+        'w.safetensors'
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{what} {target}: is a folder; give a file name")
+    _check_writable_folder(target, target.parent, what)
+    return target
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Check, before any work, that ``path`` is (or can be created as) a writable folder.
+
+    Raises:
+        NotADirectoryError, PermissionError: naming ``what``, the path and the problem (bad
+            input: exit code 2).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (root / "f").write_text("x")
+        >>> try:
+        ...     check_output_dir(root / "f", "--out")
+        ... except NotADirectoryError as exc:
+        ...     print(str(exc).replace(str(root), "ROOT"))
+        --out ROOT/f: exists and is not a folder
+    """
+    target = Path(path)
+    if os.path.lexists(target) and not target.is_dir():
+        raise NotADirectoryError(f"{what} {target}: exists and is not a folder")
+    _check_writable_folder(target, target, what)
+    return target

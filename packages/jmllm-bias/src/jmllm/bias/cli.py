@@ -24,18 +24,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .conventions import (
+from jmllm.align.files import check_output_dir, output_folder
+from jmllm.align.options import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
-    check_output_dir,
     exit_code_for,
     finite_float,
     integer,
     one_line,
-    output_folder,
 )
 
 __all__ = ["main"]

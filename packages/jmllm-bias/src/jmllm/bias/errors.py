@@ -1,14 +1,12 @@
 """The one error type bad input raises, so the CLI can print it on one line without a traceback
-and exit with code 2 (:data:`jmllm.bias.conventions.EXIT_USAGE`)."""
+and exit with code 2 (:func:`jmllm.align.options.exit_code_for`: a ``ValueError``)."""
 
 from __future__ import annotations
-
-from .conventions import UsageError
 
 __all__ = ["BiasInputError"]
 
 
-class BiasInputError(UsageError):
+class BiasInputError(ValueError):
     """Bad input (spec, cohort folder, characteristic, results folder): the message names it.
 
     Example:

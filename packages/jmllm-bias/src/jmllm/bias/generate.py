@@ -35,8 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.options import check_finite
+
 from .cohorts import CohortImage, CohortSpec
-from .conventions import UsageError, check_finite
 from .errors import BiasInputError
 from .files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, sha256_file
 
@@ -90,7 +91,7 @@ class GenerationConfig:
         # finished image and generate the whole cohort again.
         try:
             check_finite(self.guidance_scale, "guidance-scale", 0.0, MAX_GUIDANCE_SCALE)
-        except UsageError as exc:
+        except ValueError as exc:
             raise BiasInputError(str(exc)) from None
         if not 1 <= self.base_steps < self.steps:
             raise BiasInputError(

@@ -1,8 +1,9 @@
 """The command-line and file conventions every jmllm package follows, in one small module.
 
-The packages that stand alone (``jmllm-judge``, ``jmllm-userstudy``) cannot import the copy of
-these rules in ``jmllm-align``, so they carry this file; the copies are byte-identical (a test
-compares them) and behave exactly as ``jmllm-align``'s.
+The packages that stand alone (``jmllm-judge``, ``jmllm-userstudy``) cannot import
+``jmllm-align``'s ``jmllm.align.options``, ``jmllm.align.images`` and ``jmllm.align.files``, which
+the other packages follow (docs/conventions.md), so they carry this file; the two copies are
+byte-identical and behave as ``jmllm-align``'s modules (tests compare both, case by case).
 
 - **Exit codes**: :data:`EXIT_OK` 0; :data:`EXIT_FAILURE` 1, the run failed (disk full, a
   server or model error); :data:`EXIT_USAGE` 2, bad input or usage (an option value, a missing,
