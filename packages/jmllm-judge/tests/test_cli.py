@@ -95,16 +95,22 @@ def test_coco_to_table1_one_command_per_step(
     authors = f'From 1 to 10, score this caption for the image: "{NASTY}". Only answer with a number from 1 to 10.'
     assert nasty[0].user_text == authors  # the authors' form by default, verbatim
 
-    # Table 1: invalid replies counted and excluded.
+    # Table 1: replies read as the authors' script did (int(reply)), invalid ones counted and
+    # excluded; "11" is a score for int() and listed as a disagreement with the strict reader.
     report = json.loads((run / "report" / "report.json").read_text())
+    assert report["score_parser"] == "authors"
     llava = next(s for s in report["systems"] if s["system"] == "LLaVA")
-    assert (llava["valid"], llava["invalid"], llava["failed"]) == (8, 2, 0)
-    assert sorted(r["reply"] for r in report["invalid"]) == ["11", "Score: 8"]
+    assert (llava["valid"], llava["invalid"], llava["failed"]) == (9, 1, 0)
+    assert sorted(r["reply"] for r in report["invalid"]) == ["Score: 8"]
+    assert [r["reply"] for r in report["reader_disagreements"]] == ["11"]
     results = json.loads((run / "results.json").read_text())
-    valid = [
-        r["score"] for r in results["records"] if r["system"] == "LLaVA" and r["score"] is not None
-    ]
+    replies = [r["reply"] for r in results["records"] if r["system"] == "LLaVA"]
+    valid = [int(r) for r in replies if r.strip().lstrip("+-").isdigit()]
     assert llava["mean"] == pytest.approx(sum(valid) / len(valid))
+    assert cli("report", str(run / "results.json"), "--score-parser", "strict", "-o", str(run / "strict")) == 0  # fmt: skip
+    strict = json.loads((run / "strict" / "report.json").read_text())
+    llava_strict = next(s for s in strict["systems"] if s["system"] == "LLaVA")
+    assert (llava_strict["valid"], llava_strict["invalid"]) == (8, 2)
     markdown = (run / "report" / "report.md").read_text()
     assert "| Model: | COCO GT | LLaVA | J |" in markdown
     assert "<img" not in markdown and "<b>" not in markdown

@@ -119,3 +119,17 @@ def test_valid_scores(reply: str, score: int) -> None:
 )  # fmt: skip
 def test_invalid_replies(reply: str | None) -> None:
     assert parse_score(reply) is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [("7", 7), ("+7", 7), ("07", 7), (" 8 \n", 8), ("11", 11), ("0", 0), ("-3", -3), ("١٠", 10),
+     ("７", 7), ("7.", None), ("7/10", None), ("seven", None), ("", None), (None, None)],
+)  # fmt: skip
+def test_authors_reader_is_int_of_the_reply(reply: str | None, score: int | None) -> None:
+    assert parse_score(reply, "authors") == score
+
+
+def test_unknown_reader_is_named() -> None:
+    with pytest.raises(ValueError, match="score parser: unknown 'x'"):
+        parse_score("7", "x")

@@ -52,7 +52,7 @@ def make_results(scores: dict[str, list[str | None]]) -> RunResults:
 def test_statistics_exclude_invalid_and_failed() -> None:
     a = ["7", "8", "6", "9", "seven", "11", None, "7"]
     b = ["5", "6", "6", "7", "4", "5", "6", None]
-    report = build_report(make_results({"A": a, "B": b}), resamples=2000)
+    report = build_report(make_results({"A": a, "B": b}), resamples=2000, score_parser="strict")
     sa, sb = report.systems
     valid_a = [7, 8, 6, 9, 7]
     assert (sa.valid, sa.invalid, sa.failed) == (5, 2, 1)
@@ -133,3 +133,37 @@ def test_results_and_report_files(tmp_path: Path) -> None:
     markdown = paths["markdown"].read_text()
     assert "| Model: | COCO GT | LLaVA | J |" in markdown
     assert "| Avg. score: | 7.0 | 7.7 | 5.7 |" in markdown
+
+
+def test_authors_reader_is_the_default_and_disagreements_are_listed(tmp_path: Path) -> None:
+    # The authors' script: score = int(reply), skipped when int() fails (Table 1).
+    a = ["7", "7.", "11", "+7", " 8 ", "seven", None, "07"]
+    results = make_results({"A": a})
+    authors = build_report(results, resamples=200)
+    strict = build_report(results, resamples=200, score_parser="strict")
+    assert authors.score_parser == "authors" and strict.score_parser == "strict"
+    by_int = []
+    for reply in a:
+        try:
+            by_int.append(int(reply))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    assert by_int == [7, 11, 7, 8, 7]
+    assert authors.systems[0].mean == pytest.approx(np.mean(by_int))
+    assert (authors.systems[0].valid, authors.systems[0].invalid) == (5, 2)
+    assert strict.systems[0].mean == pytest.approx(np.mean([7, 7, 8]))
+    assert (strict.systems[0].valid, strict.systems[0].invalid) == (3, 4)
+    # the same replies are disagreements whichever reader the report uses
+    expected = {"7.", "11", "+7", "07"}
+    for report in (authors, strict):
+        assert {r.reply for r in report.reader_disagreements} == expected
+    markdown = render_markdown(authors)
+    assert "as the authors' script read them" in markdown
+    assert "reads differently (4)" in markdown
+    data = authors.to_json()
+    assert data["score_parser"] == "authors"
+    rows = {r["reply"]: r for r in data["reader_disagreements"]}
+    assert (rows["11"]["score_authors"], rows["11"]["score_strict"]) == (11, None)
+    assert (rows["7."]["score_authors"], rows["7."]["score_strict"]) == (None, 7)
+    with pytest.raises(ValueError, match="score parser: unknown 'lenient'"):
+        build_report(results, score_parser="lenient")

@@ -32,6 +32,7 @@ from jmllm.judge.conventions import (
     one_line,
     remove_empty_folders,
 )
+from jmllm.judge.parsing import DEFAULT_SCORE_PARSER, SCORE_PARSERS
 
 log = logging.getLogger("jmllm.judge")
 
@@ -228,6 +229,13 @@ def _parser() -> argparse.ArgumentParser:
         help="bootstrap resamples, >= 1 (default: 10000)",
     )
     p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed (default: 0)")
+    p.add_argument(
+        "--score-parser",
+        choices=SCORE_PARSERS,
+        default=DEFAULT_SCORE_PARSER,
+        help="how replies become scores: authors = int(reply), as the authors' script (Table 1); "
+        "strict = a bare integer from 1 to 10 (default: %(default)s)",
+    )
     return parser
 
 
@@ -389,7 +397,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from jmllm.judge.runner import load_results
 
     check_output_dir(args.out, "-o")
-    report = build_report(load_results(args.results), resamples=args.resamples, seed=args.seed)
+    report = build_report(
+        load_results(args.results),
+        resamples=args.resamples,
+        seed=args.seed,
+        score_parser=args.score_parser,
+    )
     paths = write_report(report, args.out)
     for s in report.systems:
         mean = "—" if s.mean is None else f"{s.mean:.2f}"

@@ -10,7 +10,9 @@ From a :class:`~jmllm.judge.runner.RunResults`:
   difference A − B with its bootstrap CI, and the Wilcoxon signed-rank p-value (two-sided,
   ``scipy.stats.wilcoxon``, zero differences dropped);
 * token usage in and out per system, where the server reported it;
-* every invalid reply, raw, and every failure, with its error.
+* every invalid reply, raw, and every failure, with its error;
+* which score reader was used (``authors``, the default, or ``strict``: see
+  :mod:`jmllm.judge.parsing`) and every reply the two readers read differently.
 
 Written as Markdown (all model text and names escaped), JSON, and a bar chart with CIs (PNG).
 """
@@ -24,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from jmllm.judge.files import atomic_write_bytes, atomic_write_text
+from jmllm.judge.parsing import DEFAULT_SCORE_PARSER, SCORE_PARSERS
 from jmllm.judge.runner import JudgementRecord, RunResults
 
 __all__ = [
@@ -95,10 +98,16 @@ class JudgeReport:
     total_prompt_tokens: int | None  # over distinct requests (a shared judgement counts once)
     total_completion_tokens: int | None
     bootstrap: dict[str, Any] = field(default_factory=dict)
+    score_parser: str = DEFAULT_SCORE_PARSER
+    # answered replies that the other reader scores differently (or accepts when this one refuses)
+    reader_disagreements: list[JudgementRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         def record(r: JudgementRecord) -> dict[str, Any]:
             return {**asdict(r), "score": r.score}
+
+        def disagreement(r: JudgementRecord) -> dict[str, Any]:
+            return {**record(r), **{f"score_{name}": r.score_as(name) for name in SCORE_PARSERS}}
 
         return _finite(
             {
@@ -106,6 +115,7 @@ class JudgeReport:
                 "version": 1,
                 "settings": self.settings,
                 "n_images": self.n_images,
+                "score_parser": self.score_parser,
                 "bootstrap": self.bootstrap,
                 "systems": [asdict(s) for s in self.systems],
                 "pairs": [asdict(p) for p in self.pairs],
@@ -115,6 +125,7 @@ class JudgeReport:
                 },
                 "invalid": [record(r) for r in self.invalid],
                 "failed": [record(r) for r in self.failed],
+                "reader_disagreements": [disagreement(r) for r in self.reader_disagreements],
             }
         )
 
@@ -167,11 +178,35 @@ def _wilcoxon_p(diffs: np.ndarray) -> float | None:
 
 
 def build_report(
-    results: RunResults, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0
+    results: RunResults,
+    *,
+    resamples: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+    score_parser: str = DEFAULT_SCORE_PARSER,
 ) -> JudgeReport:
-    """Compute the report of a run (deterministic for a given ``seed``)."""
+    """Compute the report of a run (deterministic for a given ``seed``).
+
+    Args:
+        results: the judgements (:func:`jmllm.judge.runner.load_results`).
+        resamples: bootstrap resamples.
+        level: confidence level of the intervals.
+        seed: bootstrap seed.
+        score_parser: how replies become scores: ``"authors"`` (``int(reply)``, what produced
+            Table 1; default) or ``"strict"`` (a bare 1–10 integer). See
+            :mod:`jmllm.judge.parsing`.
+
+    Example:
+        >>> report = build_report(load_results("results.json"), score_parser="strict")  # doctest: +SKIP
+        >>> [(s.system, s.mean) for s in report.systems]  # doctest: +SKIP
+    """
+    if score_parser not in SCORE_PARSERS:
+        raise ValueError(
+            f"score parser: unknown {score_parser!r} (known: {', '.join(SCORE_PARSERS)})"
+        )
+    records_read = [replace(r, score_parser=score_parser) for r in results.records]
     by_system: dict[str, dict[str, JudgementRecord]] = {s: {} for s in results.systems}
-    for r in results.records:
+    for r in records_read:
         by_system.setdefault(r.system, {})[r.image_id] = r
 
     summaries = []
@@ -231,7 +266,7 @@ def build_report(
             )
         )
 
-    distinct: dict[str, JudgementRecord] = {r.key: r for r in results.records}
+    distinct: dict[str, JudgementRecord] = {r.key: r for r in records_read}
     with_usage = [
         r
         for r in distinct.values()
@@ -242,13 +277,19 @@ def build_report(
         n_images=results.n_images,
         systems=summaries,
         pairs=pairs,
-        invalid=[r for r in results.records if r.invalid],
-        failed=[r for r in results.records if r.status in ("failed", "pending")],
+        invalid=[r for r in records_read if r.invalid],
+        failed=[r for r in records_read if r.status in ("failed", "pending")],
         total_prompt_tokens=sum(r.prompt_tokens or 0 for r in with_usage) if with_usage else None,
         total_completion_tokens=sum(r.completion_tokens or 0 for r in with_usage)
         if with_usage
         else None,
         bootstrap={"method": "percentile", "resamples": resamples, "level": level, "seed": seed},
+        score_parser=score_parser,
+        reader_disagreements=[
+            r
+            for r in records_read
+            if r.status == "answered" and len({r.score_as(name) for name in SCORE_PARSERS}) > 1
+        ],
     )
 
 
@@ -286,6 +327,12 @@ def _tokens(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
 
 
+_SCORE_READERS = {
+    "authors": "as the authors' script read them (`int(reply)`)",
+    "strict": "strictly (a bare integer from 1 to 10)",
+}
+
+
 def _prompt_source(settings: dict[str, Any]) -> str:
     """Which judge prompts a run used, in words."""
     from jmllm.judge.prompts import JUDGE_SYSTEM_PROMPT, JUDGE_USER_PROMPTS
@@ -309,6 +356,7 @@ def render_markdown(report: JudgeReport) -> str:
     out.append(
         f"Judge `{markdown_cell(settings.get('model'))}` at {markdown_cell(settings.get('base_url') or 'the default OpenAI URL')}, "
         f"temperature {settings.get('temperature')}, {report.n_images} images; {_prompt_source(settings)}. "
+        f"Scores read {_SCORE_READERS.get(report.score_parser, report.score_parser)}. "
         "Invalid replies and failures are excluded from every statistic and listed below."
     )
     out += ["", "## Table 1: average judge score (1–10)", ""]
@@ -360,6 +408,22 @@ def render_markdown(report: JudgeReport) -> str:
             )
     else:
         out.append("None.")
+    other = [name for name in SCORE_PARSERS if name != report.score_parser]
+    out += [
+        "",
+        f"## Replies the `{'`/`'.join(other)}` reader reads differently ({len(report.reader_disagreements)})",
+        "",
+    ]
+    if report.reader_disagreements:
+        out.append("| System | Image | Raw reply | " + " | ".join(SCORE_PARSERS) + " |")
+        out.append("| --- | --- | --- |" + " ---: |" * len(SCORE_PARSERS))
+        for r in report.reader_disagreements:
+            read = " | ".join(_num(r.score_as(name), 0) for name in SCORE_PARSERS)
+            out.append(
+                f"| {markdown_cell(r.system)} | {markdown_cell(r.image_id)} | {markdown_cell(repr(r.reply))} | {read} |"
+            )
+    else:
+        out.append("None: both readers give the same scores.")
     out += ["", f"## Failed or missing judgements ({len(report.failed)})", ""]
     if report.failed:
         out.append("| System | Image | Status | Attempts | Error |")

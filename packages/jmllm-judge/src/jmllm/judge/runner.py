@@ -72,15 +72,20 @@ class JudgementRecord:
     attempts: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    score_parser: str = "strict"  # how ``score`` reads ``reply`` (jmllm.judge.parsing)
 
     @property
     def score(self) -> int | None:
-        """The 1–10 score; ``None`` unless answered with a valid score."""
-        return parse_score(self.reply) if self.status == "answered" else None
+        """The score as ``score_parser`` reads the reply; ``None`` unless answered validly."""
+        return self.score_as(self.score_parser)
+
+    def score_as(self, parser: str) -> int | None:
+        """The score as the named reader (``"strict"`` or ``"authors"``) reads the reply."""
+        return parse_score(self.reply, parser) if self.status == "answered" else None
 
     @property
     def invalid(self) -> bool:
-        """Answered, but not with a bare 1–10 integer."""
+        """Answered, but not with a score ``score_parser`` accepts."""
         return self.status == "answered" and self.score is None
 
 
