@@ -251,6 +251,97 @@ def save_arrays(path: Path, results: Sequence[tuple[str, GAResult]]) -> Path:
     return atomic_write_bytes(path, data)
 
 
+def render_explanation_report(
+    image: Image.Image | None,
+    prompt: str,
+    answer_text: str,
+    results: Sequence[GAResult],
+    weighting: str = "class",
+    title: str = "GA explanation",
+    template: str | None = None,
+) -> str:
+    """The self-contained ``report.html`` page of :func:`write_explanation_report`, as a string
+    (the same bytes, without the files written beside it).
+
+    Example:
+        >>> page = render_explanation_report(exp.image, exp.prompt, exp.answer_text,
+        ...                                  exp.word_results)  # doctest: +SKIP
+    """
+    if template is None:
+        template = _recorded_template(results)
+    return _explanation_parts(image, prompt, answer_text, results, weighting, title, template)[0]
+
+
+def _recorded_template(results: Sequence[GAResult]) -> str | None:
+    """The conversation template the results record, if any."""
+    return next((r.meta["template"] for r in results if "template" in r.meta), None)
+
+
+def _explanation_parts(
+    image: Image.Image | None,
+    prompt: str,
+    answer_text: str,
+    results: Sequence[GAResult],
+    weighting: str,
+    title: str,
+    template: str | None,
+) -> tuple[str, dict[str, bytes], list[tuple[str, GAResult]], dict[str, Any]]:
+    """The report page, its pictures (``maps/`` name → PNG), the labelled results and the
+    summary record."""
+    spans, panels, records, labelled = [], [], [], []
+    pictures: dict[str, bytes] = {}
+    for i, result in enumerate(results):
+        key = f"r{i}"
+        label = f"{i:03d}_{_slug(result.target)}"
+        start = min((t.start for t in result.tokens), default=0)
+        end = max((t.end for t in result.tokens), default=0)
+        if end > start:
+            spans.append((start, end, key, f"explain {result.target}"))
+        panel, overlay, boxes = result_panel(key, result, image, weighting, result.target)
+        panels.append(panel)
+        pictures[f"{label}_{weighting}.png"] = overlay
+        pictures[f"{label}_boxes.png"] = boxes
+        labelled.append((label, result))
+        records.append(
+            {
+                "label": label,
+                "target": result.target,
+                "tokens": [
+                    {"position": t.position, "id": t.token_id, "text": t.text}
+                    for t in result.tokens
+                ],
+                "g_llm_norm": result.g_llm_norm,
+                "top_patches": np.argsort(-result.weights(weighting).numpy(), kind="stable")[
+                    :10
+                ].tolist(),
+            }
+        )
+    options = "".join(
+        f"<option value='r{i}'>{html.escape(r.target)}</option>" for i, r in enumerate(results)
+    )
+    queries = ", ".join(results[0].queries) if results else ""
+    body = (
+        f"<h1>{html.escape(title)}</h1>"
+        f"<div class='turn'><span class='who'>USER:</span>{html.escape(prompt)}</div>"
+        f"<div class='turn'><span class='who'>ASSISTANT:</span>"
+        f"{highlighted_answer(answer_text, spans)}</div>"
+        f"<p>Choose a word: <select id='pick'>{options}</select> "
+        f"<span class='note'>OWL-ViT queries: {html.escape(queries)}; weighting: "
+        f"{html.escape(weighting)}{_template_note(template)}. GA: cosine between ∂logit/∂t "
+        f"and each OWL-ViT output's ∂/∂t (Giulivi &amp; Boracchi, BMVC 2024).</span></p>"
+        + "".join(panels)
+    )
+    summary = {
+        "prompt": prompt,
+        "answer": answer_text,
+        "queries": results[0].queries if results else [],
+        "template": template,
+        "weighting": weighting,
+        "results": records,
+    }
+    return page(title, body), pictures, labelled, summary
+
+
 def write_explanation_report(
     out_dir: str | os.PathLike[str],
     image: Image.Image | None,
@@ -285,63 +376,18 @@ def write_explanation_report(
         ...                          exp.word_results)  # doctest: +SKIP
     """
     if template is None:
-        template = next((r.meta["template"] for r in results if "template" in r.meta), None)
+        template = _recorded_template(results)
     out = Path(out_dir)
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
-    spans, panels, records, labelled = [], [], [], []
-    for i, result in enumerate(results):
-        key = f"r{i}"
-        label = f"{i:03d}_{_slug(result.target)}"
-        start = min((t.start for t in result.tokens), default=0)
-        end = max((t.end for t in result.tokens), default=0)
-        if end > start:
-            spans.append((start, end, key, f"explain {result.target}"))
-        panel, overlay, boxes = result_panel(key, result, image, weighting, result.target)
-        panels.append(panel)
-        atomic_write_bytes(maps / f"{label}_{weighting}.png", overlay)
-        atomic_write_bytes(maps / f"{label}_boxes.png", boxes)
-        labelled.append((label, result))
-        records.append(
-            {
-                "label": label,
-                "target": result.target,
-                "tokens": [
-                    {"position": t.position, "id": t.token_id, "text": t.text}
-                    for t in result.tokens
-                ],
-                "g_llm_norm": result.g_llm_norm,
-                "top_patches": np.argsort(-result.weights(weighting).numpy(), kind="stable")[
-                    :10
-                ].tolist(),
-            }
-        )
-    options = "".join(
-        f"<option value='r{i}'>{html.escape(r.target)}</option>" for i, r in enumerate(results)
+    report, pictures, labelled, summary = _explanation_parts(
+        image, prompt, answer_text, results, weighting, title, template
     )
-    queries = ", ".join(results[0].queries) if results else ""
-    body = (
-        f"<h1>{html.escape(title)}</h1>"
-        f"<div class='turn'><span class='who'>USER:</span>{html.escape(prompt)}</div>"
-        f"<div class='turn'><span class='who'>ASSISTANT:</span>"
-        f"{highlighted_answer(answer_text, spans)}</div>"
-        f"<p>Choose a word: <select id='pick'>{options}</select> "
-        f"<span class='note'>OWL-ViT queries: {html.escape(queries)}; weighting: "
-        f"{html.escape(weighting)}{_template_note(template)}. GA: cosine between ∂logit/∂t "
-        f"and each OWL-ViT output's ∂/∂t (Giulivi &amp; Boracchi, BMVC 2024).</span></p>"
-        + "".join(panels)
-    )
+    for name, png in pictures.items():
+        atomic_write_bytes(maps / name, png)
     save_arrays(out / "arrays.safetensors", labelled)
-    summary = {
-        "prompt": prompt,
-        "answer": answer_text,
-        "queries": results[0].queries if results else [],
-        "template": template,
-        "weighting": weighting,
-        "results": records,
-    }
     atomic_write_bytes(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
-    return atomic_write_bytes(out / "report.html", page(title, body).encode("utf-8"))
+    return atomic_write_bytes(out / "report.html", report.encode("utf-8"))
 
 
 def _template_note(template: str | None) -> str:
@@ -455,6 +501,7 @@ __all__ = [
     "heatmap_overlay_png",
     "highlighted_answer",
     "page",
+    "render_explanation_report",
     "save_arrays",
     "write_explanation_report",
 ]

@@ -179,6 +179,7 @@ def check_hallucinations(
     threshold: float = 0.1,
     max_new_tokens: int = 64,
     template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+    ga: GradientAlignment | None = None,
 ) -> HallucinationReport:
     """Build the hallucination view of J's answer to ``prompt``.
 
@@ -194,6 +195,8 @@ def check_hallucinations(
         max_new_tokens: generation limit when ``answer`` is None.
         template: the conversation template of the prompt, ``"llava-1.5"`` (default, as chat)
             or ``"paper"`` (the authors' hallucination study); a ``JointAnswer`` brings its own.
+        ga: a :class:`~jmllm.joint.GradientAlignment` to reuse (and keep, in its cache, the
+            gradient norms of this image and query set); default a fresh one.
 
     Returns:
         :class:`HallucinationReport`.
@@ -207,7 +210,7 @@ def check_hallucinations(
     from jmllm.joint.saliency import _template_name, answer_tokens
 
     template_name = _template_name(answer, template)  # an unknown name fails here, first
-    ga = GradientAlignment(model)
+    ga = ga or GradientAlignment(model)
     t, size, emb = ga.embedding(image_or_t)
     prompt_ids, answer_ids = ga.answer(emb, t, prompt, answer, max_new_tokens, template)
     text, _ = answer_tokens(model.tokenizer, answer_ids)
@@ -291,16 +294,13 @@ def _detections_png(image: Image.Image | None, report: HallucinationReport) -> b
     return buf.getvalue()
 
 
-def write_hallucination_report(
-    report: HallucinationReport, out_dir: str | os.PathLike[str]
-) -> Path:
-    """Write ``hallucinations.html`` (self-contained) and ``hallucinations.json``.
+def render_hallucination_report(report: HallucinationReport) -> str:
+    """The self-contained ``hallucinations.html`` page of :func:`write_hallucination_report`,
+    as a string.
 
-    Returns:
-        the path of the HTML file.
+    Example:
+        >>> page = render_hallucination_report(report)  # doctest: +SKIP
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     spans, classes, panels = [], {}, []
     for i, m in enumerate(report.mentions):
         key = f"m{i}"
@@ -345,11 +345,24 @@ def write_hallucination_report(
         f"<div><img alt='detections' style='max-width:560px' src='{detections}'></div></div>"
         + "".join(panels)
     )
+    return page("Hallucination view", body)
+
+
+def write_hallucination_report(
+    report: HallucinationReport, out_dir: str | os.PathLike[str]
+) -> Path:
+    """Write ``hallucinations.html`` (self-contained) and ``hallucinations.json``.
+
+    Returns:
+        the path of the HTML file.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(
         out / "hallucinations.json", (json.dumps(report.to_json(), indent=2) + "\n").encode()
     )
     return atomic_write_bytes(
-        out / "hallucinations.html", page("Hallucination view", body).encode()
+        out / "hallucinations.html", render_hallucination_report(report).encode()
     )
 
 
@@ -360,5 +373,6 @@ __all__ = [
     "ObjectCheck",
     "check_hallucinations",
     "object_mentions",
+    "render_hallucination_report",
     "write_hallucination_report",
 ]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -770,6 +771,10 @@ class GradientAlignment:
         box_rounding: box corners to pixels, ``"truncate"`` (the authors') or ``"outward"``.
         class_query: with several queries, the ``class`` map's channel: ``"first"`` (the
             authors') or ``"max"``.
+        cache_size: how many (image, queries) pairs keep their OWL side (gradient norms, boxes,
+            scores), least recently used dropped first. 1 suits a script that explains one image
+            at a time; an interactive session that goes back and forth between images or query
+            sets keeps more.
 
     Example:
         >>> ga = GradientAlignment(model)  # doctest: +SKIP
@@ -787,14 +792,17 @@ class GradientAlignment:
         *,
         box_rounding: str = "truncate",
         class_query: str = "first",
+        cache_size: int = 1,
     ) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size: must be at least 1, got {cache_size}")
         self.model = model
         self.chunk_size = chunk_size
         self.progress = progress
         self.box_rounding = _check_choice("box_rounding", box_rounding, BOX_ROUNDINGS)
         self.class_query = _check_choice("class_query", class_query, CLASS_QUERY_MODES)
-        self._cache_key: tuple[Any, ...] | None = None
-        self._cache: _Prepared | None = None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[Any, ...], _Prepared] = OrderedDict()
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -834,11 +842,12 @@ class GradientAlignment:
         """OWL side of one (image, queries): heads, boxes, scores; norms computed lazily, once.
 
         ``query_template`` is the OWL-ViT query template (``"a photo of a {}"``)."""
-        names = self.model._check_queries(queries)
-        digest = hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-        key = (digest, tuple(t.shape), tuple(names), query_template, tuple(image_size))
-        if self._cache is not None and self._cache_key == key:
-            return self._cache
+        key = self._cache_key(t, image_size, queries, query_template)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        names = list(key[2])
         query_embeds = self.model.encode_queries(names, query_template)
         heads = OwlHeadGradients(self.model.owl, t.to(self.model.device), query_embeds)
         outputs = heads.outputs()
@@ -852,8 +861,47 @@ class GradientAlignment:
             boxes_xyxy=box_pixels(boxes, image_size, self.box_rounding),
             class_scores=torch.sigmoid(outputs[:, : heads.num_queries]),
         )
-        self._cache_key, self._cache = key, prepared
+        self._cache[key] = prepared
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
         return prepared
+
+    def _cache_key(
+        self,
+        t: torch.Tensor,
+        image_size: tuple[int, int],
+        queries: Sequence[str],
+        query_template: str,
+    ) -> tuple[Any, ...]:
+        names = self.model._check_queries(queries)
+        digest = hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+        return (digest, tuple(t.shape), tuple(names), query_template, tuple(image_size))
+
+    def has_norms(
+        self,
+        image_or_t: Any,
+        queries: Sequence[str],
+        query_template: str | None = None,
+    ) -> bool:
+        """Whether the gradient norms of this (image, queries) are already cached, so that
+        explaining a token costs one LLM backward and one JVP only.
+
+        Args:
+            image_or_t: as in :meth:`attribute` (an embedding or ``t``; an image is embedded).
+            queries: the OWL-ViT queries.
+            query_template: OWL-ViT query template (default J's ``"a photo of a {}"``).
+
+        Example:
+            >>> ga = GradientAlignment(model, cache_size=8)  # doctest: +SKIP
+            >>> ga.has_norms(emb, ["cat"])  # doctest: +SKIP
+            False
+        """
+        from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+
+        t, size, _ = self.embedding(image_or_t)
+        key = self._cache_key(t, size, queries, query_template or DEFAULT_QUERY_TEMPLATE)
+        cached = self._cache.get(key)
+        return cached is not None and cached.norms is not None
 
     def norms(self, prepared: _Prepared) -> torch.Tensor:
         """``‖g_{k,c}‖`` of a prepared (image, queries), computed on first use only."""
