@@ -6,8 +6,8 @@ never a traceback (``--debug`` shows it). Exit codes follow docs/conventions.md:
 usage (numbers are checked here, at the boundary, with the argparse types of
 :mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
 
-Extending: if a module ``jmllm.joint.cli_explain`` exists, :func:`build_parser` calls its
-``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
+Extending: for each module of :data:`PLUGINS` that exists (``jmllm.joint.cli_explain``,
+``jmllm.joint.cli_app``), :func:`build_parser` calls its ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
 ``common_args`` holds the shared model options: use it as a parent parser,
 ``subparsers.add_parser("explain", parents=[common_args], help=...)``, or call it on a parser,
 ``common_args(parser)``. A subcommand sets its
@@ -43,6 +43,7 @@ from jmllm.align.options import (
 logger = logging.getLogger("jmllm.joint.cli")
 
 PROG = "jmllm-joint"
+PLUGINS = ("jmllm.joint.cli_explain", "jmllm.joint.cli_app")  # modules adding subcommands
 DEFAULT_QUESTION = "What's the content of the image?"
 DEMO_QUESTIONS = ("What's the content of the image?", "What colour is the house?")
 DEMO_QUERIES = ("house", "tree", "sun", "car")
@@ -498,7 +499,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    """The ``jmllm-joint`` parser, with plug-in subcommands from ``jmllm.joint.cli_explain``."""
+    """The ``jmllm-joint`` parser, with the plug-in subcommands of :data:`PLUGINS`."""
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE
 
     common = common_arguments()
@@ -561,9 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     _detection_arguments(detect)
     detect.set_defaults(func=cmd_detect)
 
-    if importlib.util.find_spec("jmllm.joint.cli_explain") is not None:
-        plugin = importlib.import_module("jmllm.joint.cli_explain")
-        plugin.register(sub, common)
+    for name in PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub, common)
     return parser
 
 

@@ -1,0 +1,600 @@
+"""``jmllm-joint app``: the interactive explorer, a local Gradio page over one loaded J.
+
+Upload an image (or pick an example), chat with J (and stock LLaVA beside it), see the
+detections O^OWL makes from the same embedding for the objects you type (or the object words of
+the answer), click any word of the answer for its GA map, box view and top patches, check the
+answer for hallucinations, and download the reports the command line writes.
+
+The page is a thin layer: every step is a method of :class:`~jmllm.joint.explorer.Explorer`,
+tested without a browser. :func:`build_app` returns the ``gr.Blocks``; each browser tab keeps its
+own :class:`~jmllm.joint.explorer.ExplorerState` in a ``gr.State``; every event that touches the
+model shares one queue of concurrency 1 (and the explorer's lock), so two tabs never run the
+model at once. :func:`launch` serves it offline: no analytics or version check, no share link,
+system fonts (nothing fetched from a CDN), 127.0.0.1 unless another host is given, an upload
+size limit, and model errors shown as a message in the page.
+
+Needs the ``app`` extra: ``pip install "jmllm-joint[app]"``.
+
+Example:
+    >>> from jmllm.joint.app import build_app, launch
+    >>> app = build_app(model)  # doctest: +SKIP
+    >>> launch(app, host="127.0.0.1", port=7860)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import os
+import re
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jmllm.joint.chat import CONVERSATION_TEMPLATES, INTERACTIVE_TEMPLATE, Conversation
+from jmllm.joint.explorer import (
+    MAX_IMAGE_PIXELS,
+    MAX_NEW_TOKENS,
+    MAX_UPLOAD_BYTES,
+    Explorer,
+    ExplorerError,
+    ExplorerState,
+)
+
+logger = logging.getLogger(__name__)
+
+APP_EXTRA_HINT = 'the explorer app needs Gradio: pip install "jmllm-joint[app]"'
+MODEL_QUEUE = "model"  # the one concurrency group of every event that runs the model
+QUEUE_SIZE = 32  # requests waiting for the model; more are refused with a message
+SESSION_CAPACITY = 64  # browser sessions whose state is kept (each holds an image and t)
+SYSTEM_FONTS = (
+    "system-ui",
+    "-apple-system",
+    "Segoe UI",
+    "Roboto",
+    "Helvetica",
+    "Arial",
+    "sans-serif",
+)
+MONO_FONTS = ("ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace")
+WEIGHTING_CHOICES = (
+    ("class", "class"),
+    ("coord", "coord"),
+    ("any", "any"),
+    ("plain gradient (baseline)", "gradient"),
+)
+HALLUCINATION_COLOURS = {"detected": "#1a7f37", "not detected": "#cf222e"}
+APP_CSS = """
+#jm-words label { font-size: 1rem; }
+.jm-note { background: #fff4d6; border-left: 4px solid #e69f00; padding: .4rem .8rem; }
+"""
+
+
+class AppUnavailableError(ImportError):
+    """Gradio (the ``app`` extra) is not installed."""
+
+
+def require_gradio() -> Any:
+    """The ``gradio`` module, or :class:`AppUnavailableError` naming the extra to install.
+
+    Gradio's analytics and version check (requests to api.gradio.app) are switched off for the
+    whole process before it is imported: the explorer must work with the network unreachable.
+    """
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    try:
+        import gradio
+    except ImportError:
+        raise AppUnavailableError(APP_EXTRA_HINT) from None
+    return gradio
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _md(text: str) -> str:
+    """``text`` safe inside Markdown: HTML escaped, Markdown punctuation backslash-escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text))
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an event handler so that any failure becomes a message in the page (``gr.Error``)
+    instead of a dead page: the user's mistakes by their one-line message, anything else by its
+    type and message (with the traceback in the server log)."""
+    from jmllm.joint.chat import PromptError
+    from jmllm.joint.model import JointModelError
+    from jmllm.joint.saliency import GAError
+
+    gr = require_gradio()
+    expected = (ExplorerError, PromptError, JointModelError, GAError)
+
+    @functools.wraps(fn)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except expected as exc:
+            raise gr.Error(html.escape(_one_line(exc)), print_exception=False) from None
+        except Exception as exc:  # a model failure must not kill the page
+            logger.exception("explorer: %s failed", fn.__name__)
+            raise gr.Error(
+                html.escape(f"{type(exc).__name__}: {_one_line(exc)}"), print_exception=False
+            ) from None
+
+    return handler
+
+
+def chat_messages(conversation: Conversation | None) -> list[dict[str, str]]:
+    r"""A conversation as chat messages whose text the page shows exactly as written: HTML
+    escaped (model text is shown, never run) and Markdown punctuation escaped.
+
+    Example:
+        >>> conv = Conversation().ask("Hi <b>?").answered("*a* <script>")
+        >>> for message in chat_messages(conv):
+        ...     print(message["role"], message["content"])
+        user Hi &lt;b&gt;?
+        assistant \*a\* &lt;script&gt;
+    """
+    messages: list[dict[str, str]] = []
+    for turn in conversation.turns if conversation is not None else ():
+        messages.append({"role": "user", "content": _md(turn.question)})
+        if turn.answer is not None:
+            messages.append({"role": "assistant", "content": _md(turn.answer) or "(empty answer)"})
+    return messages
+
+
+def builtin_examples(folder: str | os.PathLike[str]) -> list[Path]:
+    """The example images of the page, written into ``folder``: the demo's sample picture and
+    a few generated scenes.
+
+    Example:
+        >>> [p.suffix for p in builtin_examples(tempfile.mkdtemp())][:1]
+        ['.png']
+    """
+    from importlib.resources import files
+
+    from jmllm.joint.testing import generated_images
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "house.png"]
+    paths[0].write_bytes((files("jmllm.joint") / "data" / "sample.png").read_bytes())
+    for i, image in enumerate(generated_images(2, size=160, seed=7)):
+        path = folder / f"shapes-{i + 1}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def offline_theme() -> Any:
+    """Gradio's default theme with system fonts: no font is fetched from anywhere."""
+    gr = require_gradio()
+    return gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
+
+
+def build_app(
+    model: Any,
+    *,
+    examples: Sequence[str | os.PathLike[str]] | None = None,
+    notes: Sequence[str] = (),
+    objects: Sequence[str] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+    title: str = "jmllm explorer",
+) -> Any:
+    """The explorer page over one loaded J, as a ``gr.Blocks``.
+
+    Args:
+        model: a :class:`~jmllm.joint.JointModel` (or an :class:`~jmllm.joint.explorer.Explorer`
+            built on one).
+        examples: example image files (default :func:`builtin_examples`).
+        notes: short notices shown at the top (e.g. that the weights are random).
+        objects: vocabulary of the answer's object words (default: COCO's 80 names).
+        max_pixels: largest accepted image, in pixels (checked from the file's header).
+        max_bytes: largest accepted upload, in bytes.
+        title: page title.
+
+    Returns:
+        The ``gr.Blocks``; serve it with :func:`launch`.
+
+    Example:
+        >>> app = build_app(model, notes=["tiny random weights"])  # doctest: +SKIP
+    """
+    gr = require_gradio()
+    explorer = (
+        model
+        if isinstance(model, Explorer)
+        else Explorer(model, objects=objects, max_pixels=max_pixels, max_bytes=max_bytes)
+    )
+    work = tempfile.TemporaryDirectory(prefix="jmllm-app-")
+    if examples is None:
+        examples = builtin_examples(Path(work.name) / "examples")
+    model_event = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE}
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        weakref.finalize(app, work.cleanup)
+        app.explorer = explorer  # for tests and benchmarks: the page's own explorer
+        state = gr.State(ExplorerState())
+        gr.Markdown(
+            f"# {html.escape(title)}\n"
+            "Chat with **J** (OWL-ViT → W → LLaVA) about an image, see what OWL-ViT detects in "
+            "the same embedding, and click any word of the answer for its Gradient Alignment "
+            "(GA) map."
+        )
+        for note in notes:
+            gr.Markdown(_md(note), elem_classes=["jm-note"])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                upload = gr.File(
+                    label="Image", file_types=["image"], type="filepath", elem_id="jm-upload"
+                )
+                gr.Examples(
+                    examples=[[str(p)] for p in examples],
+                    inputs=[upload],
+                    label="Example images",
+                    examples_per_page=8,
+                )
+                picture = gr.Image(
+                    label="Detections",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    elem_id="jm-picture",
+                )
+                with gr.Row():
+                    queries_box = gr.Textbox(
+                        label="Objects to detect",
+                        placeholder="comma-separated, e.g. house, tree (empty: the object "
+                        "words of the answer)",
+                        scale=3,
+                        elem_id="jm-queries",
+                    )
+                    detect_button = gr.Button("Detect", scale=1, elem_id="jm-detect")
+                threshold = gr.Slider(
+                    0.01,
+                    0.99,
+                    value=0.1,
+                    step=0.01,
+                    label="Score threshold",
+                    elem_id="jm-threshold",
+                )
+                detections_md = gr.Markdown(elem_id="jm-detections")
+            with gr.Column(scale=1):
+                with gr.Row():
+                    chat = gr.Chatbot(label="J", height=320, elem_id="jm-chat")
+                    stock_chat = gr.Chatbot(
+                        label="Stock LLaVA", height=320, visible=False, elem_id="jm-stock"
+                    )
+                with gr.Row():
+                    question = gr.Textbox(
+                        label="Question",
+                        placeholder="What's in the image?",
+                        scale=4,
+                        elem_id="jm-question",
+                    )
+                    ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="jm-ask")
+                with gr.Accordion("Chat options", open=False):
+                    compare = gr.Checkbox(
+                        label="Also answer with stock LLaVA (its own vision tower)",
+                        value=False,
+                        elem_id="jm-compare",
+                    )
+                    template = gr.Dropdown(
+                        choices=list(CONVERSATION_TEMPLATES),
+                        value=INTERACTIVE_TEMPLATE,
+                        label="Conversation template",
+                        elem_id="jm-template",
+                    )
+                    max_new_tokens = gr.Slider(
+                        1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens"
+                    )
+                words = gr.Radio(
+                    choices=[],
+                    label="Click a word of J's last answer to explain it",
+                    elem_id="jm-words",
+                )
+                weighting = gr.Radio(
+                    choices=list(WEIGHTING_CHOICES),
+                    value="class",
+                    label="GA map",
+                    elem_id="jm-weighting",
+                )
+                ga_md = gr.Markdown(elem_id="jm-ga-status")
+                with gr.Row():
+                    map_image = gr.Image(
+                        label="GA map",
+                        type="pil",
+                        format="png",
+                        interactive=False,
+                        elem_id="jm-map",
+                    )
+                    box_image = gr.Image(
+                        label="Box view",
+                        type="pil",
+                        format="png",
+                        interactive=False,
+                        elem_id="jm-boxes",
+                    )
+                top_table = gr.Dataframe(
+                    label="Top patches", interactive=False, elem_id="jm-top", wrap=True
+                )
+        with gr.Accordion("Hallucination view", open=True):
+            hallucination_button = gr.Button(
+                "Check the last answer: mentioned vs detected", elem_id="jm-hallucination-button"
+            )
+            hallucination_text = gr.HighlightedText(
+                label="Answer (green: detected, red: mentioned but not detected)",
+                color_map=HALLUCINATION_COLOURS,
+                show_legend=True,
+                elem_id="jm-hallucination",
+            )
+            hallucination_table = gr.Dataframe(
+                headers=["object", "mentioned", "score", "detected"],
+                interactive=False,
+                elem_id="jm-hallucination-table",
+            )
+        with gr.Row():
+            report_button = gr.Button("Download report", elem_id="jm-report")
+            report_files = gr.File(
+                label="Report files", file_count="multiple", interactive=False, elem_id="jm-files"
+            )
+
+        # ------------------------------------------------------------- helpers
+        def detection_outputs(s: ExplorerState) -> tuple[Any, str]:
+            detections = explorer.detect(s)
+            queries = explorer.queries(s)
+            if not queries:
+                return explorer.detections_picture(s, None), (
+                    "No objects to detect: type some above, or ask a question whose answer "
+                    "names objects."
+                )
+            source = "typed" if s.typed_queries else "object words of the answer"
+            found = detections.to_records() if detections is not None else []
+            shown = ", ".join(f"{_md(r['label'])} {r['score']:.2f}" for r in found[:8])
+            summary = (
+                f"Queries ({source}): {', '.join('`' + q.replace('`', '') + '`' for q in queries)}"
+                f" — {len(found)} boxes with score ≥ {s.threshold:g}"
+                + (f": {shown}" if shown else "")
+            )
+            return explorer.detections_picture(s, detections), summary
+
+        def word_choices(s: ExplorerState) -> Any:
+            choices = [(w.text, i) for i, w in enumerate(explorer.words(s))]
+            return gr.Radio(choices=choices, value=None)
+
+        cleared_ga = (None, None, None, "")
+
+        # ------------------------------------------------------------- events
+        @guarded
+        def on_image(path: str | None, text: str, level: float) -> tuple[Any, ...]:
+            if not path:
+                fresh = ExplorerState()
+                return (fresh, None, "", [], [], gr.Radio(choices=[], value=None), *cleared_ga)
+            s = explorer.open_image(path)
+            s = explorer.set_threshold(explorer.set_queries(s, text), level)
+            drawn, summary = detection_outputs(s)
+            return (s, drawn, summary, [], [], word_choices(s), *cleared_ga)
+
+        image_outputs = [
+            state,
+            picture,
+            detections_md,
+            chat,
+            stock_chat,
+            words,
+            map_image,
+            box_image,
+            top_table,
+            ga_md,
+        ]
+        upload.change(on_image, [upload, queries_box, threshold], image_outputs, **model_event)
+
+        @guarded
+        def on_ask(
+            s: ExplorerState, text: str, with_stock: bool, form: str, limit: float
+        ) -> tuple[Any, ...]:
+            s = explorer.ask(s, text, compare=with_stock, template=form, max_new_tokens=int(limit))
+            drawn, summary = detection_outputs(s)
+            return (
+                s,
+                "",
+                chat_messages(s.conversation),
+                chat_messages(s.stock),
+                word_choices(s),
+                drawn,
+                summary,
+                *cleared_ga,
+            )
+
+        ask_outputs = [
+            state,
+            question,
+            chat,
+            stock_chat,
+            words,
+            picture,
+            detections_md,
+            map_image,
+            box_image,
+            top_table,
+            ga_md,
+        ]
+        ask_inputs = [state, question, compare, template, max_new_tokens]
+        ask_button.click(on_ask, ask_inputs, ask_outputs, **model_event)
+        question.submit(on_ask, ask_inputs, ask_outputs, **model_event)
+
+        @guarded
+        def on_queries(s: ExplorerState, text: str, level: float) -> tuple[Any, ...]:
+            s = explorer.set_threshold(explorer.set_queries(s, text), level)
+            if s.emb is None:
+                return (s, None, "", *cleared_ga)
+            drawn, summary = detection_outputs(s)
+            return (s, drawn, summary, *cleared_ga)
+
+        query_outputs = [state, picture, detections_md, map_image, box_image, top_table, ga_md]
+        for trigger in (queries_box.submit, detect_button.click):
+            trigger(on_queries, [state, queries_box, threshold], query_outputs, **model_event)
+
+        @guarded
+        def on_threshold(s: ExplorerState, level: float) -> tuple[Any, ...]:
+            s = explorer.set_threshold(s, level)
+            if s.emb is None:
+                return s, None, ""
+            drawn, summary = detection_outputs(s)
+            return s, drawn, summary
+
+        threshold.release(
+            on_threshold, [state, threshold], [state, picture, detections_md], **model_event
+        )
+
+        @guarded
+        def on_word(
+            s: ExplorerState,
+            index: int | None,
+            how: str,
+            progress: Any = gr.Progress(),  # noqa: B008 (Gradio's way to ask for a bar)
+        ) -> tuple[Any, ...]:
+            if index is None:
+                return (s, *cleared_ga)
+            progress(0.0, desc="GA")
+
+            def tell(message: str) -> None:
+                progress(0.1, desc=message)
+
+            s, view = explorer.explain_word(s, int(index), progress=tell)
+            progress(0.8, desc="drawing the map")
+            overlay, boxes = explorer.word_pictures(s, view.result, how)
+            headers, rows = explorer.top_patches(view.result, how)
+            queries = ", ".join("`" + q.replace("`", "") + "`" for q in view.queries)
+            if view.reused:
+                cost = "already explained"
+            elif view.norms_cached:
+                cost = f"norms cached: one backward + one JVP, {view.seconds:.2f} s"
+            else:
+                cost = f"norms computed for this image and these queries, {view.seconds:.2f} s"
+            status = f"**{_md(view.word.text)}** against {queries} — {cost}"
+            return s, overlay, boxes, {"headers": headers, "data": rows}, status
+
+        words.input(
+            on_word,
+            [state, words, weighting],
+            [state, map_image, box_image, top_table, ga_md],
+            **model_event,
+        )
+        weighting.input(
+            on_word,
+            [state, words, weighting],
+            [state, map_image, box_image, top_table, ga_md],
+            **model_event,
+        )
+
+        @guarded
+        def on_hallucinations(s: ExplorerState) -> tuple[Any, ...]:
+            s = explorer.hallucinations(s)
+            report = s.hallucination
+            rows = [
+                [
+                    o.name,
+                    "yes" if o.mentioned else "no",
+                    round(o.score, 3),
+                    "yes" if o.detected else "no",
+                ]
+                for o in sorted(report.objects.values(), key=lambda o: -o.score)
+            ]
+            if not report.objects:
+                gr.Info("The answer mentions no object of the vocabulary, and no object is typed.")
+            return s, explorer.hallucination_segments(report), rows
+
+        hallucination_button.click(
+            on_hallucinations,
+            [state],
+            [state, hallucination_text, hallucination_table],
+            **model_event,
+        )
+
+        @guarded
+        def on_report(s: ExplorerState, how: str) -> list[str]:
+            from jmllm.joint.report import atomic_write_text
+
+            pages = {
+                "report.html": explorer.report_html(s),
+                "explanation.html": explorer.explanation_html(s, how),
+                "hallucinations.html": explorer.hallucination_html(s),
+            }
+            folder = Path(tempfile.mkdtemp(prefix="report-", dir=work.name))
+            return [
+                str(atomic_write_text(folder / name, page))
+                for name, page in pages.items()
+                if page is not None
+            ]
+
+        report_button.click(on_report, [state, weighting], [report_files], **model_event)
+
+        compare.change(
+            lambda on: gr.Chatbot(visible=bool(on)), [compare], [stock_chat], queue=False
+        )
+    return app
+
+
+def launch(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    max_file_size: int = MAX_UPLOAD_BYTES,
+    block: bool = True,
+    quiet: bool = False,
+) -> Any:
+    """Serve the explorer offline: one queue of concurrency 1 for the model, no share link, no
+    analytics, system fonts, an upload size limit.
+
+    Args:
+        app: from :func:`build_app`.
+        host: interface to bind (default loopback only).
+        port: TCP port (None: the first free one from 7860).
+        max_file_size: largest upload in bytes (the page refuses larger files).
+        block: serve until interrupted; False returns at once (tests: call ``app.close()``).
+        quiet: no start-up banner.
+
+    Returns:
+        What ``gr.Blocks.launch`` returns (``app, local_url, share_url``).
+
+    Example:
+        >>> launch(build_app(model), port=7861)  # doctest: +SKIP
+    """
+    require_gradio()
+    app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        prevent_thread_lock=not block,
+        quiet=quiet,
+        max_file_size=max_file_size,
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        enable_monitoring=False,
+        footer_links=[],
+        state_session_capacity=SESSION_CAPACITY,
+        theme=offline_theme(),
+        css=APP_CSS,
+    )
+
+
+__all__ = [
+    "APP_EXTRA_HINT",
+    "AppUnavailableError",
+    "build_app",
+    "builtin_examples",
+    "chat_messages",
+    "guarded",
+    "launch",
+    "offline_theme",
+    "require_gradio",
+]

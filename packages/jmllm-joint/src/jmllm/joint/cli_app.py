@@ -1,0 +1,109 @@
+"""``jmllm-joint app``: serve the interactive explorer (:mod:`jmllm.joint.app`) on one loaded J.
+
+Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
+
+    jmllm-joint app --tiny                       # built-in models, http://127.0.0.1:7860
+    jmllm-joint app --alignment W.safetensors [--owl …] [--llava …] [--host H] [--port P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+from typing import Any
+
+logger = logging.getLogger("jmllm.joint.cli")
+
+DEFAULT_PORT = 7860
+
+
+def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
+    """Add ``app`` to ``jmllm-joint``'s parser."""
+    from jmllm.joint.explorer import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES
+
+    app = subparsers.add_parser(
+        "app",
+        parents=[common_args],
+        help='interactive explorer in the browser (needs pip install "jmllm-joint[app]")',
+        description="Serve a local web page to chat with J, see its detections and click any "
+        "word of an answer for its GA map. Offline: no analytics, no share link, nothing "
+        "fetched from the internet.",
+    )
+    app.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves "
+        "everyone who can reach it)",
+    )
+    app.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
+    )
+    app.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=MAX_UPLOAD_BYTES / 2**20,
+        help=f"largest uploaded file in MB (default {MAX_UPLOAD_BYTES // 2**20})",
+    )
+    app.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help=f"largest accepted image in pixels, from its header (default {MAX_IMAGE_PIXELS})",
+    )
+    app.add_argument(
+        "--objects",
+        help="comma-separated vocabulary of the answer's object words (default: the 80 COCO names)",
+    )
+    app.set_defaults(func=cmd_app)
+
+
+def _check(args: argparse.Namespace) -> tuple[int, int, list[str] | None]:
+    from jmllm.joint.cli import CliError
+
+    if not args.host.strip():
+        raise CliError("--host: empty")
+    if not 1 <= args.port <= 65535:
+        raise CliError(f"--port: must be in 1..65535, got {args.port}")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise CliError(f"--max-upload-mb: must be a positive number, got {args.max_upload_mb}")
+    if args.max_pixels < 1:
+        raise CliError(f"--max-pixels: must be at least 1, got {args.max_pixels}")
+    objects = None
+    if args.objects is not None:
+        objects = [o.strip() for o in args.objects.split(",") if o.strip()]
+        if not objects:
+            raise CliError("--objects: empty list")
+    return int(args.max_upload_mb * 2**20), args.max_pixels, objects
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """Load J once and serve the explorer until interrupted."""
+    from jmllm.joint.cli import RANDOM_WEIGHTS_NOTE, CliError, load_model
+
+    max_bytes, max_pixels, objects = _check(args)
+    try:
+        from jmllm.joint.app import build_app, launch, require_gradio
+
+        require_gradio()
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    if not _is_loopback(args.host):
+        logger.warning(
+            "serving on %s: anyone who can reach this address can use the model", args.host
+        )
+    model = load_model(args)
+    notes = [RANDOM_WEIGHTS_NOTE] if args.tiny else []
+    app = build_app(model, notes=notes, objects=objects, max_pixels=max_pixels, max_bytes=max_bytes)
+    launch(app, host=args.host, port=args.port, max_file_size=max_bytes)
+    return 0

@@ -1,0 +1,623 @@
+"""The interactive explorer's work, without any user interface (DESIGN §1.9).
+
+``jmllm-joint app`` (:mod:`jmllm.joint.app`) is a thin Gradio page over the steps here, so every
+step is a plain function, tested without a browser:
+
+- :meth:`Explorer.open_image`: an uploaded file becomes an :class:`ExplorerState` holding J's
+  embedding ``t`` (upload size and pixel count checked before any pixel is decoded);
+- :meth:`Explorer.ask`: one chat turn of J, and of stock LLaVA beside it when asked;
+- :meth:`Explorer.detect`: O^OWL for the queries the user typed, or else for the object words
+  of the last answer;
+- :meth:`Explorer.explain_word`: the GA explanation of a word of the last answer. The OWL-side
+  gradient norms depend on the (image, queries) only, so they are computed on the first click and
+  kept (:class:`~jmllm.joint.GradientAlignment` with a cache of several pairs); every further
+  click costs one teacher-forced LLM forward and backward plus one JVP;
+- :meth:`Explorer.hallucinations`: the hallucination view of the last answer;
+- :meth:`Explorer.report_html` (and the explanation and hallucination pages): the very pages the
+  command line writes, for the current state.
+
+One :class:`Explorer` holds the one loaded J and a lock, so the model serves one request at a time
+whoever calls it (two browser tabs, the HTTP API, a script). Everything that belongs to one user
+lives in an :class:`ExplorerState`, which is never changed in place: each step returns a new one.
+
+Example:
+    >>> from jmllm.joint.explorer import Explorer
+    >>> explorer = Explorer(model)  # doctest: +SKIP
+    >>> state = explorer.open_image("cat.jpg")  # doctest: +SKIP
+    >>> state = explorer.ask(state, "What's in the image?")  # doctest: +SKIP
+    >>> state = explorer.set_queries(state, "cat, dog")  # doctest: +SKIP
+    >>> state, view = explorer.explain_word(state, 0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from jmllm.joint.chat import INTERACTIVE_TEMPLATE, Conversation, check_question, get_template
+from jmllm.joint.detection import Detections
+from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE, JointAnswer, JointEmbedding
+from jmllm.joint.saliency import (
+    WEIGHTINGS,
+    AnswerWord,
+    GAResult,
+    GradientAlignment,
+    answer_tokens,
+    answer_words,
+)
+
+logger = logging.getLogger(__name__)
+
+# The project's image policy: larger images are refused from their header (docs/align.md).
+MAX_IMAGE_PIXELS = 20_000 * 20_000
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # one uploaded file; the page refuses larger ones itself
+MAX_NEW_TOKENS = 512  # the largest answer a chat turn may ask for
+MAX_QUERIES = 16  # every query is a GA channel: the norm computation grows with their number
+DISPLAY_SIDE = 1024  # pictures shown in the page are at most this large…
+DISPLAY_MIN_SIDE = 512  # …and small ones are enlarged to this, so boxes and labels are legible
+NORM_CACHE_SIZE = 16  # (image, queries) pairs whose GA norms are kept
+MAP_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "gradient")  # "gradient": the plain baseline
+DETECTION_NMS_IOU = 0.3  # the command line's default, so reports match
+
+
+class ExplorerError(ValueError):
+    """A request the explorer cannot serve; the message names the input and the problem."""
+
+
+@dataclass(frozen=True)
+class ExplorerState:
+    """What one user has done: never changed in place, every step returns a new one.
+
+    Attributes:
+        image_name: the file name shown in messages.
+        emb: J's embedding of the image (``t`` and the decoded image); None before an upload.
+        conversation: J's conversation about the image.
+        stock: stock LLaVA's answers to the same questions (None until a comparison is asked).
+        typed_queries: the objects the user typed (empty: the object words of the last answer).
+        threshold: detection score threshold.
+        explained: GA results of the last answer, by (word index, queries).
+        hallucination: the hallucination view of the last answer, once asked for.
+    """
+
+    image_name: str = ""
+    emb: JointEmbedding | None = None
+    conversation: Conversation = field(default_factory=Conversation)
+    stock: Conversation | None = None
+    typed_queries: tuple[str, ...] = ()
+    threshold: float = 0.1
+    explained: dict[tuple[int, tuple[str, ...]], GAResult] = field(default_factory=dict)
+    hallucination: Any = None
+
+    @property
+    def last_answer(self) -> JointAnswer | None:
+        """J's last answer (None before the first question)."""
+        return self.conversation.last_answer
+
+    @property
+    def last_question(self) -> str:
+        turns = self.conversation.turns
+        return turns[-1].question if turns else ""
+
+
+@dataclass(frozen=True)
+class WordExplanation:
+    """The GA explanation of one clicked word, and what it cost.
+
+    Attributes:
+        index: the word's index among the answer's words.
+        word: the word (its token positions in the answer).
+        queries: the OWL-ViT queries of the class channels.
+        result: the :class:`~jmllm.joint.GAResult`.
+        norms_cached: whether the (image, queries) norms were already known.
+        reused: whether the result itself was already in the state (no GA work at all).
+        seconds: time spent on GA (0 when reused).
+    """
+
+    index: int
+    word: AnswerWord
+    queries: tuple[str, ...]
+    result: GAResult
+    norms_cached: bool
+    reused: bool
+    seconds: float
+
+
+def parse_queries(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Object names from a comma- (or newline-) separated string, trimmed, without repeats.
+
+    Raises:
+        ExplorerError: more than :data:`MAX_QUERIES` names.
+
+    Example:
+        >>> parse_queries(" cat, dog ,, cat\\nred circle")
+        ('cat', 'dog', 'red circle')
+    """
+    if text is None:
+        return ()
+    parts = text.replace("\n", ",").split(",") if isinstance(text, str) else list(text)
+    names = tuple(dict.fromkeys(" ".join(p.split()) for p in parts if p and p.strip()))
+    if len(names) > MAX_QUERIES:
+        raise ExplorerError(
+            f"queries: {len(names)} objects; at most {MAX_QUERIES} at a time (each one is a GA "
+            "channel whose gradient norms are computed for every patch)"
+        )
+    return names
+
+
+def check_upload(
+    path: str | Path,
+    name: str | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+) -> tuple[int, int]:
+    """The (width, height) of an image file, from its header, before any pixel is decoded.
+
+    Raises:
+        ExplorerError: the file is missing, larger than ``max_bytes``, not an image, or has more
+            than ``max_pixels`` pixels; the message names the file.
+
+    Example:
+        >>> check_upload("photo.jpg")  # doctest: +SKIP
+        (640, 480)
+    """
+    path = Path(path)
+    name = name or path.name
+    try:
+        size_bytes = path.stat().st_size
+    except OSError:
+        raise ExplorerError(f"{name}: no such file") from None
+    if size_bytes > max_bytes:
+        raise ExplorerError(
+            f"{name}: file too large ({size_bytes / 2**20:.1f} MB); the limit is "
+            f"{max_bytes / 2**20:.0f} MB"
+        )
+    try:
+        with path.open("rb") as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:  # reads the header only
+                width, height = image.size
+    except Image.DecompressionBombError as exc:  # PIL's own guard, far above any sane limit
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" {int(claimed.group(1)) / 1e6:.1f} megapixels;" if claimed else ""
+        raise ExplorerError(
+            f"{name}: image too large:{size} the limit is {max_pixels / 1e6:.1f} megapixels"
+        ) from None
+    except Exception as exc:  # PIL raises many kinds for a file that is not an image
+        raise ExplorerError(f"{name}: not a readable image ({type(exc).__name__})") from None
+    if width < 1 or height < 1:
+        raise ExplorerError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ExplorerError(
+            f"{name}: image too large: {width}x{height} pixels ({width * height / 1e6:.1f} "
+            f"megapixels); the limit is {max_pixels / 1e6:.1f} megapixels"
+        )
+    return width, height
+
+
+def shown_size(
+    size: tuple[int, int], max_side: int = DISPLAY_SIDE, min_side: int = DISPLAY_MIN_SIDE
+) -> tuple[int, int]:
+    """(width, height) of a picture as the page shows it, aspect kept: shrunk to at most
+    ``max_side`` pixels, or enlarged to ``min_side`` if smaller.
+
+    Example:
+        >>> shown_size((4000, 3000)), shown_size((128, 64)), shown_size((800, 600))
+        ((1024, 768), (512, 256), (800, 600))
+    """
+    width, height = size
+    longest = max(width, height)
+    scale = min(max_side / longest, max(1.0, min_side / longest))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class Explorer:
+    """The explorer's steps over one loaded J, one request at a time.
+
+    Args:
+        model: a :class:`~jmllm.joint.JointModel`.
+        objects: the vocabulary in which the object words of an answer are looked up (default
+            the 80 COCO names of :mod:`jmllm.joint.hallucination`).
+        max_pixels: largest accepted image (pixels, checked from the file's header).
+        max_bytes: largest accepted file.
+        max_boxes: detections drawn and listed.
+        cache_size: (image, queries) pairs whose GA gradient norms are kept.
+
+    Example:
+        >>> explorer = Explorer(model)  # doctest: +SKIP
+        >>> state = explorer.ask(explorer.open_image("cat.jpg"), "What's in the image?")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        objects: Sequence[str] | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        max_bytes: int = MAX_UPLOAD_BYTES,
+        max_boxes: int = 20,
+        cache_size: int = NORM_CACHE_SIZE,
+    ) -> None:
+        if max_pixels < 1 or max_bytes < 1 or max_boxes < 1:
+            raise ValueError("max_pixels, max_bytes and max_boxes must be positive")
+        self.model = model
+        self.objects = list(objects) if objects else None
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.max_boxes = max_boxes
+        self.ga = GradientAlignment(model, cache_size=cache_size)
+        # One request at a time on the model: generation, GA's caches and autograd are not
+        # meant to be shared by two threads.
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------ image
+    def open_image(self, path: str | Path, name: str | None = None) -> ExplorerState:
+        """A fresh state for an image file: checked from its header, decoded, embedded once.
+
+        Raises:
+            ExplorerError: unreadable, too large (bytes or pixels).
+        """
+        from jmllm.joint.model import JointModelError
+
+        path = Path(path)
+        name = name or path.name
+        check_upload(path, name, self.max_pixels, self.max_bytes)
+        try:
+            with self.lock:
+                emb = self.model.embed([path])
+        except JointModelError as exc:
+            raise ExplorerError(str(exc).replace(str(path), name)) from None
+        return ExplorerState(image_name=name, emb=emb)
+
+    @staticmethod
+    def _need_image(state: ExplorerState) -> JointEmbedding:
+        if state.emb is None:
+            raise ExplorerError("image: upload an image (or choose an example) first")
+        return state.emb
+
+    @staticmethod
+    def _need_answer(state: ExplorerState) -> JointAnswer:
+        answer = state.last_answer
+        if answer is None:
+            raise ExplorerError("answer: ask J a question first")
+        return answer
+
+    # ------------------------------------------------------------------ chat
+    def ask(
+        self,
+        state: ExplorerState,
+        question: str,
+        *,
+        compare: bool = False,
+        template: str = INTERACTIVE_TEMPLATE,
+        max_new_tokens: int = 64,
+    ) -> ExplorerState:
+        """One chat turn: J answers ``question`` after the conversation so far.
+
+        With ``compare``, stock LLaVA (its own vision tower) answers the same questions in its
+        own conversation; turned on late, it first answers the earlier questions, so its turns
+        always line up with J's.
+
+        Args:
+            state: the current state (an image must be open).
+            question: the user's question.
+            compare: also answer with stock LLaVA.
+            template: conversation template (``llava-1.5`` or ``paper``).
+            max_new_tokens: answer length limit (1 to :data:`MAX_NEW_TOKENS`).
+
+        Returns:
+            The new state; explanations of the previous answer are dropped.
+        """
+        emb = self._need_image(state)
+        question = check_question(question, "question")
+        get_template(template)
+        if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS:
+            raise ExplorerError(
+                f"max_new_tokens: must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}"
+            )
+        kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "template": template}
+        with self.lock:
+            conversation = self.model.chat(emb, question, history=state.conversation, **kwargs)
+            stock = state.stock
+            if compare:
+                stock = stock or Conversation()
+                for turn in conversation.turns[len(stock.turns) :]:
+                    stock = self.model.chat(
+                        emb, turn.question, history=stock, vision="llava", **kwargs
+                    )
+        return dataclasses.replace(
+            state, conversation=conversation, stock=stock, explained={}, hallucination=None
+        )
+
+    # ------------------------------------------------------------------ detection
+    def set_queries(self, state: ExplorerState, text: str | Sequence[str] | None) -> ExplorerState:
+        """The state with the user's typed queries (empty: the object words of the answer)."""
+        queries = parse_queries(text)
+        if queries == state.typed_queries:
+            return state
+        return dataclasses.replace(state, typed_queries=queries, explained={})
+
+    @staticmethod
+    def set_threshold(state: ExplorerState, threshold: float) -> ExplorerState:
+        """The state with another detection score threshold, in (0, 1)."""
+        threshold = float(threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ExplorerError(f"threshold: must be in (0, 1), got {threshold}")
+        return dataclasses.replace(state, threshold=threshold)
+
+    def object_words(self, state: ExplorerState) -> tuple[str, ...]:
+        """The object names the last answer mentions (from :attr:`objects`)."""
+        from jmllm.joint.hallucination import object_mentions
+
+        answer = state.last_answer
+        if answer is None:
+            return ()
+        return tuple(dict.fromkeys(m.name for m in object_mentions(answer.text, self.objects)))
+
+    def queries(self, state: ExplorerState) -> tuple[str, ...]:
+        """The queries in effect: the typed ones, else the object words of the last answer."""
+        return state.typed_queries or self.object_words(state)
+
+    def detect(self, state: ExplorerState) -> Detections | None:
+        """O^OWL for the queries in effect, or None when there is none."""
+        emb = self._need_image(state)
+        queries = self.queries(state)
+        if not queries:
+            return None
+        with self.lock:
+            return self.model.detect(
+                emb,
+                list(queries),
+                threshold=state.threshold,
+                nms_iou=DETECTION_NMS_IOU,
+                template=DEFAULT_QUERY_TEMPLATE,
+            )[0]
+
+    def detections_picture(
+        self, state: ExplorerState, detections: Detections | None
+    ) -> Image.Image:
+        """The image with the detections drawn, at most :data:`DISPLAY_SIDE` pixels."""
+        from jmllm.joint.report import draw_detections
+
+        image = self._need_image(state).pil_image(0)
+        shown = shown_size(image.size)
+        if detections is None:
+            return image.resize(shown, Image.Resampling.BICUBIC) if shown != image.size else image
+        if tuple(detections.image_size) != shown:
+            # boxes are in the original's pixels: scale them to the picture shown
+            sx = shown[0] / detections.image_size[0]
+            sy = shown[1] / detections.image_size[1]
+            scale = detections.boxes.new_tensor([sx, sy, sx, sy])
+            detections = dataclasses.replace(
+                detections, boxes=detections.boxes * scale, image_size=shown
+            )
+            image = image.resize(shown, Image.Resampling.BICUBIC)
+        return draw_detections(image, detections, max_boxes=self.max_boxes)
+
+    # ------------------------------------------------------------------ GA
+    def words(self, state: ExplorerState) -> list[AnswerWord]:
+        """The words of the last answer (what the page shows as clickable chips)."""
+        answer = state.last_answer
+        if answer is None:
+            return []
+        text, tokens = answer_tokens(self.model.tokenizer, answer.token_ids)
+        return answer_words(text, tokens)
+
+    def explain_word(
+        self,
+        state: ExplorerState,
+        index: int,
+        progress: Callable[[str], None] | None = None,
+    ) -> tuple[ExplorerState, WordExplanation]:
+        """GA of word ``index`` of the last answer, against the queries in effect.
+
+        With no query in effect, the word itself is the query. The gradient norms of the
+        (image, queries) come from the cache after the first click.
+
+        Args:
+            state: the current state.
+            index: the word's index in :meth:`words`.
+            progress: called with a short description before the work starts.
+
+        Returns:
+            The new state (holding the result) and the :class:`WordExplanation`.
+
+        Example:
+            >>> state, view = explorer.explain_word(state, 2)  # doctest: +SKIP
+            >>> view.result.map("class").shape  # doctest: +SKIP
+        """
+        emb = self._need_image(state)
+        answer = self._need_answer(state)
+        words = self.words(state)
+        if not isinstance(index, int) or not 0 <= index < len(words):
+            raise ExplorerError(
+                f"word: index {index!r} is not a word of the answer ({len(words)} words)"
+            )
+        word = words[index]
+        # the word by its text and occurrence, as GradientAlignment labels words
+        occurrence = sum(w.text.casefold() == word.text.casefold() for w in words[:index])
+        queries = self.queries(state) or (word.text,)
+        key = (index, queries)
+        known = state.explained.get(key)
+        if known is not None:
+            return state, WordExplanation(index, word, queries, known, True, True, 0.0)
+        with self.lock:
+            cached = self.ga.has_norms(emb, queries)
+            if progress is not None:
+                progress(
+                    f"GA of {word.text!r}: one backward + one JVP"
+                    if cached
+                    else f"GA of {word.text!r}: gradient norms of this image and these queries "
+                    "(once), then one backward + one JVP"
+                )
+            start = time.perf_counter()
+            result = self.ga.attribute(
+                emb,
+                state.last_question,
+                word.text,
+                list(queries),
+                answer=answer,
+                occurrence=occurrence,
+            )
+            seconds = time.perf_counter() - start
+        explained = {**state.explained, key: result}
+        view = WordExplanation(index, word, queries, result, cached, False, seconds)
+        return dataclasses.replace(state, explained=explained), view
+
+    def word_pictures(
+        self, state: ExplorerState, result: GAResult, weighting: str = "class"
+    ) -> tuple[Image.Image, Image.Image]:
+        """The GA map over the image (with its colour bar) and the box view of a result: the
+        pictures of the command line's explanation report."""
+        from jmllm.joint.explain_report import box_view_png, heatmap_overlay_png
+
+        if weighting not in MAP_WEIGHTINGS:
+            raise ExplorerError(
+                f"weighting: {weighting!r} is not one of {', '.join(MAP_WEIGHTINGS)}"
+            )
+        image = self._need_image(state).pil_image(0)
+        title = result.target
+        overlay = heatmap_overlay_png(image, result.map(weighting), f"{title} — GA ({weighting})")
+        boxes = box_view_png(image, result, f"{title} — boxes")
+        return _png_image(overlay), _png_image(boxes)
+
+    @staticmethod
+    def top_patches(
+        result: GAResult, weighting: str = "class", top: int = 5
+    ) -> tuple[list[str], list[list[Any]]]:
+        """Headers and rows of the patches with the largest weights (as the report's table)."""
+        if weighting == "gradient":
+            weights = result.patch_gradient_norms.float()
+            weights = weights / weights.max().clamp(min=1e-30)
+        else:
+            weights = result.weights(weighting)
+        order = np.argsort(-weights.numpy(), kind="stable")[:top]
+        side = round(len(weights) ** 0.5)
+        headers = ["patch", "row, col", f"{weighting} weight", "box (px)"]
+        headers += [f"cos {c}" for c in result.channels]
+        rows = [
+            [
+                int(k),
+                f"({k // side}, {k % side})",
+                round(float(weights[k]), 3),
+                str(result.boxes_xyxy[k].tolist()),
+                *(round(float(s), 3) for s in result.similarities[k]),
+            ]
+            for k in order
+        ]
+        return headers, rows
+
+    # ------------------------------------------------------------------ hallucination view
+    def hallucinations(self, state: ExplorerState) -> ExplorerState:
+        """The state with the hallucination view of the last answer: its object words checked
+        against O^OWL's scores on the same ``t`` (typed queries added as extra objects)."""
+        from jmllm.joint.hallucination import check_hallucinations
+
+        emb = self._need_image(state)
+        answer = self._need_answer(state)
+        with self.lock:
+            report = check_hallucinations(
+                self.model,
+                emb,
+                state.last_question,
+                answer=answer,
+                objects=self.objects,
+                extra_queries=state.typed_queries,
+                threshold=state.threshold,
+                ga=self.ga,
+            )
+        return dataclasses.replace(state, hallucination=report)
+
+    @staticmethod
+    def hallucination_segments(report: Any) -> list[tuple[str, str | None]]:
+        """The answer as (text, label) pieces: ``detected`` / ``not detected`` on the object
+        words, None elsewhere (for a highlighted-text view)."""
+        pieces: list[tuple[str, str | None]] = []
+        cursor = 0
+        for m in report.mentions:
+            if m.start < cursor:
+                continue
+            if m.start > cursor:
+                pieces.append((report.answer_text[cursor : m.start], None))
+            label = "detected" if report.objects[m.name].detected else "not detected"
+            pieces.append((report.answer_text[m.start : m.end], label))
+            cursor = m.end
+        if cursor < len(report.answer_text):
+            pieces.append((report.answer_text[cursor:], None))
+        return pieces
+
+    # ------------------------------------------------------------------ reports
+    def report_html(self, state: ExplorerState) -> str:
+        """The page ``jmllm-joint chat IMAGE -p … [--compare] -q … --out DIR`` writes as
+        ``report.html``, for the current state (image, conversation, stock answers, detections).
+        """
+        from jmllm.joint.report import render_report_html
+
+        emb = self._need_image(state)
+        return render_report_html(
+            emb.pil_image(0),
+            conversation=state.conversation if state.conversation.turns else None,
+            stock=state.stock,
+            detections=self.detect(state),
+            sources=self.model.sources,
+            max_boxes=self.max_boxes,
+        )
+
+    def explanation_html(self, state: ExplorerState, weighting: str = "class") -> str | None:
+        """The GA explanation page (as ``jmllm-joint explain`` writes it) of the words of the
+        last answer explained so far, in answer order; None when there is none."""
+        from jmllm.joint.explain_report import render_explanation_report
+
+        emb = self._need_image(state)
+        answer = state.last_answer
+        if answer is None or not state.explained:
+            return None
+        by_word = {index: result for (index, _), result in state.explained.items()}
+        results = [by_word[index] for index in sorted(by_word)]
+        text, _ = answer_tokens(self.model.tokenizer, answer.token_ids)
+        return render_explanation_report(
+            emb.pil_image(0),
+            state.last_question,
+            text,
+            results,
+            weighting=weighting,
+            title="GA explanation of J's answer",
+        )
+
+    @staticmethod
+    def hallucination_html(state: ExplorerState) -> str | None:
+        """The hallucination page (as ``jmllm-joint hallucinations`` writes it), once checked."""
+        from jmllm.joint.hallucination import render_hallucination_report
+
+        if state.hallucination is None:
+            return None
+        return render_hallucination_report(state.hallucination)
+
+
+def _png_image(png: bytes) -> Image.Image:
+    import io
+
+    with Image.open(io.BytesIO(png)) as im:
+        return im.convert("RGB")
+
+
+__all__ = [
+    "MAP_WEIGHTINGS",
+    "MAX_IMAGE_PIXELS",
+    "Explorer",
+    "ExplorerError",
+    "ExplorerState",
+    "WordExplanation",
+    "check_upload",
+    "parse_queries",
+]

@@ -1,0 +1,159 @@
+"""The explorer page (``jmllm-joint app``) without a browser: its wiring, its error messages,
+its offline settings and its command line. The page's behaviour in a real browser is in
+``test_app_browser.py``; the work behind every event in ``test_explorer.py``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from jmllm.joint.cli import main
+from jmllm.joint.explorer import Explorer, ExplorerState
+
+
+@pytest.fixture(scope="module")
+def gr():
+    return pytest.importorskip("gradio")
+
+
+@pytest.fixture(scope="module")
+def app(gr, tiny_joint):
+    from jmllm.joint.app import build_app
+
+    return build_app(tiny_joint, notes=["random <weights>"])
+
+
+def _handler(app, name: str):
+    fns = [f.fn for f in app.fns.values() if f.name == name]
+    assert fns, f"no event handler {name}"
+    return fns[0]
+
+
+def test_every_model_event_shares_one_queue_of_one(app):
+    """Two tabs never run the model at once: every event that calls the explorer is in the
+    same concurrency group, of size 1 (the explorer's lock also serialises them)."""
+    model_events = [f for f in app.fns.values() if f.name.startswith("on_")]
+    assert {f.name for f in model_events} >= {
+        "on_image",
+        "on_ask",
+        "on_queries",
+        "on_threshold",
+        "on_word",
+        "on_hallucinations",
+        "on_report",
+    }
+    for f in model_events:
+        assert (f.concurrency_id, f.concurrency_limit, f.queue) == ("model", 1, True), f.name
+    others = [f.name for f in app.fns.values() if f not in model_events]
+    assert set(others) <= {"load_example", "<lambda>"}  # filling the upload; showing a column
+
+
+def test_state_is_per_session(app, gr):
+    states = [b for b in app.blocks.values() if isinstance(b, gr.State)]
+    assert len(states) == 1 and isinstance(states[0].value, ExplorerState)
+
+
+def test_errors_become_messages_in_the_page(app, gr, monkeypatch):
+    on_ask = _handler(app, "on_ask")
+    with pytest.raises(gr.Error, match="upload an image"):
+        on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8)
+    explorer: Explorer = app.explorer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory <b>")
+
+    monkeypatch.setattr(explorer, "ask", broken)
+    with pytest.raises(gr.Error) as info:
+        on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8)
+    assert info.value.message == "RuntimeError: CUDA out of memory &lt;b&gt;"
+
+
+def test_report_handler_writes_the_explorers_pages(app, tiny_joint, sample_images, tmp_path):
+    path = tmp_path / "image.png"
+    sample_images[0].save(path)
+    explorer: Explorer = app.explorer
+    state = explorer.ask(explorer.open_image(path), "What's in the image?", max_new_tokens=6)
+    files = _handler(app, "on_report")(state, "class")
+    assert [Path(f).name for f in files] == ["report.html"]  # nothing explained or checked yet
+    assert Path(files[0]).read_text(encoding="utf-8") == explorer.report_html(state)
+    state, _ = explorer.explain_word(state, 0)
+    state = explorer.hallucinations(state)
+    files = _handler(app, "on_report")(state, "coord")
+    assert [Path(f).name for f in files] == [
+        "report.html",
+        "explanation.html",
+        "hallucinations.html",
+    ]
+    assert Path(files[1]).read_text(encoding="utf-8") == explorer.explanation_html(state, "coord")
+
+
+def test_offline_theme_fetches_no_font(gr):
+    from jmllm.joint.app import offline_theme
+
+    theme = offline_theme()
+    css = theme._get_theme_css()
+    assert theme._stylesheets == []
+    urls = [u.strip("'\" ") for u in re.findall(r"url\(([^)]*)\)", css)]
+    assert urls and all(u.startswith("data:") for u in urls)  # inline SVG icons only
+    assert "@import" not in css and "@font-face" not in css
+    assert "system-ui" in css
+
+
+def test_analytics_are_off_for_the_process(gr):
+    import os
+
+    from jmllm.joint.app import require_gradio
+
+    require_gradio()
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    from gradio import analytics
+
+    assert not analytics.analytics_enabled()
+
+
+# ---------------------------------------------------------------------------------- CLI
+def test_app_without_gradio_names_the_extra(cli_env, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
+    assert main(["app", "--tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        'jmllm-joint: error: the explorer app needs Gradio: pip install "jmllm-joint[app]"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "0"], "--port: must be in 1..65535, got 0"),
+        (["--port", "70000"], "--port: must be in 1..65535"),
+        (["--max-upload-mb", "nan"], "--max-upload-mb: must be a positive number"),
+        (["--max-upload-mb", "-1"], "--max-upload-mb: must be a positive number"),
+        (["--max-pixels", "0"], "--max-pixels: must be at least 1"),
+        (["--objects", " , "], "--objects: empty list"),
+        (["--host", " "], "--host: empty"),
+    ],
+)
+def test_app_bad_options(argv, message, capsys):
+    assert main(["app", "--tiny", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_app_serves_the_built_in_models_on_loopback(gr, cli_env, monkeypatch):
+    """``--tiny`` goes through the shared resolver (load_model); the page is built on that model
+    and served on 127.0.0.1 with the limits given."""
+    import jmllm.joint.app as app_module
+    import jmllm.joint.cli as cli
+
+    loaded, served = [], []
+    real_load = cli.load_model
+    monkeypatch.setattr(cli, "load_model", lambda args: loaded.append(args) or real_load(args))
+    monkeypatch.setattr(app_module, "launch", lambda app, **kw: served.append((app, kw)))
+    assert main(["app", "--tiny", "--port", "7999", "--max-upload-mb", "2"]) == 0
+    assert loaded[0].tiny
+    app, kwargs = served[0]
+    assert kwargs == {"host": "127.0.0.1", "port": 7999, "max_file_size": 2 * 2**20}
+    assert app.explorer.max_bytes == 2 * 2**20
+    assert app.explorer.model.sources["owl"].startswith(str(cli_env))
