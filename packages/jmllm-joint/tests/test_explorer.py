@@ -22,7 +22,7 @@ import torch
 
 from jmllm.joint.chat import Conversation
 from jmllm.joint.cli import main
-from jmllm.joint.explain_report import write_explanation_report
+from jmllm.joint.explain_report import box_view_image, overlay_image, write_explanation_report
 from jmllm.joint.explorer import (
     Explorer,
     ExplorerError,
@@ -214,7 +214,14 @@ def test_word_pictures_and_top_patches(explorer, tiny_joint, images):
     state = _answered(tiny_joint, "The cat sleeps", explorer.open_image(images[2]))
     state, view = explorer.explain_word(state, 1)
     overlay, boxes = explorer.word_pictures(state, view.result, "coord")
-    assert overlay.mode == boxes.mode == "RGB" and overlay.width > 100
+    image = state.emb.pil_image(0)  # 120 x 48, shown at 512 x 205 with a colour bar beside it
+    assert overlay.height == boxes.height == 205 and overlay.width > 512
+    expected = overlay_image(image, view.result.map("coord"), shown=(512, 205))
+    assert np.array_equal(np.asarray(overlay)[:, :512], np.asarray(expected))
+    expected = box_view_image(image, view.result, shown=(512, 205))
+    assert np.array_equal(np.asarray(boxes)[:, :512], np.asarray(expected))
+    blank = overlay_image(None, np.zeros((4, 4)), shown=(4, 4))  # grey under jet's 0 (dark blue)
+    assert np.asarray(blank)[0, 0].tolist() == [64, 64, 128]
     headers, rows = explorer.top_patches(view.result, "class", top=3)
     weights = view.result.weights("class").numpy()
     assert [row[0] for row in rows] == list(np.argsort(-weights, kind="stable")[:3])

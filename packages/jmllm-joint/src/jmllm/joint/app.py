@@ -98,7 +98,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _md(text: str) -> str:
     """``text`` safe inside Markdown: HTML escaped, Markdown punctuation backslash-escaped."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text))
+    # quotes stay as they are: the page shows character references in chat text literally
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text, quote=False))
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -323,7 +324,7 @@ def build_app(
                 top_table = gr.Dataframe(
                     label="Top patches", interactive=False, elem_id="jm-top", wrap=True
                 )
-        with gr.Accordion("Hallucination view", open=True):
+        with gr.Accordion("Hallucination view", open=True, elem_id="jm-hallucination-view"):
             hallucination_button = gr.Button(
                 "Check the last answer: mentioned vs detected", elem_id="jm-hallucination-button"
             )

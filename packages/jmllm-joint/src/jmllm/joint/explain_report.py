@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from jmllm.joint.chat import PAPER_TEMPLATE, get_template
 from jmllm.joint.report import atomic_write_bytes
@@ -33,13 +33,82 @@ from jmllm.joint.saliency import GAResult
 MAX_SIDE = 768  # pictures are drawn at most this large (maps keep their full resolution)
 
 
-def _display(image: Image.Image | None, size: tuple[int, int]) -> Image.Image:
-    """The picture background: the RGB image (grey when explained from ``t``), at most MAX_SIDE."""
+def _display(
+    image: Image.Image | None, size: tuple[int, int], shown: tuple[int, int] | None = None
+) -> Image.Image:
+    """The picture background: the RGB image (grey when explained from ``t``), at most MAX_SIDE
+    (or exactly ``shown``)."""
     width, height = size
     base = image.convert("RGB") if image is not None else Image.new("RGB", size, (128, 128, 128))
-    scale = min(1.0, MAX_SIDE / max(width, height))
-    shown = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if shown is None:
+        scale = min(1.0, MAX_SIDE / max(width, height))
+        shown = (max(1, round(width * scale)), max(1, round(height * scale)))
     return base.resize(shown, Image.Resampling.BILINEAR) if base.size != shown else base
+
+
+def overlay_image(
+    image: Image.Image | None,
+    saliency: np.ndarray,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    shown: tuple[int, int] | None = None,
+) -> Image.Image:
+    """``saliency`` (H, W) in [0, 1] blended over the image, as an RGB picture without axes or
+    colour bar (a fast view; :func:`heatmap_overlay_png` is the figure of the reports).
+
+    Args:
+        image: the RGB image (None: grey).
+        saliency: the map at the image's resolution.
+        cmap: matplotlib colour map.
+        alpha: opacity of the map.
+        shown: (width, height) of the picture (default at most MAX_SIDE, aspect kept).
+
+    Example:
+        >>> overlay_image(None, np.zeros((32, 48)), shown=(96, 64)).size
+        (96, 64)
+    """
+    from matplotlib import colormaps
+
+    height, width = saliency.shape
+    base = _display(image, (width, height), shown)
+    resized = Image.fromarray(np.nan_to_num(saliency).astype(np.float32), "F").resize(
+        base.size, Image.Resampling.BILINEAR
+    )
+    colours = colormaps[cmap](np.clip(np.asarray(resized), 0.0, 1.0))[..., :3]  # (h, w, 3)
+    blended = (1 - alpha) * np.asarray(base, dtype=np.float32) / 255 + alpha * colours
+    return Image.fromarray((blended * 255).round().astype(np.uint8), "RGB")
+
+
+def colour_bar_image(cmap: str, height: int, label: str = "", width: int = 18) -> Image.Image:
+    """A vertical colour bar of ``cmap`` from 0 (bottom) to 1 (top), with its ends labelled.
+
+    Example:
+        >>> colour_bar_image("jet", 100).size[1]
+        100
+    """
+    from matplotlib import colormaps
+
+    ramp = np.linspace(1.0, 0.0, max(2, height))[:, None].repeat(width, axis=1)
+    strip = Image.fromarray((colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8), "RGB")
+    font = ImageFont.load_default()
+    text_width = max(int(ImageDraw.Draw(strip).textlength(t, font=font)) for t in ("1", "0", label))
+    bar = Image.new("RGB", (width + 6 + text_width, strip.height), (255, 255, 255))
+    bar.paste(strip, (0, 0))
+    draw = ImageDraw.Draw(bar)
+    draw.text((width + 4, 0), "1", fill=(0, 0, 0), font=font)
+    draw.text((width + 4, strip.height - 12), "0", fill=(0, 0, 0), font=font)
+    if label:
+        draw.text((width + 4, strip.height // 2 - 6), label, fill=(0, 0, 0), font=font)
+    return bar
+
+
+def with_colour_bar(picture: Image.Image, cmap: str, label: str = "") -> Image.Image:
+    """``picture`` with :func:`colour_bar_image` beside it, on the right."""
+    bar = colour_bar_image(cmap, picture.height, label)
+    out = Image.new("RGB", (picture.width + 8 + bar.width, picture.height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    out.paste(bar, (picture.width + 8, 0))
+    return out
 
 
 def _figure_png(draw: Any, aspect: float) -> bytes:
@@ -101,12 +170,41 @@ def box_view_png(
     """PNG bytes of the box view: for every patch with class weight ≥ ``class_threshold``, its
     box (thickness = class weight × ``max_thickness``, colour = box-coordinate weight, the
     maximum over ``cx, cy, w, h``) and a red line from the patch's cell to the box centre."""
-    from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
+    base = box_view_image(image, result, class_threshold, max_thickness, query, cmap)
+
+    def paint(fig: Any, ax: Any) -> None:
+        ax.imshow(base)
+        sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+        fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="box-coordinate weight")
+        if title:
+            ax.set_title(title)
+
+    return _figure_png(paint, base.width / base.height)
+
+
+def box_view_image(
+    image: Image.Image | None,
+    result: GAResult,
+    class_threshold: float = 0.5,
+    max_thickness: int = 10,
+    query: int | None = None,
+    cmap: str = "viridis",
+    shown: tuple[int, int] | None = None,
+) -> Image.Image:
+    """The box view drawn on the image, without axes or colour bar (see :func:`box_view_png`,
+    whose figure holds exactly this picture).
+
+    Args:
+        image, result, class_threshold, max_thickness, query, cmap: as :func:`box_view_png`.
+        shown: (width, height) of the picture (default at most MAX_SIDE, aspect kept).
+    """
+    from matplotlib import colormaps
+
     width, height = result.image_size
-    base = _display(image, (width, height)).copy()
+    base = _display(image, (width, height), shown).copy()
     sx, sy = base.width / width, base.height / height
     colours = colormaps[cmap]
     class_w = result.weights("class", query).numpy()
@@ -128,15 +226,7 @@ def box_view_png(
         cell_y = ((k // side) + 0.5) / side * base.height
         cx, cy = float(result.boxes[k, 0]) * base.width, float(result.boxes[k, 1]) * base.height
         draw.line((cell_x, cell_y, cx, cy), fill=(255, 0, 0), width=1)
-
-    def paint(fig: Any, ax: Any) -> None:
-        ax.imshow(base)
-        sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
-        fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="box-coordinate weight")
-        if title:
-            ax.set_title(title)
-
-    return _figure_png(paint, base.width / base.height)
+    return base
 
 
 def data_url(png: bytes) -> str:
@@ -495,13 +585,17 @@ def explain_object(
 __all__ = [
     "OBJECT_ANSWER",
     "OBJECT_QUESTION",
+    "box_view_image",
     "box_view_png",
+    "colour_bar_image",
     "data_url",
     "explain_object",
     "heatmap_overlay_png",
     "highlighted_answer",
+    "overlay_image",
     "page",
     "render_explanation_report",
     "save_arrays",
+    "with_colour_bar",
     "write_explanation_report",
 ]

@@ -477,19 +477,27 @@ class Explorer:
     def word_pictures(
         self, state: ExplorerState, result: GAResult, weighting: str = "class"
     ) -> tuple[Image.Image, Image.Image]:
-        """The GA map over the image (with its colour bar) and the box view of a result: the
-        pictures of the command line's explanation report."""
-        from jmllm.joint.explain_report import box_view_png, heatmap_overlay_png
+        """The GA map over the image and the box view of a result, each with its colour bar, at
+        the page's size: the pictures of the explanation report without their matplotlib frame
+        (drawing a figure costs more than the GA of a word with cached norms).
+
+        Example:
+            >>> overlay, boxes = explorer.word_pictures(state, view.result, "coord")  # doctest: +SKIP
+        """
+        from jmllm.joint.explain_report import box_view_image, overlay_image, with_colour_bar
 
         if weighting not in MAP_WEIGHTINGS:
             raise ExplorerError(
                 f"weighting: {weighting!r} is not one of {', '.join(MAP_WEIGHTINGS)}"
             )
         image = self._need_image(state).pil_image(0)
-        title = result.target
-        overlay = heatmap_overlay_png(image, result.map(weighting), f"{title} — GA ({weighting})")
-        boxes = box_view_png(image, result, f"{title} — boxes")
-        return _png_image(overlay), _png_image(boxes)
+        shown = shown_size(result.image_size)
+        overlay = overlay_image(image, result.map(weighting), "jet", shown=shown)
+        boxes = box_view_image(image, result, cmap="viridis", shown=shown)
+        return (
+            with_colour_bar(overlay, "jet", weighting),
+            with_colour_bar(boxes, "viridis", "coord"),
+        )
 
     @staticmethod
     def top_patches(
@@ -602,13 +610,6 @@ class Explorer:
         if state.hallucination is None:
             return None
         return render_hallucination_report(state.hallucination)
-
-
-def _png_image(png: bytes) -> Image.Image:
-    import io
-
-    with Image.open(io.BytesIO(png)) as im:
-        return im.convert("RGB")
 
 
 __all__ = [

@@ -903,6 +903,10 @@ class GradientAlignment:
         cached = self._cache.get(key)
         return cached is not None and cached.norms is not None
 
+    def clear_cache(self) -> None:
+        """Forget every cached (image, queries) OWL side (its norms, boxes and scores)."""
+        self._cache.clear()
+
     def norms(self, prepared: _Prepared) -> torch.Tensor:
         """``‖g_{k,c}‖`` of a prepared (image, queries), computed on first use only."""
         if prepared.norms is None:
