@@ -59,7 +59,7 @@ def test_state_is_per_session(app, gr):
 def test_errors_become_messages_in_the_page(app, gr, monkeypatch):
     on_ask = _handler(app, "on_ask")
     with pytest.raises(gr.Error, match="upload an image"):
-        on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8)
+        on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8, "first")
     explorer: Explorer = app.explorer
 
     def broken(*args, **kwargs):
@@ -67,7 +67,7 @@ def test_errors_become_messages_in_the_page(app, gr, monkeypatch):
 
     monkeypatch.setattr(explorer, "ask", broken)
     with pytest.raises(gr.Error) as info:
-        on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8)
+        on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8, "first")
     assert info.value.message == "RuntimeError: CUDA out of memory &lt;b&gt;"
 
 

@@ -220,6 +220,17 @@ def test_word_pictures_and_top_patches(explorer, tiny_joint, images):
     assert np.array_equal(np.asarray(overlay)[:, :512], np.asarray(expected))
     expected = box_view_image(image, view.result, shown=(512, 205))
     assert np.array_equal(np.asarray(boxes)[:, :512], np.asarray(expected))
+    state, view = explorer.explain_word(explorer.set_queries(state, "cat, dog"), 1)
+    for channel in ("max", 1):  # the class map and the box thickness of another channel
+        overlay, boxes = explorer.word_pictures(state, view.result, "class", channel)
+        expected = overlay_image(image, view.result.map("class", query=channel), shown=(512, 205))
+        assert np.array_equal(np.asarray(overlay)[:, :512], np.asarray(expected))
+        expected = box_view_image(image, view.result, query=channel, shown=(512, 205))
+        assert np.array_equal(np.asarray(boxes)[:, :512], np.asarray(expected))
+        _, rows = explorer.top_patches(view.result, "class", top=1, channel=channel)
+        assert rows[0][0] == int(view.result.weights("class", channel).argmax())
+    with pytest.raises(ExplorerError, match="class channel"):
+        explorer.word_pictures(state, view.result, "class", 2)
     blank = overlay_image(None, np.zeros((4, 4)), shown=(4, 4))  # grey under jet's 0 (dark blue)
     assert np.asarray(blank)[0, 0].tolist() == [64, 64, 128]
     headers, rows = explorer.top_patches(view.result, "class", top=3)

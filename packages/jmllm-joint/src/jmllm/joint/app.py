@@ -73,6 +73,32 @@ APP_CSS = """
 """
 
 
+def channel_choices(queries: Sequence[str]) -> list[tuple[str, str]]:
+    """The class-channel choices of the page: the authors' first query, the maximum over the
+    queries, then each query by name (values ``first``, ``max``, ``q<index>``).
+
+    Example:
+        >>> [value for _, value in channel_choices(["cat", "dog"])]
+        ['first', 'max', 'q0', 'q1']
+    """
+    choices = [("first query (the authors')", "first"), ("max over the queries", "max")]
+    return choices + [(f"query: {q}", f"q{i}") for i, q in enumerate(queries)]
+
+
+def parse_channel(value: str | None) -> int | str | None:
+    """A class-channel choice as :meth:`~jmllm.joint.explorer.Explorer.word_pictures` takes it.
+
+    Example:
+        >>> parse_channel("max"), parse_channel("q2"), parse_channel(None)
+        ('max', 2, None)
+    """
+    if value is None or value in ("first", "max"):
+        return value
+    if value.startswith("q") and value[1:].isdigit():
+        return int(value[1:])
+    raise ExplorerError(f"class channel: unknown choice {value!r}")
+
+
 class AppUnavailableError(ImportError):
     """Gradio (the ``app`` extra) is not installed."""
 
@@ -238,7 +264,7 @@ def build_app(
                     examples=[[str(p)] for p in examples],
                     inputs=[upload],
                     label="Example images",
-                    examples_per_page=8,
+                    examples_per_page=12,
                 )
                 picture = gr.Image(
                     label="Detections",
@@ -267,9 +293,9 @@ def build_app(
                 detections_md = gr.Markdown(elem_id="jm-detections")
             with gr.Column(scale=1):
                 with gr.Row():
-                    chat = gr.Chatbot(label="J", height=320, elem_id="jm-chat")
+                    chat = gr.Chatbot(label="J", height=360, elem_id="jm-chat")
                     stock_chat = gr.Chatbot(
-                        label="Stock LLaVA", height=320, visible=False, elem_id="jm-stock"
+                        label="Stock LLaVA", height=360, visible=False, elem_id="jm-stock"
                     )
                 with gr.Row():
                     question = gr.Textbox(
@@ -299,31 +325,35 @@ def build_app(
                     label="Click a word of J's last answer to explain it",
                     elem_id="jm-words",
                 )
+        with gr.Group():
+            with gr.Row():
                 weighting = gr.Radio(
                     choices=list(WEIGHTING_CHOICES),
                     value="class",
                     label="GA map",
+                    scale=2,
                     elem_id="jm-weighting",
                 )
-                ga_md = gr.Markdown(elem_id="jm-ga-status")
-                with gr.Row():
-                    map_image = gr.Image(
-                        label="GA map",
-                        type="pil",
-                        format="png",
-                        interactive=False,
-                        elem_id="jm-map",
-                    )
-                    box_image = gr.Image(
-                        label="Box view",
-                        type="pil",
-                        format="png",
-                        interactive=False,
-                        elem_id="jm-boxes",
-                    )
-                top_table = gr.Dataframe(
-                    label="Top patches", interactive=False, elem_id="jm-top", wrap=True
+                channel = gr.Dropdown(
+                    choices=channel_choices(()),
+                    value="first",
+                    label="Class channel (class map, box thickness)",
+                    scale=1,
+                    elem_id="jm-channel",
                 )
+            ga_md = gr.Markdown(elem_id="jm-ga-status")
+            with gr.Row(equal_height=False):
+                map_image = gr.Image(
+                    label="GA map", type="pil", format="png", interactive=False, elem_id="jm-map"
+                )
+                box_image = gr.Image(
+                    label="Box view (thickness: class weight, colour: box-coordinate weight)",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    elem_id="jm-boxes",
+                )
+            top_table = gr.Dataframe(label="Top patches", interactive=False, elem_id="jm-top")
         with gr.Accordion("Hallucination view", open=True, elem_id="jm-hallucination-view"):
             hallucination_button = gr.Button(
                 "Check the last answer: mentioned vs detected", elem_id="jm-hallucination-button"
@@ -342,7 +372,10 @@ def build_app(
         with gr.Row():
             report_button = gr.Button("Download report", elem_id="jm-report")
             report_files = gr.File(
-                label="Report files", file_count="multiple", interactive=False, elem_id="jm-files"
+                label="Reports: click a file to download it",
+                file_count="multiple",
+                interactive=False,
+                elem_id="jm-files",
             )
 
         # ------------------------------------------------------------- helpers
@@ -368,36 +401,34 @@ def build_app(
             choices = [(w.text, i) for i, w in enumerate(explorer.words(s))]
             return gr.Radio(choices=choices, value=None)
 
-        cleared_ga = (None, None, None, "")
+        def cleared_ga(s: ExplorerState, current: str | None) -> tuple[Any, ...]:
+            """Empty GA outputs, and the class channels of the queries now in effect."""
+            choices = channel_choices(explorer.queries(s) if s.emb is not None else ())
+            value = current if current in {v for _, v in choices} else "first"
+            return None, None, None, "", gr.Dropdown(choices=choices, value=value)
+
+        ga_outputs = [map_image, box_image, top_table, ga_md, channel]
 
         # ------------------------------------------------------------- events
         @guarded
-        def on_image(path: str | None, text: str, level: float) -> tuple[Any, ...]:
-            if not path:
-                fresh = ExplorerState()
-                return (fresh, None, "", [], [], gr.Radio(choices=[], value=None), *cleared_ga)
-            s = explorer.open_image(path)
-            s = explorer.set_threshold(explorer.set_queries(s, text), level)
-            drawn, summary = detection_outputs(s)
-            return (s, drawn, summary, [], [], word_choices(s), *cleared_ga)
+        def on_image(path: str | None, text: str, level: float, chosen: str) -> tuple[Any, ...]:
+            s = ExplorerState()
+            if path:
+                s = explorer.open_image(path)
+                s = explorer.set_threshold(explorer.set_queries(s, text), level)
+            drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
+            return (s, drawn, summary, [], [], word_choices(s), *cleared_ga(s, chosen))
 
-        image_outputs = [
-            state,
-            picture,
-            detections_md,
-            chat,
-            stock_chat,
-            words,
-            map_image,
-            box_image,
-            top_table,
-            ga_md,
-        ]
-        upload.change(on_image, [upload, queries_box, threshold], image_outputs, **model_event)
+        upload.change(
+            on_image,
+            [upload, queries_box, threshold, channel],
+            [state, picture, detections_md, chat, stock_chat, words, *ga_outputs],
+            **model_event,
+        )
 
         @guarded
         def on_ask(
-            s: ExplorerState, text: str, with_stock: bool, form: str, limit: float
+            s: ExplorerState, text: str, with_stock: bool, form: str, limit: float, chosen: str
         ) -> tuple[Any, ...]:
             s = explorer.ask(s, text, compare=with_stock, template=form, max_new_tokens=int(limit))
             drawn, summary = detection_outputs(s)
@@ -409,44 +440,32 @@ def build_app(
                 word_choices(s),
                 drawn,
                 summary,
-                *cleared_ga,
+                *cleared_ga(s, chosen),
             )
 
-        ask_outputs = [
-            state,
-            question,
-            chat,
-            stock_chat,
-            words,
-            picture,
-            detections_md,
-            map_image,
-            box_image,
-            top_table,
-            ga_md,
-        ]
-        ask_inputs = [state, question, compare, template, max_new_tokens]
-        ask_button.click(on_ask, ask_inputs, ask_outputs, **model_event)
-        question.submit(on_ask, ask_inputs, ask_outputs, **model_event)
+        ask_inputs = [state, question, compare, template, max_new_tokens, channel]
+        ask_outputs = [state, question, chat, stock_chat, words, picture, detections_md]
+        for trigger in (ask_button.click, question.submit):
+            trigger(on_ask, ask_inputs, [*ask_outputs, *ga_outputs], **model_event)
 
         @guarded
-        def on_queries(s: ExplorerState, text: str, level: float) -> tuple[Any, ...]:
+        def on_queries(s: ExplorerState, text: str, level: float, chosen: str) -> tuple[Any, ...]:
             s = explorer.set_threshold(explorer.set_queries(s, text), level)
-            if s.emb is None:
-                return (s, None, "", *cleared_ga)
-            drawn, summary = detection_outputs(s)
-            return (s, drawn, summary, *cleared_ga)
+            drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
+            return (s, drawn, summary, gr.Radio(value=None), *cleared_ga(s, chosen))
 
-        query_outputs = [state, picture, detections_md, map_image, box_image, top_table, ga_md]
         for trigger in (queries_box.submit, detect_button.click):
-            trigger(on_queries, [state, queries_box, threshold], query_outputs, **model_event)
+            trigger(
+                on_queries,
+                [state, queries_box, threshold, channel],
+                [state, picture, detections_md, words, *ga_outputs],
+                **model_event,
+            )
 
         @guarded
         def on_threshold(s: ExplorerState, level: float) -> tuple[Any, ...]:
             s = explorer.set_threshold(s, level)
-            if s.emb is None:
-                return s, None, ""
-            drawn, summary = detection_outputs(s)
+            drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
             return s, drawn, summary
 
         threshold.release(
@@ -458,10 +477,11 @@ def build_app(
             s: ExplorerState,
             index: int | None,
             how: str,
+            chosen: str,
             progress: Any = gr.Progress(),  # noqa: B008 (Gradio's way to ask for a bar)
         ) -> tuple[Any, ...]:
             if index is None:
-                return (s, *cleared_ga)
+                return (s, None, None, None, "")
             progress(0.0, desc="GA")
 
             def tell(message: str) -> None:
@@ -469,8 +489,11 @@ def build_app(
 
             s, view = explorer.explain_word(s, int(index), progress=tell)
             progress(0.8, desc="drawing the map")
-            overlay, boxes = explorer.word_pictures(s, view.result, how)
-            headers, rows = explorer.top_patches(view.result, how)
+            picked = parse_channel(chosen)
+            if isinstance(picked, int) and picked >= view.result.num_queries:
+                picked = "first"  # a channel of other queries: back to the default
+            overlay, boxes = explorer.word_pictures(s, view.result, how, picked)
+            headers, rows = explorer.top_patches(view.result, how, channel=picked)
             queries = ", ".join("`" + q.replace("`", "") + "`" for q in view.queries)
             if view.reused:
                 cost = "already explained"
@@ -481,18 +504,13 @@ def build_app(
             status = f"**{_md(view.word.text)}** against {queries} — {cost}"
             return s, overlay, boxes, {"headers": headers, "data": rows}, status
 
-        words.input(
-            on_word,
-            [state, words, weighting],
-            [state, map_image, box_image, top_table, ga_md],
-            **model_event,
-        )
-        weighting.input(
-            on_word,
-            [state, words, weighting],
-            [state, map_image, box_image, top_table, ga_md],
-            **model_event,
-        )
+        for trigger in (words.input, weighting.input, channel.input):
+            trigger(
+                on_word,
+                [state, words, weighting, channel],
+                [state, map_image, box_image, top_table, ga_md],
+                **model_event,
+            )
 
         @guarded
         def on_hallucinations(s: ExplorerState) -> tuple[Any, ...]:
@@ -593,9 +611,11 @@ __all__ = [
     "AppUnavailableError",
     "build_app",
     "builtin_examples",
+    "channel_choices",
     "chat_messages",
     "guarded",
     "launch",
     "offline_theme",
+    "parse_channel",
     "require_gradio",
 ]

@@ -190,7 +190,7 @@ def box_view_image(
     result: GAResult,
     class_threshold: float = 0.5,
     max_thickness: int = 10,
-    query: int | None = None,
+    query: int | str | None = None,
     cmap: str = "viridis",
     shown: tuple[int, int] | None = None,
 ) -> Image.Image:

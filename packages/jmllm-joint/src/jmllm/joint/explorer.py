@@ -475,11 +475,23 @@ class Explorer:
         return dataclasses.replace(state, explained=explained), view
 
     def word_pictures(
-        self, state: ExplorerState, result: GAResult, weighting: str = "class"
+        self,
+        state: ExplorerState,
+        result: GAResult,
+        weighting: str = "class",
+        channel: int | str | None = None,
     ) -> tuple[Image.Image, Image.Image]:
         """The GA map over the image and the box view of a result, each with its colour bar, at
         the page's size: the pictures of the explanation report without their matplotlib frame
         (drawing a figure costs more than the GA of a word with cached norms).
+
+        Args:
+            state: the current state (its image is drawn on).
+            result: a word's GA result.
+            weighting: ``class``, ``coord``, ``any`` or ``gradient`` (the plain-gradient map).
+            channel: the class channel of the ``class`` map and of the box view's thickness:
+                ``"first"`` (the authors'), ``"max"`` over the queries, or a query's index;
+                None: the result's own (:class:`~jmllm.joint.GradientAlignment`'s default).
 
         Example:
             >>> overlay, boxes = explorer.word_pictures(state, view.result, "coord")  # doctest: +SKIP
@@ -490,25 +502,42 @@ class Explorer:
             raise ExplorerError(
                 f"weighting: {weighting!r} is not one of {', '.join(MAP_WEIGHTINGS)}"
             )
+        channel = self._check_channel(result, channel)
         image = self._need_image(state).pil_image(0)
         shown = shown_size(result.image_size)
-        overlay = overlay_image(image, result.map(weighting), "jet", shown=shown)
-        boxes = box_view_image(image, result, cmap="viridis", shown=shown)
+        overlay = overlay_image(image, result.map(weighting, query=channel), "jet", shown=shown)
+        boxes = box_view_image(image, result, query=channel, cmap="viridis", shown=shown)
         return (
             with_colour_bar(overlay, "jet", weighting),
             with_colour_bar(boxes, "viridis", "coord"),
         )
 
     @staticmethod
+    def _check_channel(result: GAResult, channel: int | str | None) -> int | str | None:
+        if channel is None or channel in ("first", "max"):
+            return channel
+        if isinstance(channel, int) and not isinstance(channel, bool):
+            if 0 <= channel < result.num_queries:
+                return channel
+        raise ExplorerError(
+            f"class channel: {channel!r} is neither 'first', 'max' nor a query index "
+            f"(0..{result.num_queries - 1})"
+        )
+
+    @classmethod
     def top_patches(
-        result: GAResult, weighting: str = "class", top: int = 5
+        cls,
+        result: GAResult,
+        weighting: str = "class",
+        top: int = 5,
+        channel: int | str | None = None,
     ) -> tuple[list[str], list[list[Any]]]:
         """Headers and rows of the patches with the largest weights (as the report's table)."""
         if weighting == "gradient":
             weights = result.patch_gradient_norms.float()
             weights = weights / weights.max().clamp(min=1e-30)
         else:
-            weights = result.weights(weighting)
+            weights = result.weights(weighting, cls._check_channel(result, channel))
         order = np.argsort(-weights.numpy(), kind="stable")[:top]
         side = round(len(weights) ** 0.5)
         headers = ["patch", "row, col", f"{weighting} weight", "box (px)"]
