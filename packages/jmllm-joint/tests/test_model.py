@@ -135,6 +135,30 @@ def test_greedy_generation_with_cache_equals_recomputation(tiny_joint, sample_im
     torch.testing.assert_close(torch.stack(steps), no_cache, rtol=1e-4, atol=1e-4)
 
 
+def test_an_image_token_in_the_answer_is_an_ordinary_token(tiny_joint, sample_images):
+    """A model may generate the image-token id; generation fed it back through the token
+    embedding, so a teacher-forced forward over prompt + answer (GA, the explorer) must too:
+    only the prompt's N placeholders take the image tokens."""
+    model = tiny_joint
+    emb = model.embed(sample_images[:1])
+    prompt = model.prompt_inputs("What's in the image?")["input_ids"]
+    image_id = model.llava.config.image_token_id
+    answer = [5, image_id, 7, image_id]
+    full = torch.cat([prompt, torch.tensor([answer])], dim=1)
+    with torch.no_grad():
+        forced = model.language_logits(emb.t, full)[0, prompt.shape[1] - 1 :]
+        embeds = model.merge_image_tokens(prompt, model.image_tokens(emb.t))
+        out = model.llava(inputs_embeds=embeds, use_cache=True)
+        steps, cache = [out.logits[0, -1]], out.cache
+        for token in answer:
+            out = model.llava(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            steps.append(out.logits[0, -1])
+            cache = out.cache
+    torch.testing.assert_close(torch.stack(steps), forced, rtol=1e-4, atol=1e-4)
+    with pytest.raises(JointModelError, match="image tokens per row"):
+        model.merge_image_tokens(torch.tensor([[1, image_id, 2]]), model.image_tokens(emb.t))
+
+
 def test_batched_left_padded_generation_equals_single(tiny_joint, sample_images):
     model = tiny_joint
     emb = model.embed(sample_images[:2])

@@ -732,8 +732,13 @@ class JointModel:
     ) -> torch.Tensor:
         """LLaVA's input embeddings with the image placeholders replaced by ``image_tokens``.
 
+        The placeholders are the first N image-token ids of each row (the prompt's). An
+        image-token id after them — one the model generated in an answer, which ``generate``
+        fed back through the token embedding — keeps its token embedding, so a teacher-forced
+        forward over prompt + answer reproduces the generation's logits.
+
         Args:
-            input_ids: (B, L) with N image-token ids per row.
+            input_ids: (B, L) with at least N image-token ids per row, the prompt's N first.
             image_tokens: (B, N, D_llm), e.g. :meth:`image_tokens` of ``t``.
 
         Returns:
@@ -747,11 +752,12 @@ class JointModel:
         """
         embed = self._language().get_input_embeddings()
         inputs_embeds = embed(input_ids)  # (B, L, D_llm)
+        B, N = image_tokens.shape[:2]
         mask = input_ids == self.llava.config.image_token_id  # (B, L)
         counts = mask.sum(-1)
-        B, N = image_tokens.shape[:2]
+        mask = mask & (mask.cumsum(-1) <= N)  # the placeholders: the first N per row
         checkable = input_ids.device.type != "meta"  # meta tensors (size checks) hold no ids
-        if input_ids.shape[0] != B or (checkable and bool((counts != N).any())):
+        if input_ids.shape[0] != B or (checkable and bool((counts < N).any())):
             raise JointModelError(
                 f"prompts: {counts.tolist()} image tokens per row for {B} images of {N} tokens"
             )
