@@ -225,12 +225,11 @@ def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     _wait_text(page, "#jm-top", "class weight")
     words.nth(2).click()
     _wait_text(page, "#jm-ga-status", "norms cached")
+    _shot(page, "app-explain.png", tmp_path)
     page.locator("#jm-weighting label", has_text="plain gradient").click()
     _wait_text(page, "#jm-ga-status", "already explained")
     page.locator("#jm-weighting label", has_text="class").first.click()
     _wait_text(page, "#jm-ga-status", "already explained")
-    _settle(page)
-    _shot(page, "app-explain.png", tmp_path)
 
     # other queries: other boxes
     picture = page.locator("#jm-picture img")

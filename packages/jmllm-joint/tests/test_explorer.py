@@ -216,14 +216,15 @@ def test_word_pictures_and_top_patches(explorer, tiny_joint, images):
     overlay, boxes = explorer.word_pictures(state, view.result, "coord")
     image = state.emb.pil_image(0)  # 120 x 48, shown at 512 x 205 with a colour bar beside it
     assert overlay.height == boxes.height == 205 and overlay.width > 512
-    expected = overlay_image(image, view.result.map("coord"), shown=(512, 205))
+    expected = overlay_image(image, view.result.map("coord", size=(512, 205)), shown=(512, 205))
     assert np.array_equal(np.asarray(overlay)[:, :512], np.asarray(expected))
     expected = box_view_image(image, view.result, shown=(512, 205))
     assert np.array_equal(np.asarray(boxes)[:, :512], np.asarray(expected))
     state, view = explorer.explain_word(explorer.set_queries(state, "cat, dog"), 1)
     for channel in ("max", 1):  # the class map and the box thickness of another channel
         overlay, boxes = explorer.word_pictures(state, view.result, "class", channel)
-        expected = overlay_image(image, view.result.map("class", query=channel), shown=(512, 205))
+        saliency = view.result.map("class", query=channel, size=(512, 205))
+        expected = overlay_image(image, saliency, shown=(512, 205))
         assert np.array_equal(np.asarray(overlay)[:, :512], np.asarray(expected))
         expected = box_view_image(image, view.result, query=channel, shown=(512, 205))
         assert np.array_equal(np.asarray(boxes)[:, :512], np.asarray(expected))

@@ -505,7 +505,9 @@ class Explorer:
         channel = self._check_channel(result, channel)
         image = self._need_image(state).pil_image(0)
         shown = shown_size(result.image_size)
-        overlay = overlay_image(image, result.map(weighting, query=channel), "jet", shown=shown)
+        # painted at the page's size: a full-resolution map of a large photo is not kept
+        saliency = result.map(weighting, query=channel, size=shown)
+        overlay = overlay_image(image, saliency, "jet", shown=shown)
         boxes = box_view_image(image, result, query=channel, cmap="viridis", shown=shown)
         return (
             with_colour_bar(overlay, "jet", weighting),
