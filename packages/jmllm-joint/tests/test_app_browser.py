@@ -190,7 +190,10 @@ def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     page = _page(browser, server, remote)
     assert page.title() == "jmllm explorer"
 
-    # bad uploads: a message in the page, and the page keeps working
+    # a question before any image, then bad uploads: a message in the page, which keeps working
+    page.locator("#jm-question textarea").fill(QUESTION)
+    page.click("#jm-ask")
+    _toast(page, "image: upload an image")
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not an image")
     _upload(page, junk)
