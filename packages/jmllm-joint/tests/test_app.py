@@ -127,14 +127,25 @@ def test_app_without_gradio_names_the_extra(cli_env, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--port", "0"], "--port: must be in 1..65535, got 0"),
-        (["--port", "70000"], "--port: must be in 1..65535"),
-        (["--max-upload-mb", "nan"], "--max-upload-mb: must be a positive number"),
-        (["--max-upload-mb", "-1"], "--max-upload-mb: must be a positive number"),
-        (["--max-pixels", "0"], "--max-pixels: must be at least 1"),
-        (["--objects", " , "], "--objects: empty list"),
-        (["--host", " "], "--host: empty"),
+        (["--port", "0"], "argument --port: must be in [1, 65535], got 0"),
+        (["--port", "70000"], "argument --port: must be in [1, 65535], got 70000"),
+        (["--max-upload-mb", "nan"], "argument --max-upload-mb: must be a finite number"),
+        (["--max-upload-mb", "0"], "argument --max-upload-mb: must be > 0"),
+        (["--max-pixels", "0"], "argument --max-pixels: must be in [1, 4e+08], got 0"),
+        (["--max-pixels", "400000001"], "argument --max-pixels: must be in [1, 4e+08], got 400000001"),
     ],
+)
+def test_app_bad_numbers_are_refused_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["app", "--tiny", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--objects", " , "], "--objects: empty list"), (["--host", " "], "--host: empty")],
 )
 def test_app_bad_options(argv, message, capsys):
     assert main(["app", "--tiny", *argv]) == 2

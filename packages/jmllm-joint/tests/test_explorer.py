@@ -313,27 +313,49 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def test_uploads_are_checked_from_the_header(explorer, tmp_path, images):
+def test_uploads_are_checked_from_the_header(explorer, tiny_joint, tmp_path, images):
     huge = _png_header_only(tmp_path / "huge.png", 25_000, 20_000)
     with pytest.raises(
         ExplorerError, match=r"huge\.png: image too large: 25000x20000 pixels \(500\.0 mega"
     ):
         explorer.open_image(huge)
     bomb = _png_header_only(tmp_path / "bomb.png", 30_000, 30_000)  # above PIL's own guard too
-    with pytest.raises(ExplorerError, match=r"bomb\.png: image too large: 900\.0 megapixels"):
+    with pytest.raises(ExplorerError, match=r"bomb\.png: image too large"):
         explorer.open_image(bomb)
-    assert check_upload(_png_header_only(tmp_path / "ok.png", 300, 200)) == (300, 200)
-    with pytest.raises(ExplorerError, match=r"limit is 0\.0 megapixels"):
-        check_upload(images[0], max_pixels=100)
+    strict = Explorer(tiny_joint, max_pixels=100, max_bytes=10**6)  # the app's own limits
+    with pytest.raises(ExplorerError, match=r"image0\.png: image too large: 64x64 pixels"):
+        strict.open_image(images[0])
+    assert check_upload(images[0]) == images[0].stat().st_size
     with pytest.raises(ExplorerError, match=r"image0\.png: file too large"):
         check_upload(images[0], max_bytes=10)
+    with pytest.raises(ExplorerError, match=r"image0\.png: file too large"):
+        Explorer(tiny_joint, max_bytes=10).open_image(images[0])
+    with pytest.raises(ExplorerError, match=r"gone\.png: no such file"):
+        explorer.open_image(tmp_path / "gone.png")
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")
     with pytest.raises(ExplorerError, match=r"junk\.png: not a readable image"):
         explorer.open_image(junk)
-    truncated = _png_header_only(tmp_path / "cut.png", 64, 64)
-    with pytest.raises(ExplorerError, match=r"cut\.png"):  # passes the header check, fails decoding
-        explorer.open_image(truncated, name="cut.png")
+    truncated = _png_header_only(tmp_path / "cut.png", 64, 64)  # passes the header check
+    with pytest.raises(ExplorerError, match=r"^upload\.png: not a readable image"):
+        explorer.open_image(truncated, name="upload.png")  # named as the user knows it
+
+
+def test_large_photos_keep_their_original_pixels(explorer, tmp_path):
+    """A photo larger than the working size is decoded once, shrunk, and its boxes and maps are
+    in its original pixels; the page shows it at most DISPLAY_SIDE wide."""
+    from PIL import Image
+
+    path = tmp_path / "wide.jpg"
+    Image.new("RGB", (5000, 1000), (40, 120, 200)).save(path, quality=80)
+    state = explorer.set_queries(explorer.open_image(path), "sky")
+    assert state.emb.image_sizes == [(5000, 1000)]
+    assert state.emb.pil_image(0).size == (4096, 819)  # the policy's working copy
+    found = explorer.set_threshold(state, 0.01)
+    detections = explorer.detect(found)
+    assert detections.image_size == (5000, 1000)
+    assert float(detections.boxes[:, 2].max()) > 4096  # boxes reach past the working copy
+    assert explorer.detections_picture(found, detections).size == (1024, 205)
 
 
 # ---------------------------------------------------------------------------------- reports

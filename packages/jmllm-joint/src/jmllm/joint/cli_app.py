@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import math
 from typing import Any
 
 logger = logging.getLogger("jmllm.joint.cli")
@@ -21,7 +20,9 @@ DEFAULT_PORT = 7860
 
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``app`` to ``jmllm-joint``'s parser."""
-    from jmllm.joint.explorer import MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES
+    from jmllm.align.images import MAX_IMAGE_PIXELS
+    from jmllm.align.options import finite_float, integer
+    from jmllm.joint.explorer import MAX_UPLOAD_BYTES
 
     app = subparsers.add_parser(
         "app",
@@ -38,19 +39,23 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "everyone who can reach it)",
     )
     app.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})"
+        "--port",
+        type=integer(1, 65535),
+        default=DEFAULT_PORT,
+        help=f"TCP port (default {DEFAULT_PORT})",
     )
     app.add_argument(
         "--max-upload-mb",
-        type=float,
+        type=finite_float(0, open_low=True),
         default=MAX_UPLOAD_BYTES / 2**20,
         help=f"largest uploaded file in MB (default {MAX_UPLOAD_BYTES // 2**20})",
     )
     app.add_argument(
         "--max-pixels",
-        type=int,
+        type=integer(1, MAX_IMAGE_PIXELS),
         default=MAX_IMAGE_PIXELS,
-        help=f"largest accepted image in pixels, from its header (default {MAX_IMAGE_PIXELS})",
+        help=f"largest accepted image in pixels, from its header (default and most: the "
+        f"project's image policy, {MAX_IMAGE_PIXELS})",
     )
     app.add_argument(
         "--objects",
@@ -64,12 +69,6 @@ def _check(args: argparse.Namespace) -> tuple[int, int, list[str] | None]:
 
     if not args.host.strip():
         raise CliError("--host: empty")
-    if not 1 <= args.port <= 65535:
-        raise CliError(f"--port: must be in 1..65535, got {args.port}")
-    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
-        raise CliError(f"--max-upload-mb: must be a positive number, got {args.max_upload_mb}")
-    if args.max_pixels < 1:
-        raise CliError(f"--max-pixels: must be at least 1, got {args.max_pixels}")
     objects = None
     if args.objects is not None:
         objects = [o.strip() for o in args.objects.split(",") if o.strip()]

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jmllm.align.images import MAX_IMAGE_PIXELS, ImageLoadError, open_image
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, Conversation, check_question, get_template
 from jmllm.joint.detection import Detections
 from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE, JointAnswer, JointEmbedding
@@ -59,8 +58,6 @@ from jmllm.joint.saliency import (
 
 logger = logging.getLogger(__name__)
 
-# The project's image policy: larger images are refused from their header (docs/align.md).
-MAX_IMAGE_PIXELS = 20_000 * 20_000
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # one uploaded file; the page refuses larger ones itself
 MAX_NEW_TOKENS = 512  # the largest answer a chat turn may ask for
 MAX_QUERIES = 16  # every query is a GA channel: the norm computation grows with their number
@@ -156,20 +153,17 @@ def parse_queries(text: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def check_upload(
-    path: str | Path,
-    name: str | None = None,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-    max_bytes: int = MAX_UPLOAD_BYTES,
-) -> tuple[int, int]:
-    """The (width, height) of an image file, from its header, before any pixel is decoded.
+    path: str | Path, name: str | None = None, max_bytes: int = MAX_UPLOAD_BYTES
+) -> int:
+    """The size in bytes of an uploaded file, refused when missing or larger than ``max_bytes``
+    (its pixels are checked from its header by :func:`jmllm.align.images.open_image`).
 
     Raises:
-        ExplorerError: the file is missing, larger than ``max_bytes``, not an image, or has more
-            than ``max_pixels`` pixels; the message names the file.
+        ExplorerError: the message names the file.
 
     Example:
-        >>> check_upload("photo.jpg")  # doctest: +SKIP
-        (640, 480)
+        >>> check_upload("photo.jpg", max_bytes=2**20)  # doctest: +SKIP
+        183511
     """
     path = Path(path)
     name = name or path.name
@@ -182,27 +176,7 @@ def check_upload(
             f"{name}: file too large ({size_bytes / 2**20:.1f} MB); the limit is "
             f"{max_bytes / 2**20:.0f} MB"
         )
-    try:
-        with path.open("rb") as handle, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(handle) as image:  # reads the header only
-                width, height = image.size
-    except Image.DecompressionBombError as exc:  # PIL's own guard, far above any sane limit
-        claimed = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f" {int(claimed.group(1)) / 1e6:.1f} megapixels;" if claimed else ""
-        raise ExplorerError(
-            f"{name}: image too large:{size} the limit is {max_pixels / 1e6:.1f} megapixels"
-        ) from None
-    except Exception as exc:  # PIL raises many kinds for a file that is not an image
-        raise ExplorerError(f"{name}: not a readable image ({type(exc).__name__})") from None
-    if width < 1 or height < 1:
-        raise ExplorerError(f"{name}: image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise ExplorerError(
-            f"{name}: image too large: {width}x{height} pixels ({width * height / 1e6:.1f} "
-            f"megapixels); the limit is {max_pixels / 1e6:.1f} megapixels"
-        )
-    return width, height
+    return size_bytes
 
 
 def shown_size(
@@ -262,21 +236,23 @@ class Explorer:
 
     # ------------------------------------------------------------------ image
     def open_image(self, path: str | Path, name: str | None = None) -> ExplorerState:
-        """A fresh state for an image file: checked from its header, decoded, embedded once.
+        """A fresh state for an image file, under the project's image policy: the file's size,
+        then its pixel count from the header (:attr:`max_pixels`), before any pixel is decoded;
+        decoded once, embedded once.
 
         Raises:
-            ExplorerError: unreadable, too large (bytes or pixels).
+            ExplorerError: missing, unreadable, too large (bytes or pixels); the message names
+                the file by ``name`` (default its file name).
         """
-        from jmllm.joint.model import JointModelError
-
         path = Path(path)
         name = name or path.name
-        check_upload(path, name, self.max_pixels, self.max_bytes)
+        check_upload(path, name, self.max_bytes)
         try:
-            with self.lock:
-                emb = self.model.embed([path])
-        except JointModelError as exc:
-            raise ExplorerError(str(exc).replace(str(path), name)) from None
+            loaded = open_image(path, max_pixels=self.max_pixels, name=name)
+        except ImageLoadError as exc:
+            raise ExplorerError(str(exc)) from None
+        with self.lock:
+            emb = self.model.embed([loaded])
         return ExplorerState(image_name=name, emb=emb)
 
     @staticmethod

@@ -35,7 +35,13 @@ from jmllm.align import (
     load_alignment,
     owl_penultimate,
 )
-from jmllm.align.images import WORKING_SIDE, check_pixels, open_image, working_size
+from jmllm.align.images import (
+    WORKING_SIDE,
+    LoadedImage,
+    check_pixels,
+    open_image,
+    working_size,
+)
 from jmllm.align.options import check_template
 from jmllm.align.weights import looks_like_repo_id, resolve_alignment_path
 from jmllm.joint.chat import (
@@ -447,13 +453,13 @@ class JointModel:
 
     # ------------------------------------------------------------------ embedding
     def _decode_images(self, images: Any) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        if isinstance(images, (str, os.PathLike, Image.Image)) or (
+        if isinstance(images, (str, os.PathLike, Image.Image, LoadedImage)) or (
             isinstance(images, torch.Tensor) and images.dim() == 3
         ):
             images = [images]
         if not isinstance(images, (list, tuple)) or not images:
             raise JointModelError(
-                "images: expected a non-empty list of paths, PIL images or tensors"
+                "images: expected a non-empty list of paths, PIL images, LoadedImage or tensors"
             )
         tensors, sizes = [], []
         for i, image in enumerate(images):
@@ -471,6 +477,8 @@ class JointModel:
                 if working_size(size) != size:  # shrunk once, like a decoded file
                     pil = Image.fromarray(tensor.permute(1, 2, 0).numpy(), "RGB")
                     tensor = image_to_tensor(open_image(pil).image)
+            elif isinstance(image, LoadedImage):  # already decoded under the policy
+                size, tensor = image.original_size, image_to_tensor(image.image)
             elif isinstance(image, (str, os.PathLike, Image.Image)):
                 try:
                     loaded = open_image(image)
@@ -495,7 +503,9 @@ class JointModel:
         original pixels; ``images`` hold the working copies.
 
         Args:
-            images: one or a list of paths, PIL images or (3, H, W) uint8 tensors.
+            images: one or a list of paths, PIL images, (3, H, W) uint8 tensors or
+                :class:`~jmllm.align.images.LoadedImage` (decoded already, e.g. with a stricter
+                pixel limit; its original size is kept).
             batch_size: images per OWL-ViT forward (bounds memory for long lists).
 
         Returns:
