@@ -132,7 +132,10 @@ def test_app_without_gradio_names_the_extra(cli_env, monkeypatch, capsys):
         (["--max-upload-mb", "nan"], "argument --max-upload-mb: must be a finite number"),
         (["--max-upload-mb", "0"], "argument --max-upload-mb: must be > 0"),
         (["--max-pixels", "0"], "argument --max-pixels: must be in [1, 4e+08], got 0"),
-        (["--max-pixels", "400000001"], "argument --max-pixels: must be in [1, 4e+08], got 400000001"),
+        (
+            ["--max-pixels", "400000001"],
+            "argument --max-pixels: must be in [1, 4e+08], got 400000001",
+        ),
     ],
 )
 def test_app_bad_numbers_are_refused_before_loading(argv, message, capsys):

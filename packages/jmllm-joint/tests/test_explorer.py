@@ -414,3 +414,32 @@ def test_explanation_and_hallucination_pages_are_the_cli_writers(
     assert {label for _, label in labelled} <= {"detected", "not detected"}
     for text, label in labelled:
         assert (label == "detected") == report.objects[text].detected
+
+
+def test_every_step_works_in_bfloat16(tiny_joint_paths, images):
+    """The GPU default: the whole explorer flow on a bf16 J, its results in float32."""
+    from jmllm.joint import JointModel
+
+    model = JointModel.from_pretrained(
+        tiny_joint_paths.owl,
+        tiny_joint_paths.llava,
+        tiny_joint_paths.alignment,
+        device="cpu",
+        dtype=torch.bfloat16,
+    )
+    explorer = Explorer(model)
+    state = explorer.set_queries(explorer.open_image(images[2]), "house, tree")
+    state = explorer.ask(state, QUESTION, compare=True, max_new_tokens=6)
+    assert explorer.detect(state).scores.dtype == torch.float32
+    state, view = explorer.explain_word(state, 0)
+    for name in ("similarities", "normalised", "norms", "patch_gradient_norms"):
+        tensor = getattr(view.result, name)
+        assert tensor.dtype == torch.float32 and bool(torch.isfinite(tensor).all()), name
+    for weighting in ("class", "coord", "any", "gradient"):
+        overlay, boxes = explorer.word_pictures(state, view.result, weighting)
+        assert overlay.height == boxes.height == 205
+    state, again = explorer.explain_word(state, 1)
+    assert again.norms_cached
+    state = explorer.hallucinations(state)
+    assert explorer.report_html(state) and explorer.explanation_html(state)
+    assert explorer.hallucination_html(state)
