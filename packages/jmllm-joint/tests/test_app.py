@@ -57,18 +57,26 @@ def test_state_is_per_session(app, gr):
 
 
 def test_errors_become_messages_in_the_page(app, gr, monkeypatch):
+    """A failure is a notice in the page (outside a request: a Python warning) and leaves every
+    output as it was: no component is put in an error state that would block it."""
     on_ask = _handler(app, "on_ask")
-    with pytest.raises(gr.Error, match="upload an image"):
-        on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8, "first")
+    with pytest.warns(
+        UserWarning, match=r"^image: upload an image \(or choose an example\) first$"
+    ):
+        out = on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8, "first")
+    assert len(out) == 12 and all(o == gr.skip() for o in out)
     explorer: Explorer = app.explorer
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory <b>")
 
     monkeypatch.setattr(explorer, "ask", broken)
-    with pytest.raises(gr.Error) as info:
+    with pytest.warns(UserWarning) as caught:
         on_ask(ExplorerState(), "Hi?", False, "llava-1.5", 8, "first")
-    assert info.value.message == "RuntimeError: CUDA out of memory &lt;b&gt;"
+    assert [str(w.message) for w in caught] == ["RuntimeError: CUDA out of memory &lt;b&gt;"]
+    on_report = _handler(app, "on_report")  # one output: one skip
+    with pytest.warns(UserWarning, match="upload an image"):
+        assert on_report(ExplorerState(), "class") == gr.skip()
 
 
 def test_report_handler_writes_the_explorers_pages(app, tiny_joint, sample_images, tmp_path):

@@ -141,7 +141,8 @@ def _toast(page: Any, text: str) -> None:
 
 
 def _settle(page: Any) -> None:
-    """Wait until no event is running (every component's progress tracker hidden)."""
+    """Wait until no event is running (every component's progress tracker hidden: none is left
+    in an error state either, which would cover the component)."""
     page.wait_for_function(
         "() => [...document.querySelectorAll('[data-testid=status-tracker]')]"
         ".every(e => e.classList.contains('hide'))"
@@ -194,6 +195,8 @@ def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     page.locator("#jm-question textarea").fill(QUESTION)
     page.click("#jm-ask")
     _toast(page, "image: upload an image")
+    _settle(page)  # no component left in an error state…
+    page.locator("#jm-question textarea").click(timeout=5000)  # …that would block it
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not an image")
     _upload(page, junk)

@@ -128,10 +128,15 @@ def _md(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text, quote=False))
 
 
-def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run an event handler so that any failure becomes a message in the page (``gr.Error``)
-    instead of a dead page: the user's mistakes by their one-line message, anything else by its
-    type and message (with the traceback in the server log)."""
+def guarded(fn: Callable[..., Any], outputs: int) -> Callable[..., Any]:
+    """An event handler whose failure becomes a message in the page, never a dead page.
+
+    The user's mistakes show their one-line message, anything else its type and message (with
+    the traceback in the server's log), as a notice; the event's ``outputs`` components are left
+    as they were (``gr.skip()``). Raising ``gr.Error`` instead would put every output component
+    of the event in an error state that covers it and blocks clicks on it (the question box,
+    for one) until dismissed one by one.
+    """
     from jmllm.joint.chat import PromptError
     from jmllm.joint.model import JointModelError
     from jmllm.joint.saliency import GAError
@@ -143,15 +148,13 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def handler(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
         except expected as exc:
-            raise gr.Error(html.escape(_one_line(exc)), print_exception=False) from None
+            message = _one_line(exc)
         except Exception as exc:  # a model failure must not kill the page
             logger.exception("explorer: %s failed", fn.__name__)
-            raise gr.Error(
-                html.escape(f"{type(exc).__name__}: {_one_line(exc)}"), print_exception=False
-            ) from None
+            message = f"{type(exc).__name__}: {_one_line(exc)}"
+        gr.Warning(html.escape(message), duration=15, title="Not done")
+        return gr.skip() if outputs == 1 else tuple(gr.skip() for _ in range(outputs))
 
     return handler
 
@@ -242,6 +245,12 @@ def build_app(
     if examples is None:
         examples = builtin_examples(Path(work.name) / "examples")
     model_event = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE}
+
+    def listen(triggers: Sequence[Any], fn: Callable[..., Any], inputs: Any, outputs: Any) -> None:
+        """``fn`` on every trigger, guarded, in the model's queue of one."""
+        handler = guarded(fn, len(outputs))
+        for trigger in triggers:
+            trigger(handler, inputs, outputs, **model_event)
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         weakref.finalize(app, work.cleanup)
@@ -410,7 +419,6 @@ def build_app(
         ga_outputs = [map_image, box_image, top_table, ga_md, channel]
 
         # ------------------------------------------------------------- events
-        @guarded
         def on_image(path: str | None, text: str, level: float, chosen: str) -> tuple[Any, ...]:
             s = ExplorerState()
             if path:
@@ -419,14 +427,13 @@ def build_app(
             drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
             return (s, drawn, summary, [], [], word_choices(s), *cleared_ga(s, chosen))
 
-        upload.change(
+        listen(
+            [upload.change],
             on_image,
             [upload, queries_box, threshold, channel],
             [state, picture, detections_md, chat, stock_chat, words, *ga_outputs],
-            **model_event,
         )
 
-        @guarded
         def on_ask(
             s: ExplorerState, text: str, with_stock: bool, form: str, limit: float, chosen: str
         ) -> tuple[Any, ...]:
@@ -445,34 +452,29 @@ def build_app(
 
         ask_inputs = [state, question, compare, template, max_new_tokens, channel]
         ask_outputs = [state, question, chat, stock_chat, words, picture, detections_md]
-        for trigger in (ask_button.click, question.submit):
-            trigger(on_ask, ask_inputs, [*ask_outputs, *ga_outputs], **model_event)
+        listen([ask_button.click, question.submit], on_ask, ask_inputs, [*ask_outputs, *ga_outputs])
 
-        @guarded
         def on_queries(s: ExplorerState, text: str, level: float, chosen: str) -> tuple[Any, ...]:
             s = explorer.set_threshold(explorer.set_queries(s, text), level)
             drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
             return (s, drawn, summary, gr.Radio(value=None), *cleared_ga(s, chosen))
 
-        for trigger in (queries_box.submit, detect_button.click):
-            trigger(
-                on_queries,
-                [state, queries_box, threshold, channel],
-                [state, picture, detections_md, words, *ga_outputs],
-                **model_event,
-            )
+        listen(
+            [queries_box.submit, detect_button.click],
+            on_queries,
+            [state, queries_box, threshold, channel],
+            [state, picture, detections_md, words, *ga_outputs],
+        )
 
-        @guarded
         def on_threshold(s: ExplorerState, level: float) -> tuple[Any, ...]:
             s = explorer.set_threshold(s, level)
             drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
             return s, drawn, summary
 
-        threshold.release(
-            on_threshold, [state, threshold], [state, picture, detections_md], **model_event
+        listen(
+            [threshold.release], on_threshold, [state, threshold], [state, picture, detections_md]
         )
 
-        @guarded
         def on_word(
             s: ExplorerState,
             index: int | None,
@@ -504,15 +506,13 @@ def build_app(
             status = f"**{_md(view.word.text)}** against {queries} — {cost}"
             return s, overlay, boxes, {"headers": headers, "data": rows}, status
 
-        for trigger in (words.input, weighting.input, channel.input):
-            trigger(
-                on_word,
-                [state, words, weighting, channel],
-                [state, map_image, box_image, top_table, ga_md],
-                **model_event,
-            )
+        listen(
+            [words.input, weighting.input, channel.input],
+            on_word,
+            [state, words, weighting, channel],
+            [state, map_image, box_image, top_table, ga_md],
+        )
 
-        @guarded
         def on_hallucinations(s: ExplorerState) -> tuple[Any, ...]:
             s = explorer.hallucinations(s)
             report = s.hallucination
@@ -529,14 +529,13 @@ def build_app(
                 gr.Info("The answer mentions no object of the vocabulary, and no object is typed.")
             return s, explorer.hallucination_segments(report), rows
 
-        hallucination_button.click(
+        listen(
+            [hallucination_button.click],
             on_hallucinations,
             [state],
             [state, hallucination_text, hallucination_table],
-            **model_event,
         )
 
-        @guarded
         def on_report(s: ExplorerState, how: str) -> list[str]:
             from jmllm.joint.report import atomic_write_text
 
@@ -552,7 +551,7 @@ def build_app(
                 if page is not None
             ]
 
-        report_button.click(on_report, [state, weighting], [report_files], **model_event)
+        listen([report_button.click], on_report, [state, weighting], [report_files])
 
         compare.change(
             lambda on: gr.Chatbot(visible=bool(on)), [compare], [stock_chat], queue=False
