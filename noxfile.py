@@ -97,10 +97,32 @@ def _all_extras(dist: str) -> str:
     return f"[{','.join(extras)}]" if extras else ""
 
 
+def _dependency_order() -> list[str]:
+    """Every package after the siblings it depends on (extras included).
+
+    pip's resolver, given local folders with extras in one command, fails to match a sibling
+    that a package listed *earlier* depends on ("No matching distribution found for
+    jmllm-joint"), so the order of the arguments matters.
+    """
+    order: list[str] = []
+
+    def visit(dist: str) -> None:
+        if dist in order:
+            return
+        extras = tuple(PACKAGES[dist]["project"].get("optional-dependencies", {}))
+        for dep in reversed(_local_closure(dist, extras)[1:]):
+            visit(dep)
+        order.append(dist)
+
+    for dist in PACKAGES:
+        visit(dist)
+    return order
+
+
 def _install_all(session: nox.Session, *, editable: bool = False) -> None:
     """Install torch (CPU pin) first, then every package with all its extras."""
     session.install(TORCH_PIN)
-    specs = [f"{PACKAGES_DIR / dist}{_all_extras(dist)}" for dist in PACKAGES]
+    specs = [f"{PACKAGES_DIR / dist}{_all_extras(dist)}" for dist in _dependency_order()]
     if editable:
         specs = [arg for spec in specs for arg in ("-e", spec)]
     session.install(*specs)
