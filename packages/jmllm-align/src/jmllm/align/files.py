@@ -7,6 +7,10 @@
   alone gives 0600, which hid W files, training runs and reports from the rest of a group).
 - **No empty folders left behind**: :func:`output_folder` removes the folders it created when
   the work inside fails before writing anything.
+- **Appended records** (JSONL logs that a rerun resumes from): :func:`append_jsonl` writes each
+  record as one line with one ``write`` on a file opened with ``O_APPEND``, then fsyncs, so
+  processes appending at once never interleave inside a line and a kill loses at most the line
+  being written; :func:`read_jsonl` skips a torn line.
 
 Every writer in ``jmllm-align`` and the packages above it (``jmllm-joint``, ``jmllm-bias``) goes
 through :func:`atomic_write` / :func:`atomic_write_bytes`.
@@ -15,12 +19,16 @@ through :func:`atomic_write` / :func:`atomic_write_bytes`.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "append_jsonl",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -30,7 +38,10 @@ __all__ = [
     "file_mode",
     "folder_mode",
     "output_folder",
+    "read_jsonl",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def current_umask() -> int:
@@ -214,3 +225,57 @@ def check_output_dir(path: str | os.PathLike[str], what: str = "output folder") 
         raise NotADirectoryError(f"{what} {target}: exists and is not a folder")
     _check_writable_folder(target, target, what)
     return target
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one JSON record as one line, durably (fsync), safe with concurrent appenders.
+
+    The line is written with one ``write`` call on a file opened with ``O_APPEND``, so processes
+    appending at once never interleave inside a line; a crash loses at most the line being
+    written, and a torn last line left by one never swallows the next record. A new file gets
+    :func:`file_mode` permissions.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "r.jsonl"
+        >>> append_jsonl(target, {"a": 1}); append_jsonl(target, {"a": 2})
+        >>> [r["a"] for r in read_jsonl(target)]
+        [1, 2]
+    """
+    line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            # a torn last line (killed mid-write) must not swallow this record
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file; lines that are not JSON objects (a torn tail) are skipped.
+    A missing file has no records.
+
+    Example:
+        >>> list(read_jsonl("/nonexistent.jsonl"))
+        []
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):  # a torn or absurdly nested line
+                log.warning("%s:%d: skipping a line that is not JSON (interrupted write?)", path, n)
+                continue
+            if isinstance(record, dict):
+                yield record

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import logging
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from .errors import BiasInputError
 
@@ -36,47 +33,11 @@ __all__ = [
     "sha256_file",
 ]
 
-# One implementation of atomic whole-file writes in the joint -> bias chain.
+# One implementation (jmllm.align.files) of atomic writes and JSONL appends for every package.
+from jmllm.align.files import append_jsonl, read_jsonl
 from jmllm.joint.report import atomic_write_bytes, atomic_write_text
 
 LOCK_FILE = ".jmllm-bias.lock"
-
-log = logging.getLogger(__name__)
-
-
-def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one JSON record as one line, durably (fsync), safe with concurrent appenders."""
-    line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            # a torn last line (killed mid-write) must not swallow this record
-            line = b"\n" + line
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """The records of a JSONL file; lines that are not JSON objects (a torn tail) are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                log.warning("%s:%d: skipping a line that is not JSON (interrupted write?)", path, n)
-                continue
-            if isinstance(record, dict):
-                yield record
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

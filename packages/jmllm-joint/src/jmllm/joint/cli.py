@@ -6,13 +6,14 @@ never a traceback (``--debug`` shows it). Exit codes follow docs/conventions.md:
 usage (numbers are checked here, at the boundary, with the argparse types of
 :mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
 
-Extending: for each module of :data:`PLUGINS` that exists (``jmllm.joint.cli_explain``,
-``jmllm.joint.cli_app``), :func:`build_parser` calls its ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
+Extending: for every module of :data:`PLUGINS` that exists (``jmllm.joint.cli_explain``,
+``jmllm.joint.cli_app``, ``jmllm.joint.cli_audit``), :func:`build_parser` calls its
+``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
 ``common_args`` holds the shared model options: use it as a parent parser,
 ``subparsers.add_parser("explain", parents=[common_args], help=...)``, or call it on a parser,
-``common_args(parser)``. A subcommand sets its
-handler with ``parser.set_defaults(func=handler)``; ``handler(args) -> int`` may call
-:func:`load_model` and raise :class:`CliError` for bad input.
+``common_args(parser)``. A subcommand sets its handler with
+``parser.set_defaults(func=handler)``; ``handler(args) -> int`` may call :func:`load_model` and
+raise :class:`CliError` for bad input.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ from jmllm.align.options import (
 logger = logging.getLogger("jmllm.joint.cli")
 
 PROG = "jmllm-joint"
-PLUGINS = ("jmllm.joint.cli_explain", "jmllm.joint.cli_app")  # modules adding subcommands
+PLUGINS = (  # modules adding subcommands, in the order --help lists them
+    "jmllm.joint.cli_explain",
+    "jmllm.joint.cli_app",
+    "jmllm.joint.cli_audit",
+)
 DEFAULT_QUESTION = "What's the content of the image?"
 DEMO_QUESTIONS = ("What's the content of the image?", "What colour is the house?")
 DEMO_QUERIES = ("house", "tree", "sun", "car")

@@ -225,7 +225,7 @@ def check_hallucinations(
     if queries:
         prepared = ga.prepare(t, size, queries, _template())
         scores = prepared.class_scores  # (N, Q)
-        forced = _Forced(prompt_ids, answer_ids)
+        forced = ForcedAnswer(prompt_ids, answer_ids)
         for q, name in enumerate(queries):
             best = int(scores[:, q].argmax())
             score = float(scores[best, q])
@@ -269,8 +269,9 @@ def _first_word(phrase: str) -> str:
 
 
 @dataclass
-class _Forced:
-    """An already known answer (prompt and answer ids) to explain without regenerating."""
+class ForcedAnswer:
+    """An already known answer (prompt and answer ids) to explain without regenerating: pass
+    it as ``answer=`` to :meth:`GradientAlignment.attribute`."""
 
     prompt_ids: Any
     token_ids: Any
@@ -368,6 +369,7 @@ def write_hallucination_report(
 
 __all__ = [
     "COCO_OBJECTS",
+    "ForcedAnswer",
     "HallucinationReport",
     "MentionedObject",
     "ObjectCheck",

@@ -897,26 +897,53 @@ class JointModel:
                     inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
                 )
         texts = self._prompt_texts(texts_in, template)
-        answers = []
-        for row in range(sequences.shape[0]):
-            new = sequences[row].cpu()
-            finished = False
-            stop = (new == eos).nonzero()
-            if stop.numel():
-                new, finished = new[: int(stop[0])], True
-            prompt_ids = input_ids[row][attention_mask[row].bool()].cpu()
-            answers.append(
-                JointAnswer(
-                    text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
-                    token_ids=new,
-                    prompt_ids=prompt_ids,
-                    prompt=texts[row],
-                    finished=finished,
-                    vision=vision,
-                    template=get_template(template).name,
-                )
+        return [
+            self.decode_answer(
+                sequences[row],
+                input_ids[row][attention_mask[row].bool()],
+                texts[row],
+                vision,
+                get_template(template).name,
             )
-        return answers
+            for row in range(sequences.shape[0])
+        ]
+
+    def decode_answer(
+        self,
+        new_ids: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt: str,
+        vision: str = "joint",
+        template: str = INTERACTIVE_TEMPLATE,
+    ) -> JointAnswer:
+        """The :class:`JointAnswer` of generated ids: cut at the first end-of-sequence token
+        (anything after it is padding), decoded without special tokens and stripped.
+
+        Args:
+            new_ids: (T,) the generated ids, answer only.
+            prompt_ids: (P,) the prompt's ids, image tokens expanded, no padding.
+            prompt: the prompt text.
+            vision: ``"joint"`` or ``"llava"``.
+            template: the name of the conversation template the prompt was put in.
+
+        Example:
+            >>> model.decode_answer(torch.tensor([7, 2, 0]), ids, "Hi?").token_ids  # doctest: +SKIP
+            tensor([7])
+        """
+        new = new_ids.cpu()
+        finished = False
+        stop = (new == self.tokenizer.eos_token_id).nonzero()
+        if stop.numel():
+            new, finished = new[: int(stop[0])], True
+        return JointAnswer(
+            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            token_ids=new,
+            prompt_ids=prompt_ids.cpu(),
+            prompt=prompt,
+            finished=finished,
+            vision=vision,
+            template=template,
+        )
 
     def _cuda_devices(self) -> list[int]:
         devices = {p.device.index for p in self.llava.parameters() if p.device.type == "cuda"}

@@ -29,11 +29,13 @@ from jmllm.align.files import atomic_write_text, folder_mode
 from jmllm.align.testing import build_tiny_checkpoints, generated_images, write_image_folder
 
 __all__ = [
+    "COCO_FIXTURE_CLASSES",
     "TinyJoint",
     "build_tiny_joint",
     "generated_images",
     "record_prompts",
     "tiny_joint_model",
+    "write_coco_folder",
     "write_image_folder",
 ]
 
@@ -212,3 +214,64 @@ def record_prompts() -> Iterator[list[str]]:
         yield sent
     finally:
         JointModel.prompt_inputs = original  # type: ignore[method-assign]
+
+
+COCO_FIXTURE_CLASSES = ("person", "cat", "dog", "car", "apple", "teddy bear")
+
+
+def write_coco_folder(
+    root: str | os.PathLike[str],
+    count: int = 6,
+    classes: tuple[str, ...] = COCO_FIXTURE_CLASSES,
+    size: int = 64,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """A small COCO-format dataset: ``root/instances.json`` and ``root/images/*.png``.
+
+    Each image (from :func:`generated_images`) gets 0–3 annotated classes chosen with ``seed``
+    (category ids start at 1, image ids at 100, as COCO's are not 0-based); the first image has
+    two and the second none, so every fixture holds both cases. The annotations are made up:
+    they exercise the format, not the pixels.
+
+    Returns:
+        (annotation file, image folder).
+
+    Example:
+        >>> ann, images = write_coco_folder(tmp_path)  # doctest: +SKIP
+        >>> load_coco(ann, images).classes  # doctest: +SKIP
+        ('person', 'cat', 'dog', 'car', 'apple', 'teddy bear')
+    """
+    import numpy as np
+
+    root = Path(root)
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    doc: dict[str, Any] = {
+        "images": [],
+        "annotations": [],
+        "categories": [
+            {"id": i + 1, "name": c, "supercategory": "x"} for i, c in enumerate(classes)
+        ],
+    }
+    for i, image in enumerate(generated_images(count, size=size, seed=seed)):
+        name = f"{i:04d}.png"
+        image.save(folder / name)
+        image_id = 100 + i
+        doc["images"].append({"id": image_id, "file_name": name, "width": size, "height": size})
+        n = 2 if i == 0 else 0 if i == 1 else int(rng.integers(0, 4))
+        for cat in rng.choice(len(classes), size=min(n, len(classes)), replace=False):
+            for _ in range(int(rng.integers(1, 3))):  # a class may be annotated several times
+                doc["annotations"].append(
+                    {
+                        "id": len(doc["annotations"]) + 1,
+                        "image_id": image_id,
+                        "category_id": int(cat) + 1,
+                        "bbox": [1.0, 1.0, size / 3, size / 3],
+                        "area": size * size / 9,
+                        "iscrowd": 0,
+                    }
+                )
+    annotations = root / "instances.json"
+    annotations.write_text(json.dumps(doc))
+    return annotations, folder

@@ -1,0 +1,771 @@
+"""The hallucination audit at dataset scale: the authors' yes/no protocol on J (DESIGN §1.4).
+
+For every image of a COCO-format dataset and every class of its question plan
+(:mod:`jmllm.joint.audit_data`: all present and all absent classes, or POPE's sampling), J is
+asked ``Is there a {class} in the image? Only answer with 'yes' or 'no'.`` in the ``paper``
+template, and OWL-ViT's maximum score for the bare class name is read from the **same**
+embedding ``t``. A "yes" to an absent class whose OWL-ViT score is high started in perception;
+one with a low score started in the language model.
+
+Efficient by construction (the authors re-embed the image for every class):
+
+1. ``t`` once per image; OWL-ViT's scores for all of the image's classes from one call of the
+   detection heads (a query's class logit does not depend on the other queries);
+2. the prompts of all the image's questions share their beginning — BOS, the 576 image tokens,
+   the template's opening and ``Is there a`` — up to the class name: that prefix runs through
+   LLaVA once, and its KV cache (``transformers.DynamicCache``) is copied to every question;
+3. the questions' remaining tokens (padded between prefix and suffix, positions counted over
+   real tokens only) and their greedy answers run as one batch through ``generate``.
+
+:func:`ask_one_by_one` is the straightforward loop with the authors' semantics (re-embed per
+question, full prompt, greedy ``generate``): the tests prove the fast path equal to it, and the
+benchmark (``benchmarks/hallucination_audit.py``) times both in the same run.
+
+Scale: :func:`run_audit` appends one JSON line per finished image to ``results.jsonl``; a rerun
+skips finished images (a kill loses at most the image in progress); under ``accelerate launch``
+the processes split the remaining images and append to the same file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jmllm.align.files import append_jsonl, atomic_write_text, read_jsonl
+from jmllm.joint.audit_data import (
+    ARTICLES,
+    AUTHORS_QUESTION,
+    SAMPLINGS,
+    AuditDataset,
+    AuditError,
+    AuditImage,
+    QuestionPlan,
+    plan_questions,
+    question_text,
+)
+from jmllm.joint.chat import (
+    PAPER_TEMPLATE,
+    ConversationTemplate,
+    PromptError,
+    format_prompt,
+    get_template,
+)
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+SETTINGS_FILE = "audit.json"
+AUTHORS_QUERY_TEMPLATE = "{}"  # the authors query OWL-ViT with the bare class name
+PARSE_RULES = ("authors", "strict", "pope")
+DEFAULT_MAX_NEW_TOKENS = 16
+DEFAULT_BATCH_SIZE = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers
+# ---------------------------------------------------------------------------------------------
+
+_STRICT = re.compile(r"(yes|no)[.!]?", re.IGNORECASE)
+
+
+def parse_answer(text: str, finished: bool = True, rule: str = "authors") -> str:
+    """J's answer as ``"yes"``, ``"no"`` or ``"other"`` — counted, never guessed (except by
+    the ``pope`` rule, which is POPE's own and never says ``"other"``).
+
+    Rules:
+        ``authors`` (default): the whole answer is exactly ``Yes`` or ``No`` (the authors'
+        notebook compares the text after ``ASSISTANT:`` with these two strings).
+        ``strict``: the whole answer is yes or no in any case, optionally with a final ``.`` or
+        ``!``.
+        ``pope``: POPE's evaluation script: in the first sentence (up to the first ``.``, commas
+        removed), a word ``no``, ``No`` or ``not`` means no, anything else yes.
+
+    An answer cut by the token limit (``finished`` False) is ``"other"`` under ``authors`` and
+    ``strict``: nobody knows how it would have gone on.
+
+    Example:
+        >>> parse_answer("Yes"), parse_answer("yes."), parse_answer("yes.", rule="strict")
+        ('yes', 'other', 'yes')
+        >>> parse_answer("There is no cat.", rule="pope")
+        'no'
+    """
+    if rule == "authors":
+        if not finished:
+            return "other"
+        return {"Yes": "yes", "No": "no"}.get(text.strip(), "other")
+    if rule == "strict":
+        match = _STRICT.fullmatch(text.strip())
+        return match.group(1).lower() if finished and match else "other"
+    if rule == "pope":
+        sentence = text.split(".")[0] if "." in text else text
+        words = sentence.replace(",", "").split(" ")
+        return "no" if {"No", "no", "not"} & set(words) else "yes"
+    raise AuditError(f"parse rule: {rule!r} is not one of {', '.join(PARSE_RULES)}")
+
+
+@dataclass
+class AnsweredQuestion:
+    """One question J answered, with OWL-ViT's score on the same ``t``.
+
+    Attributes:
+        class_name: the class asked about.
+        answer: J's :class:`~jmllm.joint.JointAnswer` (prompt ids, answer ids, text).
+        owl_score: OWL-ViT's maximum sigmoid score over the patches for the class (float32).
+        first_token_logits: (V,) float32 logits of the first answer token, when asked for.
+    """
+
+    class_name: str
+    answer: Any
+    owl_score: float
+    first_token_logits: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """How the audit asks (everything that changes an answer or a score).
+
+    Defaults are the authors' protocol: every present and absent class, the ``paper``
+    template, their question, OWL-ViT queried with the bare class name.
+    """
+
+    sampling: str = "all"  # all | random | popular | adversarial
+    k: int = 3  # POPE: positives (and negatives) per image
+    seed: int = 0  # POPE: seed of the random choices, one stream per image
+    template: str = PAPER_TEMPLATE  # conversation template of the question
+    question: str = AUTHORS_QUESTION  # with one {} for the class name
+    articles: str = "a"  # a: as written (authors); a-an: "an" before vowels (POPE)
+    query_template: str = AUTHORS_QUERY_TEMPLATE  # OWL-ViT query; "{}" is the bare name
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # a strict yes/no answer is a few tokens
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise AuditError(f"sampling: {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise AuditError(f"k: must be a positive integer, got {self.k!r}")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 4096:
+            raise AuditError(f"max_new_tokens: must be in 1..4096, got {self.max_new_tokens!r}")
+        if self.question.count("{}") != 1 or re.search(r"\{[^}]", self.question):
+            raise AuditError(f"question: {self.question!r} must hold exactly one '{{}}'")
+        if self.query_template.count("{}") != 1:
+            raise AuditError(f"query template: {self.query_template!r} must hold one '{{}}'")
+        if self.articles not in ARTICLES:
+            raise AuditError(f"articles: {self.articles!r} is not one of {', '.join(ARTICLES)}")
+        try:
+            get_template(self.template)
+        except PromptError as exc:
+            raise AuditError(str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _model_identity(model: Any) -> dict[str, Any]:
+    return {"sources": dict(getattr(model, "sources", {}) or {}), "dtype": str(model.dtype)}
+
+
+def settings_digest(settings: AuditSettings, model: Any) -> str:
+    """A short hash of the settings and the model identity: records made otherwise are not
+    reused on resume."""
+    doc = {"settings": settings.to_dict(), "model": _model_identity(model)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path
+# ---------------------------------------------------------------------------------------------
+
+
+def _cache_argument(llava: Any) -> str:
+    """The KV-cache keyword of LLaVA's forward: ``cache`` (transformers ≥ 5.2x) or
+    ``past_key_values`` (earlier 5.x, still accepted, deprecated)."""
+    return "cache" if "cache" in inspect.signature(llava.forward).parameters else "past_key_values"
+
+
+class YesNoAuditor:
+    """Asks J the audit's yes/no questions about one embedding at a time, fast and exactly.
+
+    Args:
+        model: a :class:`~jmllm.joint.JointModel`.
+        settings: the question, template, query template and token limit.
+        classes: the vocabulary (its OWL-ViT query embeddings are computed once).
+        batch_size: questions per batch of the language model (the shared prefix's cache is
+            copied once per batch: memory grows with it).
+
+    Example:
+        >>> auditor = YesNoAuditor(model, AuditSettings(), ["cat", "dog"])  # doctest: +SKIP
+        >>> emb = model.embed(["cat.jpg"])  # doctest: +SKIP
+        >>> [(a.class_name, a.answer.text, round(a.owl_score, 2))
+        ...  for a in auditor.ask(emb.t, ["cat", "dog"])]  # doctest: +SKIP
+        [('cat', 'Yes', 0.41), ('dog', 'No', 0.02)]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        settings: AuditSettings,
+        classes: Sequence[str],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise AuditError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.settings = settings
+        self.batch_size = batch_size
+        self.classes = list(dict.fromkeys(classes))
+        self._index = {c: i for i, c in enumerate(self.classes)}
+        try:
+            self._queries = model.encode_queries(self.classes, settings.query_template)
+        except PromptError as exc:
+            raise AuditError(f"class vocabulary: {exc}") from None
+        self._prompts: dict[str, tuple[torch.Tensor, str, str]] = {}
+        self._cache_key = _cache_argument(model.llava)
+        self._template: str | ConversationTemplate = settings.template
+        self._template_name = get_template(settings.template).name
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def prompt(self, class_name: str) -> tuple[torch.Tensor, str]:
+        """(ids (L,), question) of the question about ``class_name`` (cached)."""
+        ids, question, _ = self._prompt(class_name)
+        return ids, question
+
+    def _prompt(self, class_name: str) -> tuple[torch.Tensor, str, str]:
+        cached = self._prompts.get(class_name)
+        if cached is None:
+            s = self.settings
+            question = question_text(class_name, s.question, s.articles)
+            ids = self.model.prompt_inputs(question, self._template)["input_ids"][0].cpu()
+            limit = int(self.model.llava.config.text_config.max_position_embeddings)
+            if ids.numel() + s.max_new_tokens > limit:
+                raise AuditError(
+                    f"class {class_name!r}: {ids.numel()} prompt tokens + {s.max_new_tokens} new "
+                    f"tokens exceed LLaVA's {limit} positions"
+                )
+            cached = (ids, question, format_prompt(question, self._template))
+            self._prompts[class_name] = cached
+        return cached
+
+    def owl_scores(self, t: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
+        """(Q,) float32: OWL-ViT's maximum score over the patches of ``t`` for each class."""
+        rows = torch.tensor([self._class_index(c) for c in classes], device=self._queries.device)
+        with torch.no_grad():
+            logits, _ = self.model.detection_heads(t.to(self.model.device), self._queries[rows])
+        return torch.sigmoid(logits[0].float()).amax(dim=0).cpu()  # (N, Q) → (Q,)
+
+    def _class_index(self, class_name: str) -> int:
+        if class_name not in self._index:
+            raise AuditError(f"class {class_name!r}: not in the audit's vocabulary")
+        return self._index[class_name]
+
+    # -- asking -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def ask(
+        self, t: torch.Tensor, classes: Sequence[str], return_logits: bool = False
+    ) -> list[AnsweredQuestion]:
+        """J's answers to the questions about ``classes`` from one embedding.
+
+        Args:
+            t: (1, 1 + N, D) the image's embedding.
+            classes: the classes to ask about (each once).
+            return_logits: also keep each answer's first-token logits (for checks).
+
+        Returns:
+            One :class:`AnsweredQuestion` per class, in order.
+        """
+        if t.dim() != 3 or t.shape[0] != 1:
+            raise AuditError(f"t: expected one embedding (1, 1 + N, D), got {tuple(t.shape)}")
+        classes = list(classes)
+        if not classes:
+            return []
+        if len(set(classes)) != len(classes):
+            raise AuditError("classes: each class may be asked once per image")
+        scores = self.owl_scores(t, classes)
+        prompts = [self._prompt(c) for c in classes]
+        rows = [ids for ids, _, _ in prompts]
+        P = _shared_prefix_length(rows)
+        model = self.model
+        image_token = model.llava.config.image_token_id
+        prefix = rows[0][:P]
+        if int((prefix == image_token).sum()) != model.num_image_tokens:
+            raise AuditError(
+                "template: the image must come before the question (the shared prefix of the "
+                "questions must hold every image token)"
+            )
+        device = model.llava_device
+        # the prefix once: BOS, image tokens W(t), the template's opening, "Is there a"
+        embeds = model.merge_image_tokens(prefix.unsqueeze(0).to(device), model.image_tokens(t))
+        from transformers import DynamicCache
+
+        prefix_cache = DynamicCache(config=model.llava.config)
+        model.llava(
+            inputs_embeds=embeds,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_key: prefix_cache},
+        )
+        answered: list[AnsweredQuestion] = []
+        for start in range(0, len(classes), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(classes)))
+            answers, logits = self._generate(prefix_cache, [rows[i] for i in chunk], P)
+            for j, i in enumerate(chunk):
+                answered.append(
+                    AnsweredQuestion(
+                        class_name=classes[i],
+                        answer=model.decode_answer(
+                            answers[j], rows[i], prompts[i][2], template=self._template_name
+                        ),
+                        owl_score=float(scores[i]),
+                        first_token_logits=logits[j].float().cpu() if return_logits else None,
+                    )
+                )
+        return answered
+
+    def _generate(
+        self, prefix_cache: Any, rows: list[torch.Tensor], P: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy answers of one batch of questions after a shared, cached prefix of P tokens.
+
+        The batch is laid out ``[prefix | padding | suffix]``: the padding sits between the
+        cached prefix and each question's own tokens, so every row ends at the same column and
+        ``generate`` appends the answers there. The attention mask hides the padding and
+        ``generate`` counts positions over the unmasked tokens (``cumsum(mask) - 1``), so each
+        row sees exactly the positions and keys of its unpadded prompt.
+        """
+        model = self.model
+        tokenizer = model.tokenizer
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        B = len(rows)
+        S = max(int(r.numel()) - P for r in rows)
+        input_ids = torch.full((B, P + S), pad, dtype=torch.long)  # (B, P + S)
+        mask = torch.zeros((B, P + S), dtype=torch.long)
+        for b, r in enumerate(rows):
+            s = int(r.numel()) - P
+            input_ids[b, :P], mask[b, :P] = r[:P], 1
+            input_ids[b, P + S - s :], mask[b, P + S - s :] = r[P:], 1
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(B)  # (1, h, P, d) → (B, h, P, d) per layer
+        device = model.llava_device
+        out = model.llava.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=self.settings.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **{self._cache_key: cache},
+        )
+        return out.sequences[:, P + S :].cpu(), out.logits[0]
+
+
+def _shared_prefix_length(rows: Sequence[torch.Tensor]) -> int:
+    """Tokens shared by every row from the start, leaving each row at least one of its own
+    (the last prompt token must run with the question to give the first answer logits)."""
+    shortest = min(int(r.numel()) for r in rows)
+    stacked = torch.stack([r[:shortest] for r in rows])  # (Q, shortest)
+    same = (stacked == stacked[:1]).all(dim=0)  # (shortest,)
+    differ = (~same).nonzero()
+    P = int(differ[0]) if differ.numel() else shortest
+    return min(P, shortest - 1)
+
+
+def ask_one_by_one(
+    model: Any,
+    image: Any,
+    classes: Sequence[str],
+    settings: AuditSettings | None = None,
+    return_logits: bool = False,
+) -> list[AnsweredQuestion]:
+    """The straightforward loop with the authors' semantics: for every class, embed the image
+    again, generate the answer to the full prompt greedily, query OWL-ViT with that class
+    alone. The reference the fast :class:`YesNoAuditor` is checked and timed against.
+
+    Args:
+        model: a :class:`~jmllm.joint.JointModel`.
+        image: the image (anything :meth:`JointModel.embed` takes).
+        classes: the classes to ask about.
+        settings: the question and templates (default the authors').
+        return_logits: also compute each answer's first-token logits (one plain forward).
+
+    Returns:
+        One :class:`AnsweredQuestion` per class.
+
+    Example:
+        >>> ask_one_by_one(model, "cat.jpg", ["cat"])[0].answer.text  # doctest: +SKIP
+        'Yes'
+    """
+    s = settings or AuditSettings()
+    out = []
+    for class_name in classes:
+        emb = model.embed([image])
+        text = question_text(class_name, s.question, s.articles)
+        answer = model.generate(emb, text, max_new_tokens=s.max_new_tokens, template=s.template)[0]
+        with torch.no_grad():
+            logits, _ = model.detection_heads(
+                emb.t, model.encode_queries([class_name], s.query_template)
+            )
+            score = float(torch.sigmoid(logits[0, :, 0].float()).max())
+            first = None
+            if return_logits:
+                ids = model.prompt_inputs(text, s.template)["input_ids"]
+                first = model.language_logits(emb.t, ids)[0, -1].float().cpu()
+        out.append(AnsweredQuestion(class_name, answer, score, first))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One answered question of the audit (a row of the report's data).
+
+    Attributes:
+        image_id, file: the image.
+        class_name: the class asked about; present: whether it is annotated in the image.
+        answer: J's answer text; tokens: its token ids; finished: ended with end-of-sequence.
+        owl_score: OWL-ViT's maximum score for the class on the same ``t``.
+    """
+
+    image_id: str
+    file: str
+    class_name: str
+    present: bool
+    answer: str
+    tokens: tuple[int, ...]
+    finished: bool
+    owl_score: float
+
+    def parsed(self, rule: str = "authors") -> str:
+        """``"yes"``, ``"no"`` or ``"other"`` (see :func:`parse_answer`)."""
+        return parse_answer(self.answer, self.finished, rule)
+
+
+@dataclass
+class AuditResult:
+    """What :func:`run_audit` produced.
+
+    Attributes:
+        settings: how J was asked; plan: which classes, per image.
+        records: every answered question, in dataset and plan order.
+        failed: image id → why it could not be audited (unreadable image …); retried on rerun.
+        processed: images answered by this run (all processes); kept: finished before.
+        out: the output folder, if any.
+        dataset: the audited dataset (for the report's pictures).
+    """
+
+    settings: AuditSettings
+    plan: QuestionPlan
+    records: list[AuditRecord]
+    failed: dict[str, str] = field(default_factory=dict)
+    processed: int = 0
+    kept: int = 0
+    out: Path | None = None
+    dataset: AuditDataset | None = None
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        """Images with answers."""
+        return len({r.image_id for r in self.records})
+
+
+def _record_line(
+    image: AuditImage, answered: list[AnsweredQuestion], planned: list[Any], digest: str
+) -> dict[str, Any]:
+    return {
+        "image_id": image.image_id,
+        "file": image.file,
+        "settings": digest,
+        "questions": [
+            {
+                "class": a.class_name,
+                "present": q.present,
+                "answer": a.answer.text,
+                "tokens": [int(v) for v in a.answer.token_ids],
+                "finished": bool(a.answer.finished),
+                "owl_score": round(a.owl_score, 7),
+            }
+            for a, q in zip(answered, planned, strict=True)
+        ],
+    }
+
+
+def _records_from_line(line: dict[str, Any]) -> list[AuditRecord]:
+    return [
+        AuditRecord(
+            image_id=str(line["image_id"]),
+            file=str(line.get("file", "")),
+            class_name=str(q["class"]),
+            present=bool(q["present"]),
+            answer=str(q["answer"]),
+            tokens=tuple(int(v) for v in q.get("tokens", ())),
+            finished=bool(q["finished"]),
+            owl_score=float(q["owl_score"]),
+        )
+        for q in line["questions"]
+    ]
+
+
+def _finished_lines(path: Path, digest: str, plan: QuestionPlan) -> dict[str, dict[str, Any]]:
+    """Records of ``results.jsonl`` that match the settings and the image's planned questions
+    (a later line for the same image wins)."""
+    found: dict[str, dict[str, Any]] = {}
+    for line in read_jsonl(path):
+        image_id = str(line.get("image_id"))
+        planned = plan.questions.get(image_id)
+        if line.get("settings") != digest or planned is None:
+            continue
+        try:
+            asked = [(q["class"], bool(q["present"])) for q in line["questions"]]
+            _records_from_line(line)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if asked == [(q.class_name, q.present) for q in planned]:
+            found[image_id] = line
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+
+def _use_cpu() -> bool:
+    """CPU processes (``accelerate launch --cpu``, or no GPU): accelerate then splits over gloo."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
+def process_state() -> Any:
+    """accelerate's ``PartialState`` of this process (one process when not launched)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_use_cpu())
+
+
+def _prefetched(images: Sequence[AuditImage], ahead: int = 2) -> Iterator[tuple[AuditImage, Any]]:
+    """(image, decoded PIL image or the exception) in order, decoding ``ahead`` images in a
+    background thread while the model works on the current one."""
+    from jmllm.align import load_image
+
+    def decode(item: AuditImage) -> Any:
+        try:
+            return load_image(item.load())
+        except Exception as exc:  # reported per image by the caller
+            return exc
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-decode") as pool:
+        queue: deque[tuple[AuditImage, Future[Any]]] = deque()
+        upcoming = iter(images)
+        for item in islice(upcoming, ahead + 1):
+            queue.append((item, pool.submit(decode, item)))
+        while queue:
+            item, decoded = queue.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                queue.append((following, pool.submit(decode, following)))
+            yield item, decoded.result()
+
+
+def run_audit(
+    model: Any,
+    dataset: AuditDataset,
+    out: str | os.PathLike[str] | None = None,
+    settings: AuditSettings | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    on_image: Callable[[str], None] | None = None,
+) -> AuditResult:
+    """Run the hallucination audit of J on a dataset (resumable, splittable).
+
+    With ``out``, each finished image is appended to ``out/results.jsonl`` at once (with the
+    settings' digest and its questions), and images already there are skipped; launched with
+    ``accelerate launch --num_processes N``, the N processes split the remaining images and
+    every process returns the whole result.
+
+    Args:
+        model: a :class:`~jmllm.joint.JointModel`.
+        dataset: from :func:`~jmllm.joint.audit_data.load_coco` or
+            :func:`~jmllm.joint.audit_data.load_objects_dataset`.
+        out: folder for ``audit.json`` and ``results.jsonl`` (None: in memory, one process).
+        settings: the protocol (default: the authors').
+        batch_size: questions per language-model batch.
+        progress: show a progress bar.
+        on_image: called with each image id once its answers are saved (tests, monitors).
+
+    Returns:
+        :class:`AuditResult`; write the report with
+        :func:`jmllm.joint.audit_report.write_audit_report`.
+
+    Raises:
+        AuditError: bad settings, an output folder holding another audit, a vocabulary the
+            models cannot take.
+
+    Example:
+        >>> from jmllm.joint.audit_data import load_coco
+        >>> ds = load_coco("instances_val2017.json", "val2017", limit=1000)  # doctest: +SKIP
+        >>> result = run_audit(model, ds, "audit-out")  # doctest: +SKIP
+        >>> len(result.records)  # 80 questions per image  # doctest: +SKIP
+        80000
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or AuditSettings()
+    started = time.perf_counter()
+    plan = plan_questions(dataset, settings.sampling, settings.k, settings.seed)
+    auditor = YesNoAuditor(model, settings, dataset.classes, batch_size)
+    digest = settings_digest(settings, model)
+    state = process_state()
+    folder = Path(out) if out is not None else None
+    if folder is None and state.num_processes > 1:
+        raise AuditError("out: required when the audit is split between processes")
+    results = folder / RESULTS_FILE if folder else None
+    if folder is not None and state.is_main_process:
+        _claim_folder(folder, settings, model, digest)
+    state.wait_for_everyone()
+    done = _finished_lines(results, digest, plan) if results else {}
+    by_id = {image.image_id: image for image in dataset.images}
+    todo = [by_id[i] for i in plan.questions if i not in done]
+    if done:
+        logger.info("keeping %d finished image(s), auditing %d", len(done), len(todo))
+    lines: dict[str, dict[str, Any]] = dict(done)
+    failed: dict[str, str] = {}
+    with state.split_between_processes(todo) as share:
+        bar = tqdm(
+            total=len(share),
+            desc=f"audit [process {state.process_index}]",
+            unit="img",
+            disable=not progress,
+            position=state.process_index,
+        )
+        for image, decoded in _prefetched(list(share)):
+            if isinstance(decoded, Exception):
+                failed[image.image_id] = _one_line(decoded)
+                logger.warning("%s: skipped (%s)", image.file, failed[image.image_id])
+                bar.update(1)
+                continue
+            planned = plan.questions[image.image_id]
+            try:
+                emb = model.embed([decoded])
+            except ValueError as exc:  # JointModelError: an image J cannot take
+                failed[image.image_id] = _one_line(exc)
+                bar.update(1)
+                continue
+            answered = auditor.ask(emb.t, [q.class_name for q in planned])
+            line = _record_line(image, answered, planned, digest)
+            if results is not None:
+                append_jsonl(results, line)  # at once: a kill loses at most the next image
+            lines[image.image_id] = line
+            if on_image is not None:
+                on_image(image.image_id)
+            bar.update(1)
+        bar.close()
+    processed = len(todo) - len(failed)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([failed])
+        failed = {k: v for part in gathered for k, v in part.items()}
+        processed = len(todo) - len(failed)
+        state.wait_for_everyone()
+        assert results is not None
+        lines = _finished_lines(results, digest, plan)  # every process's images
+    records = [r for i in plan.questions if i in lines for r in _records_from_line(lines[i])]
+    return AuditResult(
+        settings=settings,
+        plan=plan,
+        records=records,
+        failed=failed,
+        processed=processed,
+        kept=len(done),
+        out=folder,
+        dataset=dataset,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _claim_folder(folder: Path, settings: AuditSettings, model: Any, digest: str) -> None:
+    """Write ``audit.json`` in a new folder, or check that it describes this same audit."""
+    if folder.exists() and not folder.is_dir():
+        raise AuditError(f"{folder}: exists and is not a folder")
+    doc = {
+        "settings": settings.to_dict(),
+        "model": _model_identity(model),
+        "digest": digest,
+        "format": 1,
+    }
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if isinstance(before, dict) and before.get("digest") not in (None, digest):
+            changed = _differences(before, doc)
+            raise AuditError(
+                f"{folder}: holds an audit made with other settings ({changed}); "
+                "choose another output folder to keep both"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    diffs = []
+    for part in ("settings", "model"):
+        old, new = before.get(part) or {}, now.get(part) or {}
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                diffs.append(f"{key}: {old.get(key)!r} → {new.get(key)!r}")
+    return "; ".join(diffs) or "digest differs"
+
+
+__all__ = [
+    "AUTHORS_QUERY_TEMPLATE",
+    "PARSE_RULES",
+    "AnsweredQuestion",
+    "AuditRecord",
+    "AuditResult",
+    "AuditSettings",
+    "YesNoAuditor",
+    "ask_one_by_one",
+    "parse_answer",
+    "process_state",
+    "run_audit",
+    "settings_digest",
+]

@@ -1,0 +1,488 @@
+"""The hallucination audit's report: ``report.json``, ``report.md``, the authors' confidence
+histograms (``confidence_histograms.png``) and one self-contained HTML gallery
+(``gallery.html``: pictures as data URLs, inline CSS, no network request, every text escaped).
+
+The gallery shows the metrics with their intervals, the histograms, the most confident positive
+hallucinations — J said "yes" to a class that is not annotated, sorted by OWL-ViT's score for
+that class on the same ``t``, as the authors show them — each with OWL-ViT's detections of the
+class (boxes scoring within 0.01 of the best, as in the authors' notebook) and the GA map of the
+answer's "yes" against the class query, and the per-class rates.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jmllm.joint.audit import AuditRecord, AuditResult, YesNoAuditor
+from jmllm.joint.audit_metrics import POPE_METRICS, audit_metrics
+from jmllm.joint.explain_report import data_url, heatmap_overlay_png
+from jmllm.joint.report import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+HISTOGRAMS_PNG = "confidence_histograms.png"
+GALLERY_HTML = "gallery.html"
+PICTURES_DIR = "hallucinations"
+DETECTION_MARGIN = 0.01  # the authors draw the boxes scoring at least (best score − 0.01)
+
+
+@dataclass
+class Hallucination:
+    """One positive hallucination shown in the gallery, with its pictures (PNG bytes)."""
+
+    rank: int
+    record: AuditRecord
+    question: str
+    detections_png: bytes | None = None
+    ga_png: bytes | None = None
+    boxes: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "rank": self.rank,
+            "image_id": r.image_id,
+            "file": r.file,
+            "class": r.class_name,
+            "owl_score": r.owl_score,
+            "answer": r.answer,
+            "question": self.question,
+            "detections": self.boxes,
+            "error": self.error,
+        }
+
+
+@dataclass
+class AuditReport:
+    """The written report: its metrics and files."""
+
+    metrics: dict[str, Any]
+    hallucinations: list[Hallucination]
+    json_path: Path
+    markdown_path: Path
+    histograms_path: Path
+    gallery_path: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def confidence_histograms_png(records: Sequence[AuditRecord], rule: str = "authors") -> bytes:
+    """The authors' figure, for present and absent classes side by side: stacked histograms
+    (10 bins over the panel's range) of OWL-ViT's score for the class, split by J's answer.
+
+    Example:
+        >>> confidence_histograms_png([])[:4] == b"\\x89PNG"
+        True
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = (
+        (True, "Present classes — a “no” is a negative hallucination"),
+        (False, "Absent classes — a “yes” is a positive hallucination"),
+    )
+    for i, (present, title) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        groups = {"yes": [], "no": []}  # type: dict[str, list[float]]
+        for r in records:
+            p = r.parsed(rule)
+            if r.present == present and p in groups:
+                groups[p].append(r.owl_score)
+        data = [groups["yes"], groups["no"]]
+        labels = [
+            f"J: yes (n={len(groups['yes'])}"
+            + (f", mean {np.mean(groups['yes']):.3f})" if groups["yes"] else ")"),
+            f"J: no (n={len(groups['no'])}"
+            + (f", mean {np.mean(groups['no']):.3f})" if groups["no"] else ")"),
+        ]
+        if any(data):
+            ax.hist(data, bins=10, stacked=True, label=labels, color=["#d55e00", "#0072b2"])
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no yes/no answer", ha="center", va="center")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("OWL-ViT max score for the class (same t)")
+        ax.set_ylabel("questions")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _top_hallucinations(records: Sequence[AuditRecord], rule: str, top_k: int) -> list[AuditRecord]:
+    picked = [r for r in records if not r.present and r.parsed(rule) == "yes"]
+    # stable: ties keep dataset order
+    return sorted(picked, key=lambda r: -r.owl_score)[:top_k]
+
+
+def _yes_target(answer: str, tokens: Sequence[Any]) -> int | str:
+    """The answer's "yes" word to explain (its first token when the answer has none)."""
+    from jmllm.joint.saliency import answer_words
+
+    for word in answer_words(answer, tokens):
+        if word.text.casefold() == "yes":
+            return word.text
+    return 0
+
+
+def _pictures(model: Any, auditor: YesNoAuditor, item: Hallucination, image: Any) -> None:
+    """Detections of the class and the GA map of J's "yes" against the class query."""
+    import torch
+
+    from jmllm.joint.hallucination import ForcedAnswer
+    from jmllm.joint.report import draw_detections, png_bytes
+    from jmllm.joint.saliency import GradientAlignment, answer_tokens
+
+    r = item.record
+    settings = auditor.settings
+    query_template = settings.query_template
+    emb = model.embed([image])
+    threshold = max(0.0, r.owl_score - DETECTION_MARGIN)
+    dets = model.detect(emb, [r.class_name], threshold=threshold, template=query_template)[0]
+    item.boxes = dets.to_records()[:5]
+    item.detections_png = png_bytes(draw_detections(emb.pil_image(0), dets, max_boxes=5))
+    prompt_ids, question = auditor.prompt(r.class_name)
+    answer_ids = torch.tensor(r.tokens, dtype=torch.long)
+    _, tokens = answer_tokens(model.tokenizer, answer_ids)
+    if not tokens:
+        item.error = "empty answer: no token to explain"
+        return
+    ga = GradientAlignment(model).attribute(
+        emb,
+        question,
+        _yes_target(r.answer, tokens),
+        [r.class_name],
+        answer=ForcedAnswer(prompt_ids, answer_ids),
+        template=settings.template,
+        query_template=query_template,
+    )
+    item.ga_png = heatmap_overlay_png(
+        emb.pil_image(0),
+        ga.map("class", query=0),
+        f"GA of “{ga.target}” vs query “{query_template.format(r.class_name)}”",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(interval: Any) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "—"
+
+
+def _markdown(metrics: dict[str, Any], info: dict[str, Any], items: list[Hallucination]) -> str:
+    pope, ci = metrics["pope"], metrics["pope_ci"]
+    conf, counts = metrics["owl_confidence"], metrics["owl_confidence_counts"]
+    boot = metrics["bootstrap"]
+    lines = [
+        "# Hallucination audit",
+        "",
+        f"- dataset: `{info['dataset']}` — {metrics['images']} images audited"
+        f" ({info['images_failed']} could not be read), {metrics['questions']} questions",
+        f"- protocol: sampling `{info['settings']['sampling']}`, template "
+        f"`{info['settings']['template']}`, question `{info['settings']['question']}`, OWL-ViT "
+        f"query `{info['settings']['query_template']}`",
+        f"- answers (rule `{metrics['parse_rule']}`): {metrics['answers']['yes']} yes, "
+        f"{metrics['answers']['no']} no, {metrics['unparsed']} unparsed (left out of the metrics)",
+        "",
+        "## POPE metrics",
+        "",
+        f"| metric | value | {int(boot['confidence'] * 100)} % interval |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {m} | {_fmt(pope[m])} | {_ci(ci[m])} |" for m in POPE_METRICS]
+    lines += [
+        "",
+        f"TP {pope['tp']}, FP {pope['fp']}, TN {pope['tn']}, FN {pope['fn']}. Intervals: "
+        f"percentile bootstrap over images, {boot['resamples']} resamples, seed {boot['seed']}.",
+        "",
+        "## OWL-ViT's confidence behind J's answers",
+        "",
+        "| class is | J says yes | J says no |",
+        "| --- | --- | --- |",
+        f"| present | {_fmt(conf['yes_present'])} (n={counts['yes_present']}) | "
+        f"{_fmt(conf['no_present'])} (n={counts['no_present']}) |",
+        f"| absent | {_fmt(conf['yes_absent'])} (n={counts['yes_absent']}) | "
+        f"{_fmt(conf['no_absent'])} (n={counts['no_absent']}) |",
+        "",
+        f"AUROC of OWL-ViT's score for predicting J's yes: all "
+        f"{_fmt(metrics['auroc_owl_predicts_yes'])}, present classes "
+        f"{_fmt(metrics['auroc_owl_predicts_yes_present'])}, absent classes "
+        f"{_fmt(metrics['auroc_owl_predicts_yes_absent'])}.",
+        "",
+        f"![confidence histograms]({HISTOGRAMS_PNG})",
+        "",
+        "## Most confident positive hallucinations",
+        "",
+    ]
+    if items:
+        lines += [
+            "| # | image | class | OWL-ViT score | answer |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {h.rank} | `{_md_cell(h.record.file)}` | {_md_cell(h.record.class_name)} | "
+            f"{h.record.owl_score:.3f} | {_md_cell(h.record.answer)} |"
+            for h in items
+        ]
+    else:
+        lines.append("None: J said yes to no absent class.")
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "| class | present q. | recall | absent q. | hallucination rate | unparsed "
+        "| mean OWL present | mean OWL absent |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {_md_cell(c['class'])} | {c['present_questions']} | {_fmt(c['recall'])} | "
+        f"{c['absent_questions']} | {_fmt(c['hallucination_rate'])} | {c['unparsed']} | "
+        f"{_fmt(c['mean_owl_present'])} | {_fmt(c['mean_owl_absent'])} |"
+        for c in metrics["per_class"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return re.sub(r"[|\n\r`]", " ", text)
+
+
+GALLERY_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1300px;color:#222;padding:0 1em}
+h1{font-size:1.4rem}h2{font-size:1.15rem;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.2em .5em}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:1em}
+.card{border:1px solid #ccc;border-radius:6px;padding:.6em}.card h3{font-size:1rem;margin:.2em 0}
+.pics{display:flex;gap:.5em;flex-wrap:wrap}.pics img{max-width:290px;width:100%;height:auto}
+.note{color:#555;font-size:.9em}.fig{max-width:100%;height:auto}
+.answer{font-family:ui-monospace,monospace;background:#f4f4f4;padding:0 .3em;white-space:pre-wrap}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _gallery(
+    metrics: dict[str, Any], info: dict[str, Any], items: list[Hallucination], histograms: bytes
+) -> str:
+    pope, ci = metrics["pope"], metrics["pope_ci"]
+    conf, counts = metrics["owl_confidence"], metrics["owl_confidence_counts"]
+    s = info["settings"]
+    pope_rows = "".join(
+        f"<tr><td>{_esc(m)}</td><td class='num'>{_fmt(pope[m])}</td>"
+        f"<td class='num'>{_esc(_ci(ci[m]))}</td></tr>"
+        for m in POPE_METRICS
+    )
+    conf_rows = "".join(
+        f"<tr><td>{side}</td><td class='num'>{_fmt(conf['yes_' + side])} "
+        f"(n={counts['yes_' + side]})</td><td class='num'>{_fmt(conf['no_' + side])} "
+        f"(n={counts['no_' + side]})</td></tr>"
+        for side in ("present", "absent")
+    )
+    cards = []
+    for h in items:
+        r = h.record
+        pics = ""
+        if h.detections_png:
+            pics += (
+                f"<img alt='OWL-ViT detections of {_esc(r.class_name)}' "
+                f"src='{data_url(h.detections_png)}'>"
+            )
+        if h.ga_png:
+            pics += f"<img alt='GA map of yes' src='{data_url(h.ga_png)}'>"
+        note = f"<p class='note'>{_esc(h.error)}</p>" if h.error else ""
+        cards.append(
+            f"<div class='card'><h3>#{h.rank} — {_esc(r.class_name)} "
+            f"(OWL-ViT {r.owl_score:.3f})</h3><p>Image <code>{_esc(r.file)}</code> (id "
+            f"{_esc(r.image_id)}): J answers <span class='answer'>{_esc(r.answer)}</span> to "
+            f"“{_esc(h.question)}”; the class is not annotated.</p>"
+            f"<div class='pics'>{pics}</div>{note}</div>"
+        )
+    class_rows = "".join(
+        f"<tr><td>{_esc(c['class'])}</td><td class='num'>{c['present_questions']}</td>"
+        f"<td class='num'>{_fmt(c['recall'])}</td><td class='num'>{c['absent_questions']}</td>"
+        f"<td class='num'>{_fmt(c['hallucination_rate'])}</td>"
+        f"<td class='num'>{c['unparsed']}</td><td class='num'>{_fmt(c['mean_owl_present'])}</td>"
+        f"<td class='num'>{_fmt(c['mean_owl_absent'])}</td></tr>"
+        for c in metrics["per_class"]
+    )
+    notes = "".join(f"<p class='note'>{_esc(n)}</p>" for n in info.get("notes", []))
+    boot = metrics["bootstrap"]
+    body = f"""<h1>Hallucination audit</h1>{notes}
+<p>Dataset <code>{_esc(info["dataset"])}</code>: {metrics["images"]} images audited
+({info["images_failed"]} could not be read), {metrics["questions"]} questions. Sampling
+<code>{_esc(s["sampling"])}</code>, template <code>{_esc(s["template"])}</code>, question
+<code>{_esc(s["question"])}</code>, OWL-ViT query <code>{_esc(s["query_template"])}</code>.
+Answers parsed by rule <code>{_esc(metrics["parse_rule"])}</code>: {metrics["answers"]["yes"]} yes,
+{metrics["answers"]["no"]} no, {metrics["unparsed"]} unparsed (left out of every metric).</p>
+<h2>POPE metrics</h2>
+<table><tr><th>metric</th><th>value</th><th>{int(boot["confidence"] * 100)} % interval</th></tr>
+{pope_rows}</table>
+<p class='note'>TP {pope["tp"]}, FP {pope["fp"]}, TN {pope["tn"]}, FN {pope["fn"]}; percentile
+bootstrap over images, {boot["resamples"]} resamples, seed {boot["seed"]}.</p>
+<h2>OWL-ViT's confidence behind J's answers (same embedding t)</h2>
+<table><tr><th>class is</th><th>J says yes</th><th>J says no</th></tr>{conf_rows}</table>
+<p>AUROC of OWL-ViT's score for predicting J's “yes”: {_fmt(metrics["auroc_owl_predicts_yes"])}
+(present classes {_fmt(metrics["auroc_owl_predicts_yes_present"])}, absent classes
+{_fmt(metrics["auroc_owl_predicts_yes_absent"])}).</p>
+<img class='fig' alt='confidence histograms' src='{data_url(histograms)}'>
+<h2>Most confident positive hallucinations</h2>
+<p class='note'>J said “yes” to a class that is not annotated; highest OWL-ViT score first. Left:
+OWL-ViT's boxes for the class scoring within {DETECTION_MARGIN} of its best. Right: the GA map of
+J's “yes” against the class query.</p>
+<div class='cards'>{"".join(cards) or "<p>None: J said yes to no absent class.</p>"}</div>
+<h2>Per class</h2>
+<table><tr><th>class</th><th>present q.</th><th>recall</th><th>absent q.</th>
+<th>hallucination rate</th><th>unparsed</th><th>mean OWL present</th><th>mean OWL absent</th></tr>
+{class_rows}</table>"""
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>Hallucination audit</title><style>{GALLERY_CSS}</style></head><body>"
+        f"{body}</body></html>\n"
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "x"
+
+
+def write_audit_report(
+    result: AuditResult,
+    out: str | os.PathLike[str] | None = None,
+    model: Any = None,
+    *,
+    rule: str = "authors",
+    top_k: int = 25,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    notes: Sequence[str] = (),
+    progress: bool = False,
+) -> AuditReport:
+    """Write the audit's report into ``out`` (default the audit's own folder).
+
+    Args:
+        result: from :func:`~jmllm.joint.audit.run_audit`.
+        out: the report folder.
+        model: the audited :class:`~jmllm.joint.JointModel`, for the gallery's detections and
+            GA maps (None: the gallery lists the hallucinations without pictures).
+        rule: answer parsing rule (``authors``, ``strict`` or ``pope``).
+        top_k: how many positive hallucinations the gallery shows (the authors show 25).
+        n_resamples, confidence, seed: the bootstrap intervals.
+        notes: short notices shown at the top of the gallery.
+        progress: progress bar over the gallery's pictures.
+
+    Returns:
+        :class:`AuditReport` with the metrics and the paths written.
+
+    Example:
+        >>> report = write_audit_report(result, model=model)  # doctest: +SKIP
+        >>> report.metrics["pope"]["f1"], report.gallery_path.name  # doctest: +SKIP
+        (0.84, 'gallery.html')
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(out) if out is not None else result.out
+    if folder is None:
+        raise ValueError("out: the audit ran in memory; give a report folder")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: must be in (0, 1), got {confidence}")
+    metrics = audit_metrics(result.records, rule, n_resamples, confidence, seed)
+    auditor = YesNoAuditor(model, result.settings, _classes(result)) if model else None
+    items = []
+    for rank, record in enumerate(_top_hallucinations(result.records, rule, top_k), 1):
+        question = _question(result, record)
+        items.append(Hallucination(rank, record, question))
+    sources = {im.image_id: im for im in result.dataset.images} if result.dataset else {}
+    for item in tqdm(items, desc="gallery", unit="pic", disable=not (progress and model)):
+        if auditor is None:
+            break
+        image = sources.get(item.record.image_id)
+        if image is None:
+            item.error = "image not in the dataset given"
+            continue
+        try:
+            _pictures(model, auditor, item, image.load())
+        except (OSError, ValueError) as exc:  # an image gone since the audit: say so, go on
+            item.error = f"no pictures: {' '.join(str(exc).split())}"
+            logger.warning("%s: %s", item.record.file, item.error)
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures = folder / PICTURES_DIR
+    for item in items:
+        stem = f"{item.rank:02d}_{_slug(item.record.image_id)}_{_slug(item.record.class_name)}"
+        if item.detections_png:
+            atomic_write_bytes(pictures / f"{stem}_detections.png", item.detections_png)
+        if item.ga_png:
+            atomic_write_bytes(pictures / f"{stem}_ga.png", item.ga_png)
+    info = {
+        "dataset": result.dataset.name if result.dataset else "",
+        "images_failed": len(result.failed),
+        "failed": result.failed,
+        "settings": result.settings.to_dict(),
+        "model": dict(getattr(model, "sources", {}) or {}) if model else {},
+        "notes": list(notes),
+        "excluded_by_sampling": len(result.plan.excluded),
+    }
+    doc = {**metrics, "hallucinations": [h.to_json() for h in items], "run": info}
+    histograms = confidence_histograms_png(result.records, rule)
+    json_path = atomic_write_text(
+        folder / REPORT_JSON, json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    )
+    md_path = atomic_write_text(folder / REPORT_MD, _markdown(metrics, info, items))
+    hist_path = atomic_write_bytes(folder / HISTOGRAMS_PNG, histograms)
+    gallery = atomic_write_text(folder / GALLERY_HTML, _gallery(metrics, info, items, histograms))
+    return AuditReport(metrics, items, json_path, md_path, hist_path, gallery)
+
+
+def _classes(result: AuditResult) -> list[str]:
+    if result.dataset is not None:
+        return list(result.dataset.classes)
+    return list(dict.fromkeys(r.class_name for r in result.records))
+
+
+def _question(result: AuditResult, record: AuditRecord) -> str:
+    from jmllm.joint.audit_data import question_text
+
+    s = result.settings
+    return question_text(record.class_name, s.question, s.articles)
+
+
+__all__ = [
+    "AuditReport",
+    "Hallucination",
+    "confidence_histograms_png",
+    "write_audit_report",
+]

@@ -1,0 +1,217 @@
+"""``jmllm-joint hallucination-audit``: the authors' yes/no hallucination study at dataset scale.
+
+Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
+
+    jmllm-joint hallucination-audit --annotations instances.json --images DIR --out DIR
+    jmllm-joint hallucination-audit --dataset NAME_OR_FOLDER [--split S] --out DIR
+    accelerate launch --num_processes N -m jmllm.joint hallucination-audit ... (split by images)
+
+Exit codes: 0 done, 2 bad input, 1 runtime failure, 3 partial (some images could not be read;
+rerun to retry them — finished images are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from typing import Any
+
+logger = logging.getLogger("jmllm.joint.cli")
+
+EXIT_PARTIAL = 3
+
+
+def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
+    """Add ``hallucination-audit`` to ``jmllm-joint``'s parser."""
+    from jmllm.joint.audit import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
+    from jmllm.joint.audit_data import ARTICLES, AUTHORS_QUESTION, SAMPLINGS
+    from jmllm.joint.chat import CONVERSATION_TEMPLATES, PAPER_TEMPLATE
+
+    p = subparsers.add_parser(
+        "hallucination-audit",
+        parents=[common_args],
+        help="ask J yes/no about every present and absent class of a COCO-format dataset, "
+        "beside OWL-ViT's score on the same embedding; POPE metrics and a gallery",
+        description="The authors' hallucination study at dataset scale: for every image, J is "
+        "asked whether each class is in it; OWL-ViT's maximum score for the class is read from "
+        "the same embedding t. Writes results.jsonl (resumable), report.json, report.md, "
+        "confidence_histograms.png and gallery.html into --out.",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--annotations", help="COCO-format annotation file (instances_*.json)")
+    data.add_argument("--images", help="folder of the images the annotations name")
+    data.add_argument("--dataset", help="a datasets dataset with objects: saved folder or name")
+    data.add_argument("--split", help="split of --dataset")
+    data.add_argument("--image-column", default="image", help="image column of --dataset")
+    data.add_argument("--objects-column", default="objects", help="objects column of --dataset")
+    data.add_argument("--category-field", default="category", help="category field of the objects")
+    data.add_argument("--limit", type=int, help="audit only the first N images")
+    p.add_argument("--out", required=True, help="output folder (reused to resume)")
+    proto = p.add_argument_group("protocol")
+    proto.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="all",
+        help="classes asked: all present and absent (the authors', default) or POPE's "
+        "random/popular/adversarial",
+    )
+    proto.add_argument("-k", type=int, default=3, help="POPE: positives per image (default 3)")
+    proto.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap (0)")
+    proto.add_argument(
+        "--template",
+        choices=sorted(CONVERSATION_TEMPLATES),
+        default=PAPER_TEMPLATE,
+        help=f"conversation template (default {PAPER_TEMPLATE}, the authors')",
+    )
+    proto.add_argument(
+        "--question", default=AUTHORS_QUESTION, help="question with {} for the class name"
+    )
+    proto.add_argument(
+        "--articles",
+        choices=ARTICLES,
+        default="a",
+        help="a: the question as written (authors); a-an: 'an' before vowels (POPE)",
+    )
+    proto.add_argument(
+        "--query-template",
+        default="{}",
+        help="OWL-ViT query for the class (default '{}': the bare name, as the authors)",
+    )
+    proto.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"answer length limit (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    proto.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"questions per language-model batch (default {DEFAULT_BATCH_SIZE})",
+    )
+    rep = p.add_argument_group("report")
+    rep.add_argument(
+        "--parse",
+        choices=PARSE_RULES,
+        default="authors",
+        help="answer rule: authors (exactly Yes/No), strict (yes/no, any case), pope (POPE's)",
+    )
+    rep.add_argument("--top-k", type=int, default=25, help="hallucinations in the gallery (25)")
+    rep.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (2000)")
+    rep.add_argument("--confidence", type=float, default=0.95, help="interval coverage (0.95)")
+    p.set_defaults(func=cmd_hallucination_audit)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    from jmllm.joint.cli import CliError
+
+    checks = (
+        ("-k", args.k, 1, 10_000),
+        ("--max-new-tokens", args.max_new_tokens, 1, 4096),
+        ("--batch-size", args.batch_size, 1, 100_000),
+        ("--top-k", args.top_k, 0, 100_000),
+        ("--resamples", args.resamples, 1, 10_000_000),
+    )
+    for name, value, low, high in checks:
+        if not low <= value <= high:
+            raise CliError(f"{name}: must be in {low}..{high}, got {value}")
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit: must be at least 1, got {args.limit}")
+    if not math.isfinite(args.confidence) or not 0 < args.confidence < 1:
+        raise CliError(f"--confidence: must be in (0, 1), got {args.confidence}")
+
+
+def _dataset(args: argparse.Namespace) -> Any:
+    from jmllm.joint.audit_data import load_coco, load_objects_dataset
+    from jmllm.joint.cli import CliError
+
+    if args.dataset and (args.annotations or args.images):
+        raise CliError("--dataset: give either --dataset or --annotations with --images")
+    if args.dataset:
+        return load_objects_dataset(
+            args.dataset,
+            split=args.split,
+            image_column=args.image_column,
+            objects_column=args.objects_column,
+            category_field=args.category_field,
+            limit=args.limit,
+        )
+    if not (args.annotations and args.images):
+        raise CliError("--annotations and --images: both required (or --dataset)")
+    return load_coco(args.annotations, args.images, limit=args.limit)
+
+
+def cmd_hallucination_audit(args: argparse.Namespace) -> int:
+    """Run the audit (resuming), then write the report on the main process."""
+    from jmllm.joint.audit import AuditSettings, process_state, run_audit
+    from jmllm.joint.audit_data import AuditError
+    from jmllm.joint.audit_report import write_audit_report
+    from jmllm.joint.cli import RANDOM_WEIGHTS_NOTE, CliError, _out_dir, load_model
+
+    _check_numbers(args)
+    try:
+        settings = AuditSettings(
+            sampling=args.sampling,
+            k=args.k,
+            seed=args.seed,
+            template=args.template,
+            question=args.question,
+            articles=args.articles,
+            query_template=args.query_template,
+            max_new_tokens=args.max_new_tokens,
+        )
+        dataset = _dataset(args)
+    except AuditError as exc:
+        raise CliError(str(exc)) from None
+    state = process_state()
+    out = _out_dir(args.out) if state.is_main_process else None
+    if args.device is None and state.num_processes > 1 and state.device.type == "cuda":
+        args.device = str(state.device)  # one GPU per process
+    with state.main_process_first():  # --tiny builds its checkpoints once
+        model = load_model(args)
+    try:
+        result = run_audit(
+            model, dataset, args.out, settings, batch_size=args.batch_size, progress=True
+        )
+    except AuditError as exc:
+        raise CliError(str(exc)) from None
+    if not state.is_main_process:
+        return EXIT_PARTIAL if result.failed else 0
+    assert out is not None
+    notes = [RANDOM_WEIGHTS_NOTE] if args.tiny else []
+    report = write_audit_report(
+        result,
+        out,
+        model,
+        rule=args.parse,
+        top_k=args.top_k,
+        n_resamples=args.resamples,
+        confidence=args.confidence,
+        seed=args.seed,
+        notes=notes,
+        progress=True,
+    )
+    m = report.metrics
+    pope = m["pope"]
+    print(
+        f"{m['images']} images ({result.processed} audited now, {result.kept} kept from an "
+        f"earlier run, {len(result.failed)} unreadable), {m['questions']} questions, "
+        f"{m['unparsed']} unparsed"
+    )
+    print(
+        "POPE: "
+        + ", ".join(
+            f"{k} {pope[k]:.3f}" if pope[k] is not None else f"{k} —"
+            for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")
+        )
+    )
+    auc = m["auroc_owl_predicts_yes"]
+    print(f"AUROC of OWL-ViT's score for J's yes: {auc:.3f}" if auc is not None else "AUROC: —")
+    print(f"Report: {report.gallery_path}")
+    for image_id, why in sorted(result.failed.items()):
+        logger.warning("image %s: %s", image_id, why)
+    if result.failed:
+        print(f"{len(result.failed)} image(s) could not be read; rerun to retry them")
+        return EXIT_PARTIAL
+    return 0
