@@ -162,14 +162,14 @@ def _pictures(model: Any, auditor: YesNoAuditor, item: Hallucination, image: Any
     item.detections_png = png_bytes(draw_detections(emb.pil_image(0), dets, max_boxes=5))
     prompt_ids, question = auditor.prompt(r.class_name)
     answer_ids = torch.tensor(r.tokens, dtype=torch.long)
-    _, tokens = answer_tokens(model.tokenizer, answer_ids)
+    text, tokens = answer_tokens(model.tokenizer, answer_ids)
     if not tokens:
         item.error = "empty answer: no token to explain"
         return
     ga = GradientAlignment(model).attribute(
         emb,
         question,
-        _yes_target(r.answer, tokens),
+        _yes_target(text, tokens),
         [r.class_name],
         answer=ForcedAnswer(prompt_ids, answer_ids),
         template=settings.template,

@@ -1,0 +1,233 @@
+"""Hallucination audit: questions/s of the fast path beside the authors' per-question loop, in the
+same run (DESIGN §5: target ≥ 10×).
+
+Both answer the audit's yes/no questions (``Is there a {class} in the image? Only answer with
+'yes' or 'no'.``, ``paper`` template, greedy, the same token limit) for the 80 COCO class names
+about the same images, and read OWL-ViT's maximum score for each class:
+
+- **fast** (:class:`jmllm.joint.audit.YesNoAuditor`): ``t`` once per image, OWL-ViT's scores for
+  all classes from one call of the heads, the prompt prefix up to the class name run once and
+  its KV cache shared by all questions, the questions batched;
+- **loop** (:func:`jmllm.joint.audit.ask_one_by_one`): the authors' semantics — re-embed the
+  image for every question, the full prompt, one greedy ``generate`` per question, OWL-ViT
+  queried with that class alone.
+
+The loop runs on the first ``--loop-questions`` classes of each image (its cost is linear in the
+questions); both rates are questions per second. Every loop answer is compared with the fast
+path's (token ids, and OWL-ViT scores within 1e-4; in bfloat16 answers may part at near-ties).
+
+Modes:
+- default (CPU): the tiny offline J of :mod:`jmllm.joint.testing` (random weights, float32).
+- ``--gpu``: full-size OWL-ViT B/32 and LLaVA-1.5-7b architectures with random bf16 weights
+  (built as in ``generate_throughput.py``), prompted through the tiny tokenizer (the image token
+  id set to the tokenizer's); nothing is downloaded. ``--arch-scale small`` shrinks the
+  architectures to check this code path on a CPU.
+
+Random weights never say "Yes" and stop: every answer runs to the token limit, in both paths.
+
+Usage:
+    python benchmarks/hallucination_audit.py --quick
+    python benchmarks/hallucination_audit.py --gpu --json-out .bench/hallucination_audit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("hallucination_audit")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tiny_model(cache: Path) -> Any:
+    from jmllm.joint.testing import tiny_joint_model
+
+    return tiny_joint_model(cache, device="cpu")
+
+
+def _full_size_model(device: torch.device, scale: str, cache: Path) -> Any:
+    """Full-size architectures with random bf16 weights (generate_throughput's builder), given
+    the tiny tokenizers so that prompts are real text."""
+    from transformers import AutoTokenizer
+
+    from jmllm.joint.testing import build_tiny_joint
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_throughput", Path(__file__).with_name("generate_throughput.py")
+    )
+    assert spec is not None and spec.loader is not None
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    model = builder._full_size_model(device, torch.bfloat16, scale)
+    tiny = build_tiny_joint(cache)
+    tokenizer = AutoTokenizer.from_pretrained(tiny.llava)
+    tokenizer.padding_side = "left"
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    model.llava.config.image_token_id = image_token  # prompts expand the tokenizer's <image>
+    model.tokenizer = tokenizer
+    model.owl_tokenizer = AutoTokenizer.from_pretrained(tiny.owl)
+    return model
+
+
+def _images(count: int, size: int) -> list[Any]:
+    from jmllm.joint.testing import generated_images
+
+    return generated_images(count, size=size, seed=7)
+
+
+def measure(
+    model: Any,
+    images: list[Any],
+    classes: list[str],
+    loop_questions: int,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Time both paths on the same images; compare their answers."""
+    from jmllm.joint.audit import AuditSettings, YesNoAuditor, ask_one_by_one
+
+    device = model.device
+    settings = AuditSettings(max_new_tokens=max_new_tokens)
+    auditor = YesNoAuditor(model, settings, classes, batch_size=batch_size)
+    auditor.ask(model.embed([images[0]]).t, classes[:2])  # warm-up (allocators, kernels)
+    ask_one_by_one(model, images[0], classes[:1], settings)
+    fast_seconds, loop_seconds, loop_count = 0.0, 0.0, 0
+    fast_cpu, loop_cpu = 0.0, 0.0  # process CPU time: steadier than wall time on a busy machine
+    mismatched, compared, worst_score = 0, 0, 0.0
+    for image in images:
+        _sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fast = auditor.ask(model.embed([image]).t, classes)
+        _sync(device)
+        fast_seconds += time.perf_counter() - start
+        fast_cpu += time.process_time() - start_cpu
+        subset = classes[:loop_questions]
+        start, start_cpu = time.perf_counter(), time.process_time()
+        loop = ask_one_by_one(model, image, subset, settings)
+        _sync(device)
+        loop_seconds += time.perf_counter() - start
+        loop_cpu += time.process_time() - start_cpu
+        loop_count += len(subset)
+        for f, s in zip(fast, loop, strict=False):
+            compared += 1
+            mismatched += f.answer.token_ids.tolist() != s.answer.token_ids.tolist()
+            worst_score = max(worst_score, abs(f.owl_score - s.owl_score))
+    fast_rate = len(images) * len(classes) / fast_seconds
+    loop_rate = loop_count / loop_seconds
+    return {
+        "images": len(images),
+        "questions_per_image": len(classes),
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "fast": {
+            "seconds": fast_seconds,
+            "cpu_seconds": fast_cpu,
+            "questions": len(images) * len(classes),
+            "questions_per_s": fast_rate,
+        },
+        "loop": {
+            "seconds": loop_seconds,
+            "cpu_seconds": loop_cpu,
+            "questions": loop_count,
+            "questions_per_s": loop_rate,
+        },
+        "speedup": fast_rate / loop_rate,
+        "speedup_cpu_time": (loop_cpu / loop_count) / (fast_cpu / (len(images) * len(classes))),
+        "answers_compared": compared,
+        "answers_differing": mismatched,
+        "max_owl_score_abs_diff": worst_score,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="full-size architectures, bf16, CUDA")
+    parser.add_argument("--device", help="override the device (default: cuda with --gpu, else cpu)")
+    parser.add_argument("--arch-scale", choices=("full", "small"), default="full")
+    parser.add_argument("--images", type=int, default=None, help="images (CPU 3, GPU 4)")
+    parser.add_argument("--loop-questions", type=int, default=None, help="loop questions/image")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer limit (16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="questions per batch")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cache", help="folder for the tiny checkpoints")
+    parser.add_argument("--quick", action="store_true", help="one image, fewer loop questions")
+    parser.add_argument("--json-out", help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from jmllm.joint.audit import DEFAULT_BATCH_SIZE
+    from jmllm.joint.hallucination import COCO_OBJECTS
+
+    device = torch.device(args.device or ("cuda" if args.gpu else "cpu"))
+    if args.gpu and device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--gpu: no CUDA device is available (use --device cpu --arch-scale small)")
+    for name in ("images", "loop_questions", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens: must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = Path(args.cache) if args.cache else Path(tempfile.gettempdir()) / "jmllm-bench-tiny"
+    if args.gpu:
+        model = _full_size_model(device, args.arch_scale, cache)
+        mode = f"gpu-{args.arch_scale}-random-bf16"
+        size = 640
+    else:
+        model = _tiny_model(cache)
+        mode = "cpu-tiny"
+        size = 96
+    count = args.images or (1 if args.quick else (4 if args.gpu else 3))
+    loop_questions = args.loop_questions or (8 if args.quick else 16)
+    classes = list(COCO_OBJECTS)
+    result = measure(
+        model,
+        _images(count, size),
+        classes,
+        min(loop_questions, len(classes)),
+        args.max_new_tokens,
+        args.batch_size or DEFAULT_BATCH_SIZE,
+    )
+    report: dict[str, Any] = {
+        "benchmark": "hallucination_audit",
+        "mode": mode,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "baseline": "ask_one_by_one: re-embed per question, full prompt, greedy generate",
+        **result,
+        "target_10x": result["speedup"] >= 10,
+    }
+    if device.type == "cuda":
+        report["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
