@@ -209,12 +209,12 @@ def load_coco(
             skipped += 1
             continue
         names = present.get(ann.get("image_id"))
-        name = categories.get(ann.get("category_id"))
-        if names is None or name is None:
+        category = categories.get(ann.get("category_id"))
+        if names is None or category is None:
             skipped += 1
             continue
-        if name not in names:
-            names.append(name)
+        if category not in names:
+            names.append(category)
     items = tuple(
         AuditImage(
             image_id=str(image_id),
@@ -295,7 +295,8 @@ def load_objects_dataset(
         raise AuditError(
             "--dataset needs the datasets package: pip install 'jmllm-joint[datasets]'"
         ) from None
-    name = getattr(dataset, "info", None) and getattr(dataset.info, "dataset_name", None)
+    info = getattr(dataset, "info", None)
+    name = str(getattr(info, "dataset_name", None) or "dataset")
     if isinstance(dataset, (str, os.PathLike)):
         name = str(dataset)
         try:
@@ -347,7 +348,7 @@ def load_objects_dataset(
                 image_id=image_id,
                 source=_RowImage(images_only, row, image_column),
                 present=tuple(names),
-                file=f"{name or 'dataset'}[{row}]",
+                file=f"{name}[{row}]",
             )
         )
     if len({item.image_id for item in items}) != len(items):
@@ -355,7 +356,7 @@ def load_objects_dataset(
     classes = tuple(vocabulary) if vocabulary is not None else tuple(seen)
     if not classes:
         raise AuditError(f"{name}: no object classes")
-    return AuditDataset(classes, tuple(items), name=str(name or "dataset"))
+    return AuditDataset(classes, tuple(items), name=name)
 
 
 @dataclass(frozen=True)

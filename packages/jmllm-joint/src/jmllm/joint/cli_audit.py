@@ -26,7 +26,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``hallucination-audit`` to ``jmllm-joint``'s parser."""
     from jmllm.joint.audit import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
     from jmllm.joint.audit_data import ARTICLES, AUTHORS_QUESTION, SAMPLINGS
-    from jmllm.joint.chat import CONVERSATION_TEMPLATES, PAPER_TEMPLATE
+    from jmllm.joint.chat import PAPER_TEMPLATE
+    from jmllm.joint.cli import template_argument
 
     p = subparsers.add_parser(
         "hallucination-audit",
@@ -58,12 +59,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     proto.add_argument("-k", type=int, default=3, help="POPE: positives per image (default 3)")
     proto.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap (0)")
-    proto.add_argument(
-        "--template",
-        choices=sorted(CONVERSATION_TEMPLATES),
-        default=PAPER_TEMPLATE,
-        help=f"conversation template (default {PAPER_TEMPLATE}, the authors')",
-    )
+    template_argument(proto, PAPER_TEMPLATE)  # the authors' notebook
     proto.add_argument(
         "--question", default=AUTHORS_QUESTION, help="question with {} for the class name"
     )
