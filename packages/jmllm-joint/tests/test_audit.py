@@ -565,3 +565,25 @@ def test_cli_partial_run_exits_3(cli_env, coco, tmp_path, capsys) -> None:
                 "--resamples", "50")  # fmt: skip
     out = capsys.readouterr().out
     assert code == 3 and "1 image(s) could not be read" in out
+
+
+def test_cli_dataset_option(cli_env, tmp_path, capsys) -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = {
+        "image": generated_images(2, seed=8),
+        "objects": [{"shape": ["star"]}, {"shape": ["circle", "star"]}],
+    }
+    splits = datasets.DatasetDict({"heldout": datasets.Dataset.from_dict(rows)})
+    splits.save_to_disk(str(tmp_path / "scenes"))
+    args = ["hallucination-audit", "--tiny", "--dataset", str(tmp_path / "scenes"),
+            "--category-field", "shape", "--out", str(tmp_path / "o"), "--max-new-tokens", "1",
+            "--resamples", "50"]  # fmt: skip
+    assert _cli(*args) == 2
+    assert "choose one with split=" in capsys.readouterr().err
+    assert _cli(*args, "--split", "heldout") == 0
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert doc["questions"] == 4 and doc["run"]["dataset"].endswith("scenes")
+    assert {c["class"]: c["present_questions"] for c in doc["per_class"]} == {
+        "star": 2,
+        "circle": 1,
+    }
