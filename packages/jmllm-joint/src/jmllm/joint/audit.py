@@ -651,8 +651,10 @@ def run_audit(
     if folder is None and state.num_processes > 1:
         raise AuditError("out: required when the audit is split between processes")
     results = folder / RESULTS_FILE if folder else None
-    if folder is not None and state.is_main_process:
-        _claim_folder(folder, settings, model, digest)
+    if folder is not None:
+        # every process checks (a refused folder must stop all of them, not leave some waiting
+        # at the barrier); the main process writes
+        _claim_folder(folder, settings, model, digest, write=state.is_main_process)
     state.wait_for_everyone()
     done = _finished_lines(results, digest, plan) if results else {}
     by_id = {image.image_id: image for image in dataset.images}
@@ -719,8 +721,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _claim_folder(folder: Path, settings: AuditSettings, model: Any, digest: str) -> None:
-    """Write ``audit.json`` in a new folder, or check that it describes this same audit."""
+def _claim_folder(
+    folder: Path, settings: AuditSettings, model: Any, digest: str, write: bool = True
+) -> None:
+    """Check that ``audit.json`` (if any) describes this same audit; write it if ``write``."""
     if folder.exists() and not folder.is_dir():
         raise AuditError(f"{folder}: exists and is not a folder")
     doc = {
@@ -741,8 +745,9 @@ def _claim_folder(folder: Path, settings: AuditSettings, model: Any, digest: str
                 f"{folder}: holds an audit made with other settings ({changed}); "
                 "choose another output folder to keep both"
             )
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
