@@ -178,8 +178,10 @@ def test_plan_options_are_checked() -> None:
         plan_questions(_dataset(("cat",)), "frequent")
     with pytest.raises(AuditError, match="k: must be a positive integer"):
         plan_questions(_dataset(("cat",)), "random", k=0)
-    with pytest.raises(AuditError, match="question"):
+    with pytest.raises(AuditError, match="question 'Is there a cat.': must contain exactly one"):
         AuditSettings(question="Is there a cat?")
+    with pytest.raises(AuditError, match="the field must be a bare"):
+        AuditSettings(query_template="a {name}")
     with pytest.raises(AuditError, match="template"):
         AuditSettings(template="vicuna")
 
@@ -505,9 +507,13 @@ def test_docstring_examples() -> None:
 
 # ------------------------------------------------------------------------------------ CLI
 def _cli(*args: str) -> int:
+    """The exit code of ``jmllm-joint ARGS`` (usage errors exit from argparse)."""
     from jmllm.joint.cli import main
 
-    return main(list(args))
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
 
 
 def test_cli_runs_resumes_and_reports(cli_env, coco, tmp_path, capsys) -> None:
@@ -531,11 +537,14 @@ def test_cli_runs_resumes_and_reports(cli_env, coco, tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--confidence", "nan"], "--confidence: must be in (0, 1)"),
-        (["--top-k", "-1"], "--top-k: must be in"),
-        (["-k", "0"], "-k: must be in"),
-        (["--limit", "0"], "--limit: must be at least 1"),
-        (["--question", "Is there a cat?"], "question"),
+        (["--confidence", "nan"], "argument --confidence: must be a finite number, got nan"),
+        (["--confidence", "1"], "argument --confidence: must be in (0, 1), got 1"),
+        (["--top-k", "-1"], "argument --top-k: must be >= 0, got -1"),
+        (["-k", "0"], "argument -k: must be in [1, 10000], got 0"),
+        (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be in [1, 4096], got 0"),
+        (["--question", "Is there a cat?"], "must contain exactly one {} (found 0)"),
+        (["--query-template", "a {} {}"], "must contain exactly one {} (found 2)"),
         (["--dataset", "x"], "either --dataset or --annotations"),
     ],
 )

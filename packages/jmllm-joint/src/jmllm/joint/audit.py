@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from jmllm.align.files import append_jsonl, atomic_write_text, read_jsonl
+from jmllm.align.options import check_template
 from jmllm.joint.audit_data import (
     ARTICLES,
     AUTHORS_QUESTION,
@@ -164,10 +165,11 @@ class AuditSettings:
             raise AuditError(f"k: must be a positive integer, got {self.k!r}")
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 4096:
             raise AuditError(f"max_new_tokens: must be in 1..4096, got {self.max_new_tokens!r}")
-        if self.question.count("{}") != 1 or re.search(r"\{[^}]", self.question):
-            raise AuditError(f"question: {self.question!r} must hold exactly one '{{}}'")
-        if self.query_template.count("{}") != 1:
-            raise AuditError(f"query template: {self.query_template!r} must hold one '{{}}'")
+        try:  # one bare {} and nothing else to fill (the project's template rule)
+            check_template(self.question, "question")
+            check_template(self.query_template, "query template")
+        except ValueError as exc:
+            raise AuditError(str(exc)) from None
         if self.articles not in ARTICLES:
             raise AuditError(f"articles: {self.articles!r} is not one of {', '.join(ARTICLES)}")
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from typing import Any
 
 logger = logging.getLogger("jmllm.joint.cli")
@@ -24,6 +23,7 @@ EXIT_PARTIAL = 3
 
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``hallucination-audit`` to ``jmllm-joint``'s parser."""
+    from jmllm.align.options import finite_float, integer, template_type
     from jmllm.joint.audit import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
     from jmllm.joint.audit_data import ARTICLES, AUTHORS_QUESTION, SAMPLINGS
     from jmllm.joint.chat import PAPER_TEMPLATE
@@ -47,7 +47,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     data.add_argument("--image-column", default="image", help="image column of --dataset")
     data.add_argument("--objects-column", default="objects", help="objects column of --dataset")
     data.add_argument("--category-field", default="category", help="category field of the objects")
-    data.add_argument("--limit", type=int, help="audit only the first N images")
+    data.add_argument("--limit", type=integer(1), help="audit only the first N images")
     p.add_argument("--out", required=True, help="output folder (reused to resume)")
     proto = p.add_argument_group("protocol")
     proto.add_argument(
@@ -57,11 +57,18 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="classes asked: all present and absent (the authors', default) or POPE's "
         "random/popular/adversarial",
     )
-    proto.add_argument("-k", type=int, default=3, help="POPE: positives per image (default 3)")
-    proto.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap (0)")
+    proto.add_argument(
+        "-k", type=integer(1, 10_000), default=3, help="POPE: positives per image (default 3)"
+    )
+    proto.add_argument(
+        "--seed", type=integer(0, 2**63 - 1), default=0, help="seed of sampling and bootstrap (0)"
+    )
     template_argument(proto, PAPER_TEMPLATE)  # the authors' notebook
     proto.add_argument(
-        "--question", default=AUTHORS_QUESTION, help="question with {} for the class name"
+        "--question",
+        type=template_type("--question"),
+        default=AUTHORS_QUESTION,
+        help="question with {} for the class name",
     )
     proto.add_argument(
         "--articles",
@@ -71,18 +78,19 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     proto.add_argument(
         "--query-template",
+        type=template_type("--query-template"),
         default="{}",
         help="OWL-ViT query for the class (default '{}': the bare name, as the authors)",
     )
     proto.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=integer(1, 4096),
         default=DEFAULT_MAX_NEW_TOKENS,
         help=f"answer length limit (default {DEFAULT_MAX_NEW_TOKENS})",
     )
     proto.add_argument(
         "--batch-size",
-        type=int,
+        type=integer(1),
         default=DEFAULT_BATCH_SIZE,
         help=f"questions per language-model batch (default {DEFAULT_BATCH_SIZE})",
     )
@@ -93,29 +101,19 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         default="authors",
         help="answer rule: authors (exactly Yes/No), strict (yes/no, any case), pope (POPE's)",
     )
-    rep.add_argument("--top-k", type=int, default=25, help="hallucinations in the gallery (25)")
-    rep.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (2000)")
-    rep.add_argument("--confidence", type=float, default=0.95, help="interval coverage (0.95)")
-    p.set_defaults(func=cmd_hallucination_audit)
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    from jmllm.joint.cli import CliError
-
-    checks = (
-        ("-k", args.k, 1, 10_000),
-        ("--max-new-tokens", args.max_new_tokens, 1, 4096),
-        ("--batch-size", args.batch_size, 1, 100_000),
-        ("--top-k", args.top_k, 0, 100_000),
-        ("--resamples", args.resamples, 1, 10_000_000),
+    rep.add_argument(
+        "--top-k", type=integer(0), default=25, help="hallucinations in the gallery (25)"
     )
-    for name, value, low, high in checks:
-        if not low <= value <= high:
-            raise CliError(f"{name}: must be in {low}..{high}, got {value}")
-    if args.limit is not None and args.limit < 1:
-        raise CliError(f"--limit: must be at least 1, got {args.limit}")
-    if not math.isfinite(args.confidence) or not 0 < args.confidence < 1:
-        raise CliError(f"--confidence: must be in (0, 1), got {args.confidence}")
+    rep.add_argument(
+        "--resamples", type=integer(1, 10_000_000), default=2000, help="bootstrap resamples (2000)"
+    )
+    rep.add_argument(
+        "--confidence",
+        type=finite_float(0, 1, open_low=True, open_high=True),
+        default=0.95,
+        help="interval coverage in (0, 1) (0.95)",
+    )
+    p.set_defaults(func=cmd_hallucination_audit)
 
 
 def _dataset(args: argparse.Namespace) -> Any:
@@ -145,7 +143,6 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     from jmllm.joint.audit_report import write_audit_report
     from jmllm.joint.cli import RANDOM_WEIGHTS_NOTE, CliError, _out_dir, load_model
 
-    _check_numbers(args)
     try:
         settings = AuditSettings(
             sampling=args.sampling,
