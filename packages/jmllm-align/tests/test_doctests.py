@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["", ".architectures", ".weights", ".features", ".train", ".testing", ".cli"]
+MODULES = ["", ".architectures", ".weights", ".features", ".train", ".testing", ".cli", ".files"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from jmllm.align.files import read_jsonl
 from jmllm.joint.audit import RESULTS_FILE, AuditSettings, run_audit
 from jmllm.joint.audit_data import load_coco
-from jmllm.joint.report import read_jsonl
 from jmllm.joint.testing import write_coco_folder
 
 pytestmark = pytest.mark.slow
