@@ -96,7 +96,7 @@ def measure(
     classes: list[str],
     loop_questions: int,
     max_new_tokens: int,
-    batch_size: int,
+    batch_size: int | None,
 ) -> dict[str, Any]:
     """Time both paths on the same images; compare their answers."""
     from jmllm.joint.audit import AuditSettings, YesNoAuditor, ask_one_by_one
@@ -133,7 +133,8 @@ def measure(
         "images": len(images),
         "questions_per_image": len(classes),
         "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
+        "batch_size": batch_size or "auto",
+        "rows_per_batch": auditor.rows_per_batch(len(classes), _prompt_tokens(auditor, classes)),
         "fast": {
             "seconds": fast_seconds,
             "cpu_seconds": fast_cpu,
@@ -154,6 +155,10 @@ def measure(
     }
 
 
+def _prompt_tokens(auditor: Any, classes: list[str]) -> int:
+    return max(int(auditor.prompt(c)[0].numel()) for c in classes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="full-size architectures, bf16, CUDA")
@@ -162,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="images (CPU 3, GPU 4)")
     parser.add_argument("--loop-questions", type=int, default=None, help="loop questions/image")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer limit (16)")
-    parser.add_argument("--batch-size", type=int, default=None, help="questions per batch")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="questions per batch (default: auto)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cache", help="folder for the tiny checkpoints")
     parser.add_argument("--quick", action="store_true", help="one image, fewer loop questions")
@@ -170,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from jmllm.joint.audit import DEFAULT_BATCH_SIZE
     from jmllm.joint.hallucination import COCO_OBJECTS
 
     device = torch.device(args.device or ("cuda" if args.gpu else "cpu"))
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         classes,
         min(loop_questions, len(classes)),
         args.max_new_tokens,
-        args.batch_size or DEFAULT_BATCH_SIZE,
+        args.batch_size,
     )
     report: dict[str, Any] = {
         "benchmark": "hallucination_audit",

@@ -190,7 +190,8 @@ def test_plan_options_are_checked() -> None:
 def test_the_shared_prefix_ends_at_the_class_name(tiny_joint) -> None:
     auditor = YesNoAuditor(tiny_joint, AuditSettings(), COCO_FIXTURE_CLASSES)
     rows = [auditor.prompt(c)[0] for c in COCO_FIXTURE_CLASSES]
-    P = _shared_prefix_length(rows)
+    P = auditor.prefix_length()
+    assert _shared_prefix_length(rows) == P
     prefix = tiny_joint.tokenizer.decode(rows[0][:P])
     # BOS, the image tokens, the paper template's opening and the question up to the class
     assert (rows[0][:P] == tiny_joint.llava.config.image_token_id).sum() == 36
@@ -199,7 +200,7 @@ def test_the_shared_prefix_ends_at_the_class_name(tiny_joint) -> None:
     assert _shared_prefix_length([rows[0], rows[0]]) == rows[0].numel() - 1
 
 
-@pytest.mark.parametrize("batch_size", [32, 4])
+@pytest.mark.parametrize("batch_size", [None, 4])
 def test_fast_path_equals_the_per_question_loop(tiny_joint, batch_size) -> None:
     """Answers token for token, first-token logits and OWL-ViT scores against the authors'
     semantics: re-embed for every question, full prompt, greedy generate."""
@@ -265,6 +266,28 @@ def _near_tie(model, t, ref, other, margin: float) -> bool:
     with torch.no_grad():
         top2 = model.language_logits(t, ids)[0, -1].float().topk(2).values
     return float(top2[0] - top2[1]) <= margin
+
+
+def test_batches_follow_the_kv_cache_budget(tiny_joint) -> None:
+    classes = list(COCO_FIXTURE_CLASSES)
+    auditor = YesNoAuditor(tiny_joint, AuditSettings(max_new_tokens=3), classes)
+    tokens = max(int(auditor.prompt(c)[0].numel()) for c in classes)
+    per_question = auditor.kv_bytes_per_question(tokens)
+    text = tiny_joint.llava.config.text_config  # 2 layers, 4 heads of 12, float32
+    assert per_question == 2 * 2 * 4 * 12 * (tokens + 3) * 4
+    assert auditor.rows_per_batch(6, tokens) == 6  # the default budget holds them all
+    tight = YesNoAuditor(
+        tiny_joint, AuditSettings(max_new_tokens=3), classes,
+        kv_cache_gib=2.5 * per_question / 2**30,
+    )  # fmt: skip
+    assert tight.rows_per_batch(6, tokens) == 2  # two fit: three equal batches
+    assert tight.rows_per_batch(5, tokens) == 2  # 2 + 2 + 1
+    image = generated_images(1, seed=13)[0]
+    t = tiny_joint.embed([image]).t
+    assert _answers(tight.ask(t, classes)) == _answers(auditor.ask(t, classes))
+    assert text.num_hidden_layers == 2
+    with pytest.raises(AuditError, match="kv_cache_gib"):
+        YesNoAuditor(tiny_joint, AuditSettings(), classes, kv_cache_gib=float("nan"))
 
 
 def test_template_with_the_image_after_the_question_is_refused(tiny_joint) -> None:

@@ -33,6 +33,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -74,7 +75,7 @@ SETTINGS_FILE = "audit.json"
 AUTHORS_QUERY_TEMPLATE = "{}"  # the authors query OWL-ViT with the bare class name
 PARSE_RULES = ("authors", "strict", "pope")
 DEFAULT_MAX_NEW_TOKENS = 16
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_KV_CACHE_GIB = 8.0  # the KV cache a batch of questions may hold (its own prefix copies)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +211,11 @@ class YesNoAuditor:
         model: a :class:`~jmllm.joint.JointModel`.
         settings: the question, template, query template and token limit.
         classes: the vocabulary (its OWL-ViT query embeddings are computed once).
-        batch_size: questions per batch of the language model (the shared prefix's cache is
-            copied once per batch: memory grows with it).
+        batch_size: questions per batch of the language model; None (default): as many as
+            ``kv_cache_gib`` of KV cache hold (every question of the batch holds a copy of the
+            prefix's cache: about 0.33 GiB each for LLaVA-1.5-7b in bfloat16), the image's
+            questions split into equal batches.
+        kv_cache_gib: the KV-cache budget of one batch when ``batch_size`` is None.
 
     Example:
         >>> auditor = YesNoAuditor(model, AuditSettings(), ["cat", "dog"])  # doctest: +SKIP
@@ -226,10 +230,14 @@ class YesNoAuditor:
         model: Any,
         settings: AuditSettings,
         classes: Sequence[str],
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
+        kv_cache_gib: float = DEFAULT_KV_CACHE_GIB,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise AuditError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        if not math.isfinite(kv_cache_gib) or kv_cache_gib <= 0:
+            raise AuditError(f"kv_cache_gib: must be a positive number, got {kv_cache_gib!r}")
+        self.kv_cache_gib = kv_cache_gib
         self.model = model
         self.settings = settings
         self.batch_size = batch_size
@@ -240,6 +248,7 @@ class YesNoAuditor:
         except PromptError as exc:
             raise AuditError(f"class vocabulary: {exc}") from None
         self._prompts: dict[str, tuple[torch.Tensor, str, str]] = {}
+        self._prefix_length: int | None = None
         self._cache_key = _cache_argument(model.llava)
         self._template: str | ConversationTemplate = settings.template
         self._template_name = get_template(settings.template).name
@@ -266,6 +275,13 @@ class YesNoAuditor:
             cached = (ids, question, format_prompt(question, self._template))
             self._prompts[class_name] = cached
         return cached
+
+    def prefix_length(self) -> int:
+        """Tokens every question of the vocabulary shares from the start (computed once): the
+        prefix run once per image. Any subset of the vocabulary shares at least these."""
+        if self._prefix_length is None:
+            self._prefix_length = _shared_prefix_length([self.prompt(c)[0] for c in self.classes])
+        return self._prefix_length
 
     def owl_scores(self, t: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
         """(Q,) float32: OWL-ViT's maximum score over the patches of ``t`` for each class."""
@@ -305,7 +321,7 @@ class YesNoAuditor:
         scores = self.owl_scores(t, classes)
         prompts = [self._prompt(c) for c in classes]
         rows = [ids for ids, _, _ in prompts]
-        P = _shared_prefix_length(rows)
+        P = self.prefix_length()
         model = self.model
         image_token = model.llava.config.image_token_id
         prefix = rows[0][:P]
@@ -327,8 +343,9 @@ class YesNoAuditor:
             **{self._cache_key: prefix_cache},
         )
         answered: list[AnsweredQuestion] = []
-        for start in range(0, len(classes), self.batch_size):
-            chunk = range(start, min(start + self.batch_size, len(classes)))
+        size = self.rows_per_batch(len(classes), max(int(r.numel()) for r in rows))
+        for start in range(0, len(classes), size):
+            chunk = range(start, min(start + size, len(classes)))
             answers, logits = self._generate(prefix_cache, [rows[i] for i in chunk], P)
             for j, i in enumerate(chunk):
                 answered.append(
@@ -342,6 +359,19 @@ class YesNoAuditor:
                     )
                 )
         return answered
+
+    def kv_bytes_per_question(self, prompt_tokens: int) -> int:
+        """Bytes of KV cache one question holds at its longest (prompt + answer limit)."""
+        tokens = prompt_tokens + self.settings.max_new_tokens
+        return kv_cache_bytes(self.model.llava.config.text_config, self.model.llava.dtype, tokens)
+
+    def rows_per_batch(self, questions: int, prompt_tokens: int) -> int:
+        """Questions per batch: ``batch_size``, or the KV budget's share split evenly."""
+        if self.batch_size is not None:
+            return self.batch_size
+        fit = int(self.kv_cache_gib * 2**30 // self.kv_bytes_per_question(prompt_tokens))
+        batches = math.ceil(questions / max(1, fit))
+        return math.ceil(questions / batches)
 
     def _generate(
         self, prefix_cache: Any, rows: list[torch.Tensor], P: int
@@ -385,6 +415,23 @@ class YesNoAuditor:
             **{self._cache_key: cache},
         )
         return out.sequences[:, P + S :].cpu(), out.logits[0]
+
+
+def kv_cache_bytes(text_config: Any, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes of the keys and values a decoder caches for ``tokens`` tokens of one sequence.
+
+    Example:
+        >>> from jmllm.align.testing import llava_1_5_7b_config
+        >>> text = llava_1_5_7b_config().text_config
+        >>> kv_cache_bytes(text, torch.bfloat16, 640) / 2**30  # LLaVA-1.5-7b, 576 image tokens
+        0.3125
+    """
+    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads
+    )
+    element = torch.finfo(dtype).bits // 8
+    return 2 * text_config.num_hidden_layers * heads * head_dim * tokens * element  # K and V
 
 
 def _shared_prefix_length(rows: Sequence[torch.Tensor]) -> int:
@@ -605,7 +652,8 @@ def run_audit(
     out: str | os.PathLike[str] | None = None,
     settings: AuditSettings | None = None,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
+    kv_cache_gib: float = DEFAULT_KV_CACHE_GIB,
     progress: bool = True,
     on_image: Callable[[str], None] | None = None,
 ) -> AuditResult:
@@ -622,7 +670,8 @@ def run_audit(
             :func:`~jmllm.joint.audit_data.load_objects_dataset`.
         out: folder for ``audit.json`` and ``results.jsonl`` (None: in memory, one process).
         settings: the protocol (default: the authors').
-        batch_size: questions per language-model batch.
+        batch_size, kv_cache_gib: questions per language-model batch (None: as many as
+            ``kv_cache_gib`` of KV cache hold), see :class:`YesNoAuditor`.
         progress: show a progress bar.
         on_image: called with each image id once its answers are saved (tests, monitors).
 
@@ -646,7 +695,7 @@ def run_audit(
     settings = settings or AuditSettings()
     started = time.perf_counter()
     plan = plan_questions(dataset, settings.sampling, settings.k, settings.seed)
-    auditor = YesNoAuditor(model, settings, dataset.classes, batch_size)
+    auditor = YesNoAuditor(model, settings, dataset.classes, batch_size, kv_cache_gib)
     digest = settings_digest(settings, model)
     state = process_state()
     folder = Path(out) if out is not None else None
@@ -771,6 +820,7 @@ __all__ = [
     "AuditSettings",
     "YesNoAuditor",
     "ask_one_by_one",
+    "kv_cache_bytes",
     "parse_answer",
     "process_state",
     "run_audit",

@@ -24,7 +24,7 @@ EXIT_PARTIAL = 3
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``hallucination-audit`` to ``jmllm-joint``'s parser."""
     from jmllm.align.options import finite_float, integer, template_type
-    from jmllm.joint.audit import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
+    from jmllm.joint.audit import DEFAULT_KV_CACHE_GIB, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
     from jmllm.joint.audit_data import ARTICLES, AUTHORS_QUESTION, SAMPLINGS
     from jmllm.joint.chat import PAPER_TEMPLATE
     from jmllm.joint.cli import template_argument
@@ -91,8 +91,13 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     proto.add_argument(
         "--batch-size",
         type=integer(1),
-        default=DEFAULT_BATCH_SIZE,
-        help=f"questions per language-model batch (default {DEFAULT_BATCH_SIZE})",
+        help="questions per language-model batch (default: as many as --kv-cache-gib hold)",
+    )
+    proto.add_argument(
+        "--kv-cache-gib",
+        type=finite_float(0, open_low=True),
+        default=DEFAULT_KV_CACHE_GIB,
+        help=f"KV-cache budget of one batch of questions, GiB (default {DEFAULT_KV_CACHE_GIB:g})",
     )
     rep = p.add_argument_group("report")
     rep.add_argument(
@@ -165,7 +170,13 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
         model = load_model(args)
     try:
         result = run_audit(
-            model, dataset, args.out, settings, batch_size=args.batch_size, progress=True
+            model,
+            dataset,
+            args.out,
+            settings,
+            batch_size=args.batch_size,
+            kv_cache_gib=args.kv_cache_gib,
+            progress=True,
         )
     except AuditError as exc:
         raise CliError(str(exc)) from None
