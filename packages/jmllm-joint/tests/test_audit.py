@@ -375,6 +375,37 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_joint, coco, tmp_pat
         run_audit(tiny_joint, ds, tmp_path, AuditSettings(max_new_tokens=3), progress=False)
 
 
+def test_a_second_run_into_a_busy_folder_is_refused(tiny_joint, coco, tmp_path) -> None:
+    import os
+    import threading
+
+    from jmllm.align.files import folder_lock
+    from jmllm.joint.audit import LOCK_FILE, LOCK_OWNER
+
+    out = tmp_path / "o"
+    ds, settings = load_coco(*coco, limit=1), AuditSettings(max_new_tokens=1)
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:  # another writer of the folder (its own lock file descriptor)
+        with folder_lock(out, LOCK_OWNER, LOCK_FILE, AuditError):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    assert held.wait(30)
+    try:
+        busy = rf"another jmllm-joint hallucination-audit \(process {os.getpid()}\) is writing here"
+        with pytest.raises(AuditError, match=busy):
+            run_audit(tiny_joint, ds, out, settings, progress=False)
+        assert not (out / RESULTS_FILE).exists() and not (out / "audit.json").exists()
+    finally:
+        release.set()
+        thread.join()
+    done = run_audit(tiny_joint, ds, out, settings, progress=False)  # free again: it runs
+    assert done.processed == 1 and not (out / LOCK_FILE).exists()
+
+
 def test_unreadable_images_are_skipped_and_counted(tiny_joint, coco, tmp_path) -> None:
     ann, images = coco
     broken = tmp_path / "images"

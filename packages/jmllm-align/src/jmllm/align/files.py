@@ -7,6 +7,9 @@
   alone gives 0600, which hid W files, training runs and reports from the rest of a group).
 - **No empty folders left behind**: :func:`output_folder` removes the folders it created when
   the work inside fails before writing anything.
+- **One writer per output folder**: :func:`folder_lock` holds the kernel's exclusive lock
+  (``flock``) of a folder while a run writes into it; a second run is refused with one line
+  naming the holder's process, and a killed run releases it (nothing stale to clean up).
 - **Appended records** (JSONL logs that a rerun resumes from): :func:`append_jsonl` writes each
   record as one line with one ``write`` on a file opened with ``O_APPEND``, then fsyncs, so
   processes appending at once never interleave inside a line and a kill loses at most the line
@@ -23,11 +26,13 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FolderBusyError",
     "append_jsonl",
     "atomic_write",
     "atomic_write_bytes",
@@ -36,6 +41,7 @@ __all__ = [
     "check_output_file",
     "current_umask",
     "file_mode",
+    "folder_lock",
     "folder_mode",
     "output_folder",
     "read_jsonl",
@@ -279,3 +285,101 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 continue
             if isinstance(record, dict):
                 yield record
+
+
+class FolderBusyError(ValueError):
+    """Another run holds the output folder's lock (bad usage: exit code 2)."""
+
+
+# Folders this process holds the lock of, per thread: a command takes the lock for its whole run
+# and the API functions it calls take it again (flock would refuse a second descriptor).
+_HELD: dict[tuple[str, int], int] = {}
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(
+    folder: str | os.PathLike[str],
+    what: str,
+    lock_name: str = ".jmllm.lock",
+    error: type[Exception] = FolderBusyError,
+) -> Iterator[Path]:
+    """Hold the exclusive lock of an output folder (created if missing) while the body runs.
+
+    The lock file holds the holder's process id and is removed (still locked) on exit; the same
+    thread may take the lock again inside the body.
+
+    Args:
+        folder: the output folder.
+        what: the command, for the message another run gets (e.g. ``"jmllm-bias assess"``).
+        lock_name: the lock file's name inside the folder.
+        error: the exception class raised when another run holds the lock.
+
+    Raises:
+        ``error``: another run (another process or thread) holds the folder's lock.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> with folder_lock(out, "jmllm-joint hallucination-audit"):
+        ...     with folder_lock(out, "jmllm-joint hallucination-audit"):  # same thread: fine
+        ...         pass
+    """
+    root = Path(folder)
+    key = (str(root.resolve()), threading.get_ident())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield root
+        finally:
+            _HELD[key] -= 1
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / lock_name
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if not _try_lock(fd):
+            try:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise error(
+                f"{root}: another {what} (process {holder}) is writing here; wait for it to "
+                "finish (a rerun then resumes) or use another --out"
+            )
+        # The holder before us may have removed the file after we opened it: then we hold the
+        # lock of a file nobody else can see, and must take the one at the path instead.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        _HELD[key] = 1
+        yield root
+    finally:
+        _HELD.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still holding it: nobody can lock this file after us
+        os.close(fd)

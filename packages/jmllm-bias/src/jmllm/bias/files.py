@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +32,8 @@ __all__ = [
     "sha256_file",
 ]
 
-# One implementation (jmllm.align.files) of atomic writes and JSONL appends for every package.
+# One implementation (jmllm.align.files) of atomic writes, JSONL appends and the folder lock.
+from jmllm.align import files
 from jmllm.align.files import append_jsonl, read_jsonl
 from jmllm.joint.report import atomic_write_bytes, atomic_write_text
 
@@ -49,32 +49,10 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-# Folders this process holds the lock of, per thread: the CLI takes the lock for a whole command
-# and the API functions it calls take it again (flock would refuse a second descriptor).
-_HELD: dict[tuple[str, int], int] = {}
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-        except OSError:
-            return False
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike[str], what: str) -> Iterator[Path]:
-    """Hold the exclusive lock of an output folder (created if missing) while the body runs.
+    """Hold the exclusive lock of an output folder (created if missing) while the body runs
+    (:func:`jmllm.align.files.folder_lock`, the one implementation).
 
     Args:
         folder: the output folder.
@@ -90,44 +68,5 @@ def folder_lock(folder: str | os.PathLike[str], what: str) -> Iterator[Path]:
         ...     with folder_lock(out, "assess"):  # the same thread again: fine
         ...         pass
     """
-    root = Path(folder)
-    key = (str(root.resolve()), threading.get_ident())
-    if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield root
-        finally:
-            _HELD[key] -= 1
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_FILE
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        if not _try_lock(fd):
-            try:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
-            finally:
-                os.close(fd)
-            raise BiasInputError(
-                f"{root}: another jmllm-bias {what} (process {holder}) is writing here; wait for "
-                "it to finish (a rerun then resumes) or use another --out"
-            )
-        # The holder before us may have removed the file after we opened it: then we hold the
-        # lock of a file nobody else can see, and must take the one at the path instead.
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
-        _HELD[key] = 1
+    with files.folder_lock(folder, f"jmllm-bias {what}", LOCK_FILE, BiasInputError) as root:
         yield root
-    finally:
-        _HELD.pop(key, None)
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still holding it: nobody can lock this file after us
-        os.close(fd)

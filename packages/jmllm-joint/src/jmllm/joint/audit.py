@@ -28,6 +28,7 @@ the processes split the remaining images and append to the same file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -47,7 +48,7 @@ from typing import Any
 
 import torch
 
-from jmllm.align.files import append_jsonl, atomic_write_text, read_jsonl
+from jmllm.align.files import append_jsonl, atomic_write_text, folder_lock, read_jsonl
 from jmllm.align.options import check_template
 from jmllm.joint.audit_data import (
     ARTICLES,
@@ -72,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 SETTINGS_FILE = "audit.json"
+LOCK_FILE = ".jmllm-audit.lock"  # held by the run writing the folder (jmllm.align.files)
+LOCK_OWNER = "jmllm-joint hallucination-audit"
 AUTHORS_QUERY_TEMPLATE = "{}"  # the authors query OWL-ViT with the bare class name
 PARSE_RULES = ("authors", "strict", "pope")
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -662,7 +665,8 @@ def run_audit(
     With ``out``, each finished image is appended to ``out/results.jsonl`` at once (with the
     settings' digest and its questions), and images already there are skipped; launched with
     ``accelerate launch --num_processes N``, the N processes split the remaining images and
-    every process returns the whole result.
+    every process returns the whole result. One run at a time writes a folder: another run
+    into it is refused while this one holds its lock.
 
     Args:
         model: a :class:`~jmllm.joint.JointModel`.
@@ -680,8 +684,8 @@ def run_audit(
         :func:`jmllm.joint.audit_report.write_audit_report`.
 
     Raises:
-        AuditError: bad settings, an output folder holding another audit, a vocabulary the
-            models cannot take.
+        AuditError: bad settings, an output folder holding another audit or being written by
+            another run, a vocabulary the models cannot take.
 
     Example:
         >>> from jmllm.joint.audit_data import load_coco
@@ -690,8 +694,6 @@ def run_audit(
         >>> len(result.records)  # 80 questions per image  # doctest: +SKIP
         80000
     """
-    from tqdm.auto import tqdm
-
     settings = settings or AuditSettings()
     started = time.perf_counter()
     plan = plan_questions(dataset, settings.sampling, settings.k, settings.seed)
@@ -701,6 +703,71 @@ def run_audit(
     folder = Path(out) if out is not None else None
     if folder is None and state.num_processes > 1:
         raise AuditError("out: required when the audit is split between processes")
+    with exclusive_folder(folder, state):
+        return _audit_images(
+            model,
+            dataset,
+            folder,
+            settings,
+            plan,
+            auditor,
+            digest,
+            state,
+            progress,
+            on_image,
+            started,
+        )
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike[str] | None, state: Any = None) -> Iterator[None]:
+    """One run at a time writes an audit folder: the run's main process holds the folder's lock
+    (:func:`jmllm.align.files.folder_lock`, re-entrant in one thread) while the body runs, and
+    every process of the run learns whether it got it, so a refused run stops all its processes
+    instead of leaving some waiting at a barrier.
+
+    Raises:
+        AuditError: another run holds the folder (the message names its process).
+    """
+    state = state or process_state()
+    folder = Path(folder) if folder is not None else None
+    if folder is None:
+        yield
+        return
+    if folder.exists() and not folder.is_dir():
+        raise AuditError(f"{folder}: exists and is not a folder")
+    refused = None
+    with contextlib.ExitStack() as stack:
+        if state.is_main_process:
+            try:
+                stack.enter_context(folder_lock(folder, LOCK_OWNER, LOCK_FILE, AuditError))
+            except AuditError as exc:
+                refused = str(exc)
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = broadcast_object_list([refused], from_process=0)
+            refused = box[0]
+        if refused is not None:
+            raise AuditError(refused)
+        yield
+
+
+def _audit_images(
+    model: Any,
+    dataset: AuditDataset,
+    folder: Path | None,
+    settings: AuditSettings,
+    plan: QuestionPlan,
+    auditor: YesNoAuditor,
+    digest: str,
+    state: Any,
+    progress: bool,
+    on_image: Callable[[str], None] | None,
+    started: float,
+) -> AuditResult:
+    from tqdm.auto import tqdm
+
     results = folder / RESULTS_FILE if folder else None
     if folder is not None:
         # every process checks (a refused folder must stop all of them, not leave some waiting
@@ -820,6 +887,7 @@ __all__ = [
     "AuditSettings",
     "YesNoAuditor",
     "ask_one_by_one",
+    "exclusive_folder",
     "kv_cache_bytes",
     "parse_answer",
     "process_state",

@@ -143,7 +143,7 @@ def _dataset(args: argparse.Namespace) -> Any:
 
 def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     """Run the audit (resuming), then write the report on the main process."""
-    from jmllm.joint.audit import AuditSettings, process_state, run_audit
+    from jmllm.joint.audit import AuditSettings, exclusive_folder, process_state, run_audit
     from jmllm.joint.audit_data import AuditError
     from jmllm.joint.audit_report import write_audit_report
     from jmllm.joint.cli import RANDOM_WEIGHTS_NOTE, CliError, _out_dir, load_model
@@ -168,7 +168,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
         args.device = str(state.device)  # one GPU per process
     with state.main_process_first():  # --tiny builds its checkpoints once
         model = load_model(args)
-    try:
+    with exclusive_folder(args.out, state):  # the run and its report: one writer at a time
         result = run_audit(
             model,
             dataset,
@@ -178,24 +178,22 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
             kv_cache_gib=args.kv_cache_gib,
             progress=True,
         )
-    except AuditError as exc:
-        raise CliError(str(exc)) from None
-    if not state.is_main_process:
-        return EXIT_PARTIAL if result.failed else 0
-    assert out is not None
-    notes = [RANDOM_WEIGHTS_NOTE] if args.tiny else []
-    report = write_audit_report(
-        result,
-        out,
-        model,
-        rule=args.parse,
-        top_k=args.top_k,
-        n_resamples=args.resamples,
-        confidence=args.confidence,
-        seed=args.seed,
-        notes=notes,
-        progress=True,
-    )
+        if not state.is_main_process:
+            return EXIT_PARTIAL if result.failed else 0
+        assert out is not None
+        notes = [RANDOM_WEIGHTS_NOTE] if args.tiny else []
+        report = write_audit_report(
+            result,
+            out,
+            model,
+            rule=args.parse,
+            top_k=args.top_k,
+            n_resamples=args.resamples,
+            confidence=args.confidence,
+            seed=args.seed,
+            notes=notes,
+            progress=True,
+        )
     m = report.metrics
     pope = m["pope"]
     print(
