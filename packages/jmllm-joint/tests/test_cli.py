@@ -43,7 +43,8 @@ def test_demo_writes_report_with_answer_and_detections(cli_env, tmp_path, capsys
     assert "random weights" in page
     # the main job explains the first answer: one clickable panel per word, self-contained
     explanation = (out / "explanation" / "report.html").read_text()
-    assert "explanation/report.html" in page and "GA explanation:" in printed
+    assert "GA explanation:" in printed
+    assert '<a href="explanation/report.html">' in page  # a link, not plain text
     words = json.loads((out / "explanation" / "explanation.json").read_text())["results"]
     assert words and explanation.count("class='panel'") == len(words)
     assert "https://" not in explanation and "http://" not in explanation

@@ -64,9 +64,10 @@ def test_draw_detections_draws_inside_the_boxes():
         (64, 48),
     )
     drawn = draw_detections(image, dets)
-    assert drawn.size == image.size and image.getpixel((10, 30)) == (255, 255, 255)
-    assert drawn.getpixel((10, 30)) != (255, 255, 255)  # left edge of the box
-    assert drawn.getpixel((60, 5)) == (255, 255, 255)
+    # a small image is enlarged (to 512 px) before drawing: boxes scale with it
+    assert drawn.size == (512, 384) and image.getpixel((10, 30)) == (255, 255, 255)
+    assert drawn.getpixel((80, 240)) != (255, 255, 255)  # left edge of the box
+    assert drawn.getpixel((480, 40)) == (255, 255, 255)
     with pytest.raises(ValueError, match="64x48"):
         draw_detections(Image.new("RGB", (10, 10)), dets)
 

@@ -22,7 +22,14 @@ import torch
 
 from jmllm.joint.chat import Conversation
 from jmllm.joint.cli import main
-from jmllm.joint.explain_report import box_view_image, overlay_image, write_explanation_report
+from jmllm.joint.explain_report import (
+    BOX_VIEW_BAR,
+    box_view_image,
+    map_title,
+    overlay_image,
+    with_colour_bar,
+    write_explanation_report,
+)
 from jmllm.joint.explorer import (
     Explorer,
     ExplorerError,
@@ -214,26 +221,31 @@ def test_word_pictures_and_top_patches(explorer, tiny_joint, images):
     state = _answered(tiny_joint, "The cat sleeps", explorer.open_image(images[2]))
     state, view = explorer.explain_word(state, 1)
     overlay, boxes = explorer.word_pictures(state, view.result, "coord")
-    image = state.emb.pil_image(0)  # 120 x 48, shown at 512 x 205 with a colour bar beside it
-    assert overlay.height == boxes.height == 205 and overlay.width > 512
+    image = state.emb.pil_image(0)  # 120 x 48, shown at 512 x 205 with a colour bar under it
+    assert overlay.width == boxes.width == 512 and overlay.height > 205 and boxes.height > 205
     expected = overlay_image(image, view.result.map("coord", size=(512, 205)), shown=(512, 205))
-    assert np.array_equal(np.asarray(overlay)[:, :512], np.asarray(expected))
+    assert np.array_equal(np.asarray(overlay)[:205], np.asarray(expected))
+    # the bar is titled by what the map shows (the coord map's bar once said "GA weight")
+    assert overlay == with_colour_bar(expected, "jet", "GA box-coordinate weight")
     expected = box_view_image(image, view.result, shown=(512, 205))
-    assert np.array_equal(np.asarray(boxes)[:, :512], np.asarray(expected))
+    assert np.array_equal(np.asarray(boxes)[:205], np.asarray(expected))
+    assert boxes == with_colour_bar(expected, "viridis", BOX_VIEW_BAR)
     state, view = explorer.explain_word(explorer.set_queries(state, "cat, dog"), 1)
     for channel in ("max", 1):  # the class map and the box thickness of another channel
         overlay, boxes = explorer.word_pictures(state, view.result, "class", channel)
         saliency = view.result.map("class", query=channel, size=(512, 205))
         expected = overlay_image(image, saliency, shown=(512, 205))
-        assert np.array_equal(np.asarray(overlay)[:, :512], np.asarray(expected))
+        assert np.array_equal(np.asarray(overlay)[:205], np.asarray(expected))
+        query = "max" if channel == "max" else "dog"
+        assert overlay == with_colour_bar(expected, "jet", map_title("class", query))
         expected = box_view_image(image, view.result, query=channel, shown=(512, 205))
-        assert np.array_equal(np.asarray(boxes)[:, :512], np.asarray(expected))
+        assert np.array_equal(np.asarray(boxes)[:205], np.asarray(expected))
         _, rows = explorer.top_patches(view.result, "class", top=1, channel=channel)
         assert rows[0][0] == int(view.result.weights("class", channel).argmax())
     with pytest.raises(ExplorerError, match="class channel"):
         explorer.word_pictures(state, view.result, "class", 2)
-    blank = overlay_image(None, np.zeros((4, 4)), shown=(4, 4))  # grey under jet's 0 (dark blue)
-    assert np.asarray(blank)[0, 0].tolist() == [64, 64, 128]
+    blank = overlay_image(None, np.zeros((4, 4)), shown=(4, 4))  # weight 0: the grey untinted
+    assert np.asarray(blank)[0, 0].tolist() == [128, 128, 128]
     headers, rows = explorer.top_patches(view.result, "class", top=3)
     weights = view.result.weights("class").numpy()
     assert [row[0] for row in rows] == list(np.argsort(-weights, kind="stable")[:3])
@@ -437,7 +449,7 @@ def test_every_step_works_in_bfloat16(tiny_joint_paths, images):
         assert tensor.dtype == torch.float32 and bool(torch.isfinite(tensor).all()), name
     for weighting in ("class", "coord", "any", "gradient"):
         overlay, boxes = explorer.word_pictures(state, view.result, weighting)
-        assert overlay.height == boxes.height == 205
+        assert overlay.width == boxes.width == 512 and overlay.height > 205
     state, again = explorer.explain_word(state, 1)
     assert again.norms_cached
     state = explorer.hallucinations(state)

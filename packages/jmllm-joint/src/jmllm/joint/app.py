@@ -407,7 +407,12 @@ def build_app(
             return explorer.detections_picture(s, detections), summary
 
         def word_choices(s: ExplorerState) -> Any:
-            choices = [(w.text, i) for i, w in enumerate(explorer.words(s))]
+            from jmllm.joint.explain_report import word_choice_labels
+
+            found = explorer.words(s)
+            # a repeated word carries its place in the answer, so every entry can be told apart
+            labels = word_choice_labels([w.text for w in found], range(1, len(found) + 1))
+            choices = [(label, i) for i, label in enumerate(labels)]
             return gr.Radio(choices=choices, value=None)
 
         def cleared_ga(s: ExplorerState, current: str | None) -> tuple[Any, ...]:

@@ -306,6 +306,7 @@ def _write_outputs(
     detections: Any,
     args: Any,
     notes: Sequence[str] = (),
+    links: Sequence[tuple[str, str]] = (),
 ) -> Path:
     from jmllm.joint.report import atomic_write_text, draw_detections, save_png, write_report
 
@@ -335,6 +336,7 @@ def _write_outputs(
         notes=list(notes),
         sources=model.sources,
         max_boxes=args.max_boxes,
+        links=list(links),
     )
 
 
@@ -373,13 +375,19 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     )[0]
     notes = [RANDOM_WEIGHTS_NOTE, REAL_CHECKPOINTS_HINT] if args.tiny else []
     explanation = None
+    links: list[tuple[str, str]] = []
     if args.explain:
         explanation = _explain_first_answer(model, emb, conversation, detections.queries, out)
-        notes.append(
-            "GA explanation of every word of the first answer (click a word): "
-            "explanation/report.html beside this file."
+        relative = explanation.relative_to(out).as_posix()
+        links.append(
+            (
+                f"GA explanation of every word of the first answer, click a word ({relative})",
+                relative,
+            )
         )
-    report = _write_outputs(out, model, emb, conversation, stock, detections, args, notes)
+    report = _write_outputs(
+        out, model, emb, conversation, stock, detections, args, notes, links=links
+    )
     _print_conversation(conversation, stock)
     _print_detections(detections, 5)
     print(f"Report: {report}")

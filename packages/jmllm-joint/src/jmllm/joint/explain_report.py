@@ -1,13 +1,17 @@
 """Pictures and the self-contained HTML report of GA explanations (DESIGN §1.3, issue 4 §2, §4).
 
-- :func:`heatmap_overlay_png`: the map over the image with a colour bar (matplotlib, Agg canvas,
-  no pyplot global state).
+- :func:`heatmap_overlay_png`: the map over the image, its opacity following the weight (weight 0
+  shows the photo untouched), with a colour bar titled by what it shows.
 - :func:`box_view_png`: the paper's box view — every patch whose class weight reaches a threshold
   draws its predicted box with thickness ∝ class weight and colour = box-coordinate weight, plus a
   red line from the patch's grid cell to its box centre.
-- :func:`write_explanation_report`: one HTML file (images as data URLs, inline CSS/JS, no network
-  resource; every model text HTML-escaped) in which clicking a word of the answer shows its map
-  and boxes, plus the PNGs and the raw arrays (``.safetensors``) beside it.
+- :func:`write_explanation_report`: one HTML file (the Jinja2 template
+  ``templates/explanation.html``: images as data URLs, inline CSS/JS, no network resource, every
+  model text escaped) in which clicking a word of the answer, or choosing it in the word picker,
+  shows its map and box view side by side, plus the PNGs and the raw arrays (``.safetensors``)
+  beside it.
+
+Every picture follows :mod:`jmllm.joint.drawing` (sizes, fonts, colours, the overlay rule).
 """
 
 from __future__ import annotations
@@ -18,111 +22,104 @@ import io
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from jmllm.joint.chat import PAPER_TEMPLATE, get_template
-from jmllm.joint.report import atomic_write_bytes
+from jmllm.joint.drawing import OVERLAY_ALPHA, blend_map, figure, fit_picture
+from jmllm.joint.pages import Markup, render
+from jmllm.joint.report import atomic_write_bytes, png_bytes
 from jmllm.joint.saliency import GAResult
 
 MAX_SIDE = 768  # pictures are drawn at most this large (maps keep their full resolution)
+BOX_VIEW_BAR = "box colour: box-coordinate weight (thickness: class weight)"
+MAP_TITLES = {
+    "class": "GA class weight",
+    "coord": "GA box-coordinate weight",
+    "any": "GA weight, class or box (maximum)",
+    "gradient": "plain gradient ‖∂logit/∂t‖ (normalised)",
+}
+
+
+def map_title(weighting: str, query: str | None = None) -> str:
+    """What a map of ``weighting`` shows, for its colour bar: with the class query it uses
+    (``query``; ``"max"`` for the maximum over the queries) for the ``class`` map.
+
+    Example:
+        >>> map_title("coord"), map_title("class", "cat")
+        ('GA box-coordinate weight', 'GA class weight, query “cat”')
+    """
+    title = MAP_TITLES.get(weighting, f"GA {weighting} weight")
+    if weighting != "class" or not query:
+        return title
+    return f"{title}, maximum over the queries" if query == "max" else f"{title}, query “{query}”"
+
+
+def class_query_name(result: GAResult, query: int | str | None = None) -> str:
+    """The name of the class channel a ``class`` map of ``result`` uses: a query's text, or
+    ``"max"`` (default: the result's own ``class_query``).
+
+    Example:
+        >>> class_query_name(result)  # doctest: +SKIP
+        'cat'
+    """
+    chosen = result.class_query if query is None else query
+    if chosen == "max":
+        return "max"
+    if chosen == "first":
+        return result.queries[0]
+    return result.queries[int(chosen)]
 
 
 def _display(
     image: Image.Image | None, size: tuple[int, int], shown: tuple[int, int] | None = None
 ) -> Image.Image:
-    """The picture background: the RGB image (grey when explained from ``t``), at most MAX_SIDE
-    (or exactly ``shown``)."""
-    width, height = size
-    base = image.convert("RGB") if image is not None else Image.new("RGB", size, (128, 128, 128))
-    if shown is None:
-        scale = min(1.0, MAX_SIDE / max(width, height))
-        shown = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return base.resize(shown, Image.Resampling.BILINEAR) if base.size != shown else base
+    """The picture background: the RGB image (grey when explained from ``t``), at its drawing
+    size (at least 512 px, at most MAX_SIDE; or exactly ``shown``)."""
+    return fit_picture(image, size, shown, max_side=MAX_SIDE)
 
 
 def overlay_image(
     image: Image.Image | None,
     saliency: np.ndarray,
     cmap: str = "jet",
-    alpha: float = 0.5,
+    alpha: float = OVERLAY_ALPHA,
     shown: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """``saliency`` (H, W) in [0, 1] blended over the image, as an RGB picture without axes or
-    colour bar (a fast view; :func:`heatmap_overlay_png` is the figure of the reports).
+    """``saliency`` (H, W) in [0, 1] over the image, as an RGB picture without colour bar, its
+    opacity ``alpha × weight`` (:func:`jmllm.joint.drawing.blend_map`: weight 0 leaves the
+    image's pixels exactly).
 
     Args:
         image: the RGB image (None: grey).
         saliency: the map at the image's resolution.
         cmap: matplotlib colour map.
-        alpha: opacity of the map.
-        shown: (width, height) of the picture (default at most MAX_SIDE, aspect kept).
+        alpha: opacity of the map where its weight is 1.
+        shown: (width, height) of the picture (default: at least 512 px, at most MAX_SIDE).
 
     Example:
-        >>> overlay_image(None, np.zeros((32, 48)), shown=(96, 64)).size
-        (96, 64)
+        >>> overlay_image(None, np.zeros((32, 48)), shown=(96, 64)).getpixel((0, 0))
+        (128, 128, 128)
     """
-    from matplotlib import colormaps
-
     height, width = saliency.shape
-    base = _display(image, (width, height), shown)
-    resized = Image.fromarray(np.nan_to_num(saliency).astype(np.float32), "F").resize(
-        base.size, Image.Resampling.BILINEAR
-    )
-    colours = colormaps[cmap](np.clip(np.asarray(resized), 0.0, 1.0))[..., :3]  # (h, w, 3)
-    blended = (1 - alpha) * np.asarray(base, dtype=np.float32) / 255 + alpha * colours
-    return Image.fromarray((blended * 255).round().astype(np.uint8), "RGB")
-
-
-def colour_bar_image(cmap: str, height: int, label: str = "", width: int = 18) -> Image.Image:
-    """A vertical colour bar of ``cmap`` from 0 (bottom) to 1 (top), with its ends labelled.
-
-    Example:
-        >>> colour_bar_image("jet", 100).size[1]
-        100
-    """
-    from matplotlib import colormaps
-
-    ramp = np.linspace(1.0, 0.0, max(2, height))[:, None].repeat(width, axis=1)
-    strip = Image.fromarray((colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8), "RGB")
-    font = ImageFont.load_default()
-    text_width = max(int(ImageDraw.Draw(strip).textlength(t, font=font)) for t in ("1", "0", label))
-    bar = Image.new("RGB", (width + 6 + text_width, strip.height), (255, 255, 255))
-    bar.paste(strip, (0, 0))
-    draw = ImageDraw.Draw(bar)
-    draw.text((width + 4, 0), "1", fill=(0, 0, 0), font=font)
-    draw.text((width + 4, strip.height - 12), "0", fill=(0, 0, 0), font=font)
-    if label:
-        draw.text((width + 4, strip.height // 2 - 6), label, fill=(0, 0, 0), font=font)
-    return bar
+    return blend_map(_display(image, (width, height), shown), saliency, cmap, alpha)
 
 
 def with_colour_bar(picture: Image.Image, cmap: str, label: str = "") -> Image.Image:
-    """``picture`` with :func:`colour_bar_image` beside it, on the right."""
-    bar = colour_bar_image(cmap, picture.height, label)
-    out = Image.new("RGB", (picture.width + 8 + bar.width, picture.height), (255, 255, 255))
-    out.paste(picture, (0, 0))
-    out.paste(bar, (picture.width + 8, 0))
-    return out
+    """``picture`` with a colour bar of ``cmap`` titled ``label`` under it (the picture keeps its
+    pixels at the top left).
 
-
-def _figure_png(draw: Any, aspect: float) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, max(2.0, 6.4 / max(aspect, 0.2))), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    draw(fig, ax)
-    ax.set_axis_off()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    Example:
+        >>> with_colour_bar(Image.new("RGB", (512, 256)), "jet", "GA class weight").width
+        512
+    """
+    return figure(picture, bar=(cmap, label))
 
 
 def heatmap_overlay_png(
@@ -130,32 +127,19 @@ def heatmap_overlay_png(
     saliency: np.ndarray,
     title: str = "",
     cmap: str = "jet",
-    alpha: float = 0.5,
+    alpha: float = OVERLAY_ALPHA,
     label: str = "GA weight",
 ) -> bytes:
-    """PNG bytes of ``saliency`` (H, W) in [0, 1] over the image, with a colour bar.
+    """PNG bytes of ``saliency`` (H, W) in [0, 1] over the image (:func:`overlay_image`), with
+    an optional title above and a colour bar titled ``label`` under it.
 
     Example:
-        >>> png = heatmap_overlay_png(None, np.zeros((32, 48)), "empty")
+        >>> png = heatmap_overlay_png(None, np.zeros((32, 48)), "empty", label=map_title("class"))
         >>> png[:4] == b"\\x89PNG"
         True
     """
-    height, width = saliency.shape
-    base = _display(image, (width, height))
-    shown = np.asarray(
-        Image.fromarray(np.nan_to_num(saliency).astype(np.float32), "F").resize(
-            base.size, Image.Resampling.BILINEAR
-        )
-    )
-
-    def draw(fig: Any, ax: Any) -> None:
-        ax.imshow(base)
-        mappable = ax.imshow(shown, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
-        fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04, label=label)
-        if title:
-            ax.set_title(title)
-
-    return _figure_png(draw, base.width / base.height)
+    picture = overlay_image(image, saliency, cmap, alpha)
+    return png_bytes(figure(picture, title, (cmap, label)))
 
 
 def box_view_png(
@@ -169,20 +153,10 @@ def box_view_png(
 ) -> bytes:
     """PNG bytes of the box view: for every patch with class weight ≥ ``class_threshold``, its
     box (thickness = class weight × ``max_thickness``, colour = box-coordinate weight, the
-    maximum over ``cx, cy, w, h``) and a red line from the patch's cell to the box centre."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    base = box_view_image(image, result, class_threshold, max_thickness, query, cmap)
-
-    def paint(fig: Any, ax: Any) -> None:
-        ax.imshow(base)
-        sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
-        fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="box-coordinate weight")
-        if title:
-            ax.set_title(title)
-
-    return _figure_png(paint, base.width / base.height)
+    maximum over ``cx, cy, w, h``) and a red line from the patch's cell to the box centre; an
+    optional title above and the colour bar under it."""
+    picture = box_view_image(image, result, class_threshold, max_thickness, query, cmap)
+    return png_bytes(figure(picture, title, (cmap, BOX_VIEW_BAR)))
 
 
 def box_view_image(
@@ -194,17 +168,17 @@ def box_view_image(
     cmap: str = "viridis",
     shown: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """The box view drawn on the image, without axes or colour bar (see :func:`box_view_png`,
-    whose figure holds exactly this picture).
+    """The box view drawn on the image, without colour bar (see :func:`box_view_png`, whose
+    figure holds exactly this picture).
 
     Args:
         image, result, class_threshold, max_thickness, query, cmap: as :func:`box_view_png`.
-        shown: (width, height) of the picture (default at most MAX_SIDE, aspect kept).
+        shown: (width, height) of the picture (default: at least 512 px, at most MAX_SIDE).
     """
     from matplotlib import colormaps
 
     width, height = result.image_size
-    base = _display(image, (width, height), shown).copy()
+    base = _display(image, (width, height), shown)
     sx, sy = base.width / width, base.height / height
     colours = colormaps[cmap]
     class_w = result.weights("class", query).numpy()
@@ -225,7 +199,7 @@ def box_view_image(
         cell_x = ((k % side) + 0.5) / side * base.width
         cell_y = ((k // side) + 0.5) / side * base.height
         cx, cy = float(result.boxes[k, 0]) * base.width, float(result.boxes[k, 1]) * base.height
-        draw.line((cell_x, cell_y, cx, cy), fill=(255, 0, 0), width=1)
+        draw.line((cell_x, cell_y, cx, cy), fill=(255, 0, 0), width=max(1, base.width // 384))
     return base
 
 
@@ -237,40 +211,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "token"
 
 
-PAGE_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px;color:#222}
-.turn{margin:.4em 0;line-height:1.8}.who{font-weight:600;margin-right:.4em}
-button.w{font:inherit;border:1px solid #99b;background:#eef;border-radius:4px;padding:0 .25em;
-cursor:pointer}
-button.w.miss{background:#fdd;border-color:#c33}button.w.hit{background:#dfd;border-color:#393}
-button.w.on{background:#335;color:#fff}
-.panel{display:none;gap:1em;flex-wrap:wrap}.panel.on{display:flex}
-.panel img{max-width:640px;width:100%;height:auto}
-table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.15em .5em}
-.note{color:#666;font-size:.9em}
-"""
-
-PAGE_JS = """
-function show(k){document.querySelectorAll('.panel').forEach(p=>p.classList.toggle('on',p.id==='p-'+k));
-document.querySelectorAll('button.w').forEach(b=>b.classList.toggle('on',b.dataset.k===k));}
-document.querySelectorAll('button.w').forEach(b=>b.addEventListener('click',()=>show(b.dataset.k)));
-const sel=document.getElementById('pick');if(sel){sel.addEventListener('change',()=>show(sel.value));}
-const first=document.querySelector('button.w');if(first){show(first.dataset.k);}
-"""
-
-
 def page(title: str, body: str) -> str:
-    """A self-contained HTML page (inline CSS and JS, no external resource)."""
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head><body>"
-        f"{body}<script>{PAGE_JS}</script></body></html>\n"
-    )
+    """A self-contained HTML page (shared stylesheet and word-picking script inline, no
+    external resource) around ``body``, which must be HTML built and escaped by the caller."""
+    return render("base.html", script=True, title=title, body=Markup(body))
 
 
 def highlighted_answer(
     text: str, spans: Sequence[tuple[int, int, str, str]], classes: dict[str, str] | None = None
-) -> str:
+) -> Markup:
     """``text`` escaped, with each (start, end, key, tooltip) span a clickable button."""
     classes = classes or {}
     out, cursor = [], 0
@@ -285,42 +234,95 @@ def highlighted_answer(
         )
         cursor = end
     out.append(html.escape(text[cursor:]))
-    return "".join(out)
+    return Markup("".join(out))
 
 
-def top_patches_table(result: GAResult, weighting: str = "class", top: int = 5) -> str:
-    """An HTML table of the patches with the largest weights."""
+def top_patches(result: GAResult, weighting: str = "class", top: int = 5) -> dict[str, list[Any]]:
+    """Headers and rows of the patches with the largest weights (the report's table)."""
     weights = result.weights(weighting)
     order = np.argsort(-weights.numpy(), kind="stable")[:top]
     side = round(len(weights) ** 0.5)
-    rows = "".join(
-        f"<tr><td>{k}</td><td>({k // side}, {k % side})</td><td>{float(weights[k]):.3f}</td>"
-        f"<td>{html.escape(str(result.boxes_xyxy[k].tolist()))}</td>"
-        + "".join(f"<td>{float(s):.3f}</td>" for s in result.similarities[k])
-        + "</tr>"
+    rows = [
+        [
+            int(k),
+            f"({k // side}, {k % side})",
+            f"{float(weights[k]):.3f}",
+            str(result.boxes_xyxy[k].tolist()),
+            *(f"{float(s):.3f}" for s in result.similarities[k]),
+        ]
         for k in order
-    )
-    head = "".join(f"<th>cos {html.escape(c)}</th>" for c in result.channels)
-    return (
-        f"<table><tr><th>patch</th><th>row, col</th><th>{html.escape(weighting)} weight</th>"
-        f"<th>box (px)</th>{head}</tr>{rows}</table>"
-    )
+    ]
+    headers = ["patch", "row, col", f"{weighting} weight", "box (px)"]
+    headers += [f"cos {c}" for c in result.channels]
+    return {"headers": headers, "rows": rows}
+
+
+def word_number(text: str, start: int) -> int:
+    """The 1-based number of the word of ``text`` at character ``start`` (words as GA counts
+    them), so that repeated words can be told apart.
+
+    Example:
+        >>> word_number("a dog and a dog", 12)
+        5
+    """
+    from jmllm.joint.saliency import _WORD
+
+    return 1 + sum(1 for m in _WORD.finditer(text) if m.start() < start)
+
+
+def word_choice_labels(words: Sequence[str], numbers: Sequence[int]) -> list[str]:
+    """The labels of a word picker: a word alone when it occurs once, with its place in the
+    answer (``numbers``, 1-based word numbers) when it is repeated, so that every entry can be
+    told apart.
+
+    Example:
+        >>> word_choice_labels(["a", "dog", "d", "d"], [1, 2, 3, 4])
+        ['a', 'dog', 'd (word 3)', 'd (word 4)']
+    """
+    counts = Counter(words)
+    return [
+        f"{word} (word {number})" if counts[word] > 1 else word
+        for word, number in zip(words, numbers, strict=True)
+    ]
 
 
 def result_panel(
-    key: str, result: GAResult, image: Image.Image | None, weighting: str, title: str
-) -> tuple[str, bytes, bytes]:
-    """The HTML panel of one result, and its overlay and box-view PNGs."""
-    overlay = heatmap_overlay_png(image, result.map(weighting), f"{title} — GA ({weighting})")
-    boxes = box_view_png(image, result, f"{title} — boxes")
-    tokens = " + ".join(repr(t.text) for t in result.tokens)
-    html_panel = (
-        f"<div class='panel' id='p-{html.escape(key)}'><div><img alt='GA map' "
-        f"src='{data_url(overlay)}'><img alt='box view' src='{data_url(boxes)}'></div>"
-        f"<div><p>Explained: <b>{html.escape(title)}</b> (tokens {html.escape(tokens)}; "
-        f"‖g_L‖ = {result.g_llm_norm:.4g})</p>{top_patches_table(result, weighting)}</div></div>"
+    key: str,
+    result: GAResult,
+    image: Image.Image | None,
+    weighting: str,
+    title: str,
+    query: int | None = None,
+) -> tuple[dict[str, Any], bytes, bytes]:
+    """The page panel of one result (a template context), and its overlay and box-view PNGs.
+
+    Args:
+        key: the panel's key (the clickable word's ``data-k``).
+        result, image, weighting: what to draw.
+        title: the explained word, as shown.
+        query: the class channel of the map and the box view (default: the result's own).
+    """
+    query_name = class_query_name(result, query) if result.num_queries else None
+    saliency = result.map(weighting, query=query)
+    overlay = heatmap_overlay_png(
+        image, saliency, f"{title}: GA ({weighting})", label=map_title(weighting, query_name)
     )
-    return html_panel, overlay, boxes
+    boxes = box_view_png(image, result, f"{title}: box view", query=query)
+    tokens = " + ".join(repr(t.text) for t in result.tokens)
+    panel = {
+        "key": key,
+        "overlay": data_url(overlay),
+        "boxes": data_url(boxes),
+        "overlay_caption": f"GA map of {title!r}: {map_title(weighting, query_name)}.",
+        "boxes_caption": (
+            "Box view: the box of every patch whose class weight is at least 0.5; thickness: "
+            "class weight; colour: box-coordinate weight; red line: from the patch to its "
+            "box's centre."
+        ),
+        "lines": [f"Explained: {title} (tokens {tokens}; ‖g_L‖ = {result.g_llm_norm:.4g})"],
+        "table": top_patches(result, weighting),
+    }
+    return panel, overlay, boxes
 
 
 def save_arrays(path: Path, results: Sequence[tuple[str, GAResult]]) -> Path:
@@ -378,15 +380,17 @@ def _explanation_parts(
 ) -> tuple[str, dict[str, bytes], list[tuple[str, GAResult]], dict[str, Any]]:
     """The report page, its pictures (``maps/`` name → PNG), the labelled results and the
     summary record."""
-    spans, panels, records, labelled = [], [], [], []
+    spans, panels, records, labelled, numbers = [], [], [], [], []
     pictures: dict[str, bytes] = {}
     for i, result in enumerate(results):
         key = f"r{i}"
         label = f"{i:03d}_{_slug(result.target)}"
         start = min((t.start for t in result.tokens), default=0)
         end = max((t.end for t in result.tokens), default=0)
+        number = word_number(answer_text, start) if end > start else i + 1
         if end > start:
-            spans.append((start, end, key, f"explain {result.target}"))
+            spans.append((start, end, key, f"explain {result.target} (word {number})"))
+        numbers.append(number)
         panel, overlay, boxes = result_panel(key, result, image, weighting, result.target)
         panels.append(panel)
         pictures[f"{label}_{weighting}.png"] = overlay
@@ -406,20 +410,20 @@ def _explanation_parts(
                 ].tolist(),
             }
         )
-    options = "".join(
-        f"<option value='r{i}'>{html.escape(r.target)}</option>" for i, r in enumerate(results)
-    )
-    queries = ", ".join(results[0].queries) if results else ""
-    body = (
-        f"<h1>{html.escape(title)}</h1>"
-        f"<div class='turn'><span class='who'>USER:</span>{html.escape(prompt)}</div>"
-        f"<div class='turn'><span class='who'>ASSISTANT:</span>"
-        f"{highlighted_answer(answer_text, spans)}</div>"
-        f"<p>Choose a word: <select id='pick'>{options}</select> "
-        f"<span class='note'>OWL-ViT queries: {html.escape(queries)}; weighting: "
-        f"{html.escape(weighting)}{_template_note(template)}. GA: cosine between ∂logit/∂t "
-        f"and each OWL-ViT output's ∂/∂t (Giulivi &amp; Boracchi, BMVC 2024).</span></p>"
-        + "".join(panels)
+    labels = word_choice_labels([r.target for r in results], numbers)
+    options = [{"key": f"r{i}", "label": label} for i, label in enumerate(labels)]
+    page_html = render(
+        "explanation.html",
+        script=True,
+        title=title,
+        prompt=prompt,
+        answer=highlighted_answer(answer_text, spans),
+        options=options,
+        queries=", ".join(results[0].queries) if results else "",
+        weighting=weighting,
+        template_name=template,
+        template_first=get_template(template).first.replace("\n", "⏎") if template else None,
+        panels=panels,
     )
     summary = {
         "prompt": prompt,
@@ -429,7 +433,7 @@ def _explanation_parts(
         "weighting": weighting,
         "results": records,
     }
-    return page(title, body), pictures, labelled, summary
+    return page_html, pictures, labelled, summary
 
 
 def write_explanation_report(
@@ -478,16 +482,6 @@ def write_explanation_report(
     save_arrays(out / "arrays.safetensors", labelled)
     atomic_write_bytes(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
     return atomic_write_bytes(out / "report.html", report.encode("utf-8"))
-
-
-def _template_note(template: str | None) -> str:
-    if template is None:
-        return ""
-    first = get_template(template).first
-    return (
-        f"; conversation template: {html.escape(template)} "
-        f"(<code>{html.escape(first.replace(chr(10), '⏎'))}</code>)"
-    )
 
 
 OBJECT_QUESTION = "What's in the image?"
@@ -577,25 +571,34 @@ def explain_object(
     if view == "box":
         png = box_view_png(picture, result, title or "")
     else:
-        png = heatmap_overlay_png(picture, result.map(weighting), title or "")
+        # the bar names the weighting, never the query: participants must not read the object
+        png = heatmap_overlay_png(
+            picture, result.map(weighting), title or "", label=map_title(weighting)
+        )
     with Image.open(io.BytesIO(png)) as im:
         return im.convert("RGB")
 
 
 __all__ = [
+    "BOX_VIEW_BAR",
+    "MAP_TITLES",
     "OBJECT_ANSWER",
     "OBJECT_QUESTION",
     "box_view_image",
     "box_view_png",
-    "colour_bar_image",
+    "class_query_name",
     "data_url",
     "explain_object",
     "heatmap_overlay_png",
     "highlighted_answer",
+    "map_title",
     "overlay_image",
     "page",
     "render_explanation_report",
     "save_arrays",
+    "top_patches",
     "with_colour_bar",
+    "word_choice_labels",
+    "word_number",
     "write_explanation_report",
 ]

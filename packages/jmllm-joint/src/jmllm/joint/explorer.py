@@ -46,6 +46,7 @@ from PIL import Image
 from jmllm.align.images import MAX_IMAGE_PIXELS, ImageLoadError, open_image
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, Conversation, check_question, get_template
 from jmllm.joint.detection import Detections
+from jmllm.joint.drawing import MIN_SIDE, fit_picture, picture_size
 from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE, JointAnswer, JointEmbedding
 from jmllm.joint.saliency import (
     WEIGHTINGS,
@@ -62,7 +63,7 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # one uploaded file; the page refuses large
 MAX_NEW_TOKENS = 512  # the largest answer a chat turn may ask for
 MAX_QUERIES = 16  # every query is a GA channel: the norm computation grows with their number
 DISPLAY_SIDE = 1024  # pictures shown in the page are at most this large…
-DISPLAY_MIN_SIDE = 512  # …and small ones are enlarged to this, so boxes and labels are legible
+DISPLAY_MIN_SIDE = MIN_SIDE  # …and small ones are enlarged to this, so labels are legible
 NORM_CACHE_SIZE = 16  # (image, queries) pairs whose GA norms are kept
 MAP_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "gradient")  # "gradient": the plain baseline
 DETECTION_NMS_IOU = 0.3  # the command line's default, so reports match
@@ -189,10 +190,7 @@ def shown_size(
         >>> shown_size((4000, 3000)), shown_size((128, 64)), shown_size((800, 600))
         ((1024, 768), (512, 256), (800, 600))
     """
-    width, height = size
-    longest = max(width, height)
-    scale = min(max_side / longest, max(1.0, min_side / longest))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    return picture_size(size, max_side=max_side, min_side=min_side)
 
 
 class Explorer:
@@ -366,19 +364,10 @@ class Explorer:
         from jmllm.joint.report import draw_detections
 
         image = self._need_image(state).pil_image(0)
-        shown = shown_size(image.size)
         if detections is None:
-            return image.resize(shown, Image.Resampling.BICUBIC) if shown != image.size else image
-        if tuple(detections.image_size) != shown:
-            # boxes are in the original's pixels: scale them to the picture shown
-            sx = shown[0] / detections.image_size[0]
-            sy = shown[1] / detections.image_size[1]
-            scale = detections.boxes.new_tensor([sx, sy, sx, sy])
-            detections = dataclasses.replace(
-                detections, boxes=detections.boxes * scale, image_size=shown
-            )
-            image = image.resize(shown, Image.Resampling.BICUBIC)
-        return draw_detections(image, detections, max_boxes=self.max_boxes)
+            return fit_picture(image, max_side=DISPLAY_SIDE)
+        # the shared drawing rules: enlarged when small, labels legible and never overlapping
+        return draw_detections(image, detections, max_boxes=self.max_boxes, max_side=DISPLAY_SIDE)
 
     # ------------------------------------------------------------------ GA
     def words(self, state: ExplorerState) -> list[AnswerWord]:
@@ -472,7 +461,14 @@ class Explorer:
         Example:
             >>> overlay, boxes = explorer.word_pictures(state, view.result, "coord")  # doctest: +SKIP
         """
-        from jmllm.joint.explain_report import box_view_image, overlay_image, with_colour_bar
+        from jmllm.joint.explain_report import (
+            BOX_VIEW_BAR,
+            box_view_image,
+            class_query_name,
+            map_title,
+            overlay_image,
+            with_colour_bar,
+        )
 
         if weighting not in MAP_WEIGHTINGS:
             raise ExplorerError(
@@ -485,9 +481,10 @@ class Explorer:
         saliency = result.map(weighting, query=channel, size=shown)
         overlay = overlay_image(image, saliency, "jet", shown=shown)
         boxes = box_view_image(image, result, query=channel, cmap="viridis", shown=shown)
+        title = map_title(weighting, class_query_name(result, channel))
         return (
-            with_colour_bar(overlay, "jet", weighting),
-            with_colour_bar(boxes, "viridis", "coord"),
+            with_colour_bar(overlay, "jet", title),
+            with_colour_bar(boxes, "viridis", BOX_VIEW_BAR),
         )
 
     @staticmethod

@@ -19,7 +19,6 @@ green) and the detections beside it; clicking a word shows its GA map and its be
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -28,18 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from jmllm.align.images import box_scale
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
-from jmllm.joint.explain_report import (
-    box_view_png,
-    data_url,
-    heatmap_overlay_png,
-    highlighted_answer,
-    page,
+from jmllm.joint.drawing import (
+    LabelLayout,
+    LabelledBox,
+    draw_labelled_boxes,
+    fit_picture,
+    hex_colour,
+    query_colour,
 )
-from jmllm.joint.report import atomic_write_bytes
+from jmllm.joint.explain_report import data_url, highlighted_answer, result_panel
+from jmllm.joint.pages import json_attribute, render
+from jmllm.joint.report import PAGE_SIDE, atomic_write_bytes, png_bytes
 from jmllm.joint.saliency import GAResult, GradientAlignment
 
 COCO_OBJECTS: tuple[str, ...] = (
@@ -277,27 +278,30 @@ class ForcedAnswer:
     token_ids: Any
 
 
-def _detections_png(image: Image.Image | None, report: HallucinationReport) -> bytes:
-    """The image with the best box of every queried object, labelled with its score."""
-    import io
-
+def detections_picture(
+    image: Image.Image | None, report: HallucinationReport, max_side: int | None = PAGE_SIDE
+) -> tuple[Image.Image, LabelLayout]:
+    """The image with the best box of every queried object, each object in its own colour and
+    labelled with its score ("not detected" under the threshold), by the shared drawing rules
+    (:mod:`jmllm.joint.drawing`: enlarged when small, labels legible, inside the picture and
+    never over one another)."""
     width, height = report.image_size
-    base = (image or Image.new("RGB", (width, height), (128, 128, 128))).convert("RGB").copy()
-    sx, sy = box_scale((width, height), base.size)  # the image may be a working copy
-    draw = ImageDraw.Draw(base)
-    for o in report.objects.values():
-        colour = (0, 170, 0) if o.detected else (200, 0, 0)
+    canvas = fit_picture(image, (width, height), max_side=max_side)
+    sx, sy = canvas.width / width, canvas.height / height  # boxes are in original pixels
+    items = []
+    for index, o in enumerate(report.objects.values()):
         x0, y0, x1, y1 = (v * f for v, f in zip(o.box, (sx, sy, sx, sy), strict=True))
-        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=2)
-        draw.text((x0 + 2, y0 + 1), f"{o.name} {o.score:.2f}", fill=colour)
-    buf = io.BytesIO()
-    base.save(buf, format="PNG")
-    return buf.getvalue()
+        state = "" if o.detected else ", not detected"
+        items.append(LabelledBox((x0, y0, x1, y1), f"{o.name} {o.score:.2f}{state}", index))
+    # the highest scores' labels are placed first
+    order = sorted(range(len(items)), key=lambda i: -list(report.objects.values())[i].score)
+    layout = draw_labelled_boxes(canvas, [items[i] for i in order])
+    return canvas, layout
 
 
 def render_hallucination_report(report: HallucinationReport) -> str:
     """The self-contained ``hallucinations.html`` page of :func:`write_hallucination_report`,
-    as a string.
+    as a string (the Jinja2 template ``templates/hallucinations.html``, autoescaped).
 
     Example:
         >>> page = render_hallucination_report(report)  # doctest: +SKIP
@@ -312,41 +316,44 @@ def render_hallucination_report(report: HallucinationReport) -> str:
         if ga is None:
             continue
         q = int(ga.meta.get("query_index", 0))
-        overlay = heatmap_overlay_png(
-            report.image, ga.map("class", query=q), f"GA of '{m.text}' (query {m.name})"
-        )
-        boxes = box_view_png(report.image, ga, f"boxes of '{m.text}'", query=q)
+        panel, _, _ = result_panel(key, ga, report.image, "class", m.text, query=q)
         state = "detected" if check.detected else "NOT detected"
-        panels.append(
-            f"<div class='panel' id='p-{key}'><div><img alt='GA map' src='{data_url(overlay)}'>"
-            f"<img alt='box view' src='{data_url(boxes)}'></div><p><b>{html.escape(m.text)}"
-            f"</b>: {html.escape(state)} by OWL-ViT (score {check.score:.3f}, threshold "
-            f"{report.threshold})</p></div>"
-        )
-    rows = "".join(
-        f"<tr><td>{html.escape(o.name)}</td><td>{'yes' if o.mentioned else 'no'}</td>"
-        f"<td>{o.score:.3f}</td><td>{'yes' if o.detected else 'no'}</td></tr>"
+        panel["lines"] = [
+            f"{m.text}: {state} by OWL-ViT (score {check.score:.3f}, threshold {report.threshold})"
+        ]
+        panel["table"] = None
+        panels.append(panel)
+    colours = {name: hex_colour(query_colour(i)) for i, name in enumerate(report.objects)}
+    rows = [
+        {
+            "name": o.name,
+            "colour": colours[o.name],
+            "mentioned": "yes" if o.mentioned else "no",
+            "score": f"{o.score:.3f}",
+            "detected": "yes" if o.detected else "no",
+        }
         for o in sorted(report.objects.values(), key=lambda o: -o.score)
+    ]
+    picture, layout = detections_picture(report.image, report)
+    return render(
+        "hallucinations.html",
+        script=True,
+        title="Hallucination view",
+        prompt=report.prompt,
+        answer=highlighted_answer(report.answer_text, spans, classes),
+        missing=", ".join(report.mentioned_not_detected) or "none",
+        unmentioned=", ".join(report.detected_not_mentioned) or "none",
+        rows=rows,
+        threshold=report.threshold,
+        template_name=report.template,
+        template_first=get_template(report.template).first,
+        detections={
+            "url": data_url(png_bytes(picture)),
+            "labels": json_attribute(layout.to_json()),
+            "dropped": layout.dropped,
+        },
+        panels=panels,
     )
-    missing = ", ".join(report.mentioned_not_detected) or "none"
-    unmentioned = ", ".join(report.detected_not_mentioned) or "none"
-    detections = data_url(_detections_png(report.image, report))
-    body = (
-        "<h1>Hallucination view</h1><div style='display:flex;gap:2em;flex-wrap:wrap'><div>"
-        f"<div class='turn'><span class='who'>USER:</span>{html.escape(report.prompt)}</div>"
-        f"<div class='turn'><span class='who'>ASSISTANT:</span>"
-        f"{highlighted_answer(report.answer_text, spans, classes)}</div>"
-        f"<p><b>Mentioned but not detected:</b> {html.escape(missing)}<br>"
-        f"<b>Detected but not mentioned:</b> {html.escape(unmentioned)}</p>"
-        f"<table><tr><th>object</th><th>mentioned</th><th>score</th><th>detected</th></tr>"
-        f"{rows}</table><p class='note'>Red: mentioned but below the detection threshold "
-        f"{report.threshold}; green: detected. Click a word for its GA map. Conversation "
-        f"template: {html.escape(report.template)} "
-        f"(<code>{html.escape(get_template(report.template).first)}</code>).</p></div>"
-        f"<div><img alt='detections' style='max-width:560px' src='{detections}'></div></div>"
-        + "".join(panels)
-    )
-    return page("Hallucination view", body)
 
 
 def write_hallucination_report(
@@ -374,6 +381,7 @@ __all__ = [
     "MentionedObject",
     "ObjectCheck",
     "check_hallucinations",
+    "detections_picture",
     "object_mentions",
     "render_hallucination_report",
     "write_hallucination_report",

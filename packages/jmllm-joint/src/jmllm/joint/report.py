@@ -2,57 +2,113 @@
 
 The report holds the image (embedded as a ``data:`` URL, so the file can be mailed or opened
 anywhere), the conversation, J's detections drawn on the image and a table of them, and,
-optionally, stock LLaVA's answers beside J's. Every piece of model text, every label and every
-user string is escaped with :func:`html.escape`: a model that answers ``<script>`` shows that
-text, it does not run it (DESIGN §6).
+optionally, stock LLaVA's answers beside J's. The page is the Jinja2 template
+``templates/report.html`` with autoescaping: a model that answers ``<script>`` shows that text, it
+does not run it (DESIGN §6). Detections follow the shared drawing rules of
+:mod:`jmllm.joint.drawing` (one colour per query, labels that are legible, never clipped and never
+overlapping).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from jmllm.align import files
 from jmllm.align.images import box_scale
 from jmllm.joint.chat import Conversation, get_template
 from jmllm.joint.detection import Detections
+from jmllm.joint.drawing import (
+    PALETTE,
+    LabelLayout,
+    LabelledBox,
+    draw_labelled_boxes,
+    fit_picture,
+    hex_colour,
+    query_colour,
+)
+from jmllm.joint.pages import json_attribute, render
 
-# Colour-blind-safe palette (Okabe–Ito), one colour per query label.
-PALETTE = [
-    (230, 159, 0),
-    (86, 180, 233),
-    (0, 158, 115),
-    (240, 228, 66),
-    (0, 114, 178),
-    (213, 94, 0),
-    (204, 121, 167),
-    (0, 0, 0),
-]
+PAGE_SIDE = 1024  # pictures embedded in a page are at most this large (longer side)
 
 
 def label_colour(label: int) -> tuple[int, int, int]:
-    """The drawing colour of query ``label``."""
-    return PALETTE[label % len(PALETTE)]
+    """The drawing colour of query ``label`` (:func:`jmllm.joint.drawing.query_colour`)."""
+    return query_colour(label)
+
+
+@dataclass
+class DrawnDetections:
+    """A picture of detections and where its labels went.
+
+    Attributes:
+        image: the RGB picture.
+        layout: the labels' :class:`~jmllm.joint.drawing.LabelLayout` (``layout.dropped``
+            labels found no free place and were left out; their boxes are drawn).
+        shown: how many detections were drawn.
+    """
+
+    image: Image.Image
+    layout: LabelLayout
+    shown: int
+
+
+def draw_detections_layout(
+    image: Image.Image,
+    detections: Detections,
+    max_boxes: int = 20,
+    width: int | None = None,
+    max_side: int | None = None,
+) -> DrawnDetections:
+    """:func:`draw_detections`, with the label layout (see :class:`DrawnDetections`)."""
+    # the image may be the working copy of a larger original (boxes are in original pixels)
+    box_scale(detections.image_size, image.size)  # refuses a picture of another image
+    canvas = fit_picture(image, max_side=max_side)
+    sx = canvas.width / detections.image_size[0]
+    sy = canvas.height / detections.image_size[1]
+    items = [
+        LabelledBox(
+            (float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy),
+            f"{detections.queries[int(label)]} {float(score):.2f}",
+            int(label),
+        )
+        for box, score, label in list(
+            zip(detections.boxes, detections.scores, detections.labels, strict=True)
+        )[:max_boxes]
+    ]
+    layout = draw_labelled_boxes(canvas, items, width=width)
+    return DrawnDetections(canvas, layout, len(items))
 
 
 def draw_detections(
-    image: Image.Image, detections: Detections, max_boxes: int = 20, width: int | None = None
+    image: Image.Image,
+    detections: Detections,
+    max_boxes: int = 20,
+    width: int | None = None,
+    max_side: int | None = None,
 ) -> Image.Image:
-    """A copy of ``image`` with the top ``max_boxes`` detections drawn and labelled.
+    """A picture of ``image`` with the top ``max_boxes`` detections drawn and labelled.
+
+    The drawing rules are :mod:`jmllm.joint.drawing`'s: a small image is enlarged to 512 px (its
+    longer side) first, labels are sized to the picture, sit on a box of their query's colour
+    (one colour per query), never leave the picture and never cover one another (a label with no
+    free place is left out; :func:`draw_detections_layout` says how many).
 
     Args:
         image: the original image, or a uniformly scaled copy of it (the working copy of a large
             photo): boxes, in original pixels, are scaled to it.
         detections: from :meth:`JointModel.detect`, highest score first.
         max_boxes: how many boxes to draw.
-        width: line width in pixels (default: scaled to the image size).
+        width: line width in pixels (default: scaled to the picture size).
+        max_side: shrink the picture to at most this many pixels (longer side); default: the
+            image's own size (a small image is still enlarged).
 
     Returns:
         An RGB PIL image.
@@ -62,28 +118,9 @@ def draw_detections(
         >>> d = Detections(torch.tensor([[2., 2., 20., 20.]]), torch.tensor([0.9]),
         ...                torch.tensor([0]), ["cat"], torch.tensor([0]), (32, 32))
         >>> draw_detections(Image.new("RGB", (32, 32)), d).size
-        (32, 32)
+        (512, 512)
     """
-    canvas = image.convert("RGB").copy()
-    # the image may be the working copy of a larger original (boxes are in original pixels)
-    sx, sy = box_scale(detections.image_size, canvas.size)
-    draw = ImageDraw.Draw(canvas)
-    line = width or max(1, round(max(canvas.size) / 200))
-    font = ImageFont.load_default()
-    for box, score, label in list(
-        zip(detections.boxes, detections.scores, detections.labels, strict=True)
-    )[:max_boxes]:
-        colour = label_colour(int(label))
-        x0, y0, x1, y1 = (float(v) * f for v, f in zip(box, (sx, sy, sx, sy), strict=True))
-        draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=colour, width=line)
-        text = f"{detections.queries[int(label)]} {float(score):.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
-        ty = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
-        draw.rectangle([x0, ty, x0 + (right - left) + 2, ty + (bottom - top) + 2], fill=colour)
-        draw.text(
-            (x0 + 1, ty), text, fill=(255, 255, 255) if sum(colour) < 400 else (0, 0, 0), font=font
-        )
-    return canvas
+    return draw_detections_layout(image, detections, max_boxes, width, max_side).image
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -124,65 +161,31 @@ def image_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-REPORT_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }
-h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
-.note { background: #fff4d6; border-left: 4px solid #e69f00; padding: .5rem 1rem; }
-.images { display: flex; gap: 1rem; flex-wrap: wrap; }
-.images figure { margin: 0; } .images img { max-width: 28rem; border: 1px solid #ccc; }
-.turn { margin: .6rem 0; display: grid; grid-template-columns: 8rem 1fr; } .role { font-weight: 600; }
-.answer { white-space: pre-wrap; }
-table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .2rem .6rem; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.swatch { display: inline-block; width: .8rem; height: .8rem; margin-right: .3rem; }
-"""
-
-
-def _escape(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _conversation_html(conversation: Conversation, stock: Conversation | None) -> str:
+def _conversation_rows(
+    conversation: Conversation, stock: Conversation | None
+) -> list[tuple[str, str]]:
     rows = []
     for i, turn in enumerate(conversation.turns):
-        rows.append(
-            f'<div class="turn"><span class="role">User</span>'
-            f'<span class="answer">{_escape(turn.question)}</span></div>'
-        )
-        rows.append(
-            f'<div class="turn"><span class="role">J</span>'
-            f'<span class="answer">{_escape(turn.answer or "")}</span></div>'
-        )
+        rows.append(("User", turn.question))
+        rows.append(("J", turn.answer or ""))
         if stock is not None and i < len(stock.turns):
-            rows.append(
-                f'<div class="turn"><span class="role">Stock LLaVA</span>'
-                f'<span class="answer">{_escape(stock.turns[i].answer or "")}</span></div>'
-            )
-    return "\n".join(rows)
+            rows.append(("Stock LLaVA", stock.turns[i].answer or ""))
+    return rows
 
 
-def _detections_table(detections: Detections, max_rows: int) -> str:
-    if not len(detections):
-        return f"<p>No detection scored at least {detections.threshold:g}.</p>"
+def _detection_rows(detections: Detections, max_rows: int) -> list[dict[str, Any]]:
     rows = []
-    for i, record in enumerate(detections.to_records()[:max_rows]):
-        r, g, b = label_colour(detections.queries.index(record["label"]))
-        box = ", ".join(f"{v:.1f}" for v in record["box"])
+    for record in detections.to_records()[:max_rows]:
         rows.append(
-            f'<tr><td class="num">{i + 1}</td><td><span class="swatch" '
-            f'style="background: rgb({r},{g},{b})"></span>{_escape(record["label"])}</td>'
-            f'<td class="num">{record["score"]:.3f}</td><td class="num">{box}</td>'
-            f'<td class="num">{record["patch"]}</td></tr>'
+            {
+                "label": record["label"],
+                "colour": hex_colour(label_colour(detections.queries.index(record["label"]))),
+                "score": f"{record['score']:.3f}",
+                "box": ", ".join(f"{v:.1f}" for v in record["box"]),
+                "patch": record["patch"],
+            }
         )
-    more = len(detections) - max_rows
-    tail = f"<p>{more} more detections not shown.</p>" if more > 0 else ""
-    return (
-        "<table><thead><tr><th>#</th><th>Label</th><th>Score</th>"
-        "<th>Box x0, y0, x1, y1 (px)</th><th>Patch</th></tr></thead><tbody>"
-        + "\n".join(rows)
-        + "</tbody></table>"
-        + tail
-    )
+    return rows
 
 
 def render_report_html(
@@ -195,11 +198,12 @@ def render_report_html(
     notes: Sequence[str] = (),
     sources: dict[str, str] | None = None,
     max_boxes: int = 20,
+    links: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The report as one HTML string (image embedded, all text escaped).
+    """The report as one HTML string (pictures embedded, all text escaped).
 
     Args:
-        image: the original image.
+        image: the original image (or its working copy).
         conversation: J's conversation about it.
         detections: J's detections (O^OWL) of the same embedding.
         stock: stock LLaVA's conversation with the same questions, for comparison.
@@ -207,55 +211,53 @@ def render_report_html(
         notes: short notices shown at the top (e.g. "weights are random").
         sources: model sources to list (``{"owl": …, "llava": …, "alignment": …}``).
         max_boxes: how many detections to draw and list.
+        links: ``(text, relative path)`` links shown under the notes (e.g. to the explanation
+            page written beside this one).
 
     Example:
         >>> page = render_report_html(Image.new("RGB", (8, 8)), notes=["<b>hi</b>"])
         >>> "&lt;b&gt;hi&lt;/b&gt;" in page
         True
     """
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_escape(title)}</title><style>{REPORT_CSS}</style></head><body>",
-        f"<h1>{_escape(title)}</h1>",
-    ]
-    parts += [f'<p class="note">{_escape(note)}</p>' for note in notes]
-    figures = [
-        f'<figure><img alt="input image" src="{image_data_url(image.convert("RGB"))}">'
-        "<figcaption>Input image</figcaption></figure>"
-    ]
+    drawn = None
     if detections is not None:
-        drawn = draw_detections(image, detections, max_boxes=max_boxes)
-        figures.append(
-            f'<figure><img alt="detections" src="{image_data_url(drawn)}">'
-            f"<figcaption>Detections (top {min(max_boxes, len(detections))})</figcaption></figure>"
-        )
-    parts.append('<div class="images">' + "".join(figures) + "</div>")
-    if conversation is not None:
-        parts.append("<h2>Conversation</h2>")
-        answer = conversation.last_answer
-        if answer is not None:
-            first = get_template(answer.template).first.replace("\n", "⏎")
-            parts.append(
-                f'<p class="note">Conversation template: {_escape(answer.template)} '
-                f"(<code>{_escape(first)}</code>)</p>"
-            )
-        parts.append(_conversation_html(conversation, stock))
+        picture = draw_detections_layout(image, detections, max_boxes, max_side=PAGE_SIDE)
+        drawn = {
+            "url": image_data_url(picture.image),
+            "labels": json_attribute(picture.layout.to_json()),
+            "shown": picture.shown,
+            "total": len(detections),
+            "dropped": picture.layout.dropped,
+        }
+    template_name = template_first = None
+    if conversation is not None and conversation.last_answer is not None:
+        template_name = conversation.last_answer.template
+        template_first = get_template(template_name).first.replace("\n", "⏎")
+    table = None
     if detections is not None:
-        queries = ", ".join(detections.queries)
-        parts.append(
-            f"<h2>Detections</h2><p>Queries: {_escape(queries)} — score threshold "
-            f"{detections.threshold:g}; boxes in pixels of the original "
-            f"{detections.image_size[0]}×{detections.image_size[1]} image.</p>"
-        )
-        parts.append(_detections_table(detections, max_boxes))
-    if sources:
-        parts.append("<h2>Models</h2><ul>")
-        parts += [f"<li>{_escape(k)}: <code>{_escape(v)}</code></li>" for k, v in sources.items()]
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        table = {
+            "queries": ", ".join(detections.queries),
+            "threshold": f"{detections.threshold:g}",
+            "size": detections.image_size,
+            "rows": _detection_rows(detections, max_boxes),
+            "more": len(detections) - max_boxes,
+        }
+    original = detections.image_size if detections is not None else image.size
+    return render(
+        "report.html",
+        title=title,
+        narrow=True,
+        notes=list(notes),
+        links=list(links),
+        image_url=image_data_url(fit_picture(image, max_side=PAGE_SIDE)),
+        image_size=original,
+        drawn=drawn,
+        conversation=_conversation_rows(conversation, stock) if conversation is not None else None,
+        template_name=template_name,
+        template_first=template_first,
+        detections=table,
+        sources=sources or {},
+    )
 
 
 def write_report(path: str | os.PathLike[str], image: Image.Image, **kwargs: Any) -> Path:
@@ -266,3 +268,19 @@ def write_report(path: str | os.PathLike[str], image: Image.Image, **kwargs: Any
         ...              detections=dets)  # doctest: +SKIP
     """
     return atomic_write_text(path, render_report_html(image, **kwargs))
+
+
+__all__ = [
+    "PALETTE",
+    "DrawnDetections",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "draw_detections",
+    "draw_detections_layout",
+    "image_data_url",
+    "label_colour",
+    "png_bytes",
+    "render_report_html",
+    "save_png",
+    "write_report",
+]
