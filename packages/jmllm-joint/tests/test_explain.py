@@ -17,6 +17,7 @@ from jmllm.joint.explain_report import (
     explain_object,
     heatmap_overlay_png,
     highlighted_answer,
+    map_title,
     write_explanation_report,
 )
 from jmllm.joint.saliency import GAError, GradientAlignment
@@ -93,7 +94,10 @@ def test_explain_object_is_the_paper_setting_drawn(tiny_joint, sample_images):
     assert np.array_equal(np.asarray(titled), want_titled)
     assert not np.array_equal(want_titled, want)  # the title is in the pixels when asked for
     overlay = explain_object(image, "hot dog", model=tiny_joint, view="overlay", weighting="coord")
-    want = pixels(heatmap_overlay_png(emb.pil_image(0), expected.map("coord"), ""))
+    # the colour bar names the weighting shown, never the query (the object's name)
+    label = map_title("coord")
+    assert label == "GA box-coordinate weight"
+    want = pixels(heatmap_overlay_png(emb.pil_image(0), expected.map("coord"), "", label=label))
     assert np.array_equal(np.asarray(overlay), want)
     with pytest.raises(GAError, match="object_name: is empty"):
         explain_object(image, " ", model=tiny_joint)
@@ -220,10 +224,40 @@ def test_cli_wsol(cli_env, sample_images, tmp_path, capsys):
         rows.append(f"{i}.png,2,2,{im.width - 3},{im.height - 3}")
     (root / "boxes.csv").write_text("\n".join(rows) + "\n")
     rc = main(["wsol", str(root), "--tiny", "--json-out", str(tmp_path / "w.json")])
-    summary = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    summary = json.loads(out.out)  # stdout is the JSON summary alone
     assert rc == 0 and summary["num_images"] == 2
     assert set(summary["max_box_acc_v2"]) == {"ga", "gradient"}
-    assert (tmp_path / "w.json").is_file()
+    record = json.loads((tmp_path / "w.json").read_text())
+    # beside the JSON: the page and the sample's map pictures (both images, both methods)
+    page = (tmp_path / "w.html").read_text()
+    assert f"Page: {tmp_path / 'w.html'}" in out.err
+    maps = sorted(p.name for p in (tmp_path / "w_maps").iterdir())
+    assert maps == [
+        "00_0_png_ga.png",
+        "00_0_png_gradient.png",
+        "01_1_png_ga.png",
+        "01_1_png_gradient.png",
+    ]
+    for name in maps:
+        with Image.open(tmp_path / "w_maps" / name) as im:
+            assert im.format == "PNG" and max(im.size) == 512
+    assert page.count("class='labelled' src='data:image/png;base64,") == 4
+    assert "MaxBoxAccV2" in page and f"{record['max_box_acc_v2']['ga']:.1f}" in page
+    # every sampled image's predicted box and IoU are in the JSON, IoU in the page's caption
+    assert [s["image_id"] for s in record["samples"]] == ["0.png", "1.png"]
+    for sample in record["samples"]:
+        for method in ("ga", "gradient"):
+            assert f"best IoU {sample[method]['iou']:.2f}" in page
+            assert 0 <= sample[method]["iou"] <= 1 and len(sample[method]["box"]) == 4
+    rc = main(
+        ["wsol", str(root), "--tiny", "--json-out", str(tmp_path / "w2.json"), "--samples", "0"]
+    )
+    assert rc == 0 and (tmp_path / "w2.html").is_file() and not (tmp_path / "w2_maps").exists()
+    assert "data:image/png;base64," in (tmp_path / "w2.html").read_text()  # the curves
+    capsys.readouterr()
+    rc = main(["wsol", str(root), "--tiny", "--json-out", str(tmp_path / "w.html")])
+    assert rc == 2 and "ends in .html" in capsys.readouterr().err
     (root / "boxes.csv").write_text("image_id,x0\n")
     rc = main(["wsol", str(root), "--tiny"])
     assert rc != 0 and "header must be" in capsys.readouterr().err

@@ -147,6 +147,31 @@ def test_runner_scores_ga_beside_the_baseline(tiny_joint, cub_folder, tmp_path):
     saved = json.loads(report.save(tmp_path / "wsol.json").read_text())
     assert set(saved["max_box_acc_v2"]) == {"ga", "gradient"}
     assert saved["setting"]["target"] == "bird"
+    # the page's sample: spread over the folder, pictures at the scored (224 px) geometry
+    assert [s.image_id for s in report.samples] == [s["image_id"] for s in saved["samples"]]
+    assert len(report.samples) == 3 and all(s.map_size == (224, 224) for s in report.samples)
+    report.save_page(tmp_path / "wsol.html", tmp_path / "maps")
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 6
+    none = run_wsol(tiny_joint, cub_folder, progress=False, samples=0)
+    assert none.samples == [] and none.to_json()["samples"] == []
+    assert none.results["ga"].value == report.results["ga"].value  # sampling changes no score
+
+
+@pytest.mark.parametrize("protocol", ["exact", "wsolevaluation"])
+def test_best_boxes_are_the_boxes_behind_the_best_ious(protocol):
+    if protocol == "wsolevaluation":
+        pytest.importorskip("cv2")
+    rng = np.random.default_rng(3)
+    gt = np.array([[2, 2, 11, 11], [30, 8, 45, 20]])
+    m = _blob((60, 60), gt[0], 1.0)
+    m = _blob((60, 60), (40, 40, 55, 55), 0.6, base=m)
+    m = np.clip(m + rng.uniform(0, 0.2, m.shape), 0, 1)
+    acc = BoxAccumulator(protocol=protocol)
+    ious, boxes = acc.best_boxes(m, gt)
+    np.testing.assert_allclose(ious, acc.best_ious(m, gt))
+    for iou, box in zip(ious, boxes, strict=True):  # each box really scores its IoU
+        if iou > 0:
+            assert box_iou_inclusive(box[None], gt).max() == pytest.approx(iou)
 
 
 def test_bad_folders(tmp_path):

@@ -4,7 +4,7 @@ Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
     jmllm-joint explain IMAGE --prompt P [--token WORD | --position N | --all] [-q QUERY…] --out DIR
     jmllm-joint hallucinations IMAGE --prompt P --out DIR [-q EXTRA…]
-    jmllm-joint wsol DATA_DIR [--limit N] [--json-out FILE]
+    jmllm-joint wsol DATA_DIR [--limit N] [--json-out FILE.json]   # + FILE.html, FILE_maps/
 
 ``explain`` and ``hallucinations`` prompt J like ``chat`` (``--template llava-1.5``); ``wsol``
 reproduces the paper, so every default there is the authors' protocol (``--template paper``,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,17 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     wsol.add_argument(
         "--weighting", choices=("class", "coord", "any"), default="class", help="GA map"
     )
-    wsol.add_argument("--json-out", help="write the full report (curves included) here")
+    wsol.add_argument(
+        "--json-out",
+        help="write the full report (curves included) here, its HTML page beside it (the same "
+        "name ending in .html) and the page's map pictures in NAME_maps/",
+    )
+    wsol.add_argument(
+        "--samples",
+        type=integer(0, 1000),
+        default=8,
+        help="images the HTML page shows with their maps and boxes (default 8; 0: none)",
+    )
     template_argument(wsol, PAPER_TEMPLATE)
     wsol.add_argument(
         "--protocol",
@@ -236,12 +247,43 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
     return 0
 
 
+def wsol_page_path(json_out: Path) -> Path:
+    """Where ``wsol --json-out FILE`` writes its HTML page: beside it, ending in ``.html``.
+
+    Example:
+        >>> wsol_page_path(Path("runs/cub.json")).as_posix()
+        'runs/cub.html'
+    """
+    from jmllm.joint.cli import CliError
+
+    page = json_out.with_suffix(".html")
+    if page == json_out:
+        raise CliError(f"--json-out {json_out}: ends in .html, the page's own name; use .json")
+    return page
+
+
+def wsol_maps_dir(json_out: Path) -> Path:
+    """Where ``wsol --json-out FILE`` writes the page's map pictures (PNG): ``FILE_maps/``.
+
+    Example:
+        >>> wsol_maps_dir(Path("runs/cub.json")).as_posix()
+        'runs/cub_maps'
+    """
+    return json_out.with_name(json_out.stem + "_maps")
+
+
 def cmd_wsol(args: argparse.Namespace) -> int:
     from jmllm.joint.cli import CliError, load_model
     from jmllm.joint.wsol import WsolDependencyError, opencv, read_wsol_folder, run_wsol
 
-    if args.json_out and Path(args.json_out).is_dir():
-        raise CliError(f"--json-out {args.json_out}: is a folder; give a file name")
+    page = maps = None
+    if args.json_out:
+        if Path(args.json_out).is_dir():
+            raise CliError(f"--json-out {args.json_out}: is a folder; give a file name")
+        page = wsol_page_path(Path(args.json_out))
+        maps = wsol_maps_dir(Path(args.json_out))
+        if maps.exists() and not maps.is_dir():
+            raise CliError(f"--json-out {args.json_out}: {maps} (the maps' folder) is a file")
     if args.protocol == "wsolevaluation":
         try:
             opencv()
@@ -259,9 +301,12 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         pipeline=args.pipeline,
         box_rounding=args.box_rounding,
         class_query=args.class_query,
+        samples=args.samples if page is not None else 0,
     )
     if args.json_out:
         report.save(Path(args.json_out))
+    if page is not None:
+        report.save_page(page, maps if args.samples else None)
     summary = {
         "max_box_acc_v2": report.to_json()["max_box_acc_v2"],
         "per_iou": {
@@ -274,4 +319,7 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         },
     }
     print(json.dumps(summary, indent=2))
+    if page is not None:  # stderr: stdout stays the JSON summary alone
+        where = f" (maps: {maps}/)" if args.samples else ""
+        print(f"Page: {page}{where}", file=sys.stderr)
     return EXIT_PARTIAL if report.skipped else EXIT_OK  # images skipped: partial results

@@ -68,6 +68,8 @@ METHODS = ("ga", "gradient")
 PROTOCOLS = ("wsolevaluation", "exact")
 PIPELINES = ("authors", "original")
 AUTHORS_MAP_SIZE = 224  # wsolevaluation's _RESIZE_LENGTH; the authors paint their maps at it
+PAGE_SAMPLES = 8  # images whose maps and boxes the HTML page shows
+PAGE_PICTURE_SIDE = 512  # their pictures' longer side
 
 
 class WsolDataError(ValueError):
@@ -303,6 +305,30 @@ class BoxAccumulator:
                 best[i] = box_iou_inclusive(boxes, gt).max()
         return best
 
+    def best_boxes(
+        self, saliency: np.ndarray, gt_boxes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """At every τ, the predicted box with the best IoU against any ground-truth box, and that
+        IoU: (len(thresholds),) IoUs (the same as :meth:`best_ious`) and (len(thresholds), 4)
+        int boxes ``x0, y0, x1, y1``. A τ with no box gives ``[0, 0, 0, 0]`` and IoU 0 (the
+        reference's own empty box under ``wsolevaluation``)."""
+        gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+        if gt.shape[0] == 0:
+            raise ValueError("gt_boxes: an image needs at least one ground-truth box")
+        if self.protocol == "wsolevaluation":
+            per_tau = reference_boxes(saliency, self.thresholds)
+        else:
+            m = normalise_map(saliency)
+            per_tau = [component_boxes(m > tau) for tau in self.thresholds]
+        boxes = np.zeros((self.thresholds.size, 4), dtype=np.int64)
+        ious = np.zeros(self.thresholds.size)
+        for i, predicted in enumerate(per_tau):
+            if len(predicted):
+                best = box_iou_inclusive(predicted, gt).max(axis=1)  # (K,)
+                k = int(best.argmax())
+                boxes[i], ious[i] = predicted[k], best[k]
+        return ious, boxes
+
     def add(self, saliency: np.ndarray, gt_boxes: np.ndarray) -> None:
         """Score one image's map against its (G, 4) ground-truth boxes."""
         best = self.best_ious(saliency, gt_boxes)
@@ -462,6 +488,32 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 @dataclass
+class WsolSample:
+    """One image kept for the WSOL page: its picture, maps and boxes, and the best box at every τ.
+
+    Attributes:
+        image_id: the image's id in ``boxes.csv``.
+        picture: the image as scored (squashed to the map size under the authors' pipeline), at
+            its drawing size.
+        map_size: (width, height) of the scored maps; gt_boxes: (G, 4) ground truth in its pixels.
+        maps: method → the map resized to the picture (for drawing only).
+        best: method → (IoUs (T,), boxes (T, 4)) of :meth:`BoxAccumulator.best_boxes`.
+    """
+
+    image_id: str
+    picture: Any
+    map_size: tuple[int, int]
+    gt_boxes: np.ndarray
+    maps: dict[str, np.ndarray]
+    best: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    def at(self, method: str, tau_index: int) -> tuple[list[int], float]:
+        """The best predicted box (map pixels) and its IoU at threshold index ``tau_index``."""
+        ious, boxes = self.best[method]
+        return [int(v) for v in boxes[tau_index]], float(ious[tau_index])
+
+
+@dataclass
 class WsolReport:
     """MaxBoxAccV2 of GA beside the plain-gradient baseline on one WSOL folder.
 
@@ -476,6 +528,34 @@ class WsolReport:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     setting: dict[str, Any] = field(default_factory=dict)
+    samples: list[WsolSample] = field(default_factory=list)
+
+    @property
+    def sample_iou_threshold(self) -> float:
+        """The IoU threshold δ whose best τ the page's sample boxes are drawn at: the middle
+        one (0.5 by default)."""
+        deltas = sorted(next(iter(self.results.values())).per_iou)
+        return deltas[len(deltas) // 2]
+
+    def sample_records(self) -> list[dict[str, Any]]:
+        """Per sampled image and method: the best τ of :attr:`sample_iou_threshold`, the
+        predicted box with the best IoU at it (map pixels) and that IoU."""
+        delta = self.sample_iou_threshold
+        records = []
+        for sample in self.samples:
+            record: dict[str, Any] = {
+                "image_id": sample.image_id,
+                "map_size": list(sample.map_size),
+                "gt_boxes": sample.gt_boxes.astype(float).tolist(),
+            }
+            for method, result in self.results.items():
+                if method not in sample.best:
+                    continue
+                tau = result.best_threshold[delta]
+                box, iou = sample.at(method, result.thresholds.index(tau))
+                record[method] = {"threshold": tau, "iou_threshold": delta, "box": box, "iou": iou}
+            records.append(record)
+        return records
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -485,11 +565,43 @@ class WsolReport:
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
             "setting": self.setting,
+            "samples": self.sample_records(),
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the report as JSON (atomically)."""
         _write_atomic(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+        return Path(path)
+
+    def save_page(
+        self, path: str | os.PathLike[str], maps_dir: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Write the report's self-contained HTML page (:mod:`jmllm.joint.wsol_page`): the
+        metric at each IoU threshold with its best threshold, the BoxAcc curves, and the sampled
+        images' maps with their ground-truth and predicted boxes and IoUs.
+
+        Args:
+            path: the page (``.html``).
+            maps_dir: also write every sample picture of the page there as a PNG
+                (:func:`~jmllm.joint.wsol_page.map_file_name`), the folder made if needed.
+
+        Returns:
+            ``path``.
+
+        Example:
+            >>> report.save_page("cub.html", "cub_maps")  # doctest: +SKIP
+            PosixPath('cub.html')
+        """
+        from jmllm.joint.report import atomic_write_bytes
+        from jmllm.joint.wsol_page import wsol_page_parts
+
+        page, pictures = wsol_page_parts(self)
+        if maps_dir is not None:
+            folder = Path(maps_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, png in pictures.items():
+                atomic_write_bytes(folder / name, png)
+        _write_atomic(Path(path), page)
         return Path(path)
 
 
@@ -506,6 +618,7 @@ def run_wsol(
     pipeline: str = "authors",
     box_rounding: str = "truncate",
     class_query: str = "first",
+    samples: int = PAGE_SAMPLES,
 ) -> WsolReport:
     """GA maps (and the plain-gradient baseline) for every image of a WSOL folder, scored.
 
@@ -530,6 +643,8 @@ def run_wsol(
             resized to 224 px as wsolevaluation does) or ``"original"`` (both at the image's
             own resolution).
         box_rounding, class_query: GA painting (see :class:`GradientAlignment`).
+        samples: how many images, spread evenly over the folder, keep their pictures, maps and
+            best boxes for the HTML page (:meth:`WsolReport.save_page`); 0 keeps none.
 
     Returns:
         :class:`WsolReport`. Unreadable images are skipped and listed, never silently dropped.
@@ -554,7 +669,12 @@ def run_wsol(
         if limit < 1:
             raise ValueError(f"limit: must be >= 1, got {limit}")
         items = items[:limit]
+    if samples < 0:
+        raise ValueError(f"samples: must be >= 0, got {samples}")
     skipped: dict[str, str] = {}
+    kept: list[WsolSample] = []
+    # the page's sample: spread evenly over the folder, so it is not only its first class
+    chosen = set(np.linspace(0, len(items) - 1, min(samples, len(items))).round().astype(int))
     start = time.perf_counter()
     iterator: Iterable[WsolItem] = items
     if progress:
@@ -562,10 +682,12 @@ def run_wsol(
 
         iterator = tqdm(items, desc="WSOL", unit="image")
     size = (AUTHORS_MAP_SIZE, AUTHORS_MAP_SIZE) if pipeline == "authors" else None
-    for item in iterator:
+    for index, item in enumerate(iterator):
         try:
+            # a sampled image is embedded here so its picture is at hand for the page
+            source = model.embed(item.path) if index in chosen else item.path
             result = ga.attribute(
-                item.path,
+                source,
                 WSOL_QUESTION,
                 WSOL_TARGET,
                 [WSOL_QUERY],
@@ -579,8 +701,14 @@ def run_wsol(
         gt = item.boxes
         if size is not None:
             gt = resize_boxes(item.boxes, result.image_size, size)
-        accumulators["ga"].add(result.map(weighting, size=size), gt)
-        accumulators["gradient"].add(result.map("gradient", size=size), gt)
+        maps = {
+            "ga": result.map(weighting, size=size),
+            "gradient": result.map("gradient", size=size),
+        }
+        for method, saliency in maps.items():
+            accumulators[method].add(saliency, gt)
+        if index in chosen:
+            kept.append(_sample(item.image_id, source, maps, gt, accumulators))
     if not accumulators["ga"].count:
         raise WsolDataError(f"{data_dir}: no image could be scored ({len(skipped)} skipped)")
     return WsolReport(
@@ -588,6 +716,7 @@ def run_wsol(
         num_images=accumulators["ga"].count,
         skipped=skipped,
         seconds=time.perf_counter() - start,
+        samples=kept,
         setting={
             "question": WSOL_QUESTION,
             "answer": WSOL_ANSWER,
@@ -604,6 +733,34 @@ def run_wsol(
     )
 
 
+def _sample(
+    image_id: str,
+    emb: Any,
+    maps: dict[str, np.ndarray],
+    gt: np.ndarray,
+    accumulators: dict[str, BoxAccumulator],
+) -> WsolSample:
+    """A :class:`WsolSample`: the picture as scored, the maps at its size, the best boxes."""
+    from PIL import Image
+
+    from jmllm.joint.drawing import fit_picture, picture_size
+
+    height, width = next(iter(maps.values())).shape
+    shown = picture_size((width, height), max_side=PAGE_PICTURE_SIDE, min_side=PAGE_PICTURE_SIDE)
+    picture = fit_picture(emb.pil_image(0), shown=shown)  # squashed like the maps, if they are
+    small = {
+        m: np.asarray(
+            Image.fromarray(np.asarray(v, dtype=np.float32), "F").resize(
+                shown, Image.Resampling.BILINEAR
+            )
+        )
+        for m, v in maps.items()
+    }
+    best = {m: accumulators[m].best_boxes(v, gt) for m, v in maps.items()}
+    gt_boxes = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
+    return WsolSample(image_id, picture, (width, height), gt_boxes, small, best)
+
+
 __all__ = [
     "AUTHORS_MAP_SIZE",
     "IOU_THRESHOLDS",
@@ -615,6 +772,7 @@ __all__ = [
     "WsolDependencyError",
     "WsolItem",
     "WsolReport",
+    "WsolSample",
     "box_iou_inclusive",
     "check_reference_map",
     "component_boxes",
