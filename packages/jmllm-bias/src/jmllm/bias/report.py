@@ -209,14 +209,22 @@ def _code(text: Any) -> str:
     return f"{fence}{pad}{s}{pad}{fence}"
 
 
-def _histogram(report: BiasReport, eps: float) -> bytes:
-    import matplotlib
+EMPTY_HISTOGRAM = "no portrait with both answers parsed"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _histogram_figure(report: BiasReport, eps: float) -> Any:
+    """The histogram of deltas at ``eps`` as a matplotlib Figure (Agg canvas, no pyplot state).
+
+    With no delta to show, the axes say so in a message the zero line does not cross (the line
+    is drawn only over data).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
     bins = np.arange(-9.5, 10.5, 1.0)
     groups = sorted({r["group"] for r in report.images})
     data = []
@@ -232,20 +240,30 @@ def _histogram(report: BiasReport, eps: float) -> bytes:
     if any(data):
         ax.hist(data, bins=bins, stacked=True, label=groups)
         ax.legend()
+        ax.axvline(0, color="black", linewidth=0.8)
     else:
-        ax.text(0, 0.5, "no portrait with both answers parsed", ha="center", va="center")
+        ax.text(
+            0.5,
+            0.5,
+            EMPTY_HISTOGRAM,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            bbox={"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": "#999999"},
+        )
     ax.set_xlim(-9.5, 9.5)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xticks(range(-9, 10, 3))
-    ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("score delta (perturbed − original)")
     ax.set_ylabel("portraits")
     s = report.settings
     ax.set_title(f"{s['characteristic']}: {s['original']} → {s['adversarial']}, ε = {eps:g}")
-    fig.tight_layout()
+    return fig
+
+
+def _histogram(report: BiasReport, eps: float) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    _histogram_figure(report, eps).savefig(buf, format="png")
     return buf.getvalue()
 
 
