@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_write_bytes, atomic_write_text
 from .conventions import UsageError, check_output_dir
@@ -40,10 +40,13 @@ def _scene(objects: tuple[str, str]) -> Image.Image:
     im = Image.new("RGB", _SIZE, (228, 232, 220))
     draw = ImageDraw.Draw(im)
     draw.rectangle((0, 170, _SIZE[0], _SIZE[1]), fill=(196, 206, 180))
+    # Pillow's scalable font (never its tiny bitmap one); dark text reads on both shape colours
+    name_font = ImageFont.load_default(size=18)
+    note_font = ImageFont.load_default(size=13)
     for box, colour, name in zip(_BOXES, _COLOURS, objects, strict=True):
         draw.rounded_rectangle(box, radius=12, fill=colour, outline=(40, 40, 40), width=2)
-        draw.text((box[0] + 6, box[1] + 6), name, fill=(255, 255, 255))
-    draw.text((6, _SIZE[1] - 16), "placeholder image", fill=(90, 90, 90))
+        draw.text((box[0] + 8, box[1] + 6), name, fill=(20, 20, 20), font=name_font)
+    draw.text((6, _SIZE[1] - 18), "placeholder image", fill=(50, 50, 50), font=note_font)
     return im
 
 
