@@ -26,7 +26,7 @@ import numpy as np
 
 from jmllm.joint.audit import AuditRecord, AuditResult, YesNoAuditor
 from jmllm.joint.audit_metrics import POPE_METRICS, audit_metrics
-from jmllm.joint.explain_report import data_url, heatmap_overlay_png
+from jmllm.joint.explain_report import data_url, heatmap_overlay_png, map_title
 from jmllm.joint.report import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -175,10 +175,12 @@ def _pictures(model: Any, auditor: YesNoAuditor, item: Hallucination, image: Any
         template=settings.template,
         query_template=query_template,
     )
+    query = query_template.format(r.class_name)
     item.ga_png = heatmap_overlay_png(
         emb.pil_image(0),
         ga.map("class", query=0),
-        f"GA of “{ga.target}” vs query “{query_template.format(r.class_name)}”",
+        f"GA of “{ga.target}” vs query “{query}”",
+        label=map_title("class", query),  # the bar says what it shows
     )
 
 
