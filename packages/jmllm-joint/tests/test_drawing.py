@@ -167,3 +167,13 @@ def test_pages_escape_model_text_and_link_the_explanation():
     )
     # a template variable is escaped even inside an attribute
     assert "<script>alert" not in render("base.html", title=HOSTILE, narrow=False)
+
+
+@pytest.mark.parametrize("name", ["drawing", "pages", "explain_report", "wsol_page", "report"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"jmllm.joint.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0, name
