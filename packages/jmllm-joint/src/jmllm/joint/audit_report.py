@@ -284,9 +284,9 @@ body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1300px;color:#
 h1{font-size:1.4rem}h2{font-size:1.15rem;margin-top:1.8em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.2em .5em}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:1em}
+.cards{display:grid;grid-template-columns:1fr;gap:1em}
 .card{border:1px solid #ccc;border-radius:6px;padding:.6em}.card h3{font-size:1rem;margin:.2em 0}
-.pics{display:flex;gap:.5em;flex-wrap:wrap}.pics img{max-width:290px;width:100%;height:auto}
+.pics{display:flex;gap:.5em;flex-wrap:wrap}.pics img{max-width:512px;min-width:0;flex:1 1 360px;height:auto}
 .note{color:#555;font-size:.9em}.fig{max-width:100%;height:auto}
 .answer{font-family:ui-monospace,monospace;background:#f4f4f4;padding:0 .3em;white-space:pre-wrap}
 """
