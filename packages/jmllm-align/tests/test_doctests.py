@@ -7,7 +7,9 @@ import importlib
 
 import pytest
 
+TRAIN = ["config", "sources", "distributed", "order", "checkpoint", "evaluation", "loop"]
 MODULES = ["", ".architectures", ".weights", ".features", ".train", ".testing", ".cli", ".files"]
+MODULES += [f".train.{name}" for name in TRAIN]  # the trainer's parts hold its examples
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -300,14 +300,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from jmllm.align.features import FeatureExtractor
-    from jmllm.align.train import (
+    from jmllm.align.train import TrainConfig, evaluate
+    from jmllm.align.train.sources import (
         DatasetSource,
         PathSource,
-        TrainConfig,
         _decode_all,
         _load_dataset,
         _undecoded_column,
-        evaluate,
     )
     from jmllm.align.weights import load_alignment
 
