@@ -77,7 +77,9 @@ def test_identical_systems_and_empty_systems() -> None:
         make_results({"A": ["5", "6", "7"], "B": ["5", "6", "7"], "C": ["x", None, "y"]})
     )
     ab, ac, _bc = report.pairs
-    assert ab.mean_diff == 0 and ab.wilcoxon_p == 1.0 and ab.ci_low == ab.ci_high == 0
+    # every difference zero: the Wilcoxon test has nothing to rank, so no p-value (one convention
+    # with jmllm.bias.stats; see tests/test_stats.py)
+    assert ab.mean_diff == 0 and ab.wilcoxon_p is None and ab.ci_low == ab.ci_high == 0
     assert ac.n_pairs == 0 and ac.mean_diff is None and ac.wilcoxon_p is None
     c = report.systems[2]
     assert c.mean is None and c.std is None and c.ci_low is None and c.valid == 0

@@ -11,6 +11,8 @@ import numpy as np
 
 __all__ = ["DeltaStats", "bootstrap_ci", "delta_stats", "wilcoxon_p"]
 
+_BATCH_VALUES = 2_000_000  # resampled values held at once by the bootstrap (16 MB of float64)
+
 
 def bootstrap_ci(
     values: Sequence[float],
@@ -19,6 +21,10 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> tuple[float, float] | None:
     """Percentile bootstrap confidence interval of the mean, reproducible through ``seed``.
+
+    ``scipy.stats.bootstrap`` (``method="percentile"``, the generator
+    ``numpy.random.default_rng(seed)``), resampled in batches of about two million values, so the
+    memory stays bounded whatever the sample size.
 
     Args:
         values: the sample (e.g. per-image score deltas).
@@ -34,25 +40,34 @@ def bootstrap_ci(
         >>> low < 3 < high
         True
     """
+    from scipy.stats import bootstrap
+
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
         return None
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_resamples, x.size))  # (R, n)
-    means = x[idx].mean(axis=1)  # (R,)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    result = bootstrap(
+        (x,),
+        np.mean,
+        n_resamples=n_resamples,
+        batch=max(1, _BATCH_VALUES // x.size),
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    interval = result.confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def wilcoxon_p(values: Sequence[float]) -> float | None:
     """Two-sided Wilcoxon signed-rank p-value of ``values`` against zero (scipy).
 
-    Zero deltas are dropped (``zero_method="wilcox"``, scipy's default), so the test is about the
-    images whose score moved.
+    Zero values are dropped (``zero_method="wilcox"``, scipy's default), so the test is about the
+    pairs that differ. With no non-zero value there is nothing to rank: the test is undefined and
+    the result is ``None`` (reported as "n/a"), never a p-value of 1 that no test produced.
 
     Returns:
-        The p-value, or ``None`` when no value is non-zero (the test is undefined).
+        The p-value, or ``None`` when no value is non-zero (or none is given).
 
     Example:
         >>> wilcoxon_p([0, 0, 0]) is None

@@ -8,7 +8,8 @@ From a :class:`~jmllm.judge.runner.RunResults`:
   enter the statistics;
 * for every pair of systems, on the images where both have a valid score: the mean paired
   difference A − B with its bootstrap CI, and the Wilcoxon signed-rank p-value (two-sided,
-  ``scipy.stats.wilcoxon``, zero differences dropped);
+  ``scipy.stats.wilcoxon``, zero differences dropped; none when every difference is zero), both
+  from :mod:`jmllm.judge.stats`;
 * token usage in and out per system, where the server reported it;
 * every invalid reply, raw, and every failure, with its error;
 * which score reader was used (``authors``, the default, or ``strict``: see
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
@@ -36,6 +36,7 @@ import numpy as np
 from jmllm.judge.files import atomic_write_bytes, atomic_write_text
 from jmllm.judge.parsing import DEFAULT_SCORE_PARSER, SCORE_PARSERS
 from jmllm.judge.runner import JudgementRecord, RunResults
+from jmllm.judge.stats import bootstrap_ci, wilcoxon_p
 
 __all__ = [
     "JudgeReport",
@@ -141,42 +142,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def bootstrap_ci(
-    values: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = 10_000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float] | None:
-    """Percentile-bootstrap confidence interval of the mean; ``None`` for fewer than 2 values.
-
-    >>> bootstrap_ci([5, 5, 5])
-    (5.0, 5.0)
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.size < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, 2_000_000 // x.size)  # bound memory: (chunk, n) indices at a time
-    for start in range(0, resamples, chunk):
-        stop = min(resamples, start + chunk)
-        means[start:stop] = x[rng.integers(0, x.size, size=(stop - start, x.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(low), float(high)
-
-
-def _wilcoxon_p(diffs: np.ndarray) -> float | None:
-    from scipy.stats import wilcoxon
-
-    if diffs.size == 0:
-        return None
-    if not np.any(diffs):
-        return 1.0  # identical scores on every image: no evidence of a difference
-    return float(wilcoxon(diffs, zero_method="wilcox", alternative="two-sided").pvalue)
-
-
 def build_report(
     results: RunResults,
     *,
@@ -259,7 +224,7 @@ def build_report(
                 mean_diff=float(diffs.mean()) if diffs.size else None,
                 ci_low=ci[0] if ci else None,
                 ci_high=ci[1] if ci else None,
-                wilcoxon_p=_wilcoxon_p(diffs),
+                wilcoxon_p=wilcoxon_p(diffs),
                 a_higher=int((diffs > 0).sum()),
                 b_higher=int((diffs < 0).sum()),
                 ties=int((diffs == 0).sum()),
