@@ -10,7 +10,8 @@ The steps, each also a ``jmllm-judge`` subcommand:
 2. :mod:`~jmllm.judge.captions` — ``captions``: one caption per image and system;
 3. :mod:`~jmllm.judge.runner` — ``run``: the judgements, through :mod:`~jmllm.judge.client` (the
    ``openai`` client, bounded concurrency, retries) and :mod:`~jmllm.judge.cache` (SQLite, resume);
-4. :mod:`~jmllm.judge.report` — ``report``: Table 1 with CIs, paired comparisons, chart.
+4. :mod:`~jmllm.judge.report` — ``report``: Table 1 with CIs, paired comparisons, chart; its
+   statistics (seeded bootstrap, Wilcoxon) in :mod:`~jmllm.judge.stats`.
 
 :mod:`jmllm.judge.testing` holds the local fake judge server used by the tests and the benchmark.
 """
