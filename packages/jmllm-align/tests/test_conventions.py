@@ -293,3 +293,15 @@ def test_load_alignment_keeps_finite_weights_exactly(tmp_path):
         layer.state_dict().items(), loaded.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_a_failed_folder_build_leaves_no_temporary_folder(tmp_path):
+    from jmllm.align.testing import _atomic_dir
+
+    def build(folder):
+        (folder / "half").write_text("x")
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError, match="build failed"):
+        _atomic_dir(tmp_path / "model", build)
+    assert list(tmp_path.iterdir()) == []

@@ -129,3 +129,44 @@ def test_the_same_rules_as_jmllm_align() -> None:
             except ValueError as exc:
                 outcomes.append(str(exc))
         assert outcomes[0] == outcomes[1], size
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_follow_jmllm_align(tmp_path, monkeypatch, umask) -> None:  # type: ignore[no-untyped-def]
+    """One atomic-write semantic for every package: the standalone copy and jmllm.align.files
+    give the same file, the same mode (``0o666 & ~umask``), fsync before the rename, and leave
+    nothing behind when the rename fails."""
+    import os
+
+    files = pytest.importorskip("jmllm.align.files")
+    writers = {"copy": conventions.atomic_write_bytes, "align": files.atomic_write_bytes}
+    modes, synced = {}, {}
+    real_fsync = os.fsync
+    old = os.umask(umask)
+    try:
+        for name, write in writers.items():
+            calls: list[int] = []
+            monkeypatch.setattr(
+                os, "fsync", lambda fd, calls=calls: (calls.append(fd), real_fsync(fd))
+            )
+            path = write(tmp_path / name / "out.bin", b"data")
+            monkeypatch.setattr(os, "fsync", real_fsync)
+            assert path.read_bytes() == b"data"
+            modes[name], synced[name] = os.stat(path).st_mode & 0o777, bool(calls)
+    finally:
+        os.umask(old)
+    assert modes == {"copy": 0o666 & ~umask, "align": 0o666 & ~umask}
+    assert synced == {"copy": True, "align": True}
+
+    def fail(*args: object) -> None:
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(os, "replace", fail)
+    for name, write in writers.items():
+        folder = tmp_path / f"{name}-failing"
+        folder.mkdir()
+        (folder / "out.bin").write_bytes(b"old")
+        with pytest.raises(OSError, match="rename failed"):
+            write(folder / "out.bin", b"new")
+        assert [p.name for p in folder.iterdir()] == ["out.bin"], name  # temporary file removed
+        assert (folder / "out.bin").read_bytes() == b"old"

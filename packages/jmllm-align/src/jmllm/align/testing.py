@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jmllm.align.files import folder_mode
+from jmllm.align.files import atomic_write_text, folder_mode
 
 TINY_VERSION = 1  # bump when the tiny recipe changes, so cached folders are rebuilt
 
@@ -277,16 +277,16 @@ def _atomic_dir(target: Path, build: Any) -> None:
     """Build into a temporary sibling folder, then rename, so a crash never leaves half a model."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    import shutil
+
     try:
         build(tmp)
         os.chmod(tmp, folder_mode())  # mkdtemp's 0700 would hide the cache from others
         os.replace(tmp, target)
-    except OSError:
-        if target.is_dir():  # another process won the race; its copy is as good as ours
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-built temporary folder left behind
+        # another process won the race to rename; its copy is as good as ours
+        if not (isinstance(exc, OSError) and target.is_dir()):
             raise
 
 
@@ -320,9 +320,7 @@ def build_tiny_checkpoints(root: str | os.PathLike[str], seed: int = 0) -> TinyC
             shutil.rmtree(folder)
     _atomic_dir(ckpt.owl, lambda d: _save_owl(d, seed))
     _atomic_dir(ckpt.llava, lambda d: _save_llava(d, seed + 1))
-    tmp = stamp_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp))
-    os.replace(tmp, stamp_file)
+    atomic_write_text(stamp_file, json.dumps(stamp))
     return ckpt
 
 

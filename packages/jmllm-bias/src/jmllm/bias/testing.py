@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.files import atomic_write_text
+
 __all__ = ["TinySDXL", "build_tiny_sdxl", "tiny_clip_tokenizer", "tiny_joint_model"]
 
 TINY_SDXL_VERSION = 1  # bump when the recipe changes, so cached folders are rebuilt
@@ -218,9 +220,7 @@ def build_tiny_sdxl(root: str | os.PathLike[str], seed: int = 0) -> TinySDXL:
             os.replace(tmp / name, root / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    stamp_tmp = stamp_file.with_suffix(".tmp")
-    stamp_tmp.write_text(json.dumps(stamp))
-    os.replace(stamp_tmp, stamp_file)
+    atomic_write_text(stamp_file, json.dumps(stamp))
     return tiny
 
 
