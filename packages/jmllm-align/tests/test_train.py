@@ -256,3 +256,25 @@ def test_distributed_with_a_rank_left_without_images(tiny_config, image_folder, 
     assert _states_equal(ranks[0]["state"], ranks[1]["state"])
     provenance = load_alignment(tmp_path / "ddp" / "alignment.safetensors").provenance
     assert provenance["images_skipped"] == 8 and provenance["world_size"] == 2
+
+
+def test_a_dataset_without_the_datasets_extra_is_one_line_naming_it(monkeypatch, tiny_config):
+    import sys
+
+    from jmllm.align.train.sources import _load_dataset
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"^training from a dataset needs the datasets package: "):
+        _load_dataset(tiny_config.replace(dataset="imagefolder"))
+    with pytest.raises(ImportError, match=r"pip install 'jmllm-align\[datasets\]'$"):
+        _load_dataset(tiny_config.replace(dataset="imagefolder"))
+
+
+def test_the_tiny_models_without_tokenizers_name_the_extra(monkeypatch):
+    import sys
+
+    from jmllm.align.testing import require_tokenizers
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match=r"pip install 'jmllm-align\[testing\]'$"):
+        require_tokenizers()

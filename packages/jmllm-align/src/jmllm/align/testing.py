@@ -45,8 +45,29 @@ _CORPUS = [
 ]
 
 
+def require_tokenizers(extra: str = "jmllm-align[testing]") -> Any:
+    """The ``tokenizers`` module, which only the tiny test models need (an extra, ``extra``).
+
+    Raises:
+        ImportError: one line naming the extra to install.
+
+    Example:
+        >>> require_tokenizers().__name__
+        'tokenizers'
+    """
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            f"the tiny test models need the tokenizers package: pip install '{extra}'"
+        ) from None
+    return tokenizers
+
+
 def _train_bpe(vocab_size: int, specials: list[str]) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = require_tokenizers()
+    Tokenizer, decoders, models = tk.Tokenizer, tk.decoders, tk.models
+    pre_tokenizers, trainers = tk.pre_tokenizers, tk.trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -65,7 +86,7 @@ def _train_bpe(vocab_size: int, specials: list[str]) -> Any:
 
 def tiny_llava_tokenizer() -> Any:
     """A Llama-style tokenizer (BOS added, ``<image>`` special) trained in-process."""
-    from tokenizers import processors
+    processors = require_tokenizers().processors
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_bpe(320, ["<unk>", "<s>", "</s>", "<pad>"])
@@ -87,7 +108,7 @@ def tiny_llava_tokenizer() -> Any:
 
 def tiny_owl_tokenizer() -> Any:
     """A CLIP-style tokenizer whose end-of-text token has the largest id (OWL-ViT pools at argmax)."""
-    from tokenizers import processors
+    processors = require_tokenizers().processors
     from transformers import PreTrainedTokenizerFast
 
     tok = _train_bpe(200, ["<pad>", "<unk>", "<|startoftext|>"])

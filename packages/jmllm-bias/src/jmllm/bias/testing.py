@@ -51,7 +51,9 @@ def tiny_clip_tokenizer() -> Any:
         >>> tok("A headshot").input_ids[0] == tok.bos_token_id
         True
     """
-    from tokenizers.pre_tokenizers import ByteLevel
+    from jmllm.align.testing import require_tokenizers
+
+    ByteLevel = require_tokenizers("jmllm-bias[testing]").pre_tokenizers.ByteLevel
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}

@@ -89,8 +89,20 @@ class DatasetSource(ImageSource):
         return self.dataset[index][self.image_column]
 
 
+def _datasets() -> Any:
+    """The ``datasets`` module, which only this path needs (the ``jmllm-align[datasets]`` extra)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "training from a dataset needs the datasets package: "
+            "pip install 'jmllm-align[datasets]'"
+        ) from None
+    return datasets
+
+
 def _undecoded_column(dataset: Any, column: str) -> Any:
-    import datasets
+    datasets = _datasets()
 
     names = list(dataset.features or {}) if dataset.features is not None else []
     if names and column not in names:
@@ -104,7 +116,7 @@ def _undecoded_column(dataset: Any, column: str) -> Any:
 
 
 def _load_dataset(config: TrainConfig) -> Any:
-    import datasets
+    datasets = _datasets()
 
     try:
         return datasets.load_dataset(
