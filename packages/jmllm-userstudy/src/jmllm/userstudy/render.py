@@ -4,7 +4,8 @@ The file embeds every image as a ``data:`` URL, the stylesheet and the script in
 nothing from the network, so it works opened from disk (``file://``), from any static host, or
 from ``jmllm-userstudy serve``. A Content-Security-Policy allows only the page's own script and
 style (by hash) and ``data:`` images, so injected markup could not run even if it slipped through
-(all spec text is escaped in Python and set with ``textContent`` in the browser anyway).
+(all spec text is escaped by the page's Jinja2 template, ``templates/questionnaire.html``, whose
+autoescaping is on, and set with ``textContent`` in the browser anyway).
 
 Nothing a participant can see or read in the page tells which explanation is for which object:
 the explanation images are re-encoded from their pixels (no file name, title or other metadata
@@ -16,14 +17,15 @@ never on the spec's order.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import html
 import io
 import json
 import logging
 from importlib import resources
 from pathlib import Path
 
+import jinja2
 from PIL import Image, ImageOps
 
 from .atomic import atomic_write_text
@@ -111,6 +113,17 @@ def _csp_hash(source: str) -> str:
     return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
 
 
+@functools.cache
+def _template(name: str) -> jinja2.Template:
+    """A page template of ``templates/``, with autoescaping on: every value is escaped unless the
+    template marks it ``|safe``."""
+    source = resources.files("jmllm.userstudy").joinpath("templates", name).read_text("utf-8")
+    environment = jinja2.Environment(
+        autoescape=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    return environment.from_string(source)
+
+
 def render_questionnaire(spec: StudySpec) -> str:
     """The questionnaire of ``spec`` as one HTML document.
 
@@ -151,73 +164,18 @@ def render_questionnaire(spec: StudySpec) -> str:
         f"style-src {_csp_hash(style)}; script-src {_csp_hash(script)}; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'"
     )
-    e = html.escape
-    paragraphs = "\n".join(
-        f"<p>{e(p.strip())}</p>" for p in spec.instructions.split("\n\n") if p.strip()
+    paragraphs = [p.strip() for p in spec.instructions.split("\n\n") if p.strip()]
+    return _template("questionnaire.html").render(
+        title=spec.title,
+        csp=csp,
+        paragraphs=paragraphs,
+        n=len(spec.questions),
+        # the page's own files and the study data: trusted, inserted as they are (the CSP hashes
+        # are of these exact bytes; the JSON is escaped for a <script> element by _json_for_script)
+        style=style,
+        script=script,
+        study_json=_json_for_script(study),
     )
-    n = len(spec.questions)
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{e(csp)}">
-<meta name="referrer" content="no-referrer">
-<title>{e(spec.title)}</title>
-<style>{style}</style>
-</head>
-<body>
-<main>
-<h1>{e(spec.title)}</h1>
-<section id="start" aria-labelledby="start-heading">
-<h2 id="start-heading">Instructions</h2>
-{paragraphs}
-<p class="meta">{n} question{"s" if n != 1 else ""}. Each has two possible answers, A1 and A2.</p>
-<form id="start-form" novalidate>
-<label class="field" for="participant-id">Participant ID</label>
-<input type="text" id="participant-id" name="participant-id" autocomplete="off"
- maxlength="64" aria-describedby="participant-help start-error" required>
-<p class="meta" id="participant-help">The ID the researcher gave you.</p>
-<p class="error" id="start-error" role="alert"></p>
-<button type="submit" id="start-button">Start</button>
-</form>
-</section>
-<section id="question" hidden aria-labelledby="progress">
-<h2 id="progress" tabindex="-1"></h2>
-<p class="meta">Participant: <span id="participant-label"></span></p>
-<form id="question-form" novalidate>
-<fieldset aria-describedby="question-error">
-<legend id="question-text"></legend>
-<div class="figures">
-<figure><img id="img-image" alt="The image"><figcaption>Image</figcaption></figure>
-<figure><img id="img-expl-1" alt="Explanation 1"><figcaption>Explanation 1</figcaption></figure>
-<figure><img id="img-expl-2" alt="Explanation 2"><figcaption>Explanation 2</figcaption></figure>
-</div>
-<div class="choice"><input type="radio" id="answer-A1" name="answer" value="A1">
-<label for="answer-A1"><strong>A1:</strong> <span id="answer-A1-text"></span></label></div>
-<div class="choice"><input type="radio" id="answer-A2" name="answer" value="A2">
-<label for="answer-A2"><strong>A2:</strong> <span id="answer-A2-text"></span></label></div>
-</fieldset>
-<p class="error" id="question-error" role="alert"></p>
-<button type="button" class="secondary" id="prev">Previous</button>
-<button type="submit" id="next">Next</button>
-</form>
-</section>
-<section id="finish" hidden aria-labelledby="finish-heading">
-<h2 id="finish-heading" tabindex="-1">Thank you</h2>
-<p id="summary"></p>
-<p id="finish-help"></p>
-<button type="button" id="send" hidden>Send answers</button>
-<button type="button" id="download">Download answers</button>
-<button type="button" class="secondary" id="review">Review answers</button>
-<p id="send-status" role="status"></p>
-</section>
-</main>
-<script type="application/json" id="study-data">{_json_for_script(study)}</script>
-<script>{script}</script>
-</body>
-</html>
-"""
 
 
 def write_questionnaire(spec: StudySpec, out_dir: str | Path) -> Path:
