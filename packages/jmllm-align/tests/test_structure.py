@@ -280,3 +280,22 @@ def test_the_cycle_check_finds_a_circle_through_a_lazy_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+TRAINER_PARTS = ["config", "sources", "distributed", "order", "checkpoint", "evaluation", "loop"]
+
+
+def test_the_trainer_parts_import_only_those_above_them():
+    """jmllm.align.train reads top to bottom: each part imports only the parts listed before it
+    (and the package's __init__ only re-exports)."""
+    for position, part in enumerate(TRAINER_PARTS):
+        name = f"jmllm.align.train.{part}"
+        path, _ = MODULES[name]
+        inside = {
+            m.rsplit(".", 1)[1]
+            for m, _eager in _imports(name, path, MODULES)
+            if m.startswith("jmllm.align.train.")
+        }
+        assert inside <= set(TRAINER_PARTS[:position]), (part, inside)
+    parts = {p.stem for p in MODULES["jmllm.align.train"][0].parent.glob("*.py")} - {"__init__"}
+    assert parts == set(TRAINER_PARTS)

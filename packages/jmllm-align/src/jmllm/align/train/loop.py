@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jmllm.align.architectures import AlignmentLayer, alignment_config_for
+from jmllm.align.architectures import AlignmentConfig, AlignmentLayer, alignment_config_for
 from jmllm.align.features import FeatureExtractor
 from jmllm.align.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -59,7 +59,7 @@ from jmllm.align.train.evaluation import (
     evaluate,
 )
 from jmllm.align.train.order import epoch_loader, training_data
-from jmllm.align.train.sources import Normalizations, _decode_all
+from jmllm.align.train.sources import Normalizations, Pixels, _decode_all
 from jmllm.align.weights import save_alignment
 
 logger = logging.getLogger(__name__)
@@ -194,28 +194,7 @@ def _train(
         fx = FeatureExtractor.from_pretrained(
             config.source_model, config.target_model, dtype=dtype, device=device
         )
-    overrides = {
-        k: getattr(config, k)
-        for k in ("hidden_dim", "num_hidden_layers", "num_heads")
-        if getattr(config, k) is not None
-    }
-    align_config = alignment_config_for(
-        fx.owl.config,
-        fx.llava.config,
-        config.architecture,
-        source_model=config.source_model,
-        target_model=config.target_model,
-        **overrides,
-    )
-    torch.manual_seed(config.seed)
-    layer = AlignmentLayer(align_config).to(device)
-    optimizer = torch.optim.AdamW(
-        layer.parameters(),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        betas=config.betas,
-        fused=device.type == "cuda",
-    )
+    align_config, layer, optimizer = _new_layer(config, fx, device)
     epoch = step_in_epoch = step = images_seen = images_skipped = 0
     last_loss: float | None = None
     initial_eval: EvalResult | None = None
@@ -343,35 +322,9 @@ def _train(
                 for error in batch.errors:
                     logger.warning("skipped image: %s", error)
                 tokens = n_images * align_config.num_tokens
-                # A rank that kept no image still runs one empty micro-batch to join DDP.
-                chunks = _micro_batches(batch.images, config.micro_batch_size) or [[]]
-                step_sse = torch.zeros((), device=device)  # summed on the device: no host sync
-                for i, chunk in enumerate(chunks):
-                    sync = i == len(chunks) - 1
-                    # DDP: all-reduce gradients only on the last micro-batch of the step.
-                    ctx = (
-                        _no_sync(model)
-                        if (info.world > 1 and not sync)
-                        else contextlib.nullcontext()
-                    )
-                    with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        if chunk:
-                            errors, _, _ = _token_errors(model, fx, chunk, align_config.drop_cls)
-                        else:  # nothing decoded on this rank: still join DDP's all-reduce
-                            empty = torch.zeros(
-                                0, align_config.num_tokens, align_config.in_dim, device=device
-                            )
-                            errors = model(empty).float().pow(2).mean(dim=-1)
-                        local_sse = errors.sum()
-                    if tokens > 0:
-                        # DDP averages gradients over ranks; scaling by world makes it a sum.
-                        (local_sse * (info.world / tokens)).backward()
-                    step_sse += local_sse.detach()
-                if tokens > 0:
-                    if config.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(layer.parameters(), config.grad_clip)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                step_sse = _train_step(
+                    model, layer, optimizer, fx, batch.images, tokens, config, bf16, info, device
+                )
                 step_tokens = tokens
                 step += 1
                 step_in_epoch += 1
@@ -473,3 +426,77 @@ def _train(
             held_batch.skipped,
         )
     return result
+
+
+def _new_layer(
+    config: TrainConfig, fx: FeatureExtractor, device: torch.device
+) -> tuple[AlignmentConfig, AlignmentLayer, torch.optim.Optimizer]:
+    """W for the two encoders (seeded initialisation) and its AdamW optimizer."""
+    overrides = {
+        k: getattr(config, k)
+        for k in ("hidden_dim", "num_hidden_layers", "num_heads")
+        if getattr(config, k) is not None
+    }
+    align_config = alignment_config_for(
+        fx.owl.config,
+        fx.llava.config,
+        config.architecture,
+        source_model=config.source_model,
+        target_model=config.target_model,
+        **overrides,
+    )
+    torch.manual_seed(config.seed)
+    layer = AlignmentLayer(align_config).to(device)
+    optimizer = torch.optim.AdamW(
+        layer.parameters(),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        betas=config.betas,
+        fused=device.type == "cuda",
+    )
+    return align_config, layer, optimizer
+
+
+def _train_step(
+    model: torch.nn.Module,
+    layer: AlignmentLayer,
+    optimizer: torch.optim.Optimizer,
+    fx: FeatureExtractor,
+    images: list[Pixels],
+    tokens: float,
+    config: TrainConfig,
+    bf16: bool,
+    info: _Dist,
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimizer step on this rank's images: micro-batches with gradients accumulated (DDP
+    all-reduces on the last), the loss the mean over ``tokens`` valid tokens of the global batch.
+
+    Returns:
+        This rank's summed squared error of the step, on the device (no host sync).
+    """
+    align_config = layer.config
+    # A rank that kept no image still runs one empty micro-batch to join DDP.
+    chunks = _micro_batches(images, config.micro_batch_size) or [[]]
+    step_sse = torch.zeros((), device=device)  # summed on the device: no host sync
+    for i, chunk in enumerate(chunks):
+        sync = i == len(chunks) - 1
+        # DDP: all-reduce gradients only on the last micro-batch of the step.
+        ctx = _no_sync(model) if (info.world > 1 and not sync) else contextlib.nullcontext()
+        with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if chunk:
+                errors, _, _ = _token_errors(model, fx, chunk, align_config.drop_cls)
+            else:  # nothing decoded on this rank: still join DDP's all-reduce
+                empty = torch.zeros(0, align_config.num_tokens, align_config.in_dim, device=device)
+                errors = model(empty).float().pow(2).mean(dim=-1)
+            local_sse = errors.sum()
+        if tokens > 0:
+            # DDP averages gradients over ranks; scaling by world makes it a sum.
+            (local_sse * (info.world / tokens)).backward()
+        step_sse += local_sse.detach()
+    if tokens > 0:
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(layer.parameters(), config.grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_sse
