@@ -39,12 +39,13 @@ DISTRIBUTION_OF = {
 }
 
 JOINT_DEPENDENCIES = (
-    "jmllm-joint imports huggingface_hub (model.py) without declaring huggingface-hub; it must "
-    "add 'huggingface-hub>=0.30' to its dependencies"
+    "jmllm-joint imports huggingface_hub (model.py) and markupsafe (pages) without declaring them; "
+    "it must add 'huggingface-hub>=0.30' and markupsafe to its dependencies"
 )
 JOINT_CYCLES = (
-    "jmllm.joint.chat <-> jmllm.joint.model (JointAnswer) and jmllm.joint.cli <-> "
-    "jmllm.joint.cli_explain/cli_app/cli_audit (private helpers of cli imported back)"
+    "jmllm.joint.chat <-> jmllm.joint.model (JointAnswer), jmllm.joint.wsol <-> "
+    "jmllm.joint.wsol_page, and jmllm.joint.cli <-> jmllm.joint.cli_explain/cli_app/cli_audit "
+    "(private helpers of cli imported back)"
 )
 DATASETS_FLOOR = (
     "jmllm-joint's datasets extra says >=2.18; the others say >=3.0 (remote dataset code refused "
