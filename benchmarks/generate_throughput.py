@@ -1,4 +1,4 @@
-"""Generation throughput of J beside stock LLaVA-1.5, in the same run (DESIGN §5, issue 3).
+"""Generation throughput of J beside stock LLaVA-1.5, in the same run (DESIGN §5).
 
 For batch 1 and batch 16, both systems answer the same prompts with greedy decoding and a fixed
 answer length (EOS suppressed with ``min_new_tokens``):

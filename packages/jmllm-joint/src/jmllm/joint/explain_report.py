@@ -1,4 +1,4 @@
-"""Pictures and the self-contained HTML report of GA explanations (DESIGN §1.3, issue 4 §2, §4).
+"""Pictures and the self-contained HTML report of GA explanations (DESIGN §1.3).
 
 - :func:`heatmap_overlay_png`: the map over the image, its opacity following the weight (weight 0
   shows the photo untouched), with a colour bar titled by what it shows.
