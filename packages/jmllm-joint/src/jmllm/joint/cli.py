@@ -7,8 +7,8 @@ usage (numbers are checked here, at the boundary, with the argparse types of
 :mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
 
 Extending: for every module of :data:`PLUGINS` that exists (``jmllm.joint.cli_explain``,
-``jmllm.joint.cli_app``, ``jmllm.joint.cli_audit``), :func:`build_parser` calls its
-``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
+``jmllm.joint.toy.cli``, ``jmllm.joint.cli_app``, ``jmllm.joint.cli_audit``), :func:`build_parser`
+calls its ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
 ``common_args`` holds the shared model options: use it as a parent parser,
 ``subparsers.add_parser("explain", parents=[common_args], help=...)``, or call it on a parser,
 ``common_args(parser)``. A subcommand sets its handler with
@@ -46,6 +46,7 @@ logger = logging.getLogger("jmllm.joint.cli")
 PROG = "jmllm-joint"
 PLUGINS = (  # modules adding subcommands, in the order --help lists them
     "jmllm.joint.cli_explain",
+    "jmllm.joint.toy.cli",
     "jmllm.joint.cli_app",
     "jmllm.joint.cli_audit",
 )

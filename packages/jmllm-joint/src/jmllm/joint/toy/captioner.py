@@ -1,0 +1,315 @@
+"""Training the toy LLaVA to caption scenes and answer questions about them.
+
+The model is the stock ``LlavaForConditionalGeneration``; vision tower, projector and language
+model are trained together from scratch on conversations about the scenes. Inputs are built the
+way J prompts LLaVA (:meth:`jmllm.joint.JointModel.prompt_inputs`): a conversation formatted with
+a named template (:mod:`jmllm.joint.chat`), ``<image>`` expanded to one image token per patch,
+the image tokens being LLaVA's own (:func:`jmllm.align.llava_image_tokens`: vision feature layer
+−2, CLS dropped, projector) put in place of the placeholders.
+
+Each training example is one scene and a conversation of 1–``max_turns`` turns drawn from the
+scene's questions (:func:`jmllm.joint.toy.scenes.scene_questions`); the first turn is a caption
+prompt with probability ``caption_share``. Half of the conversations use the ``llava-1.5``
+template and half ``paper``, so J answers in both. The loss is the next-token cross-entropy on
+the answers and their end-of-sequence tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from jmllm.align import ImageNormalization, llava_image_tokens
+from jmllm.joint.chat import CONVERSATION_TEMPLATES, Conversation, format_conversation
+from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD
+from jmllm.joint.toy.pool import COVERED, ScenePool
+from jmllm.joint.toy.scenes import COLOURS, QA, SHAPES
+from jmllm.joint.toy.schedule import warmup_cosine
+
+TEMPLATES = tuple(CONVERSATION_TEMPLATES)  # ("llava-1.5", "paper")
+
+
+@dataclass
+class CaptionerRecipe:
+    """How the toy LLaVA is trained (the defaults are the shipped recipe's)."""
+
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3  # AdamW peak, linear warm-up then cosine decay to 0
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    vision_steps: int = 600  # dense pre-training of the vision tower + projector (0: none)
+    vision_lr: float = 2e-3
+    freeze_vision: bool = True  # LLaVA-1.5 keeps its (pre-trained) vision tower frozen
+    max_turns: int = 3  # turns per training conversation (1..max_turns, uniform)
+    caption_share: float = 0.5  # probability that the first turn is a caption prompt
+    grad_clip: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def llava_norm(llava: Any) -> ImageNormalization:
+    """The toy LLaVA's pixel normalisation (what its processor and J use)."""
+    return ImageNormalization(int(llava.config.vision_config.image_size), CLIP_MEAN, CLIP_STD)
+
+
+def num_image_tokens(llava: Any) -> int:
+    vision = llava.config.vision_config
+    return int((vision.image_size // vision.patch_size) ** 2)
+
+
+def sample_conversation(
+    questions: tuple[QA, ...], rng: random.Random, recipe: CaptionerRecipe
+) -> list[QA]:
+    """The turns of one training conversation about a scene."""
+    captions = [q for q in questions if q.kind in ("content", "in_image")]
+    others = [q for q in questions if q.kind not in ("content", "in_image")]
+    turns = rng.randint(1, recipe.max_turns)
+    first = rng.choice(captions if rng.random() < recipe.caption_share else others)
+    rest = [q for q in questions if q is not first]
+    return [first, *rng.sample(rest, min(turns - 1, len(rest)))]
+
+
+def encode_conversation(
+    tokenizer: Any, turns: list[QA], template: str, image_tokens: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of a finished conversation and its labels (-100 except on answer tokens and the
+    end-of-sequence token closing each answer), tokenised as a whole string like J's prompts."""
+    conv = Conversation()
+    for qa in turns:
+        conv = conv.ask(qa.question).answered(qa.answer)
+    text = format_conversation(conv, eos=tokenizer.eos_token, template=template)
+    # the character spans of " answer</s>" (the template's answer part), in order
+    spans, cursor = [], 0
+    for qa in turns:
+        piece = f" {qa.answer}{tokenizer.eos_token}"
+        start = text.index(piece, cursor)
+        spans.append((start, start + len(piece)))
+        cursor = start + len(piece)
+    image_token = tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids("<image>"))
+    marker = text.index("<image>")
+    shift = len(image_token) * image_tokens - len("<image>")
+    expanded = text.replace("<image>", image_token * image_tokens, 1)
+    spans = [(a + shift, b + shift) if a > marker else (a, b) for a, b in spans]
+    enc = tokenizer(expanded, return_offsets_mapping=True)
+    ids, labels = enc["input_ids"], []
+    for token_id, (a, b) in zip(ids, enc["offset_mapping"], strict=True):
+        inside = b > a and any(s <= a and b <= e for s, e in spans)
+        labels.append(token_id if inside else -100)
+    return ids, labels
+
+
+def _batch(
+    tokenizer: Any, items: list[tuple[list[int], list[int]]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels), each (B, L)."""
+    length = max(len(ids) for ids, _ in items)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(items), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    labels = torch.full((len(items), length), -100, dtype=torch.long)
+    for row, (i, lab) in enumerate(items):
+        ids[row, : len(i)] = torch.tensor(i)
+        mask[row, : len(i)] = 1
+        labels[row, : len(lab)] = torch.tensor(lab)
+    return ids, mask, labels
+
+
+def patch_labels(
+    objects: tuple[Any, ...], coverage: torch.Tensor, image_size: int, covered: float = COVERED
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What each patch shows: the object covering most of it, when it covers at least
+    ``covered`` of it (``coverage``: (K, N) from :meth:`ScenePool.coverage`).
+
+    Returns:
+        colour ids (N,) and shape ids (N,), 0 for background, 1.. in :data:`COLOURS` /
+        :data:`SHAPES` order; and (N, 2) the object's centre ``x, y`` in [0, 1] (NaN on
+        background patches).
+    """
+    n = coverage.shape[-1]
+    colours = torch.zeros(n, dtype=torch.long)
+    shapes = torch.zeros(n, dtype=torch.long)
+    centres = torch.full((n, 2), float("nan"))
+    if objects:
+        best, owner = coverage[: len(objects)].max(0)  # (N,)
+        for j, o in enumerate(objects):
+            cells = (owner == j) & (best >= covered)
+            colours[cells] = list(COLOURS).index(o.colour) + 1
+            shapes[cells] = SHAPES.index(o.shape) + 1
+            centres[cells] = torch.tensor(o.centre) / image_size
+    return colours, shapes, centres
+
+
+def tower_features(llava: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """LLaVA's selected vision features before the projector: (B, N, D_vision).
+
+    The same selection as ``LlavaModel.get_image_features`` (hidden state of the configured
+    feature layer, CLS dropped for the ``default`` strategy); ``projector(tower_features(x))``
+    equals :func:`jmllm.align.llava_image_tokens` (tested), so a frozen tower's features can be
+    computed once and reused.
+    """
+    config = llava.config
+    out = llava.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    features = out.hidden_states[config.vision_feature_layer]
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]
+    return features
+
+
+def pretrain_vision(
+    llava: Any, pool: ScenePool, recipe: CaptionerRecipe, seed: int = 0, progress: bool = True
+) -> dict[str, Any]:
+    """Dense pre-training of the vision tower and projector: from every image token, linear
+    heads (discarded afterwards) classify the colour and the shape of the object whose pixels
+    cover the patch (:func:`patch_labels`), or background, and regress that object's centre
+    (so every patch of an object says which object it belongs to, and where it is).
+
+    It stands in for the contrastive pre-training LLaVA's CLIP tower comes with: without it the
+    language model would have to teach the tower what a triangle looks like through the
+    captioning loss alone, which takes far longer on a CPU.
+    """
+    from tqdm.auto import tqdm
+
+    llava.train()
+    norm = llava_norm(llava)
+    width = int(llava.config.text_config.hidden_size)
+    heads = torch.nn.ModuleDict(
+        {
+            "colour": torch.nn.Linear(width, len(COLOURS) + 1),
+            "shape": torch.nn.Linear(width, len(SHAPES) + 1),
+            "centre": torch.nn.Linear(width, 2),
+        }
+    )
+    params = [
+        *llava.model.vision_tower.parameters(),
+        *llava.model.multi_modal_projector.parameters(),
+        *heads.parameters(),
+    ]
+    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, recipe.warmup_steps, recipe.vision_steps)
+    )
+    coverage = pool.coverage(math.isqrt(num_image_tokens(llava)))
+    size = int(pool.pixels.shape[-1])
+    labels = [
+        patch_labels(objs, cov, size) for objs, cov in zip(pool.objects, coverage, strict=True)
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(
+        range(recipe.vision_steps), desc="toy LLaVA vision", disable=not progress, unit="step"
+    )
+    last = float("nan")
+    for step in bar:
+        idx = torch.randint(len(pool), (recipe.batch_size,), generator=generator)
+        tokens = llava_image_tokens(llava, norm(pool.images(idx)))  # (B, N, D)
+        colour = torch.stack([labels[int(i)][0] for i in idx])  # (B, N)
+        shape = torch.stack([labels[int(i)][1] for i in idx])
+        centre = torch.stack([labels[int(i)][2] for i in idx])  # (B, N, 2), NaN off objects
+        on = shape > 0
+        loss = (
+            torch.nn.functional.cross_entropy(
+                heads["colour"](tokens).flatten(0, 1), colour.flatten()
+            )
+            + torch.nn.functional.cross_entropy(
+                heads["shape"](tokens).flatten(0, 1), shape.flatten()
+            )
+            + 10.0 * torch.nn.functional.mse_loss(heads["centre"](tokens)[on], centre[on])
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if step % 20 == 0 or step == recipe.vision_steps - 1:
+            last = float(loss.detach())
+            bar.set_postfix(loss=f"{last:.4f}")
+    llava.eval()
+    return {"steps": recipe.vision_steps, "final_loss": last}
+
+
+def caption_loss(
+    llava: Any,
+    image_tokens: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy on the labelled tokens, the image tokens (B, N, D_llm)
+    merged in place of the placeholders exactly as J merges W's."""
+    embeds = llava.get_input_embeddings()(input_ids)  # (B, L, D_llm)
+    mask = (input_ids == llava.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask, image_tokens.to(embeds.dtype))
+    logits = llava(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+    )
+
+
+def train_captioner(
+    llava: Any,
+    tokenizer: Any,
+    pool: ScenePool,
+    recipe: CaptionerRecipe,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``llava`` in place on conversations about ``pool``'s scenes (seeded data order)."""
+    from tqdm.auto import tqdm
+
+    vision = pretrain_vision(llava, pool, recipe, seed, progress) if recipe.vision_steps else None
+    llava.train()
+    tower = llava.model.vision_tower
+    projector = llava.model.multi_modal_projector
+    norm = llava_norm(llava)
+    cached: torch.Tensor | None = None
+    if recipe.freeze_vision:
+        tower.requires_grad_(False).eval()
+        with torch.no_grad():  # a frozen tower's features are computed once per scene
+            cached = torch.cat(
+                [
+                    tower_features(llava, norm(pool.images(range(s, min(s + 128, len(pool))))))
+                    for s in range(0, len(pool), 128)
+                ]
+            )  # (N_pool, N, D_vision)
+    params = [p for p in llava.parameters() if p.requires_grad]
+    n_tokens = num_image_tokens(llava)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, recipe.warmup_steps, recipe.steps)
+    )
+    rng = random.Random(seed)
+    bar = tqdm(range(recipe.steps), desc="toy LLaVA", disable=not progress, unit="step")
+    last = float("nan")
+    for step in bar:
+        idx = [rng.randrange(len(pool)) for _ in range(recipe.batch_size)]
+        items = [
+            encode_conversation(
+                tokenizer,
+                sample_conversation(pool.questions[i], rng, recipe),
+                rng.choice(TEMPLATES),
+                n_tokens,
+            )
+            for i in idx
+        ]
+        input_ids, attention_mask, labels = _batch(tokenizer, items)
+        if cached is not None:
+            image_tokens = projector(cached[idx])  # (B, N, D_llm)
+        else:
+            image_tokens = llava_image_tokens(llava, norm(pool.images(idx)))
+        loss = caption_loss(llava, image_tokens, input_ids, attention_mask, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if step % 20 == 0 or step == recipe.steps - 1:
+            last = float(loss.detach())
+            bar.set_postfix(loss=f"{last:.4f}")
+    tower.requires_grad_(True)
+    llava.eval()
+    return {"steps": recipe.steps, "final_loss": last, "vision_pretraining": vision}

@@ -1,0 +1,336 @@
+"""The toy world's recipe: train OWL-ViT, LLaVA and W on scenes, assemble J, score it, ship it.
+
+:func:`train_toy_world` runs the whole recipe (``jmllm-joint toy train --out DIR``):
+
+1. render the training scenes (split ``train`` of the world seed);
+2. train the toy OWL-ViT (:mod:`jmllm.joint.toy.detector`) and save it with its processor;
+3. train the toy LLaVA (:mod:`jmllm.joint.toy.captioner`) and save it with its processor;
+4. write the scenes as a parquet ``datasets`` folder and train W with ``jmllm-align train``
+   (its ``main()``, preset ``toy``: the paper's token-wise MSE and deep MLP) from the toy
+   OWL-ViT's ``t`` to the toy LLaVA's image tokens;
+5. load J with :meth:`JointModel.from_pretrained` from the three files and score it, and stock
+   toy LLaVA, on held-out scenes (:mod:`jmllm.joint.toy.evaluate`);
+6. write ``manifest.json``: the recipe, seeds, library versions, the held-out scores, the
+   training time (wall and CPU seconds / 2) and the sha256 of every file.
+
+Everything is built in a staging folder inside ``DIR`` and moved into place at the end, the
+manifest last: an interrupted run leaves ``DIR`` without a partial model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jmllm.joint.toy.captioner import CaptionerRecipe, train_captioner
+from jmllm.joint.toy.detector import DetectorRecipe, train_detector
+from jmllm.joint.toy.models import (
+    ToyDims,
+    new_llava,
+    new_owl,
+    save_llava,
+    save_owl,
+    toy_llava_tokenizer,
+    toy_owl_tokenizer,
+)
+from jmllm.joint.toy.pool import ScenePool
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+OWL_DIR, LLAVA_DIR, ALIGNMENT_FILE = "owlvit", "llava", "alignment.safetensors"
+MANIFEST_FORMAT = "jmllm-toy-world"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ToyRecipe:
+    """Everything the toy world depends on (stored in the manifest).
+
+    ``seed`` seeds the scenes (train and held-out splits of that world), every initialisation
+    and every data order.
+    """
+
+    seed: int = 0
+    train_scenes: int = 8000  # rendered once, shared by the three trainings
+    w_scenes: int = 4000  # of those, written for W's trainer (held-out subset included)
+    eval_scenes: int = 300  # held-out scenes scored for the manifest
+    threads: int = 2
+    dims: ToyDims = field(default_factory=ToyDims)
+    detector: DetectorRecipe = field(default_factory=DetectorRecipe)
+    captioner: CaptionerRecipe = field(default_factory=CaptionerRecipe)
+    # jmllm-align train: the preset and options changed on its command line
+    alignment_preset: str = "toy"
+    alignment_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> ToyRecipe:
+        """A brief run of the same recipe (for checking that it still learns, not for use)."""
+        return cls(
+            seed=seed,
+            train_scenes=1500,
+            w_scenes=1000,
+            eval_scenes=60,
+            detector=DetectorRecipe(steps=250, warmup_steps=25),
+            captioner=CaptionerRecipe(steps=250, warmup_steps=25),
+            alignment_options={"epochs": 2, "eval_images": 64},
+        )
+
+
+@dataclass
+class StageTime:
+    """Seconds one stage took: wall clock and process CPU time (all threads)."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+    def to_dict(self, cores: int = 2) -> dict[str, float]:
+        return {
+            "wall_s": round(self.wall_s, 2),
+            "cpu_s": round(self.cpu_s, 2),
+            f"cpu_s_per_{cores}_cores": round(self.cpu_s / cores, 2),
+        }
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, StageTime], name: str) -> Iterator[None]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        times[name] = StageTime(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(
+    root: Path, names: tuple[str, ...] = (OWL_DIR, LLAVA_DIR, ALIGNMENT_FILE)
+) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` of every file under the named entries of ``root``."""
+    out = {}
+    for name in names:
+        entry = root / name
+        files = sorted(p for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else [entry]
+        for f in files:
+            out[f.relative_to(root).as_posix()] = {
+                "sha256": sha256_of(f),
+                "bytes": f.stat().st_size,
+            }
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries the recipe's results depend on."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in (
+        "jmllm-joint",
+        "jmllm-align",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "datasets",
+        "numpy",
+        "scipy",
+        "pillow",
+    ):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def _ordinary_mode(path: Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp the permissions ``open``/``mkdir`` give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _train_alignment(
+    staging: Path, pool: ScenePool, recipe: ToyRecipe, progress: bool
+) -> dict[str, Any]:
+    """Train W with ``jmllm-align train`` on the scenes (a parquet ``datasets`` folder)."""
+    from jmllm.align.cli import main as align_main
+    from jmllm.align.weights import load_alignment, save_alignment
+    from jmllm.joint.toy.scenes import scenes_dataset
+
+    data_dir = staging / "w-scenes"
+    run_dir = staging / "w-run"
+    count = min(recipe.w_scenes, len(pool))
+    # the same scenes the models were trained on (W is trained on the same images as well)
+    scenes_dataset("train", count, seed=recipe.seed).to_parquet(str(data_dir / "train.parquet"))
+    argv = [
+        "train",
+        "--dataset",
+        str(data_dir),
+        "--out",
+        str(run_dir),
+        "--preset",
+        recipe.alignment_preset,
+        "--source-model",
+        str(staging / OWL_DIR),
+        "--target-model",
+        str(staging / LLAVA_DIR),
+        "--seed",
+        str(recipe.seed),
+        "--device",
+        "cpu",
+    ]
+    for key, value in recipe.alignment_options.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    if not progress:
+        argv.append("--no-progress")
+    code = align_main(argv)
+    if code != 0:
+        raise RuntimeError(
+            f"jmllm-align train exited with code {code} (arguments: {' '.join(argv)})"
+        )
+    # The trainer records the models' staging paths; J finds them beside the file, by name.
+    layer = load_alignment(run_dir / ALIGNMENT_FILE)
+    provenance = dict(getattr(layer, "provenance", {}) or {})
+    layer.config.source_model, layer.config.target_model = OWL_DIR, LLAVA_DIR
+    provenance.update(source_model=OWL_DIR, target_model=LLAVA_DIR, argv=["jmllm-align", *argv[:1]])
+    save_alignment(layer, staging / ALIGNMENT_FILE, provenance)
+    _ordinary_mode(staging / ALIGNMENT_FILE)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "eval_mse": provenance.get("eval_mse"),
+        "eval_mse_initial": provenance.get("eval_mse_initial"),
+        "eval_cosine": provenance.get("eval_cosine"),
+        "eval_images": provenance.get("eval_images"),
+        "steps": provenance.get("steps"),
+        "final_loss": provenance.get("final_loss"),
+        "metrics_rows": len(metrics),
+    }
+
+
+def train_toy_world(
+    out: str | os.PathLike[str], recipe: ToyRecipe | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Train the toy world into ``out`` and return its manifest (also written to
+    ``out/manifest.json``).
+
+    Args:
+        out: folder to hold ``owlvit/``, ``llava/``, ``alignment.safetensors`` and the manifest.
+        recipe: :class:`ToyRecipe` (default: the shipped recipe).
+        progress: tqdm bars for every stage.
+
+    Returns:
+        The manifest as a dict.
+
+    Example:
+        >>> manifest = train_toy_world("toy-out", ToyRecipe(seed=1))  # doctest: +SKIP
+        >>> manifest["metrics"]["caption_accuracy"]["joint"]["llava-1.5"]  # doctest: +SKIP
+        0.97
+    """
+    from jmllm.joint.model import JointModel
+    from jmllm.joint.report import atomic_write_text
+    from jmllm.joint.toy.evaluate import evaluate_joint
+
+    recipe = recipe or ToyRecipe()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    staging = Path(tempfile.mkdtemp(prefix=".toy-staging-", dir=out))
+    times: dict[str, StageTime] = {}
+    try:
+        with _timed(times, "scenes"):
+            pool = ScenePool.render(
+                "train", recipe.train_scenes, seed=recipe.seed, progress=progress
+            )
+        with _timed(times, "owlvit"):
+            owl_tokenizer = toy_owl_tokenizer()
+            owl = new_owl(recipe.dims, owl_tokenizer, recipe.seed)
+            owl_stats = train_detector(
+                owl, owl_tokenizer, pool, recipe.detector, recipe.seed, progress
+            )
+            save_owl(owl, owl_tokenizer, staging / OWL_DIR)
+        with _timed(times, "llava"):
+            tokenizer = toy_llava_tokenizer()
+            llava = new_llava(recipe.dims, tokenizer, recipe.seed + 1)
+            llava_stats = train_captioner(
+                llava, tokenizer, pool, recipe.captioner, recipe.seed, progress
+            )
+            save_llava(llava, tokenizer, staging / LLAVA_DIR)
+        del owl, llava
+        with _timed(times, "alignment"):
+            w_stats = _train_alignment(staging, pool, recipe, progress)
+        del pool
+        train_time = StageTime(
+            sum(t.wall_s for t in times.values()), sum(t.cpu_s for t in times.values())
+        )
+        with _timed(times, "evaluation"):
+            model = JointModel.from_pretrained(
+                staging / OWL_DIR, staging / LLAVA_DIR, staging / ALIGNMENT_FILE, device="cpu"
+            )
+            metrics = evaluate_joint(model, scenes=recipe.eval_scenes, seed=recipe.seed)
+        for entry in (OWL_DIR, LLAVA_DIR):
+            _ordinary_mode(staging / entry)
+        digests = file_digests(staging)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "what": "toy world: OWL-ViT, LLaVA and W trained on synthetic shapes; a testbed, "
+            "not a substitute for the real checkpoints",
+            "seed": recipe.seed,
+            "recipe": recipe.to_dict(),
+            "command": " ".join(
+                ["jmllm-joint", "toy", "train", "--out", "DIR", "--seed", str(recipe.seed)]
+            ),
+            "versions": versions(),
+            "training": {
+                "owlvit": owl_stats,
+                "llava": llava_stats,
+                "alignment": w_stats,
+            },
+            "metrics": {"heldout_scenes": recipe.eval_scenes, **metrics},
+            "seconds": {
+                "total_training": train_time.to_dict(),
+                **{name: t.to_dict() for name, t in times.items()},
+                "threads": recipe.threads,
+            },
+            "files": digests,
+            "total_bytes": sum(d["bytes"] for d in digests.values()),
+        }
+        for entry in (OWL_DIR, LLAVA_DIR, ALIGNMENT_FILE):
+            target = out / entry
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(staging / entry, target)
+        atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        torch.set_num_threads(threads_before)
+
+
+if __name__ == "__main__":  # pragma: no cover - the CLI is jmllm-joint toy train
+    sys.exit("use: jmllm-joint toy train --out DIR")
