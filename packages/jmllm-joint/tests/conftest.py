@@ -3,6 +3,10 @@
 The tiny J is built once per test session into a temporary folder and loaded through the same
 ``JointModel.from_pretrained`` path as real checkpoints. Set ``JMLLM_TEST_CACHE`` to a folder to
 reuse the built checkpoints across runs while developing.
+
+Re-training the toy world (``test_toy_world.py::test_recipe_still_learns``, several minutes on
+two cores) is off by default; turn it on with ``pytest --toy-retrain`` or the environment
+variable ``JMLLM_TOY_RETRAIN=1``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,22 @@ from jmllm.joint.testing import TinyJoint, build_tiny_joint, generated_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--toy-retrain",
+        action="store_true",
+        default=False,
+        help="also re-train the toy world briefly (slow; or set JMLLM_TOY_RETRAIN=1)",
+    )
+
+
+@pytest.fixture(scope="session")
+def toy_retrain(request: pytest.FixtureRequest) -> bool:
+    """Whether the opt-in toy-world re-training test runs."""
+    flag = os.environ.get("JMLLM_TOY_RETRAIN", "").strip().lower() in ("1", "true", "yes")
+    return flag or bool(request.config.getoption("--toy-retrain", default=False))
 
 
 @pytest.fixture(scope="session")

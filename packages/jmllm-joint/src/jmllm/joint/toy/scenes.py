@@ -44,7 +44,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 128  # the toy OWL-ViT's input size (8 × 8 patches of 16 px)
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+# Shapes that stay distinct at two patches across (a star and a triangle did not, for a small ViT).
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 # Saturated, well-separated hues; each object gets its colour jittered by up to COLOUR_JITTER.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 45, 45),
@@ -54,7 +55,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 COLOUR_JITTER = 12
 BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "texture")
-MIN_SIDE, MAX_SIDE = 18, 40  # object size in pixels (1.1 to 2.5 patches of 16 px)
+MIN_SIDE, MAX_SIDE = 22, 42  # object size in pixels (1.4 to 2.6 patches of 16 px)
 GAP = 4  # pixels kept free between two objects' boxes
 MAX_OBJECTS = 3
 NUMBER_WORDS = ("zero", "one", "two", "three")
@@ -289,14 +290,10 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
         draw.rectangle([0, 0, s, s], fill=255)
     elif shape == "triangle":
         draw.polygon([(s / 2, 0), (s, s), (0, s)], fill=255)
-    elif shape == "star":
-        outer, inner = s / 2, s / 2 * 0.45
-        points = []
-        for k in range(10):
-            radius = outer if k % 2 == 0 else inner
-            angle = -math.pi / 2 + k * math.pi / 5
-            points.append((s / 2 + radius * math.cos(angle), s / 2 + radius * math.sin(angle)))
-        draw.polygon(points, fill=255)
+    elif shape == "cross":  # an upright plus sign, arms 0.36 of the side thick
+        a, b = round(side * 0.32), round(side * 0.68) - 1
+        draw.rectangle([a, 0, b, s], fill=255)
+        draw.rectangle([0, a, s, b], fill=255)
     else:
         raise ValueError(f"shape: {shape!r} is not one of {', '.join(SHAPES)}")
     return np.asarray(canvas) > 127
