@@ -1,17 +1,20 @@
 """Training the toy LLaVA to caption scenes and answer questions about them.
 
-The model is the stock ``LlavaForConditionalGeneration``; vision tower, projector and language
-model are trained together from scratch on conversations about the scenes. Inputs are built the
-way J prompts LLaVA (:meth:`jmllm.joint.JointModel.prompt_inputs`): a conversation formatted with
-a named template (:mod:`jmllm.joint.chat`), ``<image>`` expanded to one image token per patch,
-the image tokens being LLaVA's own (:func:`jmllm.align.llava_image_tokens`: vision feature layer
-−2, CLS dropped, projector) put in place of the placeholders.
+The model is the stock ``LlavaForConditionalGeneration``. Inputs are built the way J prompts
+LLaVA (:meth:`jmllm.joint.JointModel.prompt_inputs`): a conversation formatted with a named
+template (:mod:`jmllm.joint.chat`), ``<image>`` expanded to one image token per patch, the image
+tokens being LLaVA's own (:func:`jmllm.align.llava_image_tokens`: vision feature layer −2, CLS
+dropped, projector) put in place of the placeholders.
 
-Each training example is one scene and a conversation of 1–``max_turns`` turns drawn from the
-scene's questions (:func:`jmllm.joint.toy.scenes.scene_questions`); the first turn is a caption
-prompt with probability ``caption_share``. Half of the conversations use the ``llava-1.5``
-template and half ``paper``, so J answers in both. The loss is the next-token cross-entropy on
-the answers and their end-of-sequence tokens only.
+Two stages, as LLaVA-1.5 is built on a pre-trained CLIP tower that stays frozen:
+
+1. :func:`pretrain_vision`: the vision tower and projector learn, densely, what each patch
+   shows (the colour and shape of the object covering it, and where that object is);
+2. :func:`train_captioner`: with the tower frozen (its features computed once per scene),
+   projector and language model learn conversations about the scenes: one caption prompt, or
+   1–``max_turns`` questions about distinct objects (:func:`sample_conversation`), half in the
+   ``llava-1.5`` template and half in ``paper``, so J answers in both. The loss is the
+   next-token cross-entropy on the answers and their end-of-sequence tokens only.
 """
 
 from __future__ import annotations
@@ -37,16 +40,19 @@ TEMPLATES = tuple(CONVERSATION_TEMPLATES)  # ("llava-1.5", "paper")
 class CaptionerRecipe:
     """How the toy LLaVA is trained (the defaults are the shipped recipe's)."""
 
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 2e-3  # AdamW peak, linear warm-up then cosine decay to 0
     warmup_steps: int = 100
     weight_decay: float = 0.05
-    vision_steps: int = 600  # dense pre-training of the vision tower + projector (0: none)
+    vision_steps: int = 2500  # dense pre-training of the vision tower + projector (0: none)
     vision_lr: float = 2e-3
     freeze_vision: bool = True  # LLaVA-1.5 keeps its (pre-trained) vision tower frozen
-    max_turns: int = 3  # turns per training conversation (1..max_turns, uniform)
-    caption_share: float = 0.5  # probability that the first turn is a caption prompt
+    max_turns: int = 3  # question turns per training conversation (1..max_turns, uniform)
+    # Gaussian noise added to the image tokens, relative to their RMS, so the language model
+    # tolerates the small errors of W's tokens (J reads W(t), not LLaVA's own tokens); 0: none
+    token_noise: float = 0.0
+    caption_share: float = 0.5  # probability that a conversation is one caption prompt
     grad_clip: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,16 +69,45 @@ def num_image_tokens(llava: Any) -> int:
     return int((vision.image_size // vision.patch_size) ** 2)
 
 
+def _facts(qa: QA) -> set[str]:
+    """The colour and shape words a question and its answer mention."""
+    words = set(f"{qa.question} {qa.answer}".lower().replace("?", " ").replace(".", " ").split())
+    return words & (set(COLOURS) | set(SHAPES))
+
+
 def sample_conversation(
     questions: tuple[QA, ...], rng: random.Random, recipe: CaptionerRecipe
 ) -> list[QA]:
-    """The turns of one training conversation about a scene."""
+    """The turns of one training conversation about a scene.
+
+    The conversation is one caption prompt with probability ``caption_share``: a caption
+    answers every other question. Otherwise it has 1–``max_turns`` questions of different kinds
+    (each kind equally likely) that share no colour or shape with an earlier turn, so no answer
+    can be read off the conversation instead of the image (a model trained so fails on the same
+    question asked alone, as J is evaluated).
+    """
     captions = [q for q in questions if q.kind in ("content", "in_image")]
-    others = [q for q in questions if q.kind not in ("content", "in_image")]
-    turns = rng.randint(1, recipe.max_turns)
-    first = rng.choice(captions if rng.random() < recipe.caption_share else others)
-    rest = [q for q in questions if q is not first]
-    return [first, *rng.sample(rest, min(turns - 1, len(rest)))]
+    if rng.random() < recipe.caption_share:
+        return [rng.choice(captions)]
+    by_kind: dict[str, list[QA]] = {}
+    for q in questions:
+        if q.kind not in ("content", "in_image"):
+            by_kind.setdefault(q.kind, []).append(q)
+    # every kind equally likely (a scene has four yes/no questions per form but at most three
+    # colour questions), so the rarer, harder kinds are not drowned out
+    kinds = sorted(by_kind)
+    wanted = rng.randint(1, recipe.max_turns)
+    turns: list[QA] = []
+    seen: set[str] = set()
+    for kind in rng.sample(kinds, len(kinds)):
+        if len(turns) >= wanted:
+            break
+        candidates = [q for q in by_kind[kind] if not _facts(q) & seen]
+        if candidates:
+            qa = rng.choice(candidates)
+            turns.append(qa)
+            seen |= _facts(qa)
+    return turns
 
 
 def encode_conversation(
@@ -203,6 +238,7 @@ def pretrain_vision(
     bar = tqdm(
         range(recipe.vision_steps), desc="toy LLaVA vision", disable=not progress, unit="step"
     )
+    first: float | None = None
     last = float("nan")
     for step in bar:
         idx = torch.randint(len(pool), (recipe.batch_size,), generator=generator)
@@ -227,9 +263,10 @@ def pretrain_vision(
         schedule.step()
         if step % 20 == 0 or step == recipe.vision_steps - 1:
             last = float(loss.detach())
+            first = last if first is None else first
             bar.set_postfix(loss=f"{last:.4f}")
     llava.eval()
-    return {"steps": recipe.vision_steps, "final_loss": last}
+    return {"steps": recipe.vision_steps, "first_loss": first, "final_loss": last}
 
 
 def caption_loss(
@@ -283,7 +320,9 @@ def train_captioner(
         optimizer, lambda s: warmup_cosine(s, recipe.warmup_steps, recipe.steps)
     )
     rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
     bar = tqdm(range(recipe.steps), desc="toy LLaVA", disable=not progress, unit="step")
+    first: float | None = None
     last = float("nan")
     for step in bar:
         idx = [rng.randrange(len(pool)) for _ in range(recipe.batch_size)]
@@ -301,6 +340,10 @@ def train_captioner(
             image_tokens = projector(cached[idx])  # (B, N, D_llm)
         else:
             image_tokens = llava_image_tokens(llava, norm(pool.images(idx)))
+        if recipe.token_noise > 0:
+            rms = image_tokens.detach().pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # (B, 1, 1)
+            noise = torch.randn(image_tokens.shape, generator=generator)
+            image_tokens = image_tokens + recipe.token_noise * rms * noise
         loss = caption_loss(llava, image_tokens, input_ids, attention_mask, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,7 +352,13 @@ def train_captioner(
         schedule.step()
         if step % 20 == 0 or step == recipe.steps - 1:
             last = float(loss.detach())
+            first = last if first is None else first
             bar.set_postfix(loss=f"{last:.4f}")
     tower.requires_grad_(True)
     llava.eval()
-    return {"steps": recipe.steps, "final_loss": last, "vision_pretraining": vision}
+    return {
+        "steps": recipe.steps,
+        "first_loss": first,
+        "final_loss": last,
+        "vision_pretraining": vision,
+    }

@@ -124,8 +124,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_scores(metrics: dict[str, Any], seconds: dict[str, Any] | None = None) -> None:
-    ap = metrics["detection_ap50"]
-    print("detection AP50: " + ", ".join(f"{k} {v:.3f}" for k, v in ap.items()))
+    for key, label in (("detection_ap50_nms", "NMS 0.5"), ("detection_ap50", "no NMS")):
+        ap = metrics[key]
+        print(f"detection AP50 ({label}): " + ", ".join(f"{k} {v:.3f}" for k, v in ap.items()))
     for key in ("caption_accuracy", "in_image_accuracy", "qa_accuracy"):
         for vision, by_template in metrics[key].items():
             values = ", ".join(f"{t} {v:.3f}" for t, v in by_template.items())
@@ -134,9 +135,14 @@ def _print_scores(metrics: dict[str, Any], seconds: dict[str, Any] | None = None
             )
     ga = metrics.get("ga_localisation")
     if ga:
-        values = ", ".join(f"{k} {v:.3f}" for k, v in ga["maxboxacc_iou50"].items())
-        print(f"MaxBoxAccV2 @ IoU 0.5 ({ga['objects']} objects): {values}")
-        print(f"Spearman(GA, GA with W re-initialised): {ga['sanity_spearman_reinit_w']:.3f}")
+        for protocol in ("caption", "name"):
+            for group, scores in ga[protocol].items():
+                values = ", ".join(f"{k} {v:.3f}" for k, v in scores["maxboxacc_iou50"].items())
+                print(
+                    f"GA MaxBoxAccV2 @ IoU 0.5, {protocol}, {group.replace('_', ' ')} "
+                    f"({scores['objects']} objects): {values}; Spearman(GA, GA with W "
+                    f"re-initialised) {scores['sanity_spearman_reinit_w']:.3f}"
+                )
     if seconds:
         total = seconds["total_training"]
         print(f"training: {total['wall_s']:.0f} s wall, {total['cpu_s_per_2_cores']:.0f} s CPU / 2")

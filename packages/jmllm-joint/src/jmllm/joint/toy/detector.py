@@ -5,22 +5,23 @@ them (:func:`jmllm.align.owl_penultimate` → ``t`` → :func:`jmllm.joint.detec
 so what is trained is exactly what J and GA later read. Text and vision towers are trained from
 scratch, together.
 
-The loss (DETR-style set prediction, as OWL-ViT was trained; Carion et al. 2020, Minderer et al.
-2022):
+The loss is a set-prediction loss (DETR, Carion et al. 2020, as OWL-ViT was fine-tuned; Minderer
+et al. 2022), with two additions that make a small detector learn fast and fit GA:
 
 - Queries: every shape (``a photo of a circle``) and every colour–shape name (``a photo of a red
   circle``), 20 texts encoded by the text tower each step; class logits are OWL-ViT's (cosine of
   patch and query embeddings, learned shift and scale).
 - Matching: each object is assigned one patch by ``scipy.optimize.linear_sum_assignment`` on the
   cost ``-class_weight · mean(p(shape query), p(name query)) + l1_weight · L1 + giou_weight ·
-  (−GIoU)``.
-- Class loss: sigmoid focal loss (α 0.25, γ 2) over every (patch, query); the matched patch is
-  positive for its object's shape and name queries, everything else negative.
-- Box loss: L1 + (1 − GIoU) for matched patches. Patches whose cell centre lies inside an object
-  also regress that object's box (``inside_weight``), so every patch on an object points at it, as
-  a trained OWL-ViT's do; other patches regress their own grid cell (``background_weight``), so
-  empty regions predict small local boxes instead of arbitrary ones. GA paints each patch's box,
-  so both make its maps land on objects.
+  (−GIoU)``; the matched patch's box gets L1 + (1 − GIoU).
+- Dense positives: every patch an object covers (at least :data:`~jmllm.joint.toy.pool.COVERED`
+  of its area) is also a positive for the object's shape and name queries and regresses its box
+  (``inside_weight``), so every patch on an object points at it, as a trained OWL-ViT's do; the
+  other patches regress their own grid cell (``background_weight``), so empty regions predict
+  small local boxes. GA paints each patch's box, so both make its maps land on objects.
+- IoU-aware classification (as VarifocalNet, Zhang et al. 2021): a positive's class target is the
+  IoU of its own box with the object's (detached), so a patch that sees an object but boxes it
+  badly scores low and never outranks a good box. Sigmoid focal loss over every (patch, query).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ QUERY_NAMES: tuple[str, ...] = tuple(SHAPES) + tuple(f"{c} {s}" for c in COLOURS
 class DetectorRecipe:
     """How the toy OWL-ViT is trained (the defaults are the shipped recipe's)."""
 
-    steps: int = 1500
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3  # AdamW peak, linear warm-up then cosine decay to 0
     warmup_steps: int = 100
@@ -196,12 +197,12 @@ def match(
             + recipe.l1_weight * l1_cost
             - recipe.giou_weight * giou
         )
-        cost = cost.cpu().numpy()
+    costs = cost.cpu().numpy()  # (B, N, K)
     valid = targets.valid.numpy()
     out = []
-    for b in range(cost.shape[0]):
+    for b in range(costs.shape[0]):
         cols_valid = np.nonzero(valid[b])[0]
-        rows, cols = linear_sum_assignment(cost[b][:, cols_valid])
+        rows, cols = linear_sum_assignment(costs[b][:, cols_valid])
         out.append((rows, cols_valid[cols]))
     return out
 
@@ -250,7 +251,7 @@ def detection_loss(
     # patch that sees an object but boxes it badly scores low and never outranks a good box
     class_target = torch.zeros_like(logits)
     for bi, ni, ki in ((ob, on, owner[ob, on]), (b_idx, n_idx, k_idx)):
-        quality = 1.0
+        quality: torch.Tensor | float = 1.0
         if recipe.iou_aware:
             with torch.no_grad():
                 quality = paired_iou(
@@ -335,6 +336,7 @@ def train_detector(
     targets_all = [targets_of(objs, size) for objs in pool.objects]
     coverage = pool.coverage(math.isqrt(owl.box_bias.shape[0]))  # (N_pool, K, N)
     bar = tqdm(range(recipe.steps), desc="toy OWL-ViT", disable=not progress, unit="step")
+    first: dict[str, float] = {}
     last: dict[str, float] = {}
     for step in bar:
         idx = torch.randint(len(pool), (recipe.batch_size,), generator=generator)
@@ -351,9 +353,10 @@ def train_detector(
         schedule.step()
         if step % 20 == 0 or step == recipe.steps - 1:
             last = {k: float(v.detach()) for k, v in losses.items()}
+            first = first or last
             bar.set_postfix(loss=f"{last['loss']:.3f}", cls=f"{last['class']:.3f}")
     owl.eval()
-    return {"steps": recipe.steps, "final_losses": last}
+    return {"steps": recipe.steps, "first_losses": first, "final_losses": last}
 
 
 @torch.no_grad()

@@ -86,7 +86,7 @@ def answer_scores(
     """
     emb_all = [model.embed(pool.images(idx)) for idx in _batches(len(pool), batch_size)]
     out: dict[str, Any] = defaultdict(dict)
-    examples = []
+    examples: list[dict[str, str]] = []
     qa = [
         (i, q)
         for i, questions in enumerate(pool.questions)

@@ -74,7 +74,10 @@ def average_precision(
             raise ValueError(f"image {i}: boxes and scores differ in number")
         ranked.extend((float(s), i, k) for k, s in enumerate(scores))
     ranked.sort(key=lambda r: -r[0])  # stable: ties keep image order
-    ious = [iou_matrix(np.asarray(p[0]).reshape(-1, 4), t) for p, t in zip(predictions, truths, strict=True)]
+    ious = [
+        iou_matrix(np.asarray(p[0]).reshape(-1, 4), t)
+        for p, t in zip(predictions, truths, strict=True)
+    ]
     used = [np.zeros(np.asarray(t).reshape(-1, 4).shape[0], dtype=bool) for t in truths]
     hits = np.zeros(len(ranked))
     for r, (_, i, k) in enumerate(ranked):

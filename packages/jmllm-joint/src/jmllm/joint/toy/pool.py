@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,6 @@ class ScenePool:
                     out[start + b, j] = pooled.flatten()
         return out
 
-    def images(self, indices: list[int] | torch.Tensor) -> list[torch.Tensor]:
+    def images(self, indices: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
         """The (3, S, S) uint8 images at ``indices``, as the project's normalisers take them."""
         return [self.pixels[int(i)] for i in indices]

@@ -67,7 +67,7 @@ class ToyRecipe:
     """
 
     seed: int = 0
-    train_scenes: int = 8000  # rendered once, shared by the three trainings
+    train_scenes: int = 12000  # rendered once, shared by the three trainings
     w_scenes: int = 4000  # of those, written for W's trainer (held-out subset included)
     eval_scenes: int = 300  # held-out scenes scored for the manifest
     threads: int = 2
@@ -90,7 +90,7 @@ class ToyRecipe:
             w_scenes=1000,
             eval_scenes=60,
             detector=DetectorRecipe(steps=250, warmup_steps=25),
-            captioner=CaptionerRecipe(steps=250, warmup_steps=25),
+            captioner=CaptionerRecipe(steps=250, vision_steps=250, warmup_steps=25),
             alignment_options={"epochs": 2, "eval_images": 64},
         )
 
@@ -165,10 +165,36 @@ def versions() -> dict[str, str]:
 
 
 def _ordinary_mode(path: Path) -> None:
-    """Give a file or folder made by mkstemp/mkdtemp the permissions ``open``/``mkdir`` give."""
+    """Give a file or folder (and everything in it) the permissions ``open``/``mkdir`` give:
+    mkstemp/mkdtemp, which the writers use for atomicity, make them private (0600/0700)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """Without progress bars, the libraries' own bars (datasets, transformers) stay off too."""
+    if not quiet:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars, hf_bars = (
+        datasets.is_progress_bar_enabled(),
+        hf_logging.is_progress_bar_enabled(),
+    )
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
 
 
 def _train_alignment(
@@ -183,7 +209,9 @@ def _train_alignment(
     run_dir = staging / "w-run"
     count = min(recipe.w_scenes, len(pool))
     # the same scenes the models were trained on (W is trained on the same images as well)
-    scenes_dataset("train", count, seed=recipe.seed).to_parquet(str(data_dir / "train.parquet"))
+    with _quiet_libraries(not progress):
+        dataset = scenes_dataset("train", count, seed=recipe.seed)
+        dataset.to_parquet(str(data_dir / "train.parquet"))
     argv = [
         "train",
         "--dataset",
@@ -205,7 +233,8 @@ def _train_alignment(
         argv += ["--set", f"{key}={json.dumps(value)}"]
     if not progress:
         argv.append("--no-progress")
-    code = align_main(argv)
+    with _quiet_libraries(not progress):
+        code = align_main(argv)
     if code != 0:
         raise RuntimeError(
             f"jmllm-align train exited with code {code} (arguments: {' '.join(argv)})"
@@ -272,14 +301,16 @@ def train_toy_world(
             owl_stats = train_detector(
                 owl, owl_tokenizer, pool, recipe.detector, recipe.seed, progress
             )
-            save_owl(owl, owl_tokenizer, staging / OWL_DIR)
+            with _quiet_libraries(not progress):
+                save_owl(owl, owl_tokenizer, staging / OWL_DIR)
         with _timed(times, "llava"):
             tokenizer = toy_llava_tokenizer()
             llava = new_llava(recipe.dims, tokenizer, recipe.seed + 1)
             llava_stats = train_captioner(
                 llava, tokenizer, pool, recipe.captioner, recipe.seed, progress
             )
-            save_llava(llava, tokenizer, staging / LLAVA_DIR)
+            with _quiet_libraries(not progress):
+                save_llava(llava, tokenizer, staging / LLAVA_DIR)
         del owl, llava
         with _timed(times, "alignment"):
             w_stats = _train_alignment(staging, pool, recipe, progress)
