@@ -85,3 +85,70 @@ def test_docstring_examples():
     import jmllm.joint.toy.metrics as module
 
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def _brute_force_ap(predictions, truths, threshold):
+    """AP from first principles: for every cut-off k, match the k best-scored predictions
+    afresh (greedy in score order, each ground-truth box once, within its image), then
+    integrate the interpolated precision p(r) = max{precision_k : recall_k ≥ r} over recall,
+    exactly, at the midpoint of each 1/G recall step."""
+    flat = [
+        (s, i, b)
+        for i, (boxes, scores) in enumerate(predictions)
+        for b, s in zip(boxes, scores, strict=True)
+    ]
+    flat.sort(key=lambda f: -f[0])
+    total = sum(len(t) for t in truths)
+    points = []
+    for k in range(1, len(flat) + 1):
+        taken = set()
+        tp = 0
+        for _, i, box in flat[:k]:
+            best, best_j = -1.0, None
+            for j, gt in enumerate(truths[i]):
+                if (i, j) in taken:
+                    continue
+                ix = max(0.0, min(box[2], gt[2]) - max(box[0], gt[0]))
+                iy = max(0.0, min(box[3], gt[3]) - max(box[1], gt[1]))
+                union = (
+                    (box[2] - box[0]) * (box[3] - box[1])
+                    + (gt[2] - gt[0]) * (gt[3] - gt[1])
+                    - ix * iy
+                )
+                iou = ix * iy / union
+                if iou > best:
+                    best, best_j = iou, j
+            if best_j is not None and best >= threshold:
+                taken.add((i, best_j))
+                tp += 1
+        points.append((tp / total, tp / k))
+    area = 0.0
+    for step in range(total):
+        r = (step + 0.5) / total
+        area += max([p for rec, p in points if rec >= r], default=0.0) / total
+    return area
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_average_precision_equals_a_brute_force_definition(seed):
+    rng = np.random.default_rng(seed)
+    predictions, truths = [], []
+    for _ in range(int(rng.integers(1, 6))):
+        gt = rng.uniform(0, 80, (int(rng.integers(0, 4)), 2))
+        gt = np.concatenate([gt, gt + rng.uniform(8, 30, gt.shape)], axis=1)
+        boxes = []
+        for g in gt:  # noisy copies of the truth (some duplicates, some poor) ...
+            for _ in range(int(rng.integers(0, 3))):
+                boxes.append(g + rng.normal(0, 4, 4))
+        for _ in range(int(rng.integers(0, 3))):  # ... and boxes anywhere
+            xy = rng.uniform(0, 80, 2)
+            boxes.append(np.concatenate([xy, xy + rng.uniform(8, 30, 2)]))
+        boxes_arr = np.array(boxes, dtype=float).reshape(-1, 4)
+        boxes_arr[:, 2:] = np.maximum(boxes_arr[:, 2:], boxes_arr[:, :2] + 1)
+        predictions.append((boxes_arr, rng.permutation(1000)[: len(boxes_arr)] / 1000))
+        truths.append(gt)
+    if sum(len(t) for t in truths) == 0:
+        truths[0] = np.array([[0.0, 0.0, 10.0, 10.0]])
+    for threshold in (0.3, 0.5, 0.7):
+        want = _brute_force_ap(predictions, truths, threshold)
+        assert average_precision(predictions, truths, threshold) == pytest.approx(want, abs=1e-12)

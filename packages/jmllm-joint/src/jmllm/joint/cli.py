@@ -40,6 +40,7 @@ from jmllm.align.options import (
     template_type,
     unit_interval,
 )
+from jmllm.joint.detection import DEFAULT_NMS_IOU, DEFAULT_THRESHOLD
 
 logger = logging.getLogger("jmllm.joint.cli")
 
@@ -176,13 +177,16 @@ def _detection_arguments(
         help=f"object to detect (repeat for several){' ; default ' + ', '.join(default_queries) if default_queries else ''}",
     )
     group.add_argument(
-        "--threshold", type=unit_interval(), default=0.1, help="minimum score in [0, 1] (0.1)"
+        "--threshold",
+        type=unit_interval(),
+        default=DEFAULT_THRESHOLD,
+        help=f"minimum score in [0, 1] ({DEFAULT_THRESHOLD})",
     )
     group.add_argument(
         "--nms",
         type=unit_interval(open_low=True),
-        default=0.3,
-        help="per-class NMS IoU in (0, 1] (default 0.3; 1 disables)",
+        default=DEFAULT_NMS_IOU,
+        help=f"per-class NMS IoU in (0, 1] (default {DEFAULT_NMS_IOU}; 1 disables)",
     )
     group.add_argument(
         "--query-template",

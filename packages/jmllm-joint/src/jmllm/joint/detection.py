@@ -19,6 +19,13 @@ from typing import Any
 
 import torch
 
+DEFAULT_THRESHOLD = 0.1
+"""``jmllm-joint detect``'s default minimum score (``--threshold``)."""
+
+DEFAULT_NMS_IOU = 0.3
+"""``jmllm-joint detect``'s default per-class NMS IoU (``--nms``); the explorer and the toy world's
+``detection_ap50`` decode with it too, so their boxes and scores are the command line's."""
+
 
 @dataclass
 class Detections:

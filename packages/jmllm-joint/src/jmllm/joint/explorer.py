@@ -45,7 +45,7 @@ from PIL import Image
 
 from jmllm.align.images import MAX_IMAGE_PIXELS, ImageLoadError, open_image
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, Conversation, check_question, get_template
-from jmllm.joint.detection import Detections
+from jmllm.joint.detection import DEFAULT_NMS_IOU, Detections
 from jmllm.joint.drawing import MIN_SIDE, fit_picture, picture_size
 from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE, JointAnswer, JointEmbedding
 from jmllm.joint.saliency import (
@@ -66,7 +66,7 @@ DISPLAY_SIDE = 1024  # pictures shown in the page are at most this large…
 DISPLAY_MIN_SIDE = MIN_SIDE  # …and small ones are enlarged to this, so labels are legible
 NORM_CACHE_SIZE = 16  # (image, queries) pairs whose GA norms are kept
 MAP_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "gradient")  # "gradient": the plain baseline
-DETECTION_NMS_IOU = 0.3  # the command line's default, so reports match
+DETECTION_NMS_IOU = DEFAULT_NMS_IOU  # the command line's default, so reports match
 
 
 class ExplorerError(ValueError):

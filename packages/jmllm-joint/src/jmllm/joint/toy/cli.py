@@ -124,8 +124,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_scores(metrics: dict[str, Any], seconds: dict[str, Any] | None = None) -> None:
-    for key, label in (("detection_ap50_nms", "NMS 0.5"), ("detection_ap50", "no NMS")):
-        ap = metrics[key]
+    for key, label in (
+        ("detection_ap50", "as `jmllm-joint detect` decodes: score >= 0.1, NMS 0.3"),
+        ("detection_ap50_no_nms", "every patch's box, no NMS"),
+    ):
+        ap = metrics.get(key)
+        if ap is None:
+            continue
         print(f"detection AP50 ({label}): " + ", ".join(f"{k} {v:.3f}" for k, v in ap.items()))
     for key in ("caption_accuracy", "in_image_accuracy", "qa_accuracy"):
         for vision, by_template in metrics[key].items():
