@@ -143,6 +143,21 @@ def tests(session: nox.Session) -> None:
     )
 
 
+WHEEL_LIMIT_BYTES = 20_000_000  # jmllm-joint's wheel, toy-world weights included
+
+TOY_WHEEL_CHECK = """
+import sysconfig
+from pathlib import Path
+from jmllm.joint.toy import load_toy_joint, toy_manifest, toy_paths
+from jmllm.joint.toy.train import file_digests
+root = toy_paths().root
+assert Path(sysconfig.get_paths()["purelib"]) in root.parents, f"{root}: not the installed wheel"
+assert toy_manifest()["files"] == file_digests(root), "toy weights differ from their manifest"
+model = load_toy_joint()
+print("toy world in the wheel:", len(toy_manifest()["files"]), "files intact; J loads from", root)
+"""
+
+
 @nox.session
 @nox.parametrize("package", list(PACKAGES))
 def isolated(session: nox.Session, package: str) -> None:
@@ -176,6 +191,12 @@ def isolated(session: nox.Session, package: str) -> None:
     )
     session.run(package, "--help", env=OFFLINE_ENV, silent=True)
     session.run("python", "-m", "pip", "check")
+    if package == "jmllm-joint":
+        # the trained toy world ships inside the wheel: every file the manifest lists, intact,
+        # and J loads from the installed copy
+        if wheel.stat().st_size > WHEEL_LIMIT_BYTES:
+            session.error(f"{wheel.name}: {wheel.stat().st_size} bytes > {WHEEL_LIMIT_BYTES}")
+        session.run("python", "-c", TOY_WHEEL_CHECK, env=OFFLINE_ENV)
 
 
 @nox.session
