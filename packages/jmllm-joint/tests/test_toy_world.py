@@ -30,19 +30,19 @@ CAPTION_SCENES = 100  # fresh held-out scenes captioned by the fast tests (the m
 QA_SCENES = 24  # fresh held-out scenes whose ~12 questions each are asked
 DETECTION_SCENES = 40
 
-# The recipe's targets on held-out scenes, and the floor the shipped world is held to where it
-# misses the target (docs/toy.md, "What misses its target", says by how much and why).
-# (metric path in the manifest, target, shipped floor)
+# The recipe's targets on held-out scenes (None: the recipe sets none), and the floor the shipped
+# world is held to where it misses one (docs/toy.md, "What misses its target", says by how much
+# and why). (metric path in the manifest, target, shipped floor)
 MANIFEST_FLOORS = [
     *((("detection_ap50", s), 0.9, 0.9) for s in ("circle", "square", "triangle", "cross")),
     (("caption_accuracy", "llava", "llava-1.5"), 0.95, 0.90),  # shipped: 0.907
     (("caption_accuracy", "llava", "paper"), 0.95, 0.90),  # shipped: 0.910
     (("caption_accuracy", "joint", "llava-1.5"), 0.9, 0.80),  # shipped: 0.807
     (("caption_accuracy", "joint", "paper"), 0.9, 0.80),  # shipped: 0.823
-    (("qa_accuracy", "llava", "llava-1.5"), 0.95, 0.95),
-    (("qa_accuracy", "llava", "paper"), 0.95, 0.95),
-    (("qa_accuracy", "joint", "llava-1.5"), 0.95, 0.93),  # shipped: 0.940
-    (("qa_accuracy", "joint", "paper"), 0.95, 0.95),
+    (("qa_accuracy", "llava", "llava-1.5"), 0.95, 0.95),  # shipped: 0.951
+    (("qa_accuracy", "llava", "paper"), 0.95, 0.95),  # shipped: 0.973
+    (("qa_accuracy", "joint", "llava-1.5"), None, 0.93),  # shipped: 0.940
+    (("qa_accuracy", "joint", "paper"), None, 0.95),  # shipped: 0.961
 ]
 
 
@@ -77,7 +77,7 @@ def test_shipped_files_are_the_manifests():
         value = metrics
         for key in path:
             value = value[key]
-        assert floor <= target and value >= floor, (path, value, floor)
+        assert (target is None or floor <= target) and value >= floor, (path, value, floor)
     # detection_ap50 is the AP of what `jmllm-joint detect` prints by default
     decoding = metrics["detection_decoding"]
     assert decoding["detection_ap50"] == {

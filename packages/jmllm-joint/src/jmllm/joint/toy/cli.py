@@ -28,7 +28,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     train = sub.add_parser(
         "train",
         help="train the toy OWL-ViT, LLaVA and W (jmllm-align train) and score them",
-        description="Train all three toy models on the scenes of world SEED (about 20 minutes "
+        description="Train all three toy models on the scenes of world SEED (about 21 minutes "
         "on two idle CPU cores), then score J and stock LLaVA on held-out scenes. Writes "
         "owlvit/, llava/, alignment.safetensors and manifest.json into --out.",
     )
@@ -51,7 +51,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="held-out scores of a toy world: AP50, caption/QA accuracy, GA localisation",
     )
     evaluate.add_argument("--dir", help="a toy world folder (default: the shipped weights)")
-    evaluate.add_argument("--scenes", type=int, default=200, help="held-out scenes (default 200)")
+    evaluate.add_argument(
+        "--scenes",
+        type=int,
+        help="held-out scenes (default: as many as the manifest's figures used, 300)",
+    )
     evaluate.add_argument(
         "--ga-scenes",
         type=int,
@@ -103,14 +107,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jmllm.joint.toy.evaluate import evaluate_joint
     from jmllm.joint.toy.localisation import ga_localisation
 
-    _positive("--scenes", args.scenes)
+    if args.scenes is not None:
+        _positive("--scenes", args.scenes)
     _positive("--ga-scenes", args.ga_scenes, minimum=0)
     if args.seed is not None and args.seed < 0:
         raise CliError(f"--seed: must be >= 0, got {args.seed}")
     manifest = toy_manifest(args.dir)
     seed = manifest["seed"] if args.seed is None else args.seed
     model = load_toy_joint(args.dir)
-    scores: dict[str, Any] = evaluate_joint(model, scenes=args.scenes, seed=seed)
+    scenes = manifest["metrics"]["heldout_scenes"] if args.scenes is None else args.scenes
+    scores: dict[str, Any] = evaluate_joint(model, scenes=scenes, seed=seed)
     if args.ga_scenes:
         scores["ga_localisation"] = ga_localisation(
             model, scenes=args.ga_scenes, seed=seed, progress=not args.no_progress
