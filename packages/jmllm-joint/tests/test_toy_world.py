@@ -175,6 +175,7 @@ def test_retrained_world_loads_from_its_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # minutes on two idle cores; far longer on a shared machine
 def test_recipe_still_learns(tmp_path, toy_retrain):
     """A brief re-training of the whole recipe (the real trainers, W through jmllm-align
     train) learns: every loss falls well below where it started, and the output is a toy world
