@@ -9,6 +9,7 @@ re-trains the whole recipe briefly; it is off by default: run it with ``--toy-re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -147,7 +148,7 @@ def test_ga_lands_on_the_named_objects(toy):
     assert report["sanity_spearman_reinit_w"] < 0.8
 
 
-def test_cli_eval_and_bad_input(tmp_path, capsys):
+def test_cli_eval_and_bad_input(tmp_path, capsys, monkeypatch):
     out = tmp_path / "scores.json"
     args = ["toy", "eval", "--scenes", "6", "--ga-scenes", "2", "--json-out", str(out)]
     assert cli.main([*args, "--no-progress"]) == 0
@@ -165,6 +166,16 @@ def test_cli_eval_and_bad_input(tmp_path, capsys):
     assert cli.main(["toy", "train", "--out", str(tmp_path / "w2"), "--threads", "0"]) == 2
     with pytest.raises(ToyWorldError):
         toy_paths(tmp_path)
+    # training without the jmllm-joint[toy] extra: one line naming it, nothing written
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "datasets" else real_find_spec(name, *a),
+    )
+    assert cli.main(["toy", "train", "--out", str(tmp_path / "w3")]) == 2
+    assert "pip install 'jmllm-joint[toy]'" in capsys.readouterr().err
+    assert not (tmp_path / "w3").exists()
 
 
 def test_retrained_world_loads_from_its_folder(tmp_path):

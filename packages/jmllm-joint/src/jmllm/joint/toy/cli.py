@@ -9,6 +9,7 @@ Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -78,12 +79,18 @@ def _positive(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+TRAINING_MODULES = ("datasets", "tokenizers")  # the jmllm-joint[toy] extra
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the toy world into ``--out``; print the manifest's scores."""
     from jmllm.joint.cli import CliError
     from jmllm.joint.toy.train import MANIFEST_NAME, ToyRecipe, train_toy_world
 
     _positive("--threads", args.threads)
+    missing = [m for m in TRAINING_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CliError(f"toy train needs {' and '.join(missing)}: pip install 'jmllm-joint[toy]'")
     if args.seed < 0:
         raise CliError(f"--seed: must be >= 0, got {args.seed}")
     out = Path(args.out)
