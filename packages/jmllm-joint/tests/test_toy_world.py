@@ -197,7 +197,10 @@ def test_recipe_still_learns(tmp_path, toy_retrain):
 
     manifest = train_toy_world(tmp_path / "world", ToyRecipe.quick(seed=3), progress=False)
     owl, llava, w = (manifest["training"][k] for k in ("owlvit", "llava", "alignment"))
-    assert owl["final_losses"]["loss"] < 0.6 * owl["first_losses"]["loss"], owl
+    # the boxes learn; the total is no measure early on: with IoU-aware class targets, the class
+    # term *rises* as the boxes improve (a brief run went 6.47 -> 6.18 in total, class 0.20 ->
+    # 1.96, box L1 0.30 -> 0.07)
+    assert owl["final_losses"]["l1"] < 0.5 * owl["first_losses"]["l1"], owl
     assert llava["final_loss"] < 0.5 * llava["first_loss"], llava
     vision = llava["vision_pretraining"]
     assert vision["final_loss"] < 0.5 * vision["first_loss"], vision
