@@ -227,8 +227,8 @@ def build(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """The main job on a built-in default: explain a sample image with tiny random-weight models
-    built offline (``nox -s demo -- --out DIR``; default ``out/demo``)."""
+    """The main job on the built-in models: J on a held-out toy scene with the toy-world models
+    shipped in jmllm-joint, offline (``nox -s demo -- --out DIR``; default ``out/demo``)."""
     session.install(TORCH_PIN)
     session.install(*(str(PACKAGES_DIR / dist) for dist in _local_closure("jmllm-joint")))
     args = session.posargs or ["--out", str(ROOT / "out" / "demo")]

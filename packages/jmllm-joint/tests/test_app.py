@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from jmllm.joint.cli import main
 from jmllm.joint.explorer import Explorer, ExplorerState
@@ -178,4 +179,25 @@ def test_app_serves_the_built_in_models_on_loopback(gr, cli_env, monkeypatch):
     app, kwargs = served[0]
     assert kwargs == {"host": "127.0.0.1", "port": 7999, "max_file_size": 2 * 2**20}
     assert app.explorer.max_bytes == 2 * 2**20
-    assert app.explorer.model.sources["owl"].startswith(str(cli_env))
+    # the built-in models are the toy world: its model, its shapes, its scenes, its note
+    assert app.explorer.model.sources["owl"] == str(cli.builtin_sources().owl)
+    assert app.explorer.objects == ["circle", "square", "triangle", "cross"]
+    texts = [str(getattr(b, "value", "")) for b in app.blocks.values()]
+    assert any("trained on synthetic" in t for t in texts)
+    assert not any("random weights" in t for t in texts)
+
+
+def test_builtin_examples_are_toy_scenes_the_toy_j_gets_right(tmp_path):
+    from jmllm.joint.app import builtin_examples
+    from jmllm.joint.toy import load_toy_joint
+    from jmllm.joint.toy.inputs import toy_image_problem
+    from jmllm.joint.toy.scenes import CONTENT_QUESTION, make_scene
+
+    model = load_toy_joint()
+    paths = builtin_examples(tmp_path)
+    assert len(paths) >= 3
+    for path in paths:
+        index = int(path.stem.rsplit("-", 1)[1])
+        scene = make_scene("heldout", index)
+        assert toy_image_problem(Image.open(path)) is None
+        assert model.generate(model.embed([path]), CONTENT_QUESTION)[0].text == scene.caption

@@ -1,4 +1,4 @@
-"""``jmllm-joint app --tiny`` in a real browser (Debian's headless Chromium), offline.
+"""``jmllm-joint app`` in a real browser (Debian's headless Chromium), offline.
 
 The app is started by its command line on the built-in models; the page is driven as a person
 would: bad uploads get a message in the page, an image is uploaded, a question asked, a word of
@@ -57,7 +57,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_joint_paths, tmp_path_factory) -> Iterator[str]:
-    """``jmllm-joint app --tiny`` in a subprocess, on the session's tiny checkpoints."""
+    """``jmllm-joint app`` in a subprocess, on the session's tiny random-weight checkpoints
+    given as explicit sources (``--tiny`` serves the toy world; this test compares the page with
+    an in-process explorer on the same tiny models)."""
     pytest.importorskip("gradio")
     port = _free_port()
     log = tmp_path_factory.mktemp("app-server") / "server.log"
@@ -69,7 +71,9 @@ def server(tiny_joint_paths, tmp_path_factory) -> Iterator[str]:
         "MPLBACKEND": "Agg",
         "GRADIO_TEMP_DIR": str(log.parent / "gradio"),
     }
-    argv = [sys.executable, "-m", "jmllm.joint.cli", "app", "--tiny", "--port", str(port)]
+    argv = [sys.executable, "-m", "jmllm.joint.cli", "app", "--port", str(port)]
+    argv += ["--owl", str(tiny_joint_paths.owl), "--llava", str(tiny_joint_paths.llava)]
+    argv += ["--alignment", str(tiny_joint_paths.alignment), "--device", "cpu"]
     argv += ["--max-upload-mb", "1", "--max-pixels", str(MAX_PIXELS)]
     with log.open("w") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)

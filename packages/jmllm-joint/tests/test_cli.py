@@ -23,31 +23,89 @@ def image_file(tmp_path):
     return path
 
 
-def test_demo_writes_report_with_answer_and_detections(cli_env, tmp_path, capsys):
+def _iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / union
+
+
+def test_demo_runs_the_toy_world_and_is_right_about_its_scene(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    """The main job: the trained toy J on a held-out scene answers correctly, finds each object
+    (and nothing else), and GA's map for the first object word lands on that object."""
+    from jmllm.joint.toy.scenes import make_scene
+
+    scene = make_scene(*cli.TOY_DEMO_SCENE)
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--max-new-tokens", "6"]) == 0
-    printed = capsys.readouterr().out
-    assert "random weights" in printed and "--alignment" in printed
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as in a terminal
+    assert cli.main(["demo", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "loading the built-in toy-world models" in captured.err  # the pause has a reason
+    assert "toy-world models" in printed and "--alignment" in printed
+    assert "mean nothing" not in caplog.text  # a toy scene raises no photo warning
     record = json.loads((out / "result.json").read_text())
+    answers = [turn["answer"] for turn in record["conversation"]]
+    assert answers[0] == scene.caption  # "a blue triangle, a red cross and a green cross"
+    triangle = next(o for o in scene.objects if o.shape == "triangle")
+    assert answers[1] == triangle.colour
+    assert record["stock_llava"][0] == scene.caption  # stock toy LLaVA beside J
     page = (out / "report.html").read_text()
     for turn in record["conversation"]:
-        assert html.escape(turn["answer"]) in page
-        assert html.escape(turn["question"]) in page
-    assert len(record["stock_llava"]) == len(record["conversation"])  # J beside stock LLaVA
-    assert "Stock LLaVA" in page
-    assert record["detections"], "the demo's threshold should keep some detections"
-    for detection in record["detections"][:10]:
-        assert f"{detection['score']:.3f}" in page
-    assert {d["label"] for d in record["detections"]} <= set(cli.DEMO_QUERIES)
-    assert (out / "detections.png").is_file()
-    assert "random weights" in page
-    # the main job explains the first answer: one clickable panel per word, self-contained
+        assert html.escape(turn["answer"]) in page and html.escape(turn["question"]) in page
+    assert "Stock LLaVA" in page and "toy-world models" in page
+    # exactly one box per object, with the object's shape, on the object
+    detections = record["detections"]
+    assert sorted(d["label"] for d in detections) == sorted(o.shape for o in scene.objects)
+    for obj in scene.objects:
+        assert any(
+            d["label"] == obj.shape and _iou(d["box"], obj.box) >= 0.5 for d in detections
+        ), obj
+    # the printed count is the number listed
+    assert f"{len(detections)} detections (score >= 0.5)\n" in printed
+    listed = [line for line in printed.splitlines() if line.startswith("  ") and "[" in line]
+    assert len(listed) == len(detections)
+    # GA: the explanation's first object word, the triangle, peaks on the triangle
+    words = json.loads((out / "explanation" / "explanation.json").read_text())
+    assert words["queries"][0] == "triangle"  # the answer's first-named shape leads
+    result = next(r for r in words["results"] if r["target"].strip() == "triangle")
+    patch = result["top_patches"][0]
+    x, y = (patch % 8 + 0.5) * 16, (patch // 8 + 0.5) * 16  # 8 × 8 patches of 16 px
+    x0, y0, x1, y1 = triangle.box
+    assert x0 <= x < x1 and y0 <= y < y1, (patch, triangle.box)
     explanation = (out / "explanation" / "report.html").read_text()
     assert "GA explanation:" in printed
     assert '<a href="explanation/report.html">' in page  # a link, not plain text
-    words = json.loads((out / "explanation" / "explanation.json").read_text())["results"]
-    assert words and explanation.count("class='panel'") == len(words)
+    assert words["results"] and explanation.count("class='panel'") == len(words["results"])
     assert "https://" not in explanation and "http://" not in explanation
+
+
+def test_demo_help_states_the_defaults_the_demo_uses():
+    help_text = " ".join(
+        cli.build_parser()._subparsers._group_actions[0].choices["demo"].format_help().split()
+    )
+    assert "(default 0.5)" in help_text and "boxes drawn and listed (default 10)" in help_text
+    assert "default circle, square, triangle, cross" in help_text
+    assert "(default 24)" in help_text
+
+
+def test_mention_order():
+    assert cli.mention_order(["cat", "dog", "bird"], "A dog chases a cat.") == [
+        "dog",
+        "cat",
+        "bird",
+    ]
+    assert cli.mention_order(["cat"], "concatenate") == ["cat"]  # whole words only; kept anyway
+    assert cli.mention_order(["car", "cat"], "a cat") == ["cat", "car"]
+
+
+def test_a_photo_given_to_the_toy_j_gets_a_warning(image_file, capsys, caplog):
+    """The built-in models know only toy scenes: any other image is answered with a warning."""
+    assert cli.main(["describe", str(image_file), "--tiny", "--max-new-tokens", "2"]) == 0
+    assert "60 × 40 pixels, not a 128 × 128 toy scene" in caplog.text
+    assert "mean nothing" in caplog.text
 
 
 def test_describe_chat_and_detect(cli_env, image_file, tmp_path, capsys, monkeypatch):
@@ -174,7 +232,7 @@ def test_installed_console_script_exits_nonzero_without_traceback(image_file, tm
         == f"jmllm-joint: error: {tmp_path / 'nope.jpg'}: no such image file"
     )
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "tiny").exists()  # bad input is refused before building models
+    assert "loading the built-in" not in proc.stderr  # bad input is refused before loading
 
 
 def test_plugin_subcommands_are_registered(monkeypatch):

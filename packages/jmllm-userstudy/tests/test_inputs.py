@@ -309,13 +309,13 @@ def test_server_refuses_an_unwritable_answers_folder(example_spec, read_only_dir
 
 
 def test_example_never_overwrites_an_edited_spec_without_force(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["example", str(tmp_path / "s")]) == 0
+    assert main(["example", str(tmp_path / "s"), "--placeholders"]) == 0
     spec = tmp_path / "s" / "study.yaml"
     spec.write_text(spec.read_text().replace("seed: 2024", "seed: 7"))  # the researcher's edit
-    code, err = run_cli(["example", str(tmp_path / "s")], capsys)
+    code, err = run_cli(["example", str(tmp_path / "s")], capsys)  # refused before any model
     assert code == EXIT_USAGE and "already exists" in err and "--force" in err
     assert "seed: 7" in spec.read_text()
-    assert main(["example", str(tmp_path / "s"), "--force"]) == 0
+    assert main(["example", str(tmp_path / "s"), "--force", "--placeholders"]) == 0
     assert "seed: 2024" in spec.read_text()
 
 
@@ -323,7 +323,7 @@ def test_outputs_have_ordinary_permissions(example_spec, tmp_path, served) -> No
     host, port, _ = served
     old = os.umask(0o002)
     try:
-        assert main(["example", str(tmp_path / "ex")]) == 0
+        assert main(["example", str(tmp_path / "ex"), "--placeholders"]) == 0
         assert main(["render", str(tmp_path / "ex" / "study.yaml"), "--out", str(tmp_path / "site")]) == 0  # fmt: skip
         write_answers(example_spec, tmp_path / "in", "p1", correct={"q1"})
         assert main(["score", str(example_spec.path), str(tmp_path / "in"), "--out", str(tmp_path / "res")]) == 0  # fmt: skip

@@ -158,7 +158,7 @@ def test_empty_folder_scores_nothing(example_spec, tmp_path):
 
 
 def test_cli_three_commands(tmp_path, capsys):
-    assert main(["example", str(tmp_path / "spec")]) == 0
+    assert main(["example", str(tmp_path / "spec"), "--placeholders"]) == 0
     spec_path = tmp_path / "spec" / "study.yaml"
     assert main(["render", str(spec_path), "--out", str(tmp_path / "site")]) == 0
     assert (tmp_path / "site" / "questionnaire.html").is_file()
@@ -176,6 +176,44 @@ def test_cli_three_commands(tmp_path, capsys):
     }
 
 
+def test_cli_example_is_built_from_toy_world_explanations(tmp_path, capsys):
+    """``example`` (no flag): toy scenes, their shapes as objects, the toy J's GA pictures."""
+    pytest.importorskip("jmllm.joint")
+    import numpy as np
+    from PIL import Image
+
+    from jmllm.joint import explain_object
+    from jmllm.joint.toy import load_toy_joint
+    from jmllm.joint.toy.scenes import make_scene
+    from jmllm.userstudy.example import toy_questions
+
+    assert main(["example", str(tmp_path / "spec")]) == 0
+    spec = load_spec(tmp_path / "spec" / "study.yaml")
+    assert len(spec.questions) == 5
+    for question, (index, first, second) in zip(spec.questions, toy_questions(5), strict=True):
+        scene = make_scene("heldout", index)
+        assert list(question.objects) == [first, second]
+        assert {first, second} == {o.shape for o in scene.objects}
+        image = np.asarray(Image.open(tmp_path / "spec" / f"images/{question.id}.png"))
+        assert np.array_equal(image, np.asarray(scene.image))
+    # the first question's explanations are the toy J's GA box views, in the answer's order
+    question = spec.questions[0]
+    scene = make_scene("heldout", toy_questions(1)[0][0])
+    model = load_toy_joint()
+    expected = [
+        np.asarray(explain_object(scene.image, name, model=model)) for name in question.objects
+    ]
+    if question.correct == "A2":
+        expected = expected[::-1]
+    for k, want in enumerate(expected, start=1):
+        got = np.asarray(Image.open(tmp_path / "spec" / f"images/{question.id}_e{k}.png"))
+        assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2
+    assert (
+        main(["render", str(tmp_path / "spec" / "study.yaml"), "--out", str(tmp_path / "site")])
+        == 0
+    )
+
+
 def test_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("seed: [")
     assert main(["render", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 2
@@ -184,7 +222,7 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
         err.startswith("jmllm-userstudy: error: ") and "bad.yaml" in err and "Traceback" not in err
     )
     assert err.count("\n") == 1
-    main(["example", str(tmp_path / "s")])
+    main(["example", str(tmp_path / "s"), "--placeholders"])
     assert (
         main(
             [

@@ -178,25 +178,25 @@ def chat_messages(conversation: Conversation | None) -> list[dict[str, str]]:
     return messages
 
 
+TOY_EXAMPLE_SCENES = (103, 92, 77, 5)  # held-out toy scenes the shipped toy J gets right
+
+
 def builtin_examples(folder: str | os.PathLike[str]) -> list[Path]:
-    """The example images of the page, written into ``folder``: the demo's sample picture and
-    a few generated scenes.
+    """The example images of the page, written into ``folder``: held-out toy-world scenes
+    (:mod:`jmllm.joint.toy.scenes`), the images the built-in models know.
 
     Example:
-        >>> [p.suffix for p in builtin_examples(tempfile.mkdtemp())][:1]
-        ['.png']
+        >>> [p.name for p in builtin_examples(tempfile.mkdtemp())][:1]
+        ['toy-heldout-103.png']
     """
-    from importlib.resources import files
-
-    from jmllm.joint.testing import generated_images
+    from jmllm.joint.toy.scenes import make_scene
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "house.png"]
-    paths[0].write_bytes((files("jmllm.joint") / "data" / "sample.png").read_bytes())
-    for i, image in enumerate(generated_images(2, size=160, seed=7)):
-        path = folder / f"shapes-{i + 1}.png"
-        image.save(path)
+    paths = []
+    for index in TOY_EXAMPLE_SCENES:
+        path = folder / f"toy-heldout-{index}.png"
+        make_scene("heldout", index).image.save(path)
         paths.append(path)
     return paths
 
@@ -233,7 +233,7 @@ def build_app(
         The ``gr.Blocks``; serve it with :func:`launch`.
 
     Example:
-        >>> app = build_app(model, notes=["tiny random weights"])  # doctest: +SKIP
+        >>> app = build_app(model, notes=["toy-world models"])  # doctest: +SKIP
     """
     gr = require_gradio()
     explorer = (
@@ -285,7 +285,7 @@ def build_app(
                 with gr.Row():
                     queries_box = gr.Textbox(
                         label="Objects to detect",
-                        placeholder="comma-separated, e.g. house, tree (empty: the object "
+                        placeholder="comma-separated, e.g. circle, triangle (empty: the object "
                         "words of the answer)",
                         scale=3,
                         elem_id="jm-queries",

@@ -1,7 +1,8 @@
 """Command line: ``jmllm-joint demo | chat | describe | detect`` (and plug-in subcommands).
 
 Every command takes ``--owl/--llava/--alignment`` (Hub ids or local paths) or ``--tiny`` for the
-built-in tiny random-weight checkpoints. Bad input ends with one line on stderr naming the input,
+built-in models: the toy world (:mod:`jmllm.joint.toy`, small models trained on synthetic shapes),
+resolved by :func:`builtin_sources` — the one place every package's ``--tiny`` goes through. Bad input ends with one line on stderr naming the input,
 never a traceback (``--debug`` shows it). Exit codes follow docs/conventions.md: 2 bad input or
 usage (numbers are checked here, at the boundary, with the argparse types of
 :mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
@@ -52,13 +53,22 @@ PLUGINS = (  # modules adding subcommands, in the order --help lists them
     "jmllm.joint.cli_audit",
 )
 DEFAULT_QUESTION = "What's the content of the image?"
+# With real checkpoints the demo explains the sample photo shipped in jmllm/joint/data/.
 DEMO_QUESTIONS = ("What's the content of the image?", "What colour is the house?")
 DEMO_QUERIES = ("house", "tree", "sun", "car")
-RANDOM_WEIGHTS_NOTE = (
-    "These are tiny models with random weights, built offline: the answers are gibberish and "
-    "the boxes arbitrary. They exercise the real code path (OWL-ViT → W → LLaVA, detection "
-    "heads from the same embedding)."
+# With the built-in (toy world) models it explains a held-out toy scene: a blue triangle, a red
+# cross and a green cross, which the shipped toy J captions, answers and detects correctly.
+TOY_DEMO_SCENE = ("heldout", 103)
+TOY_DEMO_QUESTIONS = ("What's the content of the image?", "What colour is the triangle?")
+TOY_DEMO_QUERIES = ("circle", "square", "triangle", "cross")  # every toy shape
+TOY_WORLD_NOTE = (
+    "These are the built-in toy-world models: a small OWL-ViT, LLaVA and W trained on synthetic "
+    "scenes of coloured shapes (circle, square, triangle, cross; red, green, blue, yellow). On "
+    "such scenes their answers, boxes and GA maps can be checked against the truth; they know "
+    "nothing else, and are a testbed, not a substitute for the real checkpoints."
 )
+RANDOM_WEIGHTS_NOTE = TOY_WORLD_NOTE  # the former name of the built-in models' note
+TOY_WORLD_ENV = "JMLLM_TOY_WORLD"  # a retrained toy world's folder (default: the shipped one)
 REAL_CHECKPOINTS_HINT = (
     "To run on real checkpoints: jmllm-joint chat IMAGE --alignment W.safetensors "
     "(defaults --owl google/owlvit-base-patch32 --llava llava-hf/llava-1.5-7b-hf; W comes from "
@@ -68,6 +78,54 @@ REAL_CHECKPOINTS_HINT = (
 
 class CliError(ValueError):
     """Bad command-line input; the message names the input and the problem (exit code 2)."""
+
+
+def builtin_sources() -> Any:
+    """The built-in models every ``--tiny`` of every package loads: the toy world's folders.
+
+    The shipped toy world (:func:`jmllm.joint.toy.toy_paths`), or the one trained into
+    ``$JMLLM_TOY_WORLD`` (``jmllm-joint toy train --out DIR``). Nothing is built or downloaded.
+
+    Returns:
+        :class:`jmllm.joint.toy.ToyPaths` with ``owl``, ``llava`` and ``alignment``.
+
+    Example:
+        >>> builtin_sources().alignment.name
+        'alignment.safetensors'
+    """
+    from jmllm.joint.toy import toy_paths
+
+    return toy_paths(os.environ.get(TOY_WORLD_ENV) or None)
+
+
+def load_builtin_model(**kwargs: Any) -> Any:
+    """The built-in J (:func:`builtin_sources`), loaded with its toy-scene input check; one line
+    on stderr says what is being loaded.
+
+    Args:
+        **kwargs: passed to :meth:`JointModel.from_pretrained` (``device``, ``dtype``, ...).
+
+    Example:
+        >>> model = load_builtin_model()  # doctest: +SKIP
+    """
+    from jmllm.joint.toy import load_toy_joint
+
+    paths = builtin_sources()
+    notice(f"loading the built-in toy-world models from {paths.root} …")
+    return load_toy_joint(paths.root, **kwargs)
+
+
+def notice(message: str) -> None:
+    """One line on stderr for a person watching (a terminal), so a pause has a reason; logged
+    at INFO otherwise, so a script's stderr keeps only its errors.
+
+    Example:
+        >>> notice("building the tiny models …")
+    """
+    if sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)
+    else:
+        logger.info(message)
 
 
 def tiny_cache_dir() -> Path:
@@ -108,7 +166,8 @@ def _add_common_arguments(common: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tiny",
         action="store_true",
-        help="use the built-in tiny random-weight checkpoints (built into $JMLLM_CACHE/tiny)",
+        help="use the built-in models: the toy world (small OWL-ViT, LLaVA and W trained on "
+        "synthetic shapes; offline, shipped in the package)",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1, … (default: GPU if available)")
     group.add_argument(
@@ -139,7 +198,9 @@ def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=integer(1), default=64)
+    group.add_argument(
+        "--max-new-tokens", type=integer(1), default=64, help="(default %(default)s)"
+    )
     group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     group.add_argument(
         "--temperature", type=finite_float(0, open_low=True), default=1.0, help="> 0 (sampling)"
@@ -174,19 +235,20 @@ def _detection_arguments(
         action="append",
         dest="queries",
         default=None,
-        help=f"object to detect (repeat for several){' ; default ' + ', '.join(default_queries) if default_queries else ''}",
+        help="object to detect (repeat for several)"
+        + (f"; default {', '.join(default_queries)}" if default_queries else ""),
     )
     group.add_argument(
         "--threshold",
         type=unit_interval(),
         default=DEFAULT_THRESHOLD,
-        help=f"minimum score in [0, 1] ({DEFAULT_THRESHOLD})",
+        help="minimum score in [0, 1] (default %(default)s)",
     )
     group.add_argument(
         "--nms",
         type=unit_interval(open_low=True),
         default=DEFAULT_NMS_IOU,
-        help=f"per-class NMS IoU in (0, 1] (default {DEFAULT_NMS_IOU}; 1 disables)",
+        help="per-class NMS IoU in (0, 1] (default %(default)s; 1 disables)",
     )
     group.add_argument(
         "--query-template",
@@ -195,7 +257,10 @@ def _detection_arguments(
         help="OWL-ViT query template with exactly one {} (default 'a photo of a {}')",
     )
     group.add_argument(
-        "--max-boxes", type=integer(0), default=20, help="boxes drawn and listed (default 20)"
+        "--max-boxes",
+        type=integer(0),
+        default=20,
+        help="boxes drawn and listed (default %(default)s)",
     )
 
 
@@ -210,16 +275,20 @@ def load_model(args: argparse.Namespace, *, language: bool = True) -> Any:
     import torch
 
     from jmllm.joint.model import DEFAULT_LLAVA, DEFAULT_OWL, JointModel
-    from jmllm.joint.testing import build_tiny_joint
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.tiny:
         if args.owl or args.llava or args.alignment:
             raise CliError("--tiny: cannot be combined with --owl, --llava or --alignment")
-        logger.info("building/reusing tiny checkpoints in %s", tiny_cache_dir())
-        paths = build_tiny_joint(tiny_cache_dir())
-        owl, llava, alignment = str(paths.owl), str(paths.llava), str(paths.alignment)
-        device = args.device or "cpu"
+        if language:
+            return load_builtin_model(dtype=dtype, device=args.device or "cpu")
+        from jmllm.joint.toy.inputs import toy_input_check
+
+        paths = builtin_sources()
+        notice(f"loading the built-in toy-world OWL-ViT from {paths.owl} …")
+        detector = JointModel.detector(paths.owl, dtype=dtype, device=args.device or "cpu")
+        detector.input_check = toy_input_check  # a photo is not a toy scene
+        return detector
     elif not language:
         owl, llava, alignment = args.owl or DEFAULT_OWL, None, None
         device = args.device
@@ -346,9 +415,13 @@ def _write_outputs(
 
 
 def _print_detections(detections: Any, limit: int) -> None:
+    """The detections (best first), at most ``limit`` of them, under a count that says how many
+    are listed of how many there are."""
     records = detections.to_records()
-    print(f"{len(records)} detections (score >= {detections.threshold:g})")
-    for record in records[:limit]:
+    shown = records[:limit]
+    more = f", {len(shown)} listed" if len(shown) < len(records) else ""
+    print(f"{len(records)} detections (score >= {detections.threshold:g}{more})")
+    for record in shown:
         box = ", ".join(f"{v:.1f}" for v in record["box"])
         print(f"  {record['label']:<16} {record['score']:.3f}  [{box}]")
 
@@ -368,21 +441,35 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     from importlib.resources import as_file, files
 
     model = load_model(args)
-    with as_file(files("jmllm.joint") / "data" / "sample.png") as sample:
-        emb = model.embed([sample])
-    conversation, stock = _run_chat(model, emb, DEMO_QUESTIONS, args)
+    truth = None
+    if args.tiny:
+        from jmllm.joint.toy.scenes import make_scene
+
+        scene = make_scene(*TOY_DEMO_SCENE)
+        emb, questions, queries = model.embed([scene.image]), TOY_DEMO_QUESTIONS, TOY_DEMO_QUERIES
+        truth = f"{scene.split} toy scene {scene.index}: {scene.caption}"
+    else:
+        with as_file(files("jmllm.joint") / "data" / "sample.png") as sample:
+            emb = model.embed([sample])
+        questions, queries = DEMO_QUESTIONS, DEMO_QUERIES
+    conversation, stock = _run_chat(model, emb, questions, args)
     detections = model.detect(
         emb,
-        _queries(args, DEMO_QUERIES),
+        _queries(args, queries),
         threshold=args.threshold,
         nms_iou=_nms(args),
         template=args.query_template,
     )[0]
-    notes = [RANDOM_WEIGHTS_NOTE, REAL_CHECKPOINTS_HINT] if args.tiny else []
+    notes = [TOY_WORLD_NOTE, REAL_CHECKPOINTS_HINT] if args.tiny else []
+    if truth is not None:
+        notes.insert(0, f"The image is the {truth} (the truth the answers can be checked against).")
     explanation = None
     links: list[tuple[str, str]] = []
     if args.explain:
-        explanation = _explain_first_answer(model, emb, conversation, detections.queries, out)
+        # GA's class map follows the first query (the authors' choice): the queries the answer
+        # names come first, in the order it names them
+        ordered = mention_order(detections.queries, conversation.turns[0].answer)
+        explanation = _explain_first_answer(model, emb, conversation, ordered, out)
         relative = explanation.relative_to(out).as_posix()
         links.append(
             (
@@ -393,15 +480,37 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     report = _write_outputs(
         out, model, emb, conversation, stock, detections, args, notes, links=links
     )
+    if truth is not None:
+        print(f"Image: {truth}")
     _print_conversation(conversation, stock)
-    _print_detections(detections, 5)
+    _print_detections(detections, args.max_boxes)
     print(f"Report: {report}")
     if explanation is not None:
         print(f"GA explanation: {explanation}")
     if args.tiny:
-        print(RANDOM_WEIGHTS_NOTE)
+        print(TOY_WORLD_NOTE)
         print(REAL_CHECKPOINTS_HINT)
     return 0
+
+
+def mention_order(queries: Sequence[str], text: str) -> list[str]:
+    """``queries`` reordered: those ``text`` mentions first, in the order of their first
+    mention, then the others in their order.
+
+    Example:
+        >>> mention_order(["circle", "square", "triangle"], "a blue triangle and a red circle")
+        ['triangle', 'circle', 'square']
+    """
+    import re
+
+    lowered = text.lower()
+    found = {}
+    for query in queries:
+        match = re.search(rf"\b{re.escape(query.lower())}\b", lowered)
+        if match:
+            found[query] = match.start()
+    named = sorted(found, key=lambda q: found[q])
+    return named + [q for q in queries if q not in found]
 
 
 def _explain_first_answer(
@@ -525,19 +634,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="The joint model J (OWL-ViT + W + LLaVA-1.5): chat about an image and see "
         "the detections made from the same vision embedding.",
-        epilog="Start with `jmllm-joint demo` (tiny offline models, no download).",
+        epilog="Start with `jmllm-joint demo` (the built-in toy-world models, offline).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser(
-        "demo", parents=[common], help="chat + detection on a sample image, report.html"
+        "demo",
+        parents=[common],
+        help="chat + detection + GA on a toy scene (built-in models), report.html",
+        description="Chat, detection and GA explanation on one image, into report.html. With "
+        "the built-in models (the default) the image is a held-out toy scene and the default "
+        f"queries the toy shapes ({', '.join(TOY_DEMO_QUERIES)}); with --owl/--llava/"
+        f"--alignment it is a sample photo, queries {', '.join(DEMO_QUERIES)}.",
     )
     demo.add_argument(
         "--out", default="jmllm-joint-demo", help="output folder (default ./jmllm-joint-demo)"
     )
     _generation_arguments(demo)
     template_argument(demo, INTERACTIVE_TEMPLATE)
-    _detection_arguments(demo, DEMO_QUERIES)
+    _detection_arguments(demo, TOY_DEMO_QUERIES)
     # the demo shows J beside stock LLaVA: the comparison is the point of J
     demo.add_argument(
         "--explain",

@@ -59,7 +59,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     app.add_argument(
         "--objects",
-        help="comma-separated vocabulary of the answer's object words (default: the 80 COCO names)",
+        help="comma-separated vocabulary of the answer's object words (default: the 80 COCO "
+        "names; with --tiny the toy shapes circle, square, triangle, cross)",
     )
     app.set_defaults(func=cmd_app)
 
@@ -88,7 +89,7 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_app(args: argparse.Namespace) -> int:
     """Load J once and serve the explorer until interrupted."""
-    from jmllm.joint.cli import RANDOM_WEIGHTS_NOTE, CliError, load_model
+    from jmllm.joint.cli import TOY_WORLD_NOTE, CliError, load_model
 
     max_bytes, max_pixels, objects = _check(args)
     try:
@@ -102,7 +103,11 @@ def cmd_app(args: argparse.Namespace) -> int:
             "serving on %s: anyone who can reach this address can use the model", args.host
         )
     model = load_model(args)
-    notes = [RANDOM_WEIGHTS_NOTE] if args.tiny else []
+    notes = [TOY_WORLD_NOTE] if args.tiny else []
+    if args.tiny and objects is None:
+        from jmllm.joint.toy.scenes import SHAPES
+
+        objects = list(SHAPES)  # the object words the toy world knows
     app = build_app(model, notes=notes, objects=objects, max_pixels=max_pixels, max_bytes=max_bytes)
     launch(app, host=args.host, port=args.port, max_file_size=max_bytes)
     return 0

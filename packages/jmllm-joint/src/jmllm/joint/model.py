@@ -257,6 +257,10 @@ class JointModel:
         self.sources = dict(sources or {})
         self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
         self._query_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        # Optional check of every embedded image: (uint8 (3, H, W) working copy, original
+        # (width, height)) -> None, or why the image does not suit these models (logged as a
+        # warning). The toy world sets it (jmllm.joint.toy.inputs): a photo is not a toy scene.
+        self.input_check: Any = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -522,6 +526,11 @@ class JointModel:
         if batch_size < 1:
             raise JointModelError(f"batch_size: must be positive, got {batch_size}")
         tensors, sizes = self._decode_images(images)
+        if self.input_check is not None:
+            for i, (tensor, size) in enumerate(zip(tensors, sizes, strict=True)):
+                problem = self.input_check(tensor, size)
+                if problem:
+                    logger.warning("image %d: %s", i, problem)
         chunks = []
         for start in range(0, len(tensors), batch_size):
             batch = tensors[start : start + batch_size]

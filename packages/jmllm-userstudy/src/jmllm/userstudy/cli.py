@@ -42,9 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "example", help="write an example spec (paper's structure, placeholder images)"
+        "example",
+        help="write an example study: toy-world scenes and the toy J's GA maps (needs the "
+        "joint extra), or the paper's structure with placeholder images",
     )
     p.add_argument("out", help="folder to write study.yaml and images/ into")
+    p.add_argument(
+        "--placeholders",
+        action="store_true",
+        help="the paper's questions with generated placeholder images (no model needed)",
+    )
     p.add_argument(
         "--force", action="store_true", help="replace an existing study.yaml and its images"
     )
@@ -137,9 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Heavy imports (scipy, matplotlib) only for the command that needs them: --help is fast.
         if args.command == "example":
+            from .conventions import UsageError
             from .example import write_example
+            from .from_joint import MissingExtraError
 
-            print(write_example(args.out, force=args.force))
+            source = "placeholders" if args.placeholders else "toy"
+            try:
+                print(write_example(args.out, force=args.force, source=source))
+            except MissingExtraError as exc:
+                raise UsageError(str(exc)) from None
         elif args.command == "render":
             from .conventions import check_output_dir
             from .render import write_questionnaire

@@ -1,6 +1,14 @@
-"""An example spec with the structure of the paper's user study, and placeholder images.
+"""Example studies: one built from the toy world's GA explanations, and the paper's structure
+with placeholder images.
 
-The questions reproduce supplementary §3 of Giulivi & Boracchi (2024): objects, correct answers
+``source="toy"`` (the default of ``jmllm-userstudy example``; needs the ``joint`` extra): five
+held-out toy-world scenes (:mod:`jmllm.joint.toy.scenes`) with two objects of different shapes,
+each object explained by the built-in toy J through :func:`jmllm.userstudy.from_joint.joint_explainer`
+(the paper's box view, untitled). The participant matches the two maps to the two shapes; the
+correct answers follow the paper's A1/A2 sequence. The maps are whatever GA gives on the toy
+world — how well GA localises there is measured by ``benchmarks/toy_validity.py``, not assumed.
+
+``source="placeholders"``: the questions reproduce supplementary §3 of Giulivi & Boracchi (2024): objects, correct answers
 and the published share of correct answers for the questions whose objects the supplementary
 text shows (it lists 10 questions; in our copy one more answer, "A2 with 100%", has no legible
 objects and is left out). The paper's images are not distributed, so the images written here
@@ -19,7 +27,15 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import atomic_write_bytes, atomic_write_text
 from .conventions import UsageError, check_output_dir
 
-__all__ = ["PAPER_QUESTIONS", "ExampleExistsError", "write_example"]
+__all__ = [
+    "EXAMPLE_SOURCES",
+    "PAPER_QUESTIONS",
+    "ExampleExistsError",
+    "toy_questions",
+    "write_example",
+]
+
+EXAMPLE_SOURCES = ("toy", "placeholders")
 
 # (object 1, object 2, correct answer, published share correct) from supplementary §3.
 PAPER_QUESTIONS: tuple[tuple[str, str, str, float], ...] = (
@@ -81,41 +97,72 @@ def _existing(out: Path) -> list[Path]:
     return [out / name for name in names if (out / name).exists()]
 
 
-def write_example(out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write ``study.yaml`` and its placeholder images into ``out_dir``.
+def toy_questions(count: int = 5) -> list[tuple[int, str, str]]:
+    """The held-out toy scenes of the toy example: ``(scene index, shape 1, shape 2)`` for the
+    first ``count`` scenes with exactly two objects of different shapes (left to right).
 
-    Args:
-        out_dir: Folder to write into (created if missing); images go to ``images/``.
-        force: Replace an existing ``study.yaml`` and placeholder images. Without it, a folder
-            that already holds any of them is left untouched (an edited spec is never lost).
-
-    Returns:
-        The path of the spec file.
-
-    Raises:
-        ExampleExistsError: without ``force``, the folder already holds one of the files.
-
-    >>> import tempfile
-    >>> root = tempfile.mkdtemp()
-    >>> write_example(root).name
-    'study.yaml'
-    >>> try:
-    ...     write_example(root)
-    ... except ExampleExistsError as exc:
-    ...     print(str(exc).replace(root, "DIR"))
-    DIR/study.yaml already exists (and 15 more of the example's files); nothing was written (use --force to replace them)
+    Example:
+        >>> toy_questions(2)  # doctest: +SKIP
+        [(1, 'triangle', 'square'), (4, 'circle', 'cross')]
     """
-    out = Path(out_dir)
-    existing = _existing(out)
-    if existing and not force:
-        more = (
-            f" (and {len(existing) - 1} more of the example's files)" if len(existing) > 1 else ""
+    from jmllm.joint.toy.scenes import make_scene
+
+    found: list[tuple[int, str, str]] = []
+    index = 0
+    while len(found) < count:
+        scene = make_scene("heldout", index)
+        shapes = [o.shape for o in scene.objects]
+        if len(shapes) == 2 and shapes[0] != shapes[1]:
+            found.append((index, shapes[0], shapes[1]))
+        index += 1
+    return found
+
+
+def _toy_entries(out: Path) -> tuple[list[str], str]:
+    """Write the toy example's images; return its spec entries and header comment."""
+    from tqdm.auto import tqdm
+
+    from jmllm.joint.cli import load_builtin_model
+    from jmllm.joint.toy.scenes import make_scene
+
+    from .from_joint import joint_explainer
+
+    explain = joint_explainer(model=load_builtin_model())
+    entries = []
+    questions = toy_questions(len(PAPER_QUESTIONS))
+    bar = tqdm(total=2 * len(questions), desc="GA explanations", unit="map", leave=False)
+    for number, ((index, first, second), paper) in enumerate(
+        zip(questions, PAPER_QUESTIONS, strict=True), start=1
+    ):
+        correct = paper[2]
+        scene = make_scene("heldout", index)
+        by_object = []
+        for name in (first, second):
+            by_object.append(explain(scene.image, name))
+            bar.update()
+        shown = by_object if correct == "A1" else by_object[::-1]
+        names = [f"images/q{number}.png", f"images/q{number}_e1.png", f"images/q{number}_e2.png"]
+        for name, im in zip(names, [scene.image, *shown], strict=True):
+            atomic_write_bytes(out / name, _png(im))
+        entries.append(
+            f"  - id: q{number}\n"
+            f"    # held-out toy scene {index}: {scene.caption}\n"
+            f"    image: {names[0]}\n"
+            f'    objects: ["{first}", "{second}"]\n'
+            f"    explanations: [{names[1]}, {names[2]}]\n"
+            f"    correct: {correct}\n"
         )
-        raise ExampleExistsError(
-            f"{existing[0]} already exists{more}; nothing was written (use --force to replace them)"
-        )
-    check_output_dir(out, "example folder")
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    bar.close()
+    header = (
+        "# Example user study built from the toy world (jmllm-joint's built-in models): each\n"
+        "# image is a held-out toy scene with two shapes, each explanation the toy J's GA box\n"
+        "# view for one shape (jmllm.userstudy.from_joint). Correct answers follow the paper's\n"
+        "# A1/A2 sequence. Replace the images and objects with your own for a real study.\n"
+    )
+    return entries, header
+
+
+def _placeholder_entries(out: Path) -> tuple[list[str], str]:
     entries = []
     for number, (first, second, correct, rate) in enumerate(PAPER_QUESTIONS, start=1):
         scene = _scene((first, second))
@@ -133,14 +180,70 @@ def write_example(out_dir: str | Path, *, force: bool = False) -> Path:
             f"    correct: {correct}\n"
             f"    reference_share_correct: {rate}\n"
         )
-    spec = (
+    header = (
         "# Example user study with the structure of supplementary §3 of Giulivi & Boracchi (2024):\n"
         "# objects, correct answers and published rates (reference_share_correct) of the paper's\n"
         "# questions. The images are GENERATED PLACEHOLDERS: put your image and GA maps instead.\n"
-        "title: Which explanation is for which object?\n"
-        "seed: 2024\n"
-        "questions:\n" + "".join(entries)
     )
+    return entries, header
+
+
+def write_example(
+    out_dir: str | Path, *, force: bool = False, source: str = "placeholders"
+) -> Path:
+    """Write ``study.yaml`` and its images into ``out_dir``.
+
+    Args:
+        out_dir: Folder to write into (created if missing); images go to ``images/``.
+        force: Replace an existing ``study.yaml`` and example images. Without it, a folder
+            that already holds any of them is left untouched (an edited spec is never lost).
+        source: ``"toy"``: questions from the toy world's GA explanations (needs the
+            ``joint`` extra; what ``jmllm-userstudy example`` writes); ``"placeholders"``: the
+            paper's questions with generated placeholder images (no model needed).
+
+    Returns:
+        The path of the spec file.
+
+    Raises:
+        ExampleExistsError: without ``force``, the folder already holds one of the files.
+        MissingExtraError: ``source="toy"`` without ``jmllm-joint`` installed.
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> write_example(root).name
+    'study.yaml'
+    >>> try:
+    ...     write_example(root)
+    ... except ExampleExistsError as exc:
+    ...     print(str(exc).replace(root, "DIR"))
+    DIR/study.yaml already exists (and 15 more of the example's files); nothing was written (use --force to replace them)
+    """
+    if source not in EXAMPLE_SOURCES:
+        raise UsageError(f"source: {source!r} is not one of {', '.join(EXAMPLE_SOURCES)}")
+    out = Path(out_dir)
+    existing = _existing(out)
+    if existing and not force:
+        more = (
+            f" (and {len(existing) - 1} more of the example's files)" if len(existing) > 1 else ""
+        )
+        raise ExampleExistsError(
+            f"{existing[0]} already exists{more}; nothing was written (use --force to replace them)"
+        )
+    if source == "toy":
+        import importlib.util
+
+        from .from_joint import MissingExtraError
+
+        if importlib.util.find_spec("jmllm.joint") is None:
+            raise MissingExtraError(
+                "the toy-world example needs the optional extra: pip install "
+                "'jmllm-userstudy[joint]' (or use --placeholders)"
+            )
+    check_output_dir(out, "example folder")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    entries, header = _toy_entries(out) if source == "toy" else _placeholder_entries(out)
+    spec = header + "title: Which explanation is for which object?\nseed: 2024\nquestions:\n"
+    spec += "".join(entries)
     path = out / "study.yaml"
     atomic_write_text(path, spec)
     return path

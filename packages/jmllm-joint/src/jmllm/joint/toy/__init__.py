@@ -125,7 +125,11 @@ def load_toy_joint(root: str | os.PathLike[str] | None = None, **kwargs: Any) ->
 
     paths = toy_paths(root)
     kwargs.setdefault("device", "cpu")
-    return JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, **kwargs)
+    model = JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, **kwargs)
+    from jmllm.joint.toy.inputs import toy_input_check
+
+    model.input_check = toy_input_check  # a photo gets a warning (docs/toy.md)
+    return model
 
 
 __all__ = ["ToyPaths", "ToyWorldError", "load_toy_joint", "toy_manifest", "toy_paths"]
