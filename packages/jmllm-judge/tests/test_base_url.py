@@ -93,3 +93,41 @@ def test_credentials_in_the_url_are_refused_unrepeated(run_args: list[str], url:
         "not repeated here)"
     ]
     assert QUERY_SECRET not in done.stdout + done.stderr
+
+
+def test_a_judge_url_where_nothing_listens_fails_fast_naming_it(run_args: list[str]) -> None:
+    """A refused connection before the server ever answered is a wrong --base-url: one line
+    naming the URL, exit 2, no retries (not attempts × back-off of waiting)."""
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on (bound, never listening)
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        args = [a if a != "2" else "8" for a in run_args]  # --max-attempts 8: would retry ~minutes
+        start = time.monotonic()
+        done = run([*args, "--base-url", url])
+        elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and url in lines[0] and "cannot connect" in lines[0], done.stderr
+    assert "retry" not in done.stderr
+    assert elapsed < 30  # python start-up included; the retry policy alone would take longer
+
+
+def test_unreachable_is_told_from_a_dropped_connection() -> None:
+    import httpx
+    import openai
+
+    from jmllm.judge.client import _unreachable
+
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    for cause in (httpx.ConnectError("refused"), ConnectionRefusedError()):
+        try:
+            raise openai.APIConnectionError(request=request) from cause
+        except openai.APIConnectionError as e:
+            assert _unreachable(e)
+    try:
+        raise openai.APIConnectionError(request=request) from httpx.RemoteProtocolError("reset")
+    except openai.APIConnectionError as e:
+        assert not _unreachable(e)

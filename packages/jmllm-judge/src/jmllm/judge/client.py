@@ -430,6 +430,24 @@ class JudgeFailure:
     attempts: int
 
 
+def _unreachable(error: BaseException) -> bool:
+    """Whether a connection error means nothing can be reached at the URL: the connection was
+    refused or the host name does not resolve (``httpx.ConnectError``, ``ConnectionRefusedError``
+    or ``socket.gaierror`` in its cause chain), as opposed to a reset or a dropped connection."""
+    import socket
+
+    import httpx
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, httpx.ConnectError | ConnectionRefusedError | socket.gaierror):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     """Seconds the server asks us to wait: ``retry-after-ms``, else ``Retry-After`` (seconds or an
     HTTP date)."""
@@ -513,6 +531,7 @@ class JudgeClient:
         self._slots = RequestSlots(settings.concurrency)
         self._rng = random.Random(seed)
         self._refused: JudgeConfigError | None = None  # once set, nothing more is sent
+        self._reached = False  # the server has answered (any HTTP status) at least once
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -609,8 +628,17 @@ class JudgeClient:
         except (asyncio.TimeoutError, openai.APITimeoutError):
             return f"no reply within {settings.timeout_s:g} s", True, None
         except openai.APIConnectionError as e:
+            if not self._reached and _unreachable(e):
+                # Nothing listens there (or the name does not resolve), and nothing ever did in
+                # this run: a wrong --base-url or a server not started. Retrying only waits.
+                raise JudgeConfigError(
+                    f"cannot connect to the judge at "
+                    f"{public_base_url(settings.base_url) or 'the default OpenAI URL'} "
+                    f"({_cause(e)}); check --base-url, or start the server"
+                ) from None
             return f"connection error ({_cause(e)})", True, None
         except openai.APIStatusError as e:
+            self._reached = True
             status = e.status_code
             message = f"HTTP {status}: {_server_message(e)}"
             if status in (401, 403, 404):
@@ -624,6 +652,7 @@ class JudgeClient:
         except (openai.OpenAIError, ValueError) as e:  # e.g. a 200 that is not a chat completion
             return f"unexpected reply ({type(e).__name__}: {e})", True, None
 
+        self._reached = True
         choices = getattr(completion, "choices", None)
         if not choices:
             return "reply without choices", True, None

@@ -292,8 +292,12 @@ async def _send(
                     timeout=POLL_S if waiting else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                for task in finished:
-                    task.result()  # a fatal error (e.g. the judge refused the key) stops the run
+                # a fatal error (e.g. the judge refused the key) stops the run; every finished
+                # task's error is retrieved, so none is reported twice as "never retrieved"
+                errors = [t.exception() for t in finished if not t.cancelled()]
+                fatal = [e for e in errors if e is not None]
+                if fatal:
+                    raise fatal[0]
             elif waiting:
                 await asyncio.sleep(POLL_S)
     finally:
