@@ -259,3 +259,35 @@ def test_plugin_subcommands_are_registered(monkeypatch):
     assert cli.main(["explain", "--tiny"]) == 7
     assert cli.main(["hallucinations", "--tiny", "--device", "cpu"]) == 8
     assert len(calls) == 2
+
+
+def test_stderr_is_quiet_without_v_and_tells_with_it(tmp_path):
+    """Without -v a run on a toy scene prints nothing on stderr (no third-party warnings, no
+    model-loading bars); with -v the loading shows."""
+    from jmllm.joint.toy.scenes import make_scene
+
+    image = tmp_path / "scene.png"
+    make_scene("heldout", 2).image.save(image)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "default",
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "jmllm.joint.cli",
+        "describe",
+        str(image),
+        "--tiny",
+        "--max-new-tokens",
+        "4",
+    ]
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.strip()
+    assert quiet.stderr == "", quiet.stderr
+    loud = subprocess.run([*argv, "-v"], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == 0
+    assert "loading the built-in toy-world models" in loud.stderr  # the notice, logged at INFO
+    assert "Loading weights" in loud.stderr  # transformers' bar is back with -v

@@ -169,3 +169,64 @@ def test_joint_needs_local_images(coco_file: Path) -> None:
     remote = sample_coco(coco_file, 2)
     with pytest.raises(JudgeError, match="need local images"):
         captions_from_joint(remote, "J")
+
+
+def test_captions_with_the_built_in_models(tmp_path: Path) -> None:
+    """``captions --joint --tiny``: the toy world captions toy scenes (sample data), offline."""
+    pytest.importorskip("jmllm.joint")
+    from jmllm.joint.sample_data import write_sample_data
+    from jmllm.judge.cli import main
+
+    data = write_sample_data(tmp_path / "data", count=4, wsol_count=1)
+    manifest = tmp_path / "manifest.json"
+    argv = ["sample", "--coco", str(data / "coco" / "captions.json")]
+    assert (
+        main([*argv, "--images-dir", str(data / "coco" / "images"), "-n", "4", "-o", str(manifest)])
+        == 0
+    )
+    out = tmp_path / "j.jsonl"
+    argv = ["captions", "--manifest", str(manifest), "--system", "J", "--joint", "--tiny"]
+    assert main([*argv, "--template", "llava-1.5", "-o", str(out)]) == 0
+    truth = {
+        str(a["image_id"]): a["caption"]
+        for a in json.loads((data / "coco" / "captions.json").read_text())["annotations"]
+    }
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 4
+    # the toy J names the scene's objects (as a set: the toy metric) in most captions
+    from jmllm.joint.toy.scenes import caption_objects
+
+    same = [
+        caption_objects(line["caption"]) == caption_objects(truth[line["image_id"]])
+        for line in lines
+    ]
+    assert sum(same) >= 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--tiny: only with --joint"),
+        (["--joint", "--alignment", "w.safetensors"], "cannot be combined"),
+    ],
+)
+def test_tiny_misuse_is_one_line(
+    tmp_path: Path, manifest: Manifest, capsys, extra, message
+) -> None:  # type: ignore[no-untyped-def]
+    from jmllm.judge.cli import main
+
+    path = manifest.save(tmp_path / "manifest.json")
+    argv = [
+        "captions",
+        "--manifest",
+        str(path),
+        "--system",
+        "J",
+        "--tiny",
+        "-o",
+        str(tmp_path / "c.jsonl"),
+    ]
+    if not extra:
+        argv.append("--ground-truth")
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err

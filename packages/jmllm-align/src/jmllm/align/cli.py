@@ -34,6 +34,7 @@ from jmllm.align.options import (
     integer,
     one_line,
     print_error,
+    quiet_third_party,
 )
 
 logger = logging.getLogger("jmllm.align.cli")
@@ -468,13 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    quiet_third_party(args.verbose)
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

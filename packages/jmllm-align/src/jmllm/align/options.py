@@ -255,6 +255,38 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "accelerate")
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Every command's rule for third-party chatter: without ``-v``, the warnings of other
+    libraries (Python ``warnings`` raised outside ``jmllm``, transformers'/diffusers' logging
+    below ERROR) and their model-loading progress bars are silenced; with ``-v`` all of it shows.
+    The project's own warnings and progress bars are never silenced.
+
+    Args:
+        verbose: the command's ``-v``.
+
+    Example:
+        >>> quiet_third_party(verbose=True)  # changes nothing
+    """
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    warnings.filterwarnings("ignore", module=r"(?!jmllm)")  # warnings raised outside jmllm
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for library in ("transformers", "diffusers"):
+        try:
+            module = __import__(f"{library}.utils", fromlist=["logging"])
+        except ImportError:
+            continue
+        module.logging.set_verbosity_error()
+        module.logging.disable_progress_bar()
+
+
 def print_error(prog: str, message: str) -> None:
     """Print ``prog: error: <first line of message>`` on stderr."""
     lines = str(message).strip().splitlines()

@@ -313,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from jmllm.align.options import quiet_third_party
+
+    quiet_third_party(args.verbose)
     commands = {"cohort": _cohort, "assess": _assess, "report": _report}
     try:
         return commands[args.command](args)

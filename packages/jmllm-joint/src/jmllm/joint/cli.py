@@ -8,7 +8,8 @@ usage (numbers are checked here, at the boundary, with the argparse types of
 :mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
 
 Extending: for every module of :data:`PLUGINS` that exists (``jmllm.joint.cli_explain``,
-``jmllm.joint.toy.cli``, ``jmllm.joint.cli_app``, ``jmllm.joint.cli_audit``), :func:`build_parser`
+``jmllm.joint.toy.cli``, ``jmllm.joint.cli_app``, ``jmllm.joint.cli_audit``,
+``jmllm.joint.cli_sample``), :func:`build_parser`
 calls its ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
 ``common_args`` holds the shared model options: use it as a parent parser,
 ``subparsers.add_parser("explain", parents=[common_args], help=...)``, or call it on a parser,
@@ -38,6 +39,7 @@ from jmllm.align.options import (
     finite_float,
     integer,
     one_line,
+    quiet_third_party,
     template_type,
     unit_interval,
 )
@@ -51,6 +53,7 @@ PLUGINS = (  # modules adding subcommands, in the order --help lists them
     "jmllm.joint.toy.cli",
     "jmllm.joint.cli_app",
     "jmllm.joint.cli_audit",
+    "jmllm.joint.cli_sample",
 )
 DEFAULT_QUESTION = "What's the content of the image?"
 # With real checkpoints the demo explains the sample photo shipped in jmllm/joint/data/.
@@ -111,6 +114,8 @@ def load_builtin_model(**kwargs: Any) -> Any:
     from jmllm.joint.toy import load_toy_joint
 
     paths = builtin_sources()
+    # a command without -v (root logger above INFO) shows no third-party loading chatter
+    quiet_third_party(logging.getLogger().getEffectiveLevel() <= logging.INFO)
     notice(f"loading the built-in toy-world models from {paths.root} …")
     return load_toy_joint(paths.root, **kwargs)
 
@@ -709,14 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        try:
-            import transformers
-
-            transformers.logging.set_verbosity_error()
-            transformers.logging.disable_progress_bar()
-        except Exception:  # logging tweaks are cosmetic
-            pass
+    quiet_third_party(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from jmllm.judge.conventions import (
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     ArgumentParser,
+    UsageError,
     check_output_dir,
     check_output_file,
     exit_code_for,
@@ -130,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--llava", help="with --joint: LLaVA-1.5 id or folder")
     p.add_argument("--alignment", help="with --joint: alignment weights (.safetensors) or Hub repo")
     p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="with --joint: the built-in models of jmllm-joint (the toy world: small models "
+        "trained on synthetic shapes, offline)",
+    )
+    p.add_argument(
         "--template",
         choices=("paper", "llava-1.5"),
         default="paper",
@@ -138,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
         "card's 'USER: <image>\\n{question} ASSISTANT:'",
     )
     p.add_argument(
-        "--max-new-tokens", type=integer(1), default=256, help="with --joint (default: 256)"
+        "--max-new-tokens",
+        type=integer(1),
+        default=None,
+        help="with --joint (default: 256; 48 with --tiny, whose toy LLaVA has 256 positions)",
     )
     p.add_argument("--batch-size", type=integer(1), default=4, help="with --joint (default: 4)")
     p.add_argument(
@@ -283,6 +293,10 @@ def _cmd_captions(args: argparse.Namespace) -> int:
     )
     from jmllm.judge.manifest import Manifest
 
+    if args.tiny and not args.joint:
+        raise UsageError("--tiny: only with --joint (it selects the models that caption)")
+    if args.tiny and (args.owl or args.llava or args.alignment):
+        raise UsageError("--tiny: cannot be combined with --owl, --llava or --alignment")
     check_output_file(args.out, "-o")
     manifest = Manifest.load(args.manifest)
     if args.ground_truth:
@@ -292,16 +306,26 @@ def _cmd_captions(args: argparse.Namespace) -> int:
             manifest, args.from_jsonl, args.system, caption_field=args.caption_field
         )
     else:
+        model = None
+        if args.tiny:
+            try:
+                from jmllm.joint.cli import load_builtin_model
+            except ImportError:
+                raise UsageError(
+                    "--tiny: needs the joint extra: pip install 'jmllm-judge[joint]'"
+                ) from None
+            model = load_builtin_model()
         with _progress(len(manifest), f"captions {args.system}") as bar:
             captions = captions_from_joint(
                 manifest,
                 args.system,
+                model=model,
                 owl=args.owl,
                 llava=args.llava,
                 alignment=args.alignment,
                 vision=args.vision,
                 template=args.template,
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=args.max_new_tokens or (48 if args.tiny else 256),
                 batch_size=args.batch_size,
                 progress=bar.update,
             )
