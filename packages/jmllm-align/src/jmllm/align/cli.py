@@ -99,6 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--source-model", help="OWL-ViT Hub id or folder")
     p.add_argument("--target-model", help="LLaVA Hub id or folder")
+    _tiny_argument(p)
     p.add_argument(
         "--architecture", choices=["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"]
     )
@@ -139,6 +140,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(p)
     p.add_argument("--source-model", help="OWL-ViT (default: the id stored in the weights)")
     p.add_argument("--target-model", help="LLaVA (default: the id stored in the weights)")
+    _tiny_argument(p)
     p.add_argument("--limit", type=integer(1), help="evaluate at most this many images")
     p.add_argument("--batch-size", type=integer(1), default=16)
     p.add_argument("--device", default="auto")
@@ -175,6 +177,49 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=integer(1), default=3)
     p.add_argument("--no-progress", action="store_true")
     return parser
+
+
+BUILTIN_PRESETS = ("tiny", "toy")  # presets sized for the built-in models
+
+
+def _tiny_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the built-in models as the two encoders: the toy world's OWL-ViT and LLaVA "
+        "shipped in jmllm-joint (offline; needs jmllm-joint installed)",
+    )
+
+
+def builtin_encoders() -> tuple[str, str]:
+    """The built-in encoders (``--tiny``): the toy world's OWL-ViT and LLaVA folders, from the
+    one resolver of every package's ``--tiny`` (:func:`jmllm.joint.cli.builtin_sources`).
+
+    Raises:
+        ValueError: jmllm-joint is not installed (it ships the toy world).
+
+    Example:
+        >>> owl, llava = builtin_encoders()  # doctest: +SKIP
+    """
+    try:
+        from jmllm.joint.cli import builtin_sources
+    except ImportError:
+        raise ValueError(
+            "--tiny: the built-in models ship with jmllm-joint: pip install jmllm-joint"
+        ) from None
+    paths = builtin_sources()
+    return str(paths.owl), str(paths.llava)
+
+
+def _resolve_encoders(args: argparse.Namespace, preset: str | None = None) -> None:
+    """``--tiny`` (or a preset for the built-in models given without encoders): the built-in
+    encoders, never a Hub download; ``--tiny`` with explicit encoders is refused."""
+    explicit = args.source_model or args.target_model
+    if args.tiny and explicit:
+        raise ValueError("--tiny: cannot be combined with --source-model or --target-model")
+    if args.tiny or (preset in BUILTIN_PRESETS and not explicit):
+        args.source_model, args.target_model = builtin_encoders()
+        logger.info("built-in encoders: %s, %s", args.source_model, args.target_model)
 
 
 def _parse_value(text: str) -> Any:
@@ -231,7 +276,9 @@ def _option_name(field: str, args: argparse.Namespace) -> str:
 def _train_config(args: argparse.Namespace) -> Any:
     from jmllm.align.train import load_preset
 
-    config = load_preset(args.preset or "paper")
+    preset = args.preset or ("toy" if args.tiny else "paper")
+    _resolve_encoders(args, preset)
+    config = load_preset(preset)
     return config.replace(**_train_changes(args))
 
 
@@ -311,6 +358,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     from jmllm.align.weights import load_alignment
 
+    _resolve_encoders(args)
     layer = load_alignment(args.weights)
     source_model = args.source_model or layer.config.source_model
     target_model = args.target_model or layer.config.target_model

@@ -58,7 +58,7 @@ Try:
     jmllm-joint wsol {out}/cub --tiny --json-out wsol.json
     jmllm-judge sample --coco {out}/coco/captions.json --images-dir {out}/coco/images -n {count} --out manifest.json
     jmllm-judge captions --manifest manifest.json --system J --joint --tiny -o j.jsonl
-    jmllm-align train --tiny --images {out}/coco/images --out w-run
+    jmllm-align train --tiny {out}/coco/images --out w-run --max-steps 20
 """
 
 

@@ -1,0 +1,47 @@
+"""``--tiny`` on jmllm-align: the built-in (toy-world) encoders, offline, through jmllm-joint's one
+resolver; a preset for the built-in models never reaches the Hub."""
+
+from __future__ import annotations
+
+import pytest
+
+from jmllm.align.cli import main
+from jmllm.align.weights import load_alignment
+
+joint_cli = pytest.importorskip("jmllm.joint.cli")
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    from jmllm.joint.toy.scenes import make_scene
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for i in range(6):
+        make_scene("heldout", i).image.save(folder / f"s{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("how", [["--tiny"], ["--preset", "tiny"]])
+def test_train_tiny_uses_the_built_in_encoders(scenes, tmp_path, how, monkeypatch, capsys):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was called")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    out = tmp_path / "run"
+    argv = ["train", str(scenes), "--out", str(out), *how, "--max-steps", "2"]
+    assert main([*argv, "--eval-images", "2", "--batch-size", "2", "--no-progress"]) == 0
+    config = load_alignment(out / "alignment.safetensors").config
+    builtin = joint_cli.builtin_sources()
+    assert (config.source_model, config.target_model) == (str(builtin.owl), str(builtin.llava))
+    assert config.in_dim == 64 and config.out_dim == 128  # the toy encoders' widths
+    # and eval --tiny evaluates it against the same encoders
+    assert main(["eval", str(out / "alignment.safetensors"), str(scenes), "--tiny", "--json"]) == 0
+
+
+def test_tiny_with_explicit_encoders_is_refused(scenes, tmp_path, capsys):
+    argv = ["train", str(scenes), "--out", str(tmp_path / "r"), "--tiny", "--source-model", "x"]
+    assert main(argv) == 2
+    assert "--tiny: cannot be combined" in capsys.readouterr().err
