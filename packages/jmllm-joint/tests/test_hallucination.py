@@ -69,26 +69,24 @@ def test_report_highlights_and_is_self_contained(tiny_joint, sample_images, tmp_
     assert saved["mentioned_not_detected"] == report.mentioned_not_detected
 
 
-def test_cli_hallucinations(cli_env, sample_images, tmp_path, capsys):
+def test_cli_hallucinations(tmp_path, capsys):
+    """On the built-in (toy) models: an answer that names an absent shape is flagged, and the
+    vocabulary is the toy shapes."""
+    from jmllm.joint.toy.scenes import make_scene
+
+    scene = make_scene("heldout", 2)  # a green square, alone
+    assert [o.name for o in scene.objects] == ["green square"]
     image = tmp_path / "img.png"
-    sample_images[1].save(image)
-    rc = main(
-        [
-            "hallucinations",
-            str(image),
-            "--tiny",
-            "-p",
-            QUESTION,
-            "--answer",
-            ANSWER,
-            "-q",
-            "horse",
-            "--out",
-            str(tmp_path / "h"),
-        ]
-    )
+    scene.image.save(image)
+    answer = "The image shows a green square and a red circle"
+    argv = ["hallucinations", str(image), "--tiny", "-p", QUESTION, "--answer", answer]
+    rc = main([*argv, "--threshold", "0.5", "--out", str(tmp_path / "h")])
     out = capsys.readouterr().out
-    assert rc == 0 and "Mentioned but not detected:" in out
+    assert rc == 0
+    flagged = next(
+        line for line in out.splitlines() if line.startswith("Mentioned but not detected:")
+    )
+    assert "circle" in flagged and "square" not in flagged
     assert (tmp_path / "h" / "hallucinations.html").is_file()
 
 

@@ -101,6 +101,19 @@ def builtin_sources() -> Any:
     return toy_paths(os.environ.get(TOY_WORLD_ENV) or None)
 
 
+def builtin_vocabulary() -> list[str]:
+    """The object words the built-in models know (the toy shapes): the default object vocabulary
+    of commands run with ``--tiny`` (``hallucinations``, ``app``).
+
+    Example:
+        >>> builtin_vocabulary()
+        ['circle', 'square', 'triangle', 'cross']
+    """
+    from jmllm.joint.toy.scenes import SHAPES
+
+    return list(SHAPES)
+
+
 def load_builtin_model(**kwargs: Any) -> Any:
     """The built-in J (:func:`builtin_sources`), loaded with its toy-scene input check; one line
     on stderr says what is being loaded.

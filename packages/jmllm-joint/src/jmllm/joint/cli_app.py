@@ -105,9 +105,9 @@ def cmd_app(args: argparse.Namespace) -> int:
     model = load_model(args)
     notes = [TOY_WORLD_NOTE] if args.tiny else []
     if args.tiny and objects is None:
-        from jmllm.joint.toy.scenes import SHAPES
+        from jmllm.joint.cli import builtin_vocabulary
 
-        objects = list(SHAPES)  # the object words the toy world knows
+        objects = builtin_vocabulary()  # the object words the toy world knows
     app = build_app(model, notes=notes, objects=objects, max_pixels=max_pixels, max_bytes=max_bytes)
     launch(app, host=args.host, port=args.port, max_file_size=max_bytes)
     return 0

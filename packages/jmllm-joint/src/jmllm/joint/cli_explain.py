@@ -71,7 +71,9 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="extra object to query although not mentioned (repeatable)",
     )
     hall.add_argument(
-        "--objects", help="comma-separated object vocabulary (default: the 80 COCO names)"
+        "--objects",
+        help="comma-separated object vocabulary (default: the 80 COCO names; with --tiny the "
+        "toy shapes)",
     )
     hall.add_argument(
         "--threshold",
@@ -225,6 +227,10 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         objects = [o.strip() for o in args.objects.split(",") if o.strip()]
         if not objects:
             raise CliError("--objects: empty list")
+    elif args.tiny:
+        from jmllm.joint.cli import builtin_vocabulary
+
+        objects = builtin_vocabulary()  # the built-in models know the toy shapes only
     out = _out_dir(args.out)
     model = load_model(args)
     report = check_hallucinations(
