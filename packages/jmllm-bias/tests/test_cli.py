@@ -36,7 +36,13 @@ def _assess(cohort, out, characteristic="nurse", *extra):
     )  # fmt: skip
 
 
-def test_assess_bad_inputs_fail_before_loading_models(tmp_path, capsys) -> None:
+def test_assess_bad_inputs_fail_before_loading_models(tmp_path, capsys, monkeypatch) -> None:
+    import jmllm.joint.cli as joint_cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(joint_cli, "load_builtin_model", no_model)
     (tmp_path / "empty").mkdir()
     assert _assess(tmp_path / "empty", tmp_path / "o") == 2
     _one_line_error(capsys, "empty cohort")
@@ -48,7 +54,7 @@ def test_assess_bad_inputs_fail_before_loading_models(tmp_path, capsys) -> None:
         _assess(tmp_path / "empty", tmp_path / "o", "nurse", "--eps", "-1")
     assert exc.value.code == 2
     _one_line_error(capsys, "argument --eps: must be >= 0, got -1")
-    assert not (tmp_path / "o" / ".tiny-joint").exists()  # no model was built
+    assert not (tmp_path / "o").exists()  # nothing written, no model loaded (no_model)
 
 
 def test_assess_real_models_need_alignment(portraits, tmp_path, capsys) -> None:
@@ -104,6 +110,8 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:
         "with a number from 1 to 10.\nASSISTANT:"
     }
     assert "Conversation template: paper" in (out / "report.md").read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert "built-in toy world" in run["models"]["joint"]  # --tiny: the toy-world J
     report = json.loads((out / "report.json").read_text())
     summaries = {(s["group"], s["eps"]): s for s in report["summaries"]}
     assert set(summaries) == {(g, e) for g in ("female", "male", "all") for e in (0.0, 1.0)}

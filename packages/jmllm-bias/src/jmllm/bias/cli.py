@@ -183,7 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cuda:0 (default: the first GPU, else CPU)")
     p.add_argument("--device-map", default=None, help="spread LLaVA over GPUs, e.g. auto")
     p.add_argument(
-        "--tiny", action="store_true", help="use the tiny random J built offline (smoke test)"
+        "--tiny",
+        action="store_true",
+        help="use the built-in J of jmllm-joint: the toy world (small models trained on "
+        "synthetic shapes, offline; a smoke test: it knows no people)",
     )
     p.add_argument(
         "--seed", type=integer(0), default=0, help="bootstrap seed of the report (default 0)"
@@ -259,10 +262,10 @@ def _assess(args: argparse.Namespace) -> int:
     # (or builds the tiny one in the same place).
     with output_folder(args.out), folder_lock(args.out, "assess"):
         if args.tiny:
-            from .testing import tiny_joint_model
+            from jmllm.joint.cli import builtin_sources, load_builtin_model
 
-            model = tiny_joint_model(Path(args.out) / ".tiny-joint")
-            models = {"joint": "tiny (jmllm.joint.testing)"}
+            model = load_builtin_model()
+            models = {"joint": f"built-in toy world ({builtin_sources().root})"}
         else:
             import torch
 
