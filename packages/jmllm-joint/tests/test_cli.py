@@ -291,3 +291,15 @@ def test_stderr_is_quiet_without_v_and_tells_with_it(tmp_path):
     assert loud.returncode == 0
     assert "loading the built-in toy-world models" in loud.stderr  # the notice, logged at INFO
     assert "Loading weights" in loud.stderr  # transformers' bar is back with -v
+
+
+def test_explain_all_shows_progress_per_token(tmp_path, capsys):
+    """``explain`` (every word of the answer) is long work: a bar per answer token on stderr."""
+    from jmllm.joint.toy.scenes import make_scene
+
+    image = tmp_path / "scene.png"
+    make_scene("heldout", 2).image.save(image)
+    argv = ["explain", str(image), "--tiny", "-p", "What's the content of the image?"]
+    assert cli.main([*argv, "-q", "square", "--out", str(tmp_path / "e")]) == 0
+    err = capsys.readouterr().err
+    assert "GA per token" in err and "GA gradient norms" in err

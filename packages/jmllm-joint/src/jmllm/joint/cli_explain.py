@@ -172,7 +172,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     model = load_model(args)
     ga = GradientAlignment(
         model,
-        progress=args.verbose,
+        progress=True,  # bars on stderr: norms, then one backward per answer token
         box_rounding=args.box_rounding,
         class_query=args.class_query,
     )

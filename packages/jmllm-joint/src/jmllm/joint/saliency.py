@@ -965,7 +965,13 @@ class GradientAlignment:
             # W may run in another dtype (e.g. bf16 on GPU): the cast is part of the graph
             w_dtype = next(model.alignment.parameters()).dtype
             logits = model.language_logits(t_var.to(w_dtype), ids)  # (1, L, V)
-            for g, group in enumerate(positions):
+            groups: Iterable[tuple[int, Any]] = enumerate(positions)
+            if self.progress and len(positions) > 1:
+                from tqdm.auto import tqdm
+
+                # one backward per answer token: the long part of explaining a whole answer
+                groups = tqdm(groups, total=len(positions), desc="GA per token", unit="token")
+            for g, group in groups:
                 # the logit of answer token i is predicted at sequence position P + i − 1
                 rows = torch.tensor([P + i - 1 for i in group], device=logits.device)
                 cols = answer_ids[list(group)].to(logits.device)
