@@ -238,6 +238,8 @@ def test_served_questionnaire_posts_answers_once(page, example_spec, tmp_path, c
     try:
         host, port = server.server_address[:2]
         page.goto(f"http://{host}:{port}/")
+        # the default instructions leave the way back to the last page (here: Send)
+        assert "download" not in page.inner_text("body").lower()
         answer_questionnaire(page, example_spec, "S1", PLAN)
         assert page.is_visible("#send") and not page.is_visible("#download")
         finish_text = page.inner_text("#finish")  # what is shown

@@ -236,3 +236,40 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
         == 2
     )
     assert "answers folder not found" in capsys.readouterr().err
+
+
+def test_default_instructions_no_longer_name_one_way_back_and_old_answers_still_score(
+    example_spec, tmp_path
+):
+    """The default instructions leave the way back to the last page (Send when served, Download
+    from a file); answers collected under the previous default wording are for the same study
+    and still score, while a spec with its own instructions accepts only its own fingerprint."""
+    import dataclasses
+    import hashlib
+
+    from jmllm.userstudy.spec import (
+        DEFAULT_INSTRUCTIONS,
+        PREVIOUS_DEFAULT_INSTRUCTIONS,
+        accepted_fingerprints,
+    )
+
+    assert "download" not in DEFAULT_INSTRUCTIONS.lower()
+    assert example_spec.instructions == DEFAULT_INSTRUCTIONS.strip()
+    old = example_spec.fingerprint(PREVIOUS_DEFAULT_INSTRUCTIONS.strip())
+    assert old != example_spec.fingerprint()
+    assert accepted_fingerprints(example_spec) == (example_spec.fingerprint(), old)
+    folder = tmp_path / "answers"
+    folder.mkdir()
+    for pid, fingerprint in (
+        ("P-old", old),
+        ("P-new", example_spec.fingerprint()),
+        ("P-other", hashlib.sha256(b"another study").hexdigest()),
+    ):
+        doc = answers_document(example_spec, pid, {"q1"})
+        doc["spec_fingerprint"] = fingerprint
+        (folder / f"answers-{pid}.json").write_text(json.dumps(doc))
+    result = score_answers(example_spec, folder)
+    assert len(result.participants) == 2
+    assert [p.kind for p in result.problems] == ["foreign-spec"]
+    custom = dataclasses.replace(example_spec, instructions="Answer every question.")
+    assert accepted_fingerprints(custom) == (custom.fingerprint(),)

@@ -37,7 +37,7 @@ from scipy.stats import binomtest
 
 from .participants import normalise_participant_id, problem_with_participant_id
 from .randomisation import participant_order, participant_seed
-from .spec import ANSWERS, StudySpec
+from .spec import ANSWERS, StudySpec, accepted_fingerprints
 
 __all__ = [
     "ANSWERS_FORMAT",
@@ -244,12 +244,13 @@ def score_answers(spec: StudySpec, answers_dir: str | Path) -> StudyScore:
     folder = Path(answers_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: answers folder not found")
-    fingerprint = spec.fingerprint()
+    fingerprints = accepted_fingerprints(spec)  # the spec's, and its previous default's
+    fingerprint = fingerprints[0]
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file())
     problems: list[SubmissionProblem] = []
     by_participant: dict[str, list[_Submission]] = {}
     for path in files:
-        checked = _check_file(path, spec, fingerprint)
+        checked = _check_file(path, spec, fingerprints)
         if isinstance(checked, SubmissionProblem):
             problems.append(checked)
         else:
@@ -308,7 +309,10 @@ def score_answers(spec: StudySpec, answers_dir: str | Path) -> StudyScore:
     )
 
 
-def _check_file(path: Path, spec: StudySpec, fingerprint: str) -> _Submission | SubmissionProblem:
+def _check_file(
+    path: Path, spec: StudySpec, fingerprints: tuple[str, ...]
+) -> _Submission | SubmissionProblem:
+    fingerprint = fingerprints[0]
     name = path.name
 
     def problem(kind: str, detail: str, pid: str | None = None) -> SubmissionProblem:
@@ -325,7 +329,7 @@ def _check_file(path: Path, spec: StudySpec, fingerprint: str) -> _Submission | 
         return problem(*doc)
     raw_pid = doc.get("participant_id")
     pid = normalise_participant_id(raw_pid) if isinstance(raw_pid, str) else None
-    if doc.get("spec_fingerprint") != fingerprint:
+    if doc.get("spec_fingerprint") not in fingerprints:
         theirs = str(doc.get("spec_fingerprint"))[:12]
         return problem(
             "foreign-spec",

@@ -41,6 +41,7 @@ __all__ = [
     "Question",
     "SpecError",
     "StudySpec",
+    "accepted_fingerprints",
     "answer_text",
     "load_spec",
     "question_text",
@@ -50,6 +51,17 @@ SPEC_FORMAT = "jmllm-userstudy-spec/1"
 ANSWERS = ("A1", "A2")
 
 DEFAULT_INSTRUCTIONS = (
+    "Each question shows an image and two explanations of what a vision model perceived in it. "
+    "Each explanation highlights the parts of the image that support one object.\n\n"
+    "For every question, decide which explanation is for which object and pick one of the two "
+    "answers. There are no trick questions; if unsure, give your best guess.\n\n"
+    "When you have answered every question, the last page shows how to return your answers to "
+    "the researcher."
+)
+# The default wording before it stopped naming one way back (a served questionnaire has a Send
+# button, a file has a Download button: the last page says which). Answers collected under it
+# still score against a spec that uses the default (StudySpec.accepted_fingerprints).
+PREVIOUS_DEFAULT_INSTRUCTIONS = (
     "Each question shows an image and two explanations of what a vision model perceived in it. "
     "Each explanation highlights the parts of the image that support one object.\n\n"
     "For every question, decide which explanation is for which object and pick one of the two "
@@ -155,18 +167,21 @@ class StudySpec:
                 return q
         raise KeyError(question_id)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, instructions: str | None = None) -> str:
         """SHA-256 over everything a participant sees and scoring uses (texts, seed, ids,
         objects, correct answers and the bytes of every image), but not reference rates.
 
         Answer files carry it, so answers collected for another spec (or for an edited one) are
         detected rather than scored.
+
+        Args:
+            instructions: the instructions to hash instead of the spec's own (None: its own).
         """
         payload = {
             "format": SPEC_FORMAT,
             "title": self.title,
             "seed": self.seed,
-            "instructions": self.instructions,
+            "instructions": self.instructions if instructions is None else instructions,
             "questions": [
                 {
                     "id": q.id,
@@ -180,6 +195,21 @@ class StudySpec:
         }
         canonical = json.dumps(payload, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def accepted_fingerprints(spec: StudySpec) -> tuple[str, ...]:
+    """The fingerprints an answer file for ``spec`` may carry: :meth:`StudySpec.fingerprint`,
+    and, for a spec on the default instructions, the fingerprint the same spec had under
+    :data:`PREVIOUS_DEFAULT_INSTRUCTIONS` — only the default's wording about returning answers
+    changed, so answers collected before are for the same study.
+
+    >>> len(accepted_fingerprints(load_spec(example)))  # doctest: +SKIP
+    2
+    """
+    current = spec.fingerprint()
+    if spec.instructions != DEFAULT_INSTRUCTIONS.strip():
+        return (current,)
+    return (current, spec.fingerprint(PREVIOUS_DEFAULT_INSTRUCTIONS.strip()))
 
 
 def _sha256_file(path: Path) -> str:
