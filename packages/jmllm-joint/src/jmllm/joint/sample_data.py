@@ -58,7 +58,7 @@ Try:
     jmllm-joint wsol {out}/cub --tiny --json-out wsol.json
     jmllm-judge sample --coco {out}/coco/captions.json --images-dir {out}/coco/images -n {count} --out manifest.json
     jmllm-judge captions --manifest manifest.json --system J --joint --tiny -o j.jsonl
-    jmllm-align train --tiny {out}/coco/images --out w-run --max-steps 20
+    jmllm-align train --tiny {out}/coco/images --out w-run --max-steps 20 --batch-size 4
 """
 
 
@@ -92,7 +92,9 @@ def write_sample_data(
     root = Path(out)
     categories = [{"id": i + 1, "name": shape} for i, shape in enumerate(SHAPES)]
     category_of = {c["name"]: c["id"] for c in categories}
-    images, captions, instances = [], [], []
+    images: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
+    instances: list[dict[str, Any]] = []
     for index in range(count):
         scene = make_scene("heldout", index, seed)
         name = f"toy-heldout-{index:04d}.png"
