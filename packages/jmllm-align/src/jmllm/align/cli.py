@@ -180,6 +180,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 BUILTIN_PRESETS = ("tiny", "toy")  # presets sized for the built-in models
+BUILTIN_MODELS_GROUP = "jmllm.builtin_models"  # entry point of jmllm-joint's --tiny resolver
 
 
 def _tiny_argument(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +194,8 @@ def _tiny_argument(parser: argparse.ArgumentParser) -> None:
 
 def builtin_encoders() -> tuple[str, str]:
     """The built-in encoders (``--tiny``): the toy world's OWL-ViT and LLaVA folders, from the
-    one resolver of every package's ``--tiny`` (:func:`jmllm.joint.cli.builtin_sources`).
+    one resolver of every package's ``--tiny`` (:func:`jmllm.joint.cli.builtin_sources`, the
+    ``jmllm.builtin_models`` entry point ``toy``).
 
     Raises:
         ValueError: jmllm-joint is not installed (it ships the toy world).
@@ -201,13 +203,16 @@ def builtin_encoders() -> tuple[str, str]:
     Example:
         >>> owl, llava = builtin_encoders()  # doctest: +SKIP
     """
-    try:
-        from jmllm.joint.cli import builtin_sources
-    except ImportError:
+    from importlib.metadata import entry_points
+
+    # jmllm-joint registers its resolver as an entry point: found without importing it (it
+    # depends on this package, not the other way round)
+    found = {ep.name: ep for ep in entry_points(group=BUILTIN_MODELS_GROUP)}
+    if "toy" not in found:
         raise ValueError(
             "--tiny: the built-in models ship with jmllm-joint: pip install jmllm-joint"
-        ) from None
-    paths = builtin_sources()
+        )
+    paths = found["toy"].load()()
     return str(paths.owl), str(paths.llava)
 
 

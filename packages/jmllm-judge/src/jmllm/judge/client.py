@@ -436,13 +436,17 @@ def _unreachable(error: BaseException) -> bool:
     or ``socket.gaierror`` in its cause chain), as opposed to a reset or a dropped connection."""
     import socket
 
-    import httpx
+    def connect_error(exc: BaseException) -> bool:  # httpx.ConnectError (openai's transport)
+        return any(
+            c.__name__ == "ConnectError" and c.__module__.startswith("httpx")
+            for c in type(exc).__mro__
+        )
 
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, httpx.ConnectError | ConnectionRefusedError | socket.gaierror):
+        if isinstance(current, ConnectionRefusedError | socket.gaierror) or connect_error(current):
             return True
         current = current.__cause__ or current.__context__
     return False
