@@ -34,6 +34,15 @@ from jmllm.joint.audit_data import (
 from jmllm.joint.audit_report import write_audit_report
 from jmllm.joint.testing import COCO_FIXTURE_CLASSES, generated_images, write_coco_folder
 
+
+def _tiny_sources(base) -> list[str]:
+    """The session's tiny random-weight J as explicit sources (``--tiny`` is the toy world, whose
+    small tokenizer does not know the COCO fixture's class names)."""
+    root = Path(base) / "tiny"
+    return ["--owl", str(root / "owlvit-joint"), "--llava", str(root / "llava"),
+            "--alignment", str(root / "alignment.safetensors"), "--device", "cpu"]  # fmt: skip
+
+
 QUESTION = "Is there a {} in the image? Only answer with 'yes' or 'no'."
 
 
@@ -573,7 +582,7 @@ def _cli(*args: str) -> int:
 def test_cli_runs_resumes_and_reports(cli_env, coco, tmp_path, capsys) -> None:
     ann, images = coco
     out = tmp_path / "out"
-    args = ["hallucination-audit", "--tiny", "--annotations", str(ann), "--images", str(images),
+    args = ["hallucination-audit", *_tiny_sources(cli_env), "--annotations", str(ann), "--images", str(images),
             "--out", str(out), "--max-new-tokens", "2", "--resamples", "100", "--limit", "3"]  # fmt: skip
     assert _cli(*args) == 0
     printed = capsys.readouterr().out
@@ -604,7 +613,7 @@ def test_cli_runs_resumes_and_reports(cli_env, coco, tmp_path, capsys) -> None:
 )
 def test_cli_bad_input_exits_2(cli_env, coco, tmp_path, capsys, extra, message) -> None:
     ann, images = coco
-    code = _cli("hallucination-audit", "--tiny", "--annotations", str(ann), "--images",
+    code = _cli("hallucination-audit", *_tiny_sources(cli_env), "--annotations", str(ann), "--images",
                 str(images), "--out", str(tmp_path / "o"), *extra)  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
@@ -612,7 +621,7 @@ def test_cli_bad_input_exits_2(cli_env, coco, tmp_path, capsys, extra, message) 
 
 
 def test_cli_missing_annotations_exits_2(cli_env, tmp_path, capsys) -> None:
-    code = _cli("hallucination-audit", "--tiny", "--annotations", str(tmp_path / "none.json"),
+    code = _cli("hallucination-audit", *_tiny_sources(cli_env), "--annotations", str(tmp_path / "none.json"),
                 "--images", str(tmp_path), "--out", str(tmp_path / "o"))  # fmt: skip
     assert code == 2 and "none.json: no such annotation file" in capsys.readouterr().err
 
@@ -623,7 +632,7 @@ def test_cli_partial_run_exits_3(cli_env, coco, tmp_path, capsys) -> None:
     copy.mkdir()
     for f in sorted(images.iterdir())[:2]:
         (copy / f.name).write_bytes(f.read_bytes())
-    code = _cli("hallucination-audit", "--tiny", "--annotations", str(ann), "--images",
+    code = _cli("hallucination-audit", *_tiny_sources(cli_env), "--annotations", str(ann), "--images",
                 str(copy), "--out", str(tmp_path / "o"), "--max-new-tokens", "1", "--limit", "3",
                 "--resamples", "50")  # fmt: skip
     out = capsys.readouterr().out
@@ -638,7 +647,7 @@ def test_cli_dataset_option(cli_env, tmp_path, capsys) -> None:
     }
     splits = datasets.DatasetDict({"heldout": datasets.Dataset.from_dict(rows)})
     splits.save_to_disk(str(tmp_path / "scenes"))
-    args = ["hallucination-audit", "--tiny", "--dataset", str(tmp_path / "scenes"),
+    args = ["hallucination-audit", *_tiny_sources(cli_env), "--dataset", str(tmp_path / "scenes"),
             "--category-field", "shape", "--out", str(tmp_path / "o"), "--max-new-tokens", "1",
             "--resamples", "50"]  # fmt: skip
     assert _cli(*args) == 2

@@ -20,6 +20,15 @@ from jmllm.joint.testing import write_coco_folder
 
 pytestmark = pytest.mark.slow
 
+
+def _tiny_sources(base) -> list[str]:
+    """The session's tiny random-weight J as explicit sources (``--tiny`` is the toy world, whose
+    small tokenizer does not know the COCO fixture's class names)."""
+    root = Path(base) / "tiny"
+    return ["--owl", str(root / "owlvit-joint"), "--llava", str(root / "llava"),
+            "--alignment", str(root / "alignment.safetensors"), "--device", "cpu"]  # fmt: skip
+
+
 IMAGES = 30
 
 
@@ -30,8 +39,8 @@ def _env(cli_env: Path) -> dict[str, str]:
     return env
 
 
-def _audit_args(ann: Path, images: Path, out: Path) -> list[str]:
-    return ["hallucination-audit", "--tiny", "--annotations", str(ann), "--images", str(images),
+def _audit_args(ann: Path, images: Path, out: Path, cli_env: Path) -> list[str]:
+    return ["hallucination-audit", *_tiny_sources(cli_env), "--annotations", str(ann), "--images", str(images),
             "--out", str(out), "--max-new-tokens", "3", "--resamples", "50", "--top-k", "0"]  # fmt: skip
 
 
@@ -56,7 +65,7 @@ def test_a_killed_run_resumes_and_loses_at_most_the_image_in_progress(
 ) -> None:
     ann, images = write_coco_folder(tmp_path / "coco", count=IMAGES, seed=4)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "jmllm.joint", *_audit_args(ann, images, out)]
+    cmd = [sys.executable, "-m", "jmllm.joint", *_audit_args(ann, images, out, cli_env)]
     proc = subprocess.Popen(cmd, env=_env(cli_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     results = out / RESULTS_FILE
     deadline = time.monotonic() + 600
@@ -101,14 +110,14 @@ def test_two_processes_under_accelerate_launch_equal_one(cli_env, tmp_path) -> N
               "--dynamo_backend", "no", "-m", "jmllm.joint"]  # fmt: skip
     env = {**_env(cli_env), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*launch, *_audit_args(ann, images, split)],
+        [*launch, *_audit_args(ann, images, split, cli_env)],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[process 0]" in done.stderr and "[process 1]" in done.stderr  # both worked
     assert "9 images (9 audited now, 0 kept" in done.stdout
     one = subprocess.run(
-        [sys.executable, "-m", "jmllm.joint", *_audit_args(ann, images, single)],
+        [sys.executable, "-m", "jmllm.joint", *_audit_args(ann, images, single, cli_env)],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]

@@ -146,7 +146,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     from jmllm.joint.audit import AuditSettings, exclusive_folder, process_state, run_audit
     from jmllm.joint.audit_data import AuditError
     from jmllm.joint.audit_report import write_audit_report
-    from jmllm.joint.cli import RANDOM_WEIGHTS_NOTE, CliError, _out_dir, load_model
+    from jmllm.joint.cli import TOY_WORLD_NOTE, CliError, _out_dir, load_model
 
     try:
         settings = AuditSettings(
@@ -166,7 +166,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     out = _out_dir(args.out) if state.is_main_process else None
     if args.device is None and state.num_processes > 1 and state.device.type == "cuda":
         args.device = str(state.device)  # one GPU per process
-    with state.main_process_first():  # --tiny builds its checkpoints once
+    with state.main_process_first():  # one process loads first (a Hub download happens once)
         model = load_model(args)
     with exclusive_folder(args.out, state):  # the run and its report: one writer at a time
         result = run_audit(
@@ -181,7 +181,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
         if not state.is_main_process:
             return EXIT_PARTIAL if result.failed else 0
         assert out is not None
-        notes = [RANDOM_WEIGHTS_NOTE] if args.tiny else []
+        notes = [TOY_WORLD_NOTE] if args.tiny else []
         report = write_audit_report(
             result,
             out,
