@@ -36,9 +36,7 @@ def _write_toy_coco(root: Path, count: int) -> tuple[Path, Path]:
         scene = make_scene("heldout", index)
         name = f"{index:04d}.png"
         scene.image.save(images / name)
-        doc["images"].append(
-            {"id": 500 + index, "file_name": name, "width": 128, "height": 128}
-        )
+        doc["images"].append({"id": 500 + index, "file_name": name, "width": 128, "height": 128})
         for obj in scene.objects:
             x0, y0, x1, y1 = obj.box
             doc["annotations"].append(
@@ -66,7 +64,7 @@ def toy_audit(tmp_path_factory):
 
 
 def test_toy_audit_asks_every_shape_of_every_scene(toy_audit) -> None:
-    _, dataset, result, _ = toy_audit
+    _, _, result, _ = toy_audit
     assert len(result.records) == SCENES * len(SHAPES)
     for index in range(SCENES):
         present = {o.shape for o in make_scene("heldout", index).objects}
@@ -101,3 +99,21 @@ def test_toy_audit_report_is_written(toy_audit) -> None:
     expected = audit_metrics(result.records, rule=RULE, n_resamples=200)
     assert report.metrics["pope"] == expected["pope"]
     assert report.gallery_path.is_file()
+
+
+def test_cli_tiny_reads_the_toy_answers_with_the_strict_rule(toy_audit, capsys) -> None:
+    """`hallucination-audit --tiny` (the toy world) must not report every lower-case answer as
+    unparsed; an explicit --parse authors still applies the authors' exact rule."""
+    from jmllm.joint.cli import main
+
+    _, _, _, root = toy_audit
+    ann, images = root / "coco" / "instances.json", root / "coco" / "images"
+    common = ["hallucination-audit", "--tiny", "--annotations", str(ann), "--images", str(images)]
+    assert main([*common, "--out", str(root / "cli"), "--top-k", "0", "--resamples", "100"]) == 0
+    report = json.loads((root / "cli" / "report.json").read_text())
+    assert report["unparsed"] == 0 and report["parse_rule"] == "strict"
+    assert "strict rule" in (root / "cli" / "gallery.html").read_text()
+    out = ["--out", str(root / "cli-authors"), "--top-k", "0", "--resamples", "100"]
+    assert main([*common, *out, "--parse", "authors"]) == 0
+    report = json.loads((root / "cli-authors" / "report.json").read_text())
+    assert report["unparsed"] == report["questions"]

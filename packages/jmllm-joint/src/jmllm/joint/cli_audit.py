@@ -103,8 +103,9 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     rep.add_argument(
         "--parse",
         choices=PARSE_RULES,
-        default="authors",
-        help="answer rule: authors (exactly Yes/No), strict (yes/no, any case), pope (POPE's)",
+        default=None,
+        help="answer rule: authors (exactly Yes/No; the default), strict (yes/no, any case), "
+        "pope (POPE's); with --tiny the default is strict, as the toy LLaVA answers in lower case",
     )
     rep.add_argument(
         "--top-k", type=integer(0), default=25, help="hallucinations in the gallery (25)"
@@ -182,11 +183,17 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
             return EXIT_PARTIAL if result.failed else 0
         assert out is not None
         notes = [TOY_WORLD_NOTE] if args.tiny else []
+        rule = args.parse or ("strict" if args.tiny else "authors")
+        if args.parse is None and args.tiny:
+            notes.append(
+                "Answers read with the strict rule (yes/no in any case): the toy LLaVA answers "
+                "in lower case, which the authors' exact Yes/No rule would count as unparsed."
+            )
         report = write_audit_report(
             result,
             out,
             model,
-            rule=args.parse,
+            rule=rule,
             top_k=args.top_k,
             n_resamples=args.resamples,
             confidence=args.confidence,
