@@ -2,7 +2,7 @@
 
 On the toy J shipped in ``jmllm-joint`` (or a retrained one, ``--dir``), CPU, float32, in one run:
 
-- the models: ``detection_ap50`` (the lowest shape's AP50, NMS 0.5), ``caption_accuracy_llava``,
+- the models: ``detection_ap50`` (the lowest shape's AP50 of ``jmllm-joint detect``'s boxes), ``caption_accuracy_llava``,
   ``caption_accuracy_joint``, ``qa_accuracy_llava`` (``llava-1.5`` template);
 - GA localisation: for every object J names correctly in its answer to ``What's in the image?``,
   GA's class map of the shape word (query ``a photo of a <shape>``) against the object's true

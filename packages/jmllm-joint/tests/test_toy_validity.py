@@ -108,18 +108,21 @@ def test_absent_object_is_flagged_by_the_hallucination_view(toy):
 
 
 def test_view_flags_the_absent_not_the_present(toy):
-    """One scene, one teacher-forced answer: only the absent shape is 'mentioned, not detected'
-    (at a threshold between the two scores, so the test is about the verdict, not the
-    calibration)."""
-    scene = make_scene("heldout", START)
+    """One clear scene (one yellow cross, detected at 0.96), one teacher-forced answer: only
+    the absent shape is 'mentioned, not detected' at the view's default threshold. (Not every
+    scene is this clear: in scene 7000, three green objects, the detector gives an absent
+    square 0.21, so the view misses it; the aggregate test above and the benchmark count such
+    cases.)"""
+    scene = make_scene("heldout", START + 1)
     obj = scene.objects[0]
     absent = next(s for s in SHAPES if s not in {o.shape for o in scene.objects})
     answer = f"{IN_IMAGE_PREFIX}a {obj.name} and a {obj.colour} {absent}."
     report = check_hallucinations(
-        toy, scene.image, IN_IMAGE_QUESTION, answer=answer, objects=SHAPES, threshold=0.5
+        toy, scene.image, IN_IMAGE_QUESTION, answer=answer, objects=SHAPES
     )
     assert report.mentioned_not_detected == [absent], report.to_json()
-    assert report.objects[obj.shape].detected
+    assert report.objects[obj.shape].detected and report.objects[obj.shape].mentioned
+    assert report.objects[absent].ga is not None  # the view still explains the absent word
     json.dumps(report.to_json())
 
 

@@ -274,8 +274,9 @@ def toy_validity(
         progress: tqdm bars.
 
     Returns:
-        top-level floats in [0, 1]: ``detection_ap50`` (the lowest shape's AP50, detections
-        with NMS 0.5 as ``JointModel.detect`` gives them), ``caption_accuracy_llava``,
+        top-level floats in [0, 1]: ``detection_ap50`` (the lowest shape's AP50 of the boxes
+        ``jmllm-joint detect`` gives with its defaults, see
+        :func:`~jmllm.joint.toy.evaluate.detection_scores`), ``caption_accuracy_llava``,
         ``caption_accuracy_joint``, ``qa_accuracy_llava``, ``qa_accuracy_joint`` (``llava-1.5``
         template), ``ga_maxboxacc_iou30/50/70``, ``gradient_maxboxacc_iou50``,
         ``random_maxboxacc_iou50``, ``random_boxes_maxboxacc_iou50``,
@@ -288,14 +289,13 @@ def toy_validity(
         :func:`~jmllm.joint.toy.localisation.ga_localisation`), ``sanity_cascade``,
         ``absent_word``, ``hallucination``, ``seconds``.
     """
-    from jmllm.joint.toy.evaluate import answer_scores, detection_ap50
+    from jmllm.joint.toy.evaluate import answer_scores, detection_scores
     from jmllm.joint.toy.pool import ScenePool
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     pool = ScenePool.render("heldout", metric_scenes, seed=seed, start=start, progress=progress)
-    ap_nms = detection_ap50(model, pool, nms_iou=0.5)
-    ap_raw = detection_ap50(model, pool)
+    detection = detection_scores(model, pool)
     answers = answer_scores(model, pool, templates=(TEMPLATE,))
     seconds["model_scores"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -312,7 +312,7 @@ def toy_validity(
     seconds["hallucination"] = time.perf_counter() - clock
     caption = loc["caption"]["all"]
     return {
-        "detection_ap50": min(ap_nms.values()),
+        "detection_ap50": min(detection["detection_ap50"].values()),
         "caption_accuracy_llava": answers["caption_accuracy"]["llava"][TEMPLATE],
         "caption_accuracy_joint": answers["caption_accuracy"]["joint"][TEMPLATE],
         "qa_accuracy_llava": answers["qa_accuracy"]["llava"][TEMPLATE],
@@ -337,7 +337,7 @@ def toy_validity(
         "metric_scenes": metric_scenes,
         "first_scene": start,
         "words_explained": loc["objects"],
-        "detection": {"ap50_nms": ap_nms, "ap50_no_nms": ap_raw},
+        "detection": detection,
         "answers": answers,
         "localisation": loc,
         "sanity_cascade": loc["cascade"],
