@@ -154,3 +154,13 @@ def test_peak_in_box_matches_a_direct_reading():
         y0, y1 = sorted(rng.integers(0, 17, 2))
         expected = x0 <= x + 0.5 <= x1 and y0 <= y + 0.5 <= y1
         assert peak_in_box(m, (x0, y0, x1, y1)) == expected
+
+
+def test_docstring_examples():
+    import doctest
+
+    import jmllm.joint.toy.localisation as localisation_module
+    import jmllm.joint.toy.validity as validity_module
+
+    for module in (localisation_module, validity_module):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module
