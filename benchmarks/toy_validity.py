@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "--scenes",
         type=_count("--scenes", 1),
         default=30,
-        help="held-out scenes for the explanation checks (default 30: about 4 min on 2 cores)",
+        help="held-out scenes for the explanation checks (default 30: under 3 min on 2 cores)",
     )
     parser.add_argument(
         "--metric-scenes",
