@@ -3,22 +3,91 @@
 Runs ``jmllm-joint demo`` and ``jmllm-joint hallucinations --tiny`` into a temporary folder and
 photographs their pages in Debian's headless Chromium (``/usr/bin/chromium``) into
 ``docs/images/``: ``report-demo.png``, ``report-explanation.png`` (the word "triangle" picked)
-and ``report-hallucination.png`` (an answer teacher-forced to name an absent circle). Offline.
+and ``report-hallucination.png`` (an answer teacher-forced to name an absent circle); then
+serves ``jmllm-joint app --tiny`` and photographs the explorer: ``app-explain.png`` (the word
+"triangle" clicked) and ``app-hallucination.png``. Offline: any request leaving the machine is
+refused.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from playwright.sync_api import sync_playwright
 
 IMAGES = Path(__file__).resolve().parent / "images"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 CLI = [sys.executable, "-m", "jmllm.joint"]
+
+
+def _settle(page: Any) -> None:
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=status-tracker]')]"
+        ".every(e => e.classList.contains('hide'))"
+    )
+
+
+def _app_shots(browser: Any, scene: Path, root: Path) -> None:
+    """Serve the explorer on the toy world, ask about ``scene``, click "triangle", photograph."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "GRADIO_TEMP_DIR": str(root / "gradio"), "MPLBACKEND": "Agg"}
+    argv = [*CLI, "app", "--tiny", "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(argv, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the explorer did not start") from None
+                time.sleep(0.5)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.route(
+            "**/*",
+            lambda r: (
+                r.continue_()
+                if r.request.url.startswith((url.rstrip("/"), "data:", "blob:"))
+                else r.abort()
+            ),
+        )
+        page.goto(url)
+        page.locator("#jm-upload input[type=file]").set_input_files(str(scene))
+        page.locator("#jm-picture img").wait_for()
+        queries = page.locator("#jm-queries textarea")
+        queries.fill("triangle, cross, circle")
+        queries.press("Enter")
+        _settle(page)
+        page.locator("#jm-question textarea").fill("What's the content of the image?")
+        page.click("#jm-ask")
+        page.locator("#jm-chat [data-testid=bot]").first.wait_for()
+        page.locator("#jm-words label").first.wait_for()
+        _settle(page)
+        page.locator("#jm-words label", has_text="triangle").first.click()
+        page.locator("#jm-map img").wait_for()
+        _settle(page)
+        page.screenshot(path=str(IMAGES / "app-explain.png"), full_page=True)
+        page.click("#jm-hallucination-button")
+        page.locator("#jm-hallucination-table", has_text="circle").first.wait_for()
+        _settle(page)
+        page.locator("#jm-hallucination-view").screenshot(
+            path=str(IMAGES / "app-hallucination.png")
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -65,6 +134,7 @@ def main() -> None:
             page.screenshot(path=str(IMAGES / "report-explanation.png"), full_page=True)
             page.goto((root / "hal" / "hallucinations.html").as_uri())
             page.screenshot(path=str(IMAGES / "report-hallucination.png"), full_page=True)
+            _app_shots(browser, root / "scene.png", root)
             browser.close()
     print(f"screenshots -> {IMAGES}")
 

@@ -8,7 +8,7 @@ the report the explorer computes directly. A second tab works at the same time w
 disturbing the first. Every request the page makes must stay on 127.0.0.1; any other is refused,
 as on a machine without a network.
 
-Set ``JMLLM_DOCS_SCREENSHOTS=1`` to write the screenshots of ``docs/app.md`` into ``docs/images``.
+The screenshots of ``docs/app.md`` are taken on the toy world by ``docs/screenshots.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ BROWSER_ARGS = [
     "--metrics-recording-only",
     "--no-first-run",
 ]
-DOCS_IMAGES = Path(__file__).resolve().parents[3] / "docs" / "images"
 QUESTION = "What's in the image?"
 MAX_PIXELS = 1_000_000  # small, so that a light file can exceed it
 TIMEOUT_MS = 60_000
@@ -164,7 +163,9 @@ def _words(text: str) -> str:
 
 
 def _shot(page: Any, name: str, tmp_path: Path, selector: str | None = None) -> None:
-    folder = DOCS_IMAGES if os.environ.get("JMLLM_DOCS_SCREENSHOTS") else tmp_path
+    """A screenshot into the test's folder; the docs' explorer pictures are taken on the toy
+    world by docs/screenshots.py, not on these random test models."""
+    folder = tmp_path
     folder.mkdir(parents=True, exist_ok=True)
     if selector:
         page.locator(selector).screenshot(path=str(folder / name))
