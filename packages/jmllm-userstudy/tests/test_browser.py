@@ -259,3 +259,63 @@ def test_served_questionnaire_posts_answers_once(page, example_spec, tmp_path, c
     logged = [r.getMessage() for r in caplog.records if r.name == "jmllm.userstudy.serve"]
     assert logged == [f"stored the answers of participant 's1' as {stored.name}"]
     assert page.errors == []
+
+
+def _luminance(rgb: tuple[int, ...]) -> float:
+    lin = [
+        c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (v / 255 for v in rgb)
+    ]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _rgb(css: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in re.findall(r"\d+", css)[:3])
+
+
+def test_question_screen_layout_at_1280_px(chromium, example_spec, tmp_path):
+    """What a participant sees: the image and both explanations fully on screen at 1280 px, the
+    two explanations side by side at the same size, the question and answers readable (WCAG AA
+    contrast). The screenshot is kept in the test's folder (``JMLLM_DOCS_SCREENSHOTS=1``: in
+    ``docs/images/userstudy-question.png``)."""
+    import os
+
+    site = write_questionnaire(example_spec, tmp_path / "site")
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(site.as_uri())
+    page.wait_for_selector("html[data-ready=true]", state="attached")
+    page.fill("#participant-id", "P-01")
+    page.click("#start-button")
+    page.wait_for_selector("#question", state="visible")
+    for sel in ("#img-image", "#img-expl-1", "#img-expl-2"):
+        page.wait_for_function(f"document.querySelector('{sel}').complete")
+    boxes = {
+        sel: page.locator(sel).bounding_box()
+        for sel in ("#img-image", "#img-expl-1", "#img-expl-2")
+    }
+    for sel, box in boxes.items():
+        assert box is not None and box["width"] >= 200 and box["height"] >= 150, (sel, box)
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, (sel, box)  # not clipped
+    e1, e2 = boxes["#img-expl-1"], boxes["#img-expl-2"]
+    assert abs(e1["y"] - e2["y"]) < 2 and e1["x"] + e1["width"] <= e2["x"]  # side by side
+    assert abs(e1["width"] - e2["width"]) < 2 and abs(e1["height"] - e2["height"]) < 2
+    for sel in ("#question-text", "#answer-A1-text", "#answer-A2-text"):
+        colour, background = page.evaluate(
+            """sel => {
+                const el = document.querySelector(sel);
+                let bg = 'rgba(0, 0, 0, 0)', node = el;
+                while (node && /rgba\\(0, 0, 0, 0\\)|transparent/.test(bg)) {
+                    bg = getComputedStyle(node).backgroundColor; node = node.parentElement;
+                }
+                return [getComputedStyle(el).color, /rgba\\(0, 0, 0, 0\\)/.test(bg) ? 'rgb(255, 255, 255)' : bg];
+            }""",
+            sel,
+        )
+        hi, lo = sorted((_luminance(_rgb(colour)), _luminance(_rgb(background))), reverse=True)
+        assert (hi + 0.05) / (lo + 0.05) >= 4.5, (sel, colour, background)
+    docs = Path(__file__).resolve().parents[3] / "docs" / "images"
+    folder = docs if os.environ.get("JMLLM_DOCS_SCREENSHOTS") else tmp_path
+    shot = folder / "userstudy-question.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    context.close()
