@@ -139,8 +139,13 @@ def _upload(page: Any, path: Path) -> None:
 
 def _toast(page: Any, text: str) -> None:
     page.locator(".toast-body", has_text=text).first.wait_for()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for close in page.locator(".toast-body .toast-close").all():
-        close.click()
+        try:
+            close.click(timeout=3000)
+        except PlaywrightTimeout:  # an earlier toast closed on its own in the meantime
+            pass
 
 
 def _settle(page: Any) -> None:
