@@ -165,3 +165,22 @@ def test_owl_tokenizer_pools_at_end_of_text():
     ids = tok("a photo of a red circle")["input_ids"]
     assert ids[-1] == max(tok.get_vocab().values())  # OWL-ViT pools at the argmax id
     assert "<unk>" not in tok.convert_ids_to_tokens(ids)
+
+
+def test_toy_tokenizers_rebuild_the_shipped_ones() -> None:
+    """The recipe's tokenizers (jmllm.align.testing's builders on the toy corpora) are the ones
+    the shipped models were trained with: same vocabulary, merges, specials and templates."""
+    import json
+
+    from jmllm.joint.toy import toy_paths
+    from jmllm.joint.toy.models import toy_llava_tokenizer, toy_owl_tokenizer
+
+    paths = toy_paths()
+    for tokenizer, folder in (
+        (toy_owl_tokenizer(), paths.owl),
+        (toy_llava_tokenizer(), paths.llava),
+    ):
+        shipped = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        rebuilt = json.loads(tokenizer.backend_tokenizer.to_str())
+        for key in ("model", "added_tokens", "post_processor", "pre_tokenizer", "decoder"):
+            assert rebuilt[key] == shipped[key], (folder.name, key)

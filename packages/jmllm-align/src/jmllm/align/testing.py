@@ -64,7 +64,7 @@ def require_tokenizers(extra: str = "jmllm-align[testing]") -> Any:
     return tokenizers
 
 
-def _train_bpe(vocab_size: int, specials: list[str]) -> Any:
+def _train_bpe(vocab_size: int, specials: list[str], corpus: list[str] | None = None) -> Any:
     tk = require_tokenizers()
     Tokenizer, decoders, models = tk.Tokenizer, tk.decoders, tk.models
     pre_tokenizers, trainers = tk.pre_tokenizers, tk.trainers
@@ -80,16 +80,30 @@ def _train_bpe(vocab_size: int, specials: list[str]) -> Any:
             "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-/\n "
         ),
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer)
     return tok
 
 
-def tiny_llava_tokenizer() -> Any:
-    """A Llama-style tokenizer (BOS added, ``<image>`` special) trained in-process."""
+def tiny_llava_tokenizer(
+    corpus: list[str] | None = None,
+    vocab_size: int = 320,
+    specials: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>"),
+) -> Any:
+    """A Llama-style tokenizer (BOS added, ``<image>`` special) trained in-process.
+
+    Args:
+        corpus: the texts to train the BPE on (None: this module's small English corpus).
+        vocab_size, specials: the vocabulary's size and its special tokens, first ids first.
+
+    Example:
+        >>> tok = tiny_llava_tokenizer()
+        >>> tok("a cat").input_ids[0] == tok.bos_token_id
+        True
+    """
     processors = require_tokenizers().processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = _train_bpe(320, ["<unk>", "<s>", "</s>", "<pad>"])
+    tok = _train_bpe(vocab_size, list(specials), corpus)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -106,12 +120,26 @@ def tiny_llava_tokenizer() -> Any:
     return fast
 
 
-def tiny_owl_tokenizer() -> Any:
-    """A CLIP-style tokenizer whose end-of-text token has the largest id (OWL-ViT pools at argmax)."""
+def tiny_owl_tokenizer(
+    corpus: list[str] | None = None, vocab_size: int = 200, max_length: int = 16
+) -> Any:
+    """A CLIP-style tokenizer whose end-of-text token has the largest id (OWL-ViT pools at argmax).
+
+    Args:
+        corpus: the texts to train the BPE on (None: this module's small English corpus).
+        vocab_size: the vocabulary's size before the end-of-text token.
+        max_length: the text model's positions.
+
+    Example:
+        >>> tok = tiny_owl_tokenizer()
+        >>> ids = tok("a cat").input_ids
+        >>> ids[-1] == tok.eos_token_id == max(tok.get_vocab().values())
+        True
+    """
     processors = require_tokenizers().processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = _train_bpe(200, ["<pad>", "<unk>", "<|startoftext|>"])
+    tok = _train_bpe(vocab_size, ["<pad>", "<unk>", "<|startoftext|>"], corpus)
     tok.add_special_tokens(["<|endoftext|>"])  # last id, as in CLIP
     sot, eot = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
@@ -124,7 +152,7 @@ def tiny_owl_tokenizer() -> Any:
         eos_token="<|endoftext|>",
         unk_token="<unk>",
         pad_token="<pad>",
-        model_max_length=16,
+        model_max_length=max_length,
     )
 
 

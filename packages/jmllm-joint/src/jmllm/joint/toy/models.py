@@ -103,65 +103,19 @@ def _conversation_corpus() -> list[str]:
     return lines
 
 
-def _train_bpe(corpus: list[str], vocab_size: int, specials: list[str]) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=list(
-            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-/\n "
-        ),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return tok
-
-
 def toy_owl_tokenizer() -> Any:
     """A CLIP-style tokenizer for the detection queries (end-of-text has the largest id)."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
+    from jmllm.align.testing import tiny_owl_tokenizer
 
-    tok = _train_bpe(query_texts() * 4, 160, ["<pad>", "<unk>", "<|startoftext|>"])
-    tok.add_special_tokens(["<|endoftext|>"])  # last id, as in CLIP: OWL-ViT pools at argmax
-    sot, eot = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", sot), ("<|endoftext|>", eot)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        model_max_length=OWL_TEXT_POSITIONS,
-    )
+    return tiny_owl_tokenizer(query_texts() * 4, 160, OWL_TEXT_POSITIONS)
 
 
 def toy_llava_tokenizer() -> Any:
     """A Llama-style tokenizer (BOS added, ``<image>`` special) for the toy conversations."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
+    from jmllm.align.testing import tiny_llava_tokenizer
 
-    tok = _train_bpe(_conversation_corpus(), 256, ["<unk>", "<s>", "</s>", "<pad>", "<image>"])
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    specials = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+    return tiny_llava_tokenizer(_conversation_corpus(), 256, specials)
 
 
 # ---------------------------------------------------------------------------------------------
