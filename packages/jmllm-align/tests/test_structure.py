@@ -38,18 +38,10 @@ DISTRIBUTION_OF = {
     "huggingface_hub": "huggingface-hub",
 }
 
-JOINT_DEPENDENCIES = (
-    "jmllm-joint imports huggingface_hub (model.py) and markupsafe (pages) without declaring them; "
-    "it must add 'huggingface-hub>=0.30' and markupsafe to its dependencies"
-)
 JOINT_CYCLES = (
     "jmllm.joint.chat <-> jmllm.joint.model (JointAnswer), jmllm.joint.wsol <-> "
     "jmllm.joint.wsol_page, and jmllm.joint.cli <-> jmllm.joint.cli_explain/cli_app/cli_audit "
     "(private helpers of cli imported back)"
-)
-DATASETS_FLOOR = (
-    "jmllm-joint's datasets extra says >=2.18; the others say >=3.0 (remote dataset code refused "
-    "by default)"
 )
 
 
@@ -150,15 +142,7 @@ def _dependency_problems(package: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=JOINT_DEPENDENCIES))
-        if p == "jmllm-joint"
-        else p
-        for p in PACKAGES
-    ],
-)
+@pytest.mark.parametrize("package", PACKAGES)
 def test_imports_match_declared_dependencies(package: str) -> None:
     assert _dependency_problems(package) == []
 
@@ -195,15 +179,7 @@ def _floors() -> dict[str, set[str]]:
     return specs
 
 
-@pytest.mark.parametrize(
-    "dependency",
-    [
-        pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=DATASETS_FLOOR))
-        if d == "datasets"
-        else d
-        for d in sorted(_floors() if PACKAGES else {})
-    ],
-)
+@pytest.mark.parametrize("dependency", sorted(_floors() if PACKAGES else {}))
 def test_one_version_range_per_dependency(dependency: str) -> None:
     assert len(_floors()[dependency]) == 1, _floors()[dependency]
 
