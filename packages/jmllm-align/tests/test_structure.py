@@ -38,12 +38,6 @@ DISTRIBUTION_OF = {
     "huggingface_hub": "huggingface-hub",
 }
 
-JOINT_CYCLES = (
-    "jmllm.joint.chat <-> jmllm.joint.model (JointAnswer), jmllm.joint.wsol <-> "
-    "jmllm.joint.wsol_page, and jmllm.joint.cli <-> jmllm.joint.cli_explain/cli_app/cli_audit "
-    "(private helpers of cli imported back)"
-)
-
 
 def _project(package: str) -> dict:
     with (PACKAGES_DIR / package / "pyproject.toml").open("rb") as f:
@@ -239,15 +233,7 @@ def _module_graph(modules: dict[str, tuple[Path, str]]) -> dict[str, set[str]]:
     return graph
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=JOINT_CYCLES))
-        if p == "jmllm-joint"
-        else p
-        for p in PACKAGES
-    ],
-)
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_cycles(package: str) -> None:
     cycles = _cycles(_module_graph(MODULES))
     assert [c for c in cycles if any(MODULES[m][1] == package for m in c)] == []

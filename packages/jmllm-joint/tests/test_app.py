@@ -168,7 +168,7 @@ def test_app_serves_the_built_in_models_on_loopback(gr, cli_env, monkeypatch):
     """``--tiny`` goes through the shared resolver (load_model); the page is built on that model
     and served on 127.0.0.1 with the limits given."""
     import jmllm.joint.app as app_module
-    import jmllm.joint.cli as cli
+    import jmllm.joint.cli.common as cli
 
     loaded, served = [], []
     real_load = cli.load_model

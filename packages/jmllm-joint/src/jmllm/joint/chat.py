@@ -21,16 +21,15 @@ J and stock LLaVA are prompted through a *named* template:
 
 Paper-reproduction paths default to ``paper``; interactive use defaults to ``llava-1.5``
 (``docs/fidelity.md``). The placeholder is later expanded to one image token per vision patch
-(576 for LLaVA-1.5).
+(576 for LLaVA-1.5). A generated answer is a :class:`JointAnswer` (its text, its token ids and
+the prompt's, the template it was asked in).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from jmllm.joint.model import JointAnswer
+import torch
 
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_EOS = "</s>"
@@ -66,6 +65,39 @@ CONVERSATION_TEMPLATES: dict[str, ConversationTemplate] = {
 }
 INTERACTIVE_TEMPLATE = "llava-1.5"  # chat, describe, the demo, the explorer app
 PAPER_TEMPLATE = "paper"  # judge captions, bias, WSOL, user-study maps, hallucination audit
+
+
+@dataclass
+class JointAnswer:
+    """One generated answer.
+
+    Attributes:
+        text: the decoded answer, special tokens removed, stripped.
+        token_ids: (A,) generated token ids, answer only (no prompt, no padding, no EOS).
+        prompt_ids: (P,) the prompt's token ids, image tokens expanded, no padding.
+        prompt: the prompt text (before image-token expansion).
+        finished: whether generation stopped at the end-of-sequence token.
+        vision: ``"joint"`` (W(t)) or ``"llava"`` (stock vision tower and projector).
+        template: the conversation template the prompt was put in (``"llava-1.5"``,
+            ``"paper"``).
+    """
+
+    text: str
+    token_ids: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt: str
+    finished: bool
+    vision: str = "joint"
+    template: str = INTERACTIVE_TEMPLATE
+
+    @property
+    def full_ids(self) -> torch.Tensor:
+        """Prompt and answer ids together: the input that reproduces the answer's logits."""
+        return torch.cat([self.prompt_ids, self.token_ids])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.token_ids.numel())
 
 
 def get_template(template: str | ConversationTemplate) -> ConversationTemplate:

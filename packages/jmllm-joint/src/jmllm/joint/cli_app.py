@@ -66,7 +66,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> tuple[int, int, list[str] | None]:
-    from jmllm.joint.cli import CliError
+    from jmllm.joint.cli.common import CliError
 
     if not args.host.strip():
         raise CliError("--host: empty")
@@ -89,7 +89,7 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_app(args: argparse.Namespace) -> int:
     """Load J once and serve the explorer until interrupted."""
-    from jmllm.joint.cli import TOY_WORLD_NOTE, CliError, load_model
+    from jmllm.joint.cli.common import TOY_WORLD_NOTE, CliError, load_model
 
     max_bytes, max_pixels, objects = _check(args)
     try:
@@ -105,7 +105,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     model = load_model(args)
     notes = [TOY_WORLD_NOTE] if args.tiny else []
     if args.tiny and objects is None:
-        from jmllm.joint.cli import builtin_vocabulary
+        from jmllm.joint.cli.common import builtin_vocabulary
 
         objects = builtin_vocabulary()  # the object words the toy world knows
     app = build_app(model, notes=notes, objects=objects, max_pixels=max_pixels, max_bytes=max_bytes)

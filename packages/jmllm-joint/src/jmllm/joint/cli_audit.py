@@ -27,7 +27,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     from jmllm.joint.audit import DEFAULT_KV_CACHE_GIB, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
     from jmllm.joint.audit_data import ARTICLES, AUTHORS_QUESTION, SAMPLINGS
     from jmllm.joint.chat import PAPER_TEMPLATE
-    from jmllm.joint.cli import template_argument
+    from jmllm.joint.cli.common import template_argument
 
     p = subparsers.add_parser(
         "hallucination-audit",
@@ -124,7 +124,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
 
 def _dataset(args: argparse.Namespace) -> Any:
     from jmllm.joint.audit_data import load_coco, load_objects_dataset
-    from jmllm.joint.cli import CliError
+    from jmllm.joint.cli.common import CliError
 
     if args.dataset and (args.annotations or args.images):
         raise CliError("--dataset: give either --dataset or --annotations with --images")
@@ -147,7 +147,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     from jmllm.joint.audit import AuditSettings, exclusive_folder, process_state, run_audit
     from jmllm.joint.audit_data import AuditError
     from jmllm.joint.audit_report import write_audit_report
-    from jmllm.joint.cli import TOY_WORLD_NOTE, CliError, _out_dir, load_model
+    from jmllm.joint.cli.common import TOY_WORLD_NOTE, CliError, load_model, out_dir
 
     try:
         settings = AuditSettings(
@@ -164,7 +164,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     except AuditError as exc:
         raise CliError(str(exc)) from None
     state = process_state()
-    out = _out_dir(args.out) if state.is_main_process else None
+    out = out_dir(args.out) if state.is_main_process else None
     if args.device is None and state.num_processes > 1 and state.device.type == "cuda":
         args.device = str(state.device)  # one GPU per process
     with state.main_process_first():  # one process loads first (a Hub download happens once)

@@ -28,7 +28,7 @@ logger = logging.getLogger("jmllm.joint.cli")
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add the GA subcommands to ``jmllm-joint``'s parser."""
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE, PAPER_TEMPLATE
-    from jmllm.joint.cli import template_argument
+    from jmllm.joint.cli.common import template_argument
     from jmllm.joint.wsol import PIPELINES, PROTOCOLS
 
     explain = subparsers.add_parser(
@@ -156,11 +156,11 @@ def _painting(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model, output_folder
+    from jmllm.joint.cli.common import CliError, image_arg, load_model, out_dir, output_folder
     from jmllm.joint.explain_report import write_explanation_report
     from jmllm.joint.saliency import GradientAlignment
 
-    image = _image_arg(args.image)
+    image = image_arg(args.image)
     queries = args.queries or ([args.token] if args.token else None)
     if not queries:
         raise CliError("-q/--query: give at least one OWL-ViT query (or use --token WORD)")
@@ -168,7 +168,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CliError("-q/--query: empty query")
     if args.answer is not None and not args.answer.strip():
         raise CliError("--answer: empty answer; there is no token to explain")
-    out = _out_dir(args.out)
+    out = out_dir(args.out)
     model = load_model(args)
     ga = GradientAlignment(
         model,
@@ -218,20 +218,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_hallucinations(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli import CliError, _image_arg, _out_dir, load_model, output_folder
+    from jmllm.joint.cli.common import CliError, image_arg, load_model, out_dir, output_folder
     from jmllm.joint.hallucination import check_hallucinations, write_hallucination_report
 
-    image = _image_arg(args.image)
+    image = image_arg(args.image)
     objects = None
     if args.objects is not None:
         objects = [o.strip() for o in args.objects.split(",") if o.strip()]
         if not objects:
             raise CliError("--objects: empty list")
     elif args.tiny:
-        from jmllm.joint.cli import builtin_vocabulary
+        from jmllm.joint.cli.common import builtin_vocabulary
 
         objects = builtin_vocabulary()  # the built-in models know the toy shapes only
-    out = _out_dir(args.out)
+    out = out_dir(args.out)
     model = load_model(args)
     report = check_hallucinations(
         model,
@@ -260,7 +260,7 @@ def wsol_page_path(json_out: Path) -> Path:
         >>> wsol_page_path(Path("runs/cub.json")).as_posix()
         'runs/cub.html'
     """
-    from jmllm.joint.cli import CliError
+    from jmllm.joint.cli.common import CliError
 
     page = json_out.with_suffix(".html")
     if page == json_out:
@@ -279,7 +279,7 @@ def wsol_maps_dir(json_out: Path) -> Path:
 
 
 def cmd_wsol(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli import CliError, load_model
+    from jmllm.joint.cli.common import CliError, load_model
     from jmllm.joint.wsol import WsolDependencyError, opencv, read_wsol_folder, run_wsol
 
     page = maps = None

@@ -33,10 +33,10 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli import _out_dir, output_folder
+    from jmllm.joint.cli.common import out_dir, output_folder
     from jmllm.joint.sample_data import write_sample_data
 
-    out = _out_dir(args.out)
+    out = out_dir(args.out)
     with output_folder(out):
         write_sample_data(out, count=args.images, wsol_count=args.wsol_images)
     print(f"sample data -> {out} (see {out / 'README.md'})")

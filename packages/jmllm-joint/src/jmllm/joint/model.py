@@ -48,6 +48,7 @@ from jmllm.joint.chat import (
     INTERACTIVE_TEMPLATE,
     Conversation,
     ConversationTemplate,
+    JointAnswer,
     PromptError,
     check_question,
     format_conversation,
@@ -117,39 +118,6 @@ class JointEmbedding:
         if not self.images:
             raise JointModelError("embedding: holds no images (made from t alone)")
         return Image.fromarray(self.images[index].permute(1, 2, 0).cpu().numpy(), "RGB")
-
-
-@dataclass
-class JointAnswer:
-    """One generated answer.
-
-    Attributes:
-        text: the decoded answer, special tokens removed, stripped.
-        token_ids: (A,) generated token ids, answer only (no prompt, no padding, no EOS).
-        prompt_ids: (P,) the prompt's token ids, image tokens expanded, no padding.
-        prompt: the prompt text (before image-token expansion).
-        finished: whether generation stopped at the end-of-sequence token.
-        vision: ``"joint"`` (W(t)) or ``"llava"`` (stock vision tower and projector).
-        template: the conversation template the prompt was put in (``"llava-1.5"``,
-            ``"paper"``).
-    """
-
-    text: str
-    token_ids: torch.Tensor
-    prompt_ids: torch.Tensor
-    prompt: str
-    finished: bool
-    vision: str = "joint"
-    template: str = INTERACTIVE_TEMPLATE
-
-    @property
-    def full_ids(self) -> torch.Tensor:
-        """Prompt and answer ids together: the input that reproduces the answer's logits."""
-        return torch.cat([self.prompt_ids, self.token_ids])
-
-    @property
-    def tokens(self) -> int:
-        return int(self.token_ids.numel())
 
 
 def check_compatible(alignment_config: Any, owl_config: Any, llava_config: Any) -> None:

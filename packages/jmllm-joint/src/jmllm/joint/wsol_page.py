@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from jmllm.joint.drawing import (
     LabelledBox,
@@ -27,7 +28,6 @@ from jmllm.joint.drawing import (
 from jmllm.joint.explain_report import data_url, map_title
 from jmllm.joint.pages import json_attribute, render
 from jmllm.joint.report import png_bytes
-from jmllm.joint.wsol import WsolReport, WsolSample
 
 METHOD_NAMES = {"ga": "GA", "gradient": "plain gradient"}
 # one colour per box kind (palette indices), the same in the table, the curves and the pictures
@@ -35,6 +35,53 @@ COLOURS = {"ga": 5, "gradient": 4, "ground truth": 3}
 MAP_CMAP = "jet"
 
 __all__ = ["map_file_name", "render_wsol_page", "wsol_page_parts"]
+
+
+# What the page reads of :class:`jmllm.joint.wsol.WsolReport`, :class:`~jmllm.joint.wsol.WsolSample`
+# and :class:`~jmllm.joint.wsol.BoxAccuracy`. Described here rather than imported: the report
+# writes its page (``WsolReport.save_page``), so this module must not import the report's.
+class _Accuracy(Protocol):
+    @property
+    def value(self) -> float: ...
+    @property
+    def per_iou(self) -> Mapping[float, float]: ...
+    @property
+    def best_threshold(self) -> Mapping[float, float]: ...
+    @property
+    def curve(self) -> Mapping[float, Sequence[float]]: ...
+    @property
+    def thresholds(self) -> Sequence[float]: ...
+
+
+class WsolSample(Protocol):
+    @property
+    def image_id(self) -> str: ...
+    @property
+    def picture(self) -> Any: ...
+    @property
+    def map_size(self) -> tuple[int, int]: ...
+    @property
+    def gt_boxes(self) -> Any: ...
+    @property
+    def maps(self) -> Mapping[str, Any]: ...
+    @property
+    def best(self) -> Mapping[str, Any]: ...
+    def at(self, method: str, tau_index: int) -> tuple[list[int], float]: ...
+
+
+class WsolReport(Protocol):
+    @property
+    def results(self) -> Mapping[str, _Accuracy]: ...
+    @property
+    def num_images(self) -> int: ...
+    @property
+    def skipped(self) -> Mapping[str, str]: ...
+    @property
+    def setting(self) -> Mapping[str, Any]: ...
+    @property
+    def samples(self) -> Sequence[WsolSample]: ...
+    @property
+    def sample_iou_threshold(self) -> float: ...
 
 
 def _method_name(report: WsolReport, method: str) -> str:

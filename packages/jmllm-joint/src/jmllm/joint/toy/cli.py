@@ -72,7 +72,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> int:
-    from jmllm.joint.cli import CliError
+    from jmllm.joint.cli.common import CliError
 
     if not isinstance(value, int) or value < minimum or not math.isfinite(value):
         raise CliError(f"{name}: must be an integer >= {minimum}, got {value}")
@@ -84,7 +84,7 @@ TRAINING_MODULES = ("datasets", "tokenizers")  # the jmllm-joint[toy] extra
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the toy world into ``--out``; print the manifest's scores."""
-    from jmllm.joint.cli import CliError
+    from jmllm.joint.cli.common import CliError
     from jmllm.joint.toy.train import MANIFEST_NAME, ToyRecipe, train_toy_world
 
     _positive("--threads", args.threads)
@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a toy world on held-out scenes and print (and optionally write) the scores."""
-    from jmllm.joint.cli import CliError
+    from jmllm.joint.cli.common import CliError
     from jmllm.joint.report import atomic_write_text
     from jmllm.joint.toy import load_toy_joint, toy_manifest
     from jmllm.joint.toy.evaluate import evaluate_joint
