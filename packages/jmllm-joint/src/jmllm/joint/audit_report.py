@@ -11,7 +11,6 @@ answer's "yes" against the class query, and the per-class rates.
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import logging
@@ -27,6 +26,7 @@ import numpy as np
 from jmllm.joint.audit import AuditRecord, AuditResult, YesNoAuditor
 from jmllm.joint.audit_metrics import POPE_METRICS, audit_metrics
 from jmllm.joint.explain_report import data_url, heatmap_overlay_png, map_title
+from jmllm.joint.pages import asset, environment
 from jmllm.joint.report import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -279,101 +279,75 @@ def _md_cell(text: str) -> str:
     return re.sub(r"[|\n\r`]", " ", text)
 
 
-GALLERY_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1300px;color:#222;padding:0 1em}
-h1{font-size:1.4rem}h2{font-size:1.15rem;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.2em .5em}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.cards{display:grid;grid-template-columns:1fr;gap:1em}
-.card{border:1px solid #ccc;border-radius:6px;padding:.6em}.card h3{font-size:1rem;margin:.2em 0}
-.pics{display:flex;gap:.5em;flex-wrap:wrap}.pics img{max-width:512px;min-width:0;flex:1 1 360px;height:auto}
-.note{color:#555;font-size:.9em}.fig{max-width:100%;height:auto}
-.answer{font-family:ui-monospace,monospace;background:#f4f4f4;padding:0 .3em;white-space:pre-wrap}
-"""
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _gallery(
     metrics: dict[str, Any], info: dict[str, Any], items: list[Hallucination], histograms: bytes
 ) -> str:
+    """The gallery page (``templates/audit_gallery.html``, autoescaped): every value below is
+    text, escaped by the template; only the pictures' ``data:`` URLs are built here."""
     pope, ci = metrics["pope"], metrics["pope_ci"]
     conf, counts = metrics["owl_confidence"], metrics["owl_confidence_counts"]
-    s = info["settings"]
-    pope_rows = "".join(
-        f"<tr><td>{_esc(m)}</td><td class='num'>{_fmt(pope[m])}</td>"
-        f"<td class='num'>{_esc(_ci(ci[m]))}</td></tr>"
-        for m in POPE_METRICS
-    )
-    conf_rows = "".join(
-        f"<tr><td>{side}</td><td class='num'>{_fmt(conf['yes_' + side])} "
-        f"(n={counts['yes_' + side]})</td><td class='num'>{_fmt(conf['no_' + side])} "
-        f"(n={counts['no_' + side]})</td></tr>"
-        for side in ("present", "absent")
-    )
-    cards = []
-    for h in items:
-        r = h.record
-        pics = ""
-        if h.detections_png:
-            pics += (
-                f"<img alt='OWL-ViT detections of {_esc(r.class_name)}' "
-                f"src='{data_url(h.detections_png)}'>"
-            )
-        if h.ga_png:
-            pics += f"<img alt='GA map of yes' src='{data_url(h.ga_png)}'>"
-        note = f"<p class='note'>{_esc(h.error)}</p>" if h.error else ""
-        cards.append(
-            f"<div class='card'><h3>#{h.rank} — {_esc(r.class_name)} "
-            f"(OWL-ViT {r.owl_score:.3f})</h3><p>Image <code>{_esc(r.file)}</code> (id "
-            f"{_esc(r.image_id)}): J answers <span class='answer'>{_esc(r.answer)}</span> to "
-            f"“{_esc(h.question)}”; the class is not annotated.</p>"
-            f"<div class='pics'>{pics}</div>{note}</div>"
-        )
-    class_rows = "".join(
-        f"<tr><td>{_esc(c['class'])}</td><td class='num'>{c['present_questions']}</td>"
-        f"<td class='num'>{_fmt(c['recall'])}</td><td class='num'>{c['absent_questions']}</td>"
-        f"<td class='num'>{_fmt(c['hallucination_rate'])}</td>"
-        f"<td class='num'>{c['unparsed']}</td><td class='num'>{_fmt(c['mean_owl_present'])}</td>"
-        f"<td class='num'>{_fmt(c['mean_owl_absent'])}</td></tr>"
-        for c in metrics["per_class"]
-    )
-    notes = "".join(f"<p class='note'>{_esc(n)}</p>" for n in info.get("notes", []))
-    boot = metrics["bootstrap"]
-    body = f"""<h1>Hallucination audit</h1>{notes}
-<p>Dataset <code>{_esc(info["dataset"])}</code>: {metrics["images"]} images audited
-({info["images_failed"]} could not be read), {metrics["questions"]} questions. Sampling
-<code>{_esc(s["sampling"])}</code>, template <code>{_esc(s["template"])}</code>, question
-<code>{_esc(s["question"])}</code>, OWL-ViT query <code>{_esc(s["query_template"])}</code>.
-Answers parsed by rule <code>{_esc(metrics["parse_rule"])}</code>: {metrics["answers"]["yes"]} yes,
-{metrics["answers"]["no"]} no, {metrics["unparsed"]} unparsed (left out of every metric).</p>
-<h2>POPE metrics</h2>
-<table><tr><th>metric</th><th>value</th><th>{int(boot["confidence"] * 100)} % interval</th></tr>
-{pope_rows}</table>
-<p class='note'>TP {pope["tp"]}, FP {pope["fp"]}, TN {pope["tn"]}, FN {pope["fn"]}; percentile
-bootstrap over images, {boot["resamples"]} resamples, seed {boot["seed"]}.</p>
-<h2>OWL-ViT's confidence behind J's answers (same embedding t)</h2>
-<table><tr><th>class is</th><th>J says yes</th><th>J says no</th></tr>{conf_rows}</table>
-<p>AUROC of OWL-ViT's score for predicting J's “yes”: {_fmt(metrics["auroc_owl_predicts_yes"])}
-(present classes {_fmt(metrics["auroc_owl_predicts_yes_present"])}, absent classes
-{_fmt(metrics["auroc_owl_predicts_yes_absent"])}).</p>
-<img class='fig' alt='confidence histograms' src='{data_url(histograms)}'>
-<h2>Most confident positive hallucinations</h2>
-<p class='note'>J said “yes” to a class that is not annotated; highest OWL-ViT score first. Left:
-OWL-ViT's boxes for the class scoring within {DETECTION_MARGIN} of its best. Right: the GA map of
-J's “yes” against the class query.</p>
-<div class='cards'>{"".join(cards) or "<p>None: J said yes to no absent class.</p>"}</div>
-<h2>Per class</h2>
-<table><tr><th>class</th><th>present q.</th><th>recall</th><th>absent q.</th>
-<th>hallucination rate</th><th>unparsed</th><th>mean OWL present</th><th>mean OWL absent</th></tr>
-{class_rows}</table>"""
+    cards = [
+        {
+            "rank": h.rank,
+            "record": h.record,
+            "owl_score": f"{h.record.owl_score:.3f}",
+            "question": h.question,
+            "error": h.error,
+            "detections": data_url(h.detections_png) if h.detections_png else None,
+            "ga": data_url(h.ga_png) if h.ga_png else None,
+        }
+        for h in items
+    ]
     return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>Hallucination audit</title><style>{GALLERY_CSS}</style></head><body>"
-        f"{body}</body></html>\n"
+        environment()
+        .get_template("audit_gallery.html")
+        .render(
+            css=asset("audit_gallery.css"),
+            notes=info.get("notes", []),
+            info=info,
+            settings=info["settings"],
+            metrics=metrics,
+            pope=pope,
+            pope_rows=[(m, _fmt(pope[m]), _ci(ci[m])) for m in POPE_METRICS],
+            confidence_rows=[
+                (
+                    side,
+                    _fmt(conf["yes_" + side]),
+                    counts["yes_" + side],
+                    _fmt(conf["no_" + side]),
+                    counts["no_" + side],
+                )
+                for side in ("present", "absent")
+            ],
+            auroc=[
+                _fmt(metrics[k])
+                for k in (
+                    "auroc_owl_predicts_yes",
+                    "auroc_owl_predicts_yes_present",
+                    "auroc_owl_predicts_yes_absent",
+                )
+            ],
+            interval=int(metrics["bootstrap"]["confidence"] * 100),
+            boot=metrics["bootstrap"],
+            histograms=data_url(histograms),
+            margin=DETECTION_MARGIN,
+            cards=cards,
+            classes=[
+                {
+                    **c,
+                    **{
+                        k: _fmt(c[k])
+                        for k in (
+                            "recall",
+                            "hallucination_rate",
+                            "mean_owl_present",
+                            "mean_owl_absent",
+                        )
+                    },
+                }
+                for c in metrics["per_class"]
+            ],
+        )
     )
 
 

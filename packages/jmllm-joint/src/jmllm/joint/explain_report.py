@@ -17,7 +17,6 @@ Every picture follows :mod:`jmllm.joint.drawing` (sizes, fonts, colours, the ove
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from PIL import Image, ImageDraw
 
 from jmllm.joint.chat import PAPER_TEMPLATE, get_template
 from jmllm.joint.drawing import OVERLAY_ALPHA, blend_map, figure, fit_picture
-from jmllm.joint.pages import Markup, render
+from jmllm.joint.pages import Markup, environment, render
 from jmllm.joint.report import atomic_write_bytes, png_bytes
 from jmllm.joint.saliency import GAResult
 
@@ -220,21 +219,20 @@ def page(title: str, body: str) -> str:
 def highlighted_answer(
     text: str, spans: Sequence[tuple[int, int, str, str]], classes: dict[str, str] | None = None
 ) -> Markup:
-    """``text`` escaped, with each (start, end, key, tooltip) span a clickable button."""
+    """``text`` escaped, with each (start, end, key, tooltip) span a clickable button
+    (``templates/answer.html``, autoescaped)."""
     classes = classes or {}
-    out, cursor = [], 0
+    segments: list[tuple[str, dict[str, str] | None]] = []
+    cursor = 0
     for start, end, key, tip in sorted(spans):
         if start < cursor:
             continue  # overlapping spans: keep the first
-        out.append(html.escape(text[cursor:start]))
         cls = " ".join(["w", classes.get(key, "")]).strip()
-        out.append(
-            f"<button class='{cls}' data-k='{html.escape(key)}' title='{html.escape(tip)}'>"
-            f"{html.escape(text[start:end])}</button>"
-        )
+        segments.append((text[cursor:start], None))
+        segments.append((text[start:end], {"cls": cls, "key": key, "tip": tip}))
         cursor = end
-    out.append(html.escape(text[cursor:]))
-    return Markup("".join(out))
+    segments.append((text[cursor:], None))
+    return Markup(environment().get_template("answer.html").render(segments=segments))
 
 
 def top_patches(result: GAResult, weighting: str = "class", top: int = 5) -> dict[str, list[Any]]:
