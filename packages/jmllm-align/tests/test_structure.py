@@ -262,3 +262,22 @@ def test_the_trainer_parts_import_only_those_above_them():
         assert inside <= set(TRAINER_PARTS[:position]), (part, inside)
     parts = {p.stem for p in MODULES["jmllm.align.train"][0].parent.glob("*.py")} - {"__init__"}
     assert parts == set(TRAINER_PARTS)
+
+
+SALIENCY_PARTS = ["gradients", "maps", "answers", "api"]
+
+
+def test_the_saliency_parts_import_only_those_above_them():
+    """jmllm.joint.saliency reads the same way: gradient math, maps, answers, then the API (and
+    the package's __init__ only re-exports)."""
+    for position, part in enumerate(SALIENCY_PARTS):
+        name = f"jmllm.joint.saliency.{part}"
+        path, _ = MODULES[name]
+        inside = {
+            m.rsplit(".", 1)[1]
+            for m, _eager in _imports(name, path, MODULES)
+            if m.startswith("jmllm.joint.saliency.")
+        }
+        assert inside <= set(SALIENCY_PARTS[:position]), (part, inside)
+    parts = {p.stem for p in MODULES["jmllm.joint.saliency"][0].parent.glob("*.py")} - {"__init__"}
+    assert parts == set(SALIENCY_PARTS)
