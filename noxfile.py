@@ -119,6 +119,12 @@ def _dependency_order() -> list[str]:
     return order
 
 
+def _in_dependency_order(dist: str) -> list[str]:
+    """``dist`` and the siblings it needs, dependencies first (see :func:`_dependency_order`)."""
+    needed = set(_local_closure(dist))
+    return [name for name in _dependency_order() if name in needed]
+
+
 def _install_all(session: nox.Session, *, editable: bool = False) -> None:
     """Install torch (CPU pin) first, then every package with all its extras."""
     session.install(TORCH_PIN)
@@ -230,7 +236,7 @@ def demo(session: nox.Session) -> None:
     """The main job on the built-in models: J on a held-out toy scene with the toy-world models
     shipped in jmllm-joint, offline (``nox -s demo -- --out DIR``; default ``out/demo``)."""
     session.install(TORCH_PIN)
-    session.install(*(str(PACKAGES_DIR / dist) for dist in _local_closure("jmllm-joint")))
+    session.install(*(str(PACKAGES_DIR / dist) for dist in _in_dependency_order("jmllm-joint")))
     args = session.posargs or ["--out", str(ROOT / "out" / "demo")]
     session.run("jmllm-joint", "demo", *args, env=OFFLINE_ENV)
 
@@ -258,7 +264,7 @@ def gpu(session: nox.Session) -> None:
     )
     if "True" not in str(found):
         session.install(TORCH_PIN)
-    session.install(*(str(PACKAGES_DIR / dist) for dist in _local_closure("jmllm-joint")))
+    session.install(*(str(PACKAGES_DIR / dist) for dist in _in_dependency_order("jmllm-joint")))
     session.run(
         "python",
         str(ROOT / "benchmarks" / "_gpu_check.py"),
