@@ -6,7 +6,6 @@ class order, an inverted present/absent flag or OWL scores read for the wrong qu
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,7 @@ from jmllm.joint.audit import AuditSettings, run_audit
 from jmllm.joint.audit_data import load_coco
 from jmllm.joint.audit_metrics import audit_metrics
 from jmllm.joint.audit_report import write_audit_report
+from jmllm.joint.sample_data import write_sample_data
 from jmllm.joint.toy import load_toy_joint
 from jmllm.joint.toy.scenes import SHAPES, make_scene
 
@@ -23,40 +23,11 @@ SCENES = 12
 RULE = "strict"
 
 
-def _write_toy_coco(root: Path, count: int) -> tuple[Path, Path]:
-    """Held-out toy scenes as a COCO-format folder: one category per shape, boxes as x, y, w, h."""
-    images = root / "images"
-    images.mkdir(parents=True)
-    doc: dict = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)],
-    }
-    for index in range(count):
-        scene = make_scene("heldout", index)
-        name = f"{index:04d}.png"
-        scene.image.save(images / name)
-        doc["images"].append({"id": 500 + index, "file_name": name, "width": 128, "height": 128})
-        for obj in scene.objects:
-            x0, y0, x1, y1 = obj.box
-            doc["annotations"].append(
-                {
-                    "id": len(doc["annotations"]) + 1,
-                    "image_id": 500 + index,
-                    "category_id": SHAPES.index(obj.shape) + 1,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "iscrowd": 0,
-                }
-            )
-    ann = root / "instances.json"
-    ann.write_text(json.dumps(doc))
-    return ann, images
-
-
 @pytest.fixture(scope="module")
 def toy_audit(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy-audit")
-    ann, images = _write_toy_coco(root / "coco", SCENES)
+    write_sample_data(root / "data", count=SCENES, wsol_count=1)  # held-out scenes 0..SCENES-1
+    ann, images = root / "data" / "coco" / "instances.json", root / "data" / "coco" / "images"
     model = load_toy_joint()
     dataset = load_coco(ann, images)
     result = run_audit(model, dataset, root / "out", AuditSettings(), progress=False)
@@ -68,7 +39,7 @@ def test_toy_audit_asks_every_shape_of_every_scene(toy_audit) -> None:
     assert len(result.records) == SCENES * len(SHAPES)
     for index in range(SCENES):
         present = {o.shape for o in make_scene("heldout", index).objects}
-        got = {r.class_name for r in result.records if r.image_id == str(500 + index) and r.present}
+        got = {r.class_name for r in result.records if r.image_id == str(index + 1) and r.present}
         assert got == present
 
 
@@ -107,7 +78,7 @@ def test_cli_tiny_reads_the_toy_answers_with_the_strict_rule(toy_audit, capsys) 
     from jmllm.joint.cli import main
 
     _, _, _, root = toy_audit
-    ann, images = root / "coco" / "instances.json", root / "coco" / "images"
+    ann, images = root / "data" / "coco" / "instances.json", root / "data" / "coco" / "images"
     common = ["hallucination-audit", "--tiny", "--annotations", str(ann), "--images", str(images)]
     assert main([*common, "--out", str(root / "cli"), "--top-k", "0", "--resamples", "100"]) == 0
     report = json.loads((root / "cli" / "report.json").read_text())
