@@ -13,12 +13,25 @@ rerun to retry them — finished images are kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from typing import Any
 
 logger = logging.getLogger("jmllm.joint.cli")
 
 EXIT_PARTIAL = 3
+COMMAND = "jmllm-joint hallucination-audit"
+# what the audit writes directly in --out (jmllm.joint.audit, jmllm.joint.audit_report)
+AUDIT_OUTPUTS = (
+    "results.jsonl",
+    "audit.json",
+    ".jmllm-audit.lock",
+    "report.json",
+    "report.md",
+    "confidence_histograms.png",
+    "gallery.html",
+    "hallucinations",
+)
 
 
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
@@ -49,6 +62,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     data.add_argument("--category-field", default="category", help="category field of the objects")
     data.add_argument("--limit", type=integer(1), help="audit only the first N images")
     p.add_argument("--out", required=True, help="output folder (reused to resume)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds files the audit did not write (never replacing them)",
+    )
     proto = p.add_argument_group("protocol")
     proto.add_argument(
         "--sampling",
@@ -144,10 +162,10 @@ def _dataset(args: argparse.Namespace) -> Any:
 
 def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     """Run the audit (resuming), then write the report on the main process."""
-    from jmllm.joint.audit import AuditSettings, exclusive_folder, process_state, run_audit
+    from jmllm.align.files import output_folder
+    from jmllm.joint.audit import AuditSettings, process_state
     from jmllm.joint.audit_data import AuditError
-    from jmllm.joint.audit_report import write_audit_report
-    from jmllm.joint.cli.common import TOY_WORLD_NOTE, CliError, load_model, out_dir
+    from jmllm.joint.cli.common import CliError, out_dir
 
     try:
         settings = AuditSettings(
@@ -165,6 +183,21 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     state = process_state()
     out = out_dir(args.out) if state.is_main_process else None
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # refused before any model loads if --out is not the audit's own
+            stack.enter_context(
+                output_folder(
+                    out, command=COMMAND, outputs=AUDIT_OUTPUTS, force=args.force, what="--out"
+                )
+            )
+        return _audit(args, settings, dataset, state, out)
+
+
+def _audit(args: argparse.Namespace, settings: Any, dataset: Any, state: Any, out: Any) -> int:
+    from jmllm.joint.audit import exclusive_folder, run_audit
+    from jmllm.joint.audit_report import write_audit_report
+    from jmllm.joint.cli.common import TOY_WORLD_NOTE, load_model
+
     if args.device is None and state.num_processes > 1 and state.device.type == "cuda":
         args.device = str(state.device)  # one GPU per process
     with state.main_process_first():  # one process loads first (a Hub download happens once)

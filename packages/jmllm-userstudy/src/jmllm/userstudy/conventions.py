@@ -900,8 +900,8 @@ def claim_output_folder(
     if taken:
         raise ForeignOutputError(
             f"{what} {root}: {_listed(taken)} {'was' if len(taken) == 1 else 'were'} not written "
-            f"by {command}; it never replaces what it did not write, even with --force (move "
-            "them away, or choose another folder)"
+            f"by {command}, which never replaces what it did not write, even with --force (move "
+            f"{'it' if len(taken) == 1 else 'them'} away, or choose another folder)"
         )
     if foreign and not force:
         raise ForeignOutputError(
@@ -965,8 +965,9 @@ def output_folder(
     try:
         yield target
     except BaseException:
-        if command is not None:
-            _prune_record(target)
+        if command is not None and target in created:  # its record goes with the new folder
+            with contextlib.suppress(FileNotFoundError):
+                (target / OUTPUTS_RECORD).unlink()
         remove_empty_folders(created)
         raise
     if command is not None:
