@@ -129,9 +129,10 @@ def test_reports_escape_names_and_are_complete(example_dir, spec_editor, tmp_pat
     result = score_answers(spec, answers)
     text = markdown_report(result)
     assert "<b>" not in text and "<script>" not in text
-    assert "&lt;b&gt;x&lt;/b&gt; \\| $y$" in text
+    assert "&lt;b&gt;x&lt;/b&gt; \\| \\$y\\$" in text  # no HTML, no column, no TeX
     assert (
-        "| q3 | &lt;b&gt;x&lt;/b&gt; \\| $y$ / boat | A2 | 2 / 2 | 100% | 16%–100% | 100% |" in text
+        "| q3 | &lt;b&gt;x&lt;/b&gt; \\| \\$y\\$ / boat | A2 | 2 / 2 | 100% | 16%–100% | 100% |"
+        in text
     )
     assert "| **Overall** | | | 3 / 10 | 30% | 7%–65% | |" in text
     paths = write_results(result, tmp_path / "results")

@@ -29,11 +29,14 @@ from jmllm.align.options import (
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
+    clip,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
     one_line,
     print_error,
+    printable,
     quiet_third_party,
 )
 
@@ -230,7 +233,7 @@ def _resolve_encoders(args: argparse.Namespace, preset: str | None = None) -> No
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # the option's own check names the problem
         return text
 
 
@@ -438,17 +441,32 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from jmllm.align.weights import read_metadata
 
     config, provenance = read_metadata(args.file)
-    if args.json:
-        print(json.dumps({"config": config.to_dict(), "provenance": provenance}, indent=2))
+    if args.json:  # JSON escapes control characters itself
+        try:
+            print(json.dumps({"config": config.to_dict(), "provenance": provenance}, indent=2))
+        except RecursionError:
+            raise ValueError(f"{args.file}: provenance is nested too deeply to print") from None
         return 0
-    print(f"{args.file}")
+    # the file's metadata is anyone's text: never raw to the terminal, one line per value
+    print(printable(args.file))
     print("config:")
     for key, value in config.to_dict().items():
-        print(f"  {key}: {value}")
+        print(f"  {clip(key)}: {clip(value, INFO_VALUE_LIMIT)}")
     print("provenance:" + ("" if provenance else " (none)"))
     for key, value in sorted(provenance.items()):
-        print(f"  {key}: {value}")
+        print(f"  {clip(key)}: {_shown(value)}")
     return 0
+
+
+INFO_VALUE_LIMIT = 1000  # characters of one metadata value shown by `info`
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    except RecursionError:
+        return "(nested too deeply to show; see --json)"
+    return clip(text, INFO_VALUE_LIMIT)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -516,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         0
     """
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )

@@ -447,7 +447,7 @@ def claim_output_folder(
         >>> try:
         ...     claim_output_folder(root, "jmllm-joint sample-data", ["README.md"], force=True)
         ... except ForeignOutputError as exc:
-        ...     print(str(exc).replace(str(root), "ROOT").split(";")[0])
+        ...     print(str(exc).replace(str(root), "ROOT").split(",")[0])
         --out ROOT: README.md was not written by jmllm-joint sample-data
     """
     root = Path(folder)

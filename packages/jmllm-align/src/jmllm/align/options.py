@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import logging
 import math
 import re
 import string
@@ -42,9 +43,11 @@ __all__ = [
     "MESSAGE_LIMIT",
     "VALUE_LIMIT",
     "ArgumentParser",
+    "EscapingFormatter",
     "check_finite",
     "check_template",
     "clip",
+    "configure_logging",
     "exit_code_for",
     "finite_float",
     "integer",
@@ -355,6 +358,29 @@ def markdown_text(text: object, limit: int | None = None) -> str:
     lines = [printable(line) for line in raw.split("\n")]
     escaped = [_MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(line, quote=False)) for line in lines]
     return " ⏎ ".join(escaped)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A log formatter that escapes control characters (:func:`printable`, line breaks kept):
+    file names and model text reach the log, which a terminal shows."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
+def configure_logging(**kwargs: Any) -> None:
+    """``logging.basicConfig(**kwargs)`` with :class:`EscapingFormatter` on the handlers it adds
+    (nothing changes where logging was configured already, e.g. under pytest).
+
+    Example:
+        >>> configure_logging(level=logging.WARNING, format="%(levelname)s %(message)s")
+    """
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(**kwargs)
+    for handler in root.handlers:
+        if handler not in before:
+            handler.setFormatter(EscapingFormatter(kwargs.get("format"), kwargs.get("datefmt")))
 
 
 NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "accelerate")

@@ -31,6 +31,7 @@ from jmllm.align.options import (
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
@@ -323,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except _UsageError as exc:
-        print(f"jmllm-bias: {exc}", file=sys.stderr)
+        print(f"jmllm-bias: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jmllm-bias: interrupted", file=sys.stderr)

@@ -10,7 +10,6 @@ skipped (missing, unreadable, modified) with the reason.
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jmllm.align.options import markdown_text, printable
 
 from .assess import RUN, read_results
 from .errors import BiasInputError
@@ -178,17 +179,15 @@ def _p(value: float | None) -> str:
 
 
 def _md(text: Any) -> str:
-    r"""Model or user text made safe for a Markdown table cell or list item, escaped once:
-    ``<``, ``>``, ``&`` as HTML entities (quotes need none outside attributes), ``|`` and the
-    backtick backslashed, one line.
+    r"""Model or user text made safe for a Markdown table cell or list item, escaped once
+    (:func:`jmllm.align.options.markdown_text`: HTML entities, Markdown punctuation
+    backslashed, control characters escaped, one line).
 
     Example:
         >>> print(_md("it's <b>10</b> | `x`"))
         it's &lt;b&gt;10&lt;/b&gt; \| \`x\`
     """
-    s = html.escape(str(text), quote=False)
-    s = s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
-    return s.replace("\r", " ").replace("\n", "⏎") or "(empty)"
+    return markdown_text(text) or "(empty)"
 
 
 def _code(text: Any) -> str:
@@ -200,7 +199,7 @@ def _code(text: Any) -> str:
         >>> print(_code("a photo of a `man`"))
         `` a photo of a `man` ``
     """
-    s = str(text).replace("\r", " ").replace("\n", "⏎")
+    s = printable(str(text).replace("\r", " ").replace("\n", "⏎"))  # no terminal escapes
     if not s:
         return "(empty)"
     runs = [len(run) for run in re.findall(r"`+", s)]

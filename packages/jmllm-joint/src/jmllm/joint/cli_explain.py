@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jmllm.align.options import EXIT_OK, EXIT_PARTIAL, finite_float, integer
+from jmllm.align.options import EXIT_OK, EXIT_PARTIAL, finite_float, integer, printable
 
 logger = logging.getLogger("jmllm.joint.cli")
 
@@ -212,7 +212,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             weighting=args.weighting,
             template=args.template,
         )
-    print(f"ASSISTANT: {text}")
+    print(f"ASSISTANT: {printable(text, keep_newlines=True)}")
     print(f"Report: {report}")
     return 0
 
@@ -246,9 +246,12 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
     )
     with output_folder(out):
         path = write_hallucination_report(report, out)
-    print(f"ASSISTANT: {report.answer_text}")
-    print(f"Mentioned but not detected: {', '.join(report.mentioned_not_detected) or 'none'}")
-    print(f"Detected but not mentioned: {', '.join(report.detected_not_mentioned) or 'none'}")
+    print(f"ASSISTANT: {printable(report.answer_text, keep_newlines=True)}")
+    missed = printable(", ".join(report.mentioned_not_detected) or "none")
+    print(f"Mentioned but not detected: {missed}")
+    print(
+        f"Detected but not mentioned: {printable(', '.join(report.detected_not_mentioned) or 'none')}"
+    )
     print(f"Report: {path}")
     return 0
 

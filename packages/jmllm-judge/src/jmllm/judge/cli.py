@@ -27,6 +27,7 @@ from jmllm.judge.conventions import (
     UsageError,
     check_output_dir,
     check_output_file,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
@@ -453,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )

@@ -20,12 +20,10 @@ Written as Markdown (all model text and names escaped), JSON, and a bar chart wi
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from jmllm.judge.conventions import markdown_text
 from jmllm.judge.files import atomic_write_bytes, atomic_write_text
 from jmllm.judge.parsing import DEFAULT_SCORE_PARSER, SCORE_PARSERS
 from jmllm.judge.runner import JudgementRecord, RunResults
@@ -260,18 +259,13 @@ def build_report(
 
 # Markdown punctuation to backslash-escape. Not "<", ">", "&": those are HTML-escaped first, and
 # the entities that produces (&lt; &gt; &amp;) contain none of these characters.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+!|~$:-])")
 
 
 def markdown_cell(text: object, limit: int | None = 500) -> str:
     """``text`` safe inside a Markdown table cell: HTML-escaped, Markdown punctuation
-    backslash-escaped, line breaks shown as ``⏎``, cut at ``limit`` characters."""
-    s = str(text)
-    if limit is not None and len(s) > limit:
-        s = s[:limit] + "…"
-    s = html.escape(s, quote=False)
-    s = _MARKDOWN_SPECIAL.sub(r"\\\1", s)
-    return s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
+    backslash-escaped, control characters escaped, line breaks shown as ``⏎``, cut at
+    ``limit`` characters (:func:`jmllm.judge.conventions.markdown_text`)."""
+    return markdown_text(text, limit)
 
 
 def _num(value: float | None, digits: int = 2) -> str:

@@ -20,6 +20,7 @@ from .conventions import (
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )

@@ -42,6 +42,7 @@ import contextlib
 import errno
 import html
 import json
+import logging
 import math
 import os
 import re
@@ -65,6 +66,7 @@ __all__ = [
     "OUTPUTS_RECORD",
     "VALUE_LIMIT",
     "ArgumentParser",
+    "EscapingFormatter",
     "ForeignOutputError",
     "ImageLoadError",
     "UnsafePathError",
@@ -78,6 +80,7 @@ __all__ = [
     "check_pixels",
     "claim_output_folder",
     "clip",
+    "configure_logging",
     "current_umask",
     "exit_code_for",
     "file_mode",
@@ -216,6 +219,29 @@ def markdown_text(text: object, limit: int | None = None) -> str:
     lines = [printable(line) for line in raw.split("\n")]
     escaped = [_MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(line, quote=False)) for line in lines]
     return " ⏎ ".join(escaped)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A log formatter that escapes control characters (:func:`printable`, line breaks kept):
+    file names and model text reach the log, which a terminal shows."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
+def configure_logging(**kwargs: Any) -> None:
+    """``logging.basicConfig(**kwargs)`` with :class:`EscapingFormatter` on the handlers it adds
+    (nothing changes where logging was configured already, e.g. under pytest).
+
+    Example:
+        >>> configure_logging(level=logging.WARNING, format="%(levelname)s %(message)s")
+    """
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(**kwargs)
+    for handler in root.handlers:
+        if handler not in before:
+            handler.setFormatter(EscapingFormatter(kwargs.get("format"), kwargs.get("datefmt")))
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -888,7 +914,7 @@ def claim_output_folder(
         >>> try:
         ...     claim_output_folder(root, "jmllm-joint sample-data", ["README.md"], force=True)
         ... except ForeignOutputError as exc:
-        ...     print(str(exc).replace(str(root), "ROOT").split(";")[0])
+        ...     print(str(exc).replace(str(root), "ROOT").split(",")[0])
         --out ROOT: README.md was not written by jmllm-joint sample-data
     """
     root = Path(folder)

@@ -34,8 +34,10 @@ from jmllm.align.options import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     ArgumentParser,
+    configure_logging,
     exit_code_for,
     one_line,
+    printable,
     quiet_third_party,
 )
 from jmllm.joint.cli.common import (
@@ -83,10 +85,10 @@ def _run_chat(
 
 def _print_conversation(conversation: Any, stock: Any) -> None:
     for i, turn in enumerate(conversation.turns):
-        print(f"USER: {turn.question}")
-        print(f"J: {turn.answer}")
+        print(f"USER: {printable(turn.question, keep_newlines=True)}")
+        print(f"J: {printable(turn.answer, keep_newlines=True)}")
         if stock is not None:
-            print(f"LLaVA: {stock.turns[i].answer}")
+            print(f"LLaVA: {printable(stock.turns[i].answer, keep_newlines=True)}")
 
 
 def _write_outputs(
@@ -141,7 +143,7 @@ def _print_detections(detections: Any, limit: int) -> None:
     print(f"{len(records)} detections (score >= {detections.threshold:g}{more})")
     for record in shown:
         box = ", ".join(f"{v:.1f}" for v in record["box"])
-        print(f"  {record['label']:<16} {record['score']:.3f}  [{box}]")
+        print(f"  {printable(record['label']):<16} {record['score']:.3f}  [{box}]")
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -281,10 +283,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         conversation, stock = Conversation(), (Conversation() if args.compare else None)
         for question in _interactive_questions():
             conversation = model.chat(emb, question, history=conversation, **kwargs)
-            print(f"J: {conversation.turns[-1].answer}", flush=True)
+            print(f"J: {printable(conversation.turns[-1].answer, keep_newlines=True)}", flush=True)
             if stock is not None:
                 stock = model.chat(emb, question, history=stock, vision="llava", **kwargs)
-                print(f"LLaVA: {stock.turns[-1].answer}", flush=True)
+                print(f"LLaVA: {printable(stock.turns[-1].answer, keep_newlines=True)}", flush=True)
     if out is not None and conversation.turns:
         detections = None
         if args.queries:
@@ -320,7 +322,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
             record["stock_llava"] = stock.text
         print(json.dumps(record, ensure_ascii=False))
     else:
-        print(answer.text if stock is None else f"J: {answer.text}\nLLaVA: {stock.text}")
+        text = answer.text if stock is None else f"J: {answer.text}\nLLaVA: {stock.text}"
+        print(printable(text, keep_newlines=True))  # model text: never raw to the terminal
     return 0
 
 
@@ -423,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jmllm-joint``; returns the exit code (docs/conventions.md)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
