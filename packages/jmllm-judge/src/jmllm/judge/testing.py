@@ -18,12 +18,14 @@ then ``jmllm-judge run --base-url http://127.0.0.1:8000/v1 ...``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
 import socket
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +107,8 @@ class FakeJudgeConfig:
     echo_authorization: bool = False
     # After this many answers, further requests hang (no reply) until release() or close().
     answer_limit: int | None = None
+    # Compress every reply body ("gzip" or "deflate") and say so in Content-Encoding.
+    content_encoding: str | None = None
 
 
 @dataclass
@@ -154,6 +158,13 @@ class _Server(ThreadingHTTPServer):
     # never does. A backlog as large as a production server's keeps the fake from throttling.
     request_queue_size = 1024
     owner: FakeJudgeServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up: normal here
+            return
+        super().handle_error(request, client_address)
 
 
 class FakeJudgeServer:
@@ -277,6 +288,12 @@ class FakeJudgeServer:
         data = json.dumps(payload).encode("utf-8")
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
+        if self.config.content_encoding == "gzip":
+            data = gzip.compress(data, compresslevel=9)
+        elif self.config.content_encoding == "deflate":
+            data = zlib.compress(data, 9)
+        if self.config.content_encoding:
+            handler.send_header("Content-Encoding", self.config.content_encoding)
         handler.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             handler.send_header(name, value)
