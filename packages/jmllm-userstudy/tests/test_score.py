@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 
 import pytest
@@ -80,11 +81,8 @@ def test_problem_files_are_reported_not_scored(example_dir, example_spec, tmp_pa
     (answers / "broken.json").write_text('{"format": ')
     _write(answers / "other.json", {"hello": 1})
     # Answers for another spec (an edited copy of the example).
-    other_dir = tmp_path / "other"
-    other_dir.mkdir()
-    for item in example_dir.iterdir():
-        (other_dir / item.name).symlink_to(item)
-    (other_dir / "study.yaml").unlink()
+    other_dir = tmp_path / "other"  # a copy: a spec's images stay in its folder (no links out)
+    shutil.copytree(example_dir, other_dir)
     (other_dir / "study.yaml").write_text(
         (example_dir / "study.yaml").read_text().replace("seed: 2024", "seed: 7")
     )

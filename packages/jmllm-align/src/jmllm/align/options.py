@@ -339,7 +339,9 @@ def one_line(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
     return _cut_middle(text, limit) or type(exc).__name__
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+!|~$:-])")
+# what changes Markdown's meaning inside a line: escapes, code, emphasis, links and images,
+# table cells, strikethrough, maths, headings (intraword "_" is plain text in CommonMark)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|~$#]|(?<!\w)_|_(?!\w))")
 
 
 def markdown_text(text: object, limit: int | None = None) -> str:
