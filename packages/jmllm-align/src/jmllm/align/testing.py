@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jmllm.align.files import atomic_write_text, folder_mode
+from jmllm.align.files import atomic_write_bytes, atomic_write_text, folder_mode, open_nofollow
 
 TINY_VERSION = 1  # bump when the tiny recipe changes, so cached folders are rebuilt
 
@@ -409,7 +410,9 @@ def write_image_folder(
         sub = folder / f"part{i % 3}"
         sub.mkdir(parents=True, exist_ok=True)
         suffix = ".png" if i % 2 else ".jpg"
-        image.save(sub / f"img{i:04d}{suffix}")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG" if i % 2 else "JPEG")
+        atomic_write_bytes(sub / f"img{i:04d}{suffix}", buffer.getvalue())
     return folder
 
 
@@ -508,7 +511,7 @@ def write_large_png(path: str | os.PathLike[str], width: int, height: int, mode:
     zeros = b"\x02" + bytes(len(row))  # "Up": the same as the row above
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("wb") as f:
+    with os.fdopen(open_nofollow(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header))
         f.write(_png_chunk(b"IDAT", compressor.compress(b"\x00" + row)))
         batch = max(1, (8 << 20) // len(zeros))  # rows per call: few calls, 8 MB at a time

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import io
 import json
 import os
 import socket
@@ -33,6 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
+
+from jmllm.judge.conventions import atomic_write_bytes
 
 __all__ = [
     "FAULT_KINDS",
@@ -488,7 +491,9 @@ def make_test_images(folder: str | os.PathLike[str], n: int) -> list[Path]:
         else:
             path, image = folder / f"{i:012d}.bmp", Image.new("RGB", (10, 10), color)
         image.putpixel((0, 0), (i % 256,) * len(image.getbands()))  # distinct bytes for every i
-        image.save(path)
+        buffer = io.BytesIO()
+        image.save(buffer, format={".jpg": "JPEG", ".png": "PNG", ".bmp": "BMP"}[path.suffix])
+        atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
     return paths
 
@@ -518,11 +523,8 @@ def write_coco_captions(
                     "caption": f" Image {i}, caption {k}. ",
                 }
             )
-    path = Path(path)
-    path.write_text(
-        json.dumps({"info": {}, "images": images, "annotations": annotations}), encoding="utf-8"
-    )
-    return path
+    text = json.dumps({"info": {}, "images": images, "annotations": annotations})
+    return atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def write_png_header(path: str | os.PathLike[str], width: int, height: int) -> Path:
@@ -545,9 +547,7 @@ def write_png_header(path: str | os.PathLike[str], width: int, height: int) -> P
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
     data += chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
-    path = Path(path)
-    path.write_bytes(data)
-    return path
+    return atomic_write_bytes(Path(path), data)
 
 
 def main(argv: list[str] | None = None) -> None:
