@@ -447,7 +447,7 @@ def render_chart(report: JudgeReport) -> bytes:
     # One line, at most 24 characters; "$" would switch matplotlib to mathtext.
     labels = [" ".join(s.system.split()) for s in systems]
     labels = [(name if len(name) <= 24 else name[:23] + "…").replace("$", r"\$") for name in labels]
-    tilt = len(systems) > 4 or max(len(label) for label in labels) > 12
+    tilt = len(systems) > 4 or max((len(label) for label in labels), default=0) > 12
     ax.set_xticks(xs, labels, rotation=20 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylim(0, 10.5)
     ax.set_ylabel("judge score (1–10)")
