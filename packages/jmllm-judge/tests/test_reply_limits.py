@@ -109,3 +109,29 @@ def test_the_cache_never_follows_a_planted_link(tmp_path, name) -> None:
     with pytest.raises(UsageError, match="symbolic link"):
         JudgeCache(tmp_path / "c.sqlite")
     assert victim.read_bytes() == b"precious"
+
+
+def test_report_claims_its_folder(tmp_path, capsys) -> None:
+    """``report -o DIR`` refuses a folder with other files without --force, and never replaces
+    a report.md it did not write."""
+    from jmllm.judge.cli import main
+    from jmllm.judge.runner import RunResults, save_results
+
+    results = save_results(
+        tmp_path / "results.json",
+        RunResults(settings={"model": "m"}, systems=["A"], records=[], n_images=0),
+    )
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["report", str(results), "-o", str(out)]) == 2
+    assert "holds 1 entry jmllm-judge report did not write" in capsys.readouterr().err
+    assert main(["report", str(results), "-o", str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.md").is_file()
+    assert main(["report", str(results), "-o", str(out), "--force"]) == 0  # its own: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my report")
+    assert main(["report", str(results), "-o", str(mine), "--force"]) == 2
+    assert "report.md was not written by jmllm-judge report" in capsys.readouterr().err
+    assert (mine / "report.md").read_text() == "my report"

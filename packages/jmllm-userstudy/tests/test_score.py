@@ -172,6 +172,7 @@ def test_cli_three_commands(tmp_path, capsys):
         "results.md",
         "results.json",
         "per_question.png",
+        ".jmllm-outputs.json",  # what the command wrote there (its folder, on a rerun)
     }
 
 

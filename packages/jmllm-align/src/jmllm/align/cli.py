@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.files import check_output_claim, output_folder
 from jmllm.align.options import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -41,6 +42,10 @@ from jmllm.align.options import (
 )
 
 logger = logging.getLogger("jmllm.align.cli")
+FORCE_HELP = (
+    "write into an --out that holds files this command did not write (they are never replaced "
+    "or deleted)"
+)
 
 # Training options that map to a TrainConfig field (a field not here is set with --set KEY=VALUE).
 TRAIN_OPTIONS = (
@@ -96,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train W between the two frozen encoders")
     _add_data_arguments(p)
     p.add_argument("--out", required=True, help="run folder (checkpoint, metrics, weights)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--preset", default=None, help="built-in preset name or a .json file (default: paper)"
     )
@@ -168,6 +174,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train W between tiny local encoders on generated images")
     p.add_argument("--out", default="jmllm-demo", help="run folder (default: ./jmllm-demo)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -293,6 +300,9 @@ def _train_config(args: argparse.Namespace) -> Any:
 def _cmd_train(args: argparse.Namespace) -> int:
     from jmllm.align.train import (
         CHECKPOINT_NAME,
+        CONFIG_NAME,
+        METRICS_NAME,
+        WEIGHTS_NAME,
         TrainConfig,
         load_checkpoint,
         preset_fields,
@@ -300,6 +310,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
 
     out = Path(args.out)
+    outputs = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME)
+    check_output_claim(out, "jmllm-align train", outputs, force=args.force)  # before any work
     if args.resume and (out / CHECKPOINT_NAME).is_file():
         # Resume with the stored options. Bookkeeping options may change; any other option given
         # on the line must equal the stored one (a silently ignored --lr would be a lie).
@@ -332,7 +344,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     else:
         config = _train_config(args)
-    result = train(config, out, resume=args.resume)
+    outputs = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME)
+    with output_folder(out, command="jmllm-align train", outputs=outputs, force=args.force):
+        result = train(config, out, resume=args.resume)
     _print_result(result)
     if result.interrupted:
         return EXIT_PARTIAL
@@ -502,17 +516,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
     cache = Path(args.cache_dir) if args.cache_dir else _default_tiny_cache()
     out = Path(args.out)
+    check_output_claim(out, "jmllm-align demo", ("images", "run"), force=args.force)
     logger.info("tiny encoders in %s", cache)
     ckpt = build_tiny_checkpoints(cache)
-    images = write_image_folder(out / "images", args.images, size=96, seed=0)
-    config = load_preset("tiny").replace(
-        source_model=str(ckpt.owl),
-        target_model=str(ckpt.llava),
-        images=[str(images)],
-        epochs=args.epochs,
-        progress=not args.no_progress,
-    )
-    result = train(config, out / "run")
+    with output_folder(
+        out, command="jmllm-align demo", outputs=("images", "run"), force=args.force
+    ):
+        images = write_image_folder(out / "images", args.images, size=96, seed=0)
+        config = load_preset("tiny").replace(
+            source_model=str(ckpt.owl),
+            target_model=str(ckpt.llava),
+            images=[str(images)],
+            epochs=args.epochs,
+            progress=not args.no_progress,
+        )
+        result = train(config, out / "run")
     _print_result(result)
     return 0
 

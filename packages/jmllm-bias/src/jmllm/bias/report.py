@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jmllm.align.files import claim_output_folder
 from jmllm.align.options import markdown_text, printable
 
 from .assess import RUN, read_results
@@ -30,6 +31,7 @@ from .stats import DeltaStats, delta_stats
 __all__ = ["BiasReport", "GroupSummary", "build_report", "render_markdown", "write_report"]
 
 ALL = "all"
+ASSESS_COMMAND = "jmllm-bias assess"  # who owns an assessment folder (report files included)
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,16 @@ def _histogram(report: BiasReport, eps: float) -> bytes:
     return buf.getvalue()
 
 
+def report_names(eps: Any) -> list[str]:
+    """The files :func:`write_report` writes for these ε values (an assessment's outputs).
+
+    Example:
+        >>> report_names([0.5, 1])
+        ['report.json', 'report.md', 'histogram_eps0.5.png', 'histogram_eps1.png']
+    """
+    return ["report.json", "report.md", *(_histogram_name(float(e)) for e in eps)]
+
+
 def _histogram_name(eps: float) -> str:
     return f"histogram_eps{eps:g}.png"
 
@@ -360,6 +372,10 @@ def write_report(folder: str | os.PathLike[str], seed: int = 0) -> dict[str, Pat
     """
     root = Path(folder)
     report = build_report(root, seed=seed)
+    names = report_names(report.settings["eps"])
+    # the report belongs to the assessment: it never replaces a file the assessment did not
+    # write (other files in the folder are left alone)
+    claim_output_folder(root, ASSESS_COMMAND, names, force=True, what="assessment folder")
     written = {}
     for eps in [float(e) for e in report.settings["eps"]]:
         written[f"histogram_eps{eps:g}"] = atomic_write_bytes(

@@ -75,6 +75,7 @@ __all__ = [
     "atomic_write_text",
     "check_finite",
     "check_image_header",
+    "check_output_claim",
     "check_output_dir",
     "check_output_file",
     "check_pixels",
@@ -920,6 +921,33 @@ def claim_output_folder(
         --out ROOT: README.md was not written by jmllm-joint sample-data
     """
     root = Path(folder)
+    check_output_claim(root, command, outputs, force=force, what=what)
+    record = {k: v for k, v in _read_record(root).items() if os.path.lexists(root / k)}
+    record.update(dict.fromkeys(outputs, command))
+    root.mkdir(parents=True, exist_ok=True)
+    _write_record(root, record)
+    return root
+
+
+def check_output_claim(
+    folder: str | os.PathLike[str],
+    command: str,
+    outputs: Sequence[str],
+    *,
+    force: bool = False,
+    what: str = "--out",
+) -> None:
+    """The checks of :func:`claim_output_folder` alone, writing nothing: for a command that
+    refuses a folder before its slow work and claims it once it has something to write.
+
+    Raises:
+        ForeignOutputError: as :func:`claim_output_folder`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> check_output_claim(pathlib.Path(tempfile.mkdtemp()) / "new", "tool", ["a.txt"])
+    """
+    root = Path(folder)
     if os.path.lexists(root) and not root.is_dir():
         raise NotADirectoryError(f"{what} {root}: exists and is not a folder")
     refuse_link(root / OUTPUTS_RECORD, what)
@@ -937,11 +965,6 @@ def claim_output_folder(
             f"{command} did not write ({_listed(foreign)}); choose a new or empty folder, or "
             "pass --force to write beside them (they are left untouched)"
         )
-    record = {k: v for k, v in _read_record(root).items() if os.path.lexists(root / k)}
-    record.update(dict.fromkeys(outputs, command))
-    root.mkdir(parents=True, exist_ok=True)
-    _write_record(root, record)
-    return root
 
 
 def _prune_record(folder: Path) -> None:

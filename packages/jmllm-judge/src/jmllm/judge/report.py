@@ -38,6 +38,7 @@ from jmllm.judge.runner import JudgementRecord, RunResults
 from jmllm.judge.stats import bootstrap_ci, wilcoxon_p
 
 __all__ = [
+    "REPORT_FILES",
     "JudgeReport",
     "PairComparison",
     "SystemSummary",
@@ -460,6 +461,9 @@ def render_chart(report: JudgeReport) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+REPORT_FILES = ("report.md", "report.json", "scores.png")  # what write_report writes
 
 
 def write_report(report: JudgeReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:

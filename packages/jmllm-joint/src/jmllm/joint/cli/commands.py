@@ -52,6 +52,7 @@ from jmllm.joint.cli.common import (
     TOY_WORLD_NOTE,
     common_arguments,
     detection_arguments,
+    force_argument,
     generation_arguments,
     generation_kwargs,
     image_arg,
@@ -64,6 +65,11 @@ from jmllm.joint.cli.common import (
 )
 
 logger = logging.getLogger("jmllm.joint.cli")
+
+# what each command writes directly in --out (its folder is claimed for these names)
+DEMO, CHAT, DETECT = "jmllm-joint demo", "jmllm-joint chat", "jmllm-joint detect"
+REPORT_OUTPUTS = ("report.html", "result.json", "detections.png")
+DEMO_OUTPUTS = (*REPORT_OUTPUTS, "explanation")
 
 PLUGINS = (  # modules adding subcommands, in the order --help lists them
     "jmllm.joint.cli_explain",
@@ -150,10 +156,10 @@ def _print_detections(detections: Any, limit: int) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Chat + detection + GA explanation on the sample image shipped with the package; writes
     report.html and explanation/report.html."""
-    out = out_dir(args.out)
+    out = out_dir(args.out, DEMO, DEMO_OUTPUTS, args.force)
     tiny = not (args.owl or args.llava or args.alignment)
     args.tiny = args.tiny or tiny
-    with output_folder(out):
+    with output_folder(out, DEMO, DEMO_OUTPUTS, args.force):
         return _demo(args, out)
 
 
@@ -268,7 +274,7 @@ def _interactive_questions() -> Any:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat about IMAGE: scripted with --prompt (repeatable) or interactive."""
     image = image_arg(args.image)
-    out = out_dir(args.out) if args.out else None
+    out = out_dir(args.out, CHAT, REPORT_OUTPUTS, args.force) if args.out else None
     if args.queries is not None:
         queries_of(args)  # bad queries are refused before the models load
     model = load_model(args)
@@ -297,7 +303,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 nms_iou=nms_of(args),
                 template=args.query_template,
             )[0]
-        with output_folder(out):
+        with output_folder(out, CHAT, REPORT_OUTPUTS, args.force):
             report = _write_outputs(out, model, emb, conversation, stock, detections, args)
         print(f"Report: {report}")
     return 0
@@ -332,13 +338,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     image = image_arg(args.image)
     queries = queries_of(args)
     nms_iou = nms_of(args)
-    out = out_dir(args.out)
+    out = out_dir(args.out, DETECT, REPORT_OUTPUTS, args.force)
     model = load_model(args, language=False)  # detection needs OWL-ViT only
     emb = model.embed([image])
     detections = model.detect(
         emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.query_template
     )[0]
-    with output_folder(out):
+    with output_folder(out, DETECT, REPORT_OUTPUTS, args.force):
         report = _write_outputs(out, model, emb, None, None, detections, args)
     _print_detections(detections, args.max_boxes)
     print(f"Report: {report}")
@@ -371,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="jmllm-joint-demo", help="output folder (default ./jmllm-joint-demo)"
     )
+    force_argument(demo)
     generation_arguments(demo)
     template_argument(demo, INTERACTIVE_TEMPLATE)
     detection_arguments(demo, TOY_DEMO_QUERIES)
@@ -395,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--out", help="also write report.html (and detections with -q) to this folder"
     )
+    force_argument(chat)
     generation_arguments(chat)
     template_argument(chat, INTERACTIVE_TEMPLATE)
     detection_arguments(chat)
@@ -413,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect = sub.add_parser("detect", parents=[common], help="open-vocabulary detections from t")
     detect.add_argument("image", help="image file")
     detect.add_argument("--out", required=True, help="output folder")
+    force_argument(detect)
     detection_arguments(detect)
     detect.set_defaults(func=cmd_detect)
 
