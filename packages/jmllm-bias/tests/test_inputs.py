@@ -68,12 +68,12 @@ CASES: dict[str, tuple[Case, str]] = {
     # -- output folders that are not the command's -----------------------------------------------
     "cohort --out holds other files": (
         lambda t, c, ro, f: ["cohort", "--spec", "gender", "--tiny", "--out",
-                             str(_holding(t / "o", "notes.txt"))],  # fmt: skip
+                             str(_holding(t / "o", "notes.txt"))],
         "holds 1 entry jmllm-bias cohort did not write (notes.txt)",
     ),
     "cohort --force never replaces the user's": (
         lambda t, c, ro, f: ["cohort", "--spec", "gender", "--tiny", "--force", "--out",
-                             str(_holding(t / "o", "manifest.jsonl"))],  # fmt: skip
+                             str(_holding(t / "o", "manifest.jsonl"))],
         "manifest.jsonl was not written by jmllm-bias cohort",
     ),
     "assess --out holds other files": (

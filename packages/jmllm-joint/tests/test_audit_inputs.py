@@ -180,7 +180,7 @@ def test_annotations_match_images_by_type_and_value(coco) -> None:
 )
 def test_duplicate_ids_are_refused(coco, field, value, needle) -> None:
     annotations, images = coco
-    part, index, key = field.split(".")
+    part, _, key = field.split(".")
 
     def dup(doc: dict) -> None:
         doc[part][1][key] = doc[part][0][key] = value
@@ -229,7 +229,7 @@ def test_a_run_refused_at_its_first_question_records_no_settings(
     line = _one_error_line(err)
     assert code == 2 and "exceed LLaVA's" in line, line
     assert not (out / SETTINGS_FILE).exists()
-    code, out_text, err = _cli(capsys, *args)
+    code, _, err = _cli(capsys, *args)
     assert code == 0, err
     assert json.loads((out / SETTINGS_FILE).read_text())["settings"]["max_new_tokens"] == 1
 

@@ -201,10 +201,10 @@ def test_text_escaping_follows_jmllm_align(text: str) -> None:
     assert "\x1b" not in conventions.clip(text) and len(conventions.clip(text)) < 240
 
 
-def _outcome(call):  # type: ignore[no-untyped-def]
+def _outcome(function, *args, **kwargs):  # type: ignore[no-untyped-def]
     try:
-        result = call()
-    except Exception as exc:  # noqa: BLE001 - compared across the copies
+        result = function(*args, **kwargs)
+    except Exception as exc:  # any outcome: compared across the copies
         return type(exc).__name__, str(exc)
     return "ok", str(result)
 
@@ -238,37 +238,43 @@ def test_path_rules_follow_jmllm_align(tmp_path) -> None:  # type: ignore[no-unt
         7,
         "x" * 5000,
     ]
+    field = "images[0].file_name"
     for relative in relatives:
-        a = _outcome(lambda: conventions.resolve_inside(root, relative, "images[0].file_name"))
-        b = _outcome(lambda: files.resolve_inside(root, relative, "images[0].file_name"))
+        a = _outcome(conventions.resolve_inside, root, relative, field)
+        b = _outcome(files.resolve_inside, root, relative, field)
         assert a == b, relative
         assert a[0] == "ok" or len(a[1]) < 600
+    expected = {
+        "ok.png": "ok",
+        "sub/x.png": "ok",
+        "../outside/secret.png": "UnsafePathError",
+        "out-link/secret.png": "UnsafePathError",
+    }
+    for relative, kind in expected.items():
+        assert _outcome(files.resolve_inside, root, relative, field)[0] == kind, relative
     for name in ("ok.png", "file-link", "fifo", "sub", "missing"):
-        assert _outcome(lambda: conventions.refuse_link(root / name)) == _outcome(
-            lambda: files.refuse_link(root / name)
-        ), name
+        a = _outcome(conventions.refuse_link, root / name)
+        assert a == _outcome(files.refuse_link, root / name), name
+        assert (a[0] == "ok") == (name in ("ok.png", "missing")), (name, a)
     for name in ("deep.json", "bad.json", "bad-utf8.json", "missing.json"):
-        a = _outcome(lambda: conventions.read_json(tmp_path / name, "annotations"))
-        b = _outcome(lambda: files.read_json(tmp_path / name, "annotations"))
-        assert a[1] == b[1], name
-        assert isinstance(a[0], str) and a[0] != "ok"
+        a = _outcome(conventions.read_json, tmp_path / name, "annotations")
+        b = _outcome(files.read_json, tmp_path / name, "annotations")
+        assert a[1] == b[1] and a[0] != "ok", name
     for module in (conventions, files):
         out = tmp_path / f"claimed-{module.__name__}"
         out.mkdir()
         (out / "README.md").write_text("the user's")
-        refused = _outcome(lambda: module.claim_output_folder(out, "tool", ["report.md"]))
+        refused = _outcome(module.claim_output_folder, out, "tool", ["report.md"])
         forced = module.claim_output_folder(out, "tool", ["report.md"], force=True)
-        clash = _outcome(
-            lambda: module.claim_output_folder(out, "tool", ["README.md"], force=True)
-        )
+        clash = _outcome(module.claim_output_folder, out, "tool", ["README.md"], force=True)
         assert forced == out and (out / "README.md").read_text() == "the user's"
         assert refused[0] == "ForeignOutputError" and clash[0] == "ForeignOutputError"
         assert module.foreign_entries(out, "tool") == ["README.md"]
         module.atomic_write_bytes(out / "report.md", b"r")
         assert module.foreign_entries(out, "tool") == ["README.md"]
         assert module.foreign_entries(out, "other tool") == ["README.md", "report.md"]
-    a_msg = _outcome(lambda: conventions.claim_output_folder(root, "tool", ["ok.png"]))[1]
-    b_msg = _outcome(lambda: files.claim_output_folder(root, "tool", ["ok.png"]))[1]
+    a_msg = _outcome(conventions.claim_output_folder, root, "tool", ["ok.png"])[1]
+    b_msg = _outcome(files.claim_output_folder, root, "tool", ["ok.png"])[1]
     assert a_msg == b_msg and "was not written by tool" in a_msg
 
 

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 
 import pytest
 from scipy.stats import binomtest

@@ -335,9 +335,10 @@ def png_strips(handle: IO[bytes], image: Image.Image, rows: int) -> Iterator[Ima
     width, height, bits, colour, interlace = _png_header(handle)
     if interlace:
         raise ValueError("an interlaced PNG cannot be decoded strip by strip")
-    if (width, height) != image.size or colour not in _PNG_CHANNELS or not image.tile:
+    tiles = getattr(image, "tile", None)  # an ImageFile's decoding plan
+    if (width, height) != image.size or colour not in _PNG_CHANNELS or not tiles:
         raise ValueError("a PNG header that Pillow reads otherwise")
-    rawmode = image.tile[0].args
+    rawmode = tiles[0].args
     rawmode = rawmode if isinstance(rawmode, str) else rawmode[0]
     row_bytes = (width * _PNG_CHANNELS[colour] * bits + 7) // 8
     bpp = max(1, _PNG_CHANNELS[colour] * bits // 8)
@@ -449,13 +450,14 @@ def _whole_decode_refused(image: Image.Image, name: str) -> ImageLoadError:
 
 
 def _streamable_png(image: Image.Image) -> bool:
+    tiles = getattr(image, "tile", None) or []  # an ImageFile's decoding plan
     return (
         image.format == "PNG"
         and not image.info.get("interlace")
         and not getattr(image, "is_animated", False)
-        and len(image.tile) == 1
-        and image.tile[0].codec_name == "zip"
-        and tuple(image.tile[0].extents) == (0, 0, *image.size)
+        and len(tiles) == 1
+        and tiles[0].codec_name == "zip"
+        and tuple(tiles[0].extents) == (0, 0, *image.size)
     )
 
 

@@ -588,9 +588,9 @@ def png_with_filters(
     out = b"\x89PNG\r\n\x1a\n" + _png_chunk(
         b"IHDR", struct.pack(">IIBBBBB", width, height, bits, colour, 0, 0, 0)
     )
-    for kind, payload in ((b"PLTE", palette), (b"tRNS", transparency), (b"eXIf", exif)):
+    for name, payload in ((b"PLTE", palette), (b"tRNS", transparency), (b"eXIf", exif)):
         if payload is not None:
-            out += _png_chunk(kind, payload)
+            out += _png_chunk(name, payload)
     for start in range(0, len(data), 1000):
         out += _png_chunk(b"IDAT", data[start : start + 1000])
     return out + _png_chunk(b"IEND", b"")

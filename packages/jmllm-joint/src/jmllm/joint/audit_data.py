@@ -274,8 +274,9 @@ def load_coco(
         for key in ("image_id", "category_id"):
             if key in ann:
                 _check_id(ann[key], f"{path}: annotations[{i}].{key}")
-        names = present.get(ann.get("image_id"))  # type and value: 1 is not "1"
-        category = categories.get(ann.get("category_id"))
+        image_key, category_key = ann.get("image_id"), ann.get("category_id")
+        names = present.get(image_key) if isinstance(image_key, int | str) else None  # 1 is not "1"
+        category = categories.get(category_key) if isinstance(category_key, int | str) else None
         if names is None or category is None:
             skipped += 1
             continue
