@@ -111,9 +111,7 @@ def test_truth_joins_annotations_and_reference_captions(vocab):
 
 
 def test_a_list_of_one_s_own_reads_its_two_word_entries():
-    vocab = ChairVocabulary.parse(
-        "# toy\ncircle, disc, ring\ncross, plus sign\n", name="toy"
-    )
+    vocab = ChairVocabulary.parse("# toy\ncircle, disc, ring\ncross, plus sign\n", name="toy")
     assert not vocab.coco_rules and vocab.categories == ("circle", "cross")
     assert _words(vocab, "Two discs and a plus sign.") == [("disc", "circle"),
                                                           ("plus sign", "cross")]  # fmt: skip

@@ -105,9 +105,7 @@ def test_pope_run_asks_each_distinct_question_once_with_owl_evidence(toy, pope_r
             assert entry["tokens"] == alone.token_ids.tolist()  # batched across images: same
             ids = toy.prompt_inputs(prompt, "paper")["input_ids"]
             first = toy.language_logits(emb.t, ids)[0, -1]
-            expected = float(
-                torch.logsumexp(first[yes_ids], 0) - torch.logsumexp(first[no_ids], 0)
-            )
+            expected = float(torch.logsumexp(first[yes_ids], 0) - torch.logsumexp(first[no_ids], 0))
             assert entry["margin"] == pytest.approx(expected, abs=1e-4)
         for obj, (score, *box) in line["owl"].items():
             logits, _ = toy.detection_heads(emb.t, toy.encode_queries([obj], "{}"))

@@ -120,9 +120,9 @@ def _metrics(rule: str, rows=CRAFTED) -> dict:
 
 
 def _pred(rule: str, text: str) -> str:
-    return {"llava": llava_rule, "lmms-eval": lmms_eval_rule, "vlmevalkit": vlmevalkit_rule}[
-        rule
-    ](text)
+    return {"llava": llava_rule, "lmms-eval": lmms_eval_rule, "vlmevalkit": vlmevalkit_rule}[rule](
+        text
+    )
 
 
 def test_llava_metrics_by_hand():
@@ -207,7 +207,9 @@ def test_first_token_rule_threshold_and_curve():
     rows = [_row("random", "a.jpg", o, lab, i) for i, (o, lab) in enumerate(
         [("dog", "yes"), ("cat", "yes"), ("car", "no"), ("bus", "no")])]  # fmt: skip
     margins = [2.0, -0.5, 0.5, -3.0]
-    answers = {("a.jpg", r.text): PopeAnswer("", margin=m) for r, m in zip(rows, margins)}
+    answers = {
+        ("a.jpg", r.text): PopeAnswer("", margin=m) for r, m in zip(rows, margins, strict=True)
+    }
     at_zero = rule_metrics("first-token", ["yes", "yes", "no", "no"], ["yes", "no", "yes", "no"])
     scored = score_rows(rows, answers, "first-token", threshold=0.0)
     assert [s.prediction for s in scored] == ["yes", "no", "yes", "no"]
