@@ -271,15 +271,21 @@ def measure_across_images(
 
 def toy_run(scenes: int, device: str | None, top_k: int | None) -> dict[str, Any]:
     """``sample-data`` then POPE and CHAIR with ``--tiny``, each command timed as a process."""
+    import resource
     import subprocess
 
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
     def command(*args: str) -> dict[str, Any]:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), children_cpu()
         child = [sys.executable, "-m", "jmllm.joint", *args]
         done = subprocess.run(child, capture_output=True, text=True, env={**os.environ})
         entry = {
             "command": " ".join(["jmllm-joint", *args]),
             "seconds": round(time.perf_counter() - start, 2),
+            "cpu_seconds": round(children_cpu() - start_cpu, 2),  # the process's user + system
             "exit_code": done.returncode,
         }
         if done.returncode != 0:
@@ -318,6 +324,9 @@ def toy_run(scenes: int, device: str | None, top_k: int | None) -> dict[str, Any
         "scenes": scenes,
         "steps": steps,
         "seconds_pope_and_chair": round(steps["pope"]["seconds"] + steps["chair"]["seconds"], 2),
+        "cpu_seconds_pope_and_chair": round(
+            steps["pope"]["cpu_seconds"] + steps["chair"]["cpu_seconds"], 2
+        ),
         "figures": figures,
         "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())},
         "cpu_count": os.cpu_count(),

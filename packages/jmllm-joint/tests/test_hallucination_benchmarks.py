@@ -305,3 +305,23 @@ def test_cli_pope_without_its_files_is_one_line(tmp_path, capsys):
                 str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o"))  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "no POPE split file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_pope_with_a_missing_image_is_partial_and_retried(sample, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample, data)
+    missing = sorted((data / "coco" / "images").iterdir())[0]
+    kept = missing.read_bytes()
+    missing.unlink()
+    args = ["hallucination-audit", "--tiny", "--benchmark", "pope", "--data", str(data),
+            "--out", str(tmp_path / "o"), "--top-k", "0"]  # fmt: skip
+    assert _cli(*args) == 3
+    assert "1 image(s) could not be read" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert list(doc["run"]["failed"]) == [missing.name]
+    assert doc["pope_rows"]["random"]["answered"] < doc["pope_rows"]["random"]["rows"]
+    missing.write_bytes(kept)
+    assert _cli(*args) == 0  # the rerun answers only the image that failed
+    assert f"1 answered now, {SCENES - 1} kept" in capsys.readouterr().out

@@ -364,3 +364,13 @@ def test_question_object():
     assert question_object("Is there an apple in the image?") == "apple"
     assert question_object("is there a  dining  table in the image ?") == "dining table"
     assert question_object("What is this?") is None
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    for name in ("pope", "chair", "benchmark_run", "benchmark_report", "sample_data"):
+        module = importlib.import_module(f"jmllm.joint.{name}")
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name

@@ -363,18 +363,28 @@ def _groups(
 
 
 def _embed_group(model: Any, group: list[tuple[BenchmarkImage, Any]], failed: dict[str, str]):
-    """The embeddings of a group's readable images (one batch), and those images; an image J
-    cannot take is recorded in ``failed``."""
+    """The embeddings of a group's readable images (one batch through OWL-ViT), and those
+    images; an image that could not be read, or that J cannot take, is recorded in ``failed``
+    (the others are then embedded one by one)."""
     from jmllm.joint.model import JointEmbedding
 
-    kept, embeddings = [], []
+    readable = []
     for image, decoded in group:
         if isinstance(decoded, Exception):
             failed[image.image_id] = _one_line(decoded)
-            continue
+        else:
+            readable.append((image, decoded))
+    if not readable:
+        return [], None
+    try:
+        return [image for image, _ in readable], model.embed([d for _, d in readable])
+    except ValueError:  # JointModelError: some image J cannot take; find it
+        pass
+    kept, embeddings = [], []
+    for image, decoded in readable:
         try:
             embeddings.append(model.embed([decoded]))
-        except ValueError as exc:  # JointModelError: an image J cannot take
+        except ValueError as exc:
             failed[image.image_id] = _one_line(exc)
             continue
         kept.append(image)

@@ -31,7 +31,7 @@ DEFAULT_TOP_K = {"pope": 25, "chair": 10}
 
 def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``--benchmark pope|chair`` (added to ``hallucination-audit``)."""
-    from jmllm.align.options import integer, unit_interval
+    from jmllm.align.options import finite_float, integer, unit_interval
     from jmllm.joint.benchmark_report import DEFAULT_OWL_THRESHOLD
     from jmllm.joint.chair import DEFAULT_SAMPLE
 
@@ -82,7 +82,7 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--first-token-threshold",
-        type=float,
+        type=finite_float(),
         default=0.0,
         help="pope, first-token rule: yes when log-odds(yes) - log-odds(no) exceeds it (0)",
     )
