@@ -325,3 +325,50 @@ def test_cli_pope_with_a_missing_image_is_partial_and_retried(sample, tmp_path, 
     missing.write_bytes(kept)
     assert _cli(*args) == 0  # the rerun answers only the image that failed
     assert f"1 answered now, {SCENES - 1} kept" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_equal_one(sample, tmp_path):
+    """POPE split between two CPU processes: every image answered once, the same answers as
+    one process (batches differ, answers do not), one report."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": "",
+           "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    args = ["hallucination-audit", "--tiny", "--benchmark", "pope", "--data", str(sample),
+            "--top-k", "0", "--batch-size", "4"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "jmllm.joint"]  # fmt: skip
+    split = subprocess.run([*launch, *args, "--out", str(tmp_path / "split")], env=env,
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "[process 0]" in split.stderr and "[process 1]" in split.stderr
+    one = subprocess.run([sys.executable, "-m", "jmllm.joint", *args, "--out",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def records(folder):
+        lines = [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines()]
+        assert len({r["image_id"] for r in lines}) == len(lines)  # no image answered twice
+        return {r["image_id"]: r for r in lines}
+
+    two_lines, one_lines = records(tmp_path / "split"), records(tmp_path / "one")
+    assert set(two_lines) == set(one_lines) and len(one_lines) == SCENES
+    for image, line in one_lines.items():
+        other = two_lines[image]
+        assert [(a["text"], a["tokens"]) for a in line["answers"]] == [
+            (a["text"], a["tokens"]) for a in other["answers"]
+        ]
+        for a, b in zip(line["answers"], other["answers"], strict=True):
+            assert a["margin"] == pytest.approx(b["margin"], abs=1e-4)
+        for obj, evidence in line["owl"].items():
+            assert evidence == pytest.approx(other["owl"][obj], abs=1e-4)
+    two = json.loads((tmp_path / "split" / "report.json").read_text())
+    single = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert two["pope"] == single["pope"]

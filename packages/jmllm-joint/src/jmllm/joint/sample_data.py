@@ -200,7 +200,7 @@ def _write_pope(
     )
     for split in ("random", "popular", "adversarial"):
         plan = plan_questions(dataset, split, k=1, seed=seed)
-        lines = []
+        lines: list[str] = []
         for image_id, questions in plan.questions.items():
             for q in questions:
                 lines.append(
