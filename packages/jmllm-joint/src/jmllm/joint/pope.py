@@ -18,7 +18,8 @@ Published POPE numbers come from three harnesses that read the same answers diff
 ``lmms-eval`` (``lmms_eval/tasks/pope/utils.py``)
     the answer lower-cased and stripped must equal ``yes`` or ``no`` exactly; anything else is
     wrong for accuracy and left out of recall (it is neither a true positive nor a false
-    negative). Its ``pope`` task pools all rows; ``pope_full`` reports each split.
+    negative). Its ``pope`` task scores its test split's rows in one pool; ``pope_full`` reports
+    each split.
 ``vlmevalkit`` (VLMEvalKit's ``YOrN_Extraction`` and ``POPE_rating``)
     VQA punctuation processing, lower case, words: ``yes`` without ``no`` is Yes, ``no`` without
     ``yes`` is No, anything else Unknown (its optional GPT matching of Unknown answers is not
@@ -592,7 +593,7 @@ def split_metrics(scored: Sequence[ScoredRow], rule: str, splits: Sequence[str])
 
 HEADLINES = {
     "llava": ("mean", "LLaVA's MODEL_ZOO: the mean of the three splits' F1"),
-    "lmms-eval": ("pooled", "lmms-eval's pope task: F1 over all rows"),
+    "lmms-eval": ("pooled", "lmms-eval's pope task: F1 over its rows in one pool"),
     "vlmevalkit": ("pooled", "VLMEvalKit's Overall: one F1 pooled over the splits"),
     "first-token": ("mean", "the mean of the splits' F1, as LLaVA's"),
 }
