@@ -13,6 +13,7 @@ import pytest
 from jmllm.joint.audit_data import AuditError
 from jmllm.joint.chair import (
     ChairVocabulary,
+    chair_intervals,
     chair_metrics,
     coco_vocabulary,
     image_truth,
@@ -101,6 +102,21 @@ def test_chair_metrics_by_hand(vocab):
     assert (m["mentions"], m["hallucinated_mentions"], m["truth_objects"]) == (5, 1, 5)
     empty = chair_metrics([])
     assert empty["chair_s"] is None and empty["chair_i"] is None and empty["recall"] is None
+
+
+def test_chair_intervals_resample_captions(vocab):
+    scores = [
+        score_caption(vocab, str(i), "A dog and a cat." if i % 4 == 0 else "A dog.", {"dog"})
+        for i in range(40)
+    ]
+    point = chair_metrics(scores)
+    ci = chair_intervals(scores, n_resamples=500, seed=1)
+    for key in ("chair_s", "chair_i"):
+        low, high = ci[key]
+        assert low <= point[key] <= high and low < high
+    assert ci["recall"] == [1.0, 1.0]  # every caption names its dog
+    assert chair_intervals(scores, n_resamples=500, seed=1) == ci
+    assert chair_intervals(scores[:1])["chair_s"] is None
 
 
 def test_truth_joins_annotations_and_reference_captions(vocab):

@@ -289,6 +289,10 @@ def test_toy_pope_question_is_the_toy_world_s_question():
         (["--benchmark", "pope", "--synonyms", "x.txt"], "--synonyms: only with --benchmark chair"),
         (["--benchmark", "chair", "--limit", "3"], "--limit: not with --benchmark chair"),
         (["--benchmark", "authors"], "--data: only with --benchmark pope or chair"),
+        (["--benchmark", "chair", "--first-token-threshold", "1"],
+         "--first-token-threshold: only with --benchmark pope"),
+        (["--benchmark", "pope", "--sample-images", "5"],
+         "--sample-images: only with --benchmark chair"),
         (["--benchmark", "pope", "--threshold", "1"], "argument --threshold: must be in (0, 1)"),
     ],
 )  # fmt: skip
@@ -372,3 +376,13 @@ def test_two_processes_under_accelerate_launch_equal_one(sample, tmp_path):
     two = json.loads((tmp_path / "split" / "report.json").read_text())
     single = json.loads((tmp_path / "one" / "report.json").read_text())
     assert two["pope"] == single["pope"]
+
+
+def test_cli_authors_refuses_the_benchmarks_options(sample, tmp_path, capsys):
+    coco = ["--annotations", str(sample / "coco" / "instances.json"), "--images",
+            str(sample / "coco" / "images"), "--out", str(tmp_path / "o")]  # fmt: skip
+    for extra, flag in ((["--vision", "llava"], "--vision"), (["--threshold", "0.5"], "--threshold"),
+                        (["--parse", "lmms-eval"], "--parse")):  # fmt: skip
+        assert _cli("hallucination-audit", "--tiny", *coco, *extra) == 2
+        err = capsys.readouterr().err
+        assert flag in err and len(err.strip().splitlines()) == 1

@@ -18,14 +18,17 @@ import torch
 
 from jmllm.joint.audit_data import AuditError
 from jmllm.joint.pope import (
+    POPE_METRICS,
     PopeAnswer,
     PopeRow,
+    bootstrap_intervals,
     disagreements,
     find_pope_files,
     first_token_margin,
     llava_rule,
     lmms_eval_rule,
     load_pope,
+    metrics_from_counts,
     perception_vs_language,
     question_object,
     rule_metrics,
@@ -160,6 +163,41 @@ def test_vlmevalkit_metrics_by_hand():
     p, r = 2 / 3, 2 / 4
     assert m["f1"] == pytest.approx(2 * p * r / (p + r))
     assert m["yes_ratio"] == pytest.approx(3 / 10)
+
+
+@pytest.mark.parametrize("rule", ["llava", "lmms-eval", "vlmevalkit"])
+def test_vectorised_metrics_equal_rule_metrics(rule):
+    m = _metrics(rule)
+    counts = [m["tp"], m["fp"], m["tn"], m["fn"], m["other_present"],
+              m["other"] - m["other_present"]]  # fmt: skip
+    vectorised = metrics_from_counts(counts, rule)
+    for name in POPE_METRICS:
+        assert float(vectorised[name]) == pytest.approx(m[name]), name
+
+
+def test_bootstrap_intervals_resample_images():
+    rows, answers = [], {}
+    for i in range(40):  # 40 images, one question per split; every tenth answer wrong
+        for split, obj, label in (("random", "dog", "yes"), ("adversarial", "cat", "no")):
+            row = _row(split, f"{i}.jpg", obj, label, len(rows))
+            rows.append(row)
+            wrong = i % 10 == 0 and split == "adversarial"
+            answers[(row.image, row.text)] = PopeAnswer(
+                "Yes" if (label == "yes") != wrong else "No"
+            )
+    scored = score_rows(rows, answers, "llava")
+    splits = ["random", "adversarial"]
+    point = split_metrics(scored, "llava", splits)
+    ci = bootstrap_intervals(scored, "llava", splits, n_resamples=500, seed=3)
+    for name in ("adversarial", "mean", "pooled"):
+        low, high = ci[name]["accuracy"]
+        assert low <= point[name]["accuracy"] <= high and low < high
+    assert ci["random"]["accuracy"] == [1.0, 1.0]  # every random answer is right
+    # random's precision is undefined in no resample, its recall never: counted, not hidden
+    assert ci["undefined_resamples"]["random"]["recall"] == 0
+    assert bootstrap_intervals(scored, "llava", splits, n_resamples=500, seed=3) == ci
+    one = [s for s in scored if s.row.image == "0.jpg"]
+    assert bootstrap_intervals(one, "llava", splits)["mean"]["f1"] is None  # one image
 
 
 def test_undefined_ratios_are_none_not_zero():

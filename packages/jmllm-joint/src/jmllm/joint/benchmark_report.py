@@ -100,13 +100,18 @@ def pope_report(
     rule: str = "llava",
     threshold: float = 0.0,
     owl_threshold: float = DEFAULT_OWL_THRESHOLD,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Every number of a POPE run (see the module docstring), JSON-ready.
 
     Args:
         data: the :class:`~jmllm.joint.pope.PopeData` the run answered.
         result: the run.
-        rule: the rule of ``pope`` (every rule is in ``pope_rules``).
+        rule: the rule of ``pope`` (every rule is in ``pope_rules``); its numbers get percentile
+            bootstrap intervals over images (``pope_ci``: ``n_resamples``, ``confidence``,
+            ``seed``).
         threshold: the ``first-token`` rule's threshold.
         owl_threshold: OWL-ViT "sees" an object at or above this score.
 
@@ -117,6 +122,7 @@ def pope_report(
     from jmllm.joint.pope import (
         HEADLINES,
         POPE_RULES,
+        bootstrap_intervals,
         disagreements,
         perception_vs_language,
         score_rows,
@@ -153,6 +159,8 @@ def pope_report(
         "benchmark": "pope",
         "parse_rule": rule,
         "pope": {**by_rule[rule], "rule": rule},
+        "pope_ci": bootstrap_intervals(chosen, rule, splits, n_resamples, confidence, seed),
+        "bootstrap": _bootstrap_info(n_resamples, confidence, seed),
         "pope_rules": by_rule,
         "pope_rows": rows,
         "questions": len(data.rows),
@@ -304,16 +312,27 @@ def chair_scores(inputs: ChairInputs, result: BenchmarkResult) -> list[Any]:
     ]
 
 
+def _bootstrap_info(n_resamples: int, confidence: float, seed: int) -> dict[str, Any]:
+    return {"method": "percentile", "unit": "image", "resamples": n_resamples,
+            "confidence": confidence, "seed": seed}  # fmt: skip
+
+
 def chair_report(
-    inputs: ChairInputs, result: BenchmarkResult, owl_threshold: float = DEFAULT_OWL_THRESHOLD
+    inputs: ChairInputs,
+    result: BenchmarkResult,
+    owl_threshold: float = DEFAULT_OWL_THRESHOLD,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Every number of a CHAIR run (see the module docstring), JSON-ready.
+    """Every number of a CHAIR run (see the module docstring), JSON-ready; CHAIR_s, CHAIR_i and
+    recall with percentile bootstrap intervals over images (``chair_ci``).
 
     Example:
         >>> m = chair_report(inputs, result)  # doctest: +SKIP
         >>> m["chair"]["chair_s"], m["chair"]["chair_i"], m["chair"]["recall"]  # doctest: +SKIP
     """
-    from jmllm.joint.chair import chair_metrics
+    from jmllm.joint.chair import chair_intervals, chair_metrics
     from jmllm.joint.pope import PerceptionSplit
 
     scores = chair_scores(inputs, result)
@@ -369,6 +388,8 @@ def chair_report(
     return {
         "benchmark": "chair",
         "chair": metrics,
+        "chair_ci": chair_intervals(scores, n_resamples, confidence, seed),
+        "bootstrap": _bootstrap_info(n_resamples, confidence, seed),
         "images": len(scores),
         "auroc_owl_predicts_truth": auroc(truth_scores, truth_labels),
         "auroc_owl_predicts_mention": auroc(mention_scores, mentioned_labels),
@@ -626,18 +647,18 @@ def _pope_tables(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     tables = []
     for rule in POPE_RULES:
         m = metrics["pope_rules"][rule]
+        chosen = rule == metrics["parse_rule"]
         rows = []
         for key in [*metrics["pope_rows"], "mean", "pooled"]:
             row = m[key]
             n = row.get("n", "")
-            rows.append(
-                {
-                    "name": key,
-                    "n": n,
-                    "other": row.get("other", ""),
-                    "cells": [_fmt(row[k]) for k in POPE_METRICS],
-                }
-            )
+            cells = [_fmt(row[k]) for k in POPE_METRICS]
+            if chosen:  # the report's rule: its intervals too
+                ci = metrics["pope_ci"][key]
+                cells = [
+                    f"{c} {_interval(ci[k])}" for c, k in zip(cells, POPE_METRICS, strict=True)
+                ]
+            rows.append({"name": key, "n": n, "other": row.get("other", ""), "cells": cells})
         tables.append(
             {
                 "rule": rule,
@@ -647,6 +668,10 @@ def _pope_tables(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return tables
+
+
+def _interval(ci: Any) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[—]"
 
 
 def _markdown(metrics: dict[str, Any], run: dict[str, Any], cards: list[Card]) -> str:
@@ -676,7 +701,9 @@ def _markdown(metrics: dict[str, Any], run: dict[str, Any], cards: list[Card]) -
                 f"`{doc['sha256'][:16]}…` |"
             )
         for table in _pope_tables(metrics):
-            mark = " (the report's rule)" if table["chosen"] else ""
+            mark = (
+                " (the report's rule; bootstrap intervals over images)" if table["chosen"] else ""
+            )
             h = table["headline"]
             lines += [
                 "",
@@ -715,14 +742,15 @@ def _markdown(metrics: dict[str, Any], run: dict[str, Any], cards: list[Card]) -
             examples = "; ".join(repr(e) for e in d["examples"])
             lines.append(f"| {pair} | {d['rows']} | {_md_cell(examples)} |")
     else:
-        c = metrics["chair"]
+        c, ci = metrics["chair"], metrics["chair_ci"]
         sample = c.get("sample") or {}
         lines += [
             "## CHAIR",
             "",
             "| CHAIR_s | CHAIR_i | recall | captions | mentions | hallucinated mentions |",
             "| --- | --- | --- | --- | --- | --- |",
-            f"| {_fmt(c['chair_s'])} | {_fmt(c['chair_i'])} | {_fmt(c['recall'])} | "
+            f"| {_fmt(c['chair_s'])} {_interval(ci['chair_s'])} | {_fmt(c['chair_i'])} "
+            f"{_interval(ci['chair_i'])} | {_fmt(c['recall'])} {_interval(ci['recall'])} | "
             f"{c['captions']} | {c['mentions']} | {c['hallucinated_mentions']} |",
             "",
             f"Synonyms: {_md_cell(c['synonyms'])}; truth: {c['truth']}; images: "
@@ -780,6 +808,7 @@ def _gallery(
         ],
         "curve": data_url(curve) if curve else None,
         "fmt": _fmt,
+        "interval": _interval,
     }
     if metrics["benchmark"] == "pope":
         context["tables"] = _pope_tables(metrics)
@@ -797,6 +826,9 @@ def write_benchmark_report(
     threshold: float = 0.0,
     owl_threshold: float = DEFAULT_OWL_THRESHOLD,
     top_k: int = 10,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
     notes: Sequence[str] = (),
     progress: bool = False,
 ) -> BenchmarkReport:
@@ -813,6 +845,7 @@ def write_benchmark_report(
         threshold: POPE: the first-token rule's threshold.
         owl_threshold: OWL-ViT "sees" an object at or above this score.
         top_k: hallucinations in the gallery.
+        n_resamples, confidence, seed: the percentile bootstrap over images of the intervals.
         notes: short notices shown at the top.
         progress: a progress bar over the gallery's pictures.
 
@@ -828,17 +861,21 @@ def write_benchmark_report(
     folder = Path(out) if out is not None else result.out
     if folder is None:
         raise ValueError("out: the run was in memory; give a report folder")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: must be in (0, 1), got {confidence}")
     if (pope is None) == (chair is None):
         raise ValueError("give pope= for a POPE run or chair= for a CHAIR run")
     benchmark = result.settings.benchmark
     if (benchmark == "pope") != (pope is not None):
         raise ValueError(f"a {benchmark} run: give {'pope' if benchmark == 'pope' else 'chair'}=")
     if pope is not None:
-        metrics = pope_report(pope, result, rule, threshold, owl_threshold)
+        metrics = pope_report(
+            pope, result, rule, threshold, owl_threshold, n_resamples, confidence, seed
+        )
         cards = _pope_cards(pope, result, rule, threshold, owl_threshold, top_k)
     else:
         assert chair is not None
-        metrics = chair_report(chair, result, owl_threshold)
+        metrics = chair_report(chair, result, owl_threshold, n_resamples, confidence, seed)
         cards = _chair_cards(metrics, result, top_k)
     sources = {image.image_id: image for image in result.images}
     pages: dict[int, str] = {}

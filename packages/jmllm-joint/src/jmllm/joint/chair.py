@@ -423,6 +423,44 @@ def chair_metrics(scores: Sequence[CaptionScore]) -> dict[str, Any]:
     }
 
 
+def chair_intervals(
+    scores: Sequence[CaptionScore],
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals of CHAIR_s, CHAIR_i and recall, resampling captions
+    (images); None with fewer than two captions or no resample where the ratio is defined.
+
+    Example:
+        >>> chair_intervals(scores)["chair_i"]  # doctest: +SKIP
+        [0.11, 0.16]
+    """
+    out: dict[str, list[float] | None] = dict.fromkeys(("chair_s", "chair_i", "recall"))
+    if len(scores) < 2:
+        return out
+    # per caption: hallucinated caption, caption, hallucinated mentions, mentions, recalled, truth
+    counts = np.array(
+        [
+            [any(s.hallucinated), 1, sum(s.hallucinated), len(s.mentions), len(s.recalled),
+             len(s.truth)]
+            for s in scores
+        ],
+        dtype=float,
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(scores), size=(n_resamples, len(scores)))  # (R, C)
+    sums = np.stack([np.bincount(d, minlength=len(scores)) for d in draws]) @ counts  # (R, 6)
+    alpha = (1 - confidence) / 2
+    for name, (num, den) in {"chair_s": (0, 1), "chair_i": (2, 3), "recall": (4, 5)}.items():
+        defined = sums[:, den] > 0
+        if defined.any():
+            ratio = sums[defined, num] / sums[defined, den]
+            low, high = np.quantile(ratio, [alpha, 1 - alpha])
+            out[name] = [float(low), float(high)]
+    return out
+
+
 __all__ = [
     "COCO_DOUBLE_WORDS",
     "DEFAULT_SAMPLE",
@@ -430,6 +468,7 @@ __all__ = [
     "CaptionScore",
     "ChairVocabulary",
     "Mention",
+    "chair_intervals",
     "chair_metrics",
     "coco_vocabulary",
     "image_truth",

@@ -179,6 +179,10 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
         ("--captions", "captions"),
         ("--synonyms", "synonyms"),
         ("-p/--prompt", "prompt"),
+        ("--sample-images", "sample_images"),
+        ("--vision", "vision"),
+        ("--threshold", "threshold"),
+        ("--first-token-threshold", "first_token_threshold"),
     )
     for flag, name in only_benchmarks:
         if getattr(args, name) is not None:

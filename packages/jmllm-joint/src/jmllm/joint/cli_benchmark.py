@@ -57,7 +57,7 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sample-images",
         type=integer(1),
-        default=DEFAULT_SAMPLE,
+        default=None,
         help=f"chair: images drawn with --seed (default {DEFAULT_SAMPLE}; every image if fewer)",
     )
     g.add_argument(
@@ -69,21 +69,21 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vision",
         choices=("joint", "llava"),
-        default="joint",
+        default=None,
         help="joint = J answers (default); llava = stock LLaVA's own vision tower answers (the "
         "published LLaVA-1.5 figures), OWL-ViT's evidence still from J's t",
     )
     g.add_argument(
         "--threshold",
         type=unit_interval(open_low=True, open_high=True),
-        default=DEFAULT_OWL_THRESHOLD,
+        default=None,
         help="OWL-ViT sees an object at or above this score, in (0, 1) (default "
         f"{DEFAULT_OWL_THRESHOLD}, the hallucination view's): perception vs language",
     )
     g.add_argument(
         "--first-token-threshold",
         type=finite_float(),
-        default=0.0,
+        default=None,
         help="pope, first-token rule: yes when log-odds(yes) - log-odds(no) exceeds it (0)",
     )
 
@@ -100,6 +100,10 @@ def _check_unused(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name, None) is not None:
             raise CliError(f"{flag}: only with --benchmark authors")
+    if args.benchmark == "chair" and args.first_token_threshold is not None:
+        raise CliError("--first-token-threshold: only with --benchmark pope")
+    if args.benchmark == "pope" and args.sample_images is not None:
+        raise CliError("--sample-images: only with --benchmark chair (pope: --limit)")
     if args.benchmark == "pope":
         for flag, name in (
             ("--captions", "captions"),
@@ -152,6 +156,7 @@ def _chair_data(args: argparse.Namespace) -> tuple[Any, Any]:
     from jmllm.joint.benchmark_report import ChairInputs
     from jmllm.joint.benchmark_run import chair_images
     from jmllm.joint.chair import (
+        DEFAULT_SAMPLE,
         ChairVocabulary,
         coco_vocabulary,
         image_truth,
@@ -173,9 +178,8 @@ def _chair_data(args: argparse.Namespace) -> tuple[Any, Any]:
         synonyms = str(root / "chair" / "synonyms.txt")
     vocabulary = ChairVocabulary.from_file(synonyms) if synonyms else coco_vocabulary()
     dataset = load_coco(annotations, images)
-    chosen = set(
-        sample_images([im.image_id for im in dataset.images], args.sample_images, args.seed)
-    )
+    count = args.sample_images if args.sample_images is not None else DEFAULT_SAMPLE
+    chosen = set(sample_images([im.image_id for im in dataset.images], count, args.seed))
     picked = [im for im in dataset.images if im.image_id in chosen]
     references = load_reference_captions(captions) if captions else None
     truth = image_truth(vocabulary, {im.image_id: im.present for im in picked}, references)
@@ -198,7 +202,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     """Run POPE or CHAIR (resuming), then write the report on the main process."""
     from jmllm.joint.audit import exclusive_folder, process_state
     from jmllm.joint.audit_data import AuditError
-    from jmllm.joint.benchmark_report import write_benchmark_report
+    from jmllm.joint.benchmark_report import DEFAULT_OWL_THRESHOLD, write_benchmark_report
     from jmllm.joint.benchmark_run import BenchmarkSettings, pope_images, run_benchmark
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE
     from jmllm.joint.cli.common import TOY_WORLD_NOTE, CliError, load_model, out_dir
@@ -221,7 +225,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             template=args.template or INTERACTIVE_TEMPLATE,
             max_new_tokens=max_new_tokens or 0,
             query_template=args.query_template,
-            vision=args.vision,
+            vision=args.vision or "joint",
         )
         if benchmark == "pope":
             pope = _pope_data(args)
@@ -265,9 +269,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             pope=pope,
             chair=chair,
             rule=rule or "llava",
-            threshold=args.first_token_threshold,
-            owl_threshold=args.threshold,
+            threshold=args.first_token_threshold or 0.0,
+            owl_threshold=args.threshold if args.threshold is not None else DEFAULT_OWL_THRESHOLD,
             top_k=args.top_k if args.top_k is not None else DEFAULT_TOP_K[benchmark],
+            n_resamples=args.resamples,
+            confidence=args.confidence,
+            seed=args.seed,
             notes=notes,
             progress=True,
         )

@@ -591,6 +591,92 @@ def split_metrics(scored: Sequence[ScoredRow], rule: str, splits: Sequence[str])
     return out
 
 
+def _ratio_array(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def metrics_from_counts(counts: np.ndarray, rule: str) -> dict[str, np.ndarray]:
+    """:func:`rule_metrics` of summed counts, vectorised: ``counts`` (..., 6) holds TP, FP, TN,
+    FN, other answers on present objects, other answers on absent ones; NaN where undefined."""
+    tp, fp, tn, fn, other_pos, other_neg = np.moveaxis(np.asarray(counts, float), -1, 0)
+    n = tp + fp + tn + fn + other_pos + other_neg
+    missed = fn + (other_pos if rule == "vlmevalkit" else 0.0)
+    precision = _ratio_array(tp, tp + fp)
+    recall = _ratio_array(tp, tp + missed)
+    with np.errstate(invalid="ignore"):
+        f1 = _ratio_array(2 * precision * recall, precision + recall)
+    return {
+        "accuracy": _ratio_array(tp + tn, n),
+        "precision": precision,
+        "recall": recall,
+        "f1": np.where(np.isnan(precision) | np.isnan(recall), np.nan, f1),
+        "yes_ratio": _ratio_array(tp + fp, n),
+    }
+
+
+def bootstrap_intervals(
+    scored: Sequence[ScoredRow],
+    rule: str,
+    splits: Sequence[str],
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals of every split's metrics, their mean and the pooled rows,
+    resampling **images** (an image's questions share its embedding, and its positive questions
+    are shared by the splits): one draw of images serves every split of a resample.
+
+    Returns:
+        ``{split|"mean"|"pooled": {metric: [low, high] or None}}`` (None: fewer than two images
+        or no resample where the metric is defined), and ``undefined_resamples``.
+
+    Example:
+        >>> bootstrap_intervals(scored, "llava", ["random"])["random"]["f1"]  # doctest: +SKIP
+        [0.81, 0.9]
+    """
+    images = list(dict.fromkeys(s.row.image for s in scored))
+    index = {image: i for i, image in enumerate(images)}
+    column = {("yes", "yes"): 0, ("yes", "no"): 1, ("no", "no"): 2, ("no", "yes"): 3}
+    counts = np.zeros((len(splits), len(images), 6))  # (K, I, 6)
+    position = {split: k for k, split in enumerate(splits)}
+    for s in scored:
+        if s.row.split not in position:
+            continue
+        if s.prediction in ("yes", "no"):
+            c = column[(s.prediction, s.row.label)]
+        else:
+            c = 4 if s.row.present else 5
+        counts[position[s.row.split], index[s.row.image], c] += 1
+    names = [*splits, "mean", "pooled"]
+    out: dict[str, Any] = {name: dict.fromkeys(POPE_METRICS) for name in names}
+    out["undefined_resamples"] = {name: dict.fromkeys(POPE_METRICS, 0) for name in names}
+    if len(images) < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(images), size=(n_resamples, len(images)))  # (R, I)
+    weights = np.stack([np.bincount(d, minlength=len(images)) for d in draws])  # (R, I)
+    sums = np.einsum("ri,kic->krc", weights, counts)  # (K, R, 6)
+    per_split = metrics_from_counts(sums, rule)  # metric -> (K, R)
+    present = [k for k, split in enumerate(splits) if counts[k].sum() > 0]
+    values: dict[str, dict[str, np.ndarray]] = {
+        split: {m: per_split[m][k] for m in POPE_METRICS} for k, split in enumerate(splits)
+    }
+    values["mean"] = {m: per_split[m][present].mean(axis=0) for m in POPE_METRICS}
+    pooled = metrics_from_counts(sums.sum(axis=0), rule)
+    values["pooled"] = {m: pooled[m] for m in POPE_METRICS}
+    alpha = (1 - confidence) / 2
+    for name in names:
+        for metric in POPE_METRICS:
+            draw = values[name][metric]
+            defined = draw[~np.isnan(draw)]
+            out["undefined_resamples"][name][metric] = int(len(draw) - len(defined))
+            if len(defined):
+                low, high = np.quantile(defined, [alpha, 1 - alpha])
+                out[name][metric] = [float(low), float(high)]
+    return out
+
+
 HEADLINES = {
     "llava": ("mean", "LLaVA's MODEL_ZOO: the mean of the three splits' F1"),
     "lmms-eval": ("pooled", "lmms-eval's pope task: F1 over its rows in one pool"),
@@ -742,12 +828,14 @@ __all__ = [
     "PopeRow",
     "PopeSplitFile",
     "ScoredRow",
+    "bootstrap_intervals",
     "disagreements",
     "find_pope_files",
     "first_token_margin",
     "llava_rule",
     "lmms_eval_rule",
     "load_pope",
+    "metrics_from_counts",
     "perception_vs_language",
     "question_object",
     "read_split",
