@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from jmllm.align.options import markdown_text
-from jmllm.joint.audit import AuditRecord, AuditResult, YesNoAuditor
+from jmllm.joint.audit import (
+    LOCK_FILE,
+    RESULTS_FILE,
+    SETTINGS_FILE,
+    AuditRecord,
+    AuditResult,
+    YesNoAuditor,
+)
 from jmllm.joint.audit_metrics import POPE_METRICS, audit_metrics
 from jmllm.joint.explain_report import data_url, heatmap_overlay_png, map_title
 from jmllm.joint.pages import asset, environment
@@ -37,6 +44,17 @@ REPORT_MD = "report.md"
 HISTOGRAMS_PNG = "confidence_histograms.png"
 GALLERY_HTML = "gallery.html"
 PICTURES_DIR = "hallucinations"
+# everything the audit writes directly in its --out (the folder is claimed for these names)
+AUDIT_OUTPUTS = (
+    RESULTS_FILE,
+    SETTINGS_FILE,
+    LOCK_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    HISTOGRAMS_PNG,
+    GALLERY_HTML,
+    PICTURES_DIR,
+)
 DETECTION_MARGIN = 0.01  # the authors draw the boxes scoring at least (best score − 0.01)
 
 

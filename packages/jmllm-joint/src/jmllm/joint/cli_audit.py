@@ -21,18 +21,6 @@ from typing import Any
 logger = logging.getLogger("jmllm.joint.cli")
 
 EXIT_PARTIAL = 3
-COMMAND = "jmllm-joint hallucination-audit"
-# what the audit writes directly in --out (jmllm.joint.audit, jmllm.joint.audit_report)
-AUDIT_OUTPUTS = (
-    "results.jsonl",
-    "audit.json",
-    ".jmllm-audit.lock",
-    "report.json",
-    "report.md",
-    "confidence_histograms.png",
-    "gallery.html",
-    "hallucinations",
-)
 
 
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
@@ -176,8 +164,15 @@ def _dataset(args: argparse.Namespace) -> Any:
 def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     """Run the audit (resuming), then write the report on the main process."""
     from jmllm.align.files import output_folder
-    from jmllm.joint.audit import DEFAULT_MAX_NEW_TOKENS, PARSE_RULES, AuditSettings, process_state
+    from jmllm.joint.audit import (
+        DEFAULT_MAX_NEW_TOKENS,
+        LOCK_OWNER,
+        PARSE_RULES,
+        AuditSettings,
+        process_state,
+    )
     from jmllm.joint.audit_data import AUTHORS_QUESTION, AuditError
+    from jmllm.joint.audit_report import AUDIT_OUTPUTS
     from jmllm.joint.chat import PAPER_TEMPLATE
     from jmllm.joint.cli.common import CliError, out_dir
 
@@ -220,7 +215,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
         if out is not None:  # refused before any model loads if --out is not the audit's own
             stack.enter_context(
                 output_folder(
-                    out, command=COMMAND, outputs=AUDIT_OUTPUTS, force=args.force, what="--out"
+                    out, command=LOCK_OWNER, outputs=AUDIT_OUTPUTS, force=args.force, what="--out"
                 )
             )
         return _audit(args, settings, dataset, state, out)
