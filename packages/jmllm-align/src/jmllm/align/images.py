@@ -396,7 +396,7 @@ def _reduced_rgb(
     The same pixels as converting the whole image, reducing it by ``factor`` and resizing the
     rest (the box reduction is a mean over aligned blocks, so strip by strip is exact), except
     for 16/32-bit images: their strips are reduced in float and scaled by the maximum of the
-    full-resolution image at the end (within one grey level of scaling first).
+    full-resolution image at the end (within 2 grey levels of scaling first).
     """
     width, height = size
     fx, fy = factor
