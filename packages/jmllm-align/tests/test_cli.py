@@ -40,6 +40,47 @@ def test_info_text_and_json(tmp_path, capsys):
     assert code == 0 and "architecture: llava-mlp" in out and "steps: 3" in out
 
 
+def _with_metadata(path, **changes):  # type: ignore[no-untyped-def]
+    """Rewrite a W file's metadata (what someone else's file could hold)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+        metadata = dict(f.metadata())
+    metadata.update(changes)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_info_never_prints_control_characters(tmp_path, capsys):
+    """A provenance holding terminal escapes (retitle, clear screen) is shown, not obeyed."""
+    layer = AlignmentLayer(AlignmentConfig("llava-mlp", in_dim=4, out_dim=8, num_tokens=4))
+    evil = "\x1b]0;PWNED\x07\x1b[2J\u202eevil"
+    path = save_alignment(layer, tmp_path / "w.safetensors", {evil: evil, "long": "y" * 50_000})
+    _with_metadata(path, config=json.dumps({**layer.config.to_dict(), "source_model": evil}))
+    code, out, _ = _run(capsys, "info", str(path))
+    assert code == 0
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J" in out  # visible, escaped
+    assert max(len(line) for line in out.splitlines()) < 1100  # one long value is cut
+    code, out, _ = _run(capsys, "info", str(path), "--json")
+    assert code == 0 and "\x1b" not in out and json.loads(out)["provenance"][evil] == evil
+
+
+@pytest.mark.parametrize("field", ["provenance", "config"])
+def test_deeply_nested_metadata_is_one_line_exit_2(tmp_path, capsys, field):
+    layer = AlignmentLayer(AlignmentConfig("llava-mlp", in_dim=4, out_dim=8, num_tokens=4))
+    path = save_alignment(layer, tmp_path / "w.safetensors", {"steps": 1})
+    _with_metadata(path, **{field: "[" * 100_000 + "]" * 100_000})
+    for command in (["info"], ["info", "--json"]):
+        code, _, err = _run(capsys, *command, str(path))
+        assert code == 2, err
+        _one_line_error(err, "w.safetensors", "nested too deeply")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_alignment(path)
+
+
 def test_errors_are_one_line_with_non_zero_exit(tmp_path, capsys):
     code, _, err = _run(capsys, "info", str(tmp_path / "absent.safetensors"))
     assert code != 0

@@ -196,10 +196,10 @@ def test_resume_after_sigkill_is_exact(tiny_config, tmp_path):
     config = tiny_config.replace(epochs=12, eval_images=0, checkpoint_every=1)  # 60 steps
     run = tmp_path / "killed"
     run.mkdir()
-    (run / "preset.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "preset.json").write_text(json.dumps(config.to_dict()))  # beside the run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "jmllm.align.cli", "train", "--preset",
-               str(run / "preset.json"), "--out", str(run)]  # fmt: skip
+               str(tmp_path / "preset.json"), "--out", str(run)]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

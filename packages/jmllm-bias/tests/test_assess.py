@@ -239,3 +239,30 @@ def test_template_by_name_is_used_recorded_and_checked(portraits, tmp_path, scri
         assess_cohort(scripted_joint(ANSWERS), portraits, tmp_path / "out", CFG)
     with pytest.raises(BiasInputError, match="unknown conversation template 'vicuna'"):
         AssessConfig("nurse", original="man", adversarial="woman", template="vicuna")
+
+
+@pytest.mark.parametrize(
+    ("file", "reason"),
+    [("../../secret.png", "leaves its folder"), ("ABSOLUTE", "absolute path"),
+     ("images/in.png", "leads out")],
+)  # fmt: skip
+def test_manifest_files_stay_in_the_cohort_folder(tmp_path, make_portraits, file, reason) -> None:
+    cohort = _manifest_cohort(tmp_path / "cohort", make_portraits)
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32)).save(secret)
+    (cohort / "images" / "in.png").symlink_to(secret)
+    lines = [json.loads(x) for x in (cohort / "manifest.jsonl").read_text().splitlines()]
+    lines[0]["file"] = str(secret) if file == "ABSOLUTE" else file
+    (cohort / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with pytest.raises(BiasInputError, match=reason) as info:
+        load_cohort(cohort)
+    assert "manifest.jsonl" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_plain_folder_with_a_link_out_is_refused(tmp_path, make_portraits) -> None:
+    make_portraits(tmp_path / "plain", {"a": [1]})
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32)).save(secret)
+    (tmp_path / "plain" / "a" / "x.png").symlink_to(secret)
+    with pytest.raises(BiasInputError, match="leads out"):
+        load_cohort(tmp_path / "plain")

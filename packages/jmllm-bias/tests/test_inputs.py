@@ -56,8 +56,34 @@ def _assess(cohort: Path, out: Path, *extra: str) -> list[str]:
             "--adversarial", "woman", "--out", str(out), "--tiny", *extra]  # fmt: skip
 
 
+def _holding(folder: Path, name: str) -> Path:
+    """``folder`` with a user's file ``name`` in it (an output folder that is not the command's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("the user's")
+    return folder
+
+
 Case = Callable[[Path, Path, Path, Path], list[str]]  # (tmp, cohort, read-only, a file) -> argv
 CASES: dict[str, tuple[Case, str]] = {
+    # -- output folders that are not the command's -----------------------------------------------
+    "cohort --out holds other files": (
+        lambda t, c, ro, f: ["cohort", "--spec", "gender", "--tiny", "--out",
+                             str(_holding(t / "o", "notes.txt"))],
+        "holds 1 entry jmllm-bias cohort did not write (notes.txt)",
+    ),
+    "cohort --force never replaces the user's": (
+        lambda t, c, ro, f: ["cohort", "--spec", "gender", "--tiny", "--force", "--out",
+                             str(_holding(t / "o", "manifest.jsonl"))],
+        "manifest.jsonl was not written by jmllm-bias cohort",
+    ),
+    "assess --out holds other files": (
+        lambda t, c, ro, f: _assess(c, _holding(t / "o", "notes.txt")),
+        "holds 1 entry jmllm-bias assess did not write (notes.txt)",
+    ),
+    "assess --force never replaces the user's": (
+        lambda t, c, ro, f: _assess(c, _holding(t / "o", "report.md"), "--force"),
+        "report.md was not written by jmllm-bias assess",
+    ),
     # -- output paths -------------------------------------------------------------------------
     "cohort --out is a file": (
         lambda t, c, ro, f: ["cohort", "--spec", "gender", "--out", str(f), "--tiny"],

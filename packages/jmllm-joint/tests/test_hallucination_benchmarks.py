@@ -197,6 +197,26 @@ def test_pope_run_resumes_after_a_kill(toy, sample, pope_run, tmp_path):
         run_benchmark(toy, images, tmp_path, other, progress=False)
 
 
+def test_pope_resume_asks_again_an_image_whose_file_changed(toy, sample, pope_run, tmp_path):
+    """Resume matches each image by its id and its file's SHA-256: a file replaced since the
+    first run is asked again, the others are kept."""
+    import shutil
+
+    _, settings, _, _ = pope_run
+    images_dir = Path(shutil.copytree(sample / "coco" / "images", tmp_path / "images"))
+    images = pope_images(load_pope(sample / "pope", images_dir))
+    out = tmp_path / "run"
+    first = run_benchmark(toy, images, out, settings, batch_size=6, progress=False)
+    changed = images[0].image_id
+    other = next(p for p in sorted(images_dir.iterdir()) if p.name != changed)
+    (images_dir / changed).write_bytes(other.read_bytes())
+    asked: list[str] = []
+    again = run_benchmark(toy, images, out, settings, batch_size=6, progress=False,
+                          on_batch=asked.extend)  # fmt: skip
+    assert asked == [changed] and again.kept == len(images) - 1 and again.processed == 1
+    assert first.processed == len(images)
+
+
 # ------------------------------------------------------------------------- CHAIR run
 def test_chair_run_and_report_on_the_toy_world(toy, sample, tmp_path):
     from jmllm.joint.audit_data import load_coco

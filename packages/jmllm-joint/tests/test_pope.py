@@ -366,14 +366,17 @@ def test_random_split_of_2910_rows_is_named_as_llava_s(tmp_path):
          r"coco_pope_random\.json:1: label must be yes or no"),
         ({"question_id": 1, "image": "a.jpg", "label": "yes"}, r":1: missing text"),
         ({"question_id": 1, "image": "../x.jpg", "text": "Q?", "label": "yes"},
-         r"not a path inside the image folder"),
+         r":1: image '\.\./x\.jpg': leaves its folder with '\.\.'"),
         ({"question_id": 1, "image": "/etc/x.jpg", "text": "Q?", "label": "yes"},
-         r"not a path inside the image folder"),
+         r":1: image '/etc/x\.jpg': an absolute path"),
+        ({"question_id": 1, "image": "out.jpg", "text": "Q?", "label": "yes"},
+         r":1: image 'out\.jpg': a symbolic link that leads out"),
     ],
 )  # fmt: skip
 def test_bad_pope_rows_are_one_line_errors(tmp_path, row, message):
     images = tmp_path / "img"
     images.mkdir()
+    (images / "out.jpg").symlink_to(tmp_path / "secret.jpg")  # a link out of the image folder
     _write_split(tmp_path, "random", [row])
     with pytest.raises(AuditError, match=message):
         load_pope(tmp_path, images)

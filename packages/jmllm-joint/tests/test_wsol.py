@@ -191,6 +191,21 @@ def test_bad_folders(tmp_path):
         read_wsol_folder(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("../secret.jpg", "leaves its folder"), ("/etc/passwd", "absolute path"),
+     ("in.jpg", "leads out")],
+)  # fmt: skip
+def test_image_ids_stay_in_the_images_folder(tmp_path, name, reason):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    (tmp_path / "images" / "in.jpg").symlink_to(tmp_path / "secret.jpg")
+    (tmp_path / "boxes.csv").write_text(f"image_id,x0,y0,x1,y1\nok.jpg,1,1,2,2\n{name},1,1,2,2\n")
+    with pytest.raises(WsolDataError, match=reason) as info:
+        read_wsol_folder(tmp_path)
+    assert ":3" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_cub_conversion(tmp_path):
     (tmp_path / "images.txt").write_text("1 001.A/a.jpg\n2 001.A/b.jpg\n")
     (tmp_path / "train_test_split.txt").write_text("1 1\n2 0\n")

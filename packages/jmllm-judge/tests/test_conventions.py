@@ -170,3 +170,125 @@ def test_atomic_writes_follow_jmllm_align(tmp_path, monkeypatch, umask) -> None:
             write(folder / "out.bin", b"new")
         assert [p.name for p in folder.iterdir()] == ["out.bin"], name  # temporary file removed
         assert (folder / "out.bin").read_bytes() == b"old"
+
+
+TEXTS = [
+    "plain",
+    "\x1b]0;PWNED\x07\x1b[2J",
+    "two\nlines\ttab\r",
+    "bidi \u202eevil\u202c and \u2066isolate\u2069",
+    "<b>x</b> | *y* `z` [a](b) #h",
+    "x" * 10_000,
+    "é 日本 🎉",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_text_escaping_follows_jmllm_align(text: str) -> None:
+    """Terminal, log and Markdown escaping, and message length, are the same everywhere."""
+    options = pytest.importorskip("jmllm.align.options")
+    for name in ("printable", "clip", "markdown_text"):
+        assert getattr(conventions, name)(text) == getattr(options, name)(text), name
+    assert conventions.printable(text, keep_newlines=True) == options.printable(
+        text, keep_newlines=True
+    )
+    exc = ValueError(f"field {text}: bad")
+    assert conventions.one_line(exc) == options.one_line(exc)
+    shown = conventions.one_line(exc)
+    assert len(shown) <= conventions.MESSAGE_LIMIT and "\x1b" not in shown
+    assert "\n" not in shown and "\u202e" not in shown
+    assert "\x1b" not in conventions.clip(text) and len(conventions.clip(text)) < 240
+
+
+def _outcome(function, *args, **kwargs):  # type: ignore[no-untyped-def]
+    try:
+        result = function(*args, **kwargs)
+    except Exception as exc:  # any outcome: compared across the copies
+        return type(exc).__name__, str(exc)
+    return "ok", str(result)
+
+
+def test_path_rules_follow_jmllm_align(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Links refused at the final name, paths kept inside their root, JSON read with one-line
+    errors, output folders claimed: the same outcome and message from both copies."""
+    import os
+
+    files = pytest.importorskip("jmllm.align.files")
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.png").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "out-link").symlink_to(outside)
+    (root / "file-link").symlink_to(outside / "victim")
+    os.mkfifo(root / "fifo")
+    (tmp_path / "deep.json").write_text("[" * 50_000 + "]" * 50_000)
+    (tmp_path / "bad.json").write_text("{nope")
+    (tmp_path / "bad-utf8.json").write_bytes(b"\xff\xfe")
+    relatives: list[object] = [
+        "ok.png",
+        "sub/x.png",
+        "../outside/secret.png",
+        str(outside / "abs.png"),
+        "out-link/secret.png",
+        "",
+        "a\x00b",
+        ["list"],
+        7,
+        "x" * 5000,
+    ]
+    field = "images[0].file_name"
+    for relative in relatives:
+        a = _outcome(conventions.resolve_inside, root, relative, field)
+        b = _outcome(files.resolve_inside, root, relative, field)
+        assert a == b, relative
+        assert a[0] == "ok" or len(a[1]) < 600
+    expected = {
+        "ok.png": "ok",
+        "sub/x.png": "ok",
+        "../outside/secret.png": "UnsafePathError",
+        "out-link/secret.png": "UnsafePathError",
+    }
+    for relative, kind in expected.items():
+        assert _outcome(files.resolve_inside, root, relative, field)[0] == kind, relative
+    for name in ("ok.png", "file-link", "fifo", "sub", "missing"):
+        a = _outcome(conventions.refuse_link, root / name)
+        assert a == _outcome(files.refuse_link, root / name), name
+        assert (a[0] == "ok") == (name in ("ok.png", "missing")), (name, a)
+    for name in ("deep.json", "bad.json", "bad-utf8.json", "missing.json"):
+        a = _outcome(conventions.read_json, tmp_path / name, "annotations")
+        b = _outcome(files.read_json, tmp_path / name, "annotations")
+        assert a[1] == b[1] and a[0] != "ok", name
+    for module in (conventions, files):
+        out = tmp_path / f"claimed-{module.__name__}"
+        out.mkdir()
+        (out / "README.md").write_text("the user's")
+        refused = _outcome(module.claim_output_folder, out, "tool", ["report.md"])
+        forced = module.claim_output_folder(out, "tool", ["report.md"], force=True)
+        clash = _outcome(module.claim_output_folder, out, "tool", ["README.md"], force=True)
+        assert forced == out and (out / "README.md").read_text() == "the user's"
+        assert refused[0] == "ForeignOutputError" and clash[0] == "ForeignOutputError"
+        assert module.foreign_entries(out, "tool") == ["README.md"]
+        module.atomic_write_bytes(out / "report.md", b"r")
+        assert module.foreign_entries(out, "tool") == ["README.md"]
+        assert module.foreign_entries(out, "other tool") == ["README.md", "report.md"]
+    a_msg = _outcome(conventions.claim_output_folder, root, "tool", ["ok.png"])[1]
+    b_msg = _outcome(files.claim_output_folder, root, "tool", ["ok.png"])[1]
+    assert a_msg == b_msg and "was not written by tool" in a_msg
+
+
+def test_writers_never_follow_a_link(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A symbolic link planted at the name of a file the copy writes is refused with one line,
+    and its target keeps its content."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    link = tmp_path / "out.bin"
+    link.symlink_to(victim)
+    with pytest.raises(conventions.UnsafePathError, match="symbolic link"):
+        conventions.atomic_write_bytes(link, b"overwritten")
+    import os
+
+    with pytest.raises(conventions.UnsafePathError, match="symbolic link"):
+        conventions.open_nofollow(link, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    assert victim.read_text() == "precious" and link.is_symlink()

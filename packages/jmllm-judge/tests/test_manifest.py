@@ -130,3 +130,33 @@ def test_dataset_sample(tmp_path: Path, images_dir: Path) -> None:
         )  # the original bytes, not re-encoded
     with pytest.raises(JudgeError, match="no column 'text'"):
         sample_dataset(tmp_path / "ds", tmp_path / "run", 5, caption_column="text")
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("dotdot", "leaves its folder"), ("absolute", "absolute path"), ("link", "leads out")],
+)
+def test_coco_file_names_stay_in_the_images_folder(
+    tmp_path, coco_file, images_dir, where, reason
+) -> None:
+    """A file_name that leaves --images-dir (``..``, an absolute path, a link pointing out) is
+    skipped and counted, never read and never sent to the judge."""
+    first = sorted(images_dir.iterdir())[0]
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(first.read_bytes())
+    name = {"dotdot": "../outside/secret.png", "absolute": str(secret), "link": "inside.png"}[where]
+    if where == "link":
+        (images_dir / "inside.png").symlink_to(secret)
+    doc = json.loads(coco_file.read_text())
+    doc["images"][0]["file_name"] = name
+    coco_file.write_text(json.dumps(doc))
+    total = len(doc["images"])
+    manifest = sample_coco(coco_file, total - 1, seed=0, images_dir=images_dir)
+    skipped = manifest.origin["skipped"]
+    assert len(skipped) == 1 and skipped[0]["image_id"] == str(doc["images"][0]["id"])
+    assert "file_name" in skipped[0]["reason"] and reason in skipped[0]["reason"]
+    assert all(image.path is not None and image.path.parent == images_dir.resolve()
+               for image in manifest.images)  # fmt: skip
+    with pytest.raises(JudgeError, match="usable"):
+        sample_coco(coco_file, total, seed=0, images_dir=images_dir)

@@ -319,6 +319,36 @@ def test_example_never_overwrites_an_edited_spec_without_force(tmp_path, capsys)
     assert "seed: 2024" in spec.read_text()
 
 
+def test_force_never_replaces_a_study_the_example_did_not_write(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--force replaces an earlier example, never the researcher's own study.yaml or images/."""
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "study.yaml").write_text("title: my study\n")
+    code, err = run_cli(["example", str(own), "--force", "--placeholders"], capsys)
+    assert code == EXIT_USAGE and "study.yaml was not written by jmllm-userstudy example" in err
+    assert (own / "study.yaml").read_text() == "title: my study\n"
+    assert sorted(p.name for p in own.iterdir()) == ["study.yaml"]
+
+
+def test_render_and_score_claim_their_out_folder(example_spec, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("my home page")
+    render = ["render", str(example_spec.path), "--out", str(site)]
+    code, err = run_cli(render, capsys)
+    assert code == EXIT_USAGE and "holds 1 entry jmllm-userstudy render did not write" in err
+    assert main([*render, "--force"]) == 0  # beside it, untouched
+    assert (site / "index.html").read_text() == "my home page"
+    assert (site / "questionnaire.html").is_file()
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "results.md").write_text("my notes")
+    write_answers(example_spec, tmp_path / "in", "p1", correct={"q1"})
+    score = ["score", str(example_spec.path), str(tmp_path / "in"), "--out", str(tmp_path / "res")]
+    code, err = run_cli([*score, "--force"], capsys)
+    assert code == EXIT_USAGE and "results.md was not written by jmllm-userstudy score" in err
+    assert (tmp_path / "res" / "results.md").read_text() == "my notes"
+
+
 def test_outputs_have_ordinary_permissions(example_spec, tmp_path, served) -> None:  # type: ignore[no-untyped-def]
     host, port, _ = served
     old = os.umask(0o002)

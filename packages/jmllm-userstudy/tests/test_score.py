@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from scipy.stats import binomtest
@@ -80,11 +81,8 @@ def test_problem_files_are_reported_not_scored(example_dir, example_spec, tmp_pa
     (answers / "broken.json").write_text('{"format": ')
     _write(answers / "other.json", {"hello": 1})
     # Answers for another spec (an edited copy of the example).
-    other_dir = tmp_path / "other"
-    other_dir.mkdir()
-    for item in example_dir.iterdir():
-        (other_dir / item.name).symlink_to(item)
-    (other_dir / "study.yaml").unlink()
+    other_dir = tmp_path / "other"  # a copy: a spec's images stay in its folder (no links out)
+    shutil.copytree(example_dir, other_dir)
     (other_dir / "study.yaml").write_text(
         (example_dir / "study.yaml").read_text().replace("seed: 2024", "seed: 7")
     )
@@ -129,9 +127,10 @@ def test_reports_escape_names_and_are_complete(example_dir, spec_editor, tmp_pat
     result = score_answers(spec, answers)
     text = markdown_report(result)
     assert "<b>" not in text and "<script>" not in text
-    assert "&lt;b&gt;x&lt;/b&gt; \\| $y$" in text
+    assert "&lt;b&gt;x&lt;/b&gt; \\| \\$y\\$" in text  # no HTML, no column, no TeX
     assert (
-        "| q3 | &lt;b&gt;x&lt;/b&gt; \\| $y$ / boat | A2 | 2 / 2 | 100% | 16%–100% | 100% |" in text
+        "| q3 | &lt;b&gt;x&lt;/b&gt; \\| \\$y\\$ / boat | A2 | 2 / 2 | 100% | 16%–100% | 100% |"
+        in text
     )
     assert "| **Overall** | | | 3 / 10 | 30% | 7%–65% | |" in text
     paths = write_results(result, tmp_path / "results")
@@ -173,6 +172,7 @@ def test_cli_three_commands(tmp_path, capsys):
         "results.md",
         "results.json",
         "per_question.png",
+        ".jmllm-outputs.json",  # what the command wrote there (its folder, on a rerun)
     }
 
 

@@ -137,3 +137,24 @@ def test_fingerprint_tracks_what_participants_see(example_dir, spec_editor):
         "correct: A1\n    reference_share_correct: 0.5",
     )
     assert load_spec(example_dir / "study.yaml").fingerprint() != changed
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("dotdot", "leaves its folder"), ("absolute", "absolute path"), ("link", "leads out")],
+)
+def test_spec_images_stay_in_the_specs_folder(example_dir, spec_editor, tmp_path, where, reason):
+    """An image path that leaves the spec's folder is refused in one line naming the field; the
+    file outside is never read (or shown to participants)."""
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(secret)
+    value = {"dotdot": "../outside/secret.png", "absolute": str(secret), "link": "images/in.png"}
+    if where == "link":
+        (example_dir / "images" / "in.png").symlink_to(secret)
+    path = spec_editor(example_dir, "image: images/q1.png", f"image: {value[where]}")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: questions[0].image") and reason in message
+    assert "\n" not in message

@@ -23,21 +23,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.files import check_output_claim, output_folder
 from jmllm.align.options import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
+    clip,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
     one_line,
     print_error,
+    printable,
     quiet_third_party,
 )
 
 logger = logging.getLogger("jmllm.align.cli")
+FORCE_HELP = (
+    "write into an --out that holds files this command did not write (they are never replaced "
+    "or deleted)"
+)
 
 # Training options that map to a TrainConfig field (a field not here is set with --set KEY=VALUE).
 TRAIN_OPTIONS = (
@@ -93,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train W between the two frozen encoders")
     _add_data_arguments(p)
     p.add_argument("--out", required=True, help="run folder (checkpoint, metrics, weights)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--preset", default=None, help="built-in preset name or a .json file (default: paper)"
     )
@@ -165,6 +174,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train W between tiny local encoders on generated images")
     p.add_argument("--out", default="jmllm-demo", help="run folder (default: ./jmllm-demo)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -230,7 +240,7 @@ def _resolve_encoders(args: argparse.Namespace, preset: str | None = None) -> No
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # the option's own check names the problem
         return text
 
 
@@ -290,6 +300,9 @@ def _train_config(args: argparse.Namespace) -> Any:
 def _cmd_train(args: argparse.Namespace) -> int:
     from jmllm.align.train import (
         CHECKPOINT_NAME,
+        CONFIG_NAME,
+        METRICS_NAME,
+        WEIGHTS_NAME,
         TrainConfig,
         load_checkpoint,
         preset_fields,
@@ -297,6 +310,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
 
     out = Path(args.out)
+    outputs = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME)
+    check_output_claim(out, "jmllm-align train", outputs, force=args.force)  # before any work
     if args.resume and (out / CHECKPOINT_NAME).is_file():
         # Resume with the stored options. Bookkeeping options may change; any other option given
         # on the line must equal the stored one (a silently ignored --lr would be a lie).
@@ -329,7 +344,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     else:
         config = _train_config(args)
-    result = train(config, out, resume=args.resume)
+    outputs = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME)
+    with output_folder(out, command="jmllm-align train", outputs=outputs, force=args.force):
+        result = train(config, out, resume=args.resume)
     _print_result(result)
     if result.interrupted:
         return EXIT_PARTIAL
@@ -438,17 +455,32 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from jmllm.align.weights import read_metadata
 
     config, provenance = read_metadata(args.file)
-    if args.json:
-        print(json.dumps({"config": config.to_dict(), "provenance": provenance}, indent=2))
+    if args.json:  # JSON escapes control characters itself
+        try:
+            print(json.dumps({"config": config.to_dict(), "provenance": provenance}, indent=2))
+        except RecursionError:
+            raise ValueError(f"{args.file}: provenance is nested too deeply to print") from None
         return 0
-    print(f"{args.file}")
+    # the file's metadata is anyone's text: never raw to the terminal, one line per value
+    print(printable(args.file))
     print("config:")
     for key, value in config.to_dict().items():
-        print(f"  {key}: {value}")
+        print(f"  {clip(key)}: {clip(value, INFO_VALUE_LIMIT)}")
     print("provenance:" + ("" if provenance else " (none)"))
     for key, value in sorted(provenance.items()):
-        print(f"  {key}: {value}")
+        print(f"  {clip(key)}: {_shown(value)}")
     return 0
+
+
+INFO_VALUE_LIMIT = 1000  # characters of one metadata value shown by `info`
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    except RecursionError:
+        return "(nested too deeply to show; see --json)"
+    return clip(text, INFO_VALUE_LIMIT)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -484,17 +516,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
     cache = Path(args.cache_dir) if args.cache_dir else _default_tiny_cache()
     out = Path(args.out)
+    check_output_claim(out, "jmllm-align demo", ("images", "run"), force=args.force)
     logger.info("tiny encoders in %s", cache)
     ckpt = build_tiny_checkpoints(cache)
-    images = write_image_folder(out / "images", args.images, size=96, seed=0)
-    config = load_preset("tiny").replace(
-        source_model=str(ckpt.owl),
-        target_model=str(ckpt.llava),
-        images=[str(images)],
-        epochs=args.epochs,
-        progress=not args.no_progress,
-    )
-    result = train(config, out / "run")
+    with output_folder(
+        out, command="jmllm-align demo", outputs=("images", "run"), force=args.force
+    ):
+        images = write_image_folder(out / "images", args.images, size=96, seed=0)
+        config = load_preset("tiny").replace(
+            source_model=str(ckpt.owl),
+            target_model=str(ckpt.llava),
+            images=[str(images)],
+            epochs=args.epochs,
+            progress=not args.no_progress,
+        )
+        result = train(config, out / "run")
     _print_result(result)
     return 0
 
@@ -516,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         0
     """
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )

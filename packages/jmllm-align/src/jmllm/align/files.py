@@ -14,6 +14,19 @@
   record as one line with one ``write`` on a file opened with ``O_APPEND``, then fsyncs, so
   processes appending at once never interleave inside a line and a kill loses at most the line
   being written; :func:`read_jsonl` skips a torn line.
+- **Never through a link**: every file the project creates or appends to — whole files, logs,
+  locks, caches — is opened without following a symbolic link at its name (``O_NOFOLLOW``,
+  :func:`open_nofollow`; :func:`refuse_link` before a rename), and must be a regular file: a
+  link planted in an output folder is refused with one line, its target untouched.
+- **Paths from data files stay in their root**: :func:`resolve_inside` refuses a ``file_name``
+  that is absolute, climbs out with ``..`` or resolves (through a link) outside the folder the
+  data file declares.
+- **Output folders are the command's own**: :func:`output_folder` with a ``command`` refuses a
+  folder that holds entries the command did not write unless ``force``, and even then never
+  replaces or deletes one of them; what a command wrote is listed in the folder's
+  :data:`OUTPUTS_RECORD`.
+- **JSON from users**: :func:`read_json` reads a file with one-line errors for every way it can
+  be bad, nesting too deep for Python included.
 
 Every writer in ``jmllm-align`` and the packages above it (``jmllm-joint``, ``jmllm-bias``) goes
 through :func:`atomic_write` / :func:`atomic_write_bytes`.
@@ -22,29 +35,42 @@ through :func:`atomic_write` / :func:`atomic_write_bytes`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "OUTPUTS_RECORD",
     "FolderBusyError",
+    "ForeignOutputError",
+    "UnsafePathError",
     "append_jsonl",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_claim",
     "check_output_dir",
     "check_output_file",
+    "claim_output_folder",
     "current_umask",
     "file_mode",
     "folder_lock",
     "folder_mode",
+    "foreign_entries",
+    "open_nofollow",
     "output_folder",
+    "parse_json",
+    "read_json",
     "read_jsonl",
+    "refuse_link",
+    "resolve_inside",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,6 +108,195 @@ def folder_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+class UnsafePathError(ValueError):
+    """A path refused for safety (bad input: exit code 2): an output that is a symbolic link or
+    not a regular file, a data path that leaves its root, a folder that is not the command's."""
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# close-on-exec; non-blocking so that a FIFO planted at an output name cannot hang the open
+_O_EXTRA = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _link_refused(path: Path, what: str) -> UnsafePathError:
+    return UnsafePathError(
+        f"{what} {path}: is a symbolic link; jmllm never writes through a link (remove it, or "
+        "choose another output)"
+    )
+
+
+def refuse_link(path: str | os.PathLike[str], what: str = "output") -> Path:
+    """Refuse to write at ``path`` if it is a symbolic link, or exists as anything but a regular
+    file; a missing path is fine.
+
+    Raises:
+        UnsafePathError: naming ``what``, the path and the problem.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "link").symlink_to(root / "victim")
+        >>> try:
+        ...     refuse_link(root / "link", "report")
+        ... except UnsafePathError as exc:
+        ...     print(str(exc).replace(str(root), "ROOT").split(";")[0])
+        report ROOT/link: is a symbolic link
+    """
+    target = Path(path)
+    try:
+        mode = os.lstat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return target
+    if stat.S_ISLNK(mode):
+        raise _link_refused(target, what)
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UnsafePathError(f"{what} {target}: exists and is {kind}")
+    return target
+
+
+def open_nofollow(
+    path: str | os.PathLike[str], flags: int, mode: int = 0o666, what: str = "output"
+) -> int:
+    """``os.open`` for a file the project writes: a symbolic link at ``path`` is refused
+    (``O_NOFOLLOW``; where the system has none, by looking first), and so is anything that is
+    not a regular file (a FIFO, a device).
+
+    Returns:
+        The open file descriptor (close-on-exec).
+
+    Raises:
+        UnsafePathError: ``path`` is a link or not a regular file (its target is untouched).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.jsonl"
+        >>> fd = open_nofollow(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        >>> os.write(fd, b"{}\\n")
+        3
+        >>> os.close(fd)
+    """
+    target = Path(path)
+    if not _O_NOFOLLOW:
+        refuse_link(target, what)
+    try:
+        fd = os.open(target, flags | _O_NOFOLLOW | _O_EXTRA, mode)
+    except OSError as exc:
+        if os.path.islink(target):  # ELOOP (Linux, macOS) or EMLINK (FreeBSD)
+            raise _link_refused(target, what) from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise UnsafePathError(f"{what} {target}: exists and is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{what} {target}: exists and is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def resolve_inside(root: str | os.PathLike[str], relative: object, what: str = "path") -> Path:
+    """``root / relative`` for a path read from a data file, refused unless it stays inside
+    ``root``: no absolute path, no ``..``, and no symbolic link that leads out of ``root``.
+
+    Args:
+        root: the folder the data file declares (e.g. ``--images``).
+        relative: the path as the data file gives it.
+        what: names the field in messages (e.g. ``"images[3].file_name"``).
+
+    Returns:
+        ``root / relative`` (not resolved: messages keep the user's spelling).
+
+    Raises:
+        UnsafePathError: one line naming ``what``, the path (cut to 200 characters) and why.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> resolve_inside(root, "a/b.png").name
+        'b.png'
+        >>> try:
+        ...     resolve_inside(root, "../secret.png", "images[0].file_name")
+        ... except UnsafePathError as exc:
+        ...     print(str(exc).split(";")[0])
+        images[0].file_name '../secret.png': leaves its folder with '..'
+    """
+    from jmllm.align.options import clip
+
+    if not isinstance(relative, str):
+        raise UnsafePathError(
+            f"{what}: must be a relative path (text), got {type(relative).__name__}"
+        )
+    shown = repr(clip(relative))
+    if not relative or "\x00" in relative:
+        raise UnsafePathError(f"{what} {shown}: not a file name")
+    pure = Path(relative)
+    if pure.is_absolute() or pure.drive or pure.root:
+        raise UnsafePathError(
+            f"{what} {shown}: an absolute path; paths here are relative to {root}"
+        )
+    if ".." in pure.parts:
+        raise UnsafePathError(
+            f"{what} {shown}: leaves its folder with '..'; paths here stay in {root}"
+        )
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise UnsafePathError(
+            f"{what} {shown}: a symbolic link that leads out of {root}; paths here stay inside it"
+        )
+    return Path(root) / pure
+
+
+def read_json(path: str | os.PathLike[str], what: str | None = None) -> Any:
+    """The JSON document of a user's file; every way the file can be bad is one line naming it:
+    missing, unreadable, not UTF-8, not JSON, nested deeper than Python can read.
+
+    Raises:
+        ValueError: the one-line message (bad input: exit code 2).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "deep.json"
+        >>> _ = p.write_text("[" * 100_000 + "]" * 100_000)
+        >>> try:
+        ...     read_json(p, "annotations")
+        ... except ValueError as exc:
+        ...     print(exc)
+        annotations: not valid JSON (nested too deeply)
+    """
+    label = what or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{label}: is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{label}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"{label}: cannot be read ({exc.strerror or exc})") from None
+    return parse_json(text, label)
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` with one-line errors naming ``what`` (malformed, or nested too deeply).
+
+    Example:
+        >>> parse_json('{"a": [1]}', "provenance")
+        {'a': [1]}
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ValueError(f"{what}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, TypeError) as exc:
+        raise ValueError(f"{what}: not valid JSON ({type(exc).__name__})") from None
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
@@ -102,6 +317,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
         'hi'
     """
     path = Path(path)
+    refuse_link(path)  # os.replace would not follow it, but a link here was planted: say so
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -133,15 +349,189 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+OUTPUTS_RECORD = ".jmllm-outputs.json"  # in an output folder: which entries which command wrote
+
+
+class ForeignOutputError(UnsafePathError):
+    """An output folder holds entries the command did not write (bad usage: exit code 2)."""
+
+
+def _read_record(folder: Path) -> dict[str, str]:
+    path = folder / OUTPUTS_RECORD
+    if os.path.islink(path) or not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(entries, dict):
+        return {}
+    return {str(k): str(v) for k, v in entries.items() if isinstance(v, str)}
+
+
+def _write_record(folder: Path, entries: dict[str, str]) -> None:
+    doc = {"format": 1, "entries": dict(sorted(entries.items()))}
+    atomic_write_text(folder / OUTPUTS_RECORD, json.dumps(doc, indent=1) + "\n")
+
+
+def _owned(name: str, owner: str | None, command: str) -> bool:
+    if owner == command:
+        return True
+    # an atomic write's temporary file, left by a killed run, belongs with its file
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def foreign_entries(folder: str | os.PathLike[str], command: str) -> list[str]:
+    """Names of the entries of ``folder`` that ``command`` did not write, by the folder's
+    :data:`OUTPUTS_RECORD` (a symbolic link is never the command's); sorted.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (root / "README.md").write_text("mine")
+        >>> foreign_entries(root, "jmllm-joint sample-data")
+        ['README.md']
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    record = _read_record(root)
+    foreign = []
+    for entry in os.scandir(root):
+        if entry.name == OUTPUTS_RECORD:
+            continue
+        if entry.is_symlink() or not _owned(entry.name, record.get(entry.name), command):
+            foreign.append(entry.name)
+    return sorted(foreign)
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    from jmllm.align.options import clip
+
+    shown = ", ".join(clip(n, 60) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def claim_output_folder(
+    folder: str | os.PathLike[str],
+    command: str,
+    outputs: Sequence[str],
+    *,
+    force: bool = False,
+    what: str = "--out",
+) -> Path:
+    """Check that ``command`` may write its ``outputs`` into ``folder``, and record them as its
+    own in the folder's :data:`OUTPUTS_RECORD` (before the work, so that a killed run's files are
+    still its own when it is rerun).
+
+    - A new or empty folder, or one holding only what ``command`` wrote before: fine.
+    - Anything else in it (a user's files, another command's, a planted link) refuses the folder,
+      unless ``force``.
+    - With ``force`` the command writes beside those entries but never replaces one: an output
+      name that is taken by an entry it did not write is refused all the same.
+
+    Args:
+        folder: the output folder (created if missing).
+        command: who writes, e.g. ``"jmllm-joint sample-data"``.
+        outputs: the names of the files and folders ``command`` writes directly in ``folder``.
+        force: write beside entries the command did not write.
+        what: names the option in messages.
+
+    Raises:
+        ForeignOutputError: one line naming the folder and (some of) the entries in the way.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (root / "README.md").write_text("the user's")
+        >>> try:
+        ...     claim_output_folder(root, "jmllm-joint sample-data", ["README.md"], force=True)
+        ... except ForeignOutputError as exc:
+        ...     print(str(exc).replace(str(root), "ROOT").split(",")[0])
+        --out ROOT: README.md was not written by jmllm-joint sample-data
+    """
+    root = Path(folder)
+    check_output_claim(root, command, outputs, force=force, what=what)
+    record = {k: v for k, v in _read_record(root).items() if os.path.lexists(root / k)}
+    record.update(dict.fromkeys(outputs, command))
+    root.mkdir(parents=True, exist_ok=True)
+    _write_record(root, record)
+    return root
+
+
+def check_output_claim(
+    folder: str | os.PathLike[str],
+    command: str,
+    outputs: Sequence[str],
+    *,
+    force: bool = False,
+    what: str = "--out",
+) -> None:
+    """The checks of :func:`claim_output_folder` alone, writing nothing: for a command that
+    refuses a folder before its slow work and claims it once it has something to write.
+
+    Raises:
+        ForeignOutputError: as :func:`claim_output_folder`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> check_output_claim(pathlib.Path(tempfile.mkdtemp()) / "new", "tool", ["a.txt"])
+    """
+    root = Path(folder)
+    if os.path.lexists(root) and not root.is_dir():
+        raise NotADirectoryError(f"{what} {root}: exists and is not a folder")
+    refuse_link(root / OUTPUTS_RECORD, what)
+    foreign = foreign_entries(root, command)
+    taken = [name for name in outputs if name in foreign]
+    if taken:
+        raise ForeignOutputError(
+            f"{what} {root}: {_listed(taken)} {'was' if len(taken) == 1 else 'were'} not written "
+            f"by {command}, which never replaces what it did not write, even with --force (move "
+            f"{'it' if len(taken) == 1 else 'them'} away, or choose another folder)"
+        )
+    if foreign and not force:
+        raise ForeignOutputError(
+            f"{what} {root}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+            f"{command} did not write ({_listed(foreign)}); choose a new or empty folder, or "
+            "pass --force to write beside them (they are left untouched)"
+        )
+
+
+def _prune_record(folder: Path) -> None:
+    """Drop the record's names that were not written after all; no record when none is left."""
+    record = _read_record(folder)
+    kept = {k: v for k, v in record.items() if os.path.lexists(folder / k)}
+    path = folder / OUTPUTS_RECORD
+    if kept == record and (kept or not path.exists()):
+        return
+    if kept:
+        _write_record(folder, kept)
+    elif not os.path.islink(path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 @contextlib.contextmanager
-def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+def output_folder(
+    path: str | os.PathLike[str],
+    *,
+    command: str | None = None,
+    outputs: Sequence[str] = (),
+    force: bool = False,
+    what: str = "--out",
+) -> Iterator[Path]:
     """Create ``path`` (and missing parents) for the duration of some work; if the work raises
     and the folders it created are still empty, remove them again.
 
-    A folder that existed before is never removed, and nothing is removed after success.
+    A folder that existed before is never removed, and nothing is removed after success. With a
+    ``command``, the folder is first claimed for it (:func:`claim_output_folder`: refused if it
+    holds entries the command did not write, unless ``force``; ``outputs`` are the names the
+    command writes in it).
 
     Raises:
         NotADirectoryError: ``path`` exists and is not a folder.
+        ForeignOutputError: the folder is not the command's (with ``command``).
 
     Example:
         >>> import pathlib, tempfile
@@ -161,16 +551,23 @@ def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     for folder in [*reversed(target.parents), target]:
         if not folder.exists():
             created.append(folder)
+    if command is not None:
+        claim_output_folder(target, command, outputs, force=force, what=what)
     target.mkdir(parents=True, exist_ok=True)
     try:
         yield target
     except BaseException:
+        if command is not None and target in created:  # its record goes with the new folder
+            with contextlib.suppress(FileNotFoundError):
+                (target / OUTPUTS_RECORD).unlink()
         for folder in reversed(created):  # deepest first
             try:
                 folder.rmdir()  # only succeeds on an empty folder
             except OSError:
                 break
         raise
+    if command is not None:
+        _prune_record(target)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -251,7 +648,7 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
+    fd = open_nofollow(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)  # the umask applies
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -354,7 +751,7 @@ def folder_lock(
     root.mkdir(parents=True, exist_ok=True)
     path = root / lock_name
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, what="lock file")
         if not _try_lock(fd):
             try:
                 holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
@@ -367,7 +764,7 @@ def folder_lock(
         # The holder before us may have removed the file after we opened it: then we hold the
         # lock of a file nobody else can see, and must take the one at the path instead.
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
         except FileNotFoundError:
             same = False
         if same:

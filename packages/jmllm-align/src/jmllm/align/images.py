@@ -14,7 +14,16 @@ the hallucination view, WSOL, bias portraits) goes through :func:`open_image`:
    orientation applied, alpha on white, 16-bit scaled) and shrunk once, aspect kept, to at most
    :data:`WORKING_SIDE` (4096) pixels on its longest side. Models see at most 768 px, so nothing
    they could use is lost.
-4. **The original size travels with it.** :class:`LoadedImage` carries the full-resolution
+4. **Memory bounded by the output, not the file.** An image larger than the working size is
+   reduced *before* any full-resolution conversion: a non-interlaced PNG is decoded strip by
+   strip (:func:`png_strips`), each strip converted to RGB and box-reduced by an integer factor
+   into a canvas of at most twice the working size, then shrunk once (bicubic); a JPEG is
+   decoded reduced, then converted strip by strip. Formats that can only be decoded whole
+   (WebP, TIFF, GIF, BMP, progressive JPEG, interlaced PNG, …) are accepted up to
+   :data:`WHOLE_DECODE_PIXELS` (48 megapixels, e.g. 8000 × 6000) when they must be shrunk, and
+   refused above it from the header. Peak memory stays under 1.5 GB for any accepted image
+   (``benchmarks`` and ``tests/test_image_memory.py`` measure it).
+5. **The original size travels with it.** :class:`LoadedImage` carries the full-resolution
    (oriented) size; boxes are computed in, or mapped back to, the original pixels
    (:meth:`LoadedImage.to_original`, :func:`box_scale`), whatever size was decoded.
 """
@@ -24,8 +33,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +46,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
+    "WHOLE_DECODE_PIXELS",
     "WORKING_SIDE",
     "ImageLoadError",
     "LoadedImage",
@@ -42,11 +54,17 @@ __all__ = [
     "check_pixels",
     "load_image",
     "open_image",
+    "png_strips",
     "working_size",
 ]
 
 MAX_IMAGE_PIXELS = 20_000 * 20_000  # larger images are refused from their header
 WORKING_SIDE = 4096  # longest side of the decoded working copy (models see at most 768 px)
+# Formats without a reduced or strip-wise decoder are decoded whole; when such an image must be
+# shrunk, it may have at most this many pixels (e.g. 8000 x 6000): Pillow's WebP decoder, the
+# hungriest, peaks at ~16 bytes per pixel, 0.8 GB here
+WHOLE_DECODE_PIXELS = 48_000_000
+STRIP_BYTES = 4 * 2**20  # decoded bytes per strip of a large image
 
 # PIL's own guard (a warning above the limit, an error above twice it) must not refuse images
 # our limit accepts; ours is checked explicitly, before decoding, in open_image.
@@ -156,6 +174,13 @@ def box_scale(original_size: Sequence[int], shown_size: Sequence[int]) -> tuple[
 
 def _orientation(image: Image.Image) -> int:
     try:
+        if image.format == "PNG" and getattr(image, "tile", None):
+            # Pillow's PngImageFile.getexif decodes the whole image to look for an eXIf chunk
+            # after the pixels; the one before them (where the PNG spec puts it) is in info
+            exif = Image.Exif()
+            if image.info.get("exif"):
+                exif.load(image.info["exif"])
+            return int(exif.get(_EXIF_ORIENTATION, 1))
         return int(image.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # a broken EXIF block is no orientation
         return 1
@@ -167,13 +192,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = ImageOps.exif_transpose(image) or image
     except Exception:  # a broken EXIF block should not make the pixels unusable
         pass
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    return _rgb_pixels(image)
+
+
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # scaled by their maximum
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _rgb_pixels(image: Image.Image) -> Image.Image:
+    """The pixel conversion of :func:`_to_rgb`, pixel by pixel except the 16/32-bit scale."""
+    if image.mode in _WIDE_MODES:
         array = np.asarray(image, dtype=np.float64)
         peak = array.max() if array.size and array.max() > 0 else 1.0
-        image = Image.fromarray((array / peak * 255.0).round().astype(np.uint8), "L")
+        scaled = (array / peak * 255.0).round().clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled, "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in _ALPHA_MODES:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -188,6 +223,244 @@ def _shrink(image: Image.Image, max_side: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
+# -- decoding bounded by the output size ---------------------------------------------------------
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type → samples per pixel
+_LANE_MODES = {1: "L", 2: "I;16", 3: "RGB", 4: "RGBA"}  # Pillow modes that keep 1-4 bytes exactly
+
+
+def _reduce_factor(size: Sequence[int], target: Sequence[int]) -> tuple[int, int]:
+    """Integer box-reduction factors that leave at most twice the target (at least the target):
+    the canvas of a reduced decode is never larger than (2 × working side)²."""
+    return (
+        max(1, math.ceil(size[0] / target[0] / 2)),
+        max(1, math.ceil(size[1] / target[1] / 2)),
+    )
+
+
+def _png_header(handle: IO[bytes]) -> tuple[int, int, int, int, int]:
+    """(width, height, bit depth, colour type, interlace) of a PNG, from its IHDR chunk."""
+    handle.seek(0)
+    head = handle.read(33)
+    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise ValueError("not a PNG file with a header")
+    width, height, bits, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
+    return width, height, bits, colour, interlace
+
+
+def _png_data(handle: IO[bytes]) -> Iterator[bytes]:
+    """The concatenated IDAT payload of a PNG, in pieces (other chunks skipped)."""
+    handle.seek(8)
+    while True:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise EOFError("image file is truncated (no IEND chunk)")
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            return
+        if kind != b"IDAT":
+            handle.seek(length + 4, os.SEEK_CUR)
+            continue
+        left = length
+        while left:
+            piece = handle.read(min(left, 1 << 16))
+            if not piece:
+                raise EOFError("image file is truncated")
+            left -= len(piece)
+            yield piece
+        handle.read(4)  # CRC
+
+
+def _unfilter(rows: np.ndarray, previous: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG rows (n, 1 + R) with their filter bytes → the unfiltered (n, R), by Pillow's own PNG
+    decoder: the row above the strip goes first, unfiltered (filter 0). Pixels of more than 4
+    bytes are split into independent lanes of 3 or 4 bytes (every filter works byte-wise on
+    the byte ``bpp`` before), each a pixel of a Pillow mode that keeps its bytes exactly."""
+    n, width_bytes = rows.shape[0], rows.shape[1] - 1
+    lane = bpp if bpp <= 4 else bpp // 2
+    out = np.empty((n, width_bytes), np.uint8)
+    pixels = width_bytes // bpp
+    for j in range(bpp // lane):
+        if lane == bpp:
+            body, above = rows, previous
+        else:  # (n, pixels, bpp) → this lane's bytes of every pixel
+            part = rows[:, 1:].reshape(n, pixels, bpp)[:, :, j * lane : (j + 1) * lane]
+            body = np.concatenate([rows[:, :1], part.reshape(n, pixels * lane)], axis=1)
+            above = previous.reshape(pixels, bpp)[:, j * lane : (j + 1) * lane].reshape(-1)
+        stream = zlib.compress(b"\x00" + above.tobytes() + body.tobytes(), 0)  # stored: a copy
+        mode = _LANE_MODES[lane]
+        decoded = Image.frombytes(mode, ((body.shape[1] - 1) // lane, n + 1), stream, "zip", mode)
+        raw = np.frombuffer(decoded.tobytes("raw", mode), np.uint8).reshape(n + 1, -1)[1:]
+        if lane == bpp:
+            out[:] = raw
+        else:
+            out.reshape(n, pixels, bpp)[:, :, j * lane : (j + 1) * lane] = raw.reshape(
+                n, pixels, lane
+            )
+    return out
+
+
+def png_strips(handle: IO[bytes], image: Image.Image, rows: int) -> Iterator[Image.Image]:
+    """The pixels of a non-interlaced PNG as strips of ``rows`` rows (the last may be shorter),
+    each a Pillow image in the mode Pillow gives the whole file: a 400-megapixel PNG is never
+    in memory whole.
+
+    The zlib stream is inflated piece by piece (at most one strip ahead), and every strip is
+    unfiltered by Pillow's own PNG decoder (:func:`_unfilter`), so the pixels are exactly those
+    of ``Image.open(...).load()``.
+
+    Args:
+        handle: the open file (seekable).
+        image: ``Image.open(handle)`` (its header: mode, size, palette, transparency).
+        rows: rows per strip.
+
+    Raises:
+        ValueError: interlaced, truncated or corrupt data.
+
+    Example:
+        >>> buffer = io.BytesIO(); Image.new("RGB", (5, 7), "red").save(buffer, format="PNG")
+        >>> [s.size for s in png_strips(buffer, Image.open(buffer), 3)]
+        [(5, 3), (5, 3), (5, 1)]
+    """
+    width, height, bits, colour, interlace = _png_header(handle)
+    if interlace:
+        raise ValueError("an interlaced PNG cannot be decoded strip by strip")
+    tiles = getattr(image, "tile", None)  # an ImageFile's decoding plan
+    if (width, height) != image.size or colour not in _PNG_CHANNELS or not tiles:
+        raise ValueError("a PNG header that Pillow reads otherwise")
+    rawmode = tiles[0].args
+    rawmode = rawmode if isinstance(rawmode, str) else rawmode[0]
+    row_bytes = (width * _PNG_CHANNELS[colour] * bits + 7) // 8
+    bpp = max(1, _PNG_CHANNELS[colour] * bits // 8)
+    palette = image.palette
+    inflate = zlib.decompressobj()
+    pieces = _png_data(handle)
+    pending = bytearray()
+    previous = np.zeros(row_bytes, np.uint8)
+    for y in range(0, height, rows):
+        n = min(rows, height - y)
+        need = n * (row_bytes + 1)
+        while len(pending) < need:  # never inflate more than this strip (a zlib bomb stays small)
+            if inflate.unconsumed_tail:
+                pending += inflate.decompress(inflate.unconsumed_tail, need - len(pending))
+                continue
+            piece = next(pieces, None)
+            if piece is None:
+                raise EOFError("image file is truncated")
+            pending += inflate.decompress(piece, need - len(pending))
+        strip = np.frombuffer(bytes(pending[:need]), np.uint8).reshape(n, row_bytes + 1)
+        del pending[:need]
+        if int(strip[:, 0].max()) > 4:
+            raise ValueError("broken PNG data (unknown filter type)")
+        pixels = _unfilter(strip, previous, bpp)
+        previous = pixels[-1].copy()
+        part = Image.frombytes(image.mode, (width, n), pixels.tobytes(), "raw", rawmode)
+        if palette is not None and image.mode == "P":
+            part.putpalette(palette.palette, palette.rawmode or "RGB")
+        if "transparency" in image.info:
+            part.info["transparency"] = image.info["transparency"]
+        yield part
+
+
+def _crops(image: Image.Image, rows: int) -> Iterator[Image.Image]:
+    """A decoded image as strips of ``rows`` rows (copies: each conversion stays small)."""
+    for y in range(0, image.height, rows):
+        yield image.crop((0, y, image.width, min(image.height, y + rows)))
+
+
+def _strip_rows(size: Sequence[int], factor: int, bytes_per_pixel: int = 4) -> int:
+    rows = STRIP_BYTES // max(1, size[0] * bytes_per_pixel)
+    return max(factor, rows // factor * factor)  # whole reduction blocks per strip
+
+
+def _reduced_rgb(
+    strips: Iterable[Image.Image],
+    size: tuple[int, int],
+    factor: tuple[int, int],
+    orientation: int,
+    target: tuple[int, int],
+) -> Image.Image:
+    """Strips (heights multiples of ``factor[1]``) converted to RGB one by one and box-reduced
+    by ``factor`` into one canvas, then oriented and shrunk once to ``target`` (bicubic).
+
+    The same pixels as converting the whole image, reducing it by ``factor`` and resizing the
+    rest (the box reduction is a mean over aligned blocks, so strip by strip is exact), except
+    for 16/32-bit images: their strips are reduced in float and scaled by the maximum of the
+    full-resolution image at the end (within 2 grey levels of scaling first).
+    """
+    width, height = size
+    fx, fy = factor
+    canvas: Image.Image | None = None
+    peak = 0.0
+    y = 0
+    for strip in strips:
+        if strip.mode in _WIDE_MODES:
+            values = np.asarray(strip, dtype=np.float32)
+            if values.size:
+                peak = max(peak, float(values.max()))
+            part = Image.fromarray(values, "F")
+        else:
+            part = _rgb_pixels(strip)
+        if factor != (1, 1):
+            part = part.reduce((fx, fy))
+        if canvas is None:
+            canvas = Image.new(part.mode, (math.ceil(width / fx), math.ceil(height / fy)))
+        canvas.paste(part, (0, y // fy))
+        y += strip.height
+    if canvas is None or y != height:
+        raise ValueError(f"image data ends after {y} of {height} rows")
+    if canvas.mode == "F":
+        grey = np.array(canvas, dtype=np.float32)  # one copy, scaled in place
+        grey *= 255.0 / peak if peak > 0 else 1.0
+        np.clip(np.rint(grey, out=grey), 0, 255, out=grey)
+        canvas = Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    box = (0.0, 0.0, width / fx, height / fy)  # the reduced canvas covers the whole image
+    if orientation in _TRANSPOSE:
+        canvas = canvas.transpose(_TRANSPOSE[orientation])
+        if orientation in _ROTATED_ORIENTATIONS:
+            box = (0.0, 0.0, box[3], box[2])
+    if canvas.size == target and factor == (1, 1):
+        return canvas
+    return canvas.resize(target, Image.Resampling.BICUBIC, box=box)
+
+
+def _whole_decode_refused(image: Image.Image, name: str) -> ImageLoadError:
+    width, height = image.size
+    what = image.format or "this format"
+    if image.format == "PNG":
+        what = "an interlaced or animated PNG"
+    elif image.format in ("JPEG", "MPO"):
+        what = "a progressive JPEG"
+    return ImageLoadError(
+        f"{name}: image too large to decode here: {width}x{height} pixels "
+        f"({width * height / 1e6:.1f} megapixels) in {what}, which can only be decoded whole; "
+        f"the limit for such images is {WHOLE_DECODE_PIXELS / 1e6:.1f} megapixels "
+        "(e.g. 8000x6000); save it as a (non-interlaced) PNG or a baseline JPEG"
+    )
+
+
+def _streamable_png(image: Image.Image) -> bool:
+    tiles = getattr(image, "tile", None) or []  # an ImageFile's decoding plan
+    return (
+        image.format == "PNG"
+        and not image.info.get("interlace")
+        and not getattr(image, "is_animated", False)
+        and len(tiles) == 1
+        and tiles[0].codec_name == "zip"
+        and tuple(tiles[0].extents) == (0, 0, *image.size)
+    )
+
+
 def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int) -> LoadedImage:
     try:
         with warnings.catch_warnings():
@@ -195,7 +468,25 @@ def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int)
             image = Image.open(handle)  # reads the header only
         check_pixels(image.size, name, max_pixels)
         header_size = image.size
-        if max_side and image.format == "JPEG" and max(header_size) > max_side:
+        orientation = _orientation(image)
+        width, height = header_size
+        if orientation in _ROTATED_ORIENTATIONS:
+            width, height = height, width
+        shrink = bool(max_side) and max(header_size) > (max_side or 0)
+        if shrink and _streamable_png(image):
+            target = working_size(header_size, max_side)
+            factor = _reduce_factor(header_size, target)
+            rows = _strip_rows(header_size, factor[1], bytes_per_pixel=8)
+            strips = png_strips(handle, image, rows)
+            rgb = _reduced_rgb(
+                strips, header_size, factor, orientation, _oriented(target, orientation)
+            )
+            return LoadedImage(rgb, (width, height), name)
+        jpeg = image.format in ("JPEG", "MPO")
+        progressive = jpeg and bool(image.info.get("progressive") or image.info.get("progression"))
+        if shrink and (not jpeg or progressive) and width * height > WHOLE_DECODE_PIXELS:
+            raise _whole_decode_refused(image, name)
+        if shrink and jpeg:
             target = working_size(header_size, max_side)
             image.draft("RGB", target)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, >= target
         image.load()
@@ -203,16 +494,31 @@ def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int)
         raise
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"{name}: image too large ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
-    width, height = header_size
-    if _orientation(image) in _ROTATED_ORIENTATIONS:
-        width, height = height, width
     try:
-        rgb = _shrink(_to_rgb(image), max_side)
+        if shrink:
+            rgb = _reduce_decoded(image, orientation, max_side)
+        else:
+            rgb = _shrink(_to_rgb(image), max_side)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
     return LoadedImage(rgb, (width, height), name)
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation in _ROTATED_ORIENTATIONS else size
+
+
+def _reduce_decoded(image: Image.Image, orientation: int, max_side: int | None) -> Image.Image:
+    """A decoded image (a JPEG decoded reduced, or any image decoded whole) shrunk to the working
+    size through strips, so no full-resolution converted copy ever exists."""
+    target = working_size(image.size, max_side)
+    factor = _reduce_factor(image.size, target)
+    rows = _strip_rows(image.size, factor[1])
+    return _reduced_rgb(
+        _crops(image, rows), image.size, factor, orientation, _oriented(target, orientation)
+    )
 
 
 def open_image(
@@ -255,8 +561,13 @@ def open_image(
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageLoadError(f"{label}: not a readable image ({exc})") from None
         width, height = source.size
-        if _orientation(source) in _ROTATED_ORIENTATIONS:
+        orientation = _orientation(source)
+        if orientation in _ROTATED_ORIENTATIONS:
             width, height = height, width
+        if max_side and max(source.size) > max_side:
+            return LoadedImage(
+                _reduce_decoded(source, orientation, max_side), (width, height), label
+            )
         return LoadedImage(_shrink(_to_rgb(source), max_side), (width, height), label)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(io.BytesIO(bytes(source)), name or "<bytes>", max_side, max_pixels)

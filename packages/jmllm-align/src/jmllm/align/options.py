@@ -11,6 +11,10 @@
   got 2``), before any model is loaded.
 - **One-line usage errors**: :class:`ArgumentParser` prints ``prog: error: …`` and a pointer to
   ``--help`` instead of the whole usage block.
+- **Text from files and models is made safe where it is shown**: :func:`printable` escapes
+  control characters (a terminal must not obey an ``ESC`` sequence hidden in a file), :func:`clip`
+  also cuts an echoed value to :data:`VALUE_LIMIT` characters, :func:`one_line` does both to a
+  whole error message, and :func:`markdown_text` escapes text for Markdown (HTML included).
 
 Example:
     >>> parser = ArgumentParser(prog="demo")
@@ -22,7 +26,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import html
+import logging
 import math
+import re
 import string
 import sys
 from collections.abc import Callable
@@ -33,12 +40,20 @@ __all__ = [
     "EXIT_OK",
     "EXIT_PARTIAL",
     "EXIT_USAGE",
+    "MESSAGE_LIMIT",
+    "VALUE_LIMIT",
     "ArgumentParser",
+    "EscapingFormatter",
     "check_finite",
     "check_template",
+    "clip",
+    "configure_logging",
     "exit_code_for",
     "finite_float",
     "integer",
+    "markdown_text",
+    "one_line",
+    "printable",
     "template_type",
     "unit_interval",
 ]
@@ -249,10 +264,125 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_FAILURE
 
 
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (its type name when it has none)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+VALUE_LIMIT = 200  # characters of a value from a file or the command line echoed in a message
+MESSAGE_LIMIT = 400  # characters of a whole one-line error message
+
+# What a terminal, a Markdown viewer or a log must never receive raw: C0/C1 controls (ESC starts
+# terminal commands, BEL, DEL …), line and paragraph separators, surrogates, private-use code
+# points, and the bidirectional overrides that reorder what is shown ("Trojan source").
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+    "\ud800-\udfff\ue000-\uf8ff]"
+)
+_UNSAFE_WITH_BREAKS = re.compile(_UNSAFE.pattern[:-1] + "\\t\\n]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, keep_newlines: bool = False) -> str:
+    r"""``text`` with every control character escaped as ``\xNN`` / ``\uNNNN``, so that a
+    terminal, a log or a Markdown page shows it instead of obeying it.
+
+    Args:
+        text: anything; ``str()`` of it is escaped.
+        keep_newlines: keep line breaks and tabs (multi-line model answers); otherwise they are
+            escaped too.
+
+    Example:
+        >>> printable("\x1b]0;PWNED\x07\x1b[2J")
+        '\\x1b]0;PWNED\\x07\\x1b[2J'
+        >>> printable("two\nlines", keep_newlines=True)
+        'two\nlines'
+    """
+    pattern = _UNSAFE if keep_newlines else _UNSAFE_WITH_BREAKS
+    return pattern.sub(_escape_char, str(text))
+
+
+def clip(text: object, limit: int = VALUE_LIMIT) -> str:
+    """A value made safe to echo in a one-line message: :func:`printable`, and cut to ``limit``
+    characters (``…`` and the full length mark the cut).
+
+    Example:
+        >>> clip("x" * 10_000, 10)
+        'xxxxxxxxxx… (10000 characters)'
+    """
+    raw = str(text)
+    shown = printable(raw[: limit + 1])
+    if len(raw) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}… ({len(raw)} characters)"
+
+
+def _cut_middle(text: str, limit: int) -> str:
+    # the start names the input and the end says the problem: cut in between
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    tail = limit - 1 - head
+    return f"{text[:head]}…{text[-tail:] if tail else ''}"
+
+
+def one_line(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    r"""The exception's message on one line (its type name when it has none), control characters
+    escaped and cut in the middle to ``limit`` characters.
+
+    Example:
+        >>> one_line(ValueError("bad\n value \x1b[2J"))
+        'bad value \\x1b[2J'
+        >>> len(one_line(ValueError("name " + "x" * 10_000 + ": too long")))
+        400
+    """
+    text = printable(" ".join(str(exc).split()))
+    return _cut_middle(text, limit) or type(exc).__name__
+
+
+# what changes Markdown's meaning inside a line: escapes, code, emphasis, links and images,
+# table cells, strikethrough, maths, headings (intraword "_" is plain text in CommonMark)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|~$#]|(?<!\w)_|_(?!\w))")
+
+
+def markdown_text(text: object, limit: int | None = None) -> str:
+    r"""Text from a file or a model made safe for Markdown (a table cell, a list item, a
+    heading): HTML-escaped (``&``, ``<``, ``>``), Markdown punctuation backslash-escaped, control
+    characters escaped, line breaks shown as ``⏎``; cut at ``limit`` characters if given.
+
+    Example:
+        >>> print(markdown_text("<b>x</b> | *y*"))
+        &lt;b&gt;x&lt;/b&gt; \| \*y\*
+    """
+    raw = str(text)
+    if limit is not None and len(raw) > limit:
+        raw = raw[:limit] + "…"
+    raw = raw.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [printable(line) for line in raw.split("\n")]
+    escaped = [_MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(line, quote=False)) for line in lines]
+    return " ⏎ ".join(escaped)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A log formatter that escapes control characters (:func:`printable`, line breaks kept):
+    file names and model text reach the log, which a terminal shows."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
+def configure_logging(**kwargs: Any) -> None:
+    """``logging.basicConfig(**kwargs)`` with :class:`EscapingFormatter` on the handlers it adds
+    (nothing changes where logging was configured already, e.g. under pytest).
+
+    Example:
+        >>> configure_logging(level=logging.WARNING, format="%(levelname)s %(message)s")
+    """
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(**kwargs)
+    for handler in root.handlers:
+        if handler not in before:
+            handler.setFormatter(EscapingFormatter(kwargs.get("format"), kwargs.get("datefmt")))
 
 
 NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "accelerate")

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jmllm.align.files import atomic_write_text, folder_mode
+from jmllm.align.files import atomic_write_bytes, atomic_write_text, folder_mode, open_nofollow
 
 TINY_VERSION = 1  # bump when the tiny recipe changes, so cached folders are rebuilt
 
@@ -409,7 +410,9 @@ def write_image_folder(
         sub = folder / f"part{i % 3}"
         sub.mkdir(parents=True, exist_ok=True)
         suffix = ".png" if i % 2 else ".jpg"
-        image.save(sub / f"img{i:04d}{suffix}")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG" if i % 2 else "JPEG")
+        atomic_write_bytes(sub / f"img{i:04d}{suffix}", buffer.getvalue())
     return folder
 
 
@@ -466,6 +469,171 @@ def png_claiming(width: int, height: int, rows: int = 0) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
     )
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+_PNG_KINDS = {"I;16": (16, 0, 2), "L": (8, 0, 1), "RGB": (8, 2, 3), "RGBA": (8, 6, 4)}
+
+
+def write_large_png(path: str | os.PathLike[str], width: int, height: int, mode: str) -> Path:
+    """Write a ``width`` x ``height`` PNG without ever holding its pixels: every row is the same
+    gradient (stored once, then as PNG "Up" rows of zeros), so a 400-megapixel image is a file
+    of a few MB, written in seconds. ``mode``: ``I;16`` (16-bit grey), ``L``, ``RGB``, ``RGBA``
+    (alpha falls along the row). For the image-memory tests.
+
+    Example:
+        >>> import tempfile
+        >>> p = write_large_png(Path(tempfile.mkdtemp()) / "g.png", 300, 200, "I;16")
+        >>> Image.open(p).mode, Image.open(p).size
+        ('I;16', (300, 200))
+    """
+    import struct
+    import zlib
+
+    bits, colour, channels = _PNG_KINDS[mode]
+    ramp = (np.arange(width) * 7919) % 65536  # (width,)
+    if bits == 16:
+        row = ramp.astype(">u2").tobytes()
+    else:
+        samples = np.stack(
+            [(ramp >> 8) % 256, (ramp >> 4) % 256, ramp % 256, 255 - (np.arange(width) % 256)],
+            axis=-1,
+        )[:, :channels]  # (width, channels)
+        row = samples.astype(np.uint8).tobytes()
+    header = struct.pack(">IIBBBBB", width, height, bits, colour, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    zeros = b"\x02" + bytes(len(row))  # "Up": the same as the row above
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(open_nofollow(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header))
+        f.write(_png_chunk(b"IDAT", compressor.compress(b"\x00" + row)))
+        batch = max(1, (8 << 20) // len(zeros))  # rows per call: few calls, 8 MB at a time
+        for start in range(1, height, batch):
+            data = compressor.compress(zeros * min(batch, height - start))
+            if data:
+                f.write(_png_chunk(b"IDAT", data))
+        f.write(_png_chunk(b"IDAT", compressor.flush()) + _png_chunk(b"IEND", b""))
+    return target
+
+
+def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def png_with_filters(
+    samples: np.ndarray,
+    bits: int,
+    colour: int,
+    *,
+    palette: bytes | None = None,
+    transparency: bytes | None = None,
+    exif: bytes | None = None,
+) -> bytes:
+    """A PNG of ``samples`` (height, width[, channels]) whose rows cycle through all five PNG
+    filters (None, Sub, Up, Average, Paeth), in IDAT chunks of 1000 bytes: the cases a
+    strip-by-strip decoder must get right at every strip boundary.
+
+    Args:
+        samples: integer samples of ``bits`` bits each (1, 2, 4, 8 or 16).
+        bits, colour: the PNG bit depth and colour type (0 grey, 2 RGB, 3 palette, 4 grey +
+            alpha, 6 RGBA).
+        palette, transparency, exif: PLTE, tRNS and eXIf chunk contents, if any.
+
+    Example:
+        >>> import io
+        >>> data = png_with_filters(np.arange(12).reshape(3, 4) * 5000, 16, 0)
+        >>> Image.open(io.BytesIO(data)).getpixel((3, 2))
+        55000
+    """
+    import struct
+    import zlib
+
+    height, width = samples.shape[:2]
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    flat = np.asarray(samples).reshape(height, width * channels)  # (h, w * channels)
+    if bits == 16:
+        raw = flat.astype(">u2").view(np.uint8).reshape(height, -1)
+    elif bits == 8:
+        raw = flat.astype(np.uint8)
+    else:  # pack 8 // bits samples per byte, the first in the high bits
+        per = 8 // bits
+        padded = np.zeros((height, -(-flat.shape[1] // per) * per), np.uint8)
+        padded[:, : flat.shape[1]] = flat
+        groups = padded.reshape(height, -1, per).astype(np.uint16)
+        shifts = np.arange(per - 1, -1, -1) * bits
+        raw = (groups << shifts).sum(axis=-1).astype(np.uint8)
+    bpp = max(1, channels * bits // 8)
+    x = raw.astype(np.int16)  # (h, R)
+    up = np.vstack([np.zeros((1, x.shape[1]), np.int16), x[:-1]])
+    left = np.zeros_like(x)
+    left[:, bpp:] = x[:, :-bpp]
+    upleft = np.zeros_like(x)
+    upleft[:, bpp:] = up[:, :-bpp]
+    predictions = [np.zeros_like(x), left, up, (left + up) // 2, _paeth(left, up, upleft)]
+    rows = np.empty((height, x.shape[1] + 1), np.uint8)
+    for y in range(height):
+        kind = y % 5
+        rows[y, 0] = kind
+        rows[y, 1:] = (x[y] - predictions[kind][y]) % 256
+    data = zlib.compress(rows.tobytes(), 6)
+    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width, height, bits, colour, 0, 0, 0)
+    )
+    for name, payload in ((b"PLTE", palette), (b"tRNS", transparency), (b"eXIf", exif)):
+        if payload is not None:
+            out += _png_chunk(name, payload)
+    for start in range(0, len(data), 1000):
+        out += _png_chunk(b"IDAT", data[start : start + 1000])
+    return out + _png_chunk(b"IEND", b"")
+
+
+def webp_lossless_constant(
+    width: int, height: int, argb: tuple[int, int, int, int] = (255, 200, 30, 60)
+) -> bytes:
+    """A lossless WebP of one colour, written directly as a VP8L bitstream (a few dozen bytes for
+    16383 x 16383, the format's largest): each of its five prefix codes has one symbol, so every
+    pixel costs no bits. For the image-memory tests.
+
+    Example:
+        >>> import io
+        >>> image = Image.open(io.BytesIO(webp_lossless_constant(7, 5)))
+        >>> image.size, image.convert("RGB").getpixel((3, 2))
+        ((7, 5), (200, 30, 60))
+    """
+    import struct
+
+    value, used = 0, 0
+
+    def put(bits: int, count: int) -> None:
+        nonlocal value, used
+        value |= (bits & ((1 << count) - 1)) << used
+        used += count
+
+    alpha, red, green, blue = argb
+    put(width - 1, 14)
+    put(height - 1, 14)
+    put(int(alpha != 255), 1)  # alpha is used
+    put(0, 3)  # version
+    put(0, 1)  # no transform
+    put(0, 1)  # no colour cache
+    put(0, 1)  # no meta prefix codes
+    for symbol in (green, red, blue, alpha, 0):  # the five prefix codes (the last: distances)
+        put(1, 1)  # a simple code
+        put(0, 1)  # of one symbol
+        put(1, 1)  # given in 8 bits
+        put(symbol, 8)
+    body = b"\x2f" + value.to_bytes((used + 7) // 8, "little")
+    chunk = b"VP8L" + struct.pack("<I", len(body)) + body + b"\x00" * (len(body) % 2)
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
 
 
 def _free_port() -> int:

@@ -111,6 +111,10 @@ def read_metadata(path: str | os.PathLike[str]) -> tuple[AlignmentConfig, dict[s
         raise AlignmentWeightsError(f"{path}: metadata holds no 'config'") from None
     except json.JSONDecodeError as exc:
         raise AlignmentWeightsError(f"{path}: metadata is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AlignmentWeightsError(
+            f"{path}: metadata is not valid JSON (nested too deeply)"
+        ) from None
     if not isinstance(data, dict):
         raise AlignmentWeightsError(f"{path}: metadata 'config' is not a JSON object")
     if not isinstance(provenance, dict):

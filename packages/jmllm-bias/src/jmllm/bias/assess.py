@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.files import resolve_inside
+
 from .errors import BiasInputError
 from .files import append_jsonl, atomic_write_text, folder_lock, read_jsonl, sha256_file
 from .perturb import PerturbationConfig, perturb
@@ -55,6 +57,15 @@ class CohortPortrait:
     path: Path
     sha256: str | None  # from the cohort manifest; None for a plain folder of images
     in_manifest: bool = True  # False: planned by cohort.json but never finished
+
+
+def _inside(root: Path, relative: object, what: str) -> Path:
+    """``root / relative``, refused unless it stays in the cohort folder (no absolute path, no
+    ``..``, no link that leads out)."""
+    try:
+        return resolve_inside(root, relative, what)
+    except ValueError as exc:
+        raise BiasInputError(str(exc)) from None
 
 
 def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
@@ -88,9 +99,8 @@ def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
     if (root / MANIFEST).is_file() or (root / COHORT_FILE).is_file():
         manifest = read_manifest(root)
         for entry in manifest.values():
-            portraits.append(
-                CohortPortrait(entry.image_id, entry.group, root / entry.file, entry.sha256)
-            )
+            path = _inside(root, entry.file, f"{root / MANIFEST}: {entry.image_id}: file")
+            portraits.append(CohortPortrait(entry.image_id, entry.group, path, entry.sha256))
         # planned portraits the generation never finished are reported, not silently dropped
         for image in _planned(root):
             if image.image_id not in manifest:
@@ -109,6 +119,7 @@ def load_cohort(folder: str | os.PathLike[str]) -> list[CohortPortrait]:
                 else (parts[1] if parts[0] == "images" and len(parts) > 2 else parts[0])
             )
             image_id = "/".join(rel.with_suffix("").parts)
+            path = _inside(root, rel.as_posix(), str(path))  # a link must not lead out
             portraits.append(CohortPortrait(image_id, group, path, None))
     if not portraits:
         raise BiasInputError(f"{root}: empty cohort (no manifest entries and no images)")

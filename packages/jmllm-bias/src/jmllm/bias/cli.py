@@ -31,6 +31,7 @@ from jmllm.align.options import (
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
@@ -40,6 +41,10 @@ from jmllm.align.options import (
 __all__ = ["main"]
 
 log = logging.getLogger("jmllm.bias")
+FORCE_HELP = (
+    "write into an --out that holds files this command did not write (they are never replaced "
+    "or deleted)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cohort", help="generate (or finish) a portrait cohort with SDXL")
     p.add_argument("--spec", required=True, help="'gender', 'ethnicity' or a JSON spec file")
     p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--base", default=SDXL_BASE, help=f"SDXL base id or folder (default {SDXL_BASE})"
     )
@@ -169,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         "'<image>\\nUSER: {question}\\nASSISTANT:') or llava-1.5 (the model card's)",
     )
     p.add_argument("--out", required=True, help="results folder (rerun to resume)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--owl", default="google/owlvit-base-patch32", help="OWL-ViT id or folder")
     p.add_argument("--llava", default="llava-hf/llava-1.5-7b-hf", help="LLaVA id or folder")
     p.add_argument(
@@ -202,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cohort(args: argparse.Namespace) -> int:
     from .cohorts import load_spec
-    from .generate import GenerationConfig, generate_cohort
+    from .generate import COHORT_FILE, CONTACT_SHEET, MANIFEST, GenerationConfig, generate_cohort
 
     spec = load_spec(args.spec)
     if args.images_per_group is not None:
@@ -219,7 +226,8 @@ def _cohort(args: argparse.Namespace) -> int:
     }
     GenerationConfig(base=args.base, refiner=args.refiner, **cfg_args)  # check before any work
     check_output_dir(args.out, "--out")
-    with output_folder(args.out):
+    outputs = (MANIFEST, COHORT_FILE, CONTACT_SHEET, "images", ".tiny-sdxl")
+    with output_folder(args.out, command="jmllm-bias cohort", outputs=outputs, force=args.force):
         base, refiner = args.base, args.refiner
         if args.tiny:
             from .testing import build_tiny_sdxl
@@ -236,10 +244,10 @@ def _cohort(args: argparse.Namespace) -> int:
 
 
 def _assess(args: argparse.Namespace) -> int:
-    from .assess import AssessConfig, assess_cohort, load_cohort
+    from .assess import RESULTS, RUN, AssessConfig, assess_cohort, load_cohort
     from .errors import BiasInputError
-    from .files import folder_lock
-    from .report import write_report
+    from .files import LOCK_FILE, folder_lock
+    from .report import ASSESS_COMMAND, report_names, write_report
 
     eps = tuple(args.eps_sweep) if args.eps_sweep else (args.eps,)
     config = AssessConfig(
@@ -258,9 +266,13 @@ def _assess(args: argparse.Namespace) -> int:
     if not args.tiny and not args.alignment:
         raise _UsageError("assess: --alignment is required (or --tiny)")
     check_output_dir(args.out, "--out")
+    outputs = (RESULTS, RUN, LOCK_FILE, *report_names(config.eps))
     # The folder's lock from the start: a second run into it is refused before it loads a model
     # (or builds the tiny one in the same place).
-    with output_folder(args.out), folder_lock(args.out, "assess"):
+    with (
+        output_folder(args.out, command=ASSESS_COMMAND, outputs=outputs, force=args.force),
+        folder_lock(args.out, "assess"),
+    ):
         if args.tiny:
             from jmllm.joint.cli import builtin_sources, load_builtin_model
 
@@ -312,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
@@ -323,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except _UsageError as exc:
-        print(f"jmllm-bias: {exc}", file=sys.stderr)
+        print(f"jmllm-bias: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jmllm-bias: interrupted", file=sys.stderr)

@@ -10,7 +10,6 @@ skipped (missing, unreadable, modified) with the reason.
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import os
@@ -21,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from jmllm.align.files import claim_output_folder
+from jmllm.align.options import markdown_text, printable
+
 from .assess import RUN, read_results
 from .errors import BiasInputError
 from .files import atomic_write_bytes, atomic_write_text
@@ -29,6 +31,7 @@ from .stats import DeltaStats, delta_stats
 __all__ = ["BiasReport", "GroupSummary", "build_report", "render_markdown", "write_report"]
 
 ALL = "all"
+ASSESS_COMMAND = "jmllm-bias assess"  # who owns an assessment folder (report files included)
 
 
 @dataclass(frozen=True)
@@ -178,17 +181,15 @@ def _p(value: float | None) -> str:
 
 
 def _md(text: Any) -> str:
-    r"""Model or user text made safe for a Markdown table cell or list item, escaped once:
-    ``<``, ``>``, ``&`` as HTML entities (quotes need none outside attributes), ``|`` and the
-    backtick backslashed, one line.
+    r"""Model or user text made safe for a Markdown table cell or list item, escaped once
+    (:func:`jmllm.align.options.markdown_text`: HTML entities, Markdown punctuation
+    backslashed, control characters escaped, one line).
 
     Example:
         >>> print(_md("it's <b>10</b> | `x`"))
         it's &lt;b&gt;10&lt;/b&gt; \| \`x\`
     """
-    s = html.escape(str(text), quote=False)
-    s = s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
-    return s.replace("\r", " ").replace("\n", "⏎") or "(empty)"
+    return markdown_text(text) or "(empty)"
 
 
 def _code(text: Any) -> str:
@@ -200,7 +201,7 @@ def _code(text: Any) -> str:
         >>> print(_code("a photo of a `man`"))
         `` a photo of a `man` ``
     """
-    s = str(text).replace("\r", " ").replace("\n", "⏎")
+    s = printable(str(text).replace("\r", " ").replace("\n", "⏎"))  # no terminal escapes
     if not s:
         return "(empty)"
     runs = [len(run) for run in re.findall(r"`+", s)]
@@ -265,6 +266,16 @@ def _histogram(report: BiasReport, eps: float) -> bytes:
     buf = io.BytesIO()
     _histogram_figure(report, eps).savefig(buf, format="png")
     return buf.getvalue()
+
+
+def report_names(eps: Any) -> list[str]:
+    """The files :func:`write_report` writes for these ε values (an assessment's outputs).
+
+    Example:
+        >>> report_names([0.5, 1])
+        ['report.json', 'report.md', 'histogram_eps0.5.png', 'histogram_eps1.png']
+    """
+    return ["report.json", "report.md", *(_histogram_name(float(e)) for e in eps)]
 
 
 def _histogram_name(eps: float) -> str:
@@ -361,6 +372,10 @@ def write_report(folder: str | os.PathLike[str], seed: int = 0) -> dict[str, Pat
     """
     root = Path(folder)
     report = build_report(root, seed=seed)
+    names = report_names(report.settings["eps"])
+    # the report belongs to the assessment: it never replaces a file the assessment did not
+    # write (other files in the folder are left alone)
+    claim_output_folder(root, ASSESS_COMMAND, names, force=True, what="assessment folder")
     written = {}
     for eps in [float(e) for e in report.settings["eps"]]:
         written[f"histogram_eps{eps:g}"] = atomic_write_bytes(

@@ -48,7 +48,13 @@ from typing import Any
 
 import torch
 
-from jmllm.align.files import append_jsonl, atomic_write_text, folder_lock, read_jsonl
+from jmllm.align.files import (
+    append_jsonl,
+    atomic_write_text,
+    folder_lock,
+    read_jsonl,
+    refuse_link,
+)
 from jmllm.align.options import check_template
 from jmllm.joint.audit_data import (
     ARTICLES,
@@ -552,11 +558,16 @@ class AuditResult:
 
 
 def _record_line(
-    image: AuditImage, answered: list[AnsweredQuestion], planned: list[Any], digest: str
+    image: AuditImage,
+    answered: list[AnsweredQuestion],
+    planned: list[Any],
+    digest: str,
+    fingerprint: str,
 ) -> dict[str, Any]:
     return {
         "image_id": image.image_id,
         "file": image.file,
+        "sha256": fingerprint,  # resume keeps these answers only for the same image
         "settings": digest,
         "questions": [
             {
@@ -588,12 +599,17 @@ def _records_from_line(line: dict[str, Any]) -> list[AuditRecord]:
     ]
 
 
-def _finished_lines(path: Path, digest: str, plan: QuestionPlan) -> dict[str, dict[str, Any]]:
-    """Records of ``results.jsonl`` that match the settings and the image's planned questions
-    (a later line for the same image wins)."""
+def _finished_lines(
+    path: Path, digest: str, plan: QuestionPlan, fingerprints: _Fingerprints
+) -> dict[str, dict[str, Any]]:
+    """Records of ``results.jsonl`` that match the settings, the image's planned questions and
+    the image itself (its file's SHA-256: an id pointed at another file is asked again); a later
+    line for the same image wins."""
     found: dict[str, dict[str, Any]] = {}
     for line in read_jsonl(path):
-        image_id = str(line.get("image_id"))
+        image_id = line.get("image_id")
+        if not isinstance(image_id, str):
+            continue
         planned = plan.questions.get(image_id)
         if line.get("settings") != digest or planned is None:
             continue
@@ -602,9 +618,32 @@ def _finished_lines(path: Path, digest: str, plan: QuestionPlan) -> dict[str, di
             _records_from_line(line)
         except (KeyError, TypeError, ValueError):
             continue
-        if asked == [(q.class_name, q.present) for q in planned]:
-            found[image_id] = line
+        if asked != [(q.class_name, q.present) for q in planned]:
+            continue
+        if line.get("sha256") is None or line.get("sha256") != fingerprints.of(image_id):
+            continue
+        found[image_id] = line
     return found
+
+
+class _Fingerprints:
+    """The images' SHA-256, computed once per image when a resume needs it (None: unreadable)."""
+
+    def __init__(self, images: Sequence[AuditImage]) -> None:
+        self._images = {image.image_id: image for image in images}
+        self._known: dict[str, str | None] = {}
+
+    def remember(self, image_id: str, fingerprint: str) -> None:
+        self._known[image_id] = fingerprint
+
+    def of(self, image_id: str) -> str | None:
+        if image_id not in self._known:
+            image = self._images.get(image_id)
+            try:
+                self._known[image_id] = image.fingerprint() if image is not None else None
+            except (OSError, ValueError):
+                self._known[image_id] = None
+        return self._known[image_id]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,13 +665,13 @@ def process_state() -> Any:
 
 
 def _prefetched(images: Sequence[AuditImage], ahead: int = 2) -> Iterator[tuple[AuditImage, Any]]:
-    """(image, decoded PIL image or the exception) in order, decoding ``ahead`` images in a
-    background thread while the model works on the current one."""
+    """(image, (decoded PIL image, its SHA-256) or the exception) in order, decoding ``ahead``
+    images in a background thread while the model works on the current one."""
     from jmllm.align import load_image
 
     def decode(item: AuditImage) -> Any:
         try:
-            return load_image(item.load())
+            return load_image(item.load()), item.fingerprint()
         except Exception as exc:  # reported per image by the caller
             return exc
 
@@ -771,24 +810,28 @@ def _audit_images(
     results = folder / RESULTS_FILE if folder else None
     if folder is not None:
         # every process checks (a refused folder must stop all of them, not leave some waiting
-        # at the barrier); the main process writes
-        _claim_folder(folder, settings, model, digest, write=state.is_main_process)
+        # at the barrier); audit.json is written once a first image has its answers
+        _claim_folder(folder, settings, model, digest, write=False)
     state.wait_for_everyone()
-    done = _finished_lines(results, digest, plan) if results else {}
+    fingerprints = _Fingerprints(dataset.images)
+    done = _finished_lines(results, digest, plan, fingerprints) if results else {}
+    recorded = folder is None
     by_id = {image.image_id: image for image in dataset.images}
     todo = [by_id[i] for i in plan.questions if i not in done]
     if done:
         logger.info("keeping %d finished image(s), auditing %d", len(done), len(todo))
     lines: dict[str, dict[str, Any]] = dict(done)
     failed: dict[str, str] = {}
-    with state.split_between_processes(todo) as share:
-        bar = tqdm(
+    with (
+        state.split_between_processes(todo) as share,
+        tqdm(  # closed on an error too: the error's line is not glued to the bar's
             total=len(share),
             desc=f"audit [process {state.process_index}]",
             unit="img",
             disable=not progress,
             position=state.process_index,
-        )
+        ) as bar,
+    ):
         for image, decoded in _prefetched(list(share)):
             if isinstance(decoded, Exception):
                 failed[image.image_id] = _one_line(decoded)
@@ -796,21 +839,26 @@ def _audit_images(
                 bar.update(1)
                 continue
             planned = plan.questions[image.image_id]
+            pixels, fingerprint = decoded
+            fingerprints.remember(image.image_id, fingerprint)
             try:
-                emb = model.embed([decoded])
+                emb = model.embed([pixels])
             except ValueError as exc:  # JointModelError: an image J cannot take
                 failed[image.image_id] = _one_line(exc)
                 bar.update(1)
                 continue
             answered = auditor.ask(emb.t, [q.class_name for q in planned])
-            line = _record_line(image, answered, planned, digest)
+            line = _record_line(image, answered, planned, digest, fingerprint)
+            if not recorded:  # the settings are the folder's once a question has succeeded
+                assert folder is not None
+                _claim_folder(folder, settings, model, digest, write=True)
+                recorded = True
             if results is not None:
                 append_jsonl(results, line)  # at once: a kill loses at most the next image
             lines[image.image_id] = line
             if on_image is not None:
                 on_image(image.image_id)
             bar.update(1)
-        bar.close()
     processed = len(todo) - len(failed)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -820,7 +868,7 @@ def _audit_images(
         processed = len(todo) - len(failed)
         state.wait_for_everyone()
         assert results is not None
-        lines = _finished_lines(results, digest, plan)  # every process's images
+        lines = _finished_lines(results, digest, plan, fingerprints)  # every process's images
     records = [r for i in plan.questions if i in lines for r in _records_from_line(lines[i])]
     return AuditResult(
         settings=settings,
@@ -836,7 +884,9 @@ def _audit_images(
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    from jmllm.align.options import one_line
+
+    return one_line(exc)
 
 
 def _claim_folder(
@@ -852,10 +902,12 @@ def _claim_folder(
         "format": 1,
     }
     path = folder / SETTINGS_FILE
+    for name in (SETTINGS_FILE, RESULTS_FILE):  # refused now, not after the first image's work
+        refuse_link(folder / name)
     if path.is_file():
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):
             before = None
         if isinstance(before, dict) and before.get("digest") not in (None, digest):
             changed = _differences(before, doc)

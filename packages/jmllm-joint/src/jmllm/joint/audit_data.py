@@ -24,7 +24,7 @@ For every image, :func:`plan_questions` chooses which classes J is asked about:
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import zlib
 from collections import Counter
@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from jmllm.align.files import read_json, resolve_inside
+from jmllm.align.options import clip
 
 SAMPLINGS = ("all", "random", "popular", "adversarial")
 Sampling = Literal["all", "random", "popular", "adversarial"]
@@ -62,6 +65,20 @@ class AuditImage:
     def load(self) -> Any:
         """The image as :meth:`JointModel.embed` takes it (a path, or the PIL image)."""
         return self.source() if callable(self.source) else self.source
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the image's file (a datasets row: of its encoded bytes, else its pixels):
+        a resumed audit keeps an image's answers only while the image is the same.
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        if callable(self.source):
+            row_fingerprint = getattr(self.source, "fingerprint", None)
+            if row_fingerprint is not None:
+                return str(row_fingerprint())
+            return _pixels_fingerprint(self.source())
+        return _file_fingerprint(self.source)
 
 
 @dataclass(frozen=True)
@@ -121,22 +138,51 @@ class QuestionPlan:
 # ---------------------------------------------------------------------------------------------
 
 
+def _file_fingerprint(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pixels_fingerprint(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return _file_fingerprint(image)
+    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise AuditError(f"{path}: no such annotation file")
     try:
-        with path.open("r", encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise AuditError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuditError(f"{path}: cannot read ({exc})") from None
+        return read_json(path)
+    except ValueError as exc:  # one line: malformed, too deeply nested, not UTF-8
+        raise AuditError(str(exc)) from None
 
 
 def _check_name(name: object, where: str) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise AuditError(f"{where}: category name must be a non-empty string, got {name!r}")
+        shown = (
+            clip(repr(name))
+            if isinstance(name, (str, int, float, type(None)))
+            else type(name).__name__
+        )
+        raise AuditError(f"{where}: category name must be a non-empty string, got {shown}")
     return " ".join(name.split())
+
+
+def _check_id(value: object, where: str) -> int | str:
+    """An id as the file gives it: an integer or a string (compared by type and value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise AuditError(f"{where}: must be an integer or a string, got {type(value).__name__}")
+    return value
+
+
+def _id_text(value: int | str) -> str:
+    return str(value)
 
 
 def load_coco(
@@ -179,19 +225,23 @@ def load_coco(
     anns = doc.get("annotations", [])
     if not isinstance(anns, list):
         raise AuditError(f"{path}: 'annotations' is not a list")
-    categories: dict[Any, str] = {}
+    categories: dict[int | str, str] = {}
     classes: list[str] = []
     for i, cat in enumerate(doc["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             raise AuditError(f"{path}: categories[{i}] has no 'id'")
-        name = _check_name(cat.get("name"), f"{path}: categories[{i}]")
-        categories[cat["id"]] = name
+        cat_id = _check_id(cat["id"], f"{path}: categories[{i}].id")
+        if cat_id in categories:
+            raise AuditError(f"{path}: categories[{i}].id {clip(repr(cat_id))} appears twice")
+        name = _check_name(cat.get("name"), f"{path}: categories[{i}].name")
+        categories[cat_id] = name
         if name not in classes:
             classes.append(name)
     if not classes:
         raise AuditError(f"{path}: no categories")
-    present: dict[Any, list[str]] = {}
-    order: list[tuple[Any, str]] = []
+    present: dict[int | str, list[str]] = {}
+    as_text: dict[str, int | str] = {}  # results and reports name images by their id as text
+    order: list[tuple[int | str, str, Path]] = []
     for i, img in enumerate(doc["images"]):
         if (
             not isinstance(img, dict)
@@ -199,17 +249,34 @@ def load_coco(
             or not isinstance(img.get("file_name"), str)
         ):
             raise AuditError(f"{path}: images[{i}] needs an 'id' and a 'file_name'")
-        if img["id"] in present:
-            raise AuditError(f"{path}: image id {img['id']!r} appears twice")
-        present[img["id"]] = []
-        order.append((img["id"], img["file_name"]))
+        image_id = _check_id(img["id"], f"{path}: images[{i}].id")
+        if image_id in present:
+            raise AuditError(f"{path}: images[{i}].id {clip(repr(image_id))} appears twice")
+        text = _id_text(image_id)
+        if text in as_text:
+            raise AuditError(
+                f"{path}: images[{i}].id {clip(repr(image_id))} and id "
+                f"{clip(repr(as_text[text]))} are both {clip(text)!r} as text; give every "
+                "image a distinct id"
+            )
+        try:
+            source = resolve_inside(folder, img["file_name"], f"{path}: images[{i}].file_name")
+        except ValueError as exc:
+            raise AuditError(str(exc)) from None
+        present[image_id] = []
+        as_text[text] = image_id
+        order.append((image_id, img["file_name"], source))
     skipped = 0
-    for ann in anns:
+    for i, ann in enumerate(anns):
         if not isinstance(ann, dict):
             skipped += 1
             continue
-        names = present.get(ann.get("image_id"))
-        category = categories.get(ann.get("category_id"))
+        for key in ("image_id", "category_id"):
+            if key in ann:
+                _check_id(ann[key], f"{path}: annotations[{i}].{key}")
+        image_key, category_key = ann.get("image_id"), ann.get("category_id")
+        names = present.get(image_key) if isinstance(image_key, int | str) else None  # 1 is not "1"
+        category = categories.get(category_key) if isinstance(category_key, int | str) else None
         if names is None or category is None:
             skipped += 1
             continue
@@ -217,12 +284,12 @@ def load_coco(
             names.append(category)
     items = tuple(
         AuditImage(
-            image_id=str(image_id),
-            source=folder / file_name,
+            image_id=_id_text(image_id),
+            source=source,
             present=tuple(present[image_id]),
             file=file_name,
         )
-        for image_id, file_name in order
+        for image_id, file_name, source in order
     )
     dataset = AuditDataset(tuple(classes), items, name=path.name, skipped_annotations=skipped)
     return dataset.head(limit)
@@ -378,6 +445,15 @@ class _RowImage:
                 return Image.open(io.BytesIO(value["bytes"]))
             value = value.get("path")
         return value
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the row's encoded image (its bytes or file), else of its pixels."""
+        value = self.dataset[self.row][self.column]
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return hashlib.sha256(value["bytes"]).hexdigest()
+            value = value.get("path")
+        return _pixels_fingerprint(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from jmllm.joint.audit import AuditRecord, AuditResult, YesNoAuditor
+from jmllm.align.options import markdown_text
+from jmllm.joint.audit import (
+    LOCK_FILE,
+    RESULTS_FILE,
+    SETTINGS_FILE,
+    AuditRecord,
+    AuditResult,
+    YesNoAuditor,
+)
 from jmllm.joint.audit_metrics import POPE_METRICS, audit_metrics
 from jmllm.joint.explain_report import data_url, heatmap_overlay_png, map_title
 from jmllm.joint.pages import asset, environment
@@ -36,6 +44,17 @@ REPORT_MD = "report.md"
 HISTOGRAMS_PNG = "confidence_histograms.png"
 GALLERY_HTML = "gallery.html"
 PICTURES_DIR = "hallucinations"
+# everything the audit writes directly in its --out (the folder is claimed for these names)
+AUDIT_OUTPUTS = (
+    RESULTS_FILE,
+    SETTINGS_FILE,
+    LOCK_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    HISTOGRAMS_PNG,
+    GALLERY_HTML,
+    PICTURES_DIR,
+)
 DETECTION_MARGIN = 0.01  # the authors draw the boxes scoring at least (best score − 0.01)
 
 
@@ -208,11 +227,12 @@ def _markdown(metrics: dict[str, Any], info: dict[str, Any], items: list[Halluci
     lines = [
         "# Hallucination audit",
         "",
-        f"- dataset: `{info['dataset']}` — {metrics['images']} images audited"
+        f"- dataset: {_md_cell(info['dataset'])} — {metrics['images']} images audited"
         f" ({info['images_failed']} could not be read), {metrics['questions']} questions",
-        f"- protocol: sampling `{info['settings']['sampling']}`, template "
-        f"`{info['settings']['template']}`, question `{info['settings']['question']}`, OWL-ViT "
-        f"query `{info['settings']['query_template']}`",
+        f"- protocol: sampling {_md_cell(info['settings']['sampling'])}, template "
+        f"{_md_cell(info['settings']['template'])}, question "
+        f"{_md_cell(info['settings']['question'])}, OWL-ViT query "
+        f"{_md_cell(info['settings']['query_template'])}",
         f"- answers (rule `{metrics['parse_rule']}`): {metrics['answers']['yes']} yes, "
         f"{metrics['answers']['no']} no, {metrics['unparsed']} unparsed (left out of the metrics)",
         "",
@@ -252,7 +272,7 @@ def _markdown(metrics: dict[str, Any], info: dict[str, Any], items: list[Halluci
             "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {h.rank} | `{_md_cell(h.record.file)}` | {_md_cell(h.record.class_name)} | "
+            f"| {h.rank} | {_md_cell(h.record.file)} | {_md_cell(h.record.class_name)} | "
             f"{h.record.owl_score:.3f} | {_md_cell(h.record.answer)} |"
             for h in items
         ]
@@ -276,7 +296,9 @@ def _markdown(metrics: dict[str, Any], info: dict[str, Any], items: list[Halluci
 
 
 def _md_cell(text: str) -> str:
-    return re.sub(r"[|\n\r`]", " ", text)
+    """File and model text in Markdown: HTML and Markdown escaped, one line, at most 200
+    characters (:func:`jmllm.align.options.markdown_text`)."""
+    return markdown_text(text, limit=200)
 
 
 def _gallery(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.options import markdown_text
 from jmllm.joint.audit_metrics import auroc
 from jmllm.joint.audit_report import GALLERY_HTML, PICTURES_DIR, REPORT_JSON, REPORT_MD
 from jmllm.joint.benchmark_run import BenchmarkResult, pope_answers
@@ -633,7 +634,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _md_cell(text: Any) -> str:
-    return re.sub(r"[|\n\r`]", " ", str(text))
+    """File and model text in Markdown: HTML and Markdown escaped, one line, at most 200
+    characters (:func:`jmllm.align.options.markdown_text`)."""
+    return markdown_text(text, limit=200)
 
 
 def _slug(text: str) -> str:
@@ -682,9 +685,9 @@ def _markdown(metrics: dict[str, Any], run: dict[str, Any], cards: list[Card]) -
     lines += [f"- {_md_cell(note)}" for note in run["notes"]]
     lines += [
         f"- model: {_md_cell(json.dumps(run['model']))}",
-        f"- prompt: `{_md_cell(s['question'])}` in template `{s['template']}`, greedy, at most "
-        f"{s['max_new_tokens']} new tokens, vision `{s['vision']}`; OWL-ViT query "
-        f"`{_md_cell(s['query_template'])}`",
+        f"- prompt: {_md_cell(s['question'])} in template {_md_cell(s['template'])}, greedy, at "
+        f"most {s['max_new_tokens']} new tokens, vision `{s['vision']}`; OWL-ViT query "
+        f"{_md_cell(s['query_template'])}",
         f"- images: {metrics['images']} answered ({run['images_failed']} could not be read)",
         "",
     ]
@@ -697,7 +700,7 @@ def _markdown(metrics: dict[str, Any], run: dict[str, Any], cards: list[Card]) -
         ]
         for split, doc in metrics["pope_rows"].items():
             lines.append(
-                f"| {split} | `{_md_cell(doc['file'])}` | {doc['rows']} | {doc['answered']} | "
+                f"| {split} | {_md_cell(doc['file'])} | {doc['rows']} | {doc['answered']} | "
                 f"`{doc['sha256'][:16]}…` |"
             )
         for table in _pope_tables(metrics):

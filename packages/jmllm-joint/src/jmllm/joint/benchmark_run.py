@@ -40,6 +40,7 @@ from jmllm.joint.audit import (
     DEFAULT_KV_CACHE_GIB,
     RESULTS_FILE,
     _claim_folder,
+    _Fingerprints,
     _one_line,
     _prefetched,
     exclusive_folder,
@@ -47,7 +48,7 @@ from jmllm.joint.audit import (
     process_state,
     settings_digest,
 )
-from jmllm.joint.audit_data import AuditError
+from jmllm.joint.audit_data import AuditError, _file_fingerprint, _pixels_fingerprint
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, PromptError, get_template
 
 BENCHMARKS = ("pope", "chair")
@@ -130,6 +131,13 @@ class BenchmarkImage:
 
     def load(self) -> Any:
         return self.source() if callable(self.source) else self.source
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the image's file (a loader: of its pixels): a resumed run keeps an
+        image's answers only while the image is the same."""
+        if callable(self.source):
+            return _pixels_fingerprint(self.source())
+        return _file_fingerprint(self.source)
 
 
 @dataclass
@@ -321,13 +329,19 @@ def rows_per_batch(
 # ---------------------------------------------------------------------------------------------
 
 
-def _finished(path: Path, digest: str, planned: dict[str, BenchmarkImage]) -> dict[str, Any]:
+def _finished(
+    path: Path, digest: str, planned: dict[str, BenchmarkImage], fingerprints: _Fingerprints
+) -> dict[str, Any]:
     """Records of ``results.jsonl`` made with these settings that answer exactly the image's
-    planned prompts and hold its OWL-ViT evidence (a later line for an image wins)."""
+    planned prompts, hold its OWL-ViT evidence and were made from the same image file (its
+    SHA-256); a later line for an image wins."""
     found: dict[str, dict[str, Any]] = {}
     for line in read_jsonl(path):
-        image = planned.get(str(line.get("image_id")))
+        image_id = line.get("image_id")
+        image = planned.get(image_id) if isinstance(image_id, str) else None
         if image is None or line.get("settings") != digest:
+            continue
+        if line.get("sha256") is None or line.get("sha256") != fingerprints.of(image.image_id):
             continue
         try:
             texts = [str(a["text"]) for a in line["answers"]]
@@ -362,10 +376,15 @@ def _groups(
         yield group
 
 
-def _embed_group(model: Any, group: list[tuple[BenchmarkImage, Any]], failed: dict[str, str]):
+def _embed_group(
+    model: Any,
+    group: list[tuple[BenchmarkImage, Any]],
+    failed: dict[str, str],
+    fingerprints: _Fingerprints,
+):
     """The embeddings of a group's readable images (one batch through OWL-ViT), and those
     images; an image that could not be read, or that J cannot take, is recorded in ``failed``
-    (the others are then embedded one by one)."""
+    (the others are then embedded one by one). Each read image's SHA-256 is remembered."""
     from jmllm.joint.model import JointEmbedding
 
     readable = []
@@ -373,7 +392,9 @@ def _embed_group(model: Any, group: list[tuple[BenchmarkImage, Any]], failed: di
         if isinstance(decoded, Exception):
             failed[image.image_id] = _one_line(decoded)
         else:
-            readable.append((image, decoded))
+            pixels, fingerprint = decoded
+            fingerprints.remember(image.image_id, fingerprint)
+            readable.append((image, pixels))
     if not readable:
         return [], None
     try:
@@ -443,11 +464,13 @@ def run_benchmark(
         raise AuditError("out: required when the benchmark is split between processes")
     results = folder / RESULTS_FILE if folder else None
     failed: dict[str, str] = {}
+    fingerprints = _Fingerprints(list(images))  # type: ignore[arg-type]
     with exclusive_folder(folder, state):
-        if folder is not None:
-            _claim_folder(folder, settings, model, digest, write=state.is_main_process)  # type: ignore[arg-type]
+        if folder is not None:  # audit.json is written once a first batch has its answers
+            _claim_folder(folder, settings, model, digest, write=False)  # type: ignore[arg-type]
         state.wait_for_everyone()
-        done = _finished(results, digest, planned) if results else {}
+        recorded = folder is None
+        done = _finished(results, digest, planned, fingerprints) if results else {}
         lines: dict[str, dict[str, Any]] = dict(done)
         todo = [image for image in images if image.image_id not in done]
         with state.split_between_processes(todo) as share:
@@ -459,10 +482,15 @@ def run_benchmark(
                 position=state.process_index,
             )
             for group in _groups(share, per_batch):
-                kept, emb = _embed_group(model, group, failed)
+                kept, emb = _embed_group(model, group, failed, fingerprints)
                 records = asker.answer(kept, emb) if kept else []
+                if records and not recorded:  # the settings are the folder's from now on
+                    assert folder is not None
+                    _claim_folder(folder, settings, model, digest, write=True)  # type: ignore[arg-type]
+                    recorded = True
                 for record in records:
                     record["settings"] = digest
+                    record["sha256"] = fingerprints.of(record["image_id"])
                     if results is not None:
                         append_jsonl(results, record)  # at once: a kill loses the next batch
                     lines[record["image_id"]] = record
@@ -479,7 +507,7 @@ def run_benchmark(
             processed = len(todo) - len(failed)
             state.wait_for_everyone()
             assert results is not None
-            lines = _finished(results, digest, planned)  # every process's images
+            lines = _finished(results, digest, planned, fingerprints)  # every process's images
     return BenchmarkResult(
         settings=settings,
         images=list(images),

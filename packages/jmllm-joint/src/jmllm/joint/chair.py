@@ -343,6 +343,8 @@ def load_reference_captions(path: str | os.PathLike[str]) -> dict[str, list[str]
         raise AuditError(f"{file}: cannot read ({exc})") from None
     except json.JSONDecodeError as exc:
         raise AuditError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise AuditError(f"{file}: not valid JSON (nested too deeply)") from None
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(annotations, list):
         raise AuditError(f"{file}: expected a COCO captions file with a list of 'annotations'")

@@ -14,6 +14,7 @@ rerun to retry them — finished images are kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from typing import Any
 
@@ -52,6 +53,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     data.add_argument("--category-field", default="category", help="category field of the objects")
     data.add_argument("--limit", type=integer(1), help="audit only the first N images")
     p.add_argument("--out", required=True, help="output folder (reused to resume)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds files the audit did not write (never replacing them)",
+    )
     proto = p.add_argument_group("protocol")
     proto.add_argument(
         "--sampling",
@@ -157,18 +163,18 @@ def _dataset(args: argparse.Namespace) -> Any:
 
 def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     """Run the audit (resuming), then write the report on the main process."""
+    from jmllm.align.files import output_folder
     from jmllm.joint.audit import (
         DEFAULT_MAX_NEW_TOKENS,
+        LOCK_OWNER,
         PARSE_RULES,
         AuditSettings,
-        exclusive_folder,
         process_state,
-        run_audit,
     )
     from jmllm.joint.audit_data import AUTHORS_QUESTION, AuditError
-    from jmllm.joint.audit_report import write_audit_report
+    from jmllm.joint.audit_report import AUDIT_OUTPUTS
     from jmllm.joint.chat import PAPER_TEMPLATE
-    from jmllm.joint.cli.common import TOY_WORLD_NOTE, CliError, load_model, out_dir
+    from jmllm.joint.cli.common import CliError, out_dir
 
     if args.benchmark != "authors":
         from jmllm.joint.cli_benchmark import cmd_benchmark
@@ -205,6 +211,21 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     state = process_state()
     out = out_dir(args.out) if state.is_main_process else None
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # refused before any model loads if --out is not the audit's own
+            stack.enter_context(
+                output_folder(
+                    out, command=LOCK_OWNER, outputs=AUDIT_OUTPUTS, force=args.force, what="--out"
+                )
+            )
+        return _audit(args, settings, dataset, state, out)
+
+
+def _audit(args: argparse.Namespace, settings: Any, dataset: Any, state: Any, out: Any) -> int:
+    from jmllm.joint.audit import exclusive_folder, run_audit
+    from jmllm.joint.audit_report import write_audit_report
+    from jmllm.joint.cli.common import TOY_WORLD_NOTE, load_model
+
     if args.device is None and state.num_processes > 1 and state.device.type == "cuda":
         args.device = str(state.device)  # one GPU per process
     with state.main_process_first():  # one process loads first (a Hub download happens once)

@@ -14,6 +14,7 @@ Exit codes as the audit's: 0 done, 2 bad input, 1 runtime failure, 3 partial.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -200,12 +201,14 @@ def _chair_data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Run POPE or CHAIR (resuming), then write the report on the main process."""
-    from jmllm.joint.audit import exclusive_folder, process_state
+    from jmllm.align.files import output_folder
+    from jmllm.joint.audit import LOCK_OWNER, process_state
     from jmllm.joint.audit_data import AuditError
-    from jmllm.joint.benchmark_report import DEFAULT_OWL_THRESHOLD, write_benchmark_report
-    from jmllm.joint.benchmark_run import BenchmarkSettings, pope_images, run_benchmark
+    from jmllm.joint.audit_report import AUDIT_OUTPUTS
+    from jmllm.joint.benchmark_report import CURVE_PNG
+    from jmllm.joint.benchmark_run import BenchmarkSettings, pope_images
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE
-    from jmllm.joint.cli.common import TOY_WORLD_NOTE, CliError, load_model, out_dir
+    from jmllm.joint.cli.common import CliError, out_dir
 
     _check_unused(args)
     benchmark = args.benchmark
@@ -238,6 +241,36 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     state = process_state()
     out = out_dir(args.out) if state.is_main_process else None
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # refused before any model loads if --out is not the audit's own
+            stack.enter_context(
+                output_folder(
+                    out,
+                    command=LOCK_OWNER,  # the audit's command: one folder rule for both
+                    outputs=(*AUDIT_OUTPUTS, CURVE_PNG),
+                    force=args.force,
+                    what="--out",
+                )
+            )
+        return _run(args, benchmark, settings, rule, pope, chair, images, state, out)
+
+
+def _run(
+    args: argparse.Namespace,
+    benchmark: str,
+    settings: Any,
+    rule: str | None,
+    pope: Any,
+    chair: Any,
+    images: Any,
+    state: Any,
+    out: Any,
+) -> int:
+    from jmllm.joint.audit import exclusive_folder
+    from jmllm.joint.benchmark_report import DEFAULT_OWL_THRESHOLD, write_benchmark_report
+    from jmllm.joint.benchmark_run import run_benchmark
+    from jmllm.joint.cli.common import TOY_WORLD_NOTE, load_model
+
     if args.device is None and state.num_processes > 1 and state.device.type == "cuda":
         args.device = str(state.device)  # one GPU per process
     with state.main_process_first():

@@ -20,7 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jmllm.align.options import EXIT_OK, EXIT_PARTIAL, finite_float, integer
+from jmllm.align.options import EXIT_OK, EXIT_PARTIAL, finite_float, integer, printable
+
+# what each command writes directly in --out (its folder is claimed for these names)
+EXPLAIN = "jmllm-joint explain"
+EXPLAIN_OUTPUTS = ("report.html", "explanation.json", "arrays.safetensors", "maps")
+HALLUCINATIONS = "jmllm-joint hallucinations"
+HALLUCINATIONS_OUTPUTS = ("hallucinations.json", "hallucinations.html")
 
 logger = logging.getLogger("jmllm.joint.cli")
 
@@ -28,7 +34,7 @@ logger = logging.getLogger("jmllm.joint.cli")
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add the GA subcommands to ``jmllm-joint``'s parser."""
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE, PAPER_TEMPLATE
-    from jmllm.joint.cli.common import template_argument
+    from jmllm.joint.cli.common import force_argument, template_argument
     from jmllm.joint.wsol import PIPELINES, PROTOCOLS
 
     explain = subparsers.add_parser(
@@ -51,6 +57,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     explain.add_argument("--answer", help="explain this answer instead of generating one")
     explain.add_argument("--out", required=True, help="output folder")
+    force_argument(explain)
     _shared(explain)
     template_argument(explain, INTERACTIVE_TEMPLATE)
     _painting(explain)
@@ -83,6 +90,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     hall.add_argument("--answer", help="check this answer instead of generating one")
     hall.add_argument("--out", required=True, help="output folder")
+    force_argument(hall)
     _shared(hall, weighting=False)
     template_argument(hall, INTERACTIVE_TEMPLATE)
     hall.set_defaults(func=cmd_hallucinations)
@@ -168,7 +176,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CliError("-q/--query: empty query")
     if args.answer is not None and not args.answer.strip():
         raise CliError("--answer: empty answer; there is no token to explain")
-    out = out_dir(args.out)
+    out = out_dir(args.out, EXPLAIN, EXPLAIN_OUTPUTS, args.force)
     model = load_model(args)
     ga = GradientAlignment(
         model,
@@ -202,7 +210,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         results, text = exp.word_results, exp.answer_text
         if not results:
             raise CliError(f"answer {text!r}: has no words to explain")
-    with output_folder(out):
+    with output_folder(out, EXPLAIN, EXPLAIN_OUTPUTS, args.force):
         report = write_explanation_report(
             out,
             emb.pil_image(0),
@@ -212,7 +220,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             weighting=args.weighting,
             template=args.template,
         )
-    print(f"ASSISTANT: {text}")
+    print(f"ASSISTANT: {printable(text, keep_newlines=True)}")
     print(f"Report: {report}")
     return 0
 
@@ -231,7 +239,7 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         from jmllm.joint.cli.common import builtin_vocabulary
 
         objects = builtin_vocabulary()  # the built-in models know the toy shapes only
-    out = out_dir(args.out)
+    out = out_dir(args.out, HALLUCINATIONS, HALLUCINATIONS_OUTPUTS, args.force)
     model = load_model(args)
     report = check_hallucinations(
         model,
@@ -244,11 +252,14 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         template=args.template,
     )
-    with output_folder(out):
+    with output_folder(out, HALLUCINATIONS, HALLUCINATIONS_OUTPUTS, args.force):
         path = write_hallucination_report(report, out)
-    print(f"ASSISTANT: {report.answer_text}")
-    print(f"Mentioned but not detected: {', '.join(report.mentioned_not_detected) or 'none'}")
-    print(f"Detected but not mentioned: {', '.join(report.detected_not_mentioned) or 'none'}")
+    print(f"ASSISTANT: {printable(report.answer_text, keep_newlines=True)}")
+    missed = printable(", ".join(report.mentioned_not_detected) or "none")
+    print(f"Mentioned but not detected: {missed}")
+    print(
+        f"Detected but not mentioned: {printable(', '.join(report.detected_not_mentioned) or 'none')}"
+    )
     print(f"Report: {path}")
     return 0
 

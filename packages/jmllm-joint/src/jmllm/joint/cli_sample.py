@@ -17,7 +17,12 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         description="Held-out toy scenes with their truth in the formats the workflows read "
         "(COCO captions and instances JSON, a CUB-style folder with boxes.csv), offline.",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (new, or a previous run's)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds other files (never replacing them)",
+    )
     p.add_argument(
         "-n", "--images", type=integer(1, 10000), default=12, help="COCO-style scenes (default 12)"
     )
@@ -33,11 +38,10 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli.common import out_dir, output_folder
+    from jmllm.joint.cli.common import out_dir
     from jmllm.joint.sample_data import write_sample_data
 
     out = out_dir(args.out)
-    with output_folder(out):
-        write_sample_data(out, count=args.images, wsol_count=args.wsol_images)
+    write_sample_data(out, count=args.images, wsol_count=args.wsol_images, force=args.force)
     print(f"sample data -> {out} (see {out / 'README.md'})")
     return 0

@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from jmllm.align.files import resolve_inside
+from jmllm.align.options import clip
 from jmllm.joint.audit_data import AuditError
 
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -205,11 +207,13 @@ def question_object(text: str) -> str | None:
 
 def _image_name(value: Any, where: str, images: Path) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise AuditError(f"{where}: 'image' must be a non-empty file name, got {value!r}")
+        shown = clip(repr(value)) if isinstance(value, str) else type(value).__name__
+        raise AuditError(f"{where}: 'image' must be a non-empty file name, got {shown}")
     name = value.strip()
-    path = Path(name)
-    if path.is_absolute() or ".." in path.parts:
-        raise AuditError(f"{where}: image {name!r} is not a path inside the image folder {images}")
+    try:  # inside the image folder: no absolute path, no "..", no link that leads out
+        resolve_inside(images, name, f"{where}: image")
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
     return name
 
 
@@ -235,6 +239,8 @@ def read_split(path: str | os.PathLike[str], split: str, images: Path) -> list[P
             doc = json.loads(line)
         except json.JSONDecodeError as exc:
             raise AuditError(f"{where}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise AuditError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(doc, dict):
             raise AuditError(f"{where}: expected a JSON object")
         missing = [k for k in ("question_id", "image", "text", "label") if k not in doc]
@@ -242,7 +248,7 @@ def read_split(path: str | os.PathLike[str], split: str, images: Path) -> list[P
             raise AuditError(f"{where}: missing {', '.join(missing)}")
         label = str(doc["label"]).strip().lower()
         if label not in ("yes", "no"):
-            raise AuditError(f"{where}: label must be yes or no, got {doc['label']!r}")
+            raise AuditError(f"{where}: label must be yes or no, got {clip(repr(doc['label']))}")
         text = doc["text"]
         if not isinstance(text, str) or not text.strip():
             raise AuditError(f"{where}: 'text' must be a non-empty question")

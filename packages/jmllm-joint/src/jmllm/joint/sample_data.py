@@ -28,7 +28,10 @@ correctly. :func:`write_sample_data` writes into ``OUT``:
 - ``README.md``: what each file is and the commands that use it.
 
 Every file is written atomically with ordinary permissions. The same ``(count, seed)`` always
-writes the same bytes.
+writes the same bytes. ``OUT`` must be new, empty or hold only a previous run's sample data:
+a folder with anything else in it (a repository's README, a user's ``coco/``) is refused
+unless ``force``, and even then nothing the command did not write is replaced
+(:func:`jmllm.align.files.claim_output_folder`).
 
 Example:
     >>> import tempfile
@@ -47,9 +50,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jmllm.align.files import atomic_write_bytes, atomic_write_text
+from jmllm.align.files import atomic_write_bytes, atomic_write_text, output_folder
 
-__all__ = ["SAMPLE_README", "TOY_SYNONYMS", "write_sample_data"]
+__all__ = [
+    "SAMPLE_COMMAND",
+    "SAMPLE_OUTPUTS",
+    "SAMPLE_README",
+    "TOY_SYNONYMS",
+    "write_sample_data",
+]
+
+SAMPLE_COMMAND = "jmllm-joint sample-data"
+SAMPLE_OUTPUTS = ("README.md", "coco", "cub", "chair", "pope")  # what it writes directly in OUT
 
 # A CHAIR-style synonym list of the toy objects: one shape a line, its name first.
 TOY_SYNONYMS = """# CHAIR-style synonym list of the toy world's objects (the format of CHAIR's synonyms.txt,
@@ -93,27 +105,41 @@ def _png(image: Any) -> bytes:
 
 
 def write_sample_data(
-    out: str | os.PathLike[str], count: int = 12, wsol_count: int = 8, seed: int = 0
+    out: str | os.PathLike[str],
+    count: int = 12,
+    wsol_count: int = 8,
+    seed: int = 0,
+    *,
+    force: bool = False,
 ) -> Path:
     """Write the sample data (see the module docstring) into ``out``.
 
     Args:
-        out: folder (created if missing; files of a previous run are replaced).
+        out: folder (created if missing; a previous run's sample data is replaced).
         count: held-out scenes in ``coco/`` (the first ``count`` of the split).
         wsol_count: single-object held-out scenes in ``cub/``.
         seed: the toy world's seed (0: the world the shipped models were trained on).
+        force: write into a folder that holds other files too (never replacing one).
 
     Returns:
         ``out`` as a :class:`~pathlib.Path`.
 
     Raises:
         ValueError: ``count`` or ``wsol_count`` below 1.
+        jmllm.align.files.ForeignOutputError: ``out`` holds files the command did not write
+            (without ``force``), or one named like its outputs (even with ``force``).
     """
-    from jmllm.joint.toy.scenes import SHAPES, make_scene
-
     if count < 1 or wsol_count < 1:
         raise ValueError(f"count and wsol_count: must be at least 1, got {count}, {wsol_count}")
-    root = Path(out)
+    with output_folder(
+        out, command=SAMPLE_COMMAND, outputs=SAMPLE_OUTPUTS, force=force, what="--out"
+    ) as root:
+        return _write_sample_data(root, count, wsol_count, seed)
+
+
+def _write_sample_data(root: Path, count: int, wsol_count: int, seed: int) -> Path:
+    from jmllm.joint.toy.scenes import SHAPES, make_scene
+
     categories = [{"id": i + 1, "name": shape} for i, shape in enumerate(SHAPES)]
     category_of = {c["name"]: c["id"] for c in categories}
     images: list[dict[str, Any]] = []

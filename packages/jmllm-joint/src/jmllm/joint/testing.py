@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from jmllm.align import AlignmentLayer, alignment_config_for, load_alignment, save_alignment
-from jmllm.align.files import atomic_write_text, folder_mode
+from jmllm.align.files import atomic_write_bytes, atomic_write_text, folder_mode
 from jmllm.align.testing import build_tiny_checkpoints, generated_images, write_image_folder
 
 __all__ = [
@@ -256,7 +256,7 @@ def write_coco_folder(
     }
     for i, image in enumerate(generated_images(count, size=size, seed=seed)):
         name = f"{i:04d}.png"
-        image.save(folder / name)
+        atomic_write_bytes(folder / name, _png(image))
         image_id = 100 + i
         doc["images"].append({"id": image_id, "file_name": name, "width": size, "height": size})
         n = 2 if i == 0 else 0 if i == 1 else int(rng.integers(0, 4))
@@ -272,6 +272,13 @@ def write_coco_folder(
                         "iscrowd": 0,
                     }
                 )
-    annotations = root / "instances.json"
-    annotations.write_text(json.dumps(doc))
+    annotations = atomic_write_text(root / "instances.json", json.dumps(doc))
     return annotations, folder
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from jmllm.align.files import atomic_write_text
+from jmllm.align.files import atomic_write_text, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -423,6 +423,7 @@ def read_wsol_folder(data_dir: str | os.PathLike[str]) -> list[WsolItem]:
     if not images.is_dir():
         raise WsolDataError(f"{images}: missing images folder")
     grouped: dict[str, list[list[float]]] = {}
+    paths: dict[str, Path] = {}
     with boxes_file.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
@@ -441,11 +442,17 @@ def read_wsol_folder(data_dir: str | os.PathLike[str]) -> list[WsolItem]:
                 raise WsolDataError(f"{boxes_file}:{line}: coordinates must be numbers") from None
             if not (x1 >= x0 >= 0 and y1 >= y0 >= 0):
                 raise WsolDataError(f"{boxes_file}:{line}: need 0 <= x0 <= x1 and 0 <= y0 <= y1")
-            grouped.setdefault(row[0].strip(), []).append([x0, y0, x1, y1])
+            image_id = row[0].strip()
+            if image_id not in grouped:
+                try:  # never a file outside images/ (no "..", absolute path or link out)
+                    paths[image_id] = resolve_inside(images, image_id, f"{boxes_file}:{line}")
+                except ValueError as exc:
+                    raise WsolDataError(str(exc)) from None
+            grouped.setdefault(image_id, []).append([x0, y0, x1, y1])
     if not grouped:
         raise WsolDataError(f"{boxes_file}: no boxes")
     return [
-        WsolItem(image_id, images / image_id, np.array(b, dtype=np.float64))
+        WsolItem(image_id, paths[image_id], np.array(b, dtype=np.float64))
         for image_id, b in grouped.items()
     ]
 

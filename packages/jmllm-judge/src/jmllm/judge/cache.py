@@ -14,6 +14,12 @@ A row is either
 
 An answered row is never overwritten. The API key is never passed to this module.
 
+**A row that cannot be read is set aside, not fatal.** Rows larger than :data:`MAX_ROW_BYTES`
+(the client caps replies at 4 MiB; an older run may have stored a 300 MB reply) are never
+loaded, and rows that do not decode (malformed JSON, wrong types) are skipped: both are
+reported in one log line, removed from the cache, and their judgements are sent again; every
+readable row is kept.
+
 **Several runs on one cache.** Two ``jmllm-judge run`` processes may share a cache (same
 machine: WAL mode needs shared memory); they never send the same judgement twice. Before sending,
 a run *claims* the keys it will send (:meth:`JudgeCache.claim`, one ``BEGIN IMMEDIATE``
@@ -33,6 +39,7 @@ the number of requests sent for it by every run, interrupted ones included.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -44,10 +51,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jmllm.judge.conventions import open_nofollow, refuse_link
 from jmllm.judge.errors import JudgeError
 from jmllm.judge.parsing import parse_score
 
-__all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "CachedJudgement", "Claims", "JudgeCache"]
+__all__ = [
+    "HEARTBEAT_S",
+    "MAX_ROW_BYTES",
+    "STALE_AFTER_S",
+    "CachedJudgement",
+    "Claims",
+    "JudgeCache",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_ROW_BYTES = 16 * 2**20  # a larger row is never loaded (the client caps replies at 4 MiB)
+_ROW_BYTES = (
+    "COALESCE(length(CAST(reply AS BLOB)), 0) + COALESCE(length(CAST(error AS BLOB)), 0)"
+    " + COALESCE(length(CAST(request AS BLOB)), 0)"
+)
 
 SCHEMA_VERSION = 1  # the claims table is an addition older versions ignore
 HEARTBEAT_S = 5.0  # a running run refreshes its claims this often
@@ -146,11 +169,15 @@ class JudgeCache:
         self.owner = uuid.uuid4().hex  # this open cache's identity in the claims table
         self.pid = os.getpid()
         self.host = socket.gethostname()
+        self.set_aside = 0  # unreadable rows removed by this open cache (reported once each)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite follows links at the database and its journals: a planted one is refused
+            for suffix in ("-wal", "-shm", "-journal"):
+                refuse_link(f"{self.path}{suffix}", "judge cache")
             # SQLite creates new databases 0644 whatever the umask; ours get ordinary permissions
             # (0666 & ~umask) like every other output, and its -wal/-shm files copy them.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666))
+            os.close(open_nofollow(self.path, os.O_RDWR | os.O_CREAT, what="judge cache"))
         except OSError as e:
             raise JudgeError(f"cannot open judge cache {self.path}: {e.strerror or e}") from e
         try:
@@ -299,36 +326,75 @@ class JudgeCache:
 
     @staticmethod
     def _row(row: tuple[Any, ...]) -> CachedJudgement:
+        """The row as a judgement; ``ValueError`` if it does not decode to one."""
         key, status, reply, error, attempts, prompt_tokens, completion_tokens, model, request = row
+        try:
+            parsed = json.loads(request)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"request is not JSON ({type(exc).__name__})") from None
+        texts = (reply, error, model)
+        counts = (attempts, prompt_tokens, completion_tokens)
+        if (
+            status not in ("answered", "failed")
+            or not isinstance(parsed, dict)
+            or not all(v is None or isinstance(v, str) for v in texts)
+            or not all(
+                v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in counts
+            )
+            or (status == "answered") != isinstance(reply, str)
+        ):
+            raise ValueError("fields of the wrong type")
         return CachedJudgement(
-            key,
-            status,
-            reply,
-            error,
-            attempts,
-            prompt_tokens,
-            completion_tokens,
-            model,
-            json.loads(request),
+            key, status, reply, error, attempts, prompt_tokens, completion_tokens, model, parsed
         )
 
     def get(self, key: str) -> CachedJudgement | None:
-        row = self._db.execute(
-            f"SELECT {self._COLUMNS} FROM judgements WHERE key = ?", (key,)
-        ).fetchone()
-        return None if row is None else self._row(row)
+        return self.get_many([key]).get(key)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, CachedJudgement]:
+        """The judgements stored for ``keys`` (missing keys are left out). Rows that cannot be
+        read — larger than :data:`MAX_ROW_BYTES`, or not decoding — are left out too: reported
+        in one log line and removed, so that their judgements are sent again."""
         wanted = list(dict.fromkeys(keys))
         found: dict[str, CachedJudgement] = {}
+        unreadable: dict[str, str] = {}
         for start in range(0, len(wanted), 500):  # stay under SQLite's bound-parameter limit
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._db.execute(
-                f"SELECT {self._COLUMNS} FROM judgements WHERE key IN ({marks})", chunk
+            for key, size in self._db.execute(
+                f"SELECT key, {_ROW_BYTES} FROM judgements WHERE key IN ({marks})", chunk
             ):
-                found[row[0]] = self._row(row)
+                if size > MAX_ROW_BYTES:  # never loaded: a huge reply would exhaust memory
+                    unreadable[key] = f"{size} bytes, over {MAX_ROW_BYTES}"
+            for row in self._db.execute(
+                f"SELECT {self._COLUMNS} FROM judgements WHERE key IN ({marks}) "
+                f"AND {_ROW_BYTES} <= ?",
+                [*chunk, MAX_ROW_BYTES],
+            ):
+                try:
+                    found[row[0]] = self._row(row)
+                except ValueError as exc:
+                    unreadable[str(row[0])] = str(exc)
+        if unreadable:
+            self._set_aside(unreadable)
         return found
+
+    def _set_aside(self, unreadable: dict[str, str]) -> None:
+        keys = list(unreadable)
+        with self._transaction() as db:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"DELETE FROM judgements WHERE key IN ({marks})", chunk)
+        self.set_aside += len(keys)
+        example = next(iter(unreadable.values()))
+        log.warning(
+            "judge cache %s: %d row(s) could not be read (e.g. %s) and were removed; their "
+            "judgements will be sent again, every other row is kept",
+            self.path,
+            len(keys),
+            example,
+        )
 
     def put_answer(
         self,

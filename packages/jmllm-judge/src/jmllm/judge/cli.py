@@ -25,8 +25,11 @@ from jmllm.judge.conventions import (
     EXIT_PARTIAL,
     ArgumentParser,
     UsageError,
+    check_output_claim,
     check_output_dir,
     check_output_file,
+    claim_output_folder,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
@@ -233,6 +236,12 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for report.md, report.json, scores.png",
     )
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder that holds files this command did not write (they are never "
+        "replaced or deleted)",
+    )
+    p.add_argument(
         "--resamples",
         type=integer(1, 10_000_000),
         default=10_000,
@@ -417,16 +426,18 @@ def _discard_empty_cache(path: Path) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from jmllm.judge.report import build_report, write_report
+    from jmllm.judge.report import REPORT_FILES, build_report, write_report
     from jmllm.judge.runner import load_results
 
     check_output_dir(args.out, "-o")
+    check_output_claim(args.out, REPORT_COMMAND, REPORT_FILES, force=args.force, what="-o")
     report = build_report(
         load_results(args.results),
         resamples=args.resamples,
         seed=args.seed,
         score_parser=args.score_parser,
     )
+    claim_output_folder(args.out, REPORT_COMMAND, REPORT_FILES, force=args.force, what="-o")
     paths = write_report(report, args.out)
     for s in report.systems:
         mean = "—" if s.mean is None else f"{s.mean:.2f}"
@@ -436,6 +447,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print("report -> " + ", ".join(str(p) for p in paths.values()))
     return 0
 
+
+REPORT_COMMAND = "jmllm-judge report"
 
 COMMANDS = {
     "sample": _cmd_sample,
@@ -453,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )

@@ -18,7 +18,11 @@ the only one, visible and testable:
   ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date);
 * not retried: other 4xx (a failure for that judgement), and 401/403/404, which say that the key,
   the permissions, the URL or the model are wrong — those stop the whole run with
-  :class:`JudgeConfigError`.
+  :class:`JudgeConfigError`;
+* replies are capped at ``max_reply_bytes`` (4 MiB by default), counted both as received and
+  once decompressed (gzip and deflate are decoded here, under the cap, so a 2 MB body that
+  inflates to 2 GB stops at the cap): an oversized reply is a failure of that judgement, not
+  retried and never cached.
 
 The API key is read from the environment by the caller and handed to the client only; every string
 that leaves this module (errors, replies) passes through :meth:`JudgeClient.redact` first, and the
@@ -37,6 +41,7 @@ import base64
 import email.utils
 import hashlib
 import heapq
+import importlib
 import io
 import itertools
 import json
@@ -44,6 +49,7 @@ import logging
 import random
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -69,6 +75,8 @@ __all__ = [
     "JudgeSettings",
     "RedactingFilter",
     "Redactor",
+    "ReplyEncodingRefused",
+    "ReplyTooLarge",
     "RequestSlots",
     "RetryPolicy",
     "build_messages",
@@ -76,6 +84,7 @@ __all__ = [
     "judgement_key",
     "public_base_url",
     "read_api_key",
+    "reply_size_hook",
     "request_record",
     "retry_after_s",
     "split_base_url",
@@ -84,6 +93,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_REPLY_BYTES = 4 * 2**20  # a judge's score is a few bytes; JSON and reasoning more
 KEY_VERSION = 1  # bump when the request layout changes, so old cache rows are not reused
 _SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 
@@ -133,6 +143,7 @@ class JudgeSettings:
     concurrency: int = 16
     timeout_s: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES  # a larger reply fails its judgement
 
     def __post_init__(self) -> None:
         if not self.model or not self.model.strip():
@@ -145,6 +156,14 @@ class JudgeSettings:
         # timeout made every request fail and be retried to the last attempt).
         _finite(self.timeout_s, "timeout", 0.0, MAX_TIMEOUT_S, open_low=True)
         _finite(self.temperature, "temperature", 0.0, MAX_TEMPERATURE)
+        if (
+            isinstance(self.max_reply_bytes, bool)
+            or not isinstance(self.max_reply_bytes, int)
+            or self.max_reply_bytes < 1
+        ):
+            raise JudgeError(
+                f"max_reply_bytes must be a positive integer, got {self.max_reply_bytes!r}"
+            )
         if self.max_tokens is not None and (
             isinstance(self.max_tokens, bool)
             or not isinstance(self.max_tokens, int)
@@ -430,6 +449,116 @@ class JudgeFailure:
     attempts: int
 
 
+class ReplyTooLarge(Exception):
+    """The judge's reply is larger than ``max_reply_bytes`` (as received, or once decompressed)."""
+
+
+class ReplyEncodingRefused(Exception):
+    """The judge's reply uses a content encoding this client does not decode under the cap."""
+
+
+# Content-Encoding → zlib window bits (deflate: zlib-wrapped first, raw deflate as fallback)
+_DECODED = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_STREAM_BASES: dict[str, type] = {}
+
+
+def _capped_stream(response: Any, encodings: list[str], limit: int) -> Any:
+    """``response.stream`` replaced by one that decodes ``encodings`` itself and stops at
+    ``limit`` bytes, received or decoded. Built on the HTTP library's own ``AsyncByteStream``
+    (``httpx`` or ``httpx2``, whichever the ``openai`` client uses)."""
+    library = type(response).__module__.split(".")[0]
+    base = _STREAM_BASES.get(library)
+    if base is None:
+        base = importlib.import_module(library).AsyncByteStream
+        _STREAM_BASES[library] = base
+
+    class CappedStream(base):  # type: ignore[misc, valid-type]
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        async def __aiter__(self) -> Any:
+            stages = [_Inflate(name) for name in reversed(encodings)]  # applied last, undone first
+            received = decoded = 0
+            async for chunk in self._inner:
+                received += len(chunk)
+                if received > limit:
+                    raise ReplyTooLarge(f"the reply is larger than {limit} bytes")
+                for stage in stages:
+                    chunk = stage.feed(chunk, limit - decoded)
+                decoded += len(chunk)
+                if decoded > limit:
+                    raise ReplyTooLarge(f"the reply is larger than {limit} bytes once decompressed")
+                if chunk:
+                    yield chunk
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    return CappedStream(response.stream)
+
+
+class _Inflate:
+    """One content decoding step whose output never goes past what the cap still allows."""
+
+    def __init__(self, encoding: str) -> None:
+        self._name = encoding
+        self._inflater = zlib.decompressobj(_DECODED[encoding])
+        self._started = False
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        try:
+            out = self._inflater.decompress(data, max(0, room) + 1)
+        except zlib.error:
+            if self._name != "deflate" or self._started:
+                raise ReplyEncodingRefused(f"the reply is not valid {self._name} data") from None
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some send
+            out = self._inflater.decompress(data, max(0, room) + 1)
+        self._started = True
+        if self._inflater.unconsumed_tail or len(out) > room:
+            raise ReplyTooLarge(
+                f"the reply is larger than {max(room, 0)} more bytes once decompressed"
+            )
+        return out
+
+
+def reply_size_hook(limit: int) -> Callable[[Any], Any]:
+    """An HTTP response hook (``event_hooks={"response": [...]}``) that caps every reply body at
+    ``limit`` bytes, compressed bodies included: it decodes gzip and deflate itself, under the
+    cap, and refuses any other content encoding.
+
+    Example:
+        >>> hook = reply_size_hook(4 * 2**20)
+        >>> callable(hook)
+        True
+    """
+
+    async def cap(response: Any) -> None:
+        named = response.headers.get("content-encoding", "")
+        encodings = [e.strip().lower() for e in named.split(",") if e.strip()]
+        encodings = [e for e in encodings if e != "identity"]
+        refused = [e for e in encodings if e not in _DECODED]
+        if refused:
+            await response.aclose()
+            raise ReplyEncodingRefused(f"the reply's content encoding {named!r} is not supported")
+        response.stream = _capped_stream(response, encodings, limit)
+        if encodings:  # decoded by the capped stream: the library must not decode again
+            del response.headers["content-encoding"]
+
+    return cap
+
+
+def _refusal(error: BaseException) -> BaseException | None:
+    """A :class:`ReplyTooLarge` or :class:`ReplyEncodingRefused` in ``error``'s cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ReplyTooLarge | ReplyEncodingRefused):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _unreachable(error: BaseException) -> bool:
     """Whether a connection error means nothing can be reached at the URL: the connection was
     refused or the host name does not resolve (``httpx.ConnectError``, ``ConnectionRefusedError``
@@ -520,7 +649,7 @@ class JudgeClient:
     """
 
     def __init__(self, settings: JudgeSettings, *, api_key: str, seed: int | None = None) -> None:
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
         self.settings = settings
         self._redactor = Redactor(api_key, settings.base_url)
@@ -531,6 +660,12 @@ class JudgeClient:
             default_query=query or None,
             max_retries=0,  # our retries are the only ones
             timeout=settings.timeout_s,
+            # the openai client's own HTTP defaults (limits, redirects, proxies from the
+            # environment), with every reply body capped in bytes before it is read
+            http_client=DefaultAsyncHttpxClient(
+                timeout=settings.timeout_s,
+                event_hooks={"response": [reply_size_hook(settings.max_reply_bytes)]},
+            ),
         )
         self._slots = RequestSlots(settings.concurrency)
         self._rng = random.Random(seed)
@@ -629,9 +764,16 @@ class JudgeClient:
                 ),
                 timeout=settings.timeout_s,
             )
+        except (ReplyTooLarge, ReplyEncodingRefused) as e:  # the same request, the same reply:
+            self._reached = True  # not retried
+            return f"reply refused: {e}", False, None
         except (asyncio.TimeoutError, openai.APITimeoutError):
             return f"no reply within {settings.timeout_s:g} s", True, None
         except openai.APIConnectionError as e:
+            refused = _refusal(e)  # openai versions that wrap every error of the transport
+            if refused is not None:
+                self._reached = True
+                return f"reply refused: {refused}", False, None
             if not self._reached and _unreachable(e):
                 # Nothing listens there (or the name does not resolve), and nothing ever did in
                 # this run: a wrong --base-url or a server not started. Retrying only waits.

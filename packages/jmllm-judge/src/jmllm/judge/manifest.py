@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jmllm.judge.conventions import ImageLoadError, open_image
+from jmllm.judge.conventions import ImageLoadError, UnsafePathError, open_image, resolve_inside
 from jmllm.judge.errors import JudgeError
 from jmllm.judge.files import (
     atomic_write_bytes,
@@ -320,7 +320,11 @@ def sample_coco(
         if folder is not None:
             if "file_name" not in entry:
                 return "no 'file_name' in the annotation file"
-            return _local_image(image_id, folder / str(entry["file_name"]), truth)
+            try:  # inside --images-dir: no absolute path, no "..", no link that leads out
+                path = resolve_inside(folder, entry["file_name"], "file_name")
+            except UnsafePathError as exc:
+                return str(exc)
+            return _local_image(image_id, path, truth)
         url = entry.get("coco_url") or entry.get("flickr_url")
         if not url:
             return "no 'coco_url' in the annotation file (pass --images-dir)"

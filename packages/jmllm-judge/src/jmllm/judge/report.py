@@ -20,12 +20,10 @@ Written as Markdown (all model text and names escaped), JSON, and a bar chart wi
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
@@ -33,12 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from jmllm.judge.conventions import markdown_text
 from jmllm.judge.files import atomic_write_bytes, atomic_write_text
 from jmllm.judge.parsing import DEFAULT_SCORE_PARSER, SCORE_PARSERS
 from jmllm.judge.runner import JudgementRecord, RunResults
 from jmllm.judge.stats import bootstrap_ci, wilcoxon_p
 
 __all__ = [
+    "REPORT_FILES",
     "JudgeReport",
     "PairComparison",
     "SystemSummary",
@@ -260,18 +260,13 @@ def build_report(
 
 # Markdown punctuation to backslash-escape. Not "<", ">", "&": those are HTML-escaped first, and
 # the entities that produces (&lt; &gt; &amp;) contain none of these characters.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+!|~$:-])")
 
 
 def markdown_cell(text: object, limit: int | None = 500) -> str:
     """``text`` safe inside a Markdown table cell: HTML-escaped, Markdown punctuation
-    backslash-escaped, line breaks shown as ``⏎``, cut at ``limit`` characters."""
-    s = str(text)
-    if limit is not None and len(s) > limit:
-        s = s[:limit] + "…"
-    s = html.escape(s, quote=False)
-    s = _MARKDOWN_SPECIAL.sub(r"\\\1", s)
-    return s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", " ⏎ ")
+    backslash-escaped, control characters escaped, line breaks shown as ``⏎``, cut at
+    ``limit`` characters (:func:`jmllm.judge.conventions.markdown_text`)."""
+    return markdown_text(text, limit)
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -453,7 +448,7 @@ def render_chart(report: JudgeReport) -> bytes:
     # One line, at most 24 characters; "$" would switch matplotlib to mathtext.
     labels = [" ".join(s.system.split()) for s in systems]
     labels = [(name if len(name) <= 24 else name[:23] + "…").replace("$", r"\$") for name in labels]
-    tilt = len(systems) > 4 or max(len(label) for label in labels) > 12
+    tilt = len(systems) > 4 or max((len(label) for label in labels), default=0) > 12
     ax.set_xticks(xs, labels, rotation=20 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylim(0, 10.5)
     ax.set_ylabel("judge score (1–10)")
@@ -466,6 +461,9 @@ def render_chart(report: JudgeReport) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+REPORT_FILES = ("report.md", "report.json", "scores.png")  # what write_report writes
 
 
 def write_report(report: JudgeReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:

@@ -18,12 +18,15 @@ then ``jmllm-judge run --base-url http://127.0.0.1:8000/v1 ...``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import io
 import json
 import os
 import socket
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
+
+from jmllm.judge.conventions import atomic_write_bytes
 
 __all__ = [
     "FAULT_KINDS",
@@ -105,6 +110,8 @@ class FakeJudgeConfig:
     echo_authorization: bool = False
     # After this many answers, further requests hang (no reply) until release() or close().
     answer_limit: int | None = None
+    # Compress every reply body ("gzip" or "deflate") and say so in Content-Encoding.
+    content_encoding: str | None = None
 
 
 @dataclass
@@ -154,6 +161,13 @@ class _Server(ThreadingHTTPServer):
     # never does. A backlog as large as a production server's keeps the fake from throttling.
     request_queue_size = 1024
     owner: FakeJudgeServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up: normal here
+            return
+        super().handle_error(request, client_address)
 
 
 class FakeJudgeServer:
@@ -277,6 +291,12 @@ class FakeJudgeServer:
         data = json.dumps(payload).encode("utf-8")
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
+        if self.config.content_encoding == "gzip":
+            data = gzip.compress(data, compresslevel=9)
+        elif self.config.content_encoding == "deflate":
+            data = zlib.compress(data, 9)
+        if self.config.content_encoding:
+            handler.send_header("Content-Encoding", self.config.content_encoding)
         handler.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             handler.send_header(name, value)
@@ -471,7 +491,9 @@ def make_test_images(folder: str | os.PathLike[str], n: int) -> list[Path]:
         else:
             path, image = folder / f"{i:012d}.bmp", Image.new("RGB", (10, 10), color)
         image.putpixel((0, 0), (i % 256,) * len(image.getbands()))  # distinct bytes for every i
-        image.save(path)
+        buffer = io.BytesIO()
+        image.save(buffer, format={".jpg": "JPEG", ".png": "PNG", ".bmp": "BMP"}[path.suffix])
+        atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
     return paths
 
@@ -501,11 +523,8 @@ def write_coco_captions(
                     "caption": f" Image {i}, caption {k}. ",
                 }
             )
-    path = Path(path)
-    path.write_text(
-        json.dumps({"info": {}, "images": images, "annotations": annotations}), encoding="utf-8"
-    )
-    return path
+    text = json.dumps({"info": {}, "images": images, "annotations": annotations})
+    return atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def write_png_header(path: str | os.PathLike[str], width: int, height: int) -> Path:
@@ -528,9 +547,7 @@ def write_png_header(path: str | os.PathLike[str], width: int, height: int) -> P
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
     data += chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
-    path = Path(path)
-    path.write_bytes(data)
-    return path
+    return atomic_write_bytes(Path(path), data)
 
 
 def main(argv: list[str] | None = None) -> None:

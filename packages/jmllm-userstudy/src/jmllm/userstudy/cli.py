@@ -20,6 +20,7 @@ from .conventions import (
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
+    configure_logging,
     exit_code_for,
     finite_float,
     integer,
@@ -28,6 +29,10 @@ from .conventions import (
 
 __all__ = ["main"]
 
+FORCE_HELP = (
+    "write into an --out that holds files this command did not write (they are never replaced "
+    "or deleted)"
+)
 log = logging.getLogger("jmllm.userstudy")
 
 
@@ -53,12 +58,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the paper's questions with generated placeholder images (no model needed)",
     )
     p.add_argument(
-        "--force", action="store_true", help="replace an existing study.yaml and its images"
+        "--force",
+        action="store_true",
+        help="replace an earlier example's study.yaml and images, or write beside other files "
+        "(a study.yaml or images/ it did not write is never replaced)",
     )
 
     p = sub.add_parser("render", help="render SPEC into OUT/questionnaire.html")
     p.add_argument("spec", help="study spec (YAML or JSON)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     p = sub.add_parser("score", help="score the answer files in ANSWERS_DIR against SPEC")
     p.add_argument("spec", help="study spec the questionnaire was rendered from")
@@ -66,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="folder for results.md, results.json, per_question.png"
     )
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     p = sub.add_parser("serve", help="serve the questionnaire and store posted answers")
     p.add_argument("spec", help="study spec (YAML or JSON)")
@@ -84,14 +94,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .conventions import check_output_dir
+    from .conventions import check_output_claim, check_output_dir, output_folder
     from .report import write_results
     from .score import score_answers
     from .spec import load_spec
 
     check_output_dir(args.out, "--out")
+    outputs = ("results.md", "results.json", "per_question.png")
+    check_output_claim(args.out, "jmllm-userstudy score", outputs, force=args.force)
     score = score_answers(load_spec(args.spec), args.answers_dir)
-    paths = write_results(score, args.out)
+    with output_folder(
+        args.out, command="jmllm-userstudy score", outputs=outputs, force=args.force
+    ):
+        paths = write_results(score, args.out)
     o = score.overall
     share = "n/a" if o.total == 0 else f"{100 * o.share:.0f}%"
     print(
@@ -137,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
@@ -154,12 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             except MissingExtraError as exc:
                 raise UsageError(str(exc)) from None
         elif args.command == "render":
-            from .conventions import check_output_dir
-            from .render import write_questionnaire
+            from .conventions import check_output_claim, check_output_dir, output_folder
+            from .render import QUESTIONNAIRE_NAME, write_questionnaire
             from .spec import load_spec
 
             check_output_dir(args.out, "--out")
-            print(write_questionnaire(load_spec(args.spec), args.out))
+            outputs = (QUESTIONNAIRE_NAME,)
+            check_output_claim(args.out, "jmllm-userstudy render", outputs, force=args.force)
+            spec = load_spec(args.spec)
+            with output_folder(
+                args.out, command="jmllm-userstudy render", outputs=outputs, force=args.force
+            ):
+                print(write_questionnaire(spec, args.out))
         elif args.command == "score":
             return _score(args)
         elif args.command == "serve":

@@ -20,6 +20,13 @@ byte-identical and behave as ``jmllm-align``'s modules (tests compare both, case
   ``0o666 & ~umask`` (:func:`atomic_write_bytes`). Output paths are checked before the work starts
   (:func:`check_output_file`, :func:`check_output_dir`), and a run that fails leaves no empty
   folder behind (:func:`output_folder`).
+- **Never through a link**: every file written is opened without following a symbolic link at its
+  name (:func:`open_nofollow`, :func:`refuse_link`); a path read from a data file stays inside its
+  root (:func:`resolve_inside`); an output folder holding entries the command did not write is
+  refused unless ``force``, which never replaces them (:func:`claim_output_folder`).
+- **Text from files and models** is escaped where it is shown (:func:`printable`, :func:`clip`,
+  :func:`markdown_text`); every error message is one line of at most :data:`MESSAGE_LIMIT`
+  characters (:func:`one_line`); JSON from users is read with one-line errors (:func:`read_json`).
 
 Example:
     >>> parser = ArgumentParser(prog="demo")
@@ -32,8 +39,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import html
+import json
+import logging
 import math
 import os
+import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -49,25 +62,43 @@ __all__ = [
     "EXIT_PARTIAL",
     "EXIT_USAGE",
     "MAX_IMAGE_PIXELS",
+    "MESSAGE_LIMIT",
+    "OUTPUTS_RECORD",
+    "VALUE_LIMIT",
     "ArgumentParser",
+    "EscapingFormatter",
+    "ForeignOutputError",
     "ImageLoadError",
+    "UnsafePathError",
     "UsageError",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_finite",
     "check_image_header",
+    "check_output_claim",
     "check_output_dir",
     "check_output_file",
     "check_pixels",
+    "claim_output_folder",
+    "clip",
+    "configure_logging",
     "current_umask",
     "exit_code_for",
     "file_mode",
     "finite_float",
+    "foreign_entries",
     "integer",
+    "markdown_text",
     "one_line",
     "open_image",
+    "open_nofollow",
     "output_folder",
+    "parse_json",
+    "printable",
+    "read_json",
+    "refuse_link",
     "remove_empty_folders",
+    "resolve_inside",
 ]
 
 EXIT_OK = 0
@@ -101,15 +132,119 @@ class ImageLoadError(UsageError):
     """An image could not be read, or is refused; the message names the file and the problem."""
 
 
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (its type name when it has none).
+# -- text shown to people ----------------------------------------------------------------------
+
+VALUE_LIMIT = 200  # characters of a value from a file or the command line echoed in a message
+MESSAGE_LIMIT = 400  # characters of a whole one-line error message
+
+# What a terminal, a Markdown viewer or a log must never receive raw: C0/C1 controls (ESC starts
+# terminal commands, BEL, DEL …), line and paragraph separators, surrogates, private-use code
+# points, and the bidirectional overrides that reorder what is shown ("Trojan source").
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+    "\ud800-\udfff\ue000-\uf8ff]"
+)
+_UNSAFE_WITH_BREAKS = re.compile(_UNSAFE.pattern[:-1] + "\\t\\n]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, keep_newlines: bool = False) -> str:
+    r"""``text`` with every control character escaped as ``\xNN`` / ``\uNNNN``, so that a
+    terminal, a log or a Markdown page shows it instead of obeying it (``keep_newlines``: keep
+    line breaks and tabs).
 
     Example:
-        >>> one_line(ValueError("bad value\\n  more detail"))
-        'bad value more detail'
+        >>> printable("\x1b]0;PWNED\x07\x1b[2J")
+        '\\x1b]0;PWNED\\x07\\x1b[2J'
     """
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    pattern = _UNSAFE if keep_newlines else _UNSAFE_WITH_BREAKS
+    return pattern.sub(_escape_char, str(text))
+
+
+def clip(text: object, limit: int = VALUE_LIMIT) -> str:
+    """A value made safe to echo in a one-line message: :func:`printable`, and cut to ``limit``
+    characters (``…`` and the full length mark the cut).
+
+    Example:
+        >>> clip("x" * 10_000, 10)
+        'xxxxxxxxxx… (10000 characters)'
+    """
+    raw = str(text)
+    shown = printable(raw[: limit + 1])
+    if len(raw) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}… ({len(raw)} characters)"
+
+
+def _cut_middle(text: str, limit: int) -> str:
+    # the start names the input and the end says the problem: cut in between
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    tail = limit - 1 - head
+    return f"{text[:head]}…{text[-tail:] if tail else ''}"
+
+
+def one_line(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    r"""The exception's message on one line (its type name when it has none), control characters
+    escaped and cut in the middle to ``limit`` characters.
+
+    Example:
+        >>> one_line(ValueError("bad value\n  more detail \x1b[2J"))
+        'bad value more detail \\x1b[2J'
+    """
+    text = printable(" ".join(str(exc).split()))
+    return _cut_middle(text, limit) or type(exc).__name__
+
+
+# what changes Markdown's meaning inside a line: escapes, code, emphasis, links and images,
+# table cells, strikethrough, maths, headings (intraword "_" is plain text in CommonMark)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|~$#]|(?<!\w)_|_(?!\w))")
+
+
+def markdown_text(text: object, limit: int | None = None) -> str:
+    r"""Text from a file or a model made safe for Markdown (a table cell, a list item, a
+    heading): HTML-escaped (``&``, ``<``, ``>``), Markdown punctuation backslash-escaped, control
+    characters escaped, line breaks shown as ``⏎``; cut at ``limit`` characters if given.
+
+    Example:
+        >>> print(markdown_text("<b>x</b> | *y*"))
+        &lt;b&gt;x&lt;/b&gt; \| \*y\*
+    """
+    raw = str(text)
+    if limit is not None and len(raw) > limit:
+        raw = raw[:limit] + "…"
+    raw = raw.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [printable(line) for line in raw.split("\n")]
+    escaped = [_MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(line, quote=False)) for line in lines]
+    return " ⏎ ".join(escaped)
+
+
+class EscapingFormatter(logging.Formatter):
+    """A log formatter that escapes control characters (:func:`printable`, line breaks kept):
+    file names and model text reach the log, which a terminal shows."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep_newlines=True)
+
+
+def configure_logging(**kwargs: Any) -> None:
+    """``logging.basicConfig(**kwargs)`` with :class:`EscapingFormatter` on the handlers it adds
+    (nothing changes where logging was configured already, e.g. under pytest).
+
+    Example:
+        >>> configure_logging(level=logging.WARNING, format="%(levelname)s %(message)s")
+    """
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(**kwargs)
+    for handler in root.handlers:
+        if handler not in before:
+            handler.setFormatter(EscapingFormatter(kwargs.get("format"), kwargs.get("datefmt")))
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -374,6 +509,193 @@ def _decode(handle: IO[bytes], label: str, max_pixels: int) -> Image.Image:
 # -- output files ----------------------------------------------------------------------------
 
 
+class UnsafePathError(UsageError):
+    """A path refused for safety (bad input: exit code 2): an output that is a symbolic link or
+    not a regular file, a data path that leaves its root, a folder that is not the command's."""
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# close-on-exec; non-blocking so that a FIFO planted at an output name cannot hang the open
+_O_EXTRA = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _link_refused(path: Path, what: str) -> UnsafePathError:
+    return UnsafePathError(
+        f"{what} {path}: is a symbolic link; jmllm never writes through a link (remove it, or "
+        "choose another output)"
+    )
+
+
+def refuse_link(path: str | os.PathLike[str], what: str = "output") -> Path:
+    """Refuse to write at ``path`` if it is a symbolic link, or exists as anything but a regular
+    file; a missing path is fine.
+
+    Raises:
+        UnsafePathError: naming ``what``, the path and the problem.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> (root / "link").symlink_to(root / "victim")
+        >>> try:
+        ...     refuse_link(root / "link", "report")
+        ... except UnsafePathError as exc:
+        ...     print(str(exc).replace(str(root), "ROOT").split(";")[0])
+        report ROOT/link: is a symbolic link
+    """
+    target = Path(path)
+    try:
+        mode = os.lstat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return target
+    if stat.S_ISLNK(mode):
+        raise _link_refused(target, what)
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UnsafePathError(f"{what} {target}: exists and is {kind}")
+    return target
+
+
+def open_nofollow(
+    path: str | os.PathLike[str], flags: int, mode: int = 0o666, what: str = "output"
+) -> int:
+    """``os.open`` for a file the project writes: a symbolic link at ``path`` is refused
+    (``O_NOFOLLOW``; where the system has none, by looking first), and so is anything that is
+    not a regular file (a FIFO, a device).
+
+    Returns:
+        The open file descriptor (close-on-exec).
+
+    Raises:
+        UnsafePathError: ``path`` is a link or not a regular file (its target is untouched).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.jsonl"
+        >>> fd = open_nofollow(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        >>> os.write(fd, b"{}\\n")
+        3
+        >>> os.close(fd)
+    """
+    target = Path(path)
+    if not _O_NOFOLLOW:
+        refuse_link(target, what)
+    try:
+        fd = os.open(target, flags | _O_NOFOLLOW | _O_EXTRA, mode)
+    except OSError as exc:
+        if os.path.islink(target):  # ELOOP (Linux, macOS) or EMLINK (FreeBSD)
+            raise _link_refused(target, what) from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise UnsafePathError(f"{what} {target}: exists and is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"{what} {target}: exists and is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def resolve_inside(root: str | os.PathLike[str], relative: object, what: str = "path") -> Path:
+    """``root / relative`` for a path read from a data file, refused unless it stays inside
+    ``root``: no absolute path, no ``..``, and no symbolic link that leads out of ``root``.
+
+    Args:
+        root: the folder the data file declares (e.g. ``--images``).
+        relative: the path as the data file gives it.
+        what: names the field in messages (e.g. ``"images[3].file_name"``).
+
+    Returns:
+        ``root / relative`` (not resolved: messages keep the user's spelling).
+
+    Raises:
+        UnsafePathError: one line naming ``what``, the path (cut to 200 characters) and why.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> resolve_inside(root, "a/b.png").name
+        'b.png'
+        >>> try:
+        ...     resolve_inside(root, "../secret.png", "images[0].file_name")
+        ... except UnsafePathError as exc:
+        ...     print(str(exc).split(";")[0])
+        images[0].file_name '../secret.png': leaves its folder with '..'
+    """
+    if not isinstance(relative, str):
+        raise UnsafePathError(
+            f"{what}: must be a relative path (text), got {type(relative).__name__}"
+        )
+    shown = repr(clip(relative))
+    if not relative or "\x00" in relative:
+        raise UnsafePathError(f"{what} {shown}: not a file name")
+    pure = Path(relative)
+    if pure.is_absolute() or pure.drive or pure.root:
+        raise UnsafePathError(
+            f"{what} {shown}: an absolute path; paths here are relative to {root}"
+        )
+    if ".." in pure.parts:
+        raise UnsafePathError(
+            f"{what} {shown}: leaves its folder with '..'; paths here stay in {root}"
+        )
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise UnsafePathError(
+            f"{what} {shown}: a symbolic link that leads out of {root}; paths here stay inside it"
+        )
+    return Path(root) / pure
+
+
+def read_json(path: str | os.PathLike[str], what: str | None = None) -> Any:
+    """The JSON document of a user's file; every way the file can be bad is one line naming it:
+    missing, unreadable, not UTF-8, not JSON, nested deeper than Python can read.
+
+    Raises:
+        UsageError: the one-line message (bad input: exit code 2).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "deep.json"
+        >>> _ = p.write_text("[" * 100_000 + "]" * 100_000)
+        >>> try:
+        ...     read_json(p, "annotations")
+        ... except ValueError as exc:
+        ...     print(exc)
+        annotations: not valid JSON (nested too deeply)
+    """
+    label = what or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{label}: is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{label}: not UTF-8 text") from None
+    except OSError as exc:
+        raise UsageError(f"{label}: cannot be read ({exc.strerror or exc})") from None
+    return parse_json(text, label)
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` with one-line errors naming ``what`` (malformed, or nested too deeply).
+
+    Example:
+        >>> parse_json('{"a": [1]}', "provenance")
+        {'a': [1]}
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise UsageError(f"{what}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, TypeError) as exc:
+        raise UsageError(f"{what}: not valid JSON ({type(exc).__name__})") from None
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where the system allows (Linux /proc);
     elsewhere with the ``os.umask`` round trip."""
@@ -412,6 +734,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         b'x'
     """
     path = Path(path)
+    refuse_link(path)  # os.replace would not follow it, but a link here was planted: say so
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -497,11 +820,180 @@ def check_output_dir(path: str | os.PathLike[str], what: str = "output folder") 
     return target
 
 
+OUTPUTS_RECORD = ".jmllm-outputs.json"  # in an output folder: which entries which command wrote
+
+
+class ForeignOutputError(UnsafePathError):
+    """An output folder holds entries the command did not write (bad usage: exit code 2)."""
+
+
+def _read_record(folder: Path) -> dict[str, str]:
+    path = folder / OUTPUTS_RECORD
+    if os.path.islink(path) or not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(entries, dict):
+        return {}
+    return {str(k): str(v) for k, v in entries.items() if isinstance(v, str)}
+
+
+def _write_record(folder: Path, entries: dict[str, str]) -> None:
+    doc = {"format": 1, "entries": dict(sorted(entries.items()))}
+    atomic_write_text(folder / OUTPUTS_RECORD, json.dumps(doc, indent=1) + "\n")
+
+
+def _owned(name: str, owner: str | None, command: str) -> bool:
+    if owner == command:
+        return True
+    # an atomic write's temporary file, left by a killed run, belongs with its file
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def foreign_entries(folder: str | os.PathLike[str], command: str) -> list[str]:
+    """Names of the entries of ``folder`` that ``command`` did not write, by the folder's
+    :data:`OUTPUTS_RECORD` (a symbolic link is never the command's); sorted.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (root / "README.md").write_text("mine")
+        >>> foreign_entries(root, "jmllm-joint sample-data")
+        ['README.md']
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    record = _read_record(root)
+    foreign = []
+    for entry in os.scandir(root):
+        if entry.name == OUTPUTS_RECORD:
+            continue
+        if entry.is_symlink() or not _owned(entry.name, record.get(entry.name), command):
+            foreign.append(entry.name)
+    return sorted(foreign)
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(clip(n, 60) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def claim_output_folder(
+    folder: str | os.PathLike[str],
+    command: str,
+    outputs: Sequence[str],
+    *,
+    force: bool = False,
+    what: str = "--out",
+) -> Path:
+    """Check that ``command`` may write its ``outputs`` into ``folder``, and record them as its
+    own in the folder's :data:`OUTPUTS_RECORD` (before the work, so that a killed run's files are
+    still its own when it is rerun).
+
+    - A new or empty folder, or one holding only what ``command`` wrote before: fine.
+    - Anything else in it (a user's files, another command's, a planted link) refuses the folder,
+      unless ``force``.
+    - With ``force`` the command writes beside those entries but never replaces one: an output
+      name that is taken by an entry it did not write is refused all the same.
+
+    Args:
+        folder: the output folder (created if missing).
+        command: who writes, e.g. ``"jmllm-joint sample-data"``.
+        outputs: the names of the files and folders ``command`` writes directly in ``folder``.
+        force: write beside entries the command did not write.
+        what: names the option in messages.
+
+    Raises:
+        ForeignOutputError: one line naming the folder and (some of) the entries in the way.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (root / "README.md").write_text("the user's")
+        >>> try:
+        ...     claim_output_folder(root, "jmllm-joint sample-data", ["README.md"], force=True)
+        ... except ForeignOutputError as exc:
+        ...     print(str(exc).replace(str(root), "ROOT").split(",")[0])
+        --out ROOT: README.md was not written by jmllm-joint sample-data
+    """
+    root = Path(folder)
+    check_output_claim(root, command, outputs, force=force, what=what)
+    record = {k: v for k, v in _read_record(root).items() if os.path.lexists(root / k)}
+    record.update(dict.fromkeys(outputs, command))
+    root.mkdir(parents=True, exist_ok=True)
+    _write_record(root, record)
+    return root
+
+
+def check_output_claim(
+    folder: str | os.PathLike[str],
+    command: str,
+    outputs: Sequence[str],
+    *,
+    force: bool = False,
+    what: str = "--out",
+) -> None:
+    """The checks of :func:`claim_output_folder` alone, writing nothing: for a command that
+    refuses a folder before its slow work and claims it once it has something to write.
+
+    Raises:
+        ForeignOutputError: as :func:`claim_output_folder`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> check_output_claim(pathlib.Path(tempfile.mkdtemp()) / "new", "tool", ["a.txt"])
+    """
+    root = Path(folder)
+    if os.path.lexists(root) and not root.is_dir():
+        raise NotADirectoryError(f"{what} {root}: exists and is not a folder")
+    refuse_link(root / OUTPUTS_RECORD, what)
+    foreign = foreign_entries(root, command)
+    taken = [name for name in outputs if name in foreign]
+    if taken:
+        raise ForeignOutputError(
+            f"{what} {root}: {_listed(taken)} {'was' if len(taken) == 1 else 'were'} not written "
+            f"by {command}, which never replaces what it did not write, even with --force (move "
+            f"{'it' if len(taken) == 1 else 'them'} away, or choose another folder)"
+        )
+    if foreign and not force:
+        raise ForeignOutputError(
+            f"{what} {root}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+            f"{command} did not write ({_listed(foreign)}); choose a new or empty folder, or "
+            "pass --force to write beside them (they are left untouched)"
+        )
+
+
+def _prune_record(folder: Path) -> None:
+    """Drop the record's names that were not written after all; no record when none is left."""
+    record = _read_record(folder)
+    kept = {k: v for k, v in record.items() if os.path.lexists(folder / k)}
+    path = folder / OUTPUTS_RECORD
+    if kept == record and (kept or not path.exists()):
+        return
+    if kept:
+        _write_record(folder, kept)
+    elif not os.path.islink(path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 @contextlib.contextmanager
-def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+def output_folder(
+    path: str | os.PathLike[str],
+    *,
+    command: str | None = None,
+    outputs: Sequence[str] = (),
+    force: bool = False,
+    what: str = "--out",
+) -> Iterator[Path]:
     """Create ``path`` (and missing parents) for some work; if the work raises, remove the folders
     it created that are still empty. A folder that existed before is never removed, and nothing
-    is removed after success.
+    is removed after success. With a ``command``, the folder is first claimed for it
+    (:func:`claim_output_folder`; ``outputs`` are the names it writes there).
 
     Example:
         >>> import pathlib, tempfile
@@ -518,12 +1010,19 @@ def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     if os.path.lexists(target) and not target.is_dir():
         raise UsageError(f"{target}: exists and is not a folder")
     created = [folder for folder in (*reversed(target.parents), target) if not folder.exists()]
+    if command is not None:
+        claim_output_folder(target, command, outputs, force=force, what=what)
     target.mkdir(parents=True, exist_ok=True)
     try:
         yield target
     except BaseException:
+        if command is not None and target in created:  # its record goes with the new folder
+            with contextlib.suppress(FileNotFoundError):
+                (target / OUTPUTS_RECORD).unlink()
         remove_empty_folders(created)
         raise
+    if command is not None:
+        _prune_record(target)
 
 
 def remove_empty_folders(folders: Sequence[Path]) -> None:

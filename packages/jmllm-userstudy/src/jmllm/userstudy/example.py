@@ -25,7 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .conventions import UsageError, check_output_dir
+from .conventions import UsageError, check_output_dir, claim_output_folder
+
+EXAMPLE_COMMAND = "jmllm-userstudy example"
 
 __all__ = [
     "EXAMPLE_SOURCES",
@@ -195,8 +197,10 @@ def write_example(
 
     Args:
         out_dir: Folder to write into (created if missing); images go to ``images/``.
-        force: Replace an existing ``study.yaml`` and example images. Without it, a folder
-            that already holds any of them is left untouched (an edited spec is never lost).
+        force: Replace the ``study.yaml`` and example images of an earlier example, or write
+            into a folder that holds other files. Without it, a folder that already holds any
+            of them is left untouched (an edited spec is never lost); with it, a ``study.yaml``
+            or ``images/`` that the example did not write is still never replaced.
         source: ``"toy"``: questions from the toy world's GA explanations (needs the
             ``joint`` extra; what ``jmllm-userstudy example`` writes); ``"placeholders"``: the
             paper's questions with generated placeholder images (no model needed).
@@ -240,6 +244,9 @@ def write_example(
                 "'jmllm-userstudy[joint]' (or use --placeholders)"
             )
     check_output_dir(out, "example folder")
+    # a folder with other files needs force, and even then no file the example did not write
+    # (a user's own study.yaml or images/) is replaced
+    claim_output_folder(out, EXAMPLE_COMMAND, ("study.yaml", "images"), force=force, what="out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     entries, header = _toy_entries(out) if source == "toy" else _placeholder_entries(out)
     spec = header + "title: Which explanation is for which object?\nseed: 2024\nquestions:\n"

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import io
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .conventions import markdown_text
 from .score import Rate, StudyScore
 
 __all__ = ["markdown_report", "plot_per_question", "write_results"]
@@ -19,17 +18,17 @@ __all__ = ["markdown_report", "plot_per_question", "write_results"]
 # Markdown punctuation to backslash-escape. Not "<", ">", "&": those are HTML-escaped first (and
 # only those: quotes need no escaping outside attributes), and the entities that produces (&lt;
 # &gt; &amp;) contain none of these characters, so nothing is escaped twice.
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#~!])")
 
 
 def _md(text: str) -> str:
     r"""Text safe in a Markdown table cell: ``<``, ``>``, ``&`` HTML-escaped, Markdown
-    punctuation backslashed, each once.
+    punctuation backslashed, control characters escaped, one line
+    (:func:`jmllm.userstudy.conventions.markdown_text`).
 
     >>> print(_md("it's <b>x</b> | #1"))
     it's &lt;b&gt;x&lt;/b&gt; \| \#1
     """
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(text.replace("\n", " "), quote=False))
+    return markdown_text(text)
 
 
 def _pct(value: float) -> str:

@@ -32,7 +32,14 @@ from typing import Any
 
 import yaml
 
-from .conventions import ImageLoadError, UsageError, open_image
+from .conventions import (
+    ImageLoadError,
+    UnsafePathError,
+    UsageError,
+    clip,
+    open_image,
+    resolve_inside,
+)
 
 __all__ = [
     "ANSWERS",
@@ -362,8 +369,11 @@ def _parse_question(raw: Any, index: int, root: Path, fail: _Fail) -> Question:
 
 def _image_file(value: Any, root: Path, field: str, fail: _Fail) -> Path:
     if not isinstance(value, str) or not value.strip():
-        raise fail(field, f"must be a file path, got {value!r}")
-    path = (root / value).resolve()
+        raise fail(field, f"must be a file path, got {clip(repr(value))}")
+    try:  # beside the spec: no absolute path, no "..", no link that leads out of its folder
+        path = resolve_inside(root, value, "path").resolve()
+    except UnsafePathError as exc:
+        raise fail(field, str(exc).removeprefix("path ")) from None
     if not path.is_file():
         raise fail(field, f"image file not found: {value} (looked at {path})")
     try:

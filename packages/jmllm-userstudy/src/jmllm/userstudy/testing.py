@@ -9,7 +9,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .randomisation import participant_order, participant_seed
 from .score import ANSWERS_FORMAT
 from .spec import StudySpec
@@ -110,5 +110,5 @@ def write_png_header(path: str | os.PathLike[str], width: int, height: int) -> P
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
     data += chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
     path = Path(path)
-    path.write_bytes(data)
+    atomic_write_bytes(path, data)
     return path

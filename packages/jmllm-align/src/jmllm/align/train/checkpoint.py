@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jmllm.align.files import atomic_write
+from jmllm.align.files import atomic_write, open_nofollow
 from jmllm.align.train.config import TrainConfig
 
 CHECKPOINT_FORMAT = "jmllm-align-checkpoint"
@@ -94,7 +94,8 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> 
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # never through a link
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -107,7 +108,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a row cut short by the kill
+        except (json.JSONDecodeError, RecursionError, AttributeError):
+            continue  # a row cut short by the kill (or not a metrics row at all)
     text = "".join(line + "\n" for line in keep)
     write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

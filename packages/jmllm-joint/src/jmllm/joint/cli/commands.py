@@ -34,8 +34,10 @@ from jmllm.align.options import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     ArgumentParser,
+    configure_logging,
     exit_code_for,
     one_line,
+    printable,
     quiet_third_party,
 )
 from jmllm.joint.cli.common import (
@@ -50,6 +52,7 @@ from jmllm.joint.cli.common import (
     TOY_WORLD_NOTE,
     common_arguments,
     detection_arguments,
+    force_argument,
     generation_arguments,
     generation_kwargs,
     image_arg,
@@ -62,6 +65,11 @@ from jmllm.joint.cli.common import (
 )
 
 logger = logging.getLogger("jmllm.joint.cli")
+
+# what each command writes directly in --out (its folder is claimed for these names)
+DEMO, CHAT, DETECT = "jmllm-joint demo", "jmllm-joint chat", "jmllm-joint detect"
+REPORT_OUTPUTS = ("report.html", "result.json", "detections.png")
+DEMO_OUTPUTS = (*REPORT_OUTPUTS, "explanation")
 
 PLUGINS = (  # modules adding subcommands, in the order --help lists them
     "jmllm.joint.cli_explain",
@@ -83,10 +91,10 @@ def _run_chat(
 
 def _print_conversation(conversation: Any, stock: Any) -> None:
     for i, turn in enumerate(conversation.turns):
-        print(f"USER: {turn.question}")
-        print(f"J: {turn.answer}")
+        print(f"USER: {printable(turn.question, keep_newlines=True)}")
+        print(f"J: {printable(turn.answer, keep_newlines=True)}")
         if stock is not None:
-            print(f"LLaVA: {stock.turns[i].answer}")
+            print(f"LLaVA: {printable(stock.turns[i].answer, keep_newlines=True)}")
 
 
 def _write_outputs(
@@ -141,17 +149,17 @@ def _print_detections(detections: Any, limit: int) -> None:
     print(f"{len(records)} detections (score >= {detections.threshold:g}{more})")
     for record in shown:
         box = ", ".join(f"{v:.1f}" for v in record["box"])
-        print(f"  {record['label']:<16} {record['score']:.3f}  [{box}]")
+        print(f"  {printable(record['label']):<16} {record['score']:.3f}  [{box}]")
 
 
 # ---------------------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
     """Chat + detection + GA explanation on the sample image shipped with the package; writes
     report.html and explanation/report.html."""
-    out = out_dir(args.out)
+    out = out_dir(args.out, DEMO, DEMO_OUTPUTS, args.force)
     tiny = not (args.owl or args.llava or args.alignment)
     args.tiny = args.tiny or tiny
-    with output_folder(out):
+    with output_folder(out, DEMO, DEMO_OUTPUTS, args.force):
         return _demo(args, out)
 
 
@@ -266,7 +274,7 @@ def _interactive_questions() -> Any:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat about IMAGE: scripted with --prompt (repeatable) or interactive."""
     image = image_arg(args.image)
-    out = out_dir(args.out) if args.out else None
+    out = out_dir(args.out, CHAT, REPORT_OUTPUTS, args.force) if args.out else None
     if args.queries is not None:
         queries_of(args)  # bad queries are refused before the models load
     model = load_model(args)
@@ -281,10 +289,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         conversation, stock = Conversation(), (Conversation() if args.compare else None)
         for question in _interactive_questions():
             conversation = model.chat(emb, question, history=conversation, **kwargs)
-            print(f"J: {conversation.turns[-1].answer}", flush=True)
+            print(f"J: {printable(conversation.turns[-1].answer, keep_newlines=True)}", flush=True)
             if stock is not None:
                 stock = model.chat(emb, question, history=stock, vision="llava", **kwargs)
-                print(f"LLaVA: {stock.turns[-1].answer}", flush=True)
+                print(f"LLaVA: {printable(stock.turns[-1].answer, keep_newlines=True)}", flush=True)
     if out is not None and conversation.turns:
         detections = None
         if args.queries:
@@ -295,7 +303,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 nms_iou=nms_of(args),
                 template=args.query_template,
             )[0]
-        with output_folder(out):
+        with output_folder(out, CHAT, REPORT_OUTPUTS, args.force):
             report = _write_outputs(out, model, emb, conversation, stock, detections, args)
         print(f"Report: {report}")
     return 0
@@ -320,7 +328,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
             record["stock_llava"] = stock.text
         print(json.dumps(record, ensure_ascii=False))
     else:
-        print(answer.text if stock is None else f"J: {answer.text}\nLLaVA: {stock.text}")
+        text = answer.text if stock is None else f"J: {answer.text}\nLLaVA: {stock.text}"
+        print(printable(text, keep_newlines=True))  # model text: never raw to the terminal
     return 0
 
 
@@ -329,13 +338,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     image = image_arg(args.image)
     queries = queries_of(args)
     nms_iou = nms_of(args)
-    out = out_dir(args.out)
+    out = out_dir(args.out, DETECT, REPORT_OUTPUTS, args.force)
     model = load_model(args, language=False)  # detection needs OWL-ViT only
     emb = model.embed([image])
     detections = model.detect(
         emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.query_template
     )[0]
-    with output_folder(out):
+    with output_folder(out, DETECT, REPORT_OUTPUTS, args.force):
         report = _write_outputs(out, model, emb, None, None, detections, args)
     _print_detections(detections, args.max_boxes)
     print(f"Report: {report}")
@@ -368,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="jmllm-joint-demo", help="output folder (default ./jmllm-joint-demo)"
     )
+    force_argument(demo)
     generation_arguments(demo)
     template_argument(demo, INTERACTIVE_TEMPLATE)
     detection_arguments(demo, TOY_DEMO_QUERIES)
@@ -392,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--out", help="also write report.html (and detections with -q) to this folder"
     )
+    force_argument(chat)
     generation_arguments(chat)
     template_argument(chat, INTERACTIVE_TEMPLATE)
     detection_arguments(chat)
@@ -410,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect = sub.add_parser("detect", parents=[common], help="open-vocabulary detections from t")
     detect.add_argument("image", help="image file")
     detect.add_argument("--out", required=True, help="output folder")
+    force_argument(detect)
     detection_arguments(detect)
     detect.set_defaults(func=cmd_detect)
 
@@ -423,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jmllm-joint``; returns the exit code (docs/conventions.md)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
+    configure_logging(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )

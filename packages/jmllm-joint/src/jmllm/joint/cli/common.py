@@ -316,10 +316,14 @@ def nms_of(args: argparse.Namespace) -> float | None:
     return None if args.nms >= 1.0 else args.nms
 
 
-def out_dir(path: str) -> Path:
+def out_dir(
+    path: str, command: str | None = None, outputs: Sequence[str] = (), force: bool = False
+) -> Path:
     """Check ``--out`` (a folder, or a path where one can be made) without creating it: it is
     created when there is something to write (:func:`output_folder`), so a run that fails
-    first leaves no empty folder behind."""
+    first leaves no empty folder behind. With a ``command``, a folder holding entries it did not
+    write is refused now, before any model loads (unless ``force``; see
+    :func:`jmllm.align.files.claim_output_folder`)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out}: exists and is not a folder")
@@ -330,14 +334,31 @@ def out_dir(path: str) -> Path:
         raise CliError(f"--out {out}: cannot create folder (no existing parent folder)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CliError(f"--out {out}: cannot create or write the folder (permission denied)")
+    if command is not None:
+        from jmllm.align.files import check_output_claim
+
+        check_output_claim(out, command, outputs, force=force)
     return out
 
 
-def output_folder(out: Path) -> Any:
-    """Create ``out`` for the outputs; removed again if still empty when the work fails."""
+def output_folder(
+    out: Path, command: str | None = None, outputs: Sequence[str] = (), force: bool = False
+) -> Any:
+    """Create ``out`` for the outputs; removed again if still empty when the work fails. With a
+    ``command``, the folder is claimed for it first (its ``outputs`` recorded as its own)."""
     from jmllm.align.files import output_folder as folder
 
-    return folder(out)
+    return folder(out, command=command, outputs=outputs, force=force)
+
+
+def force_argument(parser: argparse.ArgumentParser) -> None:
+    """``--force``: write into an ``--out`` that holds files the command did not write."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that holds files this command did not write (they are never "
+        "replaced or deleted)",
+    )
 
 
 def image_arg(path: str) -> Path:

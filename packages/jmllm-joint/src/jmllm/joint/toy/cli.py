@@ -41,7 +41,12 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a brief run of the same recipe (minutes; checks that it learns, not for use)",
     )
-    train.add_argument("--force", action="store_true", help="replace a toy world already in --out")
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a toy world this command trained in --out, or train beside other files "
+        "(never replacing or deleting them)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("-v", "--verbose", action="store_true", help="log progress")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -100,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out}: already holds a toy world; pass --force to replace it")
     recipe = ToyRecipe.quick(args.seed) if args.quick else ToyRecipe(seed=args.seed)
     recipe.threads = args.threads
-    manifest = train_toy_world(out, recipe, progress=not args.no_progress)
+    manifest = train_toy_world(out, recipe, progress=not args.no_progress, force=args.force)
     _print_scores(manifest["metrics"], manifest["seconds"])
     print(f"Toy world: {out} ({manifest['total_bytes'] / 1e6:.1f} MB)")
     return 0

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from jmllm.align.files import ForeignOutputError, foreign_entries, output_folder
 from jmllm.joint.toy.captioner import CaptionerRecipe, train_captioner
 from jmllm.joint.toy.detector import DetectorRecipe, train_detector
 from jmllm.joint.toy.models import (
@@ -260,16 +261,30 @@ def _train_alignment(
     }
 
 
+TRAIN_COMMAND = "jmllm-joint toy train"
+TRAIN_OUTPUTS = (OWL_DIR, LLAVA_DIR, ALIGNMENT_FILE, MANIFEST_NAME)  # what it writes in ``out``
+
+
 def train_toy_world(
-    out: str | os.PathLike[str], recipe: ToyRecipe | None = None, progress: bool = True
+    out: str | os.PathLike[str],
+    recipe: ToyRecipe | None = None,
+    progress: bool = True,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train the toy world into ``out`` and return its manifest (also written to
     ``out/manifest.json``).
+
+    ``out`` must be new, empty or hold a toy world this command trained; anything else in it is
+    refused unless ``force``, and even then an ``owlvit/``, ``llava/``, ``alignment.safetensors``
+    or ``manifest.json`` it did not write is never replaced or deleted
+    (:func:`jmllm.align.files.claim_output_folder`).
 
     Args:
         out: folder to hold ``owlvit/``, ``llava/``, ``alignment.safetensors`` and the manifest.
         recipe: :class:`ToyRecipe` (default: the shipped recipe).
         progress: tqdm bars for every stage.
+        force: train into a folder that holds other files too (left untouched).
 
     Returns:
         The manifest as a dict.
@@ -279,16 +294,22 @@ def train_toy_world(
         >>> manifest["metrics"]["caption_accuracy"]["joint"]["llava-1.5"]  # doctest: +SKIP
         0.97
     """
+    recipe = recipe or ToyRecipe()
+    with output_folder(
+        out, command=TRAIN_COMMAND, outputs=TRAIN_OUTPUTS, force=force, what="--out"
+    ) as root:
+        return _train_toy_world(root, recipe, progress)
+
+
+def _train_toy_world(out: Path, recipe: ToyRecipe, progress: bool) -> dict[str, Any]:
     from jmllm.joint.model import JointModel
     from jmllm.joint.report import atomic_write_text
     from jmllm.joint.toy.evaluate import evaluate_joint
 
-    recipe = recipe or ToyRecipe()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
-    staging = Path(tempfile.mkdtemp(prefix=".toy-staging-", dir=out))
+    # ".tmp": a killed run's staging folder is still this command's (not a foreign entry)
+    staging = Path(tempfile.mkdtemp(prefix=".toy-staging-", suffix=".tmp", dir=out))
     times: dict[str, StageTime] = {}
     try:
         with _timed(times, "scenes"):
@@ -351,10 +372,17 @@ def train_toy_world(
             "files": digests,
             "total_bytes": sum(d["bytes"] for d in digests.values()),
         }
+        # training took minutes: whatever appeared meanwhile under these names is not ours
+        taken = set(foreign_entries(out, TRAIN_COMMAND)) & set(TRAIN_OUTPUTS)
+        if taken:
+            raise ForeignOutputError(
+                f"--out {out}: {', '.join(sorted(taken))} appeared while training and "
+                f"{TRAIN_COMMAND} did not write it; nothing was replaced"
+            )
         for entry in (OWL_DIR, LLAVA_DIR, ALIGNMENT_FILE):
             target = out / entry
-            if target.is_dir():
-                shutil.rmtree(target)
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # the previous toy world this command wrote
             os.replace(staging / entry, target)
         atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
         return manifest
