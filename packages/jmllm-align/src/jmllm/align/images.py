@@ -11,11 +11,13 @@ the hallucination view, WSOL, bias portraits) goes through :func:`open_image`:
    scale that is still at least the working size, so a 100-megapixel photo never exists in
    memory at full size.
 3. **One downscale to the working size.** The decoded image is converted to 8-bit RGB (EXIF
-   orientation applied, alpha on white, 16-bit scaled) and shrunk once, aspect kept, to at most
+   orientation applied unless ``exif_orientation=False``, the authors' ``authors`` preprocessing
+   of :mod:`jmllm.align.preprocessing`; alpha on white, 16-bit scaled) and shrunk once, aspect
+   kept, to at most
    :data:`WORKING_SIDE` (4096) pixels on its longest side. Models see at most 768 px, so nothing
    they could use is lost.
 4. **The original size travels with it.** :class:`LoadedImage` carries the full-resolution
-   (oriented) size; boxes are computed in, or mapped back to, the original pixels
+   (oriented, when the orientation is applied) size; boxes are computed in, or mapped back to, the original pixels
    (:meth:`LoadedImage.to_original`, :func:`box_scale`), whatever size was decoded.
 """
 
@@ -161,12 +163,22 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied; alpha on white; 16/32-bit grey scaled to 8 bits; RGB."""
-    try:
-        image = ImageOps.exif_transpose(image) or image
-    except Exception:  # a broken EXIF block should not make the pixels unusable
-        pass
+def _original_size(image: Image.Image, exif_orientation: bool) -> tuple[int, int]:
+    """The full-resolution (width, height) as the working copy will stand."""
+    width, height = image.size
+    if exif_orientation and _orientation(image) in _ROTATED_ORIENTATIONS:
+        width, height = height, width
+    return width, height
+
+
+def _to_rgb(image: Image.Image, exif_orientation: bool = True) -> Image.Image:
+    """EXIF orientation applied (when asked); alpha on white; 16/32-bit grey scaled to 8 bits;
+    RGB."""
+    if exif_orientation:
+        try:
+            image = ImageOps.exif_transpose(image) or image
+        except Exception:  # a broken EXIF block should not make the pixels unusable
+            pass
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         peak = array.max() if array.size and array.max() > 0 else 1.0
@@ -188,7 +200,9 @@ def _shrink(image: Image.Image, max_side: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
-def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int) -> LoadedImage:
+def _decode(
+    handle: IO[bytes], name: str, max_side: int | None, max_pixels: int, exif_orientation: bool
+) -> LoadedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -206,10 +220,10 @@ def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
     width, height = header_size
-    if _orientation(image) in _ROTATED_ORIENTATIONS:
+    if exif_orientation and _orientation(image) in _ROTATED_ORIENTATIONS:
         width, height = height, width
     try:
-        rgb = _shrink(_to_rgb(image), max_side)
+        rgb = _shrink(_to_rgb(image, exif_orientation), max_side)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
     return LoadedImage(rgb, (width, height), name)
@@ -221,11 +235,14 @@ def open_image(
     max_side: int | None = WORKING_SIDE,
     max_pixels: int = MAX_IMAGE_PIXELS,
     name: str | None = None,
+    exif_orientation: bool = True,
 ) -> LoadedImage:
     """Decode an image under the policy (module docstring): header check, reduced JPEG decoding,
     8-bit RGB working copy of at most ``max_side`` px, original size kept.
 
-    Conversions: EXIF orientation applied; alpha (RGBA, LA, P with transparency) composited on
+    Conversions: EXIF orientation applied (unless ``exif_orientation`` is False: the pixels as
+    stored, as the authors' ``Image.open(path).convert("RGB")`` left them); alpha (RGBA, LA, P
+    with transparency) composited on
     white; 16- and 32-bit greyscale (``I;16``, ``I``, ``F``) scaled by their maximum to 0–255;
     CMYK, YCbCr, palette and greyscale converted to RGB by PIL.
 
@@ -234,6 +251,9 @@ def open_image(
         max_side: longest side of the working copy; None keeps the decoded size.
         max_pixels: the pixel limit (default 20 000 × 20 000).
         name: the label used in messages (default: the path, or ``<bytes>``).
+        exif_orientation: turn the image by its EXIF orientation tag (the ``exif``
+            preprocessing); False keeps the stored pixels (``authors``, see
+            :mod:`jmllm.align.preprocessing`).
 
     Returns:
         :class:`LoadedImage`.
@@ -254,12 +274,12 @@ def open_image(
             source.load()
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageLoadError(f"{label}: not a readable image ({exc})") from None
-        width, height = source.size
-        if _orientation(source) in _ROTATED_ORIENTATIONS:
-            width, height = height, width
-        return LoadedImage(_shrink(_to_rgb(source), max_side), (width, height), label)
+        size = _original_size(source, exif_orientation)
+        return LoadedImage(_shrink(_to_rgb(source, exif_orientation), max_side), size, label)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(source)), name or "<bytes>", max_side, max_pixels)
+        return _decode(
+            io.BytesIO(bytes(source)), name or "<bytes>", max_side, max_pixels, exif_orientation
+        )
     path = Path(source)
     label = name or str(path)
     if not path.is_file():
@@ -268,15 +288,19 @@ def open_image(
         # Our own handle, closed on every path: a truncated file's handle must not live on in
         # the traceback of the error (a skip log keeps those).
         with path.open("rb") as handle:
-            return _decode(handle, label, max_side, max_pixels)
+            return _decode(handle, label, max_side, max_pixels, exif_orientation)
     except PermissionError as exc:
         raise ImageLoadError(f"{label}: cannot be read ({exc.strerror or exc})") from None
 
 
 def load_image(
-    source: str | os.PathLike[str] | Image.Image | bytes, *, max_side: int | None = WORKING_SIDE
+    source: str | os.PathLike[str] | Image.Image | bytes,
+    *,
+    max_side: int | None = WORKING_SIDE,
+    exif_orientation: bool = True,
 ) -> Image.Image:
-    """The RGB working copy of an image under the policy (:func:`open_image`'s ``.image``).
+    """The RGB working copy of an image under the policy (:func:`open_image`'s ``.image``;
+    ``exif_orientation`` as there).
 
     Raises:
         ImageLoadError: missing, truncated, corrupt, non-image, empty or too large.
@@ -285,4 +309,4 @@ def load_image(
         >>> load_image(Image.new("LA", (4, 4))).mode
         'RGB'
     """
-    return open_image(source, max_side=max_side).image
+    return open_image(source, max_side=max_side, exif_orientation=exif_orientation).image
