@@ -61,9 +61,7 @@ def test_authors_embeds_the_processors_pixels_of_the_stored_image(
         tiny_joint.embed(stored, preprocessing="pil")
 
 
-def test_generate_and_detect_embed_images_with_the_preprocessing_named(
-    tiny_joint, rotated_photo
-):
+def test_generate_and_detect_embed_images_with_the_preprocessing_named(tiny_joint, rotated_photo):
     authors = tiny_joint.embed(rotated_photo, preprocessing="authors")
     detections = tiny_joint.detect(rotated_photo, ["cat"], threshold=0.0, preprocessing="authors")
     assert detections[0].image_size == authors.image_sizes[0]

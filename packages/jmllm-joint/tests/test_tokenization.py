@@ -119,9 +119,9 @@ def test_joint_prompts_by_tokenization(replica_joint, sample_images):
     n = model.num_image_tokens
     image = [1] + [32000] * n
     legacy = model.prompt_inputs(QUESTION, "paper", tokenization="legacy")["input_ids"][0]
-    assert legacy[: n + 3].tolist() == image + [29871, 13]
+    assert legacy[: n + 3].tolist() == [*image, 29871, 13]
     default = model.prompt_inputs(QUESTION, "paper")["input_ids"][0]  # interactive: checkpoint
-    assert default[: n + 2].tolist() == image + [13]
+    assert default[: n + 2].tolist() == [*image, 13]
     card = model.prompt_inputs(QUESTION, "llava-1.5", tokenization="legacy")["input_ids"][0]
     assert card[: n + 7].tolist() == [1, 3148, 1001, 29901, 29871] + [32000] * n + [29871, 13]
     emb = model.embed(sample_images[0])

@@ -85,7 +85,7 @@ def _metaspaces(pre_tokenizer: Any) -> list[Any]:
     if isinstance(pre_tokenizer, pre_tokenizers.Metaspace):
         return [pre_tokenizer]
     if isinstance(pre_tokenizer, pre_tokenizers.Sequence):
-        found = []
+        found: list[Any] = []
         index = 0
         while True:
             try:
