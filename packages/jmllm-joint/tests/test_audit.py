@@ -217,10 +217,13 @@ def test_fast_path_equals_the_per_question_loop(tiny_joint, batch_size) -> None:
     classes = list(COCO_FIXTURE_CLASSES)
     auditor = YesNoAuditor(tiny_joint, settings, classes, batch_size=batch_size)
     for image in generated_images(2, size=64, seed=21):
-        fast = auditor.ask(tiny_joint.embed([image]).t, classes, return_logits=True)
+        emb = tiny_joint.embed([image], preprocessing=settings.preprocessing)  # authors'
+        fast = auditor.ask(emb.t, classes, return_logits=True)
         slow = ask_one_by_one(tiny_joint, image, classes, settings, return_logits=True)
         assert _answers(fast) == _answers(slow)
         assert [f.answer.text for f in fast] == [s.answer.text for s in slow]
+        assert [f.answer.reply for f in fast] == [s.answer.reply for s in slow]
+        assert {f.answer.tokenization for f in fast} == {"legacy"}
         assert [f.answer.prompt for f in fast] == [s.answer.prompt for s in slow]
         assert {f.answer.template for f in fast} == {s.answer.template for s in slow} == {"paper"}
         assert [f.answer.prompt_ids.tolist() for f in fast] == [
@@ -499,7 +502,7 @@ def _fake_answers(result, model, yes_absent: set[str]):
         if i == 1:
             answer = "<b>maybe</b>"
         tokens = tuple(model.tokenizer(answer, add_special_tokens=False)["input_ids"])
-        records.append(replace(r, answer=answer, tokens=tokens, finished=True))
+        records.append(replace(r, answer=answer, reply=answer, tokens=tokens, finished=True))
     return replace(result, records=records)
 
 

@@ -24,10 +24,16 @@ EXIT_PARTIAL = 3
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``hallucination-audit`` to ``jmllm-joint``'s parser."""
     from jmllm.align.options import finite_float, integer, template_type
+    from jmllm.align.preprocessing import PAPER_PREPROCESSING
     from jmllm.joint.audit import DEFAULT_KV_CACHE_GIB, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
     from jmllm.joint.audit_data import ARTICLES, AUTHORS_QUESTION, SAMPLINGS
     from jmllm.joint.chat import PAPER_TEMPLATE
-    from jmllm.joint.cli.common import template_argument
+    from jmllm.joint.cli.common import (
+        preprocessing_argument,
+        template_argument,
+        tokenization_argument,
+    )
+    from jmllm.joint.tokenization import PAPER_TOKENIZATION
 
     p = subparsers.add_parser(
         "hallucination-audit",
@@ -64,6 +70,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--seed", type=integer(0, 2**63 - 1), default=0, help="seed of sampling and bootstrap (0)"
     )
     template_argument(proto, PAPER_TEMPLATE)  # the authors' notebook
+    tokenization_argument(proto, PAPER_TOKENIZATION)
+    preprocessing_argument(proto, PAPER_PREPROCESSING)
     proto.add_argument(
         "--question",
         type=template_type("--question"),
@@ -104,8 +112,9 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--parse",
         choices=PARSE_RULES,
         default=None,
-        help="answer rule: authors (exactly Yes/No; the default), strict (yes/no, any case), "
-        "pope (POPE's); with --tiny the default is strict, as the toy LLaVA answers in lower case",
+        help="answer rule: authors (the raw text after 'ASSISTANT: ' is exactly Yes or No; the "
+        "default), strict (yes/no, any case), pope (POPE's); with --tiny the default is strict, "
+        "as the toy LLaVA answers in lower case",
     )
     rep.add_argument(
         "--top-k", type=integer(0), default=25, help="hallucinations in the gallery (25)"
@@ -119,7 +128,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         default=0.95,
         help="interval coverage in (0, 1) (0.95)",
     )
-    p.set_defaults(func=cmd_hallucination_audit)
+    # the authors' notebook ran float32: the audit's default (the report says when it is not)
+    p.set_defaults(func=cmd_hallucination_audit, dtype="float32")
 
 
 def _dataset(args: argparse.Namespace) -> Any:
@@ -159,6 +169,8 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
             articles=args.articles,
             query_template=args.query_template,
             max_new_tokens=args.max_new_tokens,
+            tokenization=args.tokenization,
+            preprocessing=args.preprocessing,
         )
         dataset = _dataset(args)
     except AuditError as exc:
