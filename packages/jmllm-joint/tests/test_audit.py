@@ -596,8 +596,27 @@ def test_cli_runs_resumes_and_reports(cli_env, coco, tmp_path, capsys) -> None:
     doc = json.loads((out / "report.json").read_text())
     assert doc["questions"] == 18 and doc["run"]["settings"]["template"] == "paper"
     assert doc["run"]["settings"]["query_template"] == "{}"
+    # the authors' token ids, pixels and precision, recorded in every report file
+    settings = doc["run"]["settings"]
+    assert (settings["tokenization"], settings["preprocessing"]) == ("legacy", "authors")
+    assert doc["run"]["dtype"] == "float32" and doc["run"]["notes"] == []
+    assert "tokenization `legacy`, preprocessing `authors`, dtype `float32`" in (
+        out / "report.md"
+    ).read_text()
+    assert "dtype <code>float32</code>" in (out / "gallery.html").read_text()
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["settings"]["tokenization"] == "legacy"
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert all("reply" in q for line in lines for q in line["questions"])
     assert _cli(*args[:-1], "6") == 0
     assert "6 images (3 audited now, 3 kept" in capsys.readouterr().out
+    # another precision is run as asked, and the report says it is not the authors'
+    other = tmp_path / "bf16"
+    assert _cli(*args[:-7], str(other), "--max-new-tokens", "2", "--resamples", "100",
+                "--limit", "1", "--top-k", "0", "--dtype", "bfloat16") == 0  # fmt: skip
+    doc = json.loads((other / "report.json").read_text())
+    assert doc["run"]["dtype"] == "bfloat16"
+    assert any("not in float32 as the authors' notebook" in n for n in doc["run"]["notes"])
 
 
 @pytest.mark.parametrize(
