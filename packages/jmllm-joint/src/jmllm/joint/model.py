@@ -1002,11 +1002,13 @@ class JointModel:
         if stop.numel():
             new, finished = new[: int(stop[0])], True
         prompt_ids = prompt_ids.cpu()
-        # as the authors' scripts decode: special tokens skipped, spaces not cleaned up
+        # as the authors' scripts decode: special tokens skipped, spaces not cleaned up; the
+        # image placeholders (special, skipped anyway) are dropped first: 576 fewer to decode
         raw = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+        text_ids = prompt_ids[prompt_ids != self.llava.config.image_token_id]
         reply = authors_reply(
-            self.tokenizer.decode(prompt_ids, **raw),
-            self.tokenizer.decode(torch.cat([prompt_ids, new]), **raw),
+            self.tokenizer.decode(text_ids, **raw),
+            self.tokenizer.decode(torch.cat([text_ids, new]), **raw),
         )
         return JointAnswer(
             text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
