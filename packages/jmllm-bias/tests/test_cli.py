@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -146,3 +147,23 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:
     run = json.loads((other / "run.json").read_text())
     assert (run["inputs"]["tokenization"], run["inputs"]["preprocessing"]) == ("checkpoint", "exif")
     assert run["settings"]["score_parser"] == "strict"
+
+
+def _choices(parser, command: str, option: str) -> tuple[str, ...]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in sub.choices[command]._actions if option in a.option_strings)
+    return tuple(action.choices), action.default
+
+
+def test_paper_choices_are_jmllm_joints_names() -> None:
+    """The CLI spells the names out (no model import at parse time): they must be J's own."""
+    from jmllm.align.preprocessing import PAPER_PREPROCESSING, PREPROCESSINGS
+    from jmllm.bias.cli import _parser
+    from jmllm.bias.scores import SCORE_PARSERS
+    from jmllm.joint.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
+
+    parser = _parser()
+    assert _choices(parser, "assess", "--tokenization") == (TOKENIZATIONS, PAPER_TOKENIZATION)
+    choices, default = _choices(parser, "assess", "--preprocessing")
+    assert set(choices) == set(PREPROCESSINGS) and default == PAPER_PREPROCESSING
+    assert _choices(parser, "assess", "--score-parser") == (SCORE_PARSERS, "authors")

@@ -255,3 +255,24 @@ def test_tiny_misuse_is_one_line(
         argv.append("--ground-truth")
     assert main([*argv, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_caption_choices_are_jmllm_joints_names() -> None:
+    """``captions`` spells J's names out (jmllm-joint is an optional extra): they must match."""
+    pytest.importorskip("jmllm.joint")
+    import argparse
+
+    from jmllm.align.preprocessing import PAPER_PREPROCESSING, PREPROCESSINGS
+    from jmllm.joint.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
+    from jmllm.judge.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = {o: a for a in sub.choices["captions"]._actions for o in a.option_strings}
+    tokenization, preprocessing = options["--tokenization"], options["--preprocessing"]
+    assert (tuple(tokenization.choices), tokenization.default) == (
+        TOKENIZATIONS,
+        PAPER_TOKENIZATION,
+    )
+    assert set(preprocessing.choices) == set(PREPROCESSINGS)
+    assert preprocessing.default == PAPER_PREPROCESSING
