@@ -126,9 +126,9 @@ def authors_reply(prompt_text: str, full_text: str) -> str | None:
         full_text: the decoded prompt and answer.
 
     Example:
-        >>> prompt = "\nUSER: Is there a cat in the image?\nASSISTANT:"
-        >>> authors_reply(prompt, prompt + " Yes"), authors_reply(prompt, prompt + "  Yes\n")
-        ('Yes', ' Yes\n')
+        >>> prompt = "\\nUSER: Is there a cat in the image?\\nASSISTANT:"
+        >>> authors_reply(prompt, prompt + " Yes"), authors_reply(prompt, prompt + "  Yes\\n")
+        ('Yes', ' Yes\\n')
         >>> authors_reply(prompt, prompt + "Yes") is None
         True
     """
