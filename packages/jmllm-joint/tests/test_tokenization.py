@@ -158,3 +158,12 @@ def test_reply_is_the_text_the_authors_split_off(replica_joint, loaded):
         )
         parts = full.split("ASSISTANT: ")
         assert (parts[1] if len(parts) > 1 else None) == reply
+
+
+@pytest.mark.parametrize("name", ["jmllm.joint.tokenization", "jmllm.joint.chat"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
