@@ -89,6 +89,8 @@ class JointAnswer:
             :mod:`jmllm.joint.tokenization`).
         reply: the answer as the authors' scripts read it (:func:`authors_reply`): raw, not
             stripped; None when their reading finds no answer.
+        first_logits: (V,) float32 logits of the first answer token, when asked for
+            (``JointModel.generate(..., first_token_logits=True)``); None otherwise.
     """
 
     text: str
@@ -100,6 +102,7 @@ class JointAnswer:
     template: str = INTERACTIVE_TEMPLATE
     tokenization: str = INTERACTIVE_TOKENIZATION
     reply: str | None = None
+    first_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def full_ids(self) -> torch.Tensor:
