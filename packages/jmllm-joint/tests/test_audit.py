@@ -600,9 +600,10 @@ def test_cli_runs_resumes_and_reports(cli_env, coco, tmp_path, capsys) -> None:
     settings = doc["run"]["settings"]
     assert (settings["tokenization"], settings["preprocessing"]) == ("legacy", "authors")
     assert doc["run"]["dtype"] == "float32" and doc["run"]["notes"] == []
-    assert "tokenization `legacy`, preprocessing `authors`, dtype `float32`" in (
-        out / "report.md"
-    ).read_text()
+    assert (
+        "tokenization `legacy`, preprocessing `authors`, dtype `float32`"
+        in (out / "report.md").read_text()
+    )
     assert "dtype <code>float32</code>" in (out / "gallery.html").read_text()
     audit = json.loads((out / "audit.json").read_text())
     assert audit["settings"]["tokenization"] == "legacy"

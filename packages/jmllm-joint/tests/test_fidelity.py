@@ -341,3 +341,15 @@ def test_reports_record_how_j_read_its_inputs(cli_env, image_path, tmp_path, cap
     assert main(["detect", str(image_path), "-q", "cat", "--out", str(detect), "--tiny"]) == 0
     result = json.loads((detect / "result.json").read_text())
     assert result["preprocessing"] == "exif" and "tokenization" not in result
+
+
+def test_the_audits_precision_is_its_own():
+    """The audit's float32 default must not leak into the other commands through the shared
+    ``--dtype`` option: ``auto`` stays bfloat16-on-GPU everywhere else."""
+    from jmllm.joint.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["describe", "x.png"]).dtype == "auto"
+    assert parser.parse_args(["wsol", "cub"]).dtype == "auto"
+    audit = parser.parse_args(["hallucination-audit", "--out", "o"])
+    assert audit.dtype == "auto"  # resolved to float32 by the authors' protocol when it runs

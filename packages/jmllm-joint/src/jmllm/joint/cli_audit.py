@@ -153,9 +153,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="interval coverage in (0, 1) (0.95)",
     )
     add_benchmark_arguments(p)
-    # the authors' notebook ran float32: the default of the authors' protocol (the report says
-    # when a run is not); pope and chair keep J's usual auto. None until resolved
-    p.set_defaults(func=cmd_hallucination_audit, dtype=None)
+    p.set_defaults(func=cmd_hallucination_audit)
 
 
 def _dataset(args: argparse.Namespace) -> Any:
@@ -198,11 +196,12 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     if args.benchmark != "authors":
         from jmllm.joint.cli_benchmark import cmd_benchmark
 
-        if args.dtype is None:
-            args.dtype = "auto"  # J's usual precision: bfloat16 on GPU, float32 on CPU
         return cmd_benchmark(args)
-    if args.dtype is None:
-        args.dtype = "float32"  # the authors' notebook, on GPU too
+    # --dtype auto is the path's own precision: the authors' notebook ran float32, on GPU too
+    # (the report says when a run is not); pope and chair keep J's usual (bfloat16 on GPU).
+    # Not set_defaults: --dtype is the shared parent parser's action, every command's default.
+    if args.dtype == "auto":
+        args.dtype = "float32"
     only_benchmarks = (
         ("--data", "data"),
         ("--captions", "captions"),
