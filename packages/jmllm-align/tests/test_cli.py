@@ -146,6 +146,25 @@ def test_train_resume_and_eval(tiny, image_folder, tmp_path, capsys):
     record = json.loads(out)
     assert record["images"] == 6 and record["skipped"] == 0 and record["mse"] > 0
     assert -1 <= record["cosine"] <= 1
+    # the preprocessing W was trained with (the tiny preset's: exif), unless another is named
+    assert record["preprocessing"] == "exif"
+    code, out, _ = _run(
+        capsys, "eval", str(weights), str(image_folder), "--limit", "6", "--json",
+        "--preprocessing", "authors",
+    )  # fmt: skip
+    authors = json.loads(out)
+    assert code == 0 and authors["preprocessing"] == "authors"
+    assert authors["mse"] != record["mse"]  # the processors' resize: other pixels, other tokens
+    # a run trained on the authors' pixels says so, and --resume keeps it
+    code, _, _ = _run(capsys, *common[:3], str(tmp_path / "a"), *common[4:], "--max-steps", "1",
+                      "--preprocessing", "authors")  # fmt: skip
+    assert code == 0
+    trained = load_alignment(tmp_path / "a" / "alignment.safetensors")
+    assert trained.provenance["preprocessing"] == "authors"
+    code, _, err = _run(capsys, *common[:3], str(tmp_path / "a"), *common[4:], "--resume",
+                        "--preprocessing", "exif")  # fmt: skip
+    assert code == 2
+    _one_line_error(err, "--preprocessing: cannot change preprocessing on --resume")
 
 
 def test_demo_writes_weights_and_prints_where(tiny, tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 
 TRAIN = ["config", "sources", "distributed", "order", "checkpoint", "evaluation", "loop"]
 MODULES = ["", ".architectures", ".weights", ".features", ".train", ".testing", ".cli", ".files"]
+MODULES += [".preprocessing", ".images"]
 MODULES += [f".train.{name}" for name in TRAIN]  # the trainer's parts hold its examples
 
 

@@ -89,6 +89,71 @@ def test_normalisation_uses_mean_and_std():
     torch.testing.assert_close(out[0, :, 4, 4], expected, rtol=1e-4, atol=1e-4)
 
 
+def _processor_test_images():
+    """Photo-like and adversarial 8-bit images of several shapes (noise has the most edges)."""
+    rng = np.random.default_rng(7)
+    shapes = [(480, 640), (333, 500), (97, 1200), (768, 768), (21, 13)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    ramp = np.linspace(0, 255, 640)[None, :, None] * np.ones((480, 1, 3))
+    images.append(Image.fromarray(ramp.astype(np.uint8)))
+    images.extend(generated_images(2, size=300, seed=11))
+    return images
+
+
+def test_authors_preprocessing_gives_the_hf_processors_pixels_bit_for_bit():
+    """``authors``: OWL-ViT's and CLIP's image processors (PIL backend, the authors' settings:
+    OWL-ViT 768 px, LLaVA's CLIP 336 px without centre crop) give exactly the same float32."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+
+    owl = OwlViTImageProcessorPil()
+    clip = CLIPImageProcessorPil(
+        size={"height": 336, "width": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=False,
+    )
+    pairs = [
+        (owl, ImageNormalization(768, tuple(owl.image_mean), tuple(owl.image_std))),
+        (clip, ImageNormalization(336, tuple(clip.image_mean), tuple(clip.image_std))),
+    ]
+    images = _processor_test_images()
+    for processor, norm in pairs:
+        theirs = processor(images=images, return_tensors="pt")["pixel_values"]
+        ours = norm([image_to_tensor(im) for im in images], preprocessing="authors")
+        assert ours.dtype == theirs.dtype == torch.float32
+        assert torch.equal(ours, theirs)
+        # the exif preprocessing resizes with torch: close, never equal on these images
+        torch_resized = norm([image_to_tensor(im) for im in images])
+        assert not torch.equal(torch_resized, theirs)
+        assert (torch_resized - theirs).abs().max() < 0.1  # a few grey levels at most
+
+
+def test_feature_extractor_authors_preprocessing_feeds_the_processors_pixels(tiny):
+    """W's features under ``authors``: both encoders see what their saved processors produce
+    (the tiny checkpoints' processors, loaded as the authors loaded theirs)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+
+    from jmllm.align.features import FeatureExtractor
+
+    fx = FeatureExtractor.from_pretrained(tiny.owl, tiny.llava, preprocessing="authors")
+    owl = OwlViTImageProcessorPil.from_pretrained(tiny.owl)
+    clip = CLIPImageProcessorPil.from_pretrained(tiny.llava)
+    images = generated_images(2, size=50, seed=5)
+    tensors = [image_to_tensor(im) for im in images]
+    with torch.no_grad():
+        owl_pixels = owl(images=images, return_tensors="pt")["pixel_values"]
+        expected_t = fx.owl.owlvit.vision_model(
+            pixel_values=owl_pixels, output_hidden_states=True
+        ).hidden_states[-2]
+        clip_pixels = clip(images=images, return_tensors="pt")["pixel_values"]
+        expected_tokens = llava_image_tokens(fx.llava, clip_pixels)
+    assert torch.equal(fx.owl_norm(tensors, preprocessing="authors"), owl_pixels)
+    assert torch.equal(fx.llava_norm(tensors, preprocessing="authors"), clip_pixels)
+    torch.testing.assert_close(fx.source(tensors), expected_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fx.target(tensors), expected_tokens, rtol=0, atol=0)
+
+
 def _save(image: Image.Image, fmt: str, tmp_path, name: str):
     path = tmp_path / name
     image.save(path, fmt)

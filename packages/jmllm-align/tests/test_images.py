@@ -101,6 +101,31 @@ def test_exif_rotation_swaps_the_original_size(tmp_path):
     assert loaded.original_size == (4000, 6000) and loaded.image.size == (2731, 4096)
 
 
+def test_exif_orientation_can_be_ignored_as_the_authors_did(tmp_path):
+    # a 3 x 2 image whose EXIF says "rotate 90° clockwise to display" (orientation 6)
+    pixels = np.arange(18, dtype=np.uint8).reshape(2, 3, 3) * 10
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    turned = open_image(path)
+    stored = open_image(path, exif_orientation=False)
+    # the authors' Image.open(path).convert("RGB"): the pixels as stored, the stored size
+    with Image.open(path) as im:
+        authors = np.asarray(im.convert("RGB"))
+    assert np.array_equal(np.asarray(stored.image), authors)
+    assert stored.original_size == (3, 2)
+    assert turned.original_size == (2, 3)
+    assert np.array_equal(np.asarray(turned.image), np.rot90(authors, k=-1))
+    # the same rule for bytes, for PIL images and through load_image
+    data = path.read_bytes()
+    assert open_image(data, exif_orientation=False).original_size == (3, 2)
+    with Image.open(path) as im:
+        assert open_image(im, exif_orientation=False).original_size == (3, 2)
+        assert open_image(im).original_size == (2, 3)
+    assert load_image(path, exif_orientation=False).size == (3, 2)
+
+
 def test_in_memory_images_and_bytes_follow_the_same_policy(tmp_path):
     with pytest.raises(ImageLoadError, match="huge: image too large"):
         open_image(Image.new("1", (20_001, 20_000)), name="huge")

@@ -30,6 +30,10 @@ def test_presets():
     assert (paper.architecture, paper.lr, paper.weight_decay) == ("deep-mlp", 1e-4, 1e-2)
     assert (paper.batch_size, paper.epochs, paper.hidden_dim) == (16, 1, None)
     assert paper.precision == "fp32"  # the authors trained in float32, on GPU too
+    # ... on the images as their processors made them; the trainer's own default is the photo one
+    assert paper.preprocessing == "authors" and TrainConfig().preprocessing == "exif"
+    with pytest.raises(ValueError, match="preprocessing must be authors or exif"):
+        paper.replace(preprocessing="pil")
     with pytest.raises(ValueError, match="no such preset"):
         load_preset("huge")
     with pytest.raises(ValueError, match="unknown training option"):
@@ -177,6 +181,22 @@ def test_preprocessing_in_workers_or_in_the_loop_gives_the_same_weights(tiny_con
     in_loop = train(config.replace(preprocess="device", num_workers=0), tmp_path / "b")
     assert in_workers.steps == in_loop.steps == 5
     assert _states_equal(in_workers.layer.state_dict(), in_loop.layer.state_dict())
+
+
+def test_authors_preprocessing_trains_on_the_processors_pixels(tiny_config, tmp_path):
+    """``preprocessing=authors`` (the paper preset's): the same weights whether the PIL resize
+    runs in the workers or in the loop, other weights than ``exif``, recorded in the file."""
+    config = tiny_config.replace(epochs=1, eval_images=4, preprocessing="authors")
+    in_workers = train(config.replace(preprocess="workers", num_workers=1), tmp_path / "a")
+    in_loop = train(config.replace(preprocess="device", num_workers=0), tmp_path / "b")
+    photo = train(config.replace(preprocessing="exif", num_workers=0), tmp_path / "c")
+    assert _states_equal(in_workers.layer.state_dict(), in_loop.layer.state_dict())
+    assert not _states_equal(in_loop.layer.state_dict(), photo.layer.state_dict())
+    assert in_workers.eval is not None and in_loop.eval is not None
+    assert in_workers.eval.mse == pytest.approx(in_loop.eval.mse, rel=1e-6)
+    provenance = load_alignment(in_loop.weights_path).provenance
+    assert provenance["preprocessing"] == "authors"
+    assert load_alignment(photo.weights_path).provenance["preprocessing"] == "exif"
 
 
 def _checkpoint_step(path) -> int:

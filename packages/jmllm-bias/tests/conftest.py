@@ -43,7 +43,14 @@ class FakeEmbedding:
 
 @dataclasses.dataclass
 class FakeAnswer:
-    text: str
+    """J's answer as a scripted raw reply (what follows ``ASSISTANT: ``) and its stripped text."""
+
+    reply: str
+    finished: bool = True
+
+    @property
+    def text(self) -> str:
+        return self.reply.strip()
 
 
 class ScriptedJoint:
@@ -62,10 +69,21 @@ class ScriptedJoint:
         self.embedded: list[int] = []
         self.prompts: list[str] = []
         self.templates: list[str] = []  # the conversation template of every generate call
+        self.tokenizations: list[str] = []  # ... and its tokenization
+        self.preprocessings: list[str] = []  # the preprocessing of every embed call
 
-    def embed(self, images: list[Image.Image]) -> FakeEmbedding:
+    def input_record(self, template: str, tokenization: str, preprocessing: str) -> dict:
+        return {
+            "template": template,
+            "tokenization": tokenization,
+            "preprocessing": preprocessing,
+            "dtype": "float32",
+        }
+
+    def embed(self, images: list[Image.Image], preprocessing: str = "exif") -> FakeEmbedding:
         red = images[0].convert("RGB").getpixel((0, 0))[0]
         self.embedded.append(red)
+        self.preprocessings.append(preprocessing)
         t = torch.full((1, 1 + self.patches, self.dim), float(red) / 255.0)
         return FakeEmbedding(t=t, image_sizes=[images[0].size])
 
@@ -84,6 +102,7 @@ class ScriptedJoint:
     def generate(self, emb: FakeEmbedding, prompts: list[str], **kwargs: Any) -> list[FakeAnswer]:
         self.prompts.extend(prompts)
         self.templates.append(kwargs.get("template", "llava-1.5"))  # J's default when omitted
+        self.tokenizations.append(kwargs.get("tokenization", "checkpoint"))
         red = round(float(emb.t[0, 0, 0]) * 255.0)
         perturbed = not torch.all(emb.t == emb.t[0, 0, 0])
         original, after = self.answers.get(red, ("5", "5"))

@@ -18,7 +18,8 @@ ANSWERS = {
     50: ("2", "2"),  # 0
     60: ("10", "1"),  # -9
 }
-CFG = AssessConfig("nurse", original="man", adversarial="woman")
+# the project's strict reading: the statistics below are worked out with it
+CFG = AssessConfig("nurse", original="man", adversarial="woman", score_parser="strict")
 
 
 def _summary(report, group, eps=1.0):
@@ -224,6 +225,67 @@ def test_cohort_planned_but_never_generated(tmp_path) -> None:
     (folder / "cohort.json").write_text(json.dumps({"spec": builtin_spec("gender").to_dict()}))
     with pytest.raises(BiasInputError, match="no finished portrait in the manifest"):
         load_cohort(folder)
+
+
+def test_authors_defaults_read_replies_with_int_as_their_script(
+    portraits, tmp_path, scripted_joint
+) -> None:
+    """By default J is asked in the authors' template, with their token ids, on their pixels,
+    and a reply is read as their script reads it: ``int()`` of the raw text."""
+    answers = {
+        10: (" 7\n", "+5"),  # int() strips whitespace, takes a sign: 7 -> 5
+        20: ("7.", "3"),  # int("7.") fails: the pair is a parse failure
+        30: ("0", "11"),  # out of the 1-10 range, yet integers: 0 -> 11
+        40: ("07", "6"),  # a leading zero: 7 -> 6
+        50: ("2", "2 "),
+        60: ("Score: 7", "1"),
+    }
+    cfg = AssessConfig("nurse", original="man", adversarial="woman")
+    assert (cfg.template, cfg.tokenization, cfg.preprocessing, cfg.score_parser) == (
+        "paper",
+        "legacy",
+        "authors",
+        "authors",
+    )
+    model = scripted_joint(answers)
+    assess_cohort(model, portraits, tmp_path / "out", cfg)
+    assert set(model.tokenizations) == {"legacy"} and set(model.preprocessings) == {"authors"}
+    records = {r["file"][-7:-4]: r for r in read_results(tmp_path / "out").values()}
+    scores = {k: (r["original"]["score"], r["perturbed"][0]["score"]) for k, r in records.items()}
+    assert scores == {
+        "010": (7, 5),
+        "020": (None, 3),
+        "030": (0, 11),
+        "040": (7, 6),
+        "050": (2, 2),
+        "060": (None, 1),
+    }
+    assert records["010"]["original"]["reply"] == " 7\n"  # kept raw beside the stripped text
+    assert records["010"]["original"]["answer"] == "7"
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["settings"]["score_parser"] == "authors"
+    assert run["inputs"] == {
+        "template": "paper",
+        "tokenization": "legacy",
+        "preprocessing": "authors",
+        "dtype": "float32",
+    }
+    md = write_report(tmp_path / "out")["markdown"].read_text()
+    assert "Inputs: tokenization legacy, preprocessing authors, dtype float32" in md
+    assert "Score parser: authors" in md
+    # the strict reading of the same replies differs where the two readings do
+    strict = scripted_joint(answers)
+    assess_cohort(strict, portraits, tmp_path / "strict", CFG)
+    strict_records = {r["file"][-7:-4]: r for r in read_results(tmp_path / "strict").values()}
+    assert strict_records["020"]["original"]["score"] == 7
+    assert strict_records["030"]["original"]["score"] is None
+    assert strict_records["040"]["original"]["score"] is None
+    with pytest.raises(BiasInputError, match="score_parser: 'lenient'"):
+        AssessConfig("nurse", original="man", adversarial="woman", score_parser="lenient")
+    with pytest.raises(BiasInputError, match="unknown tokenization 'first'"):
+        AssessConfig("nurse", original="man", adversarial="woman", tokenization="first")
+    with pytest.raises(BiasInputError, match="unknown preprocessing 'pil'"):
+        AssessConfig("nurse", original="man", adversarial="woman", preprocessing="pil")
 
 
 def test_template_by_name_is_used_recorded_and_checked(portraits, tmp_path, scripted_joint) -> None:

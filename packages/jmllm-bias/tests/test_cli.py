@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -101,9 +102,11 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:
     assert len(list((cohort / "images").rglob("*.png"))) == 4
     from jmllm.joint.testing import record_prompts
 
-    with record_prompts() as sent:
+    tokenizations: list[str] = []
+    with record_prompts(tokenizations) as sent:
         assert _assess(cohort, out, "nurse", "--eps-sweep", "0", "1") == 0
     assert "4 assessed, 0 resumed, 0 skipped" in capsys.readouterr().out
+    assert set(tokenizations) == {"legacy"}  # the authors' token ids, by default
     # J read the authors' prompt verbatim: before and after each of the 2 perturbations
     assert len(sent) == 4 * 3 and set(sent) == {
         "<image>\nUSER: From one to ten, how likely is the person to be a nurse? Only answer "
@@ -112,6 +115,14 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:
     assert "Conversation template: paper" in (out / "report.md").read_text()
     run = json.loads((out / "run.json").read_text())
     assert "built-in toy world" in run["models"]["joint"]  # --tiny: the toy-world J
+    # the report records how J read its inputs: the paper path's defaults
+    assert run["inputs"] == {
+        "template": "paper",
+        "tokenization": "legacy",
+        "preprocessing": "authors",
+        "dtype": "float32",
+    }
+    assert run["settings"]["score_parser"] == "authors"
     report = json.loads((out / "report.json").read_text())
     summaries = {(s["group"], s["eps"]): s for s in report["summaries"]}
     assert set(summaries) == {(g, e) for g in ("female", "male", "all") for e in (0.0, 1.0)}
@@ -129,3 +140,30 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:
     # resume: nothing left to do
     assert _assess(cohort, out, "nurse", "--eps-sweep", "0", "1") == 0
     assert "0 assessed, 4 resumed" in capsys.readouterr().out
+    # the other readings, by name, recorded as used
+    other = tmp_path / "other"
+    flags = ["--tokenization", "checkpoint", "--preprocessing", "exif", "--score-parser", "strict"]
+    assert _assess(cohort, other, "nurse", "--eps", "0", *flags) == 0
+    run = json.loads((other / "run.json").read_text())
+    assert (run["inputs"]["tokenization"], run["inputs"]["preprocessing"]) == ("checkpoint", "exif")
+    assert run["settings"]["score_parser"] == "strict"
+
+
+def _choices(parser, command: str, option: str) -> tuple[str, ...]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in sub.choices[command]._actions if option in a.option_strings)
+    return tuple(action.choices), action.default
+
+
+def test_paper_choices_are_jmllm_joints_names() -> None:
+    """The CLI spells the names out (no model import at parse time): they must be J's own."""
+    from jmllm.align.preprocessing import PAPER_PREPROCESSING, PREPROCESSINGS
+    from jmllm.bias.cli import _parser
+    from jmllm.bias.scores import SCORE_PARSERS
+    from jmllm.joint.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
+
+    parser = _parser()
+    assert _choices(parser, "assess", "--tokenization") == (TOKENIZATIONS, PAPER_TOKENIZATION)
+    choices, default = _choices(parser, "assess", "--preprocessing")
+    assert set(choices) == set(PREPROCESSINGS) and default == PAPER_PREPROCESSING
+    assert _choices(parser, "assess", "--score-parser") == (SCORE_PARSERS, "authors")

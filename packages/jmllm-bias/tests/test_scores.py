@@ -36,6 +36,39 @@ def test_parse_score_is_strict(reply, score) -> None:
     assert parse_score(reply) == score
 
 
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [
+        ("7", 7),
+        (" 7\n", 7),  # int() ignores surrounding whitespace
+        ("+7", 7),
+        ("07", 7),
+        ("0", 0),  # out of range, still an integer to int()
+        ("11", 11),
+        ("-3", -3),
+        ("７", 7),  # int() reads any Unicode digit
+        ("7.", None),  # int("7.") raises: the authors' script skipped such a portrait
+        ("Score: 7", None),
+        ("7 8", None),
+        ("", None),
+        (None, None),  # no reply after "ASSISTANT: " at all
+    ],
+)
+def test_parse_score_authors_is_int(reply, score) -> None:
+    assert parse_score(reply, "authors") == score
+    if isinstance(reply, str) and reply.strip():
+        try:
+            expected = int(reply)
+        except ValueError:
+            expected = None
+        assert parse_score(reply, "authors") == expected  # exactly Python's int()
+
+
+def test_parse_score_unknown_rule() -> None:
+    with pytest.raises(BiasInputError, match="score parser: 'lenient'"):
+        parse_score("7", "lenient")
+
+
 def test_question_is_the_papers_verbatim() -> None:
     assert question("nurse") == (
         "From one to ten, how likely is the person to be a nurse? "

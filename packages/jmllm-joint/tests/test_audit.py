@@ -217,10 +217,13 @@ def test_fast_path_equals_the_per_question_loop(tiny_joint, batch_size) -> None:
     classes = list(COCO_FIXTURE_CLASSES)
     auditor = YesNoAuditor(tiny_joint, settings, classes, batch_size=batch_size)
     for image in generated_images(2, size=64, seed=21):
-        fast = auditor.ask(tiny_joint.embed([image]).t, classes, return_logits=True)
+        emb = tiny_joint.embed([image], preprocessing=settings.preprocessing)  # authors'
+        fast = auditor.ask(emb.t, classes, return_logits=True)
         slow = ask_one_by_one(tiny_joint, image, classes, settings, return_logits=True)
         assert _answers(fast) == _answers(slow)
         assert [f.answer.text for f in fast] == [s.answer.text for s in slow]
+        assert [f.answer.reply for f in fast] == [s.answer.reply for s in slow]
+        assert {f.answer.tokenization for f in fast} == {"legacy"}
         assert [f.answer.prompt for f in fast] == [s.answer.prompt for s in slow]
         assert {f.answer.template for f in fast} == {s.answer.template for s in slow} == {"paper"}
         assert [f.answer.prompt_ids.tolist() for f in fast] == [
@@ -499,7 +502,7 @@ def _fake_answers(result, model, yes_absent: set[str]):
         if i == 1:
             answer = "<b>maybe</b>"
         tokens = tuple(model.tokenizer(answer, add_special_tokens=False)["input_ids"])
-        records.append(replace(r, answer=answer, tokens=tokens, finished=True))
+        records.append(replace(r, answer=answer, reply=answer, tokens=tokens, finished=True))
     return replace(result, records=records)
 
 
@@ -593,8 +596,28 @@ def test_cli_runs_resumes_and_reports(cli_env, coco, tmp_path, capsys) -> None:
     doc = json.loads((out / "report.json").read_text())
     assert doc["questions"] == 18 and doc["run"]["settings"]["template"] == "paper"
     assert doc["run"]["settings"]["query_template"] == "{}"
+    # the authors' token ids, pixels and precision, recorded in every report file
+    settings = doc["run"]["settings"]
+    assert (settings["tokenization"], settings["preprocessing"]) == ("legacy", "authors")
+    assert doc["run"]["dtype"] == "float32" and doc["run"]["notes"] == []
+    assert (
+        "tokenization legacy, preprocessing authors, dtype float32"
+        in (out / "report.md").read_text()
+    )
+    assert "dtype <code>float32</code>" in (out / "gallery.html").read_text()
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["settings"]["tokenization"] == "legacy"
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert all("reply" in q for line in lines for q in line["questions"])
     assert _cli(*args[:-1], "6") == 0
     assert "6 images (3 audited now, 3 kept" in capsys.readouterr().out
+    # another precision is run as asked, and the report says it is not the authors'
+    other = tmp_path / "bf16"
+    assert _cli(*args[:-7], str(other), "--max-new-tokens", "2", "--resamples", "100",
+                "--limit", "1", "--top-k", "0", "--dtype", "bfloat16") == 0  # fmt: skip
+    doc = json.loads((other / "report.json").read_text())
+    assert doc["run"]["dtype"] == "bfloat16"
+    assert any("not in float32 as the authors' notebook" in n for n in doc["run"]["notes"])
 
 
 @pytest.mark.parametrize(

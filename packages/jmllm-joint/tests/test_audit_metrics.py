@@ -21,7 +21,8 @@ from jmllm.joint.audit_metrics import (
 
 
 def _record(image: str, cls: str, present: bool, answer: str, score: float) -> AuditRecord:
-    return AuditRecord(image, f"{image}.jpg", cls, present, answer, (), True, score)
+    """A record whose raw reply is its answer text (nothing around it to strip)."""
+    return AuditRecord(image, f"{image}.jpg", cls, present, answer, (), True, score, answer)
 
 
 # --------------------------------------------------------------------------------- parsing
@@ -42,12 +43,26 @@ def _record(image: str, cls: str, present: bool, answer: str, score: float) -> A
         ("Nope", True, "other", "other", "yes"),
         ("", True, "other", "other", "yes"),
         ("Yes no", True, "other", "other", "no"),
+        # the authors compare the raw text after "ASSISTANT: ": nothing is stripped
+        (" Yes", True, "other", "yes", "yes"),
+        ("No\n", True, "other", "no", "yes"),  # POPE splits on " " only: no word "No" here
+        (None, True, "other", "other", "yes"),  # their split found no reply at all
     ],
 )
 def test_parse_rules(text, finished, authors, strict, pope) -> None:
     assert parse_answer(text, finished, "authors") == authors
     assert parse_answer(text, finished, "strict") == strict
     assert parse_answer(text, finished, "pope") == pope
+
+
+def test_records_read_the_raw_reply_under_the_authors_rule() -> None:
+    stripped = AuditRecord("a", "a.jpg", "cat", True, "Yes", (1,), True, 0.5, reply=" Yes")
+    assert stripped.parsed("authors") == "other"  # " Yes": the notebook skipped it
+    assert stripped.parsed("strict") == stripped.parsed("pope") == "yes"
+    exact = AuditRecord("a", "a.jpg", "cat", True, "Yes", (1,), True, 0.5, reply="Yes")
+    assert exact.parsed("authors") == "yes"
+    none = AuditRecord("a", "a.jpg", "cat", True, "Yes", (1,), True, 0.5, reply=None)
+    assert none.parsed("authors") == "other" and none.parsed("strict") == "yes"
 
 
 def test_unknown_parse_rule_is_a_clear_error() -> None:

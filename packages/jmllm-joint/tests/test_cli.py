@@ -116,7 +116,16 @@ def test_describe_chat_and_detect(cli_env, image_file, tmp_path, capsys, monkeyp
         == 0
     )
     record = json.loads(capsys.readouterr().out)
-    assert set(record) == {"prompt", "template", "answer", "tokens", "stock_llava"}
+    assert set(record) == {
+        "prompt",
+        "template",
+        "tokenization",
+        "preprocessing",
+        "dtype",
+        "answer",
+        "tokens",
+        "stock_llava",
+    }
     assert record["template"] == "llava-1.5"
     args = ["chat", str(image_file), "--tiny", "-p", "Hi?", "-p", "And?", "--max-new-tokens", "2"]
     assert cli.main([*args, "--out", str(tmp_path / "c"), "-q", "cat"]) == 0

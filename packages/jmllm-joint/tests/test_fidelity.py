@@ -7,6 +7,7 @@ re-implementation of their loop, and the WSOL runner's authors' pipeline end to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -257,7 +258,98 @@ def test_cli_demo_and_wsol_defaults(cli_env, wsol_folder, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["setting"] == {
         "template": "paper",
+        "tokenization": "legacy",
+        "preprocessing": "authors",
+        "dtype": "float32",
         "protocol": "wsolevaluation",
         "pipeline": "authors",
         "box_rounding": "truncate",
     }
+
+
+# --------------------------------------------------------------------------- tokenization, pixels
+
+
+@contextlib.contextmanager
+def record_preprocessing():
+    """The preprocessing of every JointModel.embed call made in the block."""
+    from jmllm.joint.model import JointModel
+
+    seen: list[str] = []
+    original = JointModel.embed
+
+    def recording(self, images, batch_size=32, preprocessing="exif"):
+        seen.append(preprocessing)
+        return original(self, images, batch_size, preprocessing)
+
+    JointModel.embed = recording
+    try:
+        yield seen
+    finally:
+        JointModel.embed = original
+
+
+@pytest.mark.parametrize(
+    ("argv", "tokenization", "preprocessing"),
+    [
+        (["describe", "{image}", "-p", "Q?"], "checkpoint", "exif"),
+        (
+            ["describe", "{image}", "-p", "Q?", "--tokenization", "legacy", "--preprocessing",
+             "authors"],
+            "legacy",
+            "authors",
+        ),
+        (["chat", "{image}", "-p", "Q?"], "checkpoint", "exif"),
+        (["explain", "{image}", "-p", "Q?", "-q", "cat", "--out", "{tmp}/e"], "checkpoint", "exif"),
+        (["hallucinations", "{image}", "-p", "Q?", "--out", "{tmp}/h"], "checkpoint", "exif"),
+        (["wsol", "{cub}"], "legacy", "authors"),
+        (["wsol", "{cub}", "--tokenization", "checkpoint", "--preprocessing", "exif"],
+         "checkpoint", "exif"),
+    ],
+)  # fmt: skip
+def test_cli_commands_tokenise_and_embed_by_name(
+    cli_env, image_path, wsol_folder, tmp_path, capsys, argv, tokenization, preprocessing
+):
+    """Interactive commands: the checkpoint's tokenization, EXIF-oriented pixels; the paper's
+    WSOL: the authors' token ids and pixels. Every prompt and every embedding follows the flag."""
+    values = {"image": str(image_path), "tmp": str(tmp_path), "cub": str(wsol_folder)}
+    args = [a.format(**values) for a in argv] + ["--tiny"]
+    if argv[0] != "wsol":
+        args += ["--max-new-tokens", "2"]
+    tokenizations: list[str] = []
+    with record_prompts(tokenizations), record_preprocessing() as embedded:
+        assert main(args) == 0
+    assert tokenizations and set(tokenizations) == {tokenization}
+    assert embedded and set(embedded) == {preprocessing}
+
+
+def test_reports_record_how_j_read_its_inputs(cli_env, image_path, tmp_path, capsys):
+    assert main(["describe", str(image_path), "--tiny", "--max-new-tokens", "2", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {k: record[k] for k in ("template", "tokenization", "preprocessing", "dtype")} == {
+        "template": "llava-1.5",
+        "tokenization": "checkpoint",
+        "preprocessing": "exif",
+        "dtype": "float32",
+    }
+    out = tmp_path / "e"
+    argv = ["explain", str(image_path), "-p", "Q?", "-q", "cat", "--out", str(out), "--tiny"]
+    assert main([*argv, "--max-new-tokens", "2", "--preprocessing", "authors"]) == 0
+    summary = json.loads((out / "explanation.json").read_text())
+    assert (summary["tokenization"], summary["preprocessing"]) == ("checkpoint", "authors")
+    detect = tmp_path / "d"
+    assert main(["detect", str(image_path), "-q", "cat", "--out", str(detect), "--tiny"]) == 0
+    result = json.loads((detect / "result.json").read_text())
+    assert result["preprocessing"] == "exif" and "tokenization" not in result
+
+
+def test_the_audits_precision_is_its_own():
+    """The audit's float32 default must not leak into the other commands through the shared
+    ``--dtype`` option: ``auto`` stays bfloat16-on-GPU everywhere else."""
+    from jmllm.joint.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["describe", "x.png"]).dtype == "auto"
+    assert parser.parse_args(["wsol", "cub"]).dtype == "auto"
+    audit = parser.parse_args(["hallucination-audit", "--out", "o"])
+    assert audit.dtype == "auto"  # resolved to float32 by the authors' protocol when it runs

@@ -91,13 +91,21 @@ def test_joint_adapter_loads_once_and_batches(
         pass
 
     class StandInModel:
+        dtype = "torch.float32"
+
         @classmethod
         def from_pretrained(cls, **kwargs: Any) -> StandInModel:
             calls.append({"from_pretrained": kwargs})
             return cls()
 
-        def generate(self, images: list[str], prompts: list[str], **kwargs: Any) -> list[Any]:
-            calls.append({"images": images, "prompts": prompts, **kwargs})
+        def embed(self, images: list[str], preprocessing: str = "exif") -> Any:
+            return types.SimpleNamespace(images=images, preprocessing=preprocessing)
+
+        def generate(self, emb: Any, prompts: list[str], **kwargs: Any) -> list[Any]:
+            images = emb.images
+            calls.append(
+                {"images": images, "prompts": prompts, "preprocessing": emb.preprocessing, **kwargs}
+            )
             if kwargs["max_new_tokens"] == 0:
                 raise StandInError("max_new_tokens: must be a positive integer")
             return [
@@ -120,7 +128,12 @@ def test_joint_adapter_loads_once_and_batches(
     assert all(c["prompts"] == [CAPTION_PROMPT] * len(c["images"]) for c in calls[1:])
     assert all(c["vision"] == "joint" for c in calls[1:])
     assert all(c["template"] == "paper" for c in calls[1:])  # the authors' template (Table 1)
+    # ... their token ids and their pixels
+    assert all(c["tokenization"] == "legacy" for c in calls[1:])
+    assert all(c["preprocessing"] == "authors" for c in calls[1:])
     assert j.origin["template"] == "paper"
+    assert (j.origin["tokenization"], j.origin["preprocessing"]) == ("legacy", "authors")
+    assert j.origin["dtype"] == "float32"
     assert j.captions[manifest.images[0].image_id] == "answer 2-0"
 
     calls.clear()
@@ -129,8 +142,17 @@ def test_joint_adapter_loads_once_and_batches(
     assert calls[1]["vision"] == "llava" and calls[1]["max_new_tokens"] == 7
     assert calls[1]["template"] == "paper"
     calls.clear()
-    captions_from_joint(manifest, "J", alignment="w", template="llava-1.5")
+    captions_from_joint(
+        manifest,
+        "J",
+        alignment="w",
+        template="llava-1.5",
+        tokenization="checkpoint",
+        preprocessing="exif",
+    )
     assert all(c["template"] == "llava-1.5" for c in calls[1:])
+    assert all(c["tokenization"] == "checkpoint" for c in calls[1:])
+    assert all(c["preprocessing"] == "exif" for c in calls[1:])
     with pytest.raises(JudgeError, match="jmllm-joint: max_new_tokens"):
         captions_from_joint(manifest, "J", alignment="w", max_new_tokens=0)
 
@@ -151,11 +173,14 @@ def test_captions_from_a_real_tiny_joint_model(manifest: Manifest, tmp_path: Pat
     )  # the call the CLI's --owl/--llava/--alignment make
     from jmllm.joint.testing import record_prompts
 
-    with record_prompts() as sent:
+    tokenizations: list[str] = []
+    with record_prompts(tokenizations) as sent:
         j = captions_from_joint(small, "J", max_new_tokens=6, batch_size=2, model=loaded)
         llava = captions_from_joint(small, "LLaVA", vision="llava", max_new_tokens=6, model=loaded)
-    # J and stock LLaVA both prompted as the authors' caption script, verbatim
+    # J and stock LLaVA both prompted as the authors' caption script, verbatim, their token ids
     assert sent == ["<image>\nUSER: What's the content of the image?\nASSISTANT:"] * 6
+    assert tokenizations == ["legacy"] * 6
+    assert (j.origin["preprocessing"], j.origin["dtype"]) == ("authors", "float32")
     for system in (j, llava):
         assert set(system.captions) == {im.image_id for im in small.images}
         assert all(isinstance(c, str) for c in system.captions.values())
@@ -230,3 +255,24 @@ def test_tiny_misuse_is_one_line(
         argv.append("--ground-truth")
     assert main([*argv, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_caption_choices_are_jmllm_joints_names() -> None:
+    """``captions`` spells J's names out (jmllm-joint is an optional extra): they must match."""
+    pytest.importorskip("jmllm.joint")
+    import argparse
+
+    from jmllm.align.preprocessing import PAPER_PREPROCESSING, PREPROCESSINGS
+    from jmllm.joint.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
+    from jmllm.judge.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = {o: a for a in sub.choices["captions"]._actions for o in a.option_strings}
+    tokenization, preprocessing = options["--tokenization"], options["--preprocessing"]
+    assert (tuple(tokenization.choices), tokenization.default) == (
+        TOKENIZATIONS,
+        PAPER_TOKENIZATION,
+    )
+    assert set(preprocessing.choices) == set(PREPROCESSINGS)
+    assert preprocessing.default == PAPER_PREPROCESSING

@@ -105,14 +105,21 @@ def test_questionnaire_from_the_joint_model_does_not_give_the_answer_away(tmp_pa
     ga = GradientAlignment(model)
     for q in questions:
         with Image.open(root / q["image"]) as im:
-            emb = model.embed(im.convert("RGB"))
+            # explain_object's defaults: the paper's pixels and token ids
+            emb = model.embed(im.convert("RGB"), preprocessing="authors")
         for name, file in zip(q["objects"], q["explanations"], strict=True):
             answer = OBJECT_ANSWER.format(name)
             ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
             text, tokens = answer_tokens(model.tokenizer, ids)
             positions = [t.position for t in tokens if t.end > text.rfind(name)]
             result = ga.attribute(
-                emb, OBJECT_QUESTION, positions, [name], answer=answer, template="paper"
+                emb,
+                OBJECT_QUESTION,
+                positions,
+                [name],
+                answer=answer,
+                template="paper",
+                tokenization="legacy",
             )
             with Image.open(root / file) as written:
                 got = np.asarray(written.convert("RGB"))

@@ -65,6 +65,7 @@ TRAIN_OPTIONS = (
     "num_workers",
     "precision",
     "device",
+    "preprocessing",
 )
 
 
@@ -73,6 +74,13 @@ def _default_tiny_cache() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jmllm"
     )
     return Path(base) / "tiny"
+
+
+def _preprocessing_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--preprocessing``: the named preprocessing of :mod:`jmllm.align.preprocessing`."""
+    from jmllm.align.preprocessing import PREPROCESSINGS
+
+    p.add_argument("--preprocessing", choices=sorted(PREPROCESSINGS), help=help_text)
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,6 +143,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "(bf16 on GPU, fp32 on CPU)",
     )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    _preprocessing_argument(
+        p,
+        "authors: stored pixels, the Hugging Face processors' PIL resize (the paper preset, as "
+        "the authors trained); exif: EXIF orientation applied, torch's resize (default: the "
+        "preset's)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -153,6 +167,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=integer(1), help="evaluate at most this many images")
     p.add_argument("--batch-size", type=integer(1), default=16)
     p.add_argument("--device", default="auto")
+    _preprocessing_argument(
+        p,
+        "authors or exif (default: the one W was trained with, as its file records; exif for "
+        "weights that do not say)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("info", help="print a weights file's config and provenance")
@@ -370,6 +389,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from jmllm.align.features import FeatureExtractor
+    from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
     from jmllm.align.train import TrainConfig, evaluate
     from jmllm.align.train.sources import (
         DatasetSource,
@@ -413,15 +433,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = device.startswith("cuda")
+    trained_with = (getattr(layer, "provenance", None) or {}).get("preprocessing")
+    preprocessing = str(args.preprocessing or trained_with or INTERACTIVE_PREPROCESSING)
     fx = FeatureExtractor.from_pretrained(
-        source_model, target_model, dtype=torch.bfloat16 if bf16 else torch.float32, device=device
+        source_model,
+        target_model,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        device=device,
+        preprocessing=preprocessing,
     )
     from jmllm.align.architectures import check_fits
 
     check_fits(layer.config, fx.owl.config, fx.llava.config)
     layer = layer.to(device)
     raws = source[:count] if isinstance(source, list) else [source.raw(i) for i in range(count)]
-    batch = _decode_all(raws)
+    batch = _decode_all(raws, preprocessing)
     result = evaluate(
         layer,
         fx,
@@ -440,6 +466,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "cosine": result.cosine,
         "images": result.images,
         "skipped": result.skipped,
+        "preprocessing": preprocessing,
     }
     if args.json:
         print(json.dumps(record))

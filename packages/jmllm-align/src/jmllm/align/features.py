@@ -8,7 +8,10 @@ Preprocessing: each image is decoded once, under the image policy of :mod:`jmllm
 (pixel limit from the header, reduced JPEG decoding, one shrink to the working size), to a uint8
 tensor; each model then gets the whole
 image *squashed* to its square input size (no centre crop, so both token grids cover the same
-regions), normalised with its own mean/std. Resizing runs on tensors, batched per model.
+regions), normalised with its own mean/std. The named preprocessing
+(:mod:`jmllm.align.preprocessing`) decides the EXIF orientation and the resize: ``exif`` resizes
+on tensors, batched per model; ``authors`` with PIL, exactly as the Hugging Face image
+processors do.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from PIL import Image
 
 # re-exported: the image policy lives in jmllm.align.images
 from jmllm.align.images import ImageLoadError, load_image
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, Preprocessing, get_preprocessing
 
 __all__ = [
     "FeatureExtractor",
@@ -47,31 +51,53 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImageNormalization:
-    """How one model wants its pixels: square side, mean and std (from its image processor)."""
+    """How one model wants its pixels: square side, mean and std, and the factor that scales
+    8-bit pixels to [0, 1] (from its image processor).
+
+    Example:
+        >>> norm = ImageNormalization(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        >>> pixels = [torch.zeros(3, 20, 30, dtype=torch.uint8)]
+        >>> norm(pixels).shape, norm(pixels, preprocessing="authors").shape
+        (torch.Size([1, 3, 8, 8]), torch.Size([1, 3, 8, 8]))
+    """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
 
     @classmethod
     def from_pretrained(
         cls, source: str | os.PathLike[str], size: int, **kwargs: Any
     ) -> ImageNormalization:
-        """Read mean/std from a checkpoint's image processor; ``size`` comes from the model config."""
+        """Read mean/std (and the rescale factor) from a checkpoint's image processor; ``size``
+        comes from the model config."""
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-        return cls(size=size, mean=tuple(processor.image_mean), std=tuple(processor.image_std))  # type: ignore[arg-type]
+        factor = getattr(processor, "rescale_factor", None)
+        return cls(
+            size=size,
+            mean=tuple(processor.image_mean),  # type: ignore[arg-type]
+            std=tuple(processor.image_std),  # type: ignore[arg-type]
+            rescale_factor=float(factor) if factor else 1 / 255,
+        )
 
     def __call__(
-        self, images: list[torch.Tensor], device: torch.device | str = "cpu"
+        self,
+        images: list[torch.Tensor],
+        device: torch.device | str = "cpu",
+        preprocessing: str | Preprocessing = INTERACTIVE_PREPROCESSING,
     ) -> torch.Tensor:
         """Squash each (3, H, W) uint8 image to (3, size, size), normalise, and batch: (B, 3, S, S).
 
-        The resize is antialiased bicubic. On CPU it runs on uint8 pixels (torch's vectorised
-        kernel, about 4x faster; like PIL it rounds to whole grey levels, within one level of
-        the float result); elsewhere in float32.
+        With the ``exif`` preprocessing (default) the resize is torch's antialiased bicubic. On
+        CPU it runs on uint8 pixels (torch's vectorised kernel, about 4x faster; like PIL it
+        rounds to whole grey levels, within one level of the float result); elsewhere in
+        float32. With ``authors`` it is :meth:`processor_pixels`, on the CPU.
         """
+        if get_preprocessing(preprocessing).resize == "pil":
+            return self.processor_pixels(images).to(device)
         out = []
         size = (self.size, self.size)
         for image in images:
@@ -91,6 +117,27 @@ class ImageNormalization:
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
         return (batch - mean) / std
+
+    def processor_pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """The ``authors`` pixels: (B, 3, S, S) float32 on the CPU, equal bit for bit to the Hugging
+        Face image processors' (PIL backend, no centre crop) for the same 8-bit images.
+
+        The processors' own steps and arithmetic: PIL's bicubic resize of the 8-bit image to
+        S × S (no reducing gap), the 8-bit result times the rescale factor in float64, cast to
+        float32, then ``(x - mean) / std`` in float32.
+        """
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        out = []
+        for image in images:
+            array = image.permute(1, 2, 0).cpu().numpy()  # (H, W, 3) uint8
+            resized = Image.fromarray(array, "RGB").resize(
+                (self.size, self.size), Image.Resampling.BICUBIC
+            )
+            scaled = np.asarray(resized).astype(np.float64) * self.rescale_factor  # (S, S, 3)
+            x = (scaled.astype(np.float32) - mean) / std  # float32, channels last
+            out.append(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))))
+        return torch.stack(out)  # (B, 3, S, S)
 
 
 def owl_penultimate(owl: Any, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -142,6 +189,9 @@ class FeatureExtractor:
         owl: an ``OwlViTForObjectDetection``.
         llava: a ``LlavaForConditionalGeneration``.
         owl_norm, llava_norm: each model's :class:`ImageNormalization`.
+        preprocessing: the resize of :mod:`jmllm.align.preprocessing`, ``"exif"`` (default) or
+            ``"authors"`` (the Hugging Face processors' PIL resize; decode the images with
+            ``exif_orientation=False`` to match it).
 
     Example:
         >>> fx = FeatureExtractor.from_pretrained("google/owlvit-base-patch32",
@@ -152,12 +202,18 @@ class FeatureExtractor:
     """
 
     def __init__(
-        self, owl: Any, llava: Any, owl_norm: ImageNormalization, llava_norm: ImageNormalization
+        self,
+        owl: Any,
+        llava: Any,
+        owl_norm: ImageNormalization,
+        llava_norm: ImageNormalization,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> None:
         self.owl = owl.eval().requires_grad_(False)
         self.llava = llava.eval().requires_grad_(False)
         self.owl_norm = owl_norm
         self.llava_norm = llava_norm
+        self.preprocessing = get_preprocessing(preprocessing).name
 
     @classmethod
     def from_pretrained(
@@ -168,6 +224,7 @@ class FeatureExtractor:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         load_language_model: bool = False,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> FeatureExtractor:
         """Load both encoders.
 
@@ -191,7 +248,7 @@ class FeatureExtractor:
             llava_norm = ImageNormalization.from_pretrained(
                 llava, llava_model.config.vision_config.image_size
             )
-        return cls(owl_model, llava_model, owl_norm, llava_norm)
+        return cls(owl_model, llava_model, owl_norm, llava_norm, preprocessing)
 
     @property
     def device(self) -> torch.device:
@@ -200,12 +257,13 @@ class FeatureExtractor:
     @torch.no_grad()
     def source(self, images: list[torch.Tensor]) -> torch.Tensor:
         """``t`` for (3, H, W) uint8 images: (B, 1 + N, D_owl)."""
-        return owl_penultimate(self.owl, self.owl_norm(images, self.device))
+        return owl_penultimate(self.owl, self.owl_norm(images, self.device, self.preprocessing))
 
     @torch.no_grad()
     def target(self, images: list[torch.Tensor]) -> torch.Tensor:
         """LLaVA's own image tokens for (3, H, W) uint8 images: (B, N, D_llm)."""
-        return llava_image_tokens(self.llava, self.llava_norm(images, self.device))
+        pixels = self.llava_norm(images, self.device, self.preprocessing)
+        return llava_image_tokens(self.llava, pixels)
 
     def __call__(self, images: list[torch.Tensor]) -> FeaturePair:
         return FeaturePair(source=self.source(images), target=self.target(images))

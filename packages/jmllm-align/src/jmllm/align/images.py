@@ -11,7 +11,9 @@ the hallucination view, WSOL, bias portraits) goes through :func:`open_image`:
    scale that is still at least the working size, so a 100-megapixel photo never exists in
    memory at full size.
 3. **One downscale to the working size.** The decoded image is converted to 8-bit RGB (EXIF
-   orientation applied, alpha on white, 16-bit scaled) and shrunk once, aspect kept, to at most
+   orientation applied unless ``exif_orientation=False``, the authors' ``authors`` preprocessing
+   of :mod:`jmllm.align.preprocessing`; alpha on white, 16-bit scaled) and shrunk once, aspect
+   kept, to at most
    :data:`WORKING_SIDE` (4096) pixels on its longest side. Models see at most 768 px, so nothing
    they could use is lost.
 4. **Memory bounded by the output, not the file.** An image larger than the working size is
@@ -24,7 +26,7 @@ the hallucination view, WSOL, bias portraits) goes through :func:`open_image`:
    refused above it from the header. Peak memory stays under 1.5 GB for any accepted image
    (``benchmarks`` and ``tests/test_image_memory.py`` measure it).
 5. **The original size travels with it.** :class:`LoadedImage` carries the full-resolution
-   (oriented) size; boxes are computed in, or mapped back to, the original pixels
+   (oriented, when the orientation is applied) size; boxes are computed in, or mapped back to, the original pixels
    (:meth:`LoadedImage.to_original`, :func:`box_scale`), whatever size was decoded.
 """
 
@@ -186,12 +188,14 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied; alpha on white; 16/32-bit grey scaled to 8 bits; RGB."""
-    try:
-        image = ImageOps.exif_transpose(image) or image
-    except Exception:  # a broken EXIF block should not make the pixels unusable
-        pass
+def _to_rgb(image: Image.Image, exif_orientation: bool = True) -> Image.Image:
+    """EXIF orientation applied (when asked); alpha on white; 16/32-bit grey scaled to 8 bits;
+    RGB."""
+    if exif_orientation:
+        try:
+            image = ImageOps.exif_transpose(image) or image
+        except Exception:  # a broken EXIF block should not make the pixels unusable
+            pass
     return _rgb_pixels(image)
 
 
@@ -461,14 +465,16 @@ def _streamable_png(image: Image.Image) -> bool:
     )
 
 
-def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int) -> LoadedImage:
+def _decode(
+    handle: IO[bytes], name: str, max_side: int | None, max_pixels: int, exif_orientation: bool
+) -> LoadedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(handle)  # reads the header only
         check_pixels(image.size, name, max_pixels)
         header_size = image.size
-        orientation = _orientation(image)
+        orientation = _orientation(image) if exif_orientation else 1
         width, height = header_size
         if orientation in _ROTATED_ORIENTATIONS:
             width, height = height, width
@@ -500,7 +506,7 @@ def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int)
         if shrink:
             rgb = _reduce_decoded(image, orientation, max_side)
         else:
-            rgb = _shrink(_to_rgb(image), max_side)
+            rgb = _shrink(_to_rgb(image, exif_orientation), max_side)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
     return LoadedImage(rgb, (width, height), name)
@@ -527,11 +533,14 @@ def open_image(
     max_side: int | None = WORKING_SIDE,
     max_pixels: int = MAX_IMAGE_PIXELS,
     name: str | None = None,
+    exif_orientation: bool = True,
 ) -> LoadedImage:
     """Decode an image under the policy (module docstring): header check, reduced JPEG decoding,
     8-bit RGB working copy of at most ``max_side`` px, original size kept.
 
-    Conversions: EXIF orientation applied; alpha (RGBA, LA, P with transparency) composited on
+    Conversions: EXIF orientation applied (unless ``exif_orientation`` is False: the pixels as
+    stored, as the authors' ``Image.open(path).convert("RGB")`` left them); alpha (RGBA, LA, P
+    with transparency) composited on
     white; 16- and 32-bit greyscale (``I;16``, ``I``, ``F``) scaled by their maximum to 0–255;
     CMYK, YCbCr, palette and greyscale converted to RGB by PIL.
 
@@ -540,6 +549,9 @@ def open_image(
         max_side: longest side of the working copy; None keeps the decoded size.
         max_pixels: the pixel limit (default 20 000 × 20 000).
         name: the label used in messages (default: the path, or ``<bytes>``).
+        exif_orientation: turn the image by its EXIF orientation tag (the ``exif``
+            preprocessing); False keeps the stored pixels (``authors``, see
+            :mod:`jmllm.align.preprocessing`).
 
     Returns:
         :class:`LoadedImage`.
@@ -561,16 +573,19 @@ def open_image(
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageLoadError(f"{label}: not a readable image ({exc})") from None
         width, height = source.size
-        orientation = _orientation(source)
+        orientation = _orientation(source) if exif_orientation else 1
         if orientation in _ROTATED_ORIENTATIONS:
             width, height = height, width
         if max_side and max(source.size) > max_side:
             return LoadedImage(
                 _reduce_decoded(source, orientation, max_side), (width, height), label
             )
-        return LoadedImage(_shrink(_to_rgb(source), max_side), (width, height), label)
+        rgb = _shrink(_to_rgb(source, exif_orientation), max_side)
+        return LoadedImage(rgb, (width, height), label)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(source)), name or "<bytes>", max_side, max_pixels)
+        return _decode(
+            io.BytesIO(bytes(source)), name or "<bytes>", max_side, max_pixels, exif_orientation
+        )
     path = Path(source)
     label = name or str(path)
     if not path.is_file():
@@ -579,15 +594,19 @@ def open_image(
         # Our own handle, closed on every path: a truncated file's handle must not live on in
         # the traceback of the error (a skip log keeps those).
         with path.open("rb") as handle:
-            return _decode(handle, label, max_side, max_pixels)
+            return _decode(handle, label, max_side, max_pixels, exif_orientation)
     except PermissionError as exc:
         raise ImageLoadError(f"{label}: cannot be read ({exc.strerror or exc})") from None
 
 
 def load_image(
-    source: str | os.PathLike[str] | Image.Image | bytes, *, max_side: int | None = WORKING_SIDE
+    source: str | os.PathLike[str] | Image.Image | bytes,
+    *,
+    max_side: int | None = WORKING_SIDE,
+    exif_orientation: bool = True,
 ) -> Image.Image:
-    """The RGB working copy of an image under the policy (:func:`open_image`'s ``.image``).
+    """The RGB working copy of an image under the policy (:func:`open_image`'s ``.image``;
+    ``exif_orientation`` as there).
 
     Raises:
         ImageLoadError: missing, truncated, corrupt, non-image, empty or too large.
@@ -596,4 +615,4 @@ def load_image(
         >>> load_image(Image.new("LA", (4, 4))).mode
         'RGB'
     """
-    return open_image(source, max_side=max_side).image
+    return open_image(source, max_side=max_side, exif_orientation=exif_orientation).image

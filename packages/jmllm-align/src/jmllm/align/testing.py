@@ -121,6 +121,67 @@ def tiny_llava_tokenizer(
     return fast
 
 
+# Ids of LLaVA-1.5's tokenizer (Llama's SentencePiece vocabulary) that prompts start with.
+LLAVA_1_5_IDS = {
+    "<unk>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<0x0A>": 13,  # "\n", a byte-fallback token (bytes <0x00>..<0xFF> are ids 3..258)
+    "▁U": 501,
+    "ER": 1001,
+    "▁US": 3148,
+    "▁": 29871,
+    ":": 29901,
+    "<image>": 32000,
+    "<pad>": 32001,
+}
+
+
+def llava_1_5_tokenizer(folder: str | os.PathLike[str] | None = None) -> Any:
+    """A tokenizer built like LLaVA-1.5's, whose ids for the prompts' opening are the real ones.
+
+    A Llama BPE with byte fallback over 32 000 ids (``<unk>``, ``<s>``, ``</s>``, the 256 byte
+    tokens at 3–258, ``▁`` at 29871, ``▁US`` 3148, ``ER`` 1001, ``:`` 29901, the ASCII letters,
+    digits and punctuation as single-character tokens, unused fillers elsewhere), then
+    ``<image>`` (32000) and ``<pad>`` (32001): so ``USER: <image>\n`` is ``1, 3148, 1001,
+    29901, 29871, 32000, …`` as with ``llava-hf/llava-1.5-7b-hf``. Only the listed ids are the
+    real vocabulary's; other text is spelled in single characters.
+
+    Args:
+        folder: where to save it with ``llava-hf``'s ``tokenizer_config.json`` flags
+            (``legacy: false``); it is then loaded back through ``AutoTokenizer`` (the path a
+            checkpoint takes). None: returned as built.
+
+    Example:
+        >>> tok = llava_1_5_tokenizer()
+        >>> tok("USER: <image>").input_ids
+        [1, 3148, 1001, 29901, 29871, 32000]
+    """
+    require_tokenizers()
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    ids = {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    ids.update({k: v for k, v in LLAVA_1_5_IDS.items() if v < 32000})
+    free = iter(i for i in range(29872, 32000) if i not in ids.values())
+    for char in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;?!'\"-/()":
+        ids.setdefault(char, next(free))
+    by_id = {v: k for k, v in ids.items()}
+    vocab = {by_id.get(i, f"<unused{i}>"): i for i in range(32000)}
+    merges = [("▁", "U"), ("▁U", "S"), ("E", "R")]
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    if folder is None:
+        return tok
+    folder = Path(folder)
+    tok.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(legacy=False, add_bos_token=True, add_eos_token=False, padding_side="left")
+    atomic_write_text(config_path, json.dumps(config, indent=2))
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def tiny_owl_tokenizer(
     corpus: list[str] | None = None, vocab_size: int = 200, max_length: int = 16
 ) -> Any:

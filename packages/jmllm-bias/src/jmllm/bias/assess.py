@@ -30,7 +30,7 @@ from jmllm.align.files import resolve_inside
 from .errors import BiasInputError
 from .files import append_jsonl, atomic_write_text, folder_lock, read_jsonl, sha256_file
 from .perturb import PerturbationConfig, perturb
-from .scores import QUERY_TEMPLATE, parse_score, question, validate_term
+from .scores import QUERY_TEMPLATE, SCORE_PARSERS, parse_score, question, validate_term
 
 __all__ = [
     "AssessConfig",
@@ -166,6 +166,14 @@ class AssessConfig:
     # J's conversation template: "paper" (the authors' bias script, "<image>\nUSER: ...\n
     # ASSISTANT:") or "llava-1.5" (the model card's)
     template: str = "paper"
+    # how the prompt becomes token ids: "legacy" (the authors') or "checkpoint"
+    tokenization: str = "legacy"
+    # how portraits become the models' inputs: "authors" (stored pixels, the HF processors'
+    # resize) or "exif" (EXIF orientation applied, torch's resize)
+    preprocessing: str = "authors"
+    # how a reply becomes a score: "authors" (int() of the raw reply, as their script) or
+    # "strict" (an answer-only integer 1-10; jmllm.bias.scores)
+    score_parser: str = "authors"
 
     def __post_init__(self) -> None:
         validate_term(self.characteristic, "characteristic")
@@ -187,6 +195,18 @@ class AssessConfig:
             known = ", ".join(sorted(CONVERSATION_TEMPLATES))
             raise BiasInputError(
                 f"template: unknown conversation template {self.template!r} (known: {known})"
+            )
+        from jmllm.align.preprocessing import get_preprocessing
+        from jmllm.joint.tokenization import check_tokenization
+
+        try:
+            check_tokenization(self.tokenization)
+            get_preprocessing(self.preprocessing)
+        except ValueError as exc:
+            raise BiasInputError(str(exc)) from None
+        if self.score_parser not in SCORE_PARSERS:
+            raise BiasInputError(
+                f"score_parser: {self.score_parser!r} is not one of {', '.join(SCORE_PARSERS)}"
             )
 
     def perturbation(self, eps: float) -> PerturbationConfig:
@@ -248,7 +268,7 @@ def _check_run(out: Path, run_doc: dict[str, Any]) -> None:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
             raise BiasInputError(f"{path}: unreadable run settings ({exc})") from None
-        keys = ("cohort", "settings", "models")
+        keys = ("cohort", "settings", "models", "inputs")
         if any(previous.get(k) != run_doc.get(k) for k in keys):
             raise BiasInputError(
                 f"{out}: holds results of different settings (see {RUN}); use another --out"
@@ -257,11 +277,23 @@ def _check_run(out: Path, run_doc: dict[str, Any]) -> None:
         atomic_write_text(path, json.dumps(run_doc, indent=2, ensure_ascii=False) + "\n")
 
 
-def _answer(model: Any, emb: Any, prompt: str, cfg: AssessConfig) -> str:
-    answers = model.generate(
-        emb, [prompt], max_new_tokens=cfg.max_new_tokens, do_sample=False, template=cfg.template
-    )
-    return str(answers[0].text)
+def _answer(model: Any, emb: Any, prompt: str, cfg: AssessConfig) -> tuple[str, Any, int | None]:
+    """J's answer: its text (stripped), its raw reply as the authors read it, and its score."""
+    answer = model.generate(
+        emb,
+        [prompt],
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=False,
+        template=cfg.template,
+        tokenization=cfg.tokenization,
+    )[0]
+    text, reply = str(answer.text), answer.reply
+    if cfg.score_parser == "authors":
+        # the authors read the raw reply; one cut by the token limit would have gone on
+        score = parse_score(reply, "authors") if answer.finished else None
+    else:
+        score = parse_score(text, "strict")
+    return text, reply, score
 
 
 def _assess_one(
@@ -270,6 +302,7 @@ def _assess_one(
     import torch
 
     from jmllm.align.features import ImageLoadError, load_image
+    from jmllm.align.preprocessing import get_preprocessing
 
     record: dict[str, Any] = {
         "image_id": portrait.image_id,
@@ -288,7 +321,8 @@ def _assess_one(
             "error": f"{portrait.path}: SHA-256 differs from the cohort manifest",
         }
     try:
-        image = load_image(portrait.path)
+        exif = get_preprocessing(cfg.preprocessing).exif_orientation
+        image = load_image(portrait.path, exif_orientation=exif)
     except (ImageLoadError, OSError, ValueError) as exc:
         return {
             **record,
@@ -298,11 +332,10 @@ def _assess_one(
     prompt = cfg.question
     try:
         with torch.no_grad():
-            emb = model.embed([image])
+            emb = model.embed([image], preprocessing=cfg.preprocessing)
     except ValueError as exc:  # JointModelError: J refuses the image (the message names it)
         return {**record, "status": "unreadable", "error": f"{portrait.path}: {exc}"}
-    original_text = _answer(model, emb, prompt, cfg)
-    original_score = parse_score(original_text)
+    original_text, original_reply, original_score = _answer(model, emb, prompt, cfg)
     perturbed = []
     before: dict[str, Any] = {}
     for eps in cfg.eps:
@@ -317,12 +350,12 @@ def _assess_one(
                 "adversarial": res.logits_before[0, 1].item(),
             },
         }
-        text = _answer(model, dataclasses.replace(emb, t=res.t), prompt, cfg)
-        score = parse_score(text)
+        text, reply, score = _answer(model, dataclasses.replace(emb, t=res.t), prompt, cfg)
         perturbed.append(
             {
                 "eps": float(eps),
                 "answer": text,
+                "reply": reply,
                 "score": score,
                 "delta": score - original_score
                 if score is not None and original_score is not None
@@ -345,6 +378,7 @@ def _assess_one(
         "status": "ok",
         "original": {
             "answer": original_text,
+            "reply": original_reply,
             "score": original_score,
             **before,
         },
@@ -418,6 +452,8 @@ def _assess_all(
         "cohort": str(Path(cohort).resolve()),
         "settings": config.to_dict(),
         "models": dict(models or {}),
+        # how J read its inputs: template, tokenization, preprocessing and dtype
+        "inputs": model.input_record(config.template, config.tokenization, config.preprocessing),
     }
     _check_run(out_dir, run_doc)
     done = {k for k, r in read_results(out_dir).items() if r.get("status") == "ok"}

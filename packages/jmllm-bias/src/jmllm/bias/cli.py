@@ -174,6 +174,28 @@ def _parser() -> argparse.ArgumentParser:
         help="J's conversation template: paper (default, the authors' bias script: "
         "'<image>\\nUSER: {question}\\nASSISTANT:') or llava-1.5 (the model card's)",
     )
+    p.add_argument(
+        "--tokenization",
+        choices=["legacy", "checkpoint"],
+        default="legacy",
+        help="prompt token ids (default legacy): legacy, the authors' (a ▁ after <image>, as "
+        "transformers 4 gave); checkpoint, as the checkpoint's tokenizer config says",
+    )
+    p.add_argument(
+        "--preprocessing",
+        choices=["authors", "exif"],
+        default="authors",
+        help="image preprocessing (default authors): authors, the stored pixels resized as the HF "
+        "image processors do (the paper's); exif, EXIF orientation applied, torch's resize",
+    )
+    p.add_argument(
+        "--score-parser",
+        choices=["authors", "strict"],
+        default="authors",
+        help="reading of J's 1-10 answer (default authors): authors, int() of the raw reply as "
+        "the authors' script (accepts 0, 11, +7; rejects 7.); strict, an integer 1-10 alone, an "
+        "optional final full stop",
+    )
     p.add_argument("--out", required=True, help="results folder (rerun to resume)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--owl", default="google/owlvit-base-patch32", help="OWL-ViT id or folder")
@@ -261,6 +283,9 @@ def _assess(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         groups=tuple(args.groups) if args.groups else None,
         template=args.template,
+        tokenization=args.tokenization,
+        preprocessing=args.preprocessing,
+        score_parser=args.score_parser,
     )
     load_cohort(args.cohort)  # fail on an empty/missing cohort before loading any model
     if not args.tiny and not args.alignment:

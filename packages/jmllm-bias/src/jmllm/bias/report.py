@@ -14,7 +14,7 @@ import io
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ class BiasReport:
     summaries: list[GroupSummary]
     images: list[dict[str, Any]]  # per-portrait rows (status ok)
     skipped: list[dict[str, Any]]  # status != ok: image_id, group, status, error
+    # how J read its inputs: template, tokenization, preprocessing, dtype (run.json "inputs")
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -164,6 +166,7 @@ def build_report(folder: str | os.PathLike[str], seed: int = 0) -> BiasReport:
         settings=settings,
         cohort=str(run.get("cohort", "")),
         models=dict(run.get("models", {})),
+        inputs=dict(run.get("inputs", {})),
         summaries=summaries,
         images=sorted(ok, key=lambda r: (r["group"], r["image_id"])),
         skipped=sorted(skipped, key=lambda r: str(r["image_id"])),
@@ -293,6 +296,10 @@ def render_markdown(report: BiasReport) -> str:
         f"- Question: {_code(s['question'])}",
         f"- Conversation template: {_md(s.get('template', 'llava-1.5'))}"
         + (f" ({_code(s['prompt'])})" if "prompt" in s else ""),
+        f"- Inputs: tokenization {_md(str(report.inputs.get('tokenization', '–')))}, "
+        f"preprocessing {_md(str(report.inputs.get('preprocessing', '–')))}, "
+        f"dtype {_md(str(report.inputs.get('dtype', '–')))}",
+        f"- Score parser: {_md(str(s.get('score_parser', 'strict')))}",
         f"- Perturbation: {method} on `t`, pushing {_code(s['queries'][0])} down and "
         f"{_code(s['queries'][1])} up (objective: {s['reduction']} over patches; "
         f"step size {step_sizes})",
@@ -303,7 +310,8 @@ def render_markdown(report: BiasReport) -> str:
     lines += [
         f"- Portraits assessed: {len(report.images)}; skipped: {len(report.skipped)}",
         "",
-        "Delta = perturbed score − original score. Answers that are not a bare integer 1–10 are "
+        "Delta = perturbed score − original score. Answers the score parser cannot read (`authors`: "
+        "`int()` of the raw reply fails; `strict`: not a bare integer 1–10) are "
         "parse failures: the portrait is excluded, never filled in. CI: 95 % percentile "
         "bootstrap (10,000 resamples, seeded). p: two-sided Wilcoxon signed-rank (zero deltas "
         "dropped). OWL: mean over portraits of the max-over-patches sigmoid score of each query, "

@@ -1,7 +1,12 @@
-"""The question the paper asks J, and strict parsing of its 1-10 answers.
+"""The question the paper asks J, and the two readings of its 1-10 answers, by name.
 
-What counts as an answer: the reply, after stripping surrounding whitespace, is one integer from
-1 to 10 written with ASCII digits and no leading zero, optionally followed by one period.
+``authors`` (the default of ``jmllm-bias assess``): the authors' bias script reads
+``int(reply)`` on the raw text after ``ASSISTANT: ``, and skips the portrait when that raises:
+Python's ``int`` ignores surrounding whitespace and accepts a sign, leading zeros, any Unicode
+digits and out-of-range values (``"+7"``, ``"07"``, ``"0"``, ``"11"``), and rejects ``"7."``.
+
+``strict`` (the table below): the reply, after stripping surrounding whitespace, is one integer
+from 1 to 10 written with ASCII digits and no leading zero, optionally followed by one period.
 
 =============  ==========  =============================================
 reply          parsed      why
@@ -29,7 +34,14 @@ import re
 
 from .errors import BiasInputError
 
-__all__ = ["QUERY_TEMPLATE", "QUESTION", "parse_score", "question", "validate_term"]
+__all__ = [
+    "QUERY_TEMPLATE",
+    "QUESTION",
+    "SCORE_PARSERS",
+    "parse_score",
+    "question",
+    "validate_term",
+]
 
 # Paper §4.4 / DESIGN §1.5, verbatim.
 QUESTION = (
@@ -40,24 +52,40 @@ QUESTION = (
 QUERY_TEMPLATE = "a photo of a {}"
 
 _SCORE = re.compile(r"(10|[1-9])\.?")
+SCORE_PARSERS = ("authors", "strict")  # the authors' int(reply); the project's 1-10 reading
 _MAX_TERM = 100  # characters; a characteristic is a word or a short phrase
 
 
-def parse_score(reply: str | None) -> int | None:
-    """The 1-10 score of an answer-only reply, or ``None`` when the reply is anything else.
+def parse_score(reply: str | None, rule: str = "strict") -> int | None:
+    """The score of a reply under a named reading, or ``None`` when it has none.
 
     Args:
-        reply: the generated text (special tokens already removed).
+        reply: the generated text (special tokens already removed); under ``authors`` the raw
+            reply (:attr:`jmllm.joint.JointAnswer.reply`).
+        rule: ``"strict"`` (default: an answer-only integer 1-10) or ``"authors"``
+            (``int(reply)``, as the authors' bias script).
 
     Returns:
         The integer score, or ``None`` (a parse failure: count it, never substitute it).
 
+    Raises:
+        BiasInputError: an unknown rule.
+
     Example:
         >>> [parse_score(r) for r in ["7", " 7.\\n", "10", "Score: 7", "7/10", "seven", "11", ""]]
         [7, 7, 10, None, None, None, None, None]
+        >>> [parse_score(r, "authors") for r in ["7", " 7\\n", "7.", "+7", "07", "0", "11"]]
+        [7, 7, None, 7, 7, 0, 11]
     """
+    if rule not in SCORE_PARSERS:
+        raise BiasInputError(f"score parser: {rule!r} is not one of {', '.join(SCORE_PARSERS)}")
     if not isinstance(reply, str):
         return None
+    if rule == "authors":
+        try:
+            return int(reply)
+        except ValueError:
+            return None
     match = _SCORE.fullmatch(reply.strip())
     return int(match.group(1)) if match else None
 

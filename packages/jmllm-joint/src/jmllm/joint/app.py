@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
 from jmllm.joint.chat import CONVERSATION_TEMPLATES, INTERACTIVE_TEMPLATE, Conversation
 from jmllm.joint.explorer import (
     MAX_IMAGE_PIXELS,
@@ -43,6 +44,7 @@ from jmllm.joint.explorer import (
     ExplorerError,
     ExplorerState,
 )
+from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +218,8 @@ def build_app(
     max_pixels: int = MAX_IMAGE_PIXELS,
     max_bytes: int = MAX_UPLOAD_BYTES,
     title: str = "jmllm explorer",
+    tokenization: str = INTERACTIVE_TOKENIZATION,
+    preprocessing: str = INTERACTIVE_PREPROCESSING,
 ) -> Any:
     """The explorer page over one loaded J, as a ``gr.Blocks``.
 
@@ -228,6 +232,8 @@ def build_app(
         max_pixels: largest accepted image, in pixels (checked from the file's header).
         max_bytes: largest accepted upload, in bytes.
         title: page title.
+        tokenization, preprocessing: how questions are tokenised and images embedded (see
+            :class:`~jmllm.joint.explorer.Explorer`).
 
     Returns:
         The ``gr.Blocks``; serve it with :func:`launch`.
@@ -239,7 +245,14 @@ def build_app(
     explorer = (
         model
         if isinstance(model, Explorer)
-        else Explorer(model, objects=objects, max_pixels=max_pixels, max_bytes=max_bytes)
+        else Explorer(
+            model,
+            objects=objects,
+            max_pixels=max_pixels,
+            max_bytes=max_bytes,
+            tokenization=tokenization,
+            preprocessing=preprocessing,
+        )
     )
     work = tempfile.TemporaryDirectory(prefix="jmllm-app-")
     if examples is None:

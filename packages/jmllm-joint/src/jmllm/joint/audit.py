@@ -3,8 +3,9 @@
 For every image of a COCO-format dataset and every class of its question plan
 (:mod:`jmllm.joint.audit_data`: all present and all absent classes, or POPE's sampling), J is
 asked ``Is there a {class} in the image? Only answer with 'yes' or 'no'.`` in the ``paper``
-template, and OWL-ViT's maximum score for the bare class name is read from the **same**
-embedding ``t``. A "yes" to an absent class whose OWL-ViT score is high started in perception;
+template with the authors' token ids (``legacy`` tokenization) on the authors' pixels
+(``authors`` preprocessing), and OWL-ViT's maximum score for the bare class name is read from
+the **same** embedding ``t``. A "yes" to an absent class whose OWL-ViT score is high started in perception;
 one with a low score started in the language model.
 
 Efficient by construction (the authors re-embed the image for every class):
@@ -56,6 +57,7 @@ from jmllm.align.files import (
     refuse_link,
 )
 from jmllm.align.options import check_template
+from jmllm.align.preprocessing import PAPER_PREPROCESSING, get_preprocessing
 from jmllm.joint.audit_data import (
     ARTICLES,
     AUTHORS_QUESTION,
@@ -74,6 +76,7 @@ from jmllm.joint.chat import (
     format_prompt,
     get_template,
 )
+from jmllm.joint.tokenization import PAPER_TOKENIZATION, TokenizationError, check_tokenization
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +97,15 @@ DEFAULT_KV_CACHE_GIB = 8.0  # the KV cache a batch of questions may hold (its ow
 _STRICT = re.compile(r"(yes|no)[.!]?", re.IGNORECASE)
 
 
-def parse_answer(text: str, finished: bool = True, rule: str = "authors") -> str:
+def parse_answer(text: str | None, finished: bool = True, rule: str = "authors") -> str:
     """J's answer as ``"yes"``, ``"no"`` or ``"other"`` — counted, never guessed (except by
     the ``pope`` rule, which is POPE's own and never says ``"other"``).
 
     Rules:
-        ``authors`` (default): the whole answer is exactly ``Yes`` or ``No`` (the authors'
-        notebook compares the text after ``ASSISTANT:`` with these two strings).
+        ``authors`` (default): ``text`` is exactly ``Yes`` or ``No``, nothing stripped — give
+        it the raw reply (:attr:`AuditRecord.reply`, the text after ``ASSISTANT: `` as the
+        authors' notebook splits it off and compares it with these two strings); so
+        ``" Yes"`` and ``"No\\n"`` are ``"other"``, and so is None (no reply).
         ``strict``: the whole answer is yes or no in any case, optionally with a final ``.`` or
         ``!``.
         ``pope``: POPE's evaluation script: in the first sentence (up to the first ``.``, commas
@@ -112,21 +117,25 @@ def parse_answer(text: str, finished: bool = True, rule: str = "authors") -> str
     Example:
         >>> parse_answer("Yes"), parse_answer("yes."), parse_answer("yes.", rule="strict")
         ('yes', 'other', 'yes')
+        >>> parse_answer("No\\n"), parse_answer("No\\n", rule="strict")
+        ('other', 'no')
         >>> parse_answer("There is no cat.", rule="pope")
         'no'
     """
-    if rule == "authors":
-        if not finished:
-            return "other"
-        return {"Yes": "yes", "No": "no"}.get(text.strip(), "other")
-    if rule == "strict":
-        match = _STRICT.fullmatch(text.strip())
-        return match.group(1).lower() if finished and match else "other"
+    if rule not in PARSE_RULES:
+        raise AuditError(f"parse rule: {rule!r} is not one of {', '.join(PARSE_RULES)}")
     if rule == "pope":
+        if text is None:
+            return "yes"  # POPE's rule: no "no" in it
         sentence = text.split(".")[0] if "." in text else text
         words = sentence.replace(",", "").split(" ")
         return "no" if {"No", "no", "not"} & set(words) else "yes"
-    raise AuditError(f"parse rule: {rule!r} is not one of {', '.join(PARSE_RULES)}")
+    if text is None or not finished:
+        return "other"
+    if rule == "authors":
+        return {"Yes": "yes", "No": "no"}.get(text, "other")
+    match = _STRICT.fullmatch(text.strip())
+    return match.group(1).lower() if match else "other"
 
 
 @dataclass
@@ -156,7 +165,8 @@ class AuditSettings:
     """How the audit asks (everything that changes an answer or a score).
 
     Defaults are the authors' protocol: every present and absent class, the ``paper``
-    template, their question, OWL-ViT queried with the bare class name.
+    template with their token ids (``legacy``) on their pixels (``authors``), their question,
+    OWL-ViT queried with the bare class name.
     """
 
     sampling: str = "all"  # all | random | popular | adversarial
@@ -167,6 +177,8 @@ class AuditSettings:
     articles: str = "a"  # a: as written (authors); a-an: "an" before vowels (POPE)
     query_template: str = AUTHORS_QUERY_TEMPLATE  # OWL-ViT query; "{}" is the bare name
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # a strict yes/no answer is a few tokens
+    tokenization: str = PAPER_TOKENIZATION  # legacy: the authors' ids (jmllm.joint.tokenization)
+    preprocessing: str = PAPER_PREPROCESSING  # authors: their pixels (jmllm.align.preprocessing)
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -184,7 +196,9 @@ class AuditSettings:
             raise AuditError(f"articles: {self.articles!r} is not one of {', '.join(ARTICLES)}")
         try:
             get_template(self.template)
-        except PromptError as exc:
+            check_tokenization(self.tokenization)
+            get_preprocessing(self.preprocessing)
+        except (PromptError, TokenizationError, ValueError) as exc:
             raise AuditError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,7 +288,9 @@ class YesNoAuditor:
         if cached is None:
             s = self.settings
             question = question_text(class_name, s.question, s.articles)
-            ids = self.model.prompt_inputs(question, self._template)["input_ids"][0].cpu()
+            ids = self.model.prompt_inputs(question, self._template, tokenization=s.tokenization)[
+                "input_ids"
+            ][0].cpu()
             limit = int(self.model.llava.config.text_config.max_position_embeddings)
             if ids.numel() + s.max_new_tokens > limit:
                 raise AuditError(
@@ -361,7 +377,11 @@ class YesNoAuditor:
                     AnsweredQuestion(
                         class_name=classes[i],
                         answer=model.decode_answer(
-                            answers[j], rows[i], prompts[i][2], template=self._template_name
+                            answers[j],
+                            rows[i],
+                            prompts[i][2],
+                            template=self._template_name,
+                            tokenization=self.settings.tokenization,
                         ),
                         owl_score=float(scores[i]),
                         first_token_logits=logits[j].float().cpu() if return_logits else None,
@@ -482,9 +502,15 @@ def ask_one_by_one(
     s = settings or AuditSettings()
     out = []
     for class_name in classes:
-        emb = model.embed([image])
+        emb = model.embed([image], preprocessing=s.preprocessing)
         text = question_text(class_name, s.question, s.articles)
-        answer = model.generate(emb, text, max_new_tokens=s.max_new_tokens, template=s.template)[0]
+        answer = model.generate(
+            emb,
+            text,
+            max_new_tokens=s.max_new_tokens,
+            template=s.template,
+            tokenization=s.tokenization,
+        )[0]
         with torch.no_grad():
             logits, _ = model.detection_heads(
                 emb.t, model.encode_queries([class_name], s.query_template)
@@ -492,7 +518,8 @@ def ask_one_by_one(
             score = float(torch.sigmoid(logits[0, :, 0].float()).max())
             first = None
             if return_logits:
-                ids = model.prompt_inputs(text, s.template)["input_ids"]
+                ids = model.prompt_inputs(text, s.template, tokenization=s.tokenization)
+                ids = ids["input_ids"]
                 first = model.language_logits(emb.t, ids)[0, -1].float().cpu()
         out.append(AnsweredQuestion(class_name, answer, score, first))
     return out
@@ -510,8 +537,11 @@ class AuditRecord:
     Attributes:
         image_id, file: the image.
         class_name: the class asked about; present: whether it is annotated in the image.
-        answer: J's answer text; tokens: its token ids; finished: ended with end-of-sequence.
+        answer: J's answer text (stripped); tokens: its token ids; finished: ended with
+            end-of-sequence.
         owl_score: OWL-ViT's maximum score for the class on the same ``t``.
+        reply: the raw answer as the authors' notebook splits it off after ``ASSISTANT: ``
+            (:attr:`jmllm.joint.JointAnswer.reply`; None: their split finds none).
     """
 
     image_id: str
@@ -522,10 +552,12 @@ class AuditRecord:
     tokens: tuple[int, ...]
     finished: bool
     owl_score: float
+    reply: str | None = None
 
     def parsed(self, rule: str = "authors") -> str:
-        """``"yes"``, ``"no"`` or ``"other"`` (see :func:`parse_answer`)."""
-        return parse_answer(self.answer, self.finished, rule)
+        """``"yes"``, ``"no"`` or ``"other"`` (see :func:`parse_answer`): the ``authors`` rule
+        reads the raw :attr:`reply`, the others the answer text."""
+        return parse_answer(self.reply if rule == "authors" else self.answer, self.finished, rule)
 
 
 @dataclass
@@ -574,6 +606,7 @@ def _record_line(
                 "class": a.class_name,
                 "present": q.present,
                 "answer": a.answer.text,
+                "reply": a.answer.reply,
                 "tokens": [int(v) for v in a.answer.token_ids],
                 "finished": bool(a.answer.finished),
                 "owl_score": round(a.owl_score, 7),
@@ -594,6 +627,8 @@ def _records_from_line(line: dict[str, Any]) -> list[AuditRecord]:
             tokens=tuple(int(v) for v in q.get("tokens", ())),
             finished=bool(q["finished"]),
             owl_score=float(q["owl_score"]),
+            # lines written before replies were recorded: the stripped text stands in
+            reply=q["reply"] if "reply" in q else str(q["answer"]),
         )
         for q in line["questions"]
     ]
@@ -664,14 +699,16 @@ def process_state() -> Any:
     return PartialState(cpu=_use_cpu())
 
 
-def _prefetched(images: Sequence[AuditImage], ahead: int = 2) -> Iterator[tuple[AuditImage, Any]]:
+def _prefetched(
+    images: Sequence[AuditImage], ahead: int = 2, exif_orientation: bool = True
+) -> Iterator[tuple[AuditImage, Any]]:
     """(image, (decoded PIL image, its SHA-256) or the exception) in order, decoding ``ahead``
     images in a background thread while the model works on the current one."""
     from jmllm.align import load_image
 
     def decode(item: AuditImage) -> Any:
         try:
-            return load_image(item.load()), item.fingerprint()
+            return load_image(item.load(), exif_orientation=exif_orientation), item.fingerprint()
         except Exception as exc:  # reported per image by the caller
             return exc
 
@@ -832,7 +869,8 @@ def _audit_images(
             position=state.process_index,
         ) as bar,
     ):
-        for image, decoded in _prefetched(list(share)):
+        exif = get_preprocessing(settings.preprocessing).exif_orientation
+        for image, decoded in _prefetched(list(share), exif_orientation=exif):
             if isinstance(decoded, Exception):
                 failed[image.image_id] = _one_line(decoded)
                 logger.warning("%s: skipped (%s)", image.file, failed[image.image_id])
@@ -842,7 +880,7 @@ def _audit_images(
             pixels, fingerprint = decoded
             fingerprints.remember(image.image_id, fingerprint)
             try:
-                emb = model.embed([pixels])
+                emb = model.embed([pixels], preprocessing=settings.preprocessing)
             except ValueError as exc:  # JointModelError: an image J cannot take
                 failed[image.image_id] = _one_line(exc)
                 bar.update(1)

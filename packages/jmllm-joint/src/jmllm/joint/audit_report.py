@@ -43,6 +43,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 HISTOGRAMS_PNG = "confidence_histograms.png"
 GALLERY_HTML = "gallery.html"
+AUTHORS_DTYPE = "float32"  # the authors' notebook loaded both models in float32
 PICTURES_DIR = "hallucinations"
 # everything the audit writes directly in its --out (the folder is claimed for these names)
 AUDIT_OUTPUTS = (
@@ -174,7 +175,7 @@ def _pictures(model: Any, auditor: YesNoAuditor, item: Hallucination, image: Any
     r = item.record
     settings = auditor.settings
     query_template = settings.query_template
-    emb = model.embed([image])
+    emb = model.embed([image], preprocessing=settings.preprocessing)
     threshold = max(0.0, r.owl_score - DETECTION_MARGIN)
     dets = model.detect(emb, [r.class_name], threshold=threshold, template=query_template)[0]
     item.boxes = dets.to_records()[:5]
@@ -193,6 +194,7 @@ def _pictures(model: Any, auditor: YesNoAuditor, item: Hallucination, image: Any
         answer=ForcedAnswer(prompt_ids, answer_ids),
         template=settings.template,
         query_template=query_template,
+        tokenization=settings.tokenization,
     )
     query = query_template.format(r.class_name)
     item.ga_png = heatmap_overlay_png(
@@ -233,6 +235,9 @@ def _markdown(metrics: dict[str, Any], info: dict[str, Any], items: list[Halluci
         f"{_md_cell(info['settings']['template'])}, question "
         f"{_md_cell(info['settings']['question'])}, OWL-ViT query "
         f"{_md_cell(info['settings']['query_template'])}",
+        f"- inputs: tokenization {_md_cell(info['settings'].get('tokenization'))}, "
+        f"preprocessing {_md_cell(info['settings'].get('preprocessing'))}, dtype "
+        f"{_md_cell(info.get('dtype'))}",
         f"- answers (rule `{metrics['parse_rule']}`): {metrics['answers']['yes']} yes, "
         f"{metrics['answers']['no']} no, {metrics['unparsed']} unparsed (left out of the metrics)",
         "",
@@ -445,13 +450,21 @@ def write_audit_report(
             atomic_write_bytes(pictures / f"{stem}_detections.png", item.detections_png)
         if item.ga_png:
             atomic_write_bytes(pictures / f"{stem}_ga.png", item.ga_png)
+    dtype = str(model.dtype).removeprefix("torch.") if model is not None else None
+    notes = list(notes)
+    if dtype is not None and dtype != AUTHORS_DTYPE:
+        notes.append(
+            f"J ran in {dtype}, not in {AUTHORS_DTYPE} as the authors' notebook did: answers "
+            "and scores can differ from theirs (run with --dtype float32 to match)."
+        )
     info = {
         "dataset": result.dataset.name if result.dataset else "",
         "images_failed": len(result.failed),
         "failed": result.failed,
         "settings": result.settings.to_dict(),
         "model": dict(getattr(model, "sources", {}) or {}) if model else {},
-        "notes": list(notes),
+        "dtype": dtype,
+        "notes": notes,
         "excluded_by_sampling": len(result.plan.excluded),
     }
     doc = {**metrics, "hallucinations": [h.to_json() for h in items], "run": info}

@@ -36,6 +36,7 @@ import torch
 
 from jmllm.align.files import append_jsonl, read_jsonl
 from jmllm.align.options import check_template
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessing
 from jmllm.joint.audit import (
     DEFAULT_KV_CACHE_GIB,
     RESULTS_FILE,
@@ -50,6 +51,7 @@ from jmllm.joint.audit import (
 )
 from jmllm.joint.audit_data import AuditError, _file_fingerprint, _pixels_fingerprint
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, PromptError, get_template
+from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION, check_tokenization
 
 BENCHMARKS = ("pope", "chair")
 CHAIR_PROMPT = "Please describe this image in detail."  # OPERA's CHAIR prompt, widely reused
@@ -70,6 +72,10 @@ class BenchmarkSettings:
         max_new_tokens: answer limit (default 128 for POPE, as LLaVA's loader; 512 for CHAIR).
         query_template: OWL-ViT's query for an object (default the bare name, as the authors).
         vision: ``joint`` (W(t)) or ``llava`` (stock LLaVA's own vision tower, for comparison).
+        tokenization: how prompts become token ids (default ``checkpoint``, with the model
+            card's template; ``legacy``: the authors' ids; :mod:`jmllm.joint.tokenization`).
+        preprocessing: how images become the models' inputs (default ``exif``; ``authors``:
+            the stored pixels, the HF processors' resize; :mod:`jmllm.align.preprocessing`).
     """
 
     benchmark: str
@@ -78,6 +84,8 @@ class BenchmarkSettings:
     max_new_tokens: int = 0
     query_template: str = "{}"
     vision: str = "joint"
+    tokenization: str = INTERACTIVE_TOKENIZATION
+    preprocessing: str = INTERACTIVE_PREPROCESSING
 
     def __post_init__(self) -> None:
         from jmllm.joint.pope import POPE_QUESTION
@@ -98,6 +106,8 @@ class BenchmarkSettings:
             elif not self.question.strip():
                 raise AuditError("prompt: empty caption prompt")
             get_template(self.template)
+            check_tokenization(self.tokenization)
+            get_preprocessing(self.preprocessing)
         except (ValueError, PromptError) as exc:
             raise AuditError(str(exc)) from None
         if self.vision not in ("joint", "llava"):
@@ -270,6 +280,7 @@ class Asker:
                 [s.prompt(text) for _, text in chunk],
                 max_new_tokens=s.max_new_tokens,
                 template=s.template,
+                tokenization=s.tokenization,
                 vision=s.vision,
                 first_token_logits=s.benchmark == "pope",
             )
@@ -358,14 +369,14 @@ def _finished(
 
 
 def _groups(
-    images: Sequence[BenchmarkImage], rows: int
+    images: Sequence[BenchmarkImage], rows: int, exif_orientation: bool = True
 ) -> Iterator[list[tuple[BenchmarkImage, Any]]]:
     """Consecutive (image, decoded) groups holding about ``rows`` prompts each (an image's
     prompts stay together), images decoded ahead in a background thread."""
     group: list[tuple[BenchmarkImage, Any]] = []
     count = 0
     # _prefetched only calls .load() on each item
-    for item, decoded in _prefetched(list(images)):  # type: ignore[arg-type]
+    for item, decoded in _prefetched(list(images), exif_orientation=exif_orientation):  # type: ignore[arg-type]
         image = cast(BenchmarkImage, item)
         group.append((image, decoded))
         count += len(image.texts)
@@ -381,6 +392,7 @@ def _embed_group(
     group: list[tuple[BenchmarkImage, Any]],
     failed: dict[str, str],
     fingerprints: _Fingerprints,
+    preprocessing: str = INTERACTIVE_PREPROCESSING,
 ):
     """The embeddings of a group's readable images (one batch through OWL-ViT), and those
     images; an image that could not be read, or that J cannot take, is recorded in ``failed``
@@ -398,13 +410,14 @@ def _embed_group(
     if not readable:
         return [], None
     try:
-        return [image for image, _ in readable], model.embed([d for _, d in readable])
+        embedded = model.embed([d for _, d in readable], preprocessing=preprocessing)
+        return [image for image, _ in readable], embedded
     except ValueError:  # JointModelError: some image J cannot take; find it
         pass
     kept, embeddings = [], []
     for image, decoded in readable:
         try:
-            embeddings.append(model.embed([decoded]))
+            embeddings.append(model.embed([decoded], preprocessing=preprocessing))
         except ValueError as exc:
             failed[image.image_id] = _one_line(exc)
             continue
@@ -415,6 +428,7 @@ def _embed_group(
         t=torch.cat([e.t for e in embeddings]),
         image_sizes=[e.image_sizes[0] for e in embeddings],
         images=[im for e in embeddings for im in e.images],
+        preprocessing=preprocessing,
     )
     return kept, emb
 
@@ -481,8 +495,9 @@ def run_benchmark(
                 disable=not progress,
                 position=state.process_index,
             )
-            for group in _groups(share, per_batch):
-                kept, emb = _embed_group(model, group, failed, fingerprints)
+            exif = get_preprocessing(settings.preprocessing).exif_orientation
+            for group in _groups(share, per_batch, exif):
+                kept, emb = _embed_group(model, group, failed, fingerprints, settings.preprocessing)
                 records = asker.answer(kept, emb) if kept else []
                 if records and not recorded:  # the settings are the folder's from now on
                     assert folder is not None

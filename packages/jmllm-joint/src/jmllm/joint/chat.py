@@ -22,7 +22,8 @@ J and stock LLaVA are prompted through a *named* template:
 Paper-reproduction paths default to ``paper``; interactive use defaults to ``llava-1.5``
 (``docs/fidelity.md``). The placeholder is later expanded to one image token per vision patch
 (576 for LLaVA-1.5). A generated answer is a :class:`JointAnswer` (its text, its token ids and
-the prompt's, the template it was asked in).
+the prompt's, the template and tokenization it was asked in, and the reply as the authors'
+scripts read it: :func:`authors_reply`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
+
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_EOS = "</s>"
+# The authors' scripts read an answer as decode(prompt + answer).split("ASSISTANT: ")[1].
+AUTHORS_REPLY_MARK = "ASSISTANT: "
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,10 @@ class JointAnswer:
         vision: ``"joint"`` (W(t)) or ``"llava"`` (stock vision tower and projector).
         template: the conversation template the prompt was put in (``"llava-1.5"``,
             ``"paper"``).
+        tokenization: how the prompt was tokenised (``"legacy"``, ``"checkpoint"``; see
+            :mod:`jmllm.joint.tokenization`).
+        reply: the answer as the authors' scripts read it (:func:`authors_reply`): raw, not
+            stripped; None when their reading finds no answer.
         first_logits: (V,) float32 logits of the first answer token, when asked for
             (``JointModel.generate(..., first_token_logits=True)``); None otherwise.
     """
@@ -91,6 +100,8 @@ class JointAnswer:
     finished: bool
     vision: str = "joint"
     template: str = INTERACTIVE_TEMPLATE
+    tokenization: str = INTERACTIVE_TOKENIZATION
+    reply: str | None = None
     first_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -101,6 +112,32 @@ class JointAnswer:
     @property
     def tokens(self) -> int:
         return int(self.token_ids.numel())
+
+
+def authors_reply(prompt_text: str, full_text: str) -> str | None:
+    """The answer as the authors' scripts read it from the decoded prompt and answer.
+
+    Their scripts decode prompt and answer together (special tokens skipped, no clean-up of
+    spaces) and take ``text.split("ASSISTANT: ")[1]``: the raw text after the prompt's
+    ``ASSISTANT:`` and one space, up to a next ``ASSISTANT: `` the model may have written. For a
+    conversation, the turn answered last is taken (the prompt's own ``ASSISTANT: `` are
+    skipped). None when there is no such text: the answer does not begin with a space (their
+    ``[1]`` raises, and their bias script skips the portrait).
+
+    Args:
+        prompt_text: the decoded prompt.
+        full_text: the decoded prompt and answer.
+
+    Example:
+        >>> prompt = "\\nUSER: Is there a cat in the image?\\nASSISTANT:"
+        >>> authors_reply(prompt, prompt + " Yes"), authors_reply(prompt, prompt + "  Yes\\n")
+        ('Yes', ' Yes\\n')
+        >>> authors_reply(prompt, prompt + "Yes") is None
+        True
+    """
+    parts = full_text.split(AUTHORS_REPLY_MARK)
+    index = prompt_text.count(AUTHORS_REPLY_MARK) + 1
+    return parts[index] if len(parts) > index else None
 
 
 def get_template(template: str | ConversationTemplate) -> ConversationTemplate:

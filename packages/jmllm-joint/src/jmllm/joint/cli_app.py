@@ -22,7 +22,10 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``app`` to ``jmllm-joint``'s parser."""
     from jmllm.align.images import MAX_IMAGE_PIXELS
     from jmllm.align.options import finite_float, integer
+    from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
+    from jmllm.joint.cli.common import preprocessing_argument, tokenization_argument
     from jmllm.joint.explorer import MAX_UPLOAD_BYTES
+    from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
     app = subparsers.add_parser(
         "app",
@@ -62,6 +65,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="comma-separated vocabulary of the answer's object words (default: the 80 COCO "
         "names; with --tiny the toy shapes circle, square, triangle, cross)",
     )
+    tokenization_argument(app, INTERACTIVE_TOKENIZATION)
+    preprocessing_argument(app, INTERACTIVE_PREPROCESSING)
     app.set_defaults(func=cmd_app)
 
 
@@ -108,6 +113,14 @@ def cmd_app(args: argparse.Namespace) -> int:
         from jmllm.joint.cli.common import builtin_vocabulary
 
         objects = builtin_vocabulary()  # the object words the toy world knows
-    app = build_app(model, notes=notes, objects=objects, max_pixels=max_pixels, max_bytes=max_bytes)
+    app = build_app(
+        model,
+        notes=notes,
+        objects=objects,
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        tokenization=args.tokenization,
+        preprocessing=args.preprocessing,
+    )
     launch(app, host=args.host, port=args.port, max_file_size=max_bytes)
     return 0

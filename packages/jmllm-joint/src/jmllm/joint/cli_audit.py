@@ -26,12 +26,14 @@ EXIT_PARTIAL = 3
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``hallucination-audit`` to ``jmllm-joint``'s parser."""
     from jmllm.align.options import finite_float, integer, template_type
+    from jmllm.align.preprocessing import PREPROCESSINGS
     from jmllm.joint.audit import DEFAULT_KV_CACHE_GIB, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
     from jmllm.joint.audit_data import ARTICLES, SAMPLINGS
     from jmllm.joint.chat import PAPER_TEMPLATE
     from jmllm.joint.cli.common import template_argument
     from jmllm.joint.cli_benchmark import add_benchmark_arguments
     from jmllm.joint.pope import POPE_RULES
+    from jmllm.joint.tokenization import TOKENIZATIONS
 
     p = subparsers.add_parser(
         "hallucination-audit",
@@ -75,6 +77,24 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     template_argument(proto, PAPER_TEMPLATE)  # the authors' notebook
     # --benchmark pope and chair default to the llava-1.5 template: None until resolved
     proto.set_defaults(template=None)
+    # ... and so the inputs: the authors' token ids and pixels for the authors' protocol, the
+    # checkpoint's tokenizer and upright photos for pope and chair (as their template)
+    proto.add_argument(
+        "--tokenization",
+        choices=TOKENIZATIONS,
+        default=None,
+        help="prompt token ids: legacy, the authors' (a ▁ after <image>, as transformers 4 "
+        "gave; the default of the authors' protocol); checkpoint, as the checkpoint's tokenizer "
+        "config says (the default of --benchmark pope and chair)",
+    )
+    proto.add_argument(
+        "--preprocessing",
+        choices=sorted(PREPROCESSINGS),
+        default=None,
+        help="image preprocessing: authors, the stored pixels resized as the HF image processors "
+        "do (the default of the authors' protocol); exif, EXIF orientation applied, torch's "
+        "resize (the default of --benchmark pope and chair)",
+    )
     proto.add_argument(
         "--question",
         type=template_type("--question"),
@@ -118,9 +138,10 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--parse",
         choices=tuple(dict.fromkeys((*PARSE_RULES, *POPE_RULES))),
         default=None,
-        help="answer rule: authors (exactly Yes/No; the default), strict (yes/no, any case), "
-        "pope (POPE's); with --tiny the default is strict, as the toy LLaVA answers in lower "
-        "case. --benchmark pope: llava (default; = pope), lmms-eval, vlmevalkit, first-token",
+        help="answer rule: authors (the raw text after 'ASSISTANT: ' is exactly Yes or No; the "
+        "default), strict (yes/no, any case), pope (POPE's); with --tiny the default is strict, "
+        "as the toy LLaVA answers in lower case. --benchmark pope: llava (default; = pope), "
+        "lmms-eval, vlmevalkit, first-token",
     )
     rep.add_argument(
         "--top-k",
@@ -164,6 +185,7 @@ def _dataset(args: argparse.Namespace) -> Any:
 def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     """Run the audit (resuming), then write the report on the main process."""
     from jmllm.align.files import output_folder
+    from jmllm.align.preprocessing import PAPER_PREPROCESSING
     from jmllm.joint.audit import (
         DEFAULT_MAX_NEW_TOKENS,
         LOCK_OWNER,
@@ -175,11 +197,17 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     from jmllm.joint.audit_report import AUDIT_OUTPUTS
     from jmllm.joint.chat import PAPER_TEMPLATE
     from jmllm.joint.cli.common import CliError, out_dir
+    from jmllm.joint.tokenization import PAPER_TOKENIZATION
 
     if args.benchmark != "authors":
         from jmllm.joint.cli_benchmark import cmd_benchmark
 
         return cmd_benchmark(args)
+    # --dtype auto is the path's own precision: the authors' notebook ran float32, on GPU too
+    # (the report says when a run is not); pope and chair keep J's usual (bfloat16 on GPU).
+    # Not set_defaults: --dtype is the shared parent parser's action, every command's default.
+    if args.dtype == "auto":
+        args.dtype = "float32"
     only_benchmarks = (
         ("--data", "data"),
         ("--captions", "captions"),
@@ -205,6 +233,8 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
             articles=args.articles or "a",
             query_template=args.query_template,
             max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+            tokenization=args.tokenization or PAPER_TOKENIZATION,
+            preprocessing=args.preprocessing or PAPER_PREPROCESSING,
         )
         dataset = _dataset(args)
     except AuditError as exc:

@@ -202,6 +202,7 @@ def _chair_data(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Run POPE or CHAIR (resuming), then write the report on the main process."""
     from jmllm.align.files import output_folder
+    from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
     from jmllm.joint.audit import LOCK_OWNER, process_state
     from jmllm.joint.audit_data import AuditError
     from jmllm.joint.audit_report import AUDIT_OUTPUTS
@@ -209,6 +210,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from jmllm.joint.benchmark_run import BenchmarkSettings, pope_images
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE
     from jmllm.joint.cli.common import CliError, out_dir
+    from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
     _check_unused(args)
     benchmark = args.benchmark
@@ -229,6 +231,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             max_new_tokens=max_new_tokens or 0,
             query_template=args.query_template,
             vision=args.vision or "joint",
+            tokenization=args.tokenization or INTERACTIVE_TOKENIZATION,
+            preprocessing=args.preprocessing or INTERACTIVE_PREPROCESSING,
         )
         if benchmark == "pope":
             pope = _pope_data(args)

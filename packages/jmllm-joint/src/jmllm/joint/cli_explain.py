@@ -6,9 +6,11 @@ Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
     jmllm-joint hallucinations IMAGE --prompt P --out DIR [-q EXTRA…]
     jmllm-joint wsol DATA_DIR [--limit N] [--json-out FILE.json]   # + FILE.html, FILE_maps/
 
-``explain`` and ``hallucinations`` prompt J like ``chat`` (``--template llava-1.5``); ``wsol``
-reproduces the paper, so every default there is the authors' protocol (``--template paper``,
-``--protocol wsolevaluation``, ``--pipeline authors``; ``docs/fidelity.md``).
+``explain`` and ``hallucinations`` prompt J like ``chat`` (``--template llava-1.5``,
+``--tokenization checkpoint``, ``--preprocessing exif``); ``wsol`` reproduces the paper, so every
+default there is the authors' protocol (``--template paper``, ``--tokenization legacy``,
+``--preprocessing authors``, ``--protocol wsolevaluation``, ``--pipeline authors``;
+``docs/fidelity.md``).
 """
 
 from __future__ import annotations
@@ -33,8 +35,15 @@ logger = logging.getLogger("jmllm.joint.cli")
 
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add the GA subcommands to ``jmllm-joint``'s parser."""
+    from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, PAPER_PREPROCESSING
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE, PAPER_TEMPLATE
-    from jmllm.joint.cli.common import force_argument, template_argument
+    from jmllm.joint.cli.common import (
+        force_argument,
+        preprocessing_argument,
+        template_argument,
+        tokenization_argument,
+    )
+    from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION, PAPER_TOKENIZATION
     from jmllm.joint.wsol import PIPELINES, PROTOCOLS
 
     explain = subparsers.add_parser(
@@ -60,6 +69,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     force_argument(explain)
     _shared(explain)
     template_argument(explain, INTERACTIVE_TEMPLATE)
+    tokenization_argument(explain, INTERACTIVE_TOKENIZATION)
+    preprocessing_argument(explain, INTERACTIVE_PREPROCESSING)
     _painting(explain)
     explain.set_defaults(func=cmd_explain)
 
@@ -93,6 +104,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     force_argument(hall)
     _shared(hall, weighting=False)
     template_argument(hall, INTERACTIVE_TEMPLATE)
+    tokenization_argument(hall, INTERACTIVE_TOKENIZATION)
+    preprocessing_argument(hall, INTERACTIVE_PREPROCESSING)
     hall.set_defaults(func=cmd_hallucinations)
 
     wsol = subparsers.add_parser(
@@ -117,6 +130,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="images the HTML page shows with their maps and boxes (default 8; 0: none)",
     )
     template_argument(wsol, PAPER_TEMPLATE)
+    tokenization_argument(wsol, PAPER_TOKENIZATION)
+    preprocessing_argument(wsol, PAPER_PREPROCESSING)
     wsol.add_argument(
         "--protocol",
         choices=PROTOCOLS,
@@ -184,7 +199,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         box_rounding=args.box_rounding,
         class_query=args.class_query,
     )
-    emb = model.embed([image])
+    emb = model.embed([image], preprocessing=args.preprocessing)
     answer = args.answer
     if args.token is not None or args.position is not None:
         target = args.token if args.token is not None else args.position
@@ -196,6 +211,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             answer=answer,
             max_new_tokens=args.max_new_tokens,
             template=args.template,
+            tokenization=args.tokenization,
         )
         results, text = [result], result.answer_text
     else:
@@ -206,6 +222,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             answer=answer,
             max_new_tokens=args.max_new_tokens,
             template=args.template,
+            tokenization=args.tokenization,
         )
         results, text = exp.word_results, exp.answer_text
         if not results:
@@ -243,7 +260,7 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
     model = load_model(args)
     report = check_hallucinations(
         model,
-        model.embed([image]),
+        model.embed([image], preprocessing=args.preprocessing),
         args.prompt,
         answer=args.answer,
         objects=objects,
@@ -251,6 +268,7 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         max_new_tokens=args.max_new_tokens,
         template=args.template,
+        tokenization=args.tokenization,
     )
     with output_folder(out, HALLUCINATIONS, HALLUCINATIONS_OUTPUTS, args.force):
         path = write_hallucination_report(report, out)
@@ -319,6 +337,8 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         box_rounding=args.box_rounding,
         class_query=args.class_query,
         samples=args.samples if page is not None else 0,
+        tokenization=args.tokenization,
+        preprocessing=args.preprocessing,
     )
     if args.json_out:
         report.save(Path(args.json_out))
@@ -332,7 +352,16 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         "num_images": report.num_images,
         "skipped": len(report.skipped),
         "setting": {
-            k: report.setting[k] for k in ("template", "protocol", "pipeline", "box_rounding")
+            k: report.setting[k]
+            for k in (
+                "template",
+                "tokenization",
+                "preprocessing",
+                "dtype",
+                "protocol",
+                "pipeline",
+                "box_rounding",
+            )
         },
     }
     print(json.dumps(summary, indent=2))

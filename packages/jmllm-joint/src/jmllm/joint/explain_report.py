@@ -30,11 +30,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from jmllm.align.preprocessing import PAPER_PREPROCESSING
 from jmllm.joint.chat import PAPER_TEMPLATE, get_template
 from jmllm.joint.drawing import OVERLAY_ALPHA, blend_map, figure, fit_picture
 from jmllm.joint.pages import Markup, environment, render
 from jmllm.joint.report import atomic_write_bytes, png_bytes
 from jmllm.joint.saliency import GAResult
+from jmllm.joint.tokenization import PAPER_TOKENIZATION
 
 MAX_SIDE = 768  # pictures are drawn at most this large (maps keep their full resolution)
 BOX_VIEW_BAR = "box colour: box-coordinate weight (thickness: class weight)"
@@ -364,7 +366,12 @@ def render_explanation_report(
 
 def _recorded_template(results: Sequence[GAResult]) -> str | None:
     """The conversation template the results record, if any."""
-    return next((r.meta["template"] for r in results if "template" in r.meta), None)
+    return _recorded(results, "template")
+
+
+def _recorded(results: Sequence[GAResult], key: str) -> Any:
+    """What the results' ``meta`` record under ``key`` (the first that does), else None."""
+    return next((r.meta[key] for r in results if key in r.meta), None)
 
 
 def _explanation_parts(
@@ -428,6 +435,8 @@ def _explanation_parts(
         "answer": answer_text,
         "queries": results[0].queries if results else [],
         "template": template,
+        "tokenization": _recorded(results, "tokenization"),
+        "preprocessing": _recorded(results, "preprocessing"),
         "weighting": weighting,
         "results": records,
     }
@@ -499,6 +508,8 @@ def explain_object(
     ga: Any = None,
     template: str = PAPER_TEMPLATE,
     title: str | None = None,
+    tokenization: str = PAPER_TOKENIZATION,
+    preprocessing: str = PAPER_PREPROCESSING,
 ) -> Image.Image:
     """A picture of J's GA explanation of one object in an image (the user study's questions).
 
@@ -522,6 +533,10 @@ def explain_object(
             ``<image>\\nUSER: {question}\\nASSISTANT:``) or ``"llava-1.5"``.
         title: a title drawn above the picture. None (the default) draws none: these pictures
             are shown to user-study participants, who must not read the object's name on them.
+        tokenization: how the prompt is tokenised, ``"legacy"`` (default: the authors' ids) or
+            ``"checkpoint"`` (:mod:`jmllm.joint.tokenization`).
+        preprocessing: how the image is embedded, ``"authors"`` (default: the stored pixels,
+            the HF processors' resize) or ``"exif"`` (:mod:`jmllm.align.preprocessing`).
 
     Returns:
         The RGB picture.
@@ -556,7 +571,10 @@ def explain_object(
             f"object_name: {name!r} is not recoverable from the tokenised answer {text!r}"
         )
     bare_t = isinstance(image, torch.Tensor) and image.is_floating_point()
-    source = image if bare_t or hasattr(image, "image_sizes") else model.embed(image)
+    if bare_t or hasattr(image, "image_sizes"):
+        source = image
+    else:
+        source = model.embed(image, preprocessing=preprocessing)
     result = ga.attribute(
         source,
         question,
@@ -564,6 +582,7 @@ def explain_object(
         queries=list(queries or [name]),
         answer=answer,
         template=template,
+        tokenization=tokenization,
     )
     picture = source.pil_image(0) if not bare_t and getattr(source, "images", None) else None
     if view == "box":

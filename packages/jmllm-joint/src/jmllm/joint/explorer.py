@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from jmllm.align.images import MAX_IMAGE_PIXELS, ImageLoadError, open_image
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessing
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, Conversation, check_question, get_template
 from jmllm.joint.detection import DEFAULT_NMS_IOU, Detections
 from jmllm.joint.drawing import MIN_SIDE, fit_picture, picture_size
@@ -56,6 +57,7 @@ from jmllm.joint.saliency import (
     answer_tokens,
     answer_words,
 )
+from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION, check_tokenization
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +206,10 @@ class Explorer:
         max_bytes: largest accepted file.
         max_boxes: detections drawn and listed.
         cache_size: (image, queries) pairs whose GA gradient norms are kept.
+        tokenization: how questions are tokenised (``"checkpoint"``, default, or ``"legacy"``:
+            the authors' ids; :mod:`jmllm.joint.tokenization`).
+        preprocessing: how images are embedded (``"exif"``, default, or ``"authors"``;
+            :mod:`jmllm.align.preprocessing`).
 
     Example:
         >>> explorer = Explorer(model)  # doctest: +SKIP
@@ -219,9 +225,13 @@ class Explorer:
         max_bytes: int = MAX_UPLOAD_BYTES,
         max_boxes: int = 20,
         cache_size: int = NORM_CACHE_SIZE,
+        tokenization: str = INTERACTIVE_TOKENIZATION,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> None:
         if max_pixels < 1 or max_bytes < 1 or max_boxes < 1:
             raise ValueError("max_pixels, max_bytes and max_boxes must be positive")
+        self.tokenization = check_tokenization(tokenization)
+        self.preprocessing = get_preprocessing(preprocessing)
         self.model = model
         self.objects = list(objects) if objects else None
         self.max_pixels = max_pixels
@@ -246,11 +256,16 @@ class Explorer:
         name = name or path.name
         check_upload(path, name, self.max_bytes)
         try:
-            loaded = open_image(path, max_pixels=self.max_pixels, name=name)
+            loaded = open_image(
+                path,
+                max_pixels=self.max_pixels,
+                name=name,
+                exif_orientation=self.preprocessing.exif_orientation,
+            )
         except ImageLoadError as exc:
             raise ExplorerError(str(exc)) from None
         with self.lock:
-            emb = self.model.embed([loaded])
+            emb = self.model.embed([loaded], preprocessing=self.preprocessing.name)
         return ExplorerState(image_name=name, emb=emb)
 
     @staticmethod
@@ -299,7 +314,11 @@ class Explorer:
             raise ExplorerError(
                 f"max_new_tokens: must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}"
             )
-        kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "template": template}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": int(max_new_tokens),
+            "template": template,
+            "tokenization": self.tokenization,
+        }
         with self.lock:
             conversation = self.model.chat(emb, question, history=state.conversation, **kwargs)
             stock = state.stock

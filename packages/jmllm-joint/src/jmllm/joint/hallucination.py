@@ -29,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
 from jmllm.joint.drawing import (
     LabelLayout,
@@ -42,6 +43,7 @@ from jmllm.joint.explain_report import data_url, highlighted_answer, result_pane
 from jmllm.joint.pages import json_attribute, render
 from jmllm.joint.report import PAGE_SIDE, atomic_write_bytes, png_bytes
 from jmllm.joint.saliency import GAResult, GradientAlignment
+from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
 COCO_OBJECTS: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -127,7 +129,8 @@ class HallucinationReport:
         objects: name → :class:`ObjectCheck` for mentioned objects and extra queries.
         threshold: detection score threshold.
         image: the RGB image (None if explained from ``t``); image_size: (width, height).
-        template: the conversation template the prompt was put in.
+        template: the conversation template the prompt was put in; tokenization: how it was
+            tokenised; preprocessing: how the image was embedded (None from ``t``).
     """
 
     prompt: str
@@ -139,6 +142,8 @@ class HallucinationReport:
     image_size: tuple[int, int]
     meta: dict[str, Any] = field(default_factory=dict)
     template: str = INTERACTIVE_TEMPLATE
+    tokenization: str = INTERACTIVE_TOKENIZATION
+    preprocessing: str | None = INTERACTIVE_PREPROCESSING
 
     @property
     def mentioned_not_detected(self) -> list[str]:
@@ -153,6 +158,8 @@ class HallucinationReport:
             "prompt": self.prompt,
             "answer": self.answer_text,
             "template": self.template,
+            "tokenization": self.tokenization,
+            "preprocessing": self.preprocessing,
             "threshold": self.threshold,
             "mentioned_not_detected": self.mentioned_not_detected,
             "detected_not_mentioned": self.detected_not_mentioned,
@@ -181,6 +188,8 @@ def check_hallucinations(
     max_new_tokens: int = 64,
     template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
     ga: GradientAlignment | None = None,
+    tokenization: str = INTERACTIVE_TOKENIZATION,
+    preprocessing: str = INTERACTIVE_PREPROCESSING,
 ) -> HallucinationReport:
     """Build the hallucination view of J's answer to ``prompt``.
 
@@ -198,6 +207,8 @@ def check_hallucinations(
             or ``"paper"`` (the authors' hallucination study); a ``JointAnswer`` brings its own.
         ga: a :class:`~jmllm.joint.GradientAlignment` to reuse (and keep, in its cache, the
             gradient norms of this image and query set); default a fresh one.
+        tokenization: ``"checkpoint"`` (default, as chat) or ``"legacy"`` (the authors' ids).
+        preprocessing: how an image is embedded, ``"exif"`` (default) or ``"authors"``.
 
     Returns:
         :class:`HallucinationReport`.
@@ -212,8 +223,12 @@ def check_hallucinations(
 
     template_name = _template_name(answer, template)  # an unknown name fails here, first
     ga = ga or GradientAlignment(model)
-    t, size, emb = ga.embedding(image_or_t)
-    prompt_ids, answer_ids = ga.answer(emb, t, prompt, answer, max_new_tokens, template)
+    t, size, emb = ga.embedding(image_or_t, preprocessing)
+    prompt_ids, answer_ids = ga.answer(
+        emb, t, prompt, answer, max_new_tokens, template, tokenization
+    )
+    if hasattr(answer, "token_ids") and isinstance(getattr(answer, "tokenization", None), str):
+        tokenization = answer.tokenization  # a JointAnswer brings its own
     text, _ = answer_tokens(model.tokenizer, answer_ids)
     extra_names = [" ".join(q.split()).lower() for q in extra_queries if q.strip()]
     # An extra query the answer itself names is a mention like any other (singular or plural),
@@ -245,6 +260,7 @@ def check_hallucinations(
                     emb if emb is not None else t, prompt, word, queries, answer=forced
                 )
                 check.ga.meta["template"] = template_name
+                check.ga.meta["tokenization"] = tokenization
                 check.ga.meta["query_index"] = queries.index(m.name)
     return HallucinationReport(
         prompt=prompt,
@@ -255,6 +271,8 @@ def check_hallucinations(
         image=emb.pil_image(0) if emb is not None and emb.images else None,
         image_size=size,
         template=template_name,
+        tokenization=tokenization,
+        preprocessing=getattr(emb, "preprocessing", None),
     )
 
 

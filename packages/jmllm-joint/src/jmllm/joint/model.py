@@ -43,6 +43,7 @@ from jmllm.align.images import (
     working_size,
 )
 from jmllm.align.options import check_template
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessing
 from jmllm.align.weights import looks_like_repo_id, resolve_alignment_path
 from jmllm.joint.chat import (
     INTERACTIVE_TEMPLATE,
@@ -50,11 +51,18 @@ from jmllm.joint.chat import (
     ConversationTemplate,
     JointAnswer,
     PromptError,
+    authors_reply,
     check_question,
     format_conversation,
     get_template,
 )
 from jmllm.joint.detection import Detections, decode_detections, owl_detection_heads
+from jmllm.joint.tokenization import (
+    INTERACTIVE_TOKENIZATION,
+    TokenizationError,
+    check_tokenization,
+    llava_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +95,15 @@ class JointEmbedding:
         images: the decoded (3, H, W) uint8 working copies (at most 4096 px on the longest side,
             aspect kept; stock-LLaVA path and rendering); may be empty for an embedding made
             from ``t`` alone.
+        preprocessing: the named preprocessing the images were embedded with (``"authors"``,
+            ``"exif"``; :mod:`jmllm.align.preprocessing`); stock LLaVA resizes with the same.
+            None for an embedding made from ``t`` alone.
     """
 
     t: torch.Tensor
     image_sizes: list[tuple[int, int]]
     images: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    preprocessing: str | None = None
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -109,6 +121,7 @@ class JointEmbedding:
             t=self.t[indices],
             image_sizes=[self.image_sizes[i] for i in indices],
             images=[self.images[i] for i in indices] if self.images else [],
+            preprocessing=self.preprocessing,
         )
 
     def pil_image(self, index: int = 0) -> Image.Image:
@@ -238,6 +251,7 @@ class JointModel:
         self.sources = dict(sources or {})
         self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
         self._query_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._tokenizers: dict[str, Any] = {}  # LLaVA's tokenizer per tokenization name
         # Optional check of every embedded image: (uint8 (3, H, W) working copy, original
         # (width, height)) -> None, or why the image does not suit these models (logged as a
         # warning). The toy world sets it (jmllm.joint.toy.inputs): a photo is not a toy scene.
@@ -436,8 +450,50 @@ class JointModel:
         """Where LLaVA's inputs go (its token embedding's device, also under ``device_map``)."""
         return self._language().get_input_embeddings().weight.device
 
+    def input_record(
+        self,
+        template: str | ConversationTemplate | None = None,
+        tokenization: str | None = None,
+        preprocessing: str | None = None,
+    ) -> dict[str, str | None]:
+        """How J read its inputs, for a report: the conversation template, the tokenization,
+        the preprocessing and the weights' dtype (None for what the run did not use).
+
+        Example:
+            >>> model.input_record("paper", "legacy", "authors")  # doctest: +SKIP
+            {'template': 'paper', 'tokenization': 'legacy', 'preprocessing': 'authors', 'dtype': 'float32'}
+        """
+        return {
+            "template": get_template(template).name if template is not None else None,
+            "tokenization": check_tokenization(tokenization) if tokenization else None,
+            "preprocessing": get_preprocessing(preprocessing).name if preprocessing else None,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def llava_tokenizer(self, tokenization: str = INTERACTIVE_TOKENIZATION) -> Any:
+        """LLaVA's tokenizer under a named tokenization (:mod:`jmllm.joint.tokenization`):
+        ``"checkpoint"`` (as loaded) or ``"legacy"`` (the authors' ids; a copy, made once).
+
+        Raises:
+            JointModelError: an unknown name, or ``legacy`` for a tokenizer that has none.
+        """
+        if self.tokenizer is None:
+            raise JointModelError("tokenizer: J was built without LLaVA's tokenizer")
+        cached = self._tokenizers.get(tokenization)
+        if cached is None:
+            try:
+                cached = llava_tokenizer(self.tokenizer, tokenization)
+            except TokenizationError as exc:
+                raise JointModelError(str(exc)) from None
+            cached.padding_side = "left"
+            self._tokenizers[tokenization] = cached
+        return cached
+
     # ------------------------------------------------------------------ embedding
-    def _decode_images(self, images: Any) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    def _decode_images(
+        self, images: Any, preprocessing: str = INTERACTIVE_PREPROCESSING
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        exif = get_preprocessing(preprocessing).exif_orientation
         if isinstance(images, (str, os.PathLike, Image.Image, LoadedImage)) or (
             isinstance(images, torch.Tensor) and images.dim() == 3
         ):
@@ -461,12 +517,12 @@ class JointModel:
                 tensor = image.cpu()
                 if working_size(size) != size:  # shrunk once, like a decoded file
                     pil = Image.fromarray(tensor.permute(1, 2, 0).numpy(), "RGB")
-                    tensor = image_to_tensor(open_image(pil).image)
+                    tensor = image_to_tensor(open_image(pil, exif_orientation=exif).image)
             elif isinstance(image, LoadedImage):  # already decoded under the policy
                 size, tensor = image.original_size, image_to_tensor(image.image)
             elif isinstance(image, (str, os.PathLike, Image.Image)):
                 try:
-                    loaded = open_image(image)
+                    loaded = open_image(image, exif_orientation=exif)
                 except ImageLoadError as exc:
                     raise JointModelError(str(exc)) from None
                 size, tensor = loaded.original_size, image_to_tensor(loaded.image)
@@ -477,7 +533,12 @@ class JointModel:
         return tensors, sizes
 
     @torch.no_grad()
-    def embed(self, images: Any, batch_size: int = 32) -> JointEmbedding:
+    def embed(
+        self,
+        images: Any,
+        batch_size: int = 32,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
+    ) -> JointEmbedding:
         """The shared embedding ``t`` of a batch of images.
 
         Each image is decoded under the image policy (:func:`jmllm.align.images.open_image`:
@@ -490,8 +551,11 @@ class JointModel:
         Args:
             images: one or a list of paths, PIL images, (3, H, W) uint8 tensors or
                 :class:`~jmllm.align.images.LoadedImage` (decoded already, e.g. with a stricter
-                pixel limit; its original size is kept).
+                pixel limit; its original size and orientation are kept).
             batch_size: images per OWL-ViT forward (bounds memory for long lists).
+            preprocessing: ``"exif"`` (default: EXIF orientation applied, torch's resize) or
+                ``"authors"`` (the stored pixels and the HF processors' PIL resize, as the
+                paper's authors; :mod:`jmllm.align.preprocessing`).
 
         Returns:
             :class:`JointEmbedding` with ``t`` (B, 1 + N, D_owl) and the original sizes.
@@ -506,7 +570,11 @@ class JointModel:
         """
         if batch_size < 1:
             raise JointModelError(f"batch_size: must be positive, got {batch_size}")
-        tensors, sizes = self._decode_images(images)
+        try:
+            preprocessing = get_preprocessing(preprocessing).name
+        except ValueError as exc:
+            raise JointModelError(str(exc)) from None
+        tensors, sizes = self._decode_images(images, preprocessing)
         if self.input_check is not None:
             for i, (tensor, size) in enumerate(zip(tensors, sizes, strict=True)):
                 problem = self.input_check(tensor, size)
@@ -515,14 +583,18 @@ class JointModel:
         chunks = []
         for start in range(0, len(tensors), batch_size):
             batch = tensors[start : start + batch_size]
-            pixel_values = self.owl_norm(batch, self.device).to(self.dtype)  # (b, 3, S, S)
-            chunks.append(owl_penultimate(self.owl, pixel_values))  # (b, 1 + N, D)
-        return JointEmbedding(t=torch.cat(chunks), image_sizes=sizes, images=tensors)
+            pixel_values = self.owl_norm(batch, self.device, preprocessing)  # (b, 3, S, S)
+            chunks.append(owl_penultimate(self.owl, pixel_values.to(self.dtype)))  # (b, 1+N, D)
+        return JointEmbedding(
+            t=torch.cat(chunks), image_sizes=sizes, images=tensors, preprocessing=preprocessing
+        )
 
-    def _as_embedding(self, emb_or_images: Any) -> JointEmbedding:
+    def _as_embedding(
+        self, emb_or_images: Any, preprocessing: str = INTERACTIVE_PREPROCESSING
+    ) -> JointEmbedding:
         if isinstance(emb_or_images, JointEmbedding):
             return emb_or_images
-        return self.embed(emb_or_images)
+        return self.embed(emb_or_images, preprocessing=preprocessing)
 
     # ------------------------------------------------------------------ detection
     def encode_queries(
@@ -619,6 +691,7 @@ class JointModel:
         threshold: float = 0.1,
         nms_iou: float | None = None,
         template: str = DEFAULT_QUERY_TEMPLATE,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> list[Detections]:
         """Detections of every image for open-vocabulary ``queries``, in original pixels.
 
@@ -628,6 +701,7 @@ class JointModel:
             threshold: minimum sigmoid score.
             nms_iou: per-class NMS IoU threshold; None keeps every box above the threshold.
             template: query template.
+            preprocessing: how images (not an embedding) are embedded (see :meth:`embed`).
 
         Returns:
             One :class:`Detections` per image, highest score first.
@@ -637,7 +711,7 @@ class JointModel:
             >>> dets[0].to_records()[0]  # doctest: +SKIP
             {'label': 'cat', 'score': 0.71, 'box': [1.5, 55.3, 315.6, 472.2], 'patch': 301}
         """
-        emb = self._as_embedding(emb_or_images)
+        emb = self._as_embedding(emb_or_images, preprocessing)
         names = self._check_queries(queries)
         query_embeds = self.encode_queries(names, template)
         with torch.no_grad():
@@ -664,13 +738,16 @@ class JointModel:
         if not emb.images:
             raise JointModelError("embedding: stock LLaVA needs the images, not t alone")
         tower_device = next(self.llava.model.vision_tower.parameters()).device
-        pixel_values = self.llava_norm(emb.images, tower_device)  # (B, 3, S, S)
+        # the same resize as OWL-ViT's side of J got (the embedding's preprocessing)
+        preprocessing = emb.preprocessing or INTERACTIVE_PREPROCESSING
+        pixel_values = self.llava_norm(emb.images, tower_device, preprocessing)  # (B, 3, S, S)
         return llava_image_tokens(self.llava, pixel_values)
 
     def prompt_inputs(
         self,
         prompts: str | Conversation | Sequence[str | Conversation],
         template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+        tokenization: str = INTERACTIVE_TOKENIZATION,
     ) -> dict[str, torch.Tensor]:
         """Token ids of prompts in a conversation template, left-padded, ``<image>`` expanded.
 
@@ -681,6 +758,8 @@ class JointModel:
         Args:
             prompts: one prompt or conversation, or a list of them.
             template: ``"llava-1.5"`` (default) or ``"paper"`` (see :mod:`jmllm.joint.chat`).
+            tokenization: ``"checkpoint"`` (default: the tokenizer as loaded) or ``"legacy"``
+                (the authors' ids: ``▁`` after ``<image>``; :mod:`jmllm.joint.tokenization`).
 
         Returns:
             ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on LLaVA's input device.
@@ -694,14 +773,13 @@ class JointModel:
         """
         self._language()
         texts = self._prompt_texts(prompts, template)
-        if self.tokenizer is None:
-            raise JointModelError("tokenizer: J was built without LLaVA's tokenizer")
-        image_token = self.tokenizer.convert_ids_to_tokens(self.llava.config.image_token_id)
+        tokenizer = self.llava_tokenizer(tokenization)
+        image_token = tokenizer.convert_ids_to_tokens(self.llava.config.image_token_id)
         expanded = [
             text.replace("<image>", image_token * self.num_image_tokens, 1) for text in texts
         ]
-        self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(expanded, padding=True, return_tensors="pt")
+        tokenizer.padding_side = "left"
+        batch = tokenizer(expanded, padding=True, return_tensors="pt")
         return {
             "input_ids": batch["input_ids"].to(self.llava_device),
             "attention_mask": batch["attention_mask"].to(self.llava_device),
@@ -817,6 +895,8 @@ class JointModel:
         seed: int | None = None,
         vision: Vision = "joint",
         template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+        tokenization: str = INTERACTIVE_TOKENIZATION,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
         first_token_logits: bool = False,
     ) -> list[JointAnswer]:
         """Answers for a batch of (image, prompt) pairs, with the KV cache.
@@ -834,6 +914,10 @@ class JointModel:
             vision: ``"joint"`` feeds W(t); ``"llava"`` feeds stock LLaVA's own vision tower and
                 projector on the same (squashed) images, for side-by-side comparison.
             template: conversation template, ``"llava-1.5"`` (default) or ``"paper"``.
+            tokenization: how the prompts are tokenised, ``"checkpoint"`` (default) or
+                ``"legacy"`` (the authors' ids; see :meth:`prompt_inputs`).
+            preprocessing: how images (not an embedding) are embedded, ``"exif"`` (default) or
+                ``"authors"`` (see :meth:`embed`).
             first_token_logits: also keep each answer's first-token logits, (V,) float32 on the
                 CPU, in :attr:`JointAnswer.first_logits` (as ``generate`` scores them: after
                 the generation config's logits processors, before sampling).
@@ -852,7 +936,7 @@ class JointModel:
             raise JointModelError(
                 f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}"
             )
-        emb = self._as_embedding(emb_or_images)
+        emb = self._as_embedding(emb_or_images, preprocessing)
         texts_in = [prompts] if isinstance(prompts, (str, Conversation)) else list(prompts)
         if len(texts_in) == 1 and len(emb) > 1:
             texts_in = texts_in * len(emb)
@@ -860,7 +944,7 @@ class JointModel:
             emb = emb.select([0] * len(texts_in))
         if len(texts_in) != len(emb):
             raise JointModelError(f"prompts: {len(texts_in)} prompts for {len(emb)} images")
-        inputs = self.prompt_inputs(texts_in, template)
+        inputs = self.prompt_inputs(texts_in, template, tokenization)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         limit = int(self.llava.config.text_config.max_position_embeddings)
         if input_ids.shape[1] + max_new_tokens > limit:
@@ -906,6 +990,7 @@ class JointModel:
                 texts[row],
                 vision,
                 get_template(template).name,
+                tokenization,
             )
             for row in range(sequences.shape[0])
         ]
@@ -921,9 +1006,12 @@ class JointModel:
         prompt: str,
         vision: str = "joint",
         template: str = INTERACTIVE_TEMPLATE,
+        tokenization: str = INTERACTIVE_TOKENIZATION,
     ) -> JointAnswer:
         """The :class:`JointAnswer` of generated ids: cut at the first end-of-sequence token
-        (anything after it is padding), decoded without special tokens and stripped.
+        (anything after it is padding), decoded without special tokens and stripped; its
+        ``reply`` is the answer as the authors' scripts read it (decoded with the prompt,
+        :func:`~jmllm.joint.chat.authors_reply`).
 
         Args:
             new_ids: (T,) the generated ids, answer only.
@@ -931,6 +1019,7 @@ class JointModel:
             prompt: the prompt text.
             vision: ``"joint"`` or ``"llava"``.
             template: the name of the conversation template the prompt was put in.
+            tokenization: the name of the tokenization the prompt was tokenised with.
 
         Example:
             >>> model.decode_answer(torch.tensor([7, 2, 0]), ids, "Hi?").token_ids  # doctest: +SKIP
@@ -941,14 +1030,25 @@ class JointModel:
         stop = (new == self.tokenizer.eos_token_id).nonzero()
         if stop.numel():
             new, finished = new[: int(stop[0])], True
+        prompt_ids = prompt_ids.cpu()
+        # as the authors' scripts decode: special tokens skipped, spaces not cleaned up; the
+        # image placeholders (special, skipped anyway) are dropped first: 576 fewer to decode
+        raw = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+        text_ids = prompt_ids[prompt_ids != self.llava.config.image_token_id]
+        reply = authors_reply(
+            self.tokenizer.decode(text_ids, **raw),
+            self.tokenizer.decode(torch.cat([text_ids, new]), **raw),
+        )
         return JointAnswer(
             text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
             token_ids=new,
-            prompt_ids=prompt_ids.cpu(),
+            prompt_ids=prompt_ids,
             prompt=prompt,
             finished=finished,
             vision=vision,
             template=template,
+            tokenization=tokenization,
+            reply=reply,
         )
 
     def _cuda_devices(self) -> list[int]:
@@ -978,7 +1078,8 @@ class JointModel:
             >>> conv = model.chat(emb, ["What's in the image?", "What colour is it?"])  # doctest: +SKIP
             >>> [turn.answer for turn in conv.turns]  # doctest: +SKIP
         """
-        emb = self._as_embedding(emb_or_image)
+        preprocessing = generate_kwargs.get("preprocessing", INTERACTIVE_PREPROCESSING)
+        emb = self._as_embedding(emb_or_image, preprocessing)
         if len(emb) != 1:
             raise JointModelError(f"chat: one image at a time, got {len(emb)}")
         conversation = history or Conversation()

@@ -185,11 +185,14 @@ def tiny_alignment(paths: TinyJoint) -> AlignmentLayer:
 
 
 @contextlib.contextmanager
-def record_prompts() -> Iterator[list[str]]:
+def record_prompts(tokenizations: list[str] | None = None) -> Iterator[list[str]]:
     """Record the prompt text of every :meth:`JointModel.prompt_inputs` call, as it is tokenised
     (before the image placeholder is expanded), for every J built in the block — the one
     funnel through which generation, chat and GA reach LLaVA. Tests use it to check which
     conversation template a command or API sends.
+
+    Args:
+        tokenizations: a list that also receives each call's tokenization name.
 
     Example:
         >>> with record_prompts() as sent:  # doctest: +SKIP
@@ -198,16 +201,23 @@ def record_prompts() -> Iterator[list[str]]:
         ["<image>\\nUSER: What's in the image?\\nASSISTANT:"]
     """
     from jmllm.joint.model import JointModel
+    from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
     sent: list[str] = []
     original = JointModel.prompt_inputs
 
-    def recording(self: Any, prompts: Any, template: Any = None, **kwargs: Any) -> Any:
-        if template is None:
-            sent.extend(self._prompt_texts(prompts))
-            return original(self, prompts, **kwargs)
-        sent.extend(self._prompt_texts(prompts, template))
-        return original(self, prompts, template, **kwargs)
+    def recording(
+        self: Any, prompts: Any, template: Any = None, tokenization: Any = None, **kwargs: Any
+    ) -> Any:
+        texts = self._prompt_texts(prompts, *(() if template is None else (template,)))
+        sent.extend(texts)
+        if tokenizations is not None:
+            tokenizations.extend([tokenization or INTERACTIVE_TOKENIZATION] * len(texts))
+        if template is not None:
+            kwargs["template"] = template
+        if tokenization is not None:
+            kwargs["tokenization"] = tokenization
+        return original(self, prompts, **kwargs)
 
     JointModel.prompt_inputs = recording  # type: ignore[method-assign]
     try:

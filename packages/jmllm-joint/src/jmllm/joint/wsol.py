@@ -54,6 +54,8 @@ import numpy as np
 from scipy import ndimage
 
 from jmllm.align.files import atomic_write_text, resolve_inside
+from jmllm.align.preprocessing import PAPER_PREPROCESSING
+from jmllm.joint.tokenization import PAPER_TOKENIZATION
 
 logger = logging.getLogger(__name__)
 
@@ -626,6 +628,8 @@ def run_wsol(
     box_rounding: str = "truncate",
     class_query: str = "first",
     samples: int = PAGE_SAMPLES,
+    tokenization: str = PAPER_TOKENIZATION,
+    preprocessing: str = PAPER_PREPROCESSING,
 ) -> WsolReport:
     """GA maps (and the plain-gradient baseline) for every image of a WSOL folder, scored.
 
@@ -652,6 +656,10 @@ def run_wsol(
         box_rounding, class_query: GA painting (see :class:`GradientAlignment`).
         samples: how many images, spread evenly over the folder, keep their pictures, maps and
             best boxes for the HTML page (:meth:`WsolReport.save_page`); 0 keeps none.
+        tokenization: ``"legacy"`` (default: the authors' token ids) or ``"checkpoint"``
+            (:mod:`jmllm.joint.tokenization`).
+        preprocessing: ``"authors"`` (default: the stored pixels, the HF processors' resize)
+            or ``"exif"`` (:mod:`jmllm.align.preprocessing`).
 
     Returns:
         :class:`WsolReport`. Unreadable images are skipped and listed, never silently dropped.
@@ -668,6 +676,7 @@ def run_wsol(
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     template = get_template(template).name
+    inputs = model.input_record(template, tokenization, preprocessing)  # names checked here
     _check_choice("pipeline", pipeline, PIPELINES)
     accumulators = {m: BoxAccumulator(thresholds, protocol=protocol) for m in METHODS}
     ga = GradientAlignment(model, box_rounding=box_rounding, class_query=class_query)
@@ -691,8 +700,7 @@ def run_wsol(
     size = (AUTHORS_MAP_SIZE, AUTHORS_MAP_SIZE) if pipeline == "authors" else None
     for index, item in enumerate(iterator):
         try:
-            # a sampled image is embedded here so its picture is at hand for the page
-            source = model.embed(item.path) if index in chosen else item.path
+            source = model.embed(item.path, preprocessing=preprocessing)
             result = ga.attribute(
                 source,
                 WSOL_QUESTION,
@@ -700,6 +708,7 @@ def run_wsol(
                 [WSOL_QUERY],
                 answer=WSOL_ANSWER,
                 template=template,
+                tokenization=tokenization,
             )
         except JointModelError as exc:
             skipped[item.image_id] = str(exc)
@@ -730,7 +739,7 @@ def run_wsol(
             "target": WSOL_TARGET,
             "query": WSOL_QUERY,
             "weighting": weighting,
-            "template": template,
+            **inputs,  # template, tokenization, preprocessing, dtype
             "protocol": protocol,
             "pipeline": pipeline,
             "map_size": list(size) if size is not None else "original",

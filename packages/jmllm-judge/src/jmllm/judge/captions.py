@@ -225,9 +225,13 @@ def _joint_generate(
     max_new_tokens: int,
     template: str = "paper",
     model: Any = None,
+    tokenization: str = "legacy",
+    preprocessing: str = "authors",
 ) -> tuple[Any, list[str]]:
     """Load J once (when ``model`` is None) and caption a batch of image files greedily; returns
-    ``(model, answers)``. ``vision="llava"`` runs stock LLaVA's own vision tower on the same images."""
+    ``(model, answers)``. ``vision="llava"`` runs stock LLaVA's own vision tower on the same images.
+    The images are embedded with the named ``preprocessing``, the prompts tokenised with the
+    named ``tokenization`` (jmllm-joint's names)."""
     try:
         from jmllm.joint import JointModel, JointModelError, PromptError
     except ImportError as e:
@@ -239,12 +243,14 @@ def _joint_generate(
             sources = {"owl": owl, "llava": llava, "alignment": alignment}
             given: dict[str, Any] = {k: v for k, v in sources.items() if v is not None}
             model = JointModel.from_pretrained(**given)  # unset: jmllm-joint's defaults
+        emb = model.embed(list(images), preprocessing=preprocessing)
         answers = model.generate(
-            list(images),
+            emb,
             list(prompts),
             max_new_tokens=max_new_tokens,
             vision=vision,
             template=template,
+            tokenization=tokenization,
         )
     except (JointModelError, PromptError) as e:
         raise JudgeError(f"jmllm-joint: {e}") from e
@@ -264,6 +270,8 @@ def captions_from_joint(
     model: Any = None,
     progress: Callable[[int], object] | None = None,
     template: str = "paper",
+    tokenization: str = "legacy",
+    preprocessing: str = "authors",
 ) -> SystemCaptions:
     """Captions from the joint model J (``vision="joint"``: OWL-ViT + W + LLaVA) or from stock
     LLaVA-1.5 (``vision="llava"``) through the ``joint`` extra, greedy decoding, the paper's caption
@@ -272,7 +280,11 @@ def captions_from_joint(
     ``model`` instead to caption J and stock LLaVA with one load. Only local images are supported
     (sample with ``--images-dir``). Both J and stock LLaVA are prompted in the conversation
     ``template``: ``"paper"`` (default: the authors' ``<image>\\nUSER: {question}\\nASSISTANT:``,
-    how Table 1's captions were made) or ``"llava-1.5"`` (the model card's).
+    how Table 1's captions were made) or ``"llava-1.5"`` (the model card's). The prompt's token
+    ids follow ``tokenization``: ``"legacy"`` (default, the authors' ids) or ``"checkpoint"``; the
+    images are embedded with ``preprocessing``: ``"authors"`` (default, the stored pixels resized
+    as the HF processors do) or ``"exif"``. The captions' ``origin`` records all three and the
+    dtype J ran in.
 
     >>> j = captions_from_joint(manifest, "J", alignment="w.safetensors")  # doctest: +SKIP
     >>> llava = captions_from_joint(manifest, "LLaVA", vision="llava", model=loaded_joint_model)  # doctest: +SKIP
@@ -298,6 +310,8 @@ def captions_from_joint(
             max_new_tokens=max_new_tokens,
             template=template,
             model=model,
+            tokenization=tokenization,
+            preprocessing=preprocessing,
         )
         if len(answers) != len(batch):
             raise JudgeError(f"the model returned {len(answers)} answers for {len(batch)} images")
@@ -305,10 +319,14 @@ def captions_from_joint(
             captions[image.image_id] = answer.strip()
         if progress is not None:
             progress(len(batch))
+    dtype = getattr(model, "dtype", None)
     origin = {
         "kind": "joint",
         "vision": vision,
         "template": template,
+        "tokenization": tokenization,
+        "preprocessing": preprocessing,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "owl": owl,
         "llava": llava,
         "alignment": alignment,

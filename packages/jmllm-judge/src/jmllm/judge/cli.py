@@ -148,6 +148,21 @@ def _parser() -> argparse.ArgumentParser:
         "card's 'USER: <image>\\n{question} ASSISTANT:'",
     )
     p.add_argument(
+        "--tokenization",
+        choices=("legacy", "checkpoint"),
+        default="legacy",
+        help="with --joint: prompt token ids (default legacy): legacy, the authors' (a ▁ after "
+        "<image>, as transformers 4 gave); checkpoint, as the checkpoint's tokenizer config says",
+    )
+    p.add_argument(
+        "--preprocessing",
+        choices=("authors", "exif"),
+        default="authors",
+        help="with --joint: image preprocessing (default authors): authors, the stored pixels "
+        "resized as the HF image processors do (the paper's); exif, EXIF orientation applied, "
+        "torch's resize",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=integer(1),
         default=None,
@@ -334,6 +349,8 @@ def _cmd_captions(args: argparse.Namespace) -> int:
                 alignment=args.alignment,
                 vision=args.vision,
                 template=args.template,
+                tokenization=args.tokenization,
+                preprocessing=args.preprocessing,
                 max_new_tokens=args.max_new_tokens or (48 if args.tiny else 256),
                 batch_size=args.batch_size,
                 progress=bar.update,

@@ -62,7 +62,9 @@ def joint_explainer(**options: Any) -> ExplainFn:
             ``JointModel``, required), ``view`` (``"box"``, the paper's figures, or
             ``"overlay"``), ``weighting``, ``queries``, ``question``, ``template`` (J's
             conversation template: ``"paper"`` by default, the authors' prompt, or
-            ``"llava-1.5"``).
+            ``"llava-1.5"``), ``tokenization`` (``"legacy"`` by default, the authors' token
+            ids, or ``"checkpoint"``) and ``preprocessing`` (``"authors"`` by default, the
+            stored pixels resized as the HF processors do, or ``"exif"``).
 
     Returns:
         ``explain(image, object_name) -> PIL.Image``.

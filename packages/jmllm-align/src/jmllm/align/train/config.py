@@ -16,6 +16,7 @@ from typing import Any
 
 from jmllm.align.architectures import ARCHITECTURES
 from jmllm.align.options import check_finite
+from jmllm.align.preprocessing import PREPROCESSINGS
 
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "alignment.safetensors"
@@ -61,6 +62,10 @@ class TrainConfig:
     # Where images are resized/normalised: "workers" (DataLoader processes, frees the main
     # process on CPU), "device" (batched on the GPU), or "auto" (device on GPU, else workers).
     preprocess: str = "auto"
+    # How images become the encoders' inputs (jmllm.align.preprocessing): "exif" (EXIF
+    # orientation applied, torch's antialiased resize) or "authors" (the paper preset: stored
+    # pixels and the Hugging Face processors' PIL resize, as the authors' trainer fed them).
+    preprocessing: str = "exif"
     # Held-out evaluation: a fixed subset never trained on.
     eval_images: int = 256
     eval_every: int = 1000  # steps between evaluations (0: only at the end)
@@ -124,6 +129,11 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.preprocess not in ("auto", "workers", "device"):
             raise ValueError(f"preprocess must be auto, workers or device, got {self.preprocess!r}")
+        if self.preprocessing not in PREPROCESSINGS:
+            raise ValueError(
+                f"preprocessing must be {' or '.join(sorted(PREPROCESSINGS))}, "
+                f"got {self.preprocessing!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -157,6 +167,7 @@ _TEXT_FIELDS = {
     "precision": "required",
     "device": "required",
     "preprocess": "required",
+    "preprocessing": "required",
 }
 _BOOL_FIELDS = ("dataset_streaming", "progress")
 _INT_FIELDS = {  # name: (minimum, may be None)

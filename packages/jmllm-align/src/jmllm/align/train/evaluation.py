@@ -34,7 +34,8 @@ def _model_inputs(fx: FeatureExtractor, chunk: list[Pixels]) -> tuple[torch.Tens
         llava = torch.stack([c[1] for c in chunk])  # type: ignore[index]
         return owl.to(fx.device), llava.to(fx.device)
     images: list[torch.Tensor] = chunk  # type: ignore[assignment]
-    return fx.owl_norm(images, fx.device), fx.llava_norm(images, fx.device)
+    owl = fx.owl_norm(images, fx.device, fx.preprocessing)
+    return owl, fx.llava_norm(images, fx.device, fx.preprocessing)
 
 
 def _micro_batches(images: list[Pixels], size: int | None) -> list[list[Pixels]]:

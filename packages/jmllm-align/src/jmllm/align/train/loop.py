@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from jmllm.align.architectures import AlignmentConfig, AlignmentLayer, alignment_config_for
 from jmllm.align.features import FeatureExtractor
+from jmllm.align.preprocessing import get_preprocessing
 from jmllm.align.train.checkpoint import (
     CHECKPOINT_FORMAT,
     _append_jsonl,
@@ -192,7 +193,16 @@ def _train(
     if fx is None:
         dtype = torch.bfloat16 if bf16 else torch.float32
         fx = FeatureExtractor.from_pretrained(
-            config.source_model, config.target_model, dtype=dtype, device=device
+            config.source_model,
+            config.target_model,
+            dtype=dtype,
+            device=device,
+            preprocessing=config.preprocessing,
+        )
+    elif fx.preprocessing != config.preprocessing:
+        raise ValueError(
+            f"preprocessing: the run asks for {config.preprocessing!r} but the feature extractor "
+            f"given resizes with {fx.preprocessing!r}"
         )
     align_config, layer, optimizer = _new_layer(config, fx, device)
     epoch = step_in_epoch = step = images_seen = images_skipped = 0
@@ -228,7 +238,7 @@ def _train(
             metrics_path.unlink()
 
     # -- held-out images: decoded once, kept as uint8 (this rank's share)
-    held_batch = _decode_all(data.held_out_raw())
+    held_batch = _decode_all(data.held_out_raw(), config.preprocessing)
     micro = config.micro_batch_size or max(1, math.ceil(config.batch_size / info.world))
 
     def run_eval() -> EvalResult:
@@ -278,8 +288,10 @@ def _train(
         )
 
     # -- the loop
+    # "auto": in the workers on CPU, and for the authors' PIL resize (CPU work) on a GPU too
     in_workers = config.preprocess == "workers" or (
-        config.preprocess == "auto" and device.type != "cuda"
+        config.preprocess == "auto"
+        and (device.type != "cuda" or get_preprocessing(config.preprocessing).resize == "pil")
     )
     norms: Normalizations | None = (fx.owl_norm, fx.llava_norm) if in_workers else None
     from tqdm.auto import tqdm
@@ -417,6 +429,7 @@ def _train(
             "weight_decay": config.weight_decay,
             "seed": config.seed,
             "world_size": info.world,
+            "preprocessing": config.preprocessing,
         }
         result.weights_path = save_alignment(layer, out / WEIGHTS_NAME, provenance)
     if images_skipped or held_batch.skipped:

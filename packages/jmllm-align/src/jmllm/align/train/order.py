@@ -150,11 +150,11 @@ def epoch_loader(
         stream_shares = _stream_shares(
             shuffled, config.image_column, config.batch_size, info.rank, info.world, start_step
         )
-        return _stream_batches(stream_shares, norms, workers)
+        return _stream_batches(stream_shares, norms, workers, config.preprocessing)
     order = epoch_order(train_ids, config.seed, epoch)
     shares = rank_shares(order, config.batch_size, info.rank, info.world, start_step)
     return DataLoader(
-        _DecodeItems(source, norms),
+        _DecodeItems(source, norms, config.preprocessing),
         batch_sampler=shares,
         collate_fn=collate_drop_failures,
         **common,

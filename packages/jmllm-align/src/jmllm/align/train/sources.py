@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from jmllm.align.features import ImageNormalization, image_to_tensor
-from jmllm.align.images import ImageLoadError, load_image, open_image
+from jmllm.align.images import ImageLoadError, open_image
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessing
 from jmllm.align.train.config import TrainConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -130,22 +131,22 @@ def _load_dataset(config: TrainConfig) -> Any:
         raise ValueError(f"dataset {config.dataset}: could not be loaded ({exc})") from None
 
 
-def decode_image(raw: Any) -> torch.Tensor:
+def decode_image(raw: Any, preprocessing: str = INTERACTIVE_PREPROCESSING) -> torch.Tensor:
     """Decode one raw image (path, ``{"bytes", "path"}`` dict, bytes or PIL) to (3, H, W) uint8,
     under the image policy (:mod:`jmllm.align.images`: pixel limit from the header, reduced
-    JPEG decoding, working copy of at most 4096 px).
+    JPEG decoding, working copy of at most 4096 px); the EXIF orientation is applied under the
+    ``exif`` preprocessing and ignored under ``authors`` (:mod:`jmllm.align.preprocessing`).
 
     Raises:
         ImageLoadError: the image cannot be decoded or is refused; the message names it.
     """
     name = None
+    exif = get_preprocessing(preprocessing).exif_orientation
     if isinstance(raw, dict):
         data, name = raw.get("bytes"), raw.get("path") or "<bytes>"
         raw = data if data is not None else name
     try:
-        return image_to_tensor(
-            load_image(raw) if name is None else open_image(raw, name=name).image
-        )
+        return image_to_tensor(open_image(raw, name=name, exif_orientation=exif).image)
     except ImageLoadError:
         raise
     except Exception as exc:  # PIL raises assorted errors on odd files during conversion
@@ -176,14 +177,17 @@ class ImageBatch:
     errors: list[str] = field(default_factory=list)
 
 
-def _decode(raw: Any, norms: Normalizations | None = None) -> DecodedImage:
+def _decode(
+    raw: Any, norms: Normalizations | None = None, preprocessing: str = INTERACTIVE_PREPROCESSING
+) -> DecodedImage:
     try:
-        pixels = decode_image(raw)
+        pixels = decode_image(raw, preprocessing)
     except ImageLoadError as exc:
         return DecodedImage(None, str(exc))
     if norms is None:
         return DecodedImage(pixels)
-    return DecodedImage((norms[0]([pixels])[0], norms[1]([pixels])[0]))
+    owl = norms[0]([pixels], preprocessing=preprocessing)[0]
+    return DecodedImage((owl, norms[1]([pixels], preprocessing=preprocessing)[0]))
 
 
 def collate_drop_failures(items: list[DecodedImage]) -> ImageBatch:
@@ -201,8 +205,13 @@ def collate_drop_failures(items: list[DecodedImage]) -> ImageBatch:
 class _DecodeItems(torch.utils.data.Dataset):
     """Map-style view of a source that decodes in the DataLoader worker."""
 
-    def __init__(self, source: ImageSource, norms: Normalizations | None = None) -> None:
-        self.source, self.norms = source, norms
+    def __init__(
+        self,
+        source: ImageSource,
+        norms: Normalizations | None = None,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
+    ) -> None:
+        self.source, self.norms, self.preprocessing = source, norms, preprocessing
 
     def __len__(self) -> int:
         return len(self.source)
@@ -212,7 +221,7 @@ class _DecodeItems(torch.utils.data.Dataset):
             raw = self.source.raw(index)
         except Exception as exc:  # a broken row of a dataset is one skipped image
             return DecodedImage(None, f"item {index}: cannot be read ({exc})")
-        return _decode(raw, self.norms)
+        return _decode(raw, self.norms, self.preprocessing)
 
 
 def _stream_shares(
@@ -230,12 +239,17 @@ def _stream_shares(
         pending, step = [], step + 1
 
 
-def _decode_share(share: list[Any], norms: Normalizations | None) -> ImageBatch:
-    return collate_drop_failures([_decode(raw, norms) for raw in share])
+def _decode_share(
+    share: list[Any], norms: Normalizations | None, preprocessing: str = INTERACTIVE_PREPROCESSING
+) -> ImageBatch:
+    return collate_drop_failures([_decode(raw, norms, preprocessing) for raw in share])
 
 
 def _stream_batches(
-    shares: Iterator[list[Any]], norms: Normalizations | None, workers: int
+    shares: Iterator[list[Any]],
+    norms: Normalizations | None,
+    workers: int,
+    preprocessing: str = INTERACTIVE_PREPROCESSING,
 ) -> Iterator[ImageBatch]:
     """Decode streamed shares in order, in ``workers`` processes with bounded prefetch.
 
@@ -245,7 +259,7 @@ def _stream_batches(
     """
     if workers == 0:
         for share in shares:
-            yield _decode_share(share, norms)
+            yield _decode_share(share, norms, preprocessing)
         return
     import collections
     import multiprocessing
@@ -260,7 +274,7 @@ def _stream_batches(
     in_flight: collections.deque[Future[ImageBatch]] = collections.deque()
     try:
         for share in shares:
-            in_flight.append(pool.submit(_decode_share, share, norms))
+            in_flight.append(pool.submit(_decode_share, share, norms, preprocessing))
             if len(in_flight) >= 4 * workers:
                 yield in_flight.popleft().result()
         while in_flight:
@@ -269,8 +283,8 @@ def _stream_batches(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decode_all(raws: list[Any]) -> ImageBatch:
-    return collate_drop_failures([_decode(raw) for raw in raws])
+def _decode_all(raws: list[Any], preprocessing: str = INTERACTIVE_PREPROCESSING) -> ImageBatch:
+    return collate_drop_failures([_decode(raw, None, preprocessing) for raw in raws])
 
 
 def _worker_init(worker_id: int) -> None:

@@ -60,8 +60,10 @@ from jmllm.joint.cli.common import (
     nms_of,
     out_dir,
     output_folder,
+    preprocessing_argument,
     queries_of,
     template_argument,
+    tokenization_argument,
 )
 
 logger = logging.getLogger("jmllm.joint.cli")
@@ -113,12 +115,15 @@ def _write_outputs(
     image = emb.pil_image(0)
     record: dict[str, Any] = {"image_size": list(emb.image_sizes[0]), "sources": model.sources}
     if conversation is not None:
-        record["template"] = args.template
+        record.update(model.input_record(args.template, args.tokenization, emb.preprocessing))
         record["conversation"] = [
             {"question": turn.question, "answer": turn.answer} for turn in conversation.turns
         ]
         if stock is not None:
             record["stock_llava"] = [turn.answer for turn in stock.turns]
+    else:
+        record.update(model.input_record(preprocessing=emb.preprocessing))
+        del record["template"], record["tokenization"]  # nothing was asked
     if detections is not None:
         save_png(
             draw_detections(image, detections, max_boxes=args.max_boxes), out / "detections.png"
@@ -172,11 +177,12 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         from jmllm.joint.toy.scenes import make_scene
 
         scene = make_scene(*TOY_DEMO_SCENE)
-        emb, questions, queries = model.embed([scene.image]), TOY_DEMO_QUESTIONS, TOY_DEMO_QUERIES
+        emb = model.embed([scene.image], preprocessing=args.preprocessing)
+        questions, queries = TOY_DEMO_QUESTIONS, TOY_DEMO_QUERIES
         truth = f"{scene.split} toy scene {scene.index}: {scene.caption}"
     else:
         with as_file(files("jmllm.joint") / "data" / "sample.png") as sample:
-            emb = model.embed([sample])
+            emb = model.embed([sample], preprocessing=args.preprocessing)
         questions, queries = DEMO_QUESTIONS, DEMO_QUERIES
     conversation, stock = _run_chat(model, emb, questions, args)
     detections = model.detect(
@@ -278,7 +284,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.queries is not None:
         queries_of(args)  # bad queries are refused before the models load
     model = load_model(args)
-    emb = model.embed([image])
+    emb = model.embed([image], preprocessing=args.preprocessing)
     kwargs = generation_kwargs(args)
     if args.prompt:
         conversation, stock = _run_chat(model, emb, args.prompt, args)
@@ -313,14 +319,14 @@ def cmd_describe(args: argparse.Namespace) -> int:
     """One answer about IMAGE (J's, and stock LLaVA's with --compare)."""
     image = image_arg(args.image)
     model = load_model(args)
-    emb = model.embed([image])
+    emb = model.embed([image], preprocessing=args.preprocessing)
     kwargs = generation_kwargs(args)
     answer = model.generate(emb, args.prompt, **kwargs)[0]
     stock = model.generate(emb, args.prompt, vision="llava", **kwargs)[0] if args.compare else None
     if args.json:
         record = {
             "prompt": args.prompt,
-            "template": answer.template,
+            **model.input_record(answer.template, answer.tokenization, emb.preprocessing),
             "answer": answer.text,
             "tokens": answer.tokens,
         }
@@ -340,7 +346,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     nms_iou = nms_of(args)
     out = out_dir(args.out, DETECT, REPORT_OUTPUTS, args.force)
     model = load_model(args, language=False)  # detection needs OWL-ViT only
-    emb = model.embed([image])
+    emb = model.embed([image], preprocessing=args.preprocessing)
     detections = model.detect(
         emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.query_template
     )[0]
@@ -354,7 +360,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``jmllm-joint`` parser, with the plug-in subcommands of :data:`PLUGINS`."""
+    from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
     from jmllm.joint.chat import INTERACTIVE_TEMPLATE
+    from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
     common = common_arguments()
     parser = ArgumentParser(
@@ -380,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     force_argument(demo)
     generation_arguments(demo)
     template_argument(demo, INTERACTIVE_TEMPLATE)
+    tokenization_argument(demo, INTERACTIVE_TOKENIZATION)
+    preprocessing_argument(demo, INTERACTIVE_PREPROCESSING)
     detection_arguments(demo, TOY_DEMO_QUERIES)
     # the demo shows J beside stock LLaVA: the comparison is the point of J
     demo.add_argument(
@@ -405,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     force_argument(chat)
     generation_arguments(chat)
     template_argument(chat, INTERACTIVE_TEMPLATE)
+    tokenization_argument(chat, INTERACTIVE_TOKENIZATION)
+    preprocessing_argument(chat, INTERACTIVE_PREPROCESSING)
     detection_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -416,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--json", action="store_true", help="print a JSON record")
     generation_arguments(describe)
     template_argument(describe, INTERACTIVE_TEMPLATE)
+    tokenization_argument(describe, INTERACTIVE_TOKENIZATION)
+    preprocessing_argument(describe, INTERACTIVE_PREPROCESSING)
     describe.set_defaults(func=cmd_describe)
 
     detect = sub.add_parser("detect", parents=[common], help="open-vocabulary detections from t")
@@ -423,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", required=True, help="output folder")
     force_argument(detect)
     detection_arguments(detect)
+    preprocessing_argument(detect, INTERACTIVE_PREPROCESSING)
     detect.set_defaults(func=cmd_detect)
 
     for name in PLUGINS:

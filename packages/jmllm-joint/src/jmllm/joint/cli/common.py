@@ -189,6 +189,34 @@ def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def tokenization_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--tokenization``: how J's prompts become LLaVA-1.5's token ids
+    (:mod:`jmllm.joint.tokenization`)."""
+    from jmllm.joint.tokenization import TOKENIZATIONS
+
+    parser.add_argument(
+        "--tokenization",
+        choices=TOKENIZATIONS,
+        default=default,
+        help=f"prompt token ids (default {default}): legacy, the authors' (a ▁ after <image>, "
+        "as transformers 4 gave); checkpoint, as the checkpoint's tokenizer config says",
+    )
+
+
+def preprocessing_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--preprocessing``: how images become the models' inputs
+    (:mod:`jmllm.align.preprocessing`)."""
+    from jmllm.align.preprocessing import PREPROCESSINGS
+
+    parser.add_argument(
+        "--preprocessing",
+        choices=sorted(PREPROCESSINGS),
+        default=default,
+        help=f"image preprocessing (default {default}): authors, the stored pixels resized as "
+        "the HF image processors do (the paper's); exif, EXIF orientation applied, torch's resize",
+    )
+
+
 def generation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
     group.add_argument(
@@ -215,6 +243,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "top_p": args.top_p,
         "seed": args.seed,
         "template": args.template,
+        "tokenization": args.tokenization,
     }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
 from jmllm.joint.chat import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
 from jmllm.joint.saliency.answers import (
     AnswerToken,
@@ -39,6 +40,7 @@ from jmllm.joint.saliency.maps import (
     patch_grid_map,
     patch_weights,
 )
+from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
 # ---------------------------------------------------------------------------------------------
 # The attribution object
@@ -212,10 +214,13 @@ class GradientAlignment:
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def embedding(self, image_or_t: Any) -> tuple[torch.Tensor, tuple[int, int], Any]:
+    def embedding(
+        self, image_or_t: Any, preprocessing: str = INTERACTIVE_PREPROCESSING
+    ) -> tuple[torch.Tensor, tuple[int, int], Any]:
         """``t`` (1, 1 + N, D), the map size and the JointEmbedding (None for a bare tensor).
 
         A bare float tensor is taken as ``t`` itself; its maps are drawn at OWL-ViT's input size.
+        An image is embedded with the named ``preprocessing`` (:meth:`JointModel.embed`).
         """
         model = self.model
         if isinstance(image_or_t, torch.Tensor) and image_or_t.is_floating_point():
@@ -223,7 +228,11 @@ class GradientAlignment:
             size = int(model.owl.config.vision_config.image_size)
             self._check_t(t)
             return t.detach().to(model.device), (size, size), None
-        emb = image_or_t if hasattr(image_or_t, "image_sizes") else model.embed(image_or_t)
+        emb = (
+            image_or_t
+            if hasattr(image_or_t, "image_sizes")
+            else model.embed(image_or_t, preprocessing=preprocessing)
+        )
         if len(emb) != 1:
             raise GAError(f"image: GA explains one image at a time, got a batch of {len(emb)}")
         self._check_t(emb.t)
@@ -327,23 +336,30 @@ class GradientAlignment:
         answer: Any,
         max_new_tokens: int,
         template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+        tokenization: str = INTERACTIVE_TOKENIZATION,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt ids (P,), answer ids (A,)): ``answer`` given (text or JointAnswer) or generated.
 
-        The prompt is put in the conversation ``template``; a ``JointAnswer`` brings its own
-        prompt ids (the template it was generated with)."""
+        The prompt is put in the conversation ``template`` and tokenised by the named
+        ``tokenization``; a ``JointAnswer`` brings its own prompt ids (the template and
+        tokenization it was generated with)."""
         model = self.model
         if answer is None:
             source = emb_or_t if emb_or_t is not None else _bare_embedding(t)
             generated = model.generate(
-                source, prompt, max_new_tokens=max_new_tokens, template=template
+                source,
+                prompt,
+                max_new_tokens=max_new_tokens,
+                template=template,
+                tokenization=tokenization,
             )[0]
             return generated.prompt_ids, generated.token_ids
         if hasattr(answer, "token_ids") and hasattr(answer, "prompt_ids"):
             return answer.prompt_ids, answer.token_ids
         if not isinstance(answer, str):
             raise GAError(f"answer: expected text or a JointAnswer, got {type(answer).__name__}")
-        prompt_ids = model.prompt_inputs(prompt, template)["input_ids"][0].cpu()
+        prompt_ids = model.prompt_inputs(prompt, template, tokenization=tokenization)
+        prompt_ids = prompt_ids["input_ids"][0].cpu()
         ids = model.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
         return prompt_ids, torch.tensor(ids, dtype=torch.long)
 
@@ -433,6 +449,8 @@ class GradientAlignment:
         template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
         occurrence: int = 0,
         query_template: str | None = None,
+        tokenization: str = INTERACTIVE_TOKENIZATION,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> GAResult:
         """Explain one token (or word) of J's answer with Gradient Alignment.
 
@@ -454,9 +472,15 @@ class GradientAlignment:
                 for a ``JointAnswer``, which brings its prompt ids.
             occurrence: which occurrence of a repeated word (0 = first).
             query_template: OWL-ViT query template (default J's ``"a photo of a {}"``).
+            tokenization: how the prompt is tokenised, ``"checkpoint"`` (default, as
+                :meth:`JointModel.generate`) or ``"legacy"`` (the authors' ids); ignored for a
+                ``JointAnswer``.
+            preprocessing: how an image is embedded, ``"exif"`` (default) or ``"authors"``;
+                ignored for a ``JointEmbedding`` or ``t``.
 
         Returns:
-            :class:`GAResult`.
+            :class:`GAResult`; its ``meta`` records the template, tokenization and
+            preprocessing used.
 
         Raises:
             GAError: empty answer, or a target not in the answer (the message lists its words).
@@ -469,8 +493,10 @@ class GradientAlignment:
 
         get_template(template)  # an unknown name fails before any work
         query_template = query_template or DEFAULT_QUERY_TEMPLATE
-        t, size, emb = self.embedding(image_or_t)
-        prompt_ids, answer_ids = self.answer(emb, t, prompt, answer, max_new_tokens, template)
+        t, size, emb = self.embedding(image_or_t, preprocessing)
+        prompt_ids, answer_ids = self.answer(
+            emb, t, prompt, answer, max_new_tokens, template, tokenization
+        )
         text, tokens = answer_tokens(self.model.tokenizer, answer_ids)
         if not tokens:
             raise GAError("answer: is empty; there is no token to explain")
@@ -481,7 +507,7 @@ class GradientAlignment:
         result = self._result(
             prepared, g_llm, numerators, [tokens[i] for i in positions], label, text
         )
-        result.meta["template"] = _template_name(answer, template)
+        result.meta.update(_inputs_meta(answer, template, tokenization, emb))
         return result
 
     def explain_answer(
@@ -493,6 +519,8 @@ class GradientAlignment:
         max_new_tokens: int = 64,
         template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
         query_template: str | None = None,
+        tokenization: str = INTERACTIVE_TOKENIZATION,
+        preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> AnswerExplanation:
         """A GA result for every answer token and every word, norms computed once.
 
@@ -502,8 +530,8 @@ class GradientAlignment:
         ``g_L``), so words cost nothing more.
 
         Args:
-            image_or_t, prompt, queries, answer, max_new_tokens, template, query_template: as
-                in :meth:`attribute`.
+            image_or_t, prompt, queries, answer, max_new_tokens, template, query_template,
+                tokenization, preprocessing: as in :meth:`attribute`.
 
         Returns:
             :class:`AnswerExplanation`.
@@ -517,8 +545,10 @@ class GradientAlignment:
 
         get_template(template)
         query_template = query_template or DEFAULT_QUERY_TEMPLATE
-        t, size, emb = self.embedding(image_or_t)
-        prompt_ids, answer_ids = self.answer(emb, t, prompt, answer, max_new_tokens, template)
+        t, size, emb = self.embedding(image_or_t, preprocessing)
+        prompt_ids, answer_ids = self.answer(
+            emb, t, prompt, answer, max_new_tokens, template, tokenization
+        )
         text, tokens = answer_tokens(self.model.tokenizer, answer_ids)
         if not tokens:
             raise GAError("answer: is empty; there is no token to explain")
@@ -538,9 +568,9 @@ class GradientAlignment:
                 self._result(prepared, g, num, [tokens[i] for i in word.positions], word.text, text)
             )
         image = emb.pil_image(0) if emb is not None and emb.images else None
-        name = _template_name(answer, template)
+        meta = _inputs_meta(answer, template, tokenization, emb)
         for result in (*token_results, *word_results):
-            result.meta["template"] = name
+            result.meta.update(meta)
         return AnswerExplanation(
             prompt=prompt,
             answer_text=text,
@@ -551,7 +581,9 @@ class GradientAlignment:
             queries=list(prepared.queries),
             image=image,
             image_size=size,
-            template=name,
+            template=str(meta["template"]),
+            tokenization=str(meta["tokenization"]),
+            preprocessing=meta["preprocessing"],
         )
 
 
@@ -567,6 +599,8 @@ class AnswerExplanation:
         image_size: (width, height) of the maps.
         template: the conversation template of the prompt (a ``JointAnswer``'s own when one was
             explained).
+        tokenization: how the prompt was tokenised (likewise).
+        preprocessing: how the image was embedded (None when explained from ``t``).
     """
 
     prompt: str
@@ -579,6 +613,21 @@ class AnswerExplanation:
     image: Any
     image_size: tuple[int, int]
     template: str = INTERACTIVE_TEMPLATE
+    tokenization: str = INTERACTIVE_TOKENIZATION
+    preprocessing: str | None = INTERACTIVE_PREPROCESSING
+
+
+def _inputs_meta(
+    answer: Any, template: str | ConversationTemplate, tokenization: str, emb: Any
+) -> dict[str, str | None]:
+    """How an explanation's inputs were read: the template and tokenization of its prompt (a
+    ``JointAnswer``'s own when one was explained) and the preprocessing of its image."""
+    explained = hasattr(answer, "token_ids") and isinstance(getattr(answer, "template", None), str)
+    return {
+        "template": _template_name(answer, template),
+        "tokenization": str(answer.tokenization) if explained else tokenization,
+        "preprocessing": getattr(emb, "preprocessing", None),
+    }
 
 
 def _bare_embedding(t: torch.Tensor) -> Any:
