@@ -146,7 +146,7 @@ def test_two_processes_split_the_cohort(tiny_sdxl, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "-m", "jmllm.bias", "cohort", "--spec", str(spec), "--out", str(out),
-           "--base", str(tiny_sdxl.base), "--refiner", str(tiny_sdxl.refiner), "--steps", "3"]  # fmt: skip
+           "--base", str(tiny_sdxl.base), "--refiner", str(tiny_sdxl.refiner), "--denoising-steps", "3"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "6 generated, 0 kept, 6 planned" in done.stdout

@@ -129,7 +129,7 @@ def test_app_without_gradio_names_the_extra(cli_env, monkeypatch, capsys):
     assert main(["app", "--tiny"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (
-        'jmllm-joint: error: the explorer app needs Gradio: pip install "jmllm-joint[app]"'
+        'jmllm-joint app: error: the explorer app needs Gradio: pip install "jmllm-joint[app]"'
     )
 
 

@@ -71,7 +71,7 @@ def server(tiny_joint_paths, tmp_path_factory) -> Iterator[str]:
         "GRADIO_TEMP_DIR": str(log.parent / "gradio"),
     }
     argv = [sys.executable, "-m", "jmllm.joint.cli", "app", "--port", str(port)]
-    argv += ["--owl", str(tiny_joint_paths.owl), "--llava", str(tiny_joint_paths.llava)]
+    argv += ["--owl", str(tiny_joint_paths.owl), "--mllm", str(tiny_joint_paths.llava)]
     argv += ["--alignment", str(tiny_joint_paths.alignment), "--device", "cpu"]
     argv += ["--max-upload-mb", "1", "--max-pixels", str(MAX_PIXELS)]
     with log.open("w") as out:

@@ -374,7 +374,7 @@ def test_large_photos_keep_their_original_pixels(explorer, tmp_path):
 def test_report_is_the_page_the_cli_writes(tiny_joint_paths, tiny_joint, images, tmp_path, capsys):
     out = tmp_path / "cli"
     # the tiny random test J as explicit sources (--tiny is the toy world)
-    sources = ["--owl", str(tiny_joint_paths.owl), "--llava", str(tiny_joint_paths.llava)]
+    sources = ["--owl", str(tiny_joint_paths.owl), "--mllm", str(tiny_joint_paths.llava)]
     sources += ["--alignment", str(tiny_joint_paths.alignment), "--device", "cpu"]
     argv = ["chat", str(images[2]), *sources, "-p", QUESTION, "-p", "And then?", "--compare"]
     argv += ["-q", "house", "-q", "tree", "--threshold", "0.2", "--max-new-tokens", "8"]

@@ -181,7 +181,7 @@ def test_captions_with_the_built_in_models(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.json"
     argv = ["sample", "--coco", str(data / "coco" / "captions.json")]
     assert (
-        main([*argv, "--images-dir", str(data / "coco" / "images"), "-n", "4", "-o", str(manifest)])
+        main([*argv, "--images", str(data / "coco" / "images"), "-n", "4", "-o", str(manifest)])
         == 0
     )
     out = tmp_path / "j.jsonl"
@@ -201,6 +201,32 @@ def test_captions_with_the_built_in_models(tmp_path: Path) -> None:
         for line in lines
     ]
     assert sum(same) >= 3
+
+
+def test_captions_load_the_model_on_the_device_and_dtype_asked(tmp_path: Path, monkeypatch) -> None:
+    """``--device`` and ``--dtype``, as every command that loads a model has them."""
+    joint_cli = pytest.importorskip("jmllm.joint.cli")
+    from jmllm.joint.sample_data import write_sample_data
+    from jmllm.judge.cli import main
+
+    loaded = []
+    real = joint_cli.load_builtin_model
+
+    def spy(**kwargs):  # type: ignore[no-untyped-def]
+        loaded.append(real(**kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(joint_cli, "load_builtin_model", spy)
+    data = write_sample_data(tmp_path / "data", count=1, wsol_count=1)
+    manifest = tmp_path / "manifest.json"
+    argv = ["sample", "--coco", str(data / "coco" / "captions.json"), "-n", "1"]
+    assert main([*argv, "--images", str(data / "coco" / "images"), "-o", str(manifest)]) == 0
+    argv = ["captions", "--manifest", str(manifest), "--system", "J", "--joint", "--tiny"]
+    argv += ["--device", "cpu", "--dtype", "bfloat16", "--max-new-tokens", "4"]
+    assert main([*argv, "-o", str(tmp_path / "j.jsonl")]) == 0
+    import torch
+
+    assert loaded and loaded[0].dtype == torch.bfloat16 and loaded[0].device.type == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@
 
 Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
-    jmllm-joint hallucination-audit --annotations instances.json --images DIR --out DIR
-    jmllm-joint hallucination-audit --dataset NAME_OR_FOLDER [--split S] --out DIR
+    jmllm-joint hallucination-audit --annotations instances.json --images DIR -o DIR
+    jmllm-joint hallucination-audit --dataset NAME_OR_FOLDER [--split S] -o DIR
     accelerate launch --num_processes N -m jmllm.joint hallucination-audit ... (split by images)
 
 Exit codes: 0 done, 2 bad input, 1 runtime failure, 3 partial (some images could not be read;
@@ -40,28 +40,33 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "confidence_histograms.png and gallery.html into --out.",
     )
     data = p.add_argument_group("data")
-    data.add_argument("--annotations", help="COCO-format annotation file (instances_*.json)")
-    data.add_argument("--images", help="folder of the images the annotations name")
-    data.add_argument("--dataset", help="a datasets dataset with objects: saved folder or name")
-    data.add_argument("--split", help="split of --dataset")
+    data.add_argument(
+        "--annotations", help="COCO-format annotation file, instances_*.json (default: none)"
+    )
+    data.add_argument("--images", help="folder of the images the annotations name (default: none)")
+    data.add_argument(
+        "--dataset",
+        help="a datasets dataset with objects: saved folder or name (default: none)",
+    )
+    data.add_argument("--split", help="split of --dataset (default: its only or train split)")
     data.add_argument("--image-column", default="image", help="image column of --dataset")
     data.add_argument("--objects-column", default="objects", help="objects column of --dataset")
     data.add_argument("--category-field", default="category", help="category field of the objects")
-    data.add_argument("--limit", type=integer(1), help="audit only the first N images")
-    p.add_argument("--out", required=True, help="output folder (reused to resume)")
+    data.add_argument(
+        "--limit", type=integer(1), help="audit only the first N images (default: all)"
+    )
+    p.add_argument("-o", "--out", required=True, help="output folder (reused to resume)")
     proto = p.add_argument_group("protocol")
     proto.add_argument(
         "--sampling",
         choices=SAMPLINGS,
         default="all",
-        help="classes asked: all present and absent (the authors', default) or POPE's "
+        help="classes asked: all present and absent (the authors') or POPE's "
         "random/popular/adversarial",
     )
+    proto.add_argument("-k", type=integer(1, 10_000), default=3, help="POPE: positives per image")
     proto.add_argument(
-        "-k", type=integer(1, 10_000), default=3, help="POPE: positives per image (default 3)"
-    )
-    proto.add_argument(
-        "--seed", type=integer(0, 2**63 - 1), default=0, help="seed of sampling and bootstrap (0)"
+        "--seed", type=integer(0, 2**63 - 1), default=0, help="seed of sampling and bootstrap"
     )
     template_argument(proto, PAPER_TEMPLATE)  # the authors' notebook
     proto.add_argument(
@@ -80,13 +85,13 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--query-template",
         type=template_type("--query-template"),
         default="{}",
-        help="OWL-ViT query for the class (default '{}': the bare name, as the authors)",
+        help="OWL-ViT query for the class (default: '{}', the bare name, as the authors)",
     )
     proto.add_argument(
         "--max-new-tokens",
         type=integer(1, 4096),
         default=DEFAULT_MAX_NEW_TOKENS,
-        help=f"answer length limit (default {DEFAULT_MAX_NEW_TOKENS})",
+        help="answer length limit, in tokens",
     )
     proto.add_argument(
         "--batch-size",
@@ -97,27 +102,25 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--kv-cache-gib",
         type=finite_float(0, open_low=True),
         default=DEFAULT_KV_CACHE_GIB,
-        help=f"KV-cache budget of one batch of questions, GiB (default {DEFAULT_KV_CACHE_GIB:g})",
+        help=f"KV-cache budget of one batch of questions, GiB (default: {DEFAULT_KV_CACHE_GIB:g})",
     )
     rep = p.add_argument_group("report")
     rep.add_argument(
         "--parse",
         choices=PARSE_RULES,
         default=None,
-        help="answer rule: authors (exactly Yes/No; the default), strict (yes/no, any case), "
-        "pope (POPE's); with --tiny the default is strict, as the toy LLaVA answers in lower case",
+        help="answer rule: authors (exactly Yes/No), strict (yes/no, any case), pope (POPE's) "
+        "(default: authors; strict with --tiny, as the toy LLaVA answers in lower case)",
     )
+    rep.add_argument("--top-k", type=integer(0), default=25, help="hallucinations in the gallery")
     rep.add_argument(
-        "--top-k", type=integer(0), default=25, help="hallucinations in the gallery (25)"
-    )
-    rep.add_argument(
-        "--resamples", type=integer(1, 10_000_000), default=2000, help="bootstrap resamples (2000)"
+        "--resamples", type=integer(1, 10_000_000), default=2000, help="bootstrap resamples"
     )
     rep.add_argument(
         "--confidence",
         type=finite_float(0, 1, open_low=True, open_high=True),
         default=0.95,
-        help="interval coverage in (0, 1) (0.95)",
+        help="interval coverage in (0, 1)",
     )
     p.set_defaults(func=cmd_hallucination_audit)
 
