@@ -22,6 +22,7 @@ the hallucination view, WSOL, bias portraits) goes through :func:`open_image`:
 from __future__ import annotations
 
 import io
+import re
 import math
 import os
 import warnings
@@ -188,6 +189,15 @@ def _shrink(image: Image.Image, max_side: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
+def _reason(exc: BaseException) -> str:
+    """Why a file could not be decoded, in words: never PIL's repr of the file handle (which
+    names where the file was read from, e.g. a server's upload folder)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "unknown or unsupported image format"
+    text = re.sub(r"<_io\.\w+ name=[^>]*>", "the file", str(exc))
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int) -> LoadedImage:
     try:
         with warnings.catch_warnings():
@@ -204,14 +214,14 @@ def _decode(handle: IO[bytes], name: str, max_side: int | None, max_pixels: int)
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"{name}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
+        raise ImageLoadError(f"{name}: not a readable image ({_reason(exc)})") from None
     width, height = header_size
     if _orientation(image) in _ROTATED_ORIENTATIONS:
         width, height = height, width
     try:
         rgb = _shrink(_to_rgb(image), max_side)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
+        raise ImageLoadError(f"{name}: not a readable image ({_reason(exc)})") from None
     return LoadedImage(rgb, (width, height), name)
 
 
