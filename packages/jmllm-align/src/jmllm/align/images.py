@@ -22,9 +22,9 @@ the hallucination view, WSOL, bias portraits) goes through :func:`open_image`:
 from __future__ import annotations
 
 import io
-import re
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass

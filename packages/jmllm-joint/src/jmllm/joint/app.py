@@ -43,7 +43,6 @@ from typing import Any
 from jmllm.joint.chat import CONVERSATION_TEMPLATES, INTERACTIVE_TEMPLATE, Conversation
 from jmllm.joint.explorer import (
     MAX_IMAGE_PIXELS,
-    MAX_NEW_TOKENS,
     MAX_UPLOAD_BYTES,
     Explorer,
     ExplorerError,
