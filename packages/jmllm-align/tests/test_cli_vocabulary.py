@@ -284,7 +284,7 @@ def test_every_option_has_help_and_one_way_to_show_its_default(command):
         count = text.count("(default: ")
         if takes_value and count != 1:
             problems.append(f"{name}: {count} '(default: …)' in {text!r}")
-        odd = re.search(r"\(default [^:]|\(default\)|, default\)|\(\d[\d.]*\)$|default on\)", text)
+        odd = re.search(r"\(default [^:]|\(default\)|, default\)|\(\d[\d.]*\)|default on\)", text)
         if odd:
             problems.append(f"{name}: default written another way ({odd.group(0)!r}) in {text!r}")
     assert not problems, f"{command.name}:\n" + "\n".join(problems)

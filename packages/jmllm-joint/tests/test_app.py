@@ -266,13 +266,12 @@ def test_launch_prints_where_the_page_is_and_no_share_link_banner(gr, tiny_joint
         app.close()
 
 
-def test_builtin_examples_are_toy_scenes_the_toy_j_gets_right(tmp_path):
+def test_builtin_examples_are_toy_scenes_the_toy_j_gets_right(tmp_path, toy_joint):
     from jmllm.joint.app import builtin_examples
-    from jmllm.joint.toy import load_toy_joint
     from jmllm.joint.toy.inputs import toy_image_problem
     from jmllm.joint.toy.scenes import CONTENT_QUESTION, make_scene
 
-    model = load_toy_joint()
+    model = toy_joint
     paths = builtin_examples(tmp_path)
     assert len(paths) >= 3
     for path in paths:

@@ -48,8 +48,8 @@ MANIFEST_FLOORS = [
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return load_toy_joint()
+def toy(toy_joint):
+    return toy_joint  # the session's one toy J (conftest)
 
 
 @pytest.fixture(scope="module")

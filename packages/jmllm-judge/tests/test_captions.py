@@ -136,12 +136,15 @@ def test_joint_adapter_loads_once_and_batches(
 
 
 @pytest.mark.slow
-def test_captions_from_a_real_tiny_joint_model(manifest: Manifest, tmp_path: Path) -> None:
+def test_captions_from_a_real_tiny_joint_model(
+    manifest: Manifest, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """J and stock LLaVA through jmllm-joint itself, on its tiny offline checkpoints."""
     pytest.importorskip("jmllm.joint")
     from jmllm.joint.testing import build_tiny_joint
 
-    tiny = build_tiny_joint(tmp_path / "tiny")
+    # the session's one tiny J, shared with the other packages' tests
+    tiny = build_tiny_joint(tmp_path_factory.getbasetemp() / "jmllm-cache" / "tiny")
     small = Manifest(manifest.images[:3], seed=0)
     sources = {"owl": str(tiny.owl), "llava": str(tiny.llava), "alignment": str(tiny.alignment)}
     from jmllm.joint import JointModel

@@ -136,7 +136,15 @@ def _serve(args: argparse.Namespace) -> int:
     server = make_server(
         load_spec(args.spec), args.answers, host=args.host, port=args.port, timeout=args.timeout
     )
-    logging.getLogger("jmllm.userstudy.serve").setLevel(logging.INFO)  # one line per submission
+    # the server's own output: one plain line per submission (not an INFO log line)
+    activity = logging.getLogger("jmllm.userstudy.serve")
+    if not any(getattr(h, "jmllm_activity", False) for h in activity.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.jmllm_activity = True  # type: ignore[attr-defined]
+        activity.addHandler(handler)
+    activity.setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
+    activity.propagate = False
     host, port = server.server_address[:2]
     print(
         f"serving http://{host!s}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)",
