@@ -23,6 +23,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jmllm.align.files import check_output_dir, output_folder
 from jmllm.align.options import (
@@ -294,7 +295,7 @@ def _assess(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if skipped else EXIT_OK
 
 
-def _model_kwargs(args: argparse.Namespace) -> dict[str, object]:
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``--device`` and ``--dtype`` as :meth:`JointModel.from_pretrained` takes them."""
     import torch
 
