@@ -74,6 +74,7 @@ def _paragraph(text: str, needle: str) -> str:
 
 def _first_hour_figures(text: str, work: Path, printed: dict[str, str]) -> None:
     """What the page says `describe` answers and what the hallucination view flags."""
+    text = " ".join(text.split())
     said = re.search(r"`describe` answers `([^`]+)`", text)
     assert said, "first-hour.md: no `describe` answers `...` sentence"
     describe = next(out for command, out in printed.items() if " describe " in f" {command} ")
