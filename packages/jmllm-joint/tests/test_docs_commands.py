@@ -83,7 +83,8 @@ def _first_hour_figures(text: str, work: Path, printed: dict[str, str]) -> None:
     assert flagged, "first-hour.md: no 'flags the … as *mentioned, not detected*' sentence"
     view = next(out for command, out in printed.items() if " hallucinations " in f" {command} ")
     line = next(x for x in view.splitlines() if x.startswith("Mentioned but not detected:"))
-    assert flagged.group(2) in line.split(":", 1)[1].split(", "), (line, flagged.group(0))
+    named = [word.strip() for word in line.split(":", 1)[1].split(",")]
+    assert flagged.group(2) in named, (line, flagged.group(0))
 
 
 def _audit_figures(text: str, work: Path, printed: dict[str, str]) -> None:
