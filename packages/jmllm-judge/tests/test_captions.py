@@ -151,7 +151,7 @@ def test_captions_from_a_real_tiny_joint_model(
 
     loaded = JointModel.from_pretrained(
         **sources
-    )  # the call the CLI's --owl/--llava/--alignment make
+    )  # the call the CLI's --owl/--mllm/--alignment make
     from jmllm.joint.testing import record_prompts
 
     with record_prompts() as sent:

@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat + detection + GA on a toy scene (built-in models), report.html",
         description="Chat, detection and GA explanation on one image, into report.html. With "
         "the built-in models (the default) the image is a held-out toy scene and the default "
-        f"queries the toy shapes ({', '.join(TOY_DEMO_QUERIES)}); with --owl/--llava/"
+        f"queries the toy shapes ({', '.join(TOY_DEMO_QUERIES)}); with --owl/--mllm/"
         f"--alignment it is a sample photo, queries {', '.join(DEMO_QUERIES)}.",
     )
     demo.add_argument("-o", "--out", default="jmllm-joint-demo", help="output folder")
