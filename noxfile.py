@@ -218,11 +218,13 @@ def _install_all(session: nox.Session, *, editable: bool = False) -> None:
     _install_wheels(session, _dependency_order(), extras=True)
 
 
-def _pytest(session: nox.Session, marks: str) -> None:
+def _pytest(session: nox.Session, marks: str, *options: str) -> None:
     _install_all(session)
     session.install(*_group("test"))
     test_dirs = [str(PACKAGES_DIR / dist / "tests") for dist in PACKAGES]
-    session.run("pytest", *test_dirs, "-m", marks, DURATIONS, *session.posargs, env=OFFLINE_ENV)
+    session.run(
+        "pytest", *test_dirs, "-m", marks, *options, DURATIONS, *session.posargs, env=OFFLINE_ENV
+    )
 
 
 @nox.session
@@ -234,8 +236,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def slow(session: nox.Session) -> None:
-    """The tests marked ``slow`` (long end-to-end runs), as ``tests`` runs the others."""
-    _pytest(session, "slow")
+    """The tests marked ``slow`` (long end-to-end runs), as ``tests`` runs the others, two at a
+    time (pytest-xdist; each is a chain of processes that mostly keeps one core busy; tests of
+    one ``xdist_group`` never run at the same time)."""
+    _pytest(session, "slow", "-n", "2", "--dist", "loadgroup")
 
 
 WHEEL_LIMIT_BYTES = 20_000_000  # jmllm-joint's wheel, toy-world weights included

@@ -135,6 +135,7 @@ def test_output_path_that_is_a_file(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torch-distributed-port")  # torchrun's default port
 def test_two_processes_split_the_cohort(tiny_sdxl, tmp_path) -> None:
     """torchrun with 2 CPU processes: each makes its share, the manifest holds each image once."""
     import subprocess
