@@ -180,8 +180,17 @@ def add_common_arguments(common: argparse.ArgumentParser) -> None:
     )
 
 
-def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
-    """``--template``: the conversation template J (and stock LLaVA) is prompted with."""
+def template_argument(
+    parser: argparse.ArgumentParser, default: str, shown: str | None = None
+) -> None:
+    """``--template``: the conversation template J (and stock LLaVA) is prompted with.
+
+    Args:
+        parser: where to add it.
+        default: the default template's name.
+        shown: the default as ``--help`` says it, when the command resolves it later (e.g.
+            ``"paper; --benchmark pope: llava-1.5"``).
+    """
     from jmllm.joint.chat import CONVERSATION_TEMPLATES
 
     forms = "; ".join(
@@ -191,7 +200,8 @@ def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
         "--template",
         choices=sorted(CONVERSATION_TEMPLATES),
         default=default,
-        help=f"conversation template ({forms.replace('%', '%%')})",
+        help=f"conversation template ({forms.replace('%', '%%')})"
+        + (f" (default: {shown})" if shown else ""),
     )
 
 
