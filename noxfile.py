@@ -3,6 +3,15 @@
 Sessions discover the packages from the folder, so a new package needs no edit here.
 `nox -l` lists the sessions; `nox` runs the default ones (the README's test command).
 
+Wheels: every package's wheel is built once per change of its sources, into
+``.nox/wheelhouse/<digest>/``, and every session that installs the packages (tests, slow, the
+isolated installs, demo, bench) installs those same wheels: no session rebuilds them.
+
+Tests: ``tests`` runs everything not marked ``slow`` (the budget: 10 minutes on a quiet 2-core
+machine); ``slow`` runs the few long end-to-end tests (the documented command sequences, real-size
+photos through the CLI, multi-process runs). Both are default sessions, so CI runs both, and both
+print their 20 slowest tests.
+
 CPU torch: every session that needs torch installs ``torch==2.13.0`` *before* the packages.
 The packages themselves declare an ordinary ``torch>=…`` range; a bare range resolved on a
 machine with no torch pulls a multi-GB CUDA build (see DEVELOPERS.md).
@@ -10,6 +19,8 @@ machine with no torch pulls a multi-GB CUDA build (see DEVELOPERS.md).
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
 
 import nox
@@ -20,7 +31,10 @@ PACKAGES_DIR = ROOT / "packages"
 TORCH_PIN = "torch==2.13.0"
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "isolated", "lint", "typecheck"]
+nox.options.sessions = ["tests", "slow", "isolated", "lint", "typecheck"]
+WHEELHOUSE = ROOT / ".nox" / "wheelhouse"
+BUILD_TOOLS = ["build", "hatchling>=1.25"]  # the packages' build-system: built without isolation
+DURATIONS = "--durations=20"  # CI's output shows the 20 slowest tests, so growth is visible
 nox.options.error_on_missing_interpreters = True
 
 # No model or data set may come from the Hub in tests, demos or benchmarks (DESIGN.md §4).
@@ -125,28 +139,107 @@ def _in_dependency_order(dist: str) -> list[str]:
     return [name for name in _dependency_order() if name in needed]
 
 
+def _sources_digest(dist: str) -> str:
+    """A digest of what goes into ``dist``'s wheel: its pyproject, README and sources."""
+    folder = PACKAGES_DIR / dist
+    files = [folder / "pyproject.toml", folder / "README.md"]
+    files += sorted(
+        p
+        for p in (folder / "src").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _wheel_builder(session: nox.Session) -> str:
+    """The Python of ``.nox/wheel-builder``, a venv holding only the build tools: wheels are built
+    there, never in a session's own venv (an isolated install must hold only what the package
+    declares)."""
+    folder = ROOT / ".nox" / "wheel-builder"
+    python = folder / "bin" / "python"
+    if not python.is_file():
+        session.run(sys.executable, "-m", "venv", str(folder), external=True, silent=True)
+        session.run(
+            str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+            *BUILD_TOOLS, external=True, silent=True,
+        )  # fmt: skip
+    return str(python)
+
+
+def wheel_paths(session: nox.Session, dists: list[str] | None = None) -> dict[str, Path]:
+    """The wheel of each package (all by default), built once per change of its sources into
+    ``.nox/wheelhouse/<digest>/`` and reused by every later session."""
+    wanted = dists or list(PACKAGES)
+    found: dict[str, Path] = {}
+    missing = []
+    for dist in wanted:
+        folder = WHEELHOUSE / f"{dist}-{_sources_digest(dist)}"
+        wheels = sorted(folder.glob(f"{dist.replace('-', '_')}-*.whl"))
+        if wheels:
+            found[dist] = wheels[-1]
+        else:
+            missing.append((dist, folder))
+    if missing:
+        python = _wheel_builder(session)
+        for dist, folder in missing:
+            partial = folder.with_name(folder.name + ".partial")
+            partial.mkdir(parents=True, exist_ok=True)
+            for old in partial.glob("*.whl"):
+                old.unlink()
+            session.run(
+                python, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(partial),
+                str(PACKAGES_DIR / dist), silent=True, external=True,
+            )  # fmt: skip
+            partial.rename(folder)  # whole or not at all: a killed build is rebuilt next time
+            found[dist] = next(folder.glob("*.whl"))
+    return found
+
+
+def _install_wheels(session: nox.Session, dists: list[str], extras: bool = False) -> None:
+    """Install the wheels of ``dists`` (in that order; siblings found beside them)."""
+    wheels = wheel_paths(session, dists)
+    links = [arg for folder in {w.parent for w in wheels.values()} for arg in ("-f", str(folder))]
+    specs = [f"{wheels[d]}{_all_extras(d) if extras else ''}" for d in dists]
+    session.install(*links, *specs)
+
+
 def _install_all(session: nox.Session, *, editable: bool = False) -> None:
-    """Install torch (CPU pin) first, then every package with all its extras."""
+    """Install torch (CPU pin) first, then every package with all its extras (editable, from
+    the tree; otherwise from the shared wheelhouse)."""
     session.install(TORCH_PIN)
-    specs = [f"{PACKAGES_DIR / dist}{_all_extras(dist)}" for dist in _dependency_order()]
     if editable:
-        specs = [arg for spec in specs for arg in ("-e", spec)]
-    session.install(*specs)
+        specs = [f"{PACKAGES_DIR / dist}{_all_extras(dist)}" for dist in _dependency_order()]
+        session.install(*[arg for spec in specs for arg in ("-e", spec)])
+        return
+    _install_wheels(session, _dependency_order(), extras=True)
 
 
-@nox.session
-def tests(session: nox.Session) -> None:
-    """Run every package's tests in one environment, against installed (non-editable) packages."""
+def _pytest(session: nox.Session, marks: str, *options: str) -> None:
     _install_all(session)
     session.install(*_group("test"))
     test_dirs = [str(PACKAGES_DIR / dist / "tests") for dist in PACKAGES]
     session.run(
-        "pytest",
-        *test_dirs,
-        "--durations=15",
-        *session.posargs,
-        env=OFFLINE_ENV,
+        "pytest", *test_dirs, "-m", marks, *options, DURATIONS, *session.posargs, env=OFFLINE_ENV
     )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Every package's tests except the slow ones, in one environment, against the installed
+    (non-editable) wheels."""
+    _pytest(session, "not slow")
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The tests marked ``slow`` (long end-to-end runs), as ``tests`` runs the others, two at a
+    time (pytest-xdist; each is a chain of processes that mostly keeps one core busy; tests of
+    one ``xdist_group`` never run at the same time)."""
+    _pytest(session, "slow", "-n", "2", "--dist", "loadgroup")
 
 
 WHEEL_LIMIT_BYTES = 20_000_000  # jmllm-joint's wheel, toy-world weights included
@@ -167,35 +260,24 @@ print("toy world in the wheel:", len(toy_manifest()["files"]), "files intact; J 
 @nox.session
 @nox.parametrize("package", list(PACKAGES))
 def isolated(session: nox.Session, package: str) -> None:
-    """Install one package's wheel alone (only its declared deps); import it, run its CLI --help.
+    """Install one package's wheel alone (only its declared deps); import it, run its CLI --help
+    and --version.
 
-    Sibling packages it depends on come from wheels freshly built here, never from the tree.
+    Sibling packages it depends on come from their wheels (the shared wheelhouse, built from the
+    tree's current sources), never from the tree itself.
     """
-    wheelhouse = Path(session.create_tmp()) / "wheels"
-    wheelhouse.mkdir(parents=True, exist_ok=True)
-    for old in wheelhouse.glob("*.whl"):
-        old.unlink()
-    session.install("build")
-    for dist in _local_closure(package):
-        session.run(
-            "python",
-            "-m",
-            "build",
-            "--wheel",
-            "--outdir",
-            str(wheelhouse),
-            str(PACKAGES_DIR / dist),
-            silent=True,
-        )
     if _needs_torch(package):
         session.install(TORCH_PIN)
-    (wheel,) = wheelhouse.glob(f"{package.replace('-', '_')}-*.whl")
-    session.install("--find-links", str(wheelhouse), str(wheel))
+    wheels = wheel_paths(session, _local_closure(package))
+    links = [arg for folder in {w.parent for w in wheels.values()} for arg in ("-f", str(folder))]
+    wheel = wheels[package]
+    session.install(*links, str(wheel))
     module = "jmllm." + package.removeprefix("jmllm-")
     session.run(
         "python", "-c", f"import {module}; print({module}.__name__, 'imports')", env=OFFLINE_ENV
     )
     session.run(package, "--help", env=OFFLINE_ENV, silent=True)
+    session.run(package, "--version", env=OFFLINE_ENV)
     session.run("python", "-m", "pip", "check")
     if package == "jmllm-joint":
         # the trained toy world ships inside the wheel: every file the manifest lists, intact,
@@ -236,7 +318,7 @@ def demo(session: nox.Session) -> None:
     """The main job on the built-in models: J on a held-out toy scene with the toy-world models
     shipped in jmllm-joint, offline (``nox -s demo -- --out DIR``; default ``out/demo``)."""
     session.install(TORCH_PIN)
-    session.install(*(str(PACKAGES_DIR / dist) for dist in _in_dependency_order("jmllm-joint")))
+    _install_wheels(session, _in_dependency_order("jmllm-joint"))
     args = session.posargs or ["--out", str(ROOT / "out" / "demo")]
     session.run("jmllm-joint", "demo", *args, env=OFFLINE_ENV)
 
@@ -264,7 +346,7 @@ def gpu(session: nox.Session) -> None:
     )
     if "True" not in str(found):
         session.install(TORCH_PIN)
-    session.install(*(str(PACKAGES_DIR / dist) for dist in _in_dependency_order("jmllm-joint")))
+    _install_wheels(session, _in_dependency_order("jmllm-joint"))
     session.run(
         "python",
         str(ROOT / "benchmarks" / "_gpu_check.py"),

@@ -14,9 +14,11 @@ torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads only
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
+    """The tiny encoders, built once per test session in the folder every package's tests share
+    (the session's base temporary folder: jmllm-joint's tiny J is built over the same ones)."""
     from jmllm.align.testing import build_tiny_checkpoints
 
-    return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+    return build_tiny_checkpoints(tmp_path_factory.getbasetemp() / "jmllm-cache" / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def test_info_text_and_json(tmp_path, capsys):
         AlignmentConfig("llava-mlp", in_dim=4, out_dim=8, num_tokens=4, source_model="o")
     )
     path = save_alignment(layer, tmp_path / "w.safetensors", {"steps": 3, "images_skipped": 1})
-    code, out, _ = _run(capsys, "info", str(path), "--json")
+    code, out, _ = _run(capsys, "info", str(path), "--json-out", "-")
     assert code == 0
     data = json.loads(out)
     assert data["config"]["architecture"] == "llava-mlp" and data["config"]["source_model"] == "o"
@@ -126,7 +126,7 @@ def test_train_resume_and_eval(tiny, image_folder, tmp_path, capsys):
     run = tmp_path / "run"
     common = [
         "train", str(image_folder), "--out", str(run), "--preset", "tiny",
-        "--source-model", str(tiny.owl), "--target-model", str(tiny.llava),
+        "--owl", str(tiny.owl), "--mllm", str(tiny.llava),
         "--epochs", "1", "--no-progress",
     ]  # fmt: skip
     code, out, _ = _run(capsys, *common, "--max-steps", "2")
@@ -141,7 +141,9 @@ def test_train_resume_and_eval(tiny, image_folder, tmp_path, capsys):
     assert "steps: 4" in out and "held-out MSE" in out
     weights = run / "alignment.safetensors"
     assert load_alignment(weights).provenance["steps"] == 4
-    code, out, _ = _run(capsys, "eval", str(weights), str(image_folder), "--limit", "6", "--json")
+    code, out, _ = _run(
+        capsys, "eval", str(weights), str(image_folder), "--limit", "6", "--json-out", "-"
+    )
     assert code == 0
     record = json.loads(out)
     assert record["images"] == 6 and record["skipped"] == 0 and record["mse"] > 0
@@ -170,7 +172,7 @@ def test_train_resume_and_eval(tiny, image_folder, tmp_path, capsys):
 def test_demo_writes_weights_and_prints_where(tiny, tmp_path, capsys):
     code, out, _ = _run(
         capsys, "demo", "--out", str(tmp_path / "demo"), "--cache-dir", str(tiny.root),
-        "--images", "24", "--epochs", "2", "--no-progress",
+        "-n", "24", "--epochs", "2", "--no-progress",
     )  # fmt: skip
     assert code == 0
     weights = tmp_path / "demo" / "run" / "alignment.safetensors"
@@ -191,7 +193,7 @@ def test_help_lists_the_commands(capsys):
 def test_unreachable_model_is_named(image_folder, tmp_path, capsys):
     code, _, err = _run(
         capsys, "train", str(image_folder), "--out", str(tmp_path / "r"), "--eval-images", "8",
-        "--source-model", str(tmp_path / "no-owl"), "--target-model", str(tmp_path / "no-llava"),
+        "--owl", str(tmp_path / "no-owl"), "--mllm", str(tmp_path / "no-llava"),
     )  # fmt: skip
     assert code != 0
     _one_line_error(err, "no-owl", "cannot load OWL-ViT")

@@ -82,7 +82,7 @@ def test_train_refuses_bad_numbers_in_one_line(tmp_path, capsys, extra, needle):
         (["eval", "{w}", "{imgs}", "--limit", "0"], "--limit"),
         (["eval", "{w}", "{imgs}", "--batch-size", "nan"], "--batch-size"),
         (["import-pth", "{w}", "{tmp}/o.safetensors", "--num-tokens", "0"], "--num-tokens"),
-        (["demo", "--images", "-5"], "--images"),
+        (["demo", "-n", "-5"], "-n/--num-images"),
         (["demo", "--epochs", "0"], "--epochs"),
     ],
 )
@@ -96,8 +96,8 @@ def test_other_commands_refuse_bad_numbers(tmp_path, capsys, argv, needle):
 def test_huge_w_config_is_refused_before_allocating(tiny, image_folder, tmp_path, capsys):
     code, _, err = _run(
         capsys, "train", str(image_folder), "--out", str(tmp_path / "r"), "--set",
-        "hidden_dim=1000000000000", "--preset", "tiny", "--source-model", str(tiny.owl),
-        "--target-model", str(tiny.llava),
+        "hidden_dim=1000000000000", "--preset", "tiny", "--owl", str(tiny.owl),
+        "--mllm", str(tiny.llava),
     )  # fmt: skip
     assert code == 2
     _one_line(err, "hidden_dim", "parameters")
@@ -153,14 +153,14 @@ def test_eval_exit_codes_count_unreadable_images(tiny, image_folder, tmp_path, c
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    code, out, err = _run(capsys, "eval", str(weights), str(broken), "--json")
+    code, out, err = _run(capsys, "eval", str(weights), str(broken), "--json-out", "-")
     assert code == 2 and not out  # nothing readable: no "MSE: nan"
     _one_line(err, "no image could be read")
     listing = tmp_path / "list.txt"
     listing.write_text(
         f"{broken / 'a.png'}\n{next(p for p in sorted(image_folder.rglob('*')) if p.is_file())}\n"
     )
-    code, out, _ = _run(capsys, "eval", str(weights), str(listing), "--json")
+    code, out, _ = _run(capsys, "eval", str(weights), str(listing), "--json-out", "-")
     record = json.loads(out)
     assert code == 3 and record["images"] == 1 and record["skipped"] == 1
 
@@ -171,7 +171,7 @@ def started_run(tiny, image_folder, tmp_path, capsys):
     run = tmp_path / "run"
     common = [
         "train", str(image_folder), "--out", str(run), "--preset", "tiny",
-        "--source-model", str(tiny.owl), "--target-model", str(tiny.llava), "--no-progress",
+        "--owl", str(tiny.owl), "--mllm", str(tiny.llava), "--no-progress",
     ]  # fmt: skip
     code, _, _ = _run(capsys, *common, "--max-steps", "1", "--set", "grad_clip=1.0")
     assert code == 0
@@ -268,7 +268,7 @@ def test_output_folder_removes_only_the_empty_folders_it_made(tmp_path):
 def test_failed_train_leaves_no_empty_run_folder(image_folder, tmp_path, capsys):
     code, _, err = _run(
         capsys, "train", str(image_folder), "--out", str(tmp_path / "new" / "run"),
-        "--source-model", str(tmp_path / "no-owl"), "--target-model", str(tmp_path / "no-llava"),
+        "--owl", str(tmp_path / "no-owl"), "--mllm", str(tmp_path / "no-llava"),
         "--eval-images", "8",
     )  # fmt: skip
     assert code == 2

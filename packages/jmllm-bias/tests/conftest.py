@@ -32,7 +32,8 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def tiny_joint(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from jmllm.bias.testing import tiny_joint_model
 
-    return tiny_joint_model(tmp_path_factory.mktemp("tiny-joint"))
+    # the session's one tiny J, shared with the other packages' tests
+    return tiny_joint_model(tmp_path_factory.getbasetemp() / "jmllm-cache" / "tiny")
 
 
 @dataclasses.dataclass

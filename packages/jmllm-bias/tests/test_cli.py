@@ -62,7 +62,7 @@ def test_assess_real_models_need_alignment(portraits, tmp_path, capsys) -> None:
     args = ["assess", "--cohort", str(portraits), "--characteristic", "nurse", "--original",
             "man", "--adversarial", "woman", "--out", str(tmp_path / "o")]  # fmt: skip
     assert main(args) == 2
-    _one_line_error(capsys, "--alignment is required")
+    _one_line_error(capsys, "--alignment: required")
 
 
 def test_report_of_a_non_assessment(tmp_path, capsys) -> None:
@@ -97,7 +97,19 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:
     )
     cohort, out = tmp_path / "cohort", tmp_path / "results"
     assert (
-        main(["cohort", "--spec", str(spec), "--out", str(cohort), "--tiny", "--steps", "3"]) == 0
+        main(
+            [
+                "cohort",
+                "--spec",
+                str(spec),
+                "--out",
+                str(cohort),
+                "--tiny",
+                "--denoising-steps",
+                "3",
+            ]
+        )
+        == 0
     )
     assert len(list((cohort / "images").rglob("*.png"))) == 4
     from jmllm.joint.testing import record_prompts

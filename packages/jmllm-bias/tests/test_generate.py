@@ -135,6 +135,7 @@ def test_output_path_that_is_a_file(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torch-distributed-port")  # torchrun's default port
 def test_two_processes_split_the_cohort(tiny_sdxl, tmp_path) -> None:
     """torchrun with 2 CPU processes: each makes its share, the manifest holds each image once."""
     import subprocess
@@ -146,7 +147,7 @@ def test_two_processes_split_the_cohort(tiny_sdxl, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "-m", "jmllm.bias", "cohort", "--spec", str(spec), "--out", str(out),
-           "--base", str(tiny_sdxl.base), "--refiner", str(tiny_sdxl.refiner), "--steps", "3"]  # fmt: skip
+           "--base", str(tiny_sdxl.base), "--refiner", str(tiny_sdxl.refiner), "--denoising-steps", "3"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "6 generated, 0 kept, 6 planned" in done.stdout

@@ -117,7 +117,7 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda t, c, ro, f: _cohort(t, "--high-noise-frac", "1"),
         "--high-noise-frac: must be in (0, 1)",
     ),
-    "cohort --steps 0": (lambda t, c, ro, f: _cohort(t, "--steps", "0"), "--steps: must be in"),
+    "cohort --denoising-steps 0": (lambda t, c, ro, f: _cohort(t, "--denoising-steps", "0"), "--denoising-steps: must be in"),
     "cohort --size 0": (lambda t, c, ro, f: _cohort(t, "--size", "0"), "--size: must be in"),
     "cohort --size 100": (
         lambda t, c, ro, f: _cohort(t, "--size", "100"),
@@ -269,7 +269,7 @@ def test_second_assess_into_one_out_is_refused_and_a_killed_run_resumes(
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip().splitlines() == [
-            f"jmllm-bias: {out}: another jmllm-bias assess (process {first.pid}) is writing "
+            f"jmllm-bias assess: error: {out}: another jmllm-bias assess (process {first.pid}) is writing "
             "here; wait for it to finish (a rerun then resumes) or use another --out"
         ]
         first.send_signal(signal.SIGKILL)
@@ -315,7 +315,7 @@ def test_failed_assess_leaves_no_empty_output_folder(
     out = tmp_path / "new" / "out"
     missing = str(tmp_path / "no-such-model")
     argv = ["assess", "--cohort", str(portraits), "--characteristic", "nurse", "--original", "man",
-            "--adversarial", "woman", "--owl", missing, "--llava", missing,
+            "--adversarial", "woman", "--owl", missing, "--mllm", missing,
             "--alignment", str(tmp_path / "w.safetensors"), "--out", str(out)]  # fmt: skip
     code, err = run_cli(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

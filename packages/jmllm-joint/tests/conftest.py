@@ -44,7 +44,9 @@ def toy_retrain(request: pytest.FixtureRequest) -> bool:
 def tiny_joint_paths(tmp_path_factory: pytest.TempPathFactory) -> TinyJoint:
     """Folders of the tiny OWL-ViT and LLaVA and the tiny W file."""
     cache = os.environ.get("JMLLM_TEST_CACHE")
-    base = Path(cache) if cache else tmp_path_factory.mktemp("jmllm-cache")
+    # one folder for the whole session, shared with the other packages' tests (align's tiny
+    # encoders, bias's, judge's and userstudy's tiny J): built once, reused by every test
+    base = Path(cache) if cache else tmp_path_factory.getbasetemp() / "jmllm-cache"
     # <base>/tiny is where the CLI's --tiny looks when JMLLM_CACHE=<base> (see cli_env)
     return build_tiny_joint(base / "tiny")
 
@@ -63,6 +65,15 @@ def tiny_joint(tiny_joint_paths: TinyJoint) -> JointModel:
     return JointModel.from_pretrained(
         tiny_joint_paths.owl, tiny_joint_paths.llava, tiny_joint_paths.alignment, device="cpu"
     )
+
+
+@pytest.fixture(scope="session")
+def toy_joint() -> JointModel:
+    """The built-in toy-world J (the shipped weights, CPU, float32), loaded once per session.
+    Shared: tests must not modify it."""
+    from jmllm.joint.toy import load_toy_joint
+
+    return load_toy_joint()
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def _handler(app, name: str):
 def test_every_model_event_shares_one_queue_of_one(app):
     """Two tabs never run the model at once: every event that calls the explorer is in the
     same concurrency group, of size 1 (the explorer's lock also serialises them)."""
-    model_events = [f for f in app.fns.values() if f.name.startswith("on_")]
+    model_events = [f for f in app.fns.values() if (f.name or "").startswith("on_")]
     assert {f.name for f in model_events} >= {
         "on_image",
         "on_ask",
@@ -45,11 +45,13 @@ def test_every_model_event_shares_one_queue_of_one(app):
         "on_word",
         "on_hallucinations",
         "on_report",
+        "on_reset",
     }
     for f in model_events:
         assert (f.concurrency_id, f.concurrency_limit, f.queue) == ("model", 1, True), f.name
-    others = [f.name for f in app.fns.values() if f not in model_events]
-    assert set(others) <= {"load_example", "<lambda>"}  # filling the upload; showing a column
+    others = [f for f in app.fns.values() if f not in model_events and f.fn is not None]
+    # filling the upload; showing a column (and, without Python, scrolling the chat in the page)
+    assert {f.name for f in others} <= {"load_example", "<lambda>"}
 
 
 def test_state_is_per_session(app, gr):
@@ -129,7 +131,7 @@ def test_app_without_gradio_names_the_extra(cli_env, monkeypatch, capsys):
     assert main(["app", "--tiny"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (
-        'jmllm-joint: error: the explorer app needs Gradio: pip install "jmllm-joint[app]"'
+        'jmllm-joint app: error: the explorer app needs Gradio: pip install "jmllm-joint[app]"'
     )
 
 
@@ -187,13 +189,89 @@ def test_app_serves_the_built_in_models_on_loopback(gr, cli_env, monkeypatch):
     assert not any("random weights" in t for t in texts)
 
 
-def test_builtin_examples_are_toy_scenes_the_toy_j_gets_right(tmp_path):
+def _component(app, elem_id: str):
+    found = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id]
+    assert len(found) == 1, elem_id
+    return found[0]
+
+
+def test_page_controls_of_a_product(app, gr, tiny_joint):
+    """The answer length is bounded by the model's positions; a chat can be started over; the
+    chat panels do not jump to the bottom of an answer (a script shows its top instead); the
+    model's warning about an image has its place on the page."""
+    slider = _component(app, "jm-max-tokens")
+    assert slider.maximum == app.explorer.max_new_tokens < 512  # the tiny LLaVA's 256 positions
+    assert slider.value <= slider.maximum
+    assert isinstance(_component(app, "jm-reset"), gr.Button)
+    assert _component(app, "jm-chat").autoscroll is False
+    scrolls = [f for f in app.fns.values() if f.fn is None and f.js]
+    assert scrolls and all("scrollTop" in f.js for f in scrolls)
+    notice = _component(app, "jm-image-notice")
+    assert notice.visible is False  # until an image gets a warning
+
+
+def test_uploads_and_results_are_deleted_when_old(gr, tiny_joint, tmp_path, monkeypatch):
+    """Gradio's delete_cache is set: an upload is gone once older than its age (20 uploads used
+    to add 149 MB for the server's lifetime)."""
+    import json
+    import time
+    import urllib.request
+    import uuid
+
+    from jmllm.joint.app import DELETE_CACHE, build_app, launch
+
+    assert build_app(tiny_joint).delete_cache == DELETE_CACHE
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    app = build_app(tiny_joint, delete_cache=(1, 1))
+    launch(app, port=None, block=False, quiet=True)
+    try:
+        image = tmp_path / "upload.png"
+        Image.new("RGB", (32, 32), (9, 9, 9)).save(image)
+        boundary = uuid.uuid4().hex
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+                f'filename="upload.png"\r\nContent-Type: image/png\r\n\r\n'
+            ).encode()
+            + image.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            app.local_url.rstrip("/") + "/gradio_api/upload",
+            data=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            (stored,) = json.loads(response.read())
+        assert Path(stored).is_file() and str(tmp_path / "gradio") in stored
+        deadline = time.monotonic() + 60
+        while Path(stored).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not Path(stored).exists()
+    finally:
+        app.close()
+
+
+def test_launch_prints_where_the_page_is_and_no_share_link_banner(gr, tiny_joint, capsys):
+    from jmllm.joint.app import build_app, launch
+
+    app = build_app(tiny_joint)
+    launch(app, port=None, block=False)
+    try:
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert re.search(r"jmllm explorer: http://127\.0\.0\.1:\d+/ \(Ctrl-C stops it\)", text)
+        assert "share" not in text.lower() and "public link" not in text.lower()
+    finally:
+        app.close()
+
+
+def test_builtin_examples_are_toy_scenes_the_toy_j_gets_right(tmp_path, toy_joint):
     from jmllm.joint.app import builtin_examples
-    from jmllm.joint.toy import load_toy_joint
     from jmllm.joint.toy.inputs import toy_image_problem
     from jmllm.joint.toy.scenes import CONTENT_QUESTION, make_scene
 
-    model = load_toy_joint()
+    model = toy_joint
     paths = builtin_examples(tmp_path)
     assert len(paths) >= 3
     for path in paths:

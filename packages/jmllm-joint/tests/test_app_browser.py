@@ -1,12 +1,15 @@
 """``jmllm-joint app`` in a real browser (Debian's headless Chromium), offline.
 
-The app is started by its command line on the built-in models; the page is driven as a person
-would: bad uploads get a message in the page, an image is uploaded, a question asked, a word of
-the answer clicked (its map appears; the next word reuses the cached norms), the queries changed
-(the boxes change), the hallucination view checked and the report downloaded — and it must equal
-the report the explorer computes directly. A second tab works at the same time without
-disturbing the first. Every request the page makes must stay on 127.0.0.1; any other is refused,
-as on a machine without a network.
+The app is started by its command line; the page is driven as a person would: bad uploads get
+one sentence naming the user's file (never the server's path), an image is uploaded, a question
+asked (the answer length is bounded by the model's positions, and the chat panel shows the
+latest answer from its top), a word of the answer clicked (its map appears; the next word reuses
+the cached norms), the queries changed (the boxes change), the hallucination view checked, the
+report downloaded — and it must equal the report the explorer computes directly — and the chat
+started over. A second tab works at the same time without disturbing the first. On the built-in
+(toy-world) models a photo gets the toy world's warning on the page. The server's log has no
+share-link banner. Every request the page makes must stay on 127.0.0.1; any other is refused, as
+on a machine without a network.
 
 The screenshots of ``docs/app.md`` are taken on the toy world by ``docs/screenshots.py``.
 """
@@ -20,6 +23,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,26 +58,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tiny_joint_paths, tmp_path_factory) -> Iterator[str]:
-    """``jmllm-joint app`` in a subprocess, on the session's tiny random-weight checkpoints
-    given as explicit sources (``--tiny`` serves the toy world; this test compares the page with
-    an in-process explorer on the same tiny models)."""
+@dataclass
+class Server:
+    url: str
+    log: Path
+
+
+def _serve(
+    tmp_path_factory: Any, env_extra: dict[str, str], options: list[str]
+) -> Iterator[Server]:
+    """``jmllm-joint app OPTIONS`` in a subprocess until the module's tests are done."""
     pytest.importorskip("gradio")
     port = _free_port()
     log = tmp_path_factory.mktemp("app-server") / "server.log"
     env = {
         **os.environ,
-        "JMLLM_CACHE": str(tiny_joint_paths.root.parent),
+        **env_extra,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "MPLBACKEND": "Agg",
         "GRADIO_TEMP_DIR": str(log.parent / "gradio"),
     }
-    argv = [sys.executable, "-m", "jmllm.joint.cli", "app", "--port", str(port)]
-    argv += ["--owl", str(tiny_joint_paths.owl), "--llava", str(tiny_joint_paths.llava)]
-    argv += ["--alignment", str(tiny_joint_paths.alignment), "--device", "cpu"]
-    argv += ["--max-upload-mb", "1", "--max-pixels", str(MAX_PIXELS)]
+    argv = [sys.executable, "-m", "jmllm.joint.cli", "app", "--port", str(port), *options]
     with log.open("w") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -89,7 +95,7 @@ def server(tiny_joint_paths, tmp_path_factory) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     pytest.fail(f"the app did not start:\n{log.read_text()}")
                 time.sleep(0.5)
-        yield url
+        yield Server(url, log)
     finally:
         proc.terminate()
         try:
@@ -97,6 +103,18 @@ def server(tiny_joint_paths, tmp_path_factory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_joint_paths, tmp_path_factory) -> Iterator[Server]:
+    """``jmllm-joint app`` on the session's tiny random-weight checkpoints given as explicit
+    sources: the page is compared with an in-process explorer on the same tiny models (whose
+    long, random answers also fill the chat panel)."""
+    options = ["--owl", str(tiny_joint_paths.owl), "--mllm", str(tiny_joint_paths.llava)]
+    options += ["--alignment", str(tiny_joint_paths.alignment), "--device", "cpu"]
+    options += ["--max-upload-mb", "1", "--max-pixels", str(MAX_PIXELS)]
+    env = {"JMLLM_CACHE": str(tiny_joint_paths.root.parent)}
+    yield from _serve(tmp_path_factory, env, options)
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +212,17 @@ def _set_queries(page: Any, text: str) -> None:
     box.press("Enter")
 
 
+def _toast_text(page: Any, text: str) -> str:
+    toast = page.locator(".toast-body", has_text=text).first
+    toast.wait_for()
+    return " ".join(toast.inner_text().split())
+
+
 def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     remote: list[str] = []
     image_a = tmp_path / "scene.png"
     generated_images(1, size=160, seed=21)[0].save(image_a)
-    page = _page(browser, server, remote)
+    page = _page(browser, server.url, remote)
     assert page.title() == "jmllm explorer"
 
     # a question before any image, then bad uploads: a message in the page, which keeps working
@@ -210,6 +234,10 @@ def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not an image")
     _upload(page, junk)
+    shown = _toast_text(page, "junk.png: not a readable image")
+    # one sentence naming the file as the user gave it: no server path, no Python repr
+    assert "junk.png: not a readable image (unknown or unsupported image format)" in shown
+    assert "/" not in shown and "<" not in shown and "gradio" not in shown, shown
     _toast(page, "junk.png: not a readable image")
     huge = tmp_path / "wide.png"
     generated_images(1, size=1200, seed=1)[0].resize((1200, 1000)).save(huge)
@@ -230,6 +258,12 @@ def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     explorer = Explorer(tiny_joint)
     state = explorer.ask(explorer.open_image(image_a), QUESTION)
     assert answer == _words(state.last_answer.text)  # J's own answer, shown as written
+
+    # the answer length is bounded by the model's positions
+    page.get_by_text("Chat options").click()
+    page.locator("#jm-max-tokens input[type=range]").wait_for()
+    bound = page.locator("#jm-max-tokens input[type=range]").get_attribute("max")
+    assert int(float(bound)) == explorer.max_new_tokens < 256  # the tiny LLaVA's positions
 
     # click a word: its map appears; the next word reuses the norms
     words = page.locator("#jm-words label")
@@ -280,7 +314,7 @@ def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     # a second tab at the same time: its own image and conversation, the first one untouched
     image_b = tmp_path / "tall.png"
     generated_images(1, size=96, seed=5)[0].resize((96, 160)).save(image_b)
-    other = _page(browser, server, remote)
+    other = _page(browser, server.url, remote)
     _upload(other, image_b)
     other.locator("#jm-picture img").wait_for()
     answer_b = _ask(other, "Describe it.")
@@ -291,5 +325,116 @@ def test_the_whole_flow_offline(server, browser, tiny_joint, tmp_path):
     _wait_text(page, "#jm-ga-status", "norms cached")  # image A's norms, kept across tabs
     assert page.locator("#jm-chat [data-testid=bot]").count() == 1
     other.context.close()
+
+    # a new chat: the same image, no answers, no words; the next answer is a first answer
+    page.click("#jm-reset")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#jm-chat [data-testid=bot]').length === 0"
+    )
+    _settle(page)
+    assert page.locator("#jm-words label").count() == 0
+    again = _ask(page, "Describe it.")
+    first = explorer.ask(explorer.open_image(image_a), "Describe it.")
+    assert again == _words(first.last_answer.text)
     page.context.close()
     assert remote == [], f"requests left 127.0.0.1: {remote}"
+    # the server's log: where the page is, and no share-link banner (there is no share link)
+    log = server.log.read_text()
+    assert "jmllm explorer: http://127.0.0.1:" in log
+    assert "share" not in log.lower() and "public link" not in log.lower(), log
+
+
+def _latest_answer_in_view(page: Any) -> dict[str, float]:
+    """Where the latest answer is in the chat panel's scrolling box (pixels)."""
+    return page.evaluate(
+        """() => {
+          const root = document.getElementById('jm-chat');
+          const bots = root.querySelectorAll('[data-testid=bot]');
+          const last = bots[bots.length - 1];
+          let box = last.parentElement;
+          while (box !== root && getComputedStyle(box).overflowY !== 'auto') box = box.parentElement;
+          const a = last.getBoundingClientRect(), b = box.getBoundingClientRect();
+          return {top: a.top - b.top, bottom: a.bottom - b.top, height: b.height,
+                  scrolled: box.scrollTop, overflow: box.scrollHeight - box.clientHeight};
+        }"""
+    )
+
+
+def test_the_chat_panel_shows_the_latest_answer_from_its_top(server, browser, tmp_path):
+    """A short window (the panel 150 px high) and long answers: after each answer the panel
+    shows the answer whole, or its top when it is taller than the panel (it used to scroll to
+    the bottom, cutting the answer's beginning off)."""
+    remote: list[str] = []
+    image = tmp_path / "scene.png"
+    generated_images(1, size=160, seed=3)[0].save(image)
+    page = _page(browser, server.url, remote)
+    page.add_style_tag(
+        content="#jm-chat .bubble-wrap, #jm-chat > div { height: 150px !important; "
+        "max-height: 150px !important; }"
+    )
+    _upload(page, image)
+    page.locator("#jm-picture img").wait_for()
+    page.get_by_text("Chat options").click()
+    tokens = page.locator("#jm-max-tokens input[type=number]")
+    seen = []
+
+    def check(question: str) -> None:
+        _ask(page, question)
+        time.sleep(1.2)  # the page scrolls after rendering the answer
+        where = _latest_answer_in_view(page)
+        seen.append(where)
+        assert where["top"] >= -1, where  # the answer's beginning is never cut off
+        if where["bottom"] - where["top"] <= where["height"]:
+            assert where["bottom"] <= where["height"] + 1, where  # short: shown whole
+        else:
+            assert where["top"] <= 12, where  # tall: shown from its top
+
+    tokens.fill("150")  # a long random answer, taller than the panel
+    tokens.press("Enter")
+    check("What's in the image?")
+    page.click("#jm-reset")  # the conversation would outgrow the tiny LLaVA's 256 positions
+    page.wait_for_function(
+        "() => document.querySelectorAll('#jm-chat [data-testid=bot]').length === 0"
+    )
+    tokens.fill("12")  # short answers: after a few, the panel scrolls to show the latest whole
+    tokens.press("Enter")
+    for question in ("Hello?", "And then?", "Tell me more.", "Why?"):
+        check(question)
+    assert any(w["overflow"] > 0 for w in seen)  # the panel did have to scroll
+    assert any(w["bottom"] - w["top"] > w["height"] for w in seen), seen  # a tall answer
+    page.context.close()
+    assert remote == []
+
+
+@pytest.fixture(scope="module")
+def toy_server(tmp_path_factory) -> Iterator[Server]:
+    """``jmllm-joint app --tiny``: the built-in toy-world models."""
+    yield from _serve(tmp_path_factory, {}, ["--tiny"])
+
+
+@pytest.mark.slow
+def test_the_toy_worlds_warning_about_a_photo_is_on_the_page(toy_server, browser, tmp_path):
+    from jmllm.joint.toy.scenes import make_scene
+
+    remote: list[str] = []
+    page = _page(browser, toy_server.url, remote)
+    photo = tmp_path / "holiday.png"
+    generated_images(1, size=200, seed=4)[0].save(photo)
+    _upload(page, photo)
+    page.locator("#jm-picture img").wait_for()
+    notice = page.locator("#jm-image-notice")
+    notice.wait_for()
+    text = " ".join(notice.inner_text().split())
+    from PIL import Image
+
+    from jmllm.joint.toy.inputs import toy_input_check
+
+    expected = toy_input_check(Image.open(photo).convert("RGB"), (200, 200))
+    assert expected and text == " ".join(f"holiday.png: {expected}".split()), text
+    scene = tmp_path / "scene.png"
+    make_scene("heldout", 103).image.save(scene)
+    _upload(page, scene)
+    _settle(page)
+    page.wait_for_function("() => !document.querySelector('#jm-image-notice')?.offsetParent")
+    page.context.close()
+    assert remote == []

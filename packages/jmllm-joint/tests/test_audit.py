@@ -39,7 +39,7 @@ def _tiny_sources(base) -> list[str]:
     """The session's tiny random-weight J as explicit sources (``--tiny`` is the toy world, whose
     small tokenizer does not know the COCO fixture's class names)."""
     root = Path(base) / "tiny"
-    return ["--owl", str(root / "owlvit-joint"), "--llava", str(root / "llava"),
+    return ["--owl", str(root / "owlvit-joint"), "--mllm", str(root / "llava"),
             "--alignment", str(root / "alignment.safetensors"), "--device", "cpu"]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ def _tiny_sources(base) -> list[str]:
     """The session's tiny random-weight J as explicit sources (``--tiny`` is the toy world, whose
     small tokenizer does not know the COCO fixture's class names)."""
     root = Path(base) / "tiny"
-    return ["--owl", str(root / "owlvit-joint"), "--llava", str(root / "llava"),
+    return ["--owl", str(root / "owlvit-joint"), "--mllm", str(root / "llava"),
             "--alignment", str(root / "alignment.safetensors"), "--device", "cpu"]  # fmt: skip
 
 
@@ -99,6 +99,7 @@ def test_a_killed_run_resumes_and_loses_at_most_the_image_in_progress(
     assert json.loads((out / "report.json").read_text())["questions"] == len(whole.records)
 
 
+@pytest.mark.xdist_group("torch-distributed-port")  # accelerate's default port
 def test_two_processes_under_accelerate_launch_equal_one(cli_env, tmp_path) -> None:
     pytest.importorskip("accelerate")
     ann, images = write_coco_folder(tmp_path / "coco", count=9, seed=6)

@@ -14,7 +14,6 @@ from jmllm.joint.audit_data import load_coco
 from jmllm.joint.audit_metrics import audit_metrics
 from jmllm.joint.audit_report import write_audit_report
 from jmllm.joint.sample_data import write_sample_data
-from jmllm.joint.toy import load_toy_joint
 from jmllm.joint.toy.scenes import SHAPES, make_scene
 
 SCENES = 12
@@ -24,11 +23,11 @@ RULE = "strict"
 
 
 @pytest.fixture(scope="module")
-def toy_audit(tmp_path_factory):
+def toy_audit(tmp_path_factory, toy_joint):
     root = tmp_path_factory.mktemp("toy-audit")
     write_sample_data(root / "data", count=SCENES, wsol_count=1)  # held-out scenes 0..SCENES-1
     ann, images = root / "data" / "coco" / "instances.json", root / "data" / "coco" / "images"
-    model = load_toy_joint()
+    model = toy_joint  # the session's one toy J (conftest)
     dataset = load_coco(ann, images)
     result = run_audit(model, dataset, root / "out", AuditSettings(), progress=False)
     return model, dataset, result, root

@@ -56,6 +56,10 @@ def test_demo_runs_the_toy_world_and_is_right_about_its_scene(
     for turn in record["conversation"]:
         assert html.escape(turn["answer"]) in page and html.escape(turn["question"]) in page
     assert "Stock LLaVA" in page and "toy-world models" in page
+    # one notice, in words (no Markdown backticks shown as such), the scene "held-out"
+    assert page.count('class="notice"') == 1 and "`" not in page
+    assert "held-out toy scene 103" in page and "heldout" not in page
+    assert "Image: held-out toy scene 103" in printed
     # exactly one box per object, with the object's shape, on the object
     detections = record["detections"]
     assert sorted(d["label"] for d in detections) == sorted(o.shape for o in scene.objects)
@@ -86,9 +90,51 @@ def test_demo_help_states_the_defaults_the_demo_uses():
     help_text = " ".join(
         cli.build_parser()._subparsers._group_actions[0].choices["demo"].format_help().split()
     )
-    assert "(default 0.5)" in help_text and "boxes drawn and listed (default 10)" in help_text
-    assert "default circle, square, triangle, cross" in help_text
-    assert "(default 24)" in help_text
+    assert "(default: 0.5)" in help_text and "boxes drawn and listed (default: 10)" in help_text
+    assert "(default: circle, square, triangle, cross)" in help_text
+    assert "(default: 24)" in help_text
+
+
+def test_hub_ids_offline_fail_in_one_line_after_one_attempt(cli_env, image_file, tmp_path):
+    """The README's real-checkpoint command on a machine that cannot reach the Hub: one line with
+    the way out, no retry warnings, no waiting for retries."""
+    import socket
+    import threading
+
+    # a "Hub" that accepts each connection and hangs up without a word: counted
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    connections: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connections.append(1)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    weights = cli_env / "tiny" / "alignment.safetensors"
+    argv = [sys.executable, "-m", "jmllm.joint.cli", "describe", str(image_file)]
+    argv += ["--prompt", "What's in the image?", "--owl", "google/owlvit-base-patch32"]
+    argv += ["--mllm", "llava-hf/llava-1.5-7b-hf", "--alignment", str(weights)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        server.close()
+    assert len(connections) == 1  # one attempt: huggingface_hub alone retries 5 times per file
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("jmllm-joint describe: error: google/owlvit-base-patch32: ")
+    assert "--tiny" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
+    assert "Retry" not in done.stderr
 
 
 def test_mention_order():
@@ -111,7 +157,16 @@ def test_a_photo_given_to_the_toy_j_gets_a_warning(image_file, capsys, caplog):
 def test_describe_chat_and_detect(cli_env, image_file, tmp_path, capsys, monkeypatch):
     assert (
         cli.main(
-            ["describe", str(image_file), "--tiny", "--max-new-tokens", "3", "--json", "--compare"]
+            [
+                "describe",
+                str(image_file),
+                "--tiny",
+                "--max-new-tokens",
+                "3",
+                "--json-out",
+                "-",
+                "--compare",
+            ]
         )
         == 0
     )
@@ -176,13 +231,13 @@ def test_describe_chat_and_detect(cli_env, image_file, tmp_path, capsys, monkeyp
                 "{tmp}/none.safetensors",
                 "--owl",
                 "{tmp}",
-                "--llava",
+                "--mllm",
                 "{tmp}",
             ],
             "none.safetensors: no such alignment weights file or folder",
         ),
         (
-            ["describe", "{image}", "--alignment", "{w}", "--owl", "{tmp}", "--llava", "{tmp}"],
+            ["describe", "{image}", "--alignment", "{w}", "--owl", "{tmp}", "--mllm", "{tmp}"],
             "cannot load OWL-ViT config",
         ),
         (["detect", "{image}", "--tiny", "-q", "cat", "--out", "{image}"], "is not a folder"),
@@ -216,7 +271,7 @@ def test_mismatched_alignment_via_cli(cli_env, tiny_joint_paths, image_file, tmp
         str(image_file),
         "--owl",
         str(tiny_joint_paths.owl),
-        "--llava",
+        "--mllm",
         str(tiny_joint_paths.llava),
         "--alignment",
         str(wrong),
@@ -238,7 +293,7 @@ def test_installed_console_script_exits_nonzero_without_traceback(image_file, tm
     assert proc.returncode == 2
     assert (
         proc.stderr.strip().splitlines()[-1]
-        == f"jmllm-joint: error: {tmp_path / 'nope.jpg'}: no such image file"
+        == f"jmllm-joint describe: error: {tmp_path / 'nope.jpg'}: no such image file"
     )
     assert "Traceback" not in proc.stderr
     assert "loading the built-in" not in proc.stderr  # bad input is refused before loading

@@ -139,7 +139,7 @@ def test_failed_run_leaves_no_output_folder(command, cli_env, image_file, tmp_pa
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     weights = cli_env / "tiny" / "alignment.safetensors"
-    argv += ["--owl", str(empty), "--llava", str(empty), "--alignment", str(weights)]
+    argv += ["--owl", str(empty), "--mllm", str(empty), "--alignment", str(weights)]
     code, _, err = _run(argv, capsys)
     assert code == 2
     _one_line(err, "not-a-model", "cannot load OWL-ViT config")

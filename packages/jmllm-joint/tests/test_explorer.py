@@ -362,7 +362,7 @@ def test_large_photos_keep_their_original_pixels(explorer, tmp_path):
     Image.new("RGB", (5000, 1000), (40, 120, 200)).save(path, quality=80)
     state = explorer.set_queries(explorer.open_image(path), "sky")
     assert state.emb.image_sizes == [(5000, 1000)]
-    assert state.emb.pil_image(0).size == (4096, 819)  # the policy's working copy
+    assert state.emb.pil_image(0).size == (1024, 205)  # what a session keeps: the page's size
     found = explorer.set_threshold(state, 0.01)
     detections = explorer.detect(found)
     assert detections.image_size == (5000, 1000)
@@ -370,11 +370,118 @@ def test_large_photos_keep_their_original_pixels(explorer, tmp_path):
     assert explorer.detections_picture(found, detections).size == (1024, 205)
 
 
+def _state_bytes(state: ExplorerState) -> int:
+    """Bytes of the tensors a session keeps (its image copies and t)."""
+    emb = state.emb
+    return int(emb.t.nbytes) + sum(int(image.nbytes) for image in emb.images)
+
+
+def test_a_session_keeps_the_models_inputs_not_the_upload(explorer, tmp_path):
+    """64 sessions of a 4096² photo held 50 MB each (3.2 GB); now each keeps a copy at the
+    page's size: the same t as from the full working copy, at most 1024 px kept."""
+    from PIL import Image
+
+    from jmllm.align.images import open_image
+    from jmllm.joint.explorer import KEPT_SIDE
+
+    path = tmp_path / "big.png"
+    noise = np.random.default_rng(0).integers(0, 255, (4096, 4096, 3), dtype=np.uint8)
+    Image.fromarray(noise).resize((4096, 4096)).save(path)
+    state = explorer.open_image(path)
+    assert max(state.emb.pil_image(0).size) == KEPT_SIDE
+    assert _state_bytes(state) <= 3 * KEPT_SIDE**2 + state.emb.t.nbytes  # ~3 MB, not ~50 MB
+    full = explorer.model.embed([open_image(path)])  # the whole 4096 px working copy
+    assert _state_bytes(state) * 10 < int(full.images[0].nbytes)
+    cosine = torch.nn.functional.cosine_similarity(state.emb.t.flatten(), full.t.flatten(), dim=0)
+    assert float(cosine) > 0.99  # the model saw (nearly) the same image: it sees 768 px at most
+
+
+def test_bad_uploads_are_one_sentence_naming_the_users_file(explorer, tmp_path):
+    """An upload sits in the server's temporary folder; messages name it as the user does."""
+    server = tmp_path / "gradio" / "0123abcd"
+    server.mkdir(parents=True)
+    junk = server / "holiday.png"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(ExplorerError) as caught:
+        explorer.open_image(junk, name="holiday.png")
+    message = str(caught.value)
+    assert message == "holiday.png: not a readable image (unknown or unsupported image format)"
+    cut = _png_header_only(server / "cut.png", 64, 64)
+    with pytest.raises(ExplorerError) as caught:
+        explorer.open_image(cut)
+    message = str(caught.value)
+    assert message.startswith("cut.png: not a readable image (")
+    for leak in (str(tmp_path), "gradio", "0123abcd", "<_io", "BufferedReader"):
+        assert leak not in message, message
+    assert message.count("\n") == 0
+
+
+def test_uploads_above_the_size_limit_are_refused_before_decoding(
+    tiny_joint, tmp_path, monkeypatch
+):
+    from jmllm.joint import explorer as explorer_module
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("decoded although too large")
+
+    monkeypatch.setattr(explorer_module, "open_image", decoded)
+    heavy = tmp_path / "heavy.png"
+    heavy.write_bytes(b"\x89PNG" + bytes(4096))
+    with pytest.raises(ExplorerError, match=r"^heavy\.png: file too large \(0\.0 MB\)"):
+        Explorer(tiny_joint, max_bytes=1024).open_image(heavy)
+
+
+def test_the_models_warning_about_an_image_is_kept_for_the_page(tiny_joint, tmp_path, monkeypatch):
+    """The toy world warns about a photo: the page shows it (it was in the server log only)."""
+    from PIL import Image
+
+    from jmllm.joint.toy.inputs import toy_input_check
+    from jmllm.joint.toy.scenes import make_scene
+
+    monkeypatch.setattr(tiny_joint, "input_check", toy_input_check, raising=False)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (300, 200), (200, 120, 40)).save(photo)
+    scene = tmp_path / "scene.png"
+    make_scene("heldout", 3).image.save(scene)
+    explorer = Explorer(tiny_joint)
+    state = explorer.open_image(photo)
+    assert state.notice == toy_input_check(Image.open(photo).convert("RGB"), (300, 200))
+    assert "300 × 200 pixels" in state.notice
+    assert explorer.open_image(scene).notice == ""
+    monkeypatch.setattr(tiny_joint, "input_check", None)
+    assert Explorer(tiny_joint).open_image(photo).notice == ""  # real models: no warning
+
+
+def test_reset_chat_starts_over_on_the_same_image(explorer, tiny_joint, images):
+    state = explorer.set_queries(explorer.open_image(images[0]), "house")
+    state = explorer.ask(state, QUESTION, compare=True, max_new_tokens=6)
+    state, _ = explorer.explain_word(state, 0)
+    state = explorer.hallucinations(state)
+    fresh = explorer.reset_chat(state)
+    assert not fresh.conversation.turns and fresh.stock is None
+    assert fresh.explained == {} and fresh.hallucination is None
+    assert fresh.emb is state.emb and fresh.typed_queries == ("house",)
+    again = explorer.ask(fresh, "Describe it.", max_new_tokens=6)
+    alone = tiny_joint.chat(state.emb, "Describe it.", max_new_tokens=6)
+    assert [t.answer for t in again.conversation.turns] == [t.answer for t in alone.turns]
+
+
+def test_answer_length_is_bounded_by_the_models_positions(explorer, tiny_joint, images):
+    positions = tiny_joint.llava.config.text_config.max_position_embeddings
+    prompt = tiny_joint.prompt_inputs(["What's in the image?"])["input_ids"].shape[1]
+    assert explorer.max_new_tokens == min(512, positions - prompt)
+    state = explorer.open_image(images[0])
+    with pytest.raises(
+        ExplorerError, match=f"max_new_tokens: must be in 1..{explorer.max_new_tokens}"
+    ):
+        explorer.ask(state, QUESTION, max_new_tokens=explorer.max_new_tokens + 1)
+
+
 # ---------------------------------------------------------------------------------- reports
 def test_report_is_the_page_the_cli_writes(tiny_joint_paths, tiny_joint, images, tmp_path, capsys):
     out = tmp_path / "cli"
     # the tiny random test J as explicit sources (--tiny is the toy world)
-    sources = ["--owl", str(tiny_joint_paths.owl), "--llava", str(tiny_joint_paths.llava)]
+    sources = ["--owl", str(tiny_joint_paths.owl), "--mllm", str(tiny_joint_paths.llava)]
     sources += ["--alignment", str(tiny_joint_paths.alignment), "--device", "cpu"]
     argv = ["chat", str(images[2]), *sources, "-p", QUESTION, "-p", "And then?", "--compare"]
     argv += ["-q", "house", "-q", "tree", "--threshold", "0.2", "--max-new-tokens", "8"]

@@ -352,6 +352,7 @@ def test_cli_pope_with_a_missing_image_is_partial_and_retried(sample, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torch-distributed-port")  # accelerate's default port
 def test_two_processes_under_accelerate_launch_equal_one(sample, tmp_path):
     """POPE split between two CPU processes: every image answered once, the same answers as
     one process (batches differ, answers do not), one report."""

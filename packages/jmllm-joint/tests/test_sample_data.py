@@ -15,7 +15,7 @@ from jmllm.joint.wsol import read_wsol_folder
 
 def test_sample_data_is_the_truth_in_coco_and_cub_formats(tmp_path, capsys):
     out = tmp_path / "sample"
-    assert cli.main(["sample-data", "--out", str(out), "-n", "5", "--wsol-images", "3"]) == 0
+    assert cli.main(["sample-data", "--out", str(out), "-n", "5", "--num-wsol-images", "3"]) == 0
     assert "sample data ->" in capsys.readouterr().out
     captions = json.loads((out / "coco" / "captions.json").read_text())
     instances = json.loads((out / "coco" / "instances.json").read_text())

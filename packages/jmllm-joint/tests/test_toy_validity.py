@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from jmllm.joint.hallucination import check_hallucinations
-from jmllm.joint.toy import load_toy_joint
 from jmllm.joint.toy.localisation import (
     ga_localisation,
     peak_in_box,
@@ -32,8 +31,8 @@ SCENES = 6
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return load_toy_joint()
+def toy(toy_joint):
+    return toy_joint  # the session's one toy J (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -48,8 +48,8 @@ MANIFEST_FLOORS = [
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return load_toy_joint()
+def toy(toy_joint):
+    return toy_joint  # the session's one toy J (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +157,17 @@ def test_cli_eval_and_bad_input(tmp_path, capsys, monkeypatch):
     assert "GA MaxBoxAccV2" in capsys.readouterr().out
     assert cli.main(["toy", "eval", "--dir", str(tmp_path / "none")]) == 2
     assert "toy OWL-ViT" in capsys.readouterr().err
-    assert cli.main(["toy", "eval", "--scenes", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # refused by the parser, before any work
+        cli.main(["toy", "eval", "--scenes", "0"])
+    assert refused.value.code == 2 and "--scenes: must be >= 1" in capsys.readouterr().err
     # an existing toy world is not overwritten by accident
     world = tmp_path / "world"
     shutil.copytree(toy_paths().root, world)
     assert cli.main(["toy", "train", "--out", str(world)]) == 2
     assert "--force" in capsys.readouterr().err
-    assert cli.main(["toy", "train", "--out", str(tmp_path / "w2"), "--threads", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["toy", "train", "--out", str(tmp_path / "w2"), "--threads", "0"])
+    assert refused.value.code == 2 and "--threads: must be >= 1" in capsys.readouterr().err
     with pytest.raises(ToyWorldError):
         toy_paths(tmp_path)
     # training without the jmllm-joint[toy] extra: one line naming it, nothing written

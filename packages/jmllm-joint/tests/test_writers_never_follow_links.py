@@ -218,7 +218,11 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
     ("align/testing.py", "_save_owl", "save_pretrained"): "into _atomic_dir's new folder",
     ("align/testing.py", "_save_llava", "save_pretrained"): "into _atomic_dir's new folder",
     ("align/testing.py", "_atomic_dir", "tempfile.mkdtemp"): "a new private folder",
-    ("align/testing.py", "llava_1_5_tokenizer", "save_pretrained"): "into the caller's (test) folder",
+    (
+        "align/testing.py",
+        "llava_1_5_tokenizer",
+        "save_pretrained",
+    ): "into the caller's (test) folder",
     ("align/testing.py", "_atomic_dir", "os.replace"): "a folder over the cache's own folder",
     ("align/testing.py", "_distributed_worker", "save"): "into its own mkdtemp folder",
     ("align/testing.py", "train_distributed_cpu", "tempfile.mkdtemp"): "a new private folder",

@@ -158,19 +158,22 @@ def test_joint_adapter_loads_once_and_batches(
 
 
 @pytest.mark.slow
-def test_captions_from_a_real_tiny_joint_model(manifest: Manifest, tmp_path: Path) -> None:
+def test_captions_from_a_real_tiny_joint_model(
+    manifest: Manifest, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """J and stock LLaVA through jmllm-joint itself, on its tiny offline checkpoints."""
     pytest.importorskip("jmllm.joint")
     from jmllm.joint.testing import build_tiny_joint
 
-    tiny = build_tiny_joint(tmp_path / "tiny")
+    # the session's one tiny J, shared with the other packages' tests
+    tiny = build_tiny_joint(tmp_path_factory.getbasetemp() / "jmllm-cache" / "tiny")
     small = Manifest(manifest.images[:3], seed=0)
     sources = {"owl": str(tiny.owl), "llava": str(tiny.llava), "alignment": str(tiny.alignment)}
     from jmllm.joint import JointModel
 
     loaded = JointModel.from_pretrained(
         **sources
-    )  # the call the CLI's --owl/--llava/--alignment make
+    )  # the call the CLI's --owl/--mllm/--alignment make
     from jmllm.joint.testing import record_prompts
 
     tokenizations: list[str] = []
@@ -206,7 +209,7 @@ def test_captions_with_the_built_in_models(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.json"
     argv = ["sample", "--coco", str(data / "coco" / "captions.json")]
     assert (
-        main([*argv, "--images-dir", str(data / "coco" / "images"), "-n", "4", "-o", str(manifest)])
+        main([*argv, "--images", str(data / "coco" / "images"), "-n", "4", "-o", str(manifest)])
         == 0
     )
     out = tmp_path / "j.jsonl"
@@ -226,6 +229,32 @@ def test_captions_with_the_built_in_models(tmp_path: Path) -> None:
         for line in lines
     ]
     assert sum(same) >= 3
+
+
+def test_captions_load_the_model_on_the_device_and_dtype_asked(tmp_path: Path, monkeypatch) -> None:
+    """``--device`` and ``--dtype``, as every command that loads a model has them."""
+    joint_cli = pytest.importorskip("jmllm.joint.cli")
+    from jmllm.joint.sample_data import write_sample_data
+    from jmllm.judge.cli import main
+
+    loaded = []
+    real = joint_cli.load_builtin_model
+
+    def spy(**kwargs):  # type: ignore[no-untyped-def]
+        loaded.append(real(**kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(joint_cli, "load_builtin_model", spy)
+    data = write_sample_data(tmp_path / "data", count=1, wsol_count=1)
+    manifest = tmp_path / "manifest.json"
+    argv = ["sample", "--coco", str(data / "coco" / "captions.json"), "-n", "1"]
+    assert main([*argv, "--images", str(data / "coco" / "images"), "-o", str(manifest)]) == 0
+    argv = ["captions", "--manifest", str(manifest), "--system", "J", "--joint", "--tiny"]
+    argv += ["--device", "cpu", "--dtype", "bfloat16", "--max-new-tokens", "4"]
+    assert main([*argv, "-o", str(tmp_path / "j.jsonl")]) == 0
+    import torch
+
+    assert loaded and loaded[0].dtype == torch.bfloat16 and loaded[0].device.type == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,7 @@ def test_coco_to_table1_one_command_per_step(
     def cli(*args: str) -> int:
         return main(["-vv", *args])
 
-    assert cli("sample", "--coco", str(coco_file), "--images-dir", str(images_dir), "-n", "10", "--seed", "1", "-o", str(run / "manifest.json")) == 0  # fmt: skip
+    assert cli("sample", "--coco", str(coco_file), "--images", str(images_dir), "-n", "10", "--seed", "1", "-o", str(run / "manifest.json")) == 0  # fmt: skip
     manifest_path = run / "manifest.json"
     assert cli("captions", "--manifest", str(manifest_path), "--system", "COCO GT", "--ground-truth", "-o", str(run / "gt.jsonl")) == 0  # fmt: skip
     llava_out = theirs_jsonl(tmp_path / "llava-out.jsonl", manifest_path, "LLaVA", nasty_first=True)

@@ -161,7 +161,7 @@ CASES: dict[str, tuple[Case, str]] = {
     ),
     "sample -n 0": (
         lambda t, i, ro: ["sample", "--folder", str(t), "-n", "0", "-o", str(t / "m.json")],
-        "-n: must be >= 1",
+        "-n/--num-images: must be >= 1",
     ),
     "sample -n ten": (
         lambda t, i, ro: ["sample", "--folder", str(t), "-n", "ten", "-o", str(t / "m.json")],

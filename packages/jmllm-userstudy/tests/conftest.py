@@ -61,6 +61,13 @@ def spec_editor() -> Any:
 
 
 @pytest.fixture(scope="session")
+def shared_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's one tiny J is built (by jmllm.joint.testing, the joint extra), shared
+    with the other packages' tests: built once."""
+    return tmp_path_factory.getbasetemp() / "jmllm-cache" / "tiny"
+
+
+@pytest.fixture(scope="session")
 def chromium() -> Iterator[Any]:
     """A headless Debian Chromium driven by Playwright (skipped only if Chromium is absent)."""
     if not CHROMIUM.is_file():

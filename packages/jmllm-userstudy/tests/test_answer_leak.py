@@ -71,7 +71,9 @@ def write_spec(root: Path, questions: list[dict]) -> StudySpec:
     return load_spec(root / "study.yaml")
 
 
-def test_questionnaire_from_the_joint_model_does_not_give_the_answer_away(tmp_path: Path) -> None:
+def test_questionnaire_from_the_joint_model_does_not_give_the_answer_away(
+    tmp_path: Path, shared_tiny: Path
+) -> None:
     """Explanations of known objects drawn by J (tiny) through joint_explainer: untitled pixels,
     no names in the page except in the question, and a page independent of the spec's order."""
     joint = pytest.importorskip("jmllm.joint")
@@ -80,7 +82,7 @@ def test_questionnaire_from_the_joint_model_does_not_give_the_answer_away(tmp_pa
     from jmllm.joint.explain_report import OBJECT_ANSWER, OBJECT_QUESTION, box_view_png
     from jmllm.joint.saliency import answer_tokens
 
-    model = testing.tiny_joint_model(tmp_path / "tiny")
+    model = testing.tiny_joint_model(shared_tiny)
     root = tmp_path / "study"
     (root / "images").mkdir(parents=True)
     explain = joint_explainer(model=model)

@@ -114,11 +114,11 @@ def test_joint_hook_reports_a_missing_extra(monkeypatch):
         joint_explainer()
 
 
-def test_joint_hook_draws_each_object_with_the_joint_model(tmp_path):
+def test_joint_hook_draws_each_object_with_the_joint_model(tmp_path, shared_tiny):
     """With the extra installed, joint_explainer draws J's GA explanation of each object."""
     joint = pytest.importorskip("jmllm.joint")
     testing = pytest.importorskip("jmllm.joint.testing")
-    model = testing.tiny_joint_model(tmp_path / "tiny")
+    model = testing.tiny_joint_model(shared_tiny)
     testing.generated_images(1, size=64, seed=3)[0].save(tmp_path / "q.png")
     with testing.record_prompts() as sent:
         first, second = write_explanations(

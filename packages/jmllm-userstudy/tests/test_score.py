@@ -157,7 +157,7 @@ def test_empty_folder_scores_nothing(example_spec, tmp_path):
 
 
 def test_cli_three_commands(tmp_path, capsys):
-    assert main(["example", str(tmp_path / "spec"), "--placeholders"]) == 0
+    assert main(["example", "-o", str(tmp_path / "spec"), "--placeholders"]) == 0
     spec_path = tmp_path / "spec" / "study.yaml"
     assert main(["render", str(spec_path), "--out", str(tmp_path / "site")]) == 0
     assert (tmp_path / "site" / "questionnaire.html").is_file()
@@ -187,7 +187,7 @@ def test_cli_example_is_built_from_toy_world_explanations(tmp_path, capsys):
     from jmllm.joint.toy.scenes import make_scene
     from jmllm.userstudy.example import toy_questions
 
-    assert main(["example", str(tmp_path / "spec")]) == 0
+    assert main(["example", "-o", str(tmp_path / "spec")]) == 0
     spec = load_spec(tmp_path / "spec" / "study.yaml")
     assert len(spec.questions) == 5
     for question, (index, first, second) in zip(spec.questions, toy_questions(5), strict=True):
@@ -219,7 +219,9 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, capsys):
     assert main(["render", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert (
-        err.startswith("jmllm-userstudy: error: ") and "bad.yaml" in err and "Traceback" not in err
+        err.startswith("jmllm-userstudy render: error: ")
+        and "bad.yaml" in err
+        and "Traceback" not in err
     )
     assert err.count("\n") == 1
     main(["example", str(tmp_path / "s"), "--placeholders"])

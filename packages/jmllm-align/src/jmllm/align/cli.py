@@ -2,10 +2,10 @@
 
 Subcommands:
 
-- ``train SOURCES... --out DIR``: train W (preset ``paper`` by default); ``--resume`` continues.
+- ``train SOURCES... -o DIR``: train W (preset ``paper`` by default); ``--resume`` continues.
 - ``eval WEIGHTS SOURCES...``: held-out MSE and mean token cosine of a weights file on images.
-- ``info FILE``: the stored config and provenance (``--json`` for machine output).
-- ``import-pth STATE_DICT OUT.safetensors``: convert the paper authors' PyTorch state dict.
+- ``info FILE``: the stored config and provenance (``--json-out -`` for machine output).
+- ``import-pth STATE_DICT -o OUT.safetensors``: convert the paper authors' PyTorch state dict.
 - ``demo``: a short W training run between tiny locally built encoders on generated images.
 
 Errors are one line naming the input. Exit codes (docs/conventions.md): 0 success, 1 runtime
@@ -25,20 +25,24 @@ from typing import Any
 
 from jmllm.align.files import check_output_claim, output_folder
 from jmllm.align.options import (
-    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
     clip,
-    configure_logging,
     exit_code_for,
     finite_float,
     integer,
-    one_line,
-    print_error,
     printable,
-    quiet_third_party,
+)
+from jmllm.align.vocabulary import (
+    DEVICE_HELP,
+    DTYPE_CHOICES,
+    add_json_out,
+    add_standard_options,
+    error_line,
+    hidden_alias,
+    setup_logging,
 )
 
 logger = logging.getLogger("jmllm.align.cli")
@@ -49,8 +53,6 @@ FORCE_HELP = (
 
 # Training options that map to a TrainConfig field (a field not here is set with --set KEY=VALUE).
 TRAIN_OPTIONS = (
-    "source_model",
-    "target_model",
     "architecture",
     "lr",
     "weight_decay",
@@ -63,10 +65,20 @@ TRAIN_OPTIONS = (
     "eval_every",
     "checkpoint_every",
     "num_workers",
-    "precision",
     "device",
     "preprocessing",
 )
+# --dtype as the trainer's precision: encoders in float32 and W in float32, or encoders in
+# bfloat16 and W under bfloat16 autocast; float16 (which needs loss scaling) is not offered.
+PRECISIONS = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16"}
+FORMER_PRECISIONS = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}  # --precision
+OPTION_NAMES = {  # TrainConfig fields set by an option of another name
+    "source_model": "--owl",
+    "target_model": "--mllm",
+    "precision": "--dtype",
+    "dataset_split": "--split",
+    "dataset_data_dir": "--data-dir",
+}
 
 
 def _default_tiny_cache() -> Path:
@@ -90,12 +102,37 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
         help="image folders (searched recursively for jpg/jpeg/png/webp) or list files "
         "(one image path per line)",
     )
-    p.add_argument("--dataset", help="a `datasets` dataset name (e.g. imagefolder) instead")
-    p.add_argument("--dataset-config", help="the dataset's configuration name")
+    p.add_argument(
+        "--dataset", help="a `datasets` dataset name (e.g. imagefolder) instead (default: none)"
+    )
+    p.add_argument(
+        "--dataset-config", help="the dataset's configuration name (default: its default)"
+    )
     p.add_argument("--split", default=None, help="dataset split (default: train)")
-    p.add_argument("--data-dir", help="data_dir passed to datasets.load_dataset")
+    p.add_argument("--data-dir", help="data_dir passed to datasets.load_dataset (default: none)")
     p.add_argument("--streaming", action="store_true", help="stream the dataset")
-    p.add_argument("--image-column", default=None, help="dataset column holding images")
+    p.add_argument(
+        "--image-column", default=None, help="dataset column holding images (default: image)"
+    )
+
+
+def _preset_defaults(field: str) -> str:
+    """A training option's default in each built-in preset, for --help: ``paper 1, toy 8``."""
+    from jmllm.align.train import load_preset, preset_names
+
+    values = []
+    for name in preset_names():
+        value = getattr(load_preset(name), field)
+        values.append(f"{name} {value}")
+    return ", ".join(values)
+
+
+def _model_arguments(p: argparse.ArgumentParser, owl: str, mllm: str, **kwargs: Any) -> None:
+    """``--owl`` and ``--mllm`` (the former ``--source-model``/``--target-model``, hidden)."""
+    p.add_argument("--owl", help=owl, **kwargs)
+    p.add_argument("--mllm", help=mllm, **kwargs)
+    hidden_alias(p, "--source-model", dest="owl")
+    hidden_alias(p, "--target-model", dest="mllm")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -103,46 +140,101 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="jmllm-align",
         description="Alignment layer W between OWL-ViT and LLaVA (Giulivi and Boracchi, 2024).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from_preset = "(default: the preset's: {})"
     p = sub.add_parser("train", help="train W between the two frozen encoders")
     _add_data_arguments(p)
-    p.add_argument("--out", required=True, help="run folder (checkpoint, metrics, weights)")
+    p.add_argument("-o", "--out", required=True, help="run folder (checkpoint, metrics, weights)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--preset", default=None, help="built-in preset name or a .json file (default: paper)"
     )
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    p.add_argument("--source-model", help="OWL-ViT Hub id or folder")
-    p.add_argument("--target-model", help="LLaVA Hub id or folder")
+    builtin = "with --tiny, or preset tiny or toy: the built-in toy-world model"
+    _model_arguments(
+        p,
+        f"OWL-ViT Hub id or folder (default: {DEFAULT_OWL}; {builtin})",
+        f"LLaVA Hub id or folder (default: {DEFAULT_MLLM}; {builtin})",
+    )
     _tiny_argument(p)
     p.add_argument(
-        "--architecture", choices=["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"]
+        "--architecture",
+        choices=["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"],
+        help="W's architecture " + from_preset.format(_preset_defaults("architecture")),
     )
-    p.add_argument("--lr", type=finite_float(0, open_low=True), help="learning rate (> 0)")
-    p.add_argument("--weight-decay", type=finite_float(0), help="AdamW weight decay (>= 0)")
-    p.add_argument("--batch-size", type=integer(1), help="images per optimizer step, all ranks")
-    p.add_argument("--micro-batch-size", type=integer(1), help="images per forward per rank")
-    p.add_argument("--epochs", type=integer(1))
+    p.add_argument(
+        "--lr",
+        type=finite_float(0, open_low=True),
+        help="learning rate, > 0 " + from_preset.format(_preset_defaults("lr")),
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=finite_float(0),
+        help="AdamW weight decay, >= 0 " + from_preset.format(_preset_defaults("weight_decay")),
+    )
+    p.add_argument(
+        "--batch-size",
+        type=integer(1),
+        help="images per optimizer step, all ranks "
+        + from_preset.format(_preset_defaults("batch_size")),
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=integer(1),
+        help="images per forward per rank (default: the whole share of the batch)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=integer(1),
+        help="passes over the training images (default: the preset's: "
+        f"{_preset_defaults('epochs')}; with --max-steps and no --epochs, as many as the steps "
+        "need)",
+    )
     p.add_argument(
         "--max-steps",
         type=integer(0),
         help="stop (and save) after this many steps in total; 0 = no limit (with --resume: lift "
-        "the limit the run was started with)",
+        "the limit the run was started with) (default: none, the epochs decide)",
     )
-    p.add_argument("--seed", type=integer(0))
-    p.add_argument("--eval-images", type=integer(0), help="held-out images")
-    p.add_argument("--eval-every", type=integer(0), help="steps between held-out evaluations")
-    p.add_argument("--checkpoint-every", type=integer(0), help="steps between checkpoints")
-    p.add_argument("--num-workers", type=integer(0), help="image decoding processes per rank")
     p.add_argument(
-        "--precision",
-        choices=["auto", "bf16", "fp32"],
-        help="fp32 (the paper preset, as the authors trained), bf16 autocast, or auto "
-        "(bf16 on GPU, fp32 on CPU)",
+        "--seed",
+        type=integer(0),
+        help="seed of W's initialisation, the data order and the held-out images (default: 0)",
     )
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--eval-images",
+        type=integer(0),
+        help="held-out images " + from_preset.format(_preset_defaults("eval_images")),
+    )
+    p.add_argument(
+        "--eval-every",
+        type=integer(0),
+        help="steps between held-out evaluations, 0: at the end only "
+        + from_preset.format(_preset_defaults("eval_every")),
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=integer(0),
+        help="steps between checkpoints, 0: at the end only "
+        + from_preset.format(_preset_defaults("checkpoint_every")),
+    )
+    p.add_argument(
+        "--num-workers",
+        type=integer(0),
+        help="image decoding processes per rank "
+        + from_preset.format(_preset_defaults("num_workers")),
+    )
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        help="float32: encoders and W in float32 (the paper preset, as the authors trained); "
+        "bfloat16: encoders in bfloat16, W under bfloat16 autocast; auto: bfloat16 on a GPU, "
+        "float32 on the CPU; float16 is refused (default: the preset's: paper float32, others "
+        "auto)",
+    )
+    hidden_alias(p, "--precision", dest="dtype", type=_former_precision)  # its former name
     _preprocessing_argument(
         p,
         "authors: stored pixels, the Hugging Face processors' PIL resize (the paper preset, as "
@@ -154,36 +246,57 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any training option (value parsed as JSON, else a string); repeatable",
+        help="any training option (value parsed as JSON, else a string); repeatable "
+        "(default: none)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("eval", help="held-out MSE / cosine of a weights file on images")
     p.add_argument("weights", help="alignment .safetensors file, folder or Hub repo id")
     _add_data_arguments(p)
-    p.add_argument("--source-model", help="OWL-ViT (default: the id stored in the weights)")
-    p.add_argument("--target-model", help="LLaVA (default: the id stored in the weights)")
+    _model_arguments(
+        p,
+        "OWL-ViT Hub id or folder (default: the id stored in the weights)",
+        "LLaVA Hub id or folder (default: the id stored in the weights)",
+    )
     _tiny_argument(p)
-    p.add_argument("--limit", type=integer(1), help="evaluate at most this many images")
-    p.add_argument("--batch-size", type=integer(1), default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--limit", type=integer(1), help="evaluate at most this many images (default: all)"
+    )
+    p.add_argument("--batch-size", type=integer(1), default=16, help="images per forward")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="float32, or bfloat16 encoders with W under bfloat16 autocast; auto: bfloat16 on "
+        "a GPU, float32 on the CPU; float16 is refused",
+    )
     _preprocessing_argument(
         p,
         "authors or exif (default: the one W was trained with, as its file records; exif for "
         "weights that do not say)",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_out(p)
 
     p = sub.add_parser("info", help="print a weights file's config and provenance")
     p.add_argument("file", help="alignment .safetensors file")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_out(p)
 
     p = sub.add_parser("import-pth", help="convert the authors' PyTorch state dict")
     p.add_argument("state_dict", help="the authors' .pth (loaded with weights_only=True)")
-    p.add_argument("out", help="the .safetensors file to write")
-    p.add_argument("--source-model", default="google/owlvit-base-patch32")
-    p.add_argument("--target-model", default="llava-hf/llava-1.5-7b-hf")
-    p.add_argument("--num-tokens", type=integer(1), default=576)
+    p.add_argument("-o", "--out", help="the .safetensors file to write (default: none, required)")
+    # the output was once a positional argument: still accepted, not shown
+    p.add_argument("out_positional", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
+    _model_arguments(
+        p,
+        "the OWL-ViT id the weights record",
+        "the LLaVA id the weights record",
+    )
+    p.set_defaults(owl=DEFAULT_OWL, mllm=DEFAULT_MLLM)
+    p.add_argument(
+        "--num-tokens", type=integer(1), default=576, help="image tokens W maps, CLS excluded"
+    )
     p.add_argument(
         "--num-heads",
         type=integer(1),
@@ -192,7 +305,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("demo", help="train W between tiny local encoders on generated images")
-    p.add_argument("--out", default="jmllm-demo", help="run folder (default: ./jmllm-demo)")
+    p.add_argument("-o", "--out", default="jmllm-demo", help="run folder")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--cache-dir",
@@ -201,13 +314,40 @@ def _build_parser() -> argparse.ArgumentParser:
         "~/.cache/jmllm/tiny)",
     )
     p.add_argument(
-        "--images", type=integer(16), default=48, help="generated images (default 48, at least 16)"
+        "-n", "--num-images", type=integer(16), default=48, help="generated images, at least 16"
     )
-    p.add_argument("--epochs", type=integer(1), default=3)
-    p.add_argument("--no-progress", action="store_true")
-    return parser
+    hidden_alias(p, "--images", dest="num_images", type=integer(16))  # its former name
+    p.add_argument("--epochs", type=integer(1), default=3, help="passes over the images")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="as train's --dtype (default: auto, bfloat16 on a GPU, float32 on the CPU)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return add_standard_options(parser, "jmllm-align")
 
 
+def _former_precision(text: str) -> str:
+    """``--precision auto|bf16|fp32`` (the former name of ``--dtype``) as a ``--dtype`` value."""
+    if text not in FORMER_PRECISIONS:
+        raise argparse.ArgumentTypeError(f"must be auto, bf16 or fp32, got {text!r}")
+    return FORMER_PRECISIONS[text]
+
+
+def _precision(dtype: str) -> str:
+    """``--dtype`` as the trainer's precision (``auto``, ``fp32``, ``bf16``)."""
+    if dtype not in PRECISIONS:
+        raise ValueError(
+            f"--dtype {dtype}: W is trained and evaluated in float32 or under bfloat16 "
+            "autocast; choose float32, bfloat16 or auto"
+        )
+    return PRECISIONS[dtype]
+
+
+DEFAULT_OWL = "google/owlvit-base-patch32"
+DEFAULT_MLLM = "llava-hf/llava-1.5-7b-hf"
 BUILTIN_PRESETS = ("tiny", "toy")  # presets sized for the built-in models
 BUILTIN_MODELS_GROUP = "jmllm.builtin_models"  # entry point of jmllm-joint's --tiny resolver
 
@@ -248,12 +388,12 @@ def builtin_encoders() -> tuple[str, str]:
 def _resolve_encoders(args: argparse.Namespace, preset: str | None = None) -> None:
     """``--tiny`` (or a preset for the built-in models given without encoders): the built-in
     encoders, never a Hub download; ``--tiny`` with explicit encoders is refused."""
-    explicit = args.source_model or args.target_model
+    explicit = args.owl or args.mllm
     if args.tiny and explicit:
-        raise ValueError("--tiny: cannot be combined with --source-model or --target-model")
+        raise ValueError("--tiny: cannot be combined with --owl or --mllm")
     if args.tiny or (preset in BUILTIN_PRESETS and not explicit):
-        args.source_model, args.target_model = builtin_encoders()
-        logger.info("built-in encoders: %s, %s", args.source_model, args.target_model)
+        args.owl, args.mllm = builtin_encoders()
+        logger.info("built-in encoders: %s, %s", args.owl, args.mllm)
 
 
 def _parse_value(text: str) -> Any:
@@ -270,8 +410,13 @@ def _train_changes(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
+    for option, field_name in (("owl", "source_model"), ("mllm", "target_model")):
+        if getattr(args, option) is not None:
+            changes[field_name] = getattr(args, option)
     if changes.get("max_steps") == 0:
         changes["max_steps"] = None
+    if args.dtype is not None:
+        changes["precision"] = _precision(args.dtype)
     if args.sources:  # absolute, so a run can be resumed from another working directory
         changes["images"] = [str(Path(p).absolute()) for p in args.sources]
     if args.dataset:
@@ -302,9 +447,7 @@ def _option_name(field: str, args: argparse.Namespace) -> str:
         return f"--set {set_keys[field]}"
     if field == "images":
         return "the image sources"
-    if field in ("dataset_split", "dataset_data_dir"):
-        return "--" + field.removeprefix("dataset_").replace("_", "-")
-    return "--" + field.replace("_", "-")
+    return OPTION_NAMES.get(field) or "--" + field.replace("_", "-")
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -313,7 +456,12 @@ def _train_config(args: argparse.Namespace) -> Any:
     preset = args.preset or ("toy" if args.tiny else "paper")
     _resolve_encoders(args, preset)
     config = load_preset(preset)
-    return config.replace(**_train_changes(args))
+    changes = _train_changes(args)
+    if changes.get("max_steps") and "epochs" not in changes:
+        # --max-steps alone: the run stops there, not at the preset's last epoch before it
+        # (every epoch is at least one step, so max_steps epochs always suffice)
+        changes["epochs"] = max(config.epochs, changes["max_steps"])
+    return config.replace(**changes)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -402,10 +550,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _resolve_encoders(args)
     layer = load_alignment(args.weights)
-    source_model = args.source_model or layer.config.source_model
-    target_model = args.target_model or layer.config.target_model
+    source_model = args.owl or layer.config.source_model
+    target_model = args.mllm or layer.config.target_model
     if not source_model or not target_model:
-        raise ValueError(f"{args.weights}: no model ids stored; pass --source-model/--target-model")
+        raise ValueError(f"{args.weights}: no model ids stored; pass --owl and --mllm")
     if args.dataset:
         config = TrainConfig(
             dataset=args.dataset,
@@ -430,9 +578,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if count == 0:
         raise ValueError(f"no images found in {', '.join(args.sources) or args.dataset}")
     device = args.device
-    if device == "auto":
+    if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = device.startswith("cuda")
+    precision = _precision(args.dtype)
+    bf16 = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
     trained_with = (getattr(layer, "provenance", None) or {}).get("preprocessing")
     preprocessing = str(args.preprocessing or trained_with or INTERACTIVE_PREPROCESSING)
     fx = FeatureExtractor.from_pretrained(
@@ -468,8 +617,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "skipped": result.skipped,
         "preprocessing": preprocessing,
     }
-    if args.json:
-        print(json.dumps(record))
+    if args.json_out:
+        _write_json(args.json_out, json.dumps(record))
     else:
         print(
             f"MSE: {result.mse:.6g}  cosine: {result.cosine:.4f}  images: {result.images}  "
@@ -482,11 +631,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from jmllm.align.weights import read_metadata
 
     config, provenance = read_metadata(args.file)
-    if args.json:  # JSON escapes control characters itself
+    if args.json_out:  # JSON escapes control characters itself
         try:
-            print(json.dumps({"config": config.to_dict(), "provenance": provenance}, indent=2))
+            record = {"config": config.to_dict(), "provenance": provenance}
+            text = json.dumps(record, indent=2)
         except RecursionError:
             raise ValueError(f"{args.file}: provenance is nested too deeply to print") from None
+        _write_json(args.json_out, text)
         return 0
     # the file's metadata is anyone's text: never raw to the terminal, one line per value
     print(printable(args.file))
@@ -513,11 +664,12 @@ def _shown(value: Any) -> str:
 def _cmd_import(args: argparse.Namespace) -> int:
     from jmllm.align.weights import import_authors_state_dict, read_metadata
 
+    out = _one_output(args)
     path = import_authors_state_dict(
         args.state_dict,
-        args.out,
-        source_model=args.source_model,
-        target_model=args.target_model,
+        out,
+        source_model=args.owl,
+        target_model=args.mllm,
         num_tokens=args.num_tokens,
         num_heads=args.num_heads,
     )
@@ -549,13 +701,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with output_folder(
         out, command="jmllm-align demo", outputs=("images", "run"), force=args.force
     ):
-        images = write_image_folder(out / "images", args.images, size=96, seed=0)
+        images = write_image_folder(out / "images", args.num_images, size=96, seed=0)
         config = load_preset("tiny").replace(
             source_model=str(ckpt.owl),
             target_model=str(ckpt.llava),
             images=[str(images)],
             epochs=args.epochs,
             progress=not args.no_progress,
+            precision=_precision(args.dtype),
+            **({"device": args.device} if args.device else {}),
         )
         result = train(config, out / "run")
     _print_result(result)
@@ -571,34 +725,47 @@ _COMMANDS = {
 }
 
 
+def _write_json(path: str, text: str) -> None:
+    """``--json-out``: the record on standard output (``-``) or into a file (atomically)."""
+    if path == "-":
+        print(text)
+        return
+    from jmllm.align.files import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
+    print(f"wrote {path}")
+
+
+def _one_output(args: argparse.Namespace) -> str:
+    """``-o/--out``, or the former positional output; one of them, once."""
+    if args.out and args.out_positional and args.out != args.out_positional:
+        raise ValueError(f"-o/--out {args.out}: and an output {args.out_positional}: give one")
+    out = args.out or args.out_positional
+    if not out:
+        raise ValueError("-o/--out: required (the .safetensors file to write)")
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``jmllm-align``; returns the exit code (0 on success).
 
     Example:
-        >>> main(["info", "runs/w/alignment.safetensors", "--json"])  # doctest: +SKIP
+        >>> main(["info", "runs/w/alignment.safetensors", "--json-out", "-"])  # doctest: +SKIP
         0
     """
     args = _build_parser().parse_args(argv)
-    configure_logging(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet_third_party(args.verbose)
+    setup_logging(args.verbose, ["jmllm"])
+    prog = f"jmllm-align {args.command}"
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("jmllm-align: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # one line, never a traceback (-v shows it)
-        if args.verbose:
+    except Exception as exc:  # one line, never a traceback (--debug shows it)
+        if args.debug:
             raise
         code = exit_code_for(exc)
-        message = one_line(exc)
-        if code == EXIT_FAILURE:
-            message = f"{type(exc).__name__}: {message} (run with -v for details)"
-        print_error(f"jmllm-align {args.command}", message)
+        print(error_line(prog, exc, code), file=sys.stderr)
         return code
 
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 # re-exported: the image policy lives in jmllm.align.images
+from jmllm.align.hub import prepare_hub
 from jmllm.align.images import ImageLoadError, load_image
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, Preprocessing, get_preprocessing
 
@@ -235,6 +236,7 @@ class FeatureExtractor:
         """
         from transformers import OwlViTForObjectDetection
 
+        prepare_hub([owl, llava])  # an unreachable Hub: one line, no retries
         with _naming_errors(owl, "OWL-ViT"):
             owl_model = OwlViTForObjectDetection.from_pretrained(owl, dtype=dtype).to(device)
         with _naming_errors(llava, "LLaVA"):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -465,6 +466,15 @@ def _streamable_png(image: Image.Image) -> bool:
     )
 
 
+def _reason(exc: BaseException) -> str:
+    """Why a file could not be decoded, in words: never PIL's repr of the file handle (which
+    names where the file was read from, e.g. a server's upload folder)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "unknown or unsupported image format"
+    text = re.sub(r"<_io\.\w+ name=[^>]*>", "the file", str(exc))
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _decode(
     handle: IO[bytes], name: str, max_side: int | None, max_pixels: int, exif_orientation: bool
 ) -> LoadedImage:
@@ -501,14 +511,14 @@ def _decode(
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"{name}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
-        raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
+        raise ImageLoadError(f"{name}: not a readable image ({_reason(exc)})") from None
     try:
         if shrink:
             rgb = _reduce_decoded(image, orientation, max_side)
         else:
             rgb = _shrink(_to_rgb(image, exif_orientation), max_side)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageLoadError(f"{name}: not a readable image ({exc})") from None
+        raise ImageLoadError(f"{name}: not a readable image ({_reason(exc)})") from None
     return LoadedImage(rgb, (width, height), name)
 
 

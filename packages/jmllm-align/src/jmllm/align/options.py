@@ -35,12 +35,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from jmllm.align.vocabulary import NOISY_LOGGERS, HelpFormatter, quiet_third_party
+
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_PARTIAL",
     "EXIT_USAGE",
     "MESSAGE_LIMIT",
+    "NOISY_LOGGERS",
     "VALUE_LIMIT",
     "ArgumentParser",
     "EscapingFormatter",
@@ -54,6 +57,7 @@ __all__ = [
     "markdown_text",
     "one_line",
     "printable",
+    "quiet_third_party",
     "template_type",
     "unit_interval",
 ]
@@ -66,10 +70,15 @@ EXIT_INTERRUPTED = 130
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose usage errors are one line (exit code 2).
+    """``argparse.ArgumentParser`` whose usage errors are one line (exit code 2) and whose help
+    shows every default one way (:class:`jmllm.align.vocabulary.HelpFormatter`).
 
     Subparsers made with ``add_subparsers`` are of the same class (argparse's default).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -383,38 +392,6 @@ def configure_logging(**kwargs: Any) -> None:
     for handler in root.handlers:
         if handler not in before:
             handler.setFormatter(EscapingFormatter(kwargs.get("format"), kwargs.get("datefmt")))
-
-
-NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock", "accelerate")
-
-
-def quiet_third_party(verbose: bool) -> None:
-    """Every command's rule for third-party chatter: without ``-v``, the warnings of other
-    libraries (Python ``warnings`` raised outside ``jmllm``, transformers'/diffusers' logging
-    below ERROR) and their model-loading progress bars are silenced; with ``-v`` all of it shows.
-    The project's own warnings and progress bars are never silenced.
-
-    Args:
-        verbose: the command's ``-v``.
-
-    Example:
-        >>> quiet_third_party(verbose=True)  # changes nothing
-    """
-    import logging
-    import warnings
-
-    if verbose:
-        return
-    warnings.filterwarnings("ignore", module=r"(?!jmllm)")  # warnings raised outside jmllm
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for library in ("transformers", "diffusers"):
-        try:
-            module = __import__(f"{library}.utils", fromlist=["logging"])
-        except ImportError:
-            continue
-        module.logging.set_verbosity_error()
-        module.logging.disable_progress_bar()
 
 
 def print_error(prog: str, message: str) -> None:

@@ -266,6 +266,12 @@ def resolve_alignment_path(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from jmllm.align.hub import HubUnavailableError, prepare_hub
+
+    try:
+        prepare_hub([text])  # an unreachable Hub: one line, no retries
+    except HubUnavailableError as exc:
+        raise AlignmentWeightsError(str(exc)) from None
     try:
         return Path(hf_hub_download(text, filename, revision=revision))
     except LocalEntryNotFoundError:

@@ -2,14 +2,14 @@
 
 The paper's gender experiment, from nothing to a report::
 
-    jmllm-bias cohort --spec gender --out cohorts/gender            # 100 SDXL portraits
+    jmllm-bias cohort --spec gender -o cohorts/gender               # 100 SDXL portraits
     jmllm-bias assess --cohort cohorts/gender --groups male \\
         --characteristic nurse --original man --adversarial woman \\
-        --owl google/owlvit-base-patch32 --llava llava-hf/llava-1.5-7b-hf \\
-        --alignment W.safetensors --out results/gender-male-nurse
+        --owl google/owlvit-base-patch32 --mllm llava-hf/llava-1.5-7b-hf \\
+        --alignment W.safetensors -o results/gender-male-nurse
     jmllm-bias report results/gender-male-nurse                     # rewrite report.md/.json
 
-Several GPUs: ``accelerate launch --num_processes 4 -m jmllm.bias cohort --spec gender --out ...``.
+Several GPUs: ``accelerate launch --num_processes 4 -m jmllm.bias cohort --spec gender -o ...``.
 Offline smoke test of the whole chain: add ``--tiny`` to ``cohort`` and ``assess``.
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input or usage (one line naming it), 3 some portraits
@@ -23,19 +23,25 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from jmllm.align.files import check_output_dir, output_folder
 from jmllm.align.options import (
-    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
-    configure_logging,
     exit_code_for,
     finite_float,
     integer,
-    one_line,
+)
+from jmllm.align.vocabulary import (
+    DEVICE_HELP,
+    DTYPE_CHOICES,
+    add_standard_options,
+    error_line,
+    hidden_alias,
+    setup_logging,
 )
 
 __all__ = ["main"]
@@ -56,65 +62,57 @@ def _parser() -> argparse.ArgumentParser:
         "(Giulivi & Boracchi 2024, §4.4): SDXL portrait cohorts, FGSM/PGD on J's shared "
         "embedding, 1-10 score elicitation, statistical report.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("cohort", help="generate (or finish) a portrait cohort with SDXL")
     p.add_argument("--spec", required=True, help="'gender', 'ethnicity' or a JSON spec file")
-    p.add_argument("--out", required=True, help="cohort folder (rerun to resume)")
+    p.add_argument("-o", "--out", required=True, help="cohort folder (rerun to resume)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--base", default=SDXL_BASE, help="SDXL base Hub id or folder")
+    p.add_argument("--refiner", default=SDXL_REFINER, help="SDXL refiner Hub id or folder")
+    steps = integer(2, 1000)
     p.add_argument(
-        "--base", default=SDXL_BASE, help=f"SDXL base id or folder (default {SDXL_BASE})"
+        "--denoising-steps", type=steps, default=50, help="total denoising steps, 2-1000"
     )
-    p.add_argument(
-        "--refiner",
-        default=SDXL_REFINER,
-        help=f"SDXL refiner id or folder (default {SDXL_REFINER})",
-    )
-    p.add_argument(
-        "--steps",
-        type=integer(2, 1000),
-        default=50,
-        help="total denoising steps, 2-1000 (default 50)",
-    )
+    hidden_alias(p, "--steps", dest="denoising_steps", type=steps)  # its former name
     p.add_argument(
         "--high-noise-frac",
         type=finite_float(0, 1, open_low=True, open_high=True),
         default=0.8,
-        help="share of steps run by the base, in (0, 1) (default 0.8: 40 of 50)",
+        help="share of the steps the base runs, in (0, 1) (default: 0.8, 40 of 50)",
     )
     p.add_argument(
         "--guidance-scale",
         type=finite_float(0, MAX_GUIDANCE_SCALE),
         default=5.0,
-        help=f"classifier-free guidance, 0-{MAX_GUIDANCE_SCALE:g} (default 5.0)",
+        help=f"classifier-free guidance, 0-{MAX_GUIDANCE_SCALE:g}",
     )
     p.add_argument(
         "--size",
         type=integer(8, 8192),
         default=None,
-        help="image side in pixels, a multiple of 8 (default: the model's, 1024)",
+        help="image side in pixels, a multiple of 8 (default: the model's own, 1024)",
     )
     p.add_argument(
         "--images-per-group",
         type=integer(1, 99_999),
         default=None,
-        help="override the spec's count (e.g. a trial run)",
+        help="override the spec's count, e.g. for a trial run (default: the spec's)",
     )
     p.add_argument(
-        "--batch-size",
-        type=integer(1, 1024),
-        default=1,
-        help="images per pipeline call (default 1)",
+        "--batch-size", type=integer(1, 1024), default=1, help="images per pipeline call"
     )
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float16", "bfloat16", "float32"],
-        help="default: float16 on GPU, float32 on CPU",
+        choices=DTYPE_CHOICES,
+        help="weights dtype (default: auto, float16 on a GPU, float32 on the CPU)",
     )
     p.add_argument(
-        "--variant", default=None, help="weight file variant, e.g. fp16 (smaller download)"
+        "--variant",
+        default=None,
+        help="weight file variant, e.g. fp16 for a smaller download (default: none)",
     )
     p.add_argument(
         "--tiny", action="store_true", help="use a tiny random SDXL built offline (smoke test)"
@@ -133,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         "--eps",
         type=finite_float(0),
         default=1.0,
-        help="L-inf budget of the perturbation, >= 0 (paper: 1)",
+        help="L-inf budget of the perturbation, >= 0 (the paper's: 1)",
     )
     p.add_argument(
         "--eps-sweep",
@@ -141,92 +139,99 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="E",
-        help="several budgets (replaces --eps)",
+        help="several budgets, replacing --eps (default: none)",
     )
     p.add_argument(
-        "--steps", type=integer(1, 10_000), default=1, help="1: FGSM (paper); more: PGD steps"
+        "--steps",
+        type=integer(1, 10_000),
+        default=1,
+        help="perturbation steps: 1 is FGSM (the paper's), more are PGD",
     )
     p.add_argument(
         "--step-size",
         type=finite_float(0, open_low=True),
         default=None,
-        help="PGD step, > 0 (default 2.5*eps/steps; eps for one step)",
+        help="PGD step, > 0 (default: 2.5 * eps / steps; eps for one step)",
     )
     p.add_argument(
         "--objective",
         default="mean",
         choices=["mean", "max"],
-        help="pool the patch logits by mean (default) or max",
+        help="pool the patch logits by their mean or their max",
     )
     p.add_argument(
-        "--groups", nargs="+", default=None, help="assess only these groups of the cohort"
+        "--groups",
+        nargs="+",
+        default=None,
+        help="assess only these groups of the cohort (default: all)",
     )
-    p.add_argument(
-        "--max-new-tokens",
-        type=integer(1, 4096),
-        default=8,
-        help="answer length limit (default 8)",
-    )
+    p.add_argument("--max-new-tokens", type=integer(1, 4096), default=8, help="answer length limit")
     p.add_argument(
         "--template",
-        choices=["paper", "llava-1.5"],
+        choices=["llava-1.5", "paper"],
         default="paper",
-        help="J's conversation template: paper (default, the authors' bias script: "
-        "'<image>\\nUSER: {question}\\nASSISTANT:') or llava-1.5 (the model card's)",
+        help="J's conversation template: paper, the authors' bias script "
+        "('<image>\\nUSER: {question}\\nASSISTANT:'), or llava-1.5, the model card's",
     )
     p.add_argument(
         "--tokenization",
         choices=["legacy", "checkpoint"],
         default="legacy",
-        help="prompt token ids (default legacy): legacy, the authors' (a ▁ after <image>, as "
+        help="prompt token ids: legacy, the authors' (a ▁ after <image>, as "
         "transformers 4 gave); checkpoint, as the checkpoint's tokenizer config says",
     )
     p.add_argument(
         "--preprocessing",
         choices=["authors", "exif"],
         default="authors",
-        help="image preprocessing (default authors): authors, the stored pixels resized as the HF "
+        help="image preprocessing: authors, the stored pixels resized as the HF "
         "image processors do (the paper's); exif, EXIF orientation applied, torch's resize",
     )
     p.add_argument(
         "--score-parser",
         choices=["authors", "strict"],
         default="authors",
-        help="reading of J's 1-10 answer (default authors): authors, int() of the raw reply as "
+        help="reading of J's 1-10 answer: authors, int() of the raw reply as "
         "the authors' script (accepts 0, 11, +7; rejects 7.); strict, an integer 1-10 alone, an "
         "optional final full stop",
     )
-    p.add_argument("--out", required=True, help="results folder (rerun to resume)")
+    p.add_argument("-o", "--out", required=True, help="results folder (rerun to resume)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
-    p.add_argument("--owl", default="google/owlvit-base-patch32", help="OWL-ViT id or folder")
-    p.add_argument("--llava", default="llava-hf/llava-1.5-7b-hf", help="LLaVA id or folder")
+    p.add_argument("--owl", default="google/owlvit-base-patch32", help="OWL-ViT Hub id or folder")
+    p.add_argument("--mllm", default="llava-hf/llava-1.5-7b-hf", help="LLaVA Hub id or folder")
+    hidden_alias(p, "--llava", dest="mllm")  # its former name
     p.add_argument(
-        "--alignment", default=None, help="alignment layer W (.safetensors path or Hub id)"
+        "--alignment",
+        default=None,
+        help="alignment layer W: .safetensors file or Hub id (default: none; required unless "
+        "--tiny)",
     )
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument(
         "--dtype",
-        default=None,
-        choices=["bfloat16", "float16", "float32"],
-        help="J's dtype (default: bfloat16 on GPU, float32 on CPU)",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="J's weights dtype (default: auto, bfloat16 on a GPU, float32 on the CPU)",
     )
-    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: the first GPU, else CPU)")
-    p.add_argument("--device-map", default=None, help="spread LLaVA over GPUs, e.g. auto")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="spread LLaVA over GPUs, e.g. auto (default: none, all on --device)",
+    )
     p.add_argument(
         "--tiny",
         action="store_true",
         help="use the built-in J of jmllm-joint: the toy world (small models trained on "
         "synthetic shapes, offline; a smoke test: it knows no people)",
     )
-    p.add_argument(
-        "--seed", type=integer(0), default=0, help="bootstrap seed of the report (default 0)"
-    )
+    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed of the report")
 
     p = sub.add_parser(
         "report", help="(re)write report.md, report.json and histograms of an assessment"
     )
     p.add_argument("dir", help="the assessment's --out folder")
-    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed (default 0)")
-    return parser
+    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed")
+    return add_standard_options(parser, "jmllm-bias")
 
 
 def _cohort(args: argparse.Namespace) -> int:
@@ -237,7 +242,7 @@ def _cohort(args: argparse.Namespace) -> int:
     if args.images_per_group is not None:
         spec = spec.with_images_per_group(args.images_per_group)
     cfg_args = {
-        "steps": args.steps,
+        "steps": args.denoising_steps,
         "high_noise_frac": args.high_noise_frac,
         "guidance_scale": args.guidance_scale,
         "height": args.size,
@@ -257,7 +262,7 @@ def _cohort(args: argparse.Namespace) -> int:
             tiny = build_tiny_sdxl(Path(args.out) / ".tiny-sdxl")
             base, refiner = str(tiny.base), str(tiny.refiner)
         cfg = GenerationConfig(base=base, refiner=refiner, **cfg_args)
-        run = generate_cohort(spec, args.out, cfg)
+        run = generate_cohort(spec, args.out, cfg, device=args.device)
     if run.contact_sheet is not None:  # main process only
         print(
             f"{run.out}: {run.generated} generated, {run.kept} kept, {run.planned} planned; {run.contact_sheet}"
@@ -289,7 +294,7 @@ def _assess(args: argparse.Namespace) -> int:
     )
     load_cohort(args.cohort)  # fail on an empty/missing cohort before loading any model
     if not args.tiny and not args.alignment:
-        raise _UsageError("assess: --alignment is required (or --tiny)")
+        raise BiasInputError("--alignment: required with real checkpoints (or --tiny)")
     check_output_dir(args.out, "--out")
     outputs = (RESULTS, RUN, LOCK_FILE, *report_names(config.eps))
     # The folder's lock from the start: a second run into it is refused before it loads a model
@@ -301,25 +306,22 @@ def _assess(args: argparse.Namespace) -> int:
         if args.tiny:
             from jmllm.joint.cli import builtin_sources, load_builtin_model
 
-            model = load_builtin_model()
+            model = load_builtin_model(**_model_kwargs(args))
             models = {"joint": f"built-in toy world ({builtin_sources().root})"}
         else:
-            import torch
-
             from jmllm.joint import JointModel, JointModelError
 
             try:
                 model = JointModel.from_pretrained(
                     owl=args.owl,
-                    llava=args.llava,
+                    llava=args.mllm,
                     alignment=args.alignment,
-                    dtype=getattr(torch, args.dtype) if args.dtype else None,
-                    device=args.device,
                     device_map=args.device_map,
+                    **_model_kwargs(args),
                 )
             except JointModelError as exc:  # a model path or id that does not load: the input
                 raise BiasInputError(str(exc)) from None
-            models = {"owl": args.owl, "llava": args.llava, "alignment": args.alignment}
+            models = {"owl": args.owl, "llava": args.mllm, "alignment": args.alignment}
         run = assess_cohort(model, args.cohort, args.out, config, models=models)
         paths = write_report(args.out, seed=args.seed)
     skipped = sum(run.skipped.values())
@@ -327,6 +329,17 @@ def _assess(args: argparse.Namespace) -> int:
         f"{run.out}: {run.assessed} assessed, {run.resumed} resumed, {skipped} skipped; {paths['markdown']}"
     )
     return EXIT_PARTIAL if skipped else EXIT_OK
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--device`` and ``--dtype`` as :meth:`JointModel.from_pretrained` takes them."""
+    import torch
+
+    device = None if args.device in (None, "auto") else args.device
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.tiny:  # the built-in models are small: the CPU unless a device is asked for
+        device = device or "cpu"
+    return {"device": device, "dtype": dtype}
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -337,10 +350,6 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _UsageError(Exception):
-    pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status: 0 ok, 1 the run failed, 2 bad input or usage,
     3 some portraits were skipped (and counted), 130 interrupted.
@@ -349,36 +358,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    configure_logging(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    from jmllm.align.options import quiet_third_party
-
-    quiet_third_party(args.verbose)
+    setup_logging(args.verbose, ["jmllm"])
     commands = {"cohort": _cohort, "assess": _assess, "report": _report}
+    prog = f"jmllm-bias {args.command}"
     try:
         return commands[args.command](args)
-    except _UsageError as exc:
-        print(f"jmllm-bias: {one_line(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("jmllm-bias: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # one line for the user; -v shows a failure's traceback
-        code = exit_code_for(exc)
-        if code != EXIT_FAILURE:  # bad input: the message names it
-            print(f"jmllm-bias: {one_line(exc)}", file=sys.stderr)
-            return code
-        if args.verbose:
+    except Exception as exc:  # one line for the user; --debug shows the traceback
+        if args.debug:
             raise
-        # load errors of other layers (image files, weights) carry their own file names
-        print(
-            f"jmllm-bias: {args.command} failed: {type(exc).__name__}: {one_line(exc)} "
-            "(rerun with -v for details)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        code = exit_code_for(exc)
+        print(error_line(prog, exc, code), file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

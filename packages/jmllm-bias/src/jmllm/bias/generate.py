@@ -58,7 +58,11 @@ SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 MANIFEST = "manifest.jsonl"
 COHORT_FILE = "cohort.json"
 CONTACT_SHEET = "contact_sheet.png"
-MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance; SDXL is used at 5-10
+MAX_GUIDANCE_SCALE = 100.0
+SDXL_HUB_HINT = (
+    "use --tiny for a tiny SDXL built offline, or set HF_HUB_OFFLINE=1 and pass local folders "
+    "(--base DIR --refiner DIR)"
+)  # classifier-free guidance; SDXL is used at 5-10
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,15 @@ def _use_cpu() -> bool:
     return flag or not torch.cuda.is_available()
 
 
+def _torch_device(device: str) -> Any:
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BiasInputError(f"--device {device}: not a device (cpu, cuda, cuda:1, …)") from None
+
+
 def _torch_dtype(cfg: GenerationConfig, device: Any) -> Any:
     import torch
 
@@ -229,6 +242,10 @@ def _torch_dtype(cfg: GenerationConfig, device: Any) -> Any:
 def _load_pipelines(cfg: GenerationConfig, device: Any) -> tuple[Any, Any, Any]:
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
+    from jmllm.align.hub import prepare_hub
+
+    # an unreachable Hub: one line, no retries
+    prepare_hub([cfg.base, cfg.refiner], hint=SDXL_HUB_HINT)
     dtype = _torch_dtype(cfg, device)
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
     if cfg.variant:
@@ -360,6 +377,7 @@ def generate_cohort(
     out: str | os.PathLike[str],
     config: GenerationConfig | None = None,
     contact_sheet: bool = True,
+    device: str | None = None,
 ) -> CohortRun:
     """Generate (or finish) a portrait cohort; safe to rerun, and to launch on several GPUs.
 
@@ -371,6 +389,9 @@ def generate_cohort(
         out: the cohort folder (created; reused to resume).
         config: models and sampler settings; default: the paper's SDXL base + refiner, 50 steps.
         contact_sheet: also draw ``contact_sheet.png``.
+        device: where the pipelines run in a single process (default: accelerate's choice, the
+            first GPU if there is one, else the CPU); under ``accelerate launch`` each process
+            takes its own.
 
     Returns:
         A :class:`CohortRun` with the counts (on every process; the contact sheet is drawn by the
@@ -389,6 +410,12 @@ def generate_cohort(
     if folder.exists() and not folder.is_dir():
         raise BiasInputError(f"{folder}: cohort output exists and is not a folder")
     state = PartialState(cpu=_use_cpu())
+    if device == "auto":
+        device = None
+    if device is not None and state.num_processes > 1:
+        raise BiasInputError(
+            f"--device {device}: not under accelerate launch, where each process takes its own"
+        )
     plan = spec.plan()
     cohort_doc = {"spec": spec.to_dict(), "generation": asdict(cfg)}
     if state.is_main_process:
@@ -400,7 +427,8 @@ def generate_cohort(
     if done:
         log.info("%s: keeping %d finished image(s), generating %d", folder, len(done), len(todo))
     with state.split_between_processes(todo) as share:
-        made = _generate_share(folder, list(share), spec, cfg, state.device, state.process_index)
+        where = state.device if device is None else _torch_device(device)
+        made = _generate_share(folder, list(share), spec, cfg, where, state.process_index)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 

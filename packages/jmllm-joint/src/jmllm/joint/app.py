@@ -1,6 +1,7 @@
 """``jmllm-joint app``: the interactive explorer, a local Gradio page over one loaded J.
 
-Upload an image (or pick an example), chat with J (and stock LLaVA beside it), see the
+Upload an image (or pick an example), chat with J (and stock LLaVA beside it; *New chat*
+starts over on the same image), see the
 detections O^OWL makes from the same embedding for the objects you type (or the object words of
 the answer), click any word of the answer for its GA map, box view and top patches, check the
 answer for hallucinations, and download the reports the command line writes.
@@ -9,9 +10,11 @@ The page is a thin layer: every step is a method of :class:`~jmllm.joint.explore
 tested without a browser. :func:`build_app` returns the ``gr.Blocks``; each browser tab keeps its
 own :class:`~jmllm.joint.explorer.ExplorerState` in a ``gr.State``; every event that touches the
 model shares one queue of concurrency 1 (and the explorer's lock), so two tabs never run the
-model at once. :func:`launch` serves it offline: no analytics or version check, no share link,
-system fonts (nothing fetched from a CDN), 127.0.0.1 unless another host is given, an upload
-size limit, and model errors shown as a message in the page.
+model at once. :func:`launch` serves it offline: no analytics or version check, no share link
+(nor Gradio's banner suggesting one), system fonts (nothing fetched from a CDN), 127.0.0.1 unless
+another host is given, an upload size limit, and model errors shown as a message in the page.
+Uploads and result files are deleted once they are :data:`DELETE_CACHE` old, and a session keeps
+its image at the page's size, never the upload (:data:`jmllm.joint.explorer.KEPT_SIDE`).
 
 Needs the ``app`` extra: ``pip install "jmllm-joint[app]"``.
 
@@ -28,7 +31,10 @@ import html
 import logging
 import os
 import re
+import shutil
+import sys
 import tempfile
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +44,6 @@ from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
 from jmllm.joint.chat import CONVERSATION_TEMPLATES, INTERACTIVE_TEMPLATE, Conversation
 from jmllm.joint.explorer import (
     MAX_IMAGE_PIXELS,
-    MAX_NEW_TOKENS,
     MAX_UPLOAD_BYTES,
     Explorer,
     ExplorerError,
@@ -52,6 +57,33 @@ APP_EXTRA_HINT = 'the explorer app needs Gradio: pip install "jmllm-joint[app]"'
 MODEL_QUEUE = "model"  # the one concurrency group of every event that runs the model
 QUEUE_SIZE = 32  # requests waiting for the model; more are refused with a message
 SESSION_CAPACITY = 64  # browser sessions whose state is kept (each holds an image and t)
+# Gradio's delete_cache: every 5 minutes, uploads and result files older than 30 minutes go
+DELETE_CACHE = (300, 1800)
+# after an answer: the chat panel shows the latest answer whole (its top, when it is taller
+# than the panel), not just its last lines
+SCROLL_TO_LATEST_JS = """
+() => {
+  const show = () => {
+    for (const id of ["jm-chat", "jm-stock"]) {
+      const root = document.getElementById(id);
+      const bots = root ? root.querySelectorAll("[data-testid=bot]") : [];
+      if (!bots.length) continue;
+      const last = bots[bots.length - 1];
+      let box = last.parentElement;
+      while (box && box !== root && !(box.scrollHeight > box.clientHeight + 1 &&
+             /(auto|scroll)/.test(getComputedStyle(box).overflowY))) {
+        box = box.parentElement;
+      }
+      if (!box || box === root) continue;
+      const top = last.getBoundingClientRect().top - box.getBoundingClientRect().top
+        + box.scrollTop;
+      const fits = last.offsetHeight <= box.clientHeight;
+      box.scrollTop = fits ? top + last.offsetHeight - box.clientHeight : top - 4;
+    }
+  };
+  for (const wait of [0, 100, 400, 1000]) setTimeout(show, wait);
+}
+"""
 SYSTEM_FONTS = (
     "system-ui",
     "-apple-system",
@@ -220,6 +252,7 @@ def build_app(
     title: str = "jmllm explorer",
     tokenization: str = INTERACTIVE_TOKENIZATION,
     preprocessing: str = INTERACTIVE_PREPROCESSING,
+    delete_cache: tuple[int, int] = DELETE_CACHE,
 ) -> Any:
     """The explorer page over one loaded J, as a ``gr.Blocks``.
 
@@ -234,6 +267,9 @@ def build_app(
         title: page title.
         tokenization, preprocessing: how questions are tokenised and images embedded (see
             :class:`~jmllm.joint.explorer.Explorer`).
+        delete_cache: Gradio's ``(frequency, age)`` in seconds: uploads and result files older
+            than ``age`` are deleted every ``frequency`` seconds (and all of them when the
+            server stops).
 
     Returns:
         The ``gr.Blocks``; serve it with :func:`launch`.
@@ -259,13 +295,15 @@ def build_app(
         examples = builtin_examples(Path(work.name) / "examples")
     model_event = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE}
 
-    def listen(triggers: Sequence[Any], fn: Callable[..., Any], inputs: Any, outputs: Any) -> None:
-        """``fn`` on every trigger, guarded, in the model's queue of one."""
+    def listen(
+        triggers: Sequence[Any], fn: Callable[..., Any], inputs: Any, outputs: Any
+    ) -> list[Any]:
+        """``fn`` on every trigger, guarded, in the model's queue of one; the events."""
         handler = guarded(fn, len(outputs))
-        for trigger in triggers:
-            trigger(handler, inputs, outputs, **model_event)
+        return [trigger(handler, inputs, outputs, **model_event) for trigger in triggers]
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    token_limit = explorer.max_new_tokens
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=delete_cache) as app:
         weakref.finalize(app, work.cleanup)
         app.explorer = explorer  # for tests and benchmarks: the page's own explorer
         state = gr.State(ExplorerState())
@@ -287,6 +325,9 @@ def build_app(
                     inputs=[upload],
                     label="Example images",
                     examples_per_page=12,
+                )
+                image_notice = gr.Markdown(
+                    visible=False, elem_classes=["jm-note"], elem_id="jm-image-notice"
                 )
                 picture = gr.Image(
                     label="Detections",
@@ -315,9 +356,14 @@ def build_app(
                 detections_md = gr.Markdown(elem_id="jm-detections")
             with gr.Column(scale=1):
                 with gr.Row():
-                    chat = gr.Chatbot(label="J", height=360, elem_id="jm-chat")
+                    # the answer's top stays in view: scrolled by SCROLL_TO_LATEST_JS
+                    chat = gr.Chatbot(label="J", height=360, autoscroll=False, elem_id="jm-chat")
                     stock_chat = gr.Chatbot(
-                        label="Stock LLaVA", height=360, visible=False, elem_id="jm-stock"
+                        label="Stock LLaVA",
+                        height=360,
+                        autoscroll=False,
+                        visible=False,
+                        elem_id="jm-stock",
                     )
                 with gr.Row():
                     question = gr.Textbox(
@@ -327,6 +373,7 @@ def build_app(
                         elem_id="jm-question",
                     )
                     ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="jm-ask")
+                    reset_button = gr.Button("New chat", scale=1, elem_id="jm-reset")
                 with gr.Accordion("Chat options", open=False):
                     compare = gr.Checkbox(
                         label="Also answer with stock LLaVA (its own vision tower)",
@@ -339,8 +386,14 @@ def build_app(
                         label="Conversation template",
                         elem_id="jm-template",
                     )
+                    # bounded by what the language model's positions leave for an answer
                     max_new_tokens = gr.Slider(
-                        1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens"
+                        1,
+                        token_limit,
+                        value=min(64, token_limit),
+                        step=1,
+                        label=f"Max new tokens (at most {token_limit}: the model's positions)",
+                        elem_id="jm-max-tokens",
                     )
                 words = gr.Radio(
                     choices=[],
@@ -437,19 +490,35 @@ def build_app(
         ga_outputs = [map_image, box_image, top_table, ga_md, channel]
 
         # ------------------------------------------------------------- events
+        def notice_output(s: ExplorerState) -> Any:
+            """The model's warning about the image, on the page (not only in the server log)."""
+            if not s.notice:
+                return gr.Markdown(value="", visible=False)
+            return gr.Markdown(value=f"**{_md(s.image_name)}**: {_md(s.notice)}", visible=True)
+
         def on_image(path: str | None, text: str, level: float, chosen: str) -> tuple[Any, ...]:
             s = ExplorerState()
             if path:
-                s = explorer.open_image(path)
+                # Gradio keeps the upload's own file name: messages name the file by it
+                s = explorer.open_image(path, name=Path(path).name)
                 s = explorer.set_threshold(explorer.set_queries(s, text), level)
             drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
-            return (s, drawn, summary, [], [], word_choices(s), *cleared_ga(s, chosen))
+            return (
+                s,
+                notice_output(s),
+                drawn,
+                summary,
+                [],
+                [],
+                word_choices(s),
+                *cleared_ga(s, chosen),
+            )
 
         listen(
             [upload.change],
             on_image,
             [upload, queries_box, threshold, channel],
-            [state, picture, detections_md, chat, stock_chat, words, *ga_outputs],
+            [state, image_notice, picture, detections_md, chat, stock_chat, words, *ga_outputs],
         )
 
         def on_ask(
@@ -470,7 +539,33 @@ def build_app(
 
         ask_inputs = [state, question, compare, template, max_new_tokens, channel]
         ask_outputs = [state, question, chat, stock_chat, words, picture, detections_md]
-        listen([ask_button.click, question.submit], on_ask, ask_inputs, [*ask_outputs, *ga_outputs])
+        asked = listen(
+            [ask_button.click, question.submit], on_ask, ask_inputs, [*ask_outputs, *ga_outputs]
+        )
+        for event in asked:
+            event.then(None, None, None, js=SCROLL_TO_LATEST_JS, queue=False)
+
+        def on_reset(s: ExplorerState, chosen: str) -> tuple[Any, ...]:
+            s = explorer.reset_chat(s)
+            drawn, summary = detection_outputs(s) if s.emb is not None else (None, "")
+            return (s, [], [], word_choices(s), drawn, summary, None, [], *cleared_ga(s, chosen))
+
+        listen(
+            [reset_button.click],
+            on_reset,
+            [state, channel],
+            [
+                state,
+                chat,
+                stock_chat,
+                words,
+                picture,
+                detections_md,
+                hallucination_text,
+                hallucination_table,
+                *ga_outputs,
+            ],
+        )
 
         def on_queries(s: ExplorerState, text: str, level: float, chosen: str) -> tuple[Any, ...]:
             s = explorer.set_threshold(explorer.set_queries(s, text), level)
@@ -562,6 +657,7 @@ def build_app(
                 "explanation.html": explorer.explanation_html(s, how),
                 "hallucinations.html": explorer.hallucination_html(s),
             }
+            _prune(Path(work.name), "report-*", delete_cache[1])  # Gradio serves its own copies
             folder = Path(tempfile.mkdtemp(prefix="report-", dir=work.name))
             return [
                 str(atomic_write_text(folder / name, page))
@@ -594,7 +690,8 @@ def launch(
         port: TCP port (None: the first free one from 7860).
         max_file_size: largest upload in bytes (the page refuses larger files).
         block: serve until interrupted; False returns at once (tests: call ``app.close()``).
-        quiet: no start-up banner.
+        quiet: not even the one line of ours that says where the page is (Gradio's own
+            banner, which suggests a public share link, is never printed).
 
     Returns:
         What ``gr.Blocks.launch`` returns (``app, local_url, share_url``).
@@ -604,13 +701,15 @@ def launch(
     """
     require_gradio()
     app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
-    return app.launch(
+    # Gradio's own banner is off: it suggests a public share link, which the explorer never
+    # makes; one line of ours says where the page is
+    launched = app.launch(
         server_name=host,
         server_port=port,
         share=False,
         inbrowser=False,
-        prevent_thread_lock=not block,
-        quiet=quiet,
+        prevent_thread_lock=True,
+        quiet=True,
         max_file_size=max_file_size,
         ssr_mode=False,
         pwa=False,
@@ -621,6 +720,22 @@ def launch(
         theme=offline_theme(),
         css=APP_CSS,
     )
+    if not quiet:
+        print(f"jmllm explorer: {app.local_url} (Ctrl-C stops it)", file=sys.stdout, flush=True)
+    if block:
+        app.block_thread()
+    return launched
+
+
+def _prune(folder: Path, pattern: str, age: float) -> None:
+    """Remove the entries of ``folder`` matching ``pattern`` that are older than ``age`` s."""
+    limit = time.time() - age
+    for entry in folder.glob(pattern):
+        try:
+            if entry.lstat().st_mtime < limit:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        except OSError:  # removed meanwhile, or in use: the next call tries again
+            continue
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
     jmllm-joint app --tiny                       # built-in models, http://127.0.0.1:7860
-    jmllm-joint app --alignment W.safetensors [--owl …] [--llava …] [--host H] [--port P]
+    jmllm-joint app --alignment W.safetensors [--owl …] [--mllm …] [--host H] [--port P]
 """
 
 from __future__ import annotations
@@ -38,27 +38,22 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     app.add_argument(
         "--host",
         default="127.0.0.1",
-        help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves "
+        help="interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 serves "
         "everyone who can reach it)",
     )
-    app.add_argument(
-        "--port",
-        type=integer(1, 65535),
-        default=DEFAULT_PORT,
-        help=f"TCP port (default {DEFAULT_PORT})",
-    )
+    app.add_argument("--port", type=integer(1, 65535), default=DEFAULT_PORT, help="TCP port")
     app.add_argument(
         "--max-upload-mb",
         type=finite_float(0, open_low=True),
         default=MAX_UPLOAD_BYTES / 2**20,
-        help=f"largest uploaded file in MB (default {MAX_UPLOAD_BYTES // 2**20})",
+        help=f"largest uploaded file in MB (default: {MAX_UPLOAD_BYTES // 2**20})",
     )
     app.add_argument(
         "--max-pixels",
         type=integer(1, MAX_IMAGE_PIXELS),
         default=MAX_IMAGE_PIXELS,
-        help=f"largest accepted image in pixels, from its header (default and most: the "
-        f"project's image policy, {MAX_IMAGE_PIXELS})",
+        help=f"largest accepted image in pixels, from its header (default: {MAX_IMAGE_PIXELS}, "
+        "the project's image policy, also the most)",
     )
     app.add_argument(
         "--objects",

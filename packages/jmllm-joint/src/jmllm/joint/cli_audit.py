@@ -2,8 +2,8 @@
 
 Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
-    jmllm-joint hallucination-audit --annotations instances.json --images DIR --out DIR
-    jmllm-joint hallucination-audit --dataset NAME_OR_FOLDER [--split S] --out DIR
+    jmllm-joint hallucination-audit --annotations instances.json --images DIR -o DIR
+    jmllm-joint hallucination-audit --dataset NAME_OR_FOLDER [--split S] -o DIR
     jmllm-joint hallucination-audit --benchmark pope|chair ... (:mod:`jmllm.joint.cli_benchmark`)
     accelerate launch --num_processes N -m jmllm.joint hallucination-audit ... (split by images)
 
@@ -46,15 +46,22 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "confidence_histograms.png and gallery.html into --out.",
     )
     data = p.add_argument_group("data")
-    data.add_argument("--annotations", help="COCO-format annotation file (instances_*.json)")
-    data.add_argument("--images", help="folder of the images the annotations name")
-    data.add_argument("--dataset", help="a datasets dataset with objects: saved folder or name")
-    data.add_argument("--split", help="split of --dataset")
+    data.add_argument(
+        "--annotations", help="COCO-format annotation file, instances_*.json (default: none)"
+    )
+    data.add_argument("--images", help="folder of the images the annotations name (default: none)")
+    data.add_argument(
+        "--dataset",
+        help="a datasets dataset with objects: saved folder or name (default: none)",
+    )
+    data.add_argument("--split", help="split of --dataset (default: its only or train split)")
     data.add_argument("--image-column", default="image", help="image column of --dataset")
     data.add_argument("--objects-column", default="objects", help="objects column of --dataset")
     data.add_argument("--category-field", default="category", help="category field of the objects")
-    data.add_argument("--limit", type=integer(1), help="audit only the first N images")
-    p.add_argument("--out", required=True, help="output folder (reused to resume)")
+    data.add_argument(
+        "--limit", type=integer(1), help="audit only the first N images (default: all)"
+    )
+    p.add_argument("-o", "--out", required=True, help="output folder (reused to resume)")
     p.add_argument(
         "--force",
         action="store_true",
@@ -65,16 +72,18 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--sampling",
         choices=SAMPLINGS,
         default=None,
-        help="classes asked: all present and absent (the authors', default) or POPE's "
-        "random/popular/adversarial",
+        help="classes asked: all present and absent (the authors') or POPE's "
+        "random/popular/adversarial (default: all)",
     )
     proto.add_argument(
-        "-k", type=integer(1, 10_000), default=None, help="POPE: positives per image (default 3)"
+        "-k", type=integer(1, 10_000), default=None, help="POPE: positives per image (default: 3)"
     )
     proto.add_argument(
-        "--seed", type=integer(0, 2**63 - 1), default=0, help="seed of sampling and bootstrap (0)"
+        "--seed", type=integer(0, 2**63 - 1), default=0, help="seed of sampling and bootstrap"
     )
-    template_argument(proto, PAPER_TEMPLATE)  # the authors' notebook
+    template_argument(  # the authors' notebook
+        proto, PAPER_TEMPLATE, shown="paper; --benchmark pope and chair: llava-1.5"
+    )
     # --benchmark pope and chair default to the llava-1.5 template: None until resolved
     proto.set_defaults(template=None)
     # ... and so the inputs: the authors' token ids and pixels for the authors' protocol, the
@@ -84,43 +93,43 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         choices=TOKENIZATIONS,
         default=None,
         help="prompt token ids: legacy, the authors' (a ▁ after <image>, as transformers 4 "
-        "gave; the default of the authors' protocol); checkpoint, as the checkpoint's tokenizer "
-        "config says (the default of --benchmark pope and chair)",
+        "gave); checkpoint, as the checkpoint's tokenizer config says (default: legacy; "
+        "--benchmark pope and chair: checkpoint)",
     )
     proto.add_argument(
         "--preprocessing",
         choices=sorted(PREPROCESSINGS),
         default=None,
         help="image preprocessing: authors, the stored pixels resized as the HF image processors "
-        "do (the default of the authors' protocol); exif, EXIF orientation applied, torch's "
-        "resize (the default of --benchmark pope and chair)",
+        "do; exif, EXIF orientation applied, torch's resize (default: authors; --benchmark pope "
+        "and chair: exif)",
     )
     proto.add_argument(
         "--question",
         type=template_type("--question"),
         default=None,
-        help="question with {} for the class name (default the authors'); --benchmark pope: "
-        "{} is the file's question (default: it and LLaVA's 'Answer the question using a "
-        "single word or phrase.')",
+        help="question with {} for the class name; --benchmark pope: {} is the file's question "
+        "(default: the authors' question; --benchmark pope: the file's and LLaVA's 'Answer the "
+        "question using a single word or phrase.')",
     )
     proto.add_argument(
         "--articles",
         choices=ARTICLES,
         default=None,
-        help="a: the question as written (authors, default); a-an: 'an' before vowels (POPE)",
+        help="a: the question as written (authors); a-an: 'an' before vowels (POPE) (default: a)",
     )
     proto.add_argument(
         "--query-template",
         type=template_type("--query-template"),
         default="{}",
-        help="OWL-ViT query for the class (default '{}': the bare name, as the authors)",
+        help="OWL-ViT query for the class (default: '{}', the bare name, as the authors)",
     )
     proto.add_argument(
         "--max-new-tokens",
         type=integer(1, 4096),
         default=None,
-        help=f"answer length limit (default {DEFAULT_MAX_NEW_TOKENS}; pope 128, chair 512; with "
-        "--tiny pope 16, chair 48)",
+        help=f"answer length limit (default: {DEFAULT_MAX_NEW_TOKENS}; --benchmark pope 128, "
+        "chair 512; with --tiny pope 16, chair 48)",
     )
     proto.add_argument(
         "--batch-size",
@@ -131,32 +140,31 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--kv-cache-gib",
         type=finite_float(0, open_low=True),
         default=DEFAULT_KV_CACHE_GIB,
-        help=f"KV-cache budget of one batch of questions, GiB (default {DEFAULT_KV_CACHE_GIB:g})",
+        help=f"KV-cache budget of one batch of questions, GiB (default: {DEFAULT_KV_CACHE_GIB:g})",
     )
     rep = p.add_argument_group("report")
     rep.add_argument(
         "--parse",
         choices=tuple(dict.fromkeys((*PARSE_RULES, *POPE_RULES))),
         default=None,
-        help="answer rule: authors (the raw text after 'ASSISTANT: ' is exactly Yes or No; the "
-        "default), strict (yes/no, any case), pope (POPE's); with --tiny the default is strict, "
-        "as the toy LLaVA answers in lower case. --benchmark pope: llava (default; = pope), "
-        "lmms-eval, vlmevalkit, first-token",
+        help="answer rule: authors (exactly Yes/No), strict (yes/no, any case), pope (POPE's); "
+        "--benchmark pope: llava (= pope), lmms-eval, vlmevalkit, first-token (default: authors; "
+        "strict with --tiny, as the toy LLaVA answers in lower case; --benchmark pope: llava)",
     )
     rep.add_argument(
         "--top-k",
         type=integer(0),
         default=None,
-        help="hallucinations in the gallery (25; chair: 10 captions)",
+        help="hallucinations in the gallery (default: 25; --benchmark chair: 10 captions)",
     )
     rep.add_argument(
-        "--resamples", type=integer(1, 10_000_000), default=2000, help="bootstrap resamples (2000)"
+        "--resamples", type=integer(1, 10_000_000), default=2000, help="bootstrap resamples"
     )
     rep.add_argument(
         "--confidence",
         type=finite_float(0, 1, open_low=True, open_high=True),
         default=0.95,
-        help="interval coverage in (0, 1) (0.95)",
+        help="interval coverage in (0, 1)",
     )
     add_benchmark_arguments(p)
     p.set_defaults(func=cmd_hallucination_audit)

@@ -41,16 +41,17 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
         "--benchmark",
         choices=("authors", "pope", "chair"),
         default="authors",
-        help="authors: the paper's yes/no protocol on a COCO-format dataset (default); pope: "
-        "POPE's official question files (--data); chair: CHAIR on J's captions",
+        help="authors: the paper's yes/no protocol on a COCO-format dataset; pope: POPE's "
+        "official question files (--data); chair: CHAIR on J's captions",
     )
     g.add_argument(
         "--data",
         help="pope: the folder of *pope_{random,popular,adversarial}.json; with --tiny (or for "
-        "chair) also a folder written by `jmllm-joint sample-data`",
+        "chair) also a folder written by `jmllm-joint sample-data` (default: none)",
     )
     g.add_argument(
-        "--captions", help="chair: COCO captions file (captions_val2014.json), part of the truth"
+        "--captions",
+        help="chair: COCO captions file (captions_val2014.json), part of the truth (default: none)",
     )
     g.add_argument(
         "--synonyms", help="chair: synonym list (default: CHAIR's standard list of COCO objects)"
@@ -59,33 +60,34 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
         "--sample-images",
         type=integer(1),
         default=None,
-        help=f"chair: images drawn with --seed (default {DEFAULT_SAMPLE}; every image if fewer)",
+        help=f"chair: images drawn with --seed (default: {DEFAULT_SAMPLE}; every image if fewer)",
     )
     g.add_argument(
         "-p",
         "--prompt",
-        help="chair: the caption prompt (default 'Please describe this image in detail.'; with "
+        help="chair: the caption prompt (default: 'Please describe this image in detail.'; with "
         '--tiny "What\'s the content of the image?")',
     )
     g.add_argument(
         "--vision",
         choices=("joint", "llava"),
         default=None,
-        help="joint = J answers (default); llava = stock LLaVA's own vision tower answers (the "
-        "published LLaVA-1.5 figures), OWL-ViT's evidence still from J's t",
+        help="joint = J answers; llava = stock LLaVA's own vision tower answers (the published "
+        "LLaVA-1.5 figures), OWL-ViT's evidence still from J's t (default: joint)",
     )
     g.add_argument(
         "--threshold",
         type=unit_interval(open_low=True, open_high=True),
         default=None,
-        help="OWL-ViT sees an object at or above this score, in (0, 1) (default "
-        f"{DEFAULT_OWL_THRESHOLD}, the hallucination view's): perception vs language",
+        help="OWL-ViT sees an object at or above this score, in (0, 1): perception vs language "
+        f"(default: {DEFAULT_OWL_THRESHOLD}, the hallucination view's)",
     )
     g.add_argument(
         "--first-token-threshold",
         type=finite_float(),
         default=None,
-        help="pope, first-token rule: yes when log-odds(yes) - log-odds(no) exceeds it (0)",
+        help="pope, first-token rule: yes when log-odds(yes) - log-odds(no) exceeds it "
+        "(default: 0)",
     )
 
 

@@ -2,8 +2,8 @@
 
 Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
-    jmllm-joint explain IMAGE --prompt P [--token WORD | --position N | --all] [-q QUERY…] --out DIR
-    jmllm-joint hallucinations IMAGE --prompt P --out DIR [-q EXTRA…]
+    jmllm-joint explain IMAGE --prompt P [--token WORD | --position N | --all] [-q QUERY…] -o DIR
+    jmllm-joint hallucinations IMAGE --prompt P -o DIR [-q EXTRA…]
     jmllm-joint wsol DATA_DIR [--limit N] [--json-out FILE.json]   # + FILE.html, FILE_maps/
 
 ``explain`` and ``hallucinations`` prompt J like ``chat`` (``--template llava-1.5``,
@@ -54,18 +54,28 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     explain.add_argument("image", help="image file")
     explain.add_argument("-p", "--prompt", required=True, help="the question")
     target = explain.add_mutually_exclusive_group()
-    target.add_argument("--token", help="a word of the answer (several tokens: logits summed)")
+    target.add_argument(
+        "--token",
+        help="a word of the answer, its tokens' logits summed (default: none, every word)",
+    )
     target.add_argument(
         "--position",
         type=integer(),
-        help="a token position in the answer (0-based; negative counts from the end)",
+        help="a token position in the answer, 0-based, negative from the end (default: none, "
+        "every word)",
     )
     target.add_argument("--all", action="store_true", help="every word of the answer (the default)")
     explain.add_argument(
-        "-q", "--query", action="append", dest="queries", help="OWL-ViT query (repeatable)"
+        "-q",
+        "--query",
+        action="append",
+        dest="queries",
+        help="OWL-ViT query, repeatable (default: none; the --token word)",
     )
-    explain.add_argument("--answer", help="explain this answer instead of generating one")
-    explain.add_argument("--out", required=True, help="output folder")
+    explain.add_argument(
+        "--answer", help="explain this answer instead of generating one (default: none, J's own)"
+    )
+    explain.add_argument("-o", "--out", required=True, help="output folder")
     force_argument(explain)
     _shared(explain)
     template_argument(explain, INTERACTIVE_TEMPLATE)
@@ -86,7 +96,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--query",
         action="append",
         dest="queries",
-        help="extra object to query although not mentioned (repeatable)",
+        help="extra object to query although not mentioned, repeatable (default: none)",
     )
     hall.add_argument(
         "--objects",
@@ -97,10 +107,12 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--threshold",
         type=finite_float(0, 1, open_low=True, open_high=True),
         default=0.1,
-        help="detection score in (0, 1) (0.1)",
+        help="detection score in (0, 1)",
     )
-    hall.add_argument("--answer", help="check this answer instead of generating one")
-    hall.add_argument("--out", required=True, help="output folder")
+    hall.add_argument(
+        "--answer", help="check this answer instead of generating one (default: none, J's own)"
+    )
+    hall.add_argument("-o", "--out", required=True, help="output folder")
     force_argument(hall)
     _shared(hall, weighting=False)
     template_argument(hall, INTERACTIVE_TEMPLATE)
@@ -114,20 +126,23 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="MaxBoxAccV2 of GA maps (and the plain-gradient baseline) on a CUB-style folder",
     )
     wsol.add_argument("data_dir", help="folder with images/ and boxes.csv (image_id,x0,y0,x1,y1)")
-    wsol.add_argument("--limit", type=integer(1), help="score only the first N images")
+    wsol.add_argument(
+        "--limit", type=integer(1), help="score only the first N images (default: all)"
+    )
     wsol.add_argument(
         "--weighting", choices=("class", "coord", "any"), default="class", help="GA map"
     )
     wsol.add_argument(
         "--json-out",
+        metavar="PATH",
         help="write the full report (curves included) here, its HTML page beside it (the same "
-        "name ending in .html) and the page's map pictures in NAME_maps/",
+        "name ending in .html) and the page's map pictures in NAME_maps/ (default: none)",
     )
     wsol.add_argument(
         "--samples",
         type=integer(0, 1000),
         default=8,
-        help="images the HTML page shows with their maps and boxes (default 8; 0: none)",
+        help="images the HTML page shows with their maps and boxes, 0: none",
     )
     template_argument(wsol, PAPER_TEMPLATE)
     tokenization_argument(wsol, PAPER_TOKENIZATION)
@@ -136,21 +151,23 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=PROTOCOLS,
         default="wsolevaluation",
-        help="MaxBoxAccV2 as clovaai/wsolevaluation computes it (default; needs "
-        "jmllm-joint[wsol]) or with exact geometry",
+        help="MaxBoxAccV2 as clovaai/wsolevaluation computes it (needs jmllm-joint[wsol]) or "
+        "with exact geometry",
     )
     wsol.add_argument(
         "--pipeline",
         choices=PIPELINES,
         default="authors",
-        help="authors: maps at 224 px, boxes resized to it (default); original: own resolution",
+        help="authors: maps at 224 px, boxes resized to it; original: own resolution",
     )
     _painting(wsol)
     wsol.set_defaults(func=cmd_wsol)
 
 
 def _shared(parser: argparse.ArgumentParser, weighting: bool = True) -> None:
-    parser.add_argument("--max-new-tokens", type=integer(1), default=64, help="answer length limit")
+    parser.add_argument(
+        "--max-new-tokens", type=integer(1), default=64, help="answer length limit, in tokens"
+    )
     if weighting:
         parser.add_argument(
             "--weighting",
@@ -167,14 +184,14 @@ def _painting(parser: argparse.ArgumentParser) -> None:
         "--box-rounding",
         choices=BOX_ROUNDINGS,
         default="truncate",
-        help="GA box corners to pixels: truncate (int(), the authors', default) or outward",
+        help="GA box corners to pixels: truncate (int(), the authors') or outward",
     )
     parser.add_argument(
         "--class-query",
         choices=CLASS_QUERY_MODES,
         default="first",
-        help="with several queries the class map uses the first query (the authors', default) "
-        "or the maximum over them",
+        help="with several queries the class map uses the first query (the authors') or the "
+        "maximum over them",
     )
 
 

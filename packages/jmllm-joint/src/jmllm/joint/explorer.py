@@ -4,7 +4,10 @@
 step is a plain function, tested without a browser:
 
 - :meth:`Explorer.open_image`: an uploaded file becomes an :class:`ExplorerState` holding J's
-  embedding ``t`` (upload size and pixel count checked before any pixel is decoded);
+  embedding ``t`` and a copy of the image at the page's size (upload size and pixel count
+  checked before any pixel is decoded; the full-resolution upload is not kept), and the model's
+  warning about the image, if it has one (the toy world's, for a photo);
+- :meth:`Explorer.reset_chat`: a new conversation about the same image;
 - :meth:`Explorer.ask`: one chat turn of J, and of stock LLaVA beside it when asked;
 - :meth:`Explorer.detect`: O^OWL for the queries the user typed, or else for the object words
   of the last answer;
@@ -66,6 +69,9 @@ MAX_NEW_TOKENS = 512  # the largest answer a chat turn may ask for
 MAX_QUERIES = 16  # every query is a GA channel: the norm computation grows with their number
 DISPLAY_SIDE = 1024  # pictures shown in the page are at most this large…
 DISPLAY_MIN_SIDE = MIN_SIDE  # …and small ones are enlarged to this, so labels are legible
+# What a session keeps of its image: a copy at most this large (the models see 768 px at most,
+# the page shows 1024), never the upload: 3 MB for any photo instead of up to 50 MB at 4096 px.
+KEPT_SIDE = DISPLAY_SIDE
 NORM_CACHE_SIZE = 16  # (image, queries) pairs whose GA norms are kept
 MAP_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "gradient")  # "gradient": the plain baseline
 DETECTION_NMS_IOU = DEFAULT_NMS_IOU  # the command line's default, so reports match
@@ -81,7 +87,9 @@ class ExplorerState:
 
     Attributes:
         image_name: the file name shown in messages.
-        emb: J's embedding of the image (``t`` and the decoded image); None before an upload.
+        emb: J's embedding of the image (``t`` and the image at most :data:`KEPT_SIDE` pixels
+            large, boxes in its original pixels); None before an upload.
+        notice: the model's warning about the image (e.g. the toy world's for a photo), or "".
         conversation: J's conversation about the image.
         stock: stock LLaVA's answers to the same questions (None until a comparison is asked).
         typed_queries: the objects the user typed (empty: the object words of the last answer).
@@ -92,6 +100,7 @@ class ExplorerState:
 
     image_name: str = ""
     emb: JointEmbedding | None = None
+    notice: str = ""
     conversation: Conversation = field(default_factory=Conversation)
     stock: Conversation | None = None
     typed_queries: tuple[str, ...] = ()
@@ -182,6 +191,16 @@ def check_upload(
     return size_bytes
 
 
+def _named(message: str, path: Path, name: str) -> str:
+    """``message`` with the server's path of an upload replaced by the user's name for it."""
+    for where in (str(path), str(path.absolute())):
+        message = message.replace(where, name)
+    for folder in (str(path.parent), str(path.absolute().parent)):
+        if folder not in ("", "."):
+            message = message.replace(folder + "/", "")
+    return message
+
+
 def shown_size(
     size: tuple[int, int], max_side: int = DISPLAY_SIDE, min_side: int = DISPLAY_MIN_SIDE
 ) -> tuple[int, int]:
@@ -246,11 +265,18 @@ class Explorer:
     def open_image(self, path: str | Path, name: str | None = None) -> ExplorerState:
         """A fresh state for an image file, under the project's image policy: the file's size,
         then its pixel count from the header (:attr:`max_pixels`), before any pixel is decoded;
-        decoded once, embedded once.
+        decoded once, to a copy of at most :data:`KEPT_SIDE` pixels (the upload itself is not
+        kept), embedded once. The model's warning about the image (its ``input_check``, e.g.
+        the toy world's for a photo) is kept as the state's :attr:`~ExplorerState.notice`.
+
+        Args:
+            path: the file (a server's upload folder, for the page).
+            name: the file's name as the user knows it (default: its file name); every message
+                names the file so, never by ``path``.
 
         Raises:
-            ExplorerError: missing, unreadable, too large (bytes or pixels); the message names
-                the file by ``name`` (default its file name).
+            ExplorerError: missing, unreadable, too large (bytes or pixels); one sentence
+                naming the file by ``name``.
         """
         path = Path(path)
         name = name or path.name
@@ -258,15 +284,42 @@ class Explorer:
         try:
             loaded = open_image(
                 path,
+                max_side=KEPT_SIDE,
                 max_pixels=self.max_pixels,
                 name=name,
                 exif_orientation=self.preprocessing.exif_orientation,
             )
         except ImageLoadError as exc:
-            raise ExplorerError(str(exc)) from None
+            raise ExplorerError(_named(str(exc), path, name)) from None
+        notice = ""
+        check = getattr(self.model, "input_check", None)
+        if check is not None:
+            notice = check(loaded.image, loaded.original_size) or ""
         with self.lock:
             emb = self.model.embed([loaded], preprocessing=self.preprocessing.name)
-        return ExplorerState(image_name=name, emb=emb)
+        return ExplorerState(image_name=name, emb=emb, notice=notice)
+
+    @staticmethod
+    def reset_chat(state: ExplorerState) -> ExplorerState:
+        """A new conversation about the same image: the answers, their explanations and the
+        hallucination view are dropped; the image, its embedding, the typed queries and the
+        threshold stay (and the GA norms stay cached)."""
+        return dataclasses.replace(
+            state, conversation=Conversation(), stock=None, explained={}, hallucination=None
+        )
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The longest answer a chat turn may ask for: what the language model's positions leave
+        after the image tokens and a first question (at most :data:`MAX_NEW_TOKENS`); later
+        turns have less, and a turn that does not fit is refused with a message."""
+        llava = getattr(self.model, "llava", None)
+        if llava is None:
+            return MAX_NEW_TOKENS
+        positions = int(llava.config.text_config.max_position_embeddings)
+        prompt = self.model.prompt_inputs(["What's in the image?"], INTERACTIVE_TEMPLATE)
+        room = positions - int(prompt["input_ids"].shape[1])
+        return max(1, min(MAX_NEW_TOKENS, room))
 
     @staticmethod
     def _need_image(state: ExplorerState) -> JointEmbedding:
@@ -302,7 +355,7 @@ class Explorer:
             question: the user's question.
             compare: also answer with stock LLaVA.
             template: conversation template (``llava-1.5`` or ``paper``).
-            max_new_tokens: answer length limit (1 to :data:`MAX_NEW_TOKENS`).
+            max_new_tokens: answer length limit (1 to :attr:`max_new_tokens`).
 
         Returns:
             The new state; explanations of the previous answer are dropped.
@@ -310,10 +363,9 @@ class Explorer:
         emb = self._need_image(state)
         question = check_question(question, "question")
         get_template(template)
-        if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS:
-            raise ExplorerError(
-                f"max_new_tokens: must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}"
-            )
+        limit = self.max_new_tokens
+        if not 1 <= int(max_new_tokens) <= limit:
+            raise ExplorerError(f"max_new_tokens: must be in 1..{limit}, got {max_new_tokens}")
         kwargs: dict[str, Any] = {
             "max_new_tokens": int(max_new_tokens),
             "template": template,
@@ -636,6 +688,7 @@ class Explorer:
 
 
 __all__ = [
+    "KEPT_SIDE",
     "MAP_WEIGHTINGS",
     "MAX_IMAGE_PIXELS",
     "Explorer",

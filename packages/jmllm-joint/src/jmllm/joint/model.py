@@ -35,6 +35,7 @@ from jmllm.align import (
     load_alignment,
     owl_penultimate,
 )
+from jmllm.align.hub import prepare_hub
 from jmllm.align.images import (
     WORKING_SIDE,
     LoadedImage,
@@ -159,6 +160,29 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # the weights dtypes J is loaded in, by name
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A weights dtype given as a ``torch.dtype`` or by name (``"bfloat16"``); None for the
+    default (``None`` or ``"auto"``).
+
+    Raises:
+        JointModelError: an unknown name.
+
+    Example:
+        >>> as_dtype("bfloat16"), as_dtype("auto")
+        (torch.bfloat16, None)
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise JointModelError(f"dtype: {dtype!r} is not auto or one of {', '.join(DTYPES)}")
+    return getattr(torch, str(dtype))
+
+
 def check_local_source(source: str | os.PathLike[str], what: str) -> None:
     """Refuse at once a source that can only be a local path and does not exist (before any Hub
     call: transformers would take it for a repo id and retry the Hub for a while).
@@ -265,7 +289,7 @@ class JointModel:
         llava: str | os.PathLike[str] = DEFAULT_LLAVA,
         alignment: str | os.PathLike[str] | None = None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict[str, Any] | None = None,
     ) -> JointModel:
@@ -279,7 +303,8 @@ class JointModel:
             llava: LLaVA-1.5 checkpoint (``LlavaForConditionalGeneration``).
             alignment: W weights: ``.safetensors`` file, folder, or Hub repo id (required: the
                 paper's W has no public default).
-            dtype: weights dtype; default bfloat16 on GPU, float32 on CPU.
+            dtype: weights dtype (a ``torch.dtype`` or its name, ``"bfloat16"``); default (or
+                ``"auto"``) bfloat16 on GPU, float32 on CPU.
             device: where OWL-ViT and W run (and LLaVA, without ``device_map``); default the
                 first GPU if any, else the CPU.
             device_map: passed to LLaVA's ``from_pretrained`` (e.g. ``"auto"``) to spread the
@@ -313,7 +338,9 @@ class JointModel:
         check_local_source(llava, "LLaVA")
         if not looks_like_repo_id(alignment):
             alignment = resolve_alignment_path(alignment)
+        prepare_hub([owl, llava, alignment])  # an unreachable Hub: one line, no retries
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = as_dtype(dtype)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         owl_config = _load("OWL-ViT config", owl, AutoConfig.from_pretrained)
@@ -378,7 +405,7 @@ class JointModel:
         cls,
         owl: str | os.PathLike[str] = DEFAULT_OWL,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
     ) -> JointModel:
         """OWL-ViT alone, for detection (:meth:`embed`, :meth:`detect`, :meth:`detection_heads`):
@@ -393,7 +420,9 @@ class JointModel:
         from transformers import AutoConfig, AutoTokenizer, OwlViTForObjectDetection
 
         check_local_source(owl, "OWL-ViT")
+        prepare_hub([owl])
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = as_dtype(dtype)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         owl_config = _load("OWL-ViT config", owl, AutoConfig.from_pretrained)

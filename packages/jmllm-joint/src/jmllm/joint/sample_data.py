@@ -8,7 +8,7 @@ correctly. :func:`write_sample_data` writes into ``OUT``:
 - ``coco/images/toy-heldout-NNNN.png``: held-out toy scenes (128 × 128 px, 1–3 shapes);
 - ``coco/captions.json``: COCO captions format (``captions_train2017.json``: ``images`` with
   ``id``, ``file_name``, ``width``, ``height``; ``annotations`` with ``image_id`` and
-  ``caption``, the scene's caption) for ``jmllm-judge sample --coco … --images-dir …``;
+  ``caption``, the scene's caption) for ``jmllm-judge sample --coco … --images …``;
 - ``coco/instances.json``: COCO instances format (``categories`` the four shapes, one
   annotation per object with ``bbox`` ``[x, y, w, h]`` in pixels, ``area``, ``iscrowd`` 0), and
   the images also serve ``jmllm-joint chat/explain/hallucinations`` and ``jmllm-align train
@@ -92,7 +92,7 @@ Try:
     jmllm-joint wsol {out}/cub --tiny --json-out wsol.json
     jmllm-joint hallucination-audit --tiny --benchmark pope --data {out} --out pope-audit
     jmllm-joint hallucination-audit --tiny --benchmark chair --data {out} --out chair-audit
-    jmllm-judge sample --coco {out}/coco/captions.json --images-dir {out}/coco/images -n {count} --out manifest.json
+    jmllm-judge sample --coco {out}/coco/captions.json --images {out}/coco/images -n {count} -o manifest.json
     jmllm-judge captions --manifest manifest.json --system J --joint --tiny -o j.jsonl
     jmllm-align train --tiny {out}/coco/images --out w-run --max-steps 20 --batch-size 4
 """

@@ -227,6 +227,8 @@ def _joint_generate(
     model: Any = None,
     tokenization: str = "legacy",
     preprocessing: str = "authors",
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[Any, list[str]]:
     """Load J once (when ``model`` is None) and caption a batch of image files greedily; returns
     ``(model, answers)``. ``vision="llava"`` runs stock LLaVA's own vision tower on the same images.
@@ -242,6 +244,10 @@ def _joint_generate(
         if model is None:
             sources = {"owl": owl, "llava": llava, "alignment": alignment}
             given: dict[str, Any] = {k: v for k, v in sources.items() if v is not None}
+            if device not in (None, "auto"):
+                given["device"] = device
+            if dtype not in (None, "auto"):
+                given["dtype"] = dtype  # by name: jmllm-joint turns it into torch's
             model = JointModel.from_pretrained(**given)  # unset: jmllm-joint's defaults
         emb = model.embed(list(images), preprocessing=preprocessing)
         answers = model.generate(
@@ -272,13 +278,16 @@ def captions_from_joint(
     template: str = "paper",
     tokenization: str = "legacy",
     preprocessing: str = "authors",
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> SystemCaptions:
     """Captions from the joint model J (``vision="joint"``: OWL-ViT + W + LLaVA) or from stock
     LLaVA-1.5 (``vision="llava"``) through the ``joint`` extra, greedy decoding, the paper's caption
     prompt. ``owl`` and ``llava`` default to jmllm-joint's defaults; ``alignment`` (W) is required
     by :meth:`jmllm.joint.JointModel.from_pretrained` in both cases. Pass an already loaded
-    ``model`` instead to caption J and stock LLaVA with one load. Only local images are supported
-    (sample with ``--images-dir``). Both J and stock LLaVA are prompted in the conversation
+    ``model`` instead to caption J and stock LLaVA with one load; ``device`` and ``dtype``
+    (``"float32"``, ``"bfloat16"``, ``"float16"``; None or ``"auto"``: jmllm-joint's choice) are
+    where and how it is loaded. Only local images are supported (sample with ``--images``). Both J and stock LLaVA are prompted in the conversation
     ``template``: ``"paper"`` (default: the authors' ``<image>\\nUSER: {question}\\nASSISTANT:``,
     how Table 1's captions were made) or ``"llava-1.5"`` (the model card's). The prompt's token
     ids follow ``tokenization``: ``"legacy"`` (default, the authors' ids) or ``"checkpoint"``; the
@@ -295,7 +304,7 @@ def captions_from_joint(
     if remote:
         raise JudgeError(
             f"captions from a model need local images; {len(remote)} manifest images are URLs "
-            "(sample again with --images-dir)"
+            "(sample again with --images)"
         )
     captions: dict[str, str] = {}
     for start in range(0, len(manifest), batch_size):
@@ -312,6 +321,8 @@ def captions_from_joint(
             model=model,
             tokenization=tokenization,
             preprocessing=preprocessing,
+            device=device,
+            dtype=dtype,
         )
         if len(answers) != len(batch):
             raise JudgeError(f"the model returned {len(answers)} answers for {len(batch)} images")

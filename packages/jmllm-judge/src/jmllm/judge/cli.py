@@ -1,6 +1,6 @@
 """``jmllm-judge``: sample → captions → run → report, one command per step.
 
-jmllm-judge sample   --coco captions_train2017.json --images-dir train2017 -n 100 -o run/manifest.json
+jmllm-judge sample   --coco captions_train2017.json --images train2017 -n 100 -o run/manifest.json
 jmllm-judge captions --manifest run/manifest.json --system "COCO GT" --ground-truth -o run/gt.jsonl
 jmllm-judge captions --manifest run/manifest.json --system LLaVA --from-jsonl llava.jsonl -o run/llava.jsonl
 jmllm-judge run      --manifest run/manifest.json --captions run/gt.jsonl run/llava.jsonl --model gpt-4o -o run/results.json
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from jmllm.judge.conventions import (
-    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
     ArgumentParser,
@@ -29,27 +28,24 @@ from jmllm.judge.conventions import (
     check_output_dir,
     check_output_file,
     claim_output_folder,
-    configure_logging,
     exit_code_for,
     finite_float,
     integer,
-    one_line,
     remove_empty_folders,
 )
 from jmllm.judge.parsing import DEFAULT_SCORE_PARSER, SCORE_PARSERS
+from jmllm.judge.vocabulary import (
+    DEVICE_HELP,
+    DTYPE_CHOICES,
+    add_standard_options,
+    error_line,
+    hidden_alias,
+    setup_logging,
+)
 
 log = logging.getLogger("jmllm.judge")
 
 EXIT_FAILED_JUDGEMENTS = EXIT_PARTIAL  # the run finished but some judgements have no answer yet
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("jmllm-judge")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,10 +56,6 @@ def _parser() -> argparse.ArgumentParser:
         description="Reproducible, resumable GPT-as-a-judge scoring of image captions "
         "(supplementary §1.1 and Table 1 of Giulivi & Boracchi, BMVC 2024).",
         epilog="Run `jmllm-judge COMMAND --help` for each step.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="-v: retries; -vv: HTTP debug"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -80,33 +72,45 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset", metavar="NAME_OR_DIR", help="a `datasets` dataset (needs the datasets extra)"
     )
     p.add_argument(
-        "--images-dir",
+        "--images",
         type=Path,
         metavar="DIR",
-        help="with --coco: local images (default: coco_url)",
+        help="with --coco: the folder of the images (default: their coco_url)",
     )
+    hidden_alias(p, "--images-dir", dest="images", type=Path)  # its former name
     p.add_argument(
-        "--ground-truth",
+        "--ground-truth-file",
         type=Path,
         metavar="JSONL",
-        help='with --folder: {"image", "caption"} lines',
+        help='with --folder: the ground-truth captions, {"image", "caption"} lines (default: none)',
     )
-    p.add_argument("--split", default="train", help="with --dataset (default: train)")
-    p.add_argument("--image-column", default="image", help="with --dataset (default: image)")
+    hidden_alias(p, "--ground-truth", dest="ground_truth_file", type=Path)  # its former name
+    p.add_argument("--split", default="train", help="with --dataset: the split")
+    p.add_argument("--image-column", default="image", help="with --dataset: the image column")
     p.add_argument(
-        "--caption-column", default="caption", help="with --dataset; '' for none (default: caption)"
+        "--caption-column",
+        default="caption",
+        help="with --dataset: the caption column, '' for none",
     )
-    p.add_argument("--id-column", default=None, help="with --dataset (default: row index)")
     p.add_argument(
-        "-n", type=integer(1), default=100, help="number of images (default: 100, as the paper)"
+        "--id-column", default=None, help="with --dataset: the id column (default: row index)"
     )
-    p.add_argument("--seed", type=integer(0), default=0, help="sampling seed (default: 0)")
+    p.add_argument(
+        "-n",
+        "--num-images",
+        type=integer(1),
+        default=100,
+        help="number of images (default: 100, as the paper)",
+    )
+    p.add_argument("--seed", type=integer(0), default=0, help="sampling seed")
     p.add_argument(
         "-o", "--out", type=Path, required=True, metavar="MANIFEST", help="manifest JSON to write"
     )
 
     p = sub.add_parser("captions", help="one caption per manifest image for a system")
-    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument(
+        "--manifest", type=Path, required=True, help="the manifest from `jmllm-judge sample`"
+    )
     p.add_argument("--system", required=True, help="the system's name in the report")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -116,23 +120,41 @@ def _parser() -> argparse.ArgumentParser:
         "--from-jsonl",
         type=Path,
         metavar="JSONL",
-        help="any system's output: lines with 'image_id' or 'image', and the caption",
+        help="any system's output: lines with 'image_id' or 'image', and the caption "
+        "(default: none)",
     )
     source.add_argument(
         "--joint", action="store_true", help="generate with J or stock LLaVA (joint extra)"
     )
     p.add_argument(
-        "--caption-field", default="caption", help="with --from-jsonl (default: caption)"
+        "--caption-field", default="caption", help="with --from-jsonl: the caption's field"
     )
     p.add_argument(
         "--vision",
         choices=("joint", "llava"),
         default="joint",
-        help="with --joint: joint = J (OWL-ViT + W + LLaVA), llava = stock LLaVA (default: joint)",
+        help="with --joint: joint = J (OWL-ViT + W + LLaVA), llava = stock LLaVA",
     )
-    p.add_argument("--owl", help="with --joint: OWL-ViT id or folder")
-    p.add_argument("--llava", help="with --joint: LLaVA-1.5 id or folder")
-    p.add_argument("--alignment", help="with --joint: alignment weights (.safetensors) or Hub repo")
+    p.add_argument(
+        "--owl",
+        help="with --joint: OWL-ViT Hub id or folder (default: google/owlvit-base-patch32)",
+    )
+    p.add_argument(
+        "--mllm", help="with --joint: LLaVA Hub id or folder (default: llava-hf/llava-1.5-7b-hf)"
+    )
+    hidden_alias(p, "--llava", dest="mllm")  # its former name
+    p.add_argument(
+        "--alignment",
+        help="with --joint: alignment weights W, .safetensors file or Hub id (default: none; "
+        "required unless --tiny)",
+    )
+    p.add_argument("--device", default=None, help="with --joint: " + DEVICE_HELP)
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="with --joint: weights dtype (default: auto, bfloat16 on a GPU, float32 on the CPU)",
+    )
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -141,9 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--template",
-        choices=("paper", "llava-1.5"),
+        choices=("llava-1.5", "paper"),
         default="paper",
-        help="with --joint: conversation template; paper (default) is the authors' "
+        help="with --joint: conversation template; paper is the authors' "
         "'<image>\\nUSER: {question}\\nASSISTANT:' that produced Table 1, llava-1.5 the model "
         "card's 'USER: <image>\\n{question} ASSISTANT:'",
     )
@@ -151,14 +173,14 @@ def _parser() -> argparse.ArgumentParser:
         "--tokenization",
         choices=("legacy", "checkpoint"),
         default="legacy",
-        help="with --joint: prompt token ids (default legacy): legacy, the authors' (a ▁ after "
+        help="with --joint: prompt token ids: legacy, the authors' (a ▁ after "
         "<image>, as transformers 4 gave); checkpoint, as the checkpoint's tokenizer config says",
     )
     p.add_argument(
         "--preprocessing",
         choices=("authors", "exif"),
         default="authors",
-        help="with --joint: image preprocessing (default authors): authors, the stored pixels "
+        help="with --joint: image preprocessing: authors, the stored pixels "
         "resized as the HF image processors do (the paper's); exif, EXIF orientation applied, "
         "torch's resize",
     )
@@ -168,13 +190,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="with --joint (default: 256; 48 with --tiny, whose toy LLaVA has 256 positions)",
     )
-    p.add_argument("--batch-size", type=integer(1), default=4, help="with --joint (default: 4)")
+    p.add_argument(
+        "--batch-size", type=integer(1), default=4, help="with --joint: images per batch"
+    )
     p.add_argument(
         "-o", "--out", type=Path, required=True, metavar="JSONL", help="captions file to write"
     )
 
     p = sub.add_parser("run", help="judge every caption (resumes from the cache)")
-    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument(
+        "--manifest", type=Path, required=True, help="the manifest from `jmllm-judge sample`"
+    )
     p.add_argument(
         "--captions",
         type=Path,
@@ -188,13 +214,14 @@ def _parser() -> argparse.ArgumentParser:
         "--base-url",
         default=None,
         help="OpenAI-compatible API root, e.g. http://localhost:8000/v1; a query string "
-        "(?api-version=...) is sent with every request; credentials in the URL are refused",
+        "(?api-version=...) is sent with every request; credentials in the URL are refused "
+        "(default: OpenAI's)",
     )
     p.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
         metavar="NAME",
-        help="environment variable that holds the API key (default: OPENAI_API_KEY)",
+        help="environment variable that holds the API key",
     )
     p.add_argument(
         "--cache",
@@ -206,26 +233,26 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=integer(1, 4096),
         default=16,
-        help="requests in flight, 1-4096 (default: 16)",
+        help="requests in flight, 1-4096",
     )
     p.add_argument(
         "--judge-prompt",
         choices=("authors", "supplementary"),
         default="authors",
-        help="judge user prompt: authors (default; the script that produced Table 1, caption "
-        "in double quotes) or supplementary (its printed text, caption bare)",
+        help="judge user prompt: authors (the script that produced Table 1, caption in double "
+        "quotes) or supplementary (its printed text, caption bare)",
     )
     p.add_argument(
         "--timeout",
         type=finite_float(0, MAX_TIMEOUT_S, open_low=True),
         default=60.0,
-        help="seconds per request, > 0 (default: 60)",
+        help="seconds per request, > 0",
     )
     p.add_argument(
         "--max-attempts",
         type=integer(1, 100),
         default=8,
-        help="attempts per judgement, 1-100 (default: 8)",
+        help="attempts per judgement, 1-100",
     )
     p.add_argument(
         "--temperature",
@@ -260,17 +287,17 @@ def _parser() -> argparse.ArgumentParser:
         "--resamples",
         type=integer(1, 10_000_000),
         default=10_000,
-        help="bootstrap resamples, >= 1 (default: 10000)",
+        help="bootstrap resamples, >= 1",
     )
-    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed")
     p.add_argument(
         "--score-parser",
         choices=SCORE_PARSERS,
         default=DEFAULT_SCORE_PARSER,
         help="how replies become scores: authors = int(reply), as the authors' script (Table 1); "
-        "strict = a bare integer from 1 to 10 (default: %(default)s)",
+        "strict = a bare integer from 1 to 10",
     )
-    return parser
+    return add_standard_options(parser, "jmllm-judge")
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -284,16 +311,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "-o")
     if args.coco is not None:
-        manifest = sample_coco(args.coco, args.n, seed=args.seed, images_dir=args.images_dir)
+        manifest = sample_coco(args.coco, args.num_images, seed=args.seed, images_dir=args.images)
     elif args.folder is not None:
         manifest = sample_folder(
-            args.folder, args.n, seed=args.seed, ground_truth=args.ground_truth
+            args.folder, args.num_images, seed=args.seed, ground_truth=args.ground_truth_file
         )
     else:
         manifest = sample_dataset(
             args.dataset,
             args.out.resolve().parent,
-            args.n,
+            args.num_images,
             seed=args.seed,
             split=args.split,
             image_column=args.image_column,
@@ -319,8 +346,8 @@ def _cmd_captions(args: argparse.Namespace) -> int:
 
     if args.tiny and not args.joint:
         raise UsageError("--tiny: only with --joint (it selects the models that caption)")
-    if args.tiny and (args.owl or args.llava or args.alignment):
-        raise UsageError("--tiny: cannot be combined with --owl, --llava or --alignment")
+    if args.tiny and (args.owl or args.mllm or args.alignment):
+        raise UsageError("--tiny: cannot be combined with --owl, --mllm or --alignment")
     check_output_file(args.out, "-o")
     manifest = Manifest.load(args.manifest)
     if args.ground_truth:
@@ -338,15 +365,20 @@ def _cmd_captions(args: argparse.Namespace) -> int:
                 raise UsageError(
                     "--tiny: needs the joint extra: pip install 'jmllm-judge[joint]'"
                 ) from None
-            model = load_builtin_model()
+            model = load_builtin_model(
+                device=args.device if args.device not in (None, "auto") else "cpu",
+                dtype=args.dtype,  # by name: jmllm-joint turns it into torch's
+            )
         with _progress(len(manifest), f"captions {args.system}") as bar:
             captions = captions_from_joint(
                 manifest,
                 args.system,
                 model=model,
                 owl=args.owl,
-                llava=args.llava,
+                llava=args.mllm,
                 alignment=args.alignment,
+                device=args.device,
+                dtype=args.dtype,
                 vision=args.vision,
                 template=args.template,
                 tokenization=args.tokenization,
@@ -483,26 +515,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     args = _parser().parse_args(argv)
-    configure_logging(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if args.verbose < 2:  # keep third-party HTTP chatter out of -v
-        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    setup_logging(args.verbose, ["jmllm"])
     redact = _redactor(args)
+    prog = f"jmllm-judge {args.command}"
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # one line for the user; -vv logs the traceback too
+    except Exception as e:  # one line for the user; --debug shows the traceback
+        if args.debug:
+            raise
         code = exit_code_for(e)
-        kind = "error" if code != EXIT_FAILURE else "failed"
-        detail = one_line(e) if code != EXIT_FAILURE else f"{type(e).__name__}: {one_line(e)}"
-        if code == EXIT_FAILURE:  # not a usage error: -vv shows where it came from
-            log.debug("traceback", exc_info=True)
-        print(f"jmllm-judge {args.command}: {kind}: {redact(detail)}", file=sys.stderr)
+        print(redact(error_line(prog, e, code)), file=sys.stderr)
         return code
 
 

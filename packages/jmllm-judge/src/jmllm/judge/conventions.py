@@ -55,6 +55,8 @@ from typing import IO, Any, NoReturn
 
 from PIL import Image, UnidentifiedImageError
 
+from .vocabulary import HelpFormatter
+
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
@@ -273,10 +275,16 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose usage errors are one line (exit code 2).
+    """``argparse.ArgumentParser`` whose usage errors are one line (exit code 2) and whose help
+    shows every default one way (:class:`HelpFormatter` of the ``vocabulary`` module beside this
+    one).
 
     Subparsers made with ``add_subparsers`` are of the same class (argparse's default).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -8,7 +8,7 @@ judged as a system too.
 Three sources:
 
 * :func:`sample_coco` — a COCO-captions annotation file (``captions_train2017.json`` format), with
-  the images either in a local folder (``--images-dir``) or referenced by their ``coco_url``;
+  the images either in a local folder (``--images``) or referenced by their ``coco_url``;
 * :func:`sample_folder` — a plain folder of images, optionally with a JSONL of ground-truth captions;
 * :func:`sample_dataset` — a Hugging Face ``datasets`` dataset (the ``datasets`` extra); the sampled
   images are written next to the manifest.
@@ -327,7 +327,7 @@ def sample_coco(
             return _local_image(image_id, path, truth)
         url = entry.get("coco_url") or entry.get("flickr_url")
         if not url:
-            return "no 'coco_url' in the annotation file (pass --images-dir)"
+            return "no 'coco_url' in the annotation file (pass --images)"
         return ManifestImage(image_id=image_id, url=str(url), ground_truth=truth)
 
     chosen, skipped = _take(candidates, n, seed, make, str(annotations))

@@ -2,9 +2,9 @@
 
 Spec to scored results in three commands::
 
-    jmllm-userstudy render study.yaml --out site/          # site/questionnaire.html
+    jmllm-userstudy render study.yaml -o site/             # site/questionnaire.html
     # participants answer and send back the downloaded answers-*.json files -> answers/
-    jmllm-userstudy score study.yaml answers/ --out results/
+    jmllm-userstudy score study.yaml answers/ -o results/
 """
 
 from __future__ import annotations
@@ -15,16 +15,20 @@ import sys
 from collections.abc import Sequence
 
 from .conventions import (
-    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     ArgumentParser,
-    configure_logging,
+    UsageError,
     exit_code_for,
     finite_float,
     integer,
-    one_line,
+)
+from .vocabulary import (
+    DTYPE_CHOICES,
+    add_standard_options,
+    error_line,
+    setup_logging,
 )
 
 __all__ = ["main"]
@@ -43,15 +47,30 @@ def _parser() -> argparse.ArgumentParser:
         "questionnaire, collect the answer files, score them. Exit codes: 0 ok, 1 failure, "
         "2 bad input or usage, 3 some answer files could not be scored.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "example",
         help="write an example study: toy-world scenes and the toy J's GA maps (needs the "
         "joint extra), or the paper's structure with placeholder images",
     )
-    p.add_argument("out", help="folder to write study.yaml and images/ into")
+    p.add_argument(
+        "-o", "--out", help="folder to write study.yaml and images/ into (default: none, required)"
+    )
+    # the folder was once a positional argument: still accepted, not shown
+    p.add_argument("out_positional", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--device",
+        default=None,
+        help="without --placeholders: where the toy J runs, cpu, cuda, cuda:1, … (default: the "
+        "CPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="without --placeholders: the toy J's weights dtype (default: auto, float32)",
+    )
     p.add_argument(
         "--placeholders",
         action="store_true",
@@ -66,31 +85,33 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="render SPEC into OUT/questionnaire.html")
     p.add_argument("spec", help="study spec (YAML or JSON)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     p = sub.add_parser("score", help="score the answer files in ANSWERS_DIR against SPEC")
     p.add_argument("spec", help="study spec the questionnaire was rendered from")
     p.add_argument("answers_dir", help="folder of answers-*.json files")
     p.add_argument(
-        "--out", required=True, help="folder for results.md, results.json, per_question.png"
+        "-o", "--out", required=True, help="folder for results.md, results.json, per_question.png"
     )
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     p = sub.add_parser("serve", help="serve the questionnaire and store posted answers")
     p.add_argument("spec", help="study spec (YAML or JSON)")
     p.add_argument("--answers", required=True, help="folder to store submissions in")
-    p.add_argument("--host", default="127.0.0.1", help="interface (default: this machine only)")
     p.add_argument(
-        "--port", type=integer(0, 65535), default=8000, help="TCP port, 0-65535 (default 8000)"
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default: 127.0.0.1, this machine only)",
     )
+    p.add_argument("--port", type=integer(0, 65535), default=8000, help="TCP port, 0-65535")
     p.add_argument(
         "--timeout",
         type=finite_float(0, 3600, open_low=True),
         default=30.0,
-        help="seconds a client has for each read of its request (default 30)",
+        help="seconds a client has for each read of its request",
     )
-    return parser
+    return add_standard_options(parser, "jmllm-userstudy")
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -129,7 +150,15 @@ def _serve(args: argparse.Namespace) -> int:
     server = make_server(
         load_spec(args.spec), args.answers, host=args.host, port=args.port, timeout=args.timeout
     )
-    logging.getLogger("jmllm.userstudy.serve").setLevel(logging.INFO)  # one line per submission
+    # the server's own output: one plain line per submission (not an INFO log line)
+    activity = logging.getLogger("jmllm.userstudy.serve")
+    if not any(getattr(h, "jmllm_activity", False) for h in activity.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.jmllm_activity = True  # type: ignore[attr-defined]
+        activity.addHandler(handler)
+    activity.setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
+    activity.propagate = False
     host, port = server.server_address[:2]
     print(
         f"serving http://{host!s}:{port}/ ; answers go to {args.answers} (Ctrl-C stops)",
@@ -144,58 +173,65 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _example(args: argparse.Namespace) -> int:
+    from .example import write_example
+    from .from_joint import MissingExtraError
+
+    if args.out and args.out_positional and args.out != args.out_positional:
+        raise UsageError(f"-o/--out {args.out}: and a folder {args.out_positional}: give one")
+    out = args.out or args.out_positional
+    if not out:
+        raise UsageError("-o/--out: required (the folder to write study.yaml and images/ into)")
+    source = "placeholders" if args.placeholders else "toy"
+    try:
+        path = write_example(
+            out, force=args.force, source=source, device=args.device, dtype=args.dtype
+        )
+    except MissingExtraError as exc:
+        raise UsageError(str(exc)) from None
+    print(path)
+    return EXIT_OK
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .conventions import check_output_claim, check_output_dir, output_folder
+    from .render import QUESTIONNAIRE_NAME, write_questionnaire
+    from .spec import load_spec
+
+    check_output_dir(args.out, "--out")
+    outputs = (QUESTIONNAIRE_NAME,)
+    check_output_claim(args.out, "jmllm-userstudy render", outputs, force=args.force)
+    spec = load_spec(args.spec)
+    with output_folder(
+        args.out, command="jmllm-userstudy render", outputs=outputs, force=args.force
+    ):
+        print(write_questionnaire(spec, args.out))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status: 0 ok, 1 failure, 2 bad input or usage, 3 some answer
     files could not be scored.
 
-    >>> main(["render", "/nonexistent/study.yaml", "--out", "/tmp/x"])
+    >>> main(["render", "/nonexistent/study.yaml", "-o", "/tmp/x"])
     2
     """
     args = _parser().parse_args(argv)
-    configure_logging(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, ["jmllm"])
+    # Heavy imports (scipy, matplotlib) only in the command that needs them: --help is fast.
+    commands = {"example": _example, "render": _render, "score": _score, "serve": _serve}
+    prog = f"jmllm-userstudy {args.command}"
     try:
-        # Heavy imports (scipy, matplotlib) only for the command that needs them: --help is fast.
-        if args.command == "example":
-            from .conventions import UsageError
-            from .example import write_example
-            from .from_joint import MissingExtraError
-
-            source = "placeholders" if args.placeholders else "toy"
-            try:
-                print(write_example(args.out, force=args.force, source=source))
-            except MissingExtraError as exc:
-                raise UsageError(str(exc)) from None
-        elif args.command == "render":
-            from .conventions import check_output_claim, check_output_dir, output_folder
-            from .render import QUESTIONNAIRE_NAME, write_questionnaire
-            from .spec import load_spec
-
-            check_output_dir(args.out, "--out")
-            outputs = (QUESTIONNAIRE_NAME,)
-            check_output_claim(args.out, "jmllm-userstudy render", outputs, force=args.force)
-            spec = load_spec(args.spec)
-            with output_folder(
-                args.out, command="jmllm-userstudy render", outputs=outputs, force=args.force
-            ):
-                print(write_questionnaire(spec, args.out))
-        elif args.command == "score":
-            return _score(args)
-        elif args.command == "serve":
-            return _serve(args)
+        return commands[args.command](args)
     except KeyboardInterrupt:
-        print("jmllm-userstudy: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # one line for the user; -v logs a failure's traceback too
+    except Exception as exc:  # one line for the user; --debug shows the traceback
+        if args.debug:
+            raise
         code = exit_code_for(exc)
-        if code == EXIT_FAILURE:  # not a usage error: -v shows where it came from
-            log.info("traceback", exc_info=True)
-        detail = one_line(exc) if code != EXIT_FAILURE else f"{type(exc).__name__}: {one_line(exc)}"
-        print(f"jmllm-userstudy: error: {detail}", file=sys.stderr)
+        print(error_line(prog, exc, code), file=sys.stderr)
         return code
-    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ def toy_questions(count: int = 5) -> list[tuple[int, str, str]]:
     return found
 
 
-def _toy_entries(out: Path) -> tuple[list[str], str]:
+def _toy_entries(
+    out: Path, *, device: str | None = None, dtype: str | None = None
+) -> tuple[list[str], str]:
     """Write the toy example's images; return its spec entries and header comment."""
     from tqdm.auto import tqdm
 
@@ -129,7 +131,11 @@ def _toy_entries(out: Path) -> tuple[list[str], str]:
 
     from .from_joint import joint_explainer
 
-    explain = joint_explainer(model=load_builtin_model())
+    model = load_builtin_model(
+        device=device if device not in (None, "auto") else "cpu",
+        dtype=dtype,  # by name: jmllm-joint turns it into torch's
+    )
+    explain = joint_explainer(model=model)
     entries = []
     questions = toy_questions(len(PAPER_QUESTIONS))
     bar = tqdm(total=2 * len(questions), desc="GA explanations", unit="map", leave=False)
@@ -191,7 +197,12 @@ def _placeholder_entries(out: Path) -> tuple[list[str], str]:
 
 
 def write_example(
-    out_dir: str | Path, *, force: bool = False, source: str = "placeholders"
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    source: str = "placeholders",
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Write ``study.yaml`` and its images into ``out_dir``.
 
@@ -204,6 +215,9 @@ def write_example(
         source: ``"toy"``: questions from the toy world's GA explanations (needs the
             ``joint`` extra; what ``jmllm-userstudy example`` writes); ``"placeholders"``: the
             paper's questions with generated placeholder images (no model needed).
+        device: with ``source="toy"``, where the toy J runs (default: the CPU).
+        dtype: with ``source="toy"``, its weights dtype (``"float32"``, ``"bfloat16"``,
+            ``"float16"``; default or ``"auto"``: float32).
 
     Returns:
         The path of the spec file.
@@ -248,7 +262,10 @@ def write_example(
     # (a user's own study.yaml or images/) is replaced
     claim_output_folder(out, EXAMPLE_COMMAND, ("study.yaml", "images"), force=force, what="out")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    entries, header = _toy_entries(out) if source == "toy" else _placeholder_entries(out)
+    if source == "toy":
+        entries, header = _toy_entries(out, device=device, dtype=dtype)
+    else:
+        entries, header = _placeholder_entries(out)
     spec = header + "title: Which explanation is for which object?\nseed: 2024\nquestions:\n"
     spec += "".join(entries)
     path = out / "study.yaml"

@@ -1,9 +1,9 @@
 """The core subcommands (``demo``, ``chat``, ``describe``, ``detect``), the parser with its plug-ins, and main.
 
-Every command takes ``--owl/--llava/--alignment`` (Hub ids or local paths) or ``--tiny`` for the
+Every command takes ``--owl/--mllm/--alignment`` (Hub ids or local paths) or ``--tiny`` for the
 built-in models: the toy world (:mod:`jmllm.joint.toy`, small models trained on synthetic shapes),
 resolved by :func:`~jmllm.joint.cli.common.builtin_sources` — the one place every package's ``--tiny`` goes through. Bad input ends with one line on stderr naming the input,
-never a traceback (``--debug`` shows it). Exit codes follow docs/conventions.md: 2 bad input or
+never a traceback (``--debug`` shows it); ``-v`` and ``--version`` as every jmllm command. Exit codes follow docs/conventions.md: 2 bad input or
 usage (numbers are checked here, at the boundary, with the argparse types of
 :mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
 
@@ -31,15 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from jmllm.align.options import (
-    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     ArgumentParser,
-    configure_logging,
     exit_code_for,
-    one_line,
     printable,
-    quiet_third_party,
 )
+from jmllm.align.vocabulary import add_json_out, add_standard_options, error_line, setup_logging
 from jmllm.joint.cli.common import (
     DEFAULT_QUESTION,
     DEMO_QUERIES,
@@ -162,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Chat + detection + GA explanation on the sample image shipped with the package; writes
     report.html and explanation/report.html."""
     out = out_dir(args.out, DEMO, DEMO_OUTPUTS, args.force)
-    tiny = not (args.owl or args.llava or args.alignment)
+    tiny = not (args.owl or args.mllm or args.alignment)
     args.tiny = args.tiny or tiny
     with output_folder(out, DEMO, DEMO_OUTPUTS, args.force):
         return _demo(args, out)
@@ -179,7 +176,8 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         scene = make_scene(*TOY_DEMO_SCENE)
         emb = model.embed([scene.image], preprocessing=args.preprocessing)
         questions, queries = TOY_DEMO_QUESTIONS, TOY_DEMO_QUERIES
-        truth = f"{scene.split} toy scene {scene.index}: {scene.caption}"
+        split = "held-out" if scene.split == "heldout" else scene.split
+        truth = f"{split} toy scene {scene.index}: {scene.caption}"
     else:
         with as_file(files("jmllm.joint") / "data" / "sample.png") as sample:
             emb = model.embed([sample], preprocessing=args.preprocessing)
@@ -192,9 +190,12 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         nms_iou=nms_of(args),
         template=args.query_template,
     )[0]
-    notes = [TOY_WORLD_NOTE, REAL_CHECKPOINTS_HINT] if args.tiny else []
-    if truth is not None:
-        notes.insert(0, f"The image is the {truth} (the truth the answers can be checked against).")
+    notes = []
+    if args.tiny:  # one notice: what the image is, what the models are, how to go further
+        notes.append(
+            f"The image is the {truth} (the truth the answers can be checked against). "
+            f"{TOY_WORLD_NOTE} {REAL_CHECKPOINTS_HINT}"
+        )
     explanation = None
     links: list[tuple[str, str]] = []
     if args.explain:
@@ -323,7 +324,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     answer = model.generate(emb, args.prompt, **kwargs)[0]
     stock = model.generate(emb, args.prompt, vision="llava", **kwargs)[0] if args.compare else None
-    if args.json:
+    if args.json_out:
         record = {
             "prompt": args.prompt,
             **model.input_record(answer.template, answer.tokenization, emb.preprocessing),
@@ -332,7 +333,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         }
         if stock is not None:
             record["stock_llava"] = stock.text
-        print(json.dumps(record, ensure_ascii=False))
+        _write_json(args.json_out, json.dumps(record, ensure_ascii=False))
     else:
         text = answer.text if stock is None else f"J: {answer.text}\nLLaVA: {stock.text}"
         print(printable(text, keep_newlines=True))  # model text: never raw to the terminal
@@ -379,12 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat + detection + GA on a toy scene (built-in models), report.html",
         description="Chat, detection and GA explanation on one image, into report.html. With "
         "the built-in models (the default) the image is a held-out toy scene and the default "
-        f"queries the toy shapes ({', '.join(TOY_DEMO_QUERIES)}); with --owl/--llava/"
+        f"queries the toy shapes ({', '.join(TOY_DEMO_QUERIES)}); with --owl/--mllm/"
         f"--alignment it is a sample photo, queries {', '.join(DEMO_QUERIES)}.",
     )
-    demo.add_argument(
-        "--out", default="jmllm-joint-demo", help="output folder (default ./jmllm-joint-demo)"
-    )
+    demo.add_argument("-o", "--out", default="jmllm-joint-demo", help="output folder")
     force_argument(demo)
     generation_arguments(demo)
     template_argument(demo, INTERACTIVE_TEMPLATE)
@@ -396,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="GA explanation of every word of the first answer (default on)",
+        help="GA explanation of every word of the first answer",
     )
     demo.set_defaults(max_new_tokens=24, threshold=0.5, max_boxes=10, compare=True)
     demo.set_defaults(func=cmd_demo)
@@ -407,10 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-p",
         "--prompt",
         action="append",
-        help="a user turn (repeat for scripted turns); none: interactive",
+        help="a user turn, repeatable for scripted turns (default: none, interactive)",
     )
     chat.add_argument(
-        "--out", help="also write report.html (and detections with -q) to this folder"
+        "-o",
+        "--out",
+        help="also write report.html (and detections with -q) to this folder (default: none)",
     )
     force_argument(chat)
     generation_arguments(chat)
@@ -422,10 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = sub.add_parser("describe", parents=[common], help="one answer about an image")
     describe.add_argument("image", help="image file")
-    describe.add_argument(
-        "-p", "--prompt", default=DEFAULT_QUESTION, help=f"question (default {DEFAULT_QUESTION!r})"
-    )
-    describe.add_argument("--json", action="store_true", help="print a JSON record")
+    describe.add_argument("-p", "--prompt", default=DEFAULT_QUESTION, help="the question")
+    add_json_out(describe, "write the answer as a JSON record to this file (-: standard output)")
     generation_arguments(describe)
     template_argument(describe, INTERACTIVE_TEMPLATE)
     tokenization_argument(describe, INTERACTIVE_TOKENIZATION)
@@ -434,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = sub.add_parser("detect", parents=[common], help="open-vocabulary detections from t")
     detect.add_argument("image", help="image file")
-    detect.add_argument("--out", required=True, help="output folder")
+    detect.add_argument("-o", "--out", required=True, help="output folder")
     force_argument(detect)
     detection_arguments(detect)
     preprocessing_argument(detect, INTERACTIVE_PREPROCESSING)
@@ -443,29 +442,41 @@ def build_parser() -> argparse.ArgumentParser:
     for name in PLUGINS:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(sub, common)
-    return parser
+    return add_standard_options(parser, "jmllm-joint")
+
+
+def _write_json(path: str, text: str) -> None:
+    """``--json-out``: the record on standard output (``-``) or into a file (atomically)."""
+    if path == "-":
+        print(text)
+        return
+    from jmllm.align.files import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """``jmllm-joint COMMAND`` (``jmllm-joint toy train`` for a nested one), for messages."""
+    words = [PROG, args.command]
+    if getattr(args, "toy_command", None):
+        words.append(args.toy_command)
+    return " ".join(words)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jmllm-joint``; returns the exit code (docs/conventions.md)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    quiet_third_party(args.verbose)
+    setup_logging(args.verbose, ["jmllm"])
+    prog = _prog(args)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # never a traceback for users; --debug shows it
         if args.debug:
             raise
         code = exit_code_for(exc)
-        message = one_line(exc)
-        if code == EXIT_FAILURE:
-            message = f"{type(exc).__name__}: {message} (run with --debug for details)"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(error_line(prog, exc, code), file=sys.stderr)
         return code

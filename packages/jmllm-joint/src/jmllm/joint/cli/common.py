@@ -25,6 +25,7 @@ from jmllm.align.options import (
     template_type,
     unit_interval,
 )
+from jmllm.align.vocabulary import DEVICE_HELP, DTYPE_CHOICES, hidden_alias
 from jmllm.joint.detection import DEFAULT_NMS_IOU, DEFAULT_THRESHOLD
 
 logger = logging.getLogger("jmllm.joint.cli")
@@ -49,8 +50,8 @@ RANDOM_WEIGHTS_NOTE = TOY_WORLD_NOTE  # the former name of the built-in models' 
 TOY_WORLD_ENV = "JMLLM_TOY_WORLD"  # a retrained toy world's folder (default: the shipped one)
 REAL_CHECKPOINTS_HINT = (
     "To run on real checkpoints: jmllm-joint chat IMAGE --alignment W.safetensors "
-    "(defaults --owl google/owlvit-base-patch32 --llava llava-hf/llava-1.5-7b-hf; W comes from "
-    "`jmllm-align train` or the authors' weights via `jmllm-align import-pth`)."
+    "(defaults --owl google/owlvit-base-patch32 --mllm llava-hf/llava-1.5-7b-hf; W comes from "
+    "jmllm-align train, or from the authors' weights through jmllm-align import-pth)."
 )
 
 
@@ -146,15 +147,16 @@ def common_arguments() -> CommonArguments:
 def add_common_arguments(common: argparse.ArgumentParser) -> None:
     group = common.add_argument_group("models")
     group.add_argument(
-        "--owl", help="OWL-ViT Hub id or folder (default google/owlvit-base-patch32)"
+        "--owl", help="OWL-ViT Hub id or folder (default: google/owlvit-base-patch32)"
     )
     group.add_argument(
-        "--llava", help="LLaVA-1.5 Hub id or folder (default llava-hf/llava-1.5-7b-hf)"
+        "--mllm", help="LLaVA-1.5 Hub id or folder (default: llava-hf/llava-1.5-7b-hf)"
     )
+    hidden_alias(group, "--llava", dest="mllm")  # its former name
     group.add_argument(
         "--alignment",
-        help="alignment W: .safetensors file, folder or Hub id (required for real models; "
-        "detect needs none)",
+        help="alignment W: .safetensors file, folder or Hub id (default: none; required for "
+        "real models, detect needs none)",
     )
     group.add_argument(
         "--tiny",
@@ -162,20 +164,33 @@ def add_common_arguments(common: argparse.ArgumentParser) -> None:
         help="use the built-in models: the toy world (small OWL-ViT, LLaVA and W trained on "
         "synthetic shapes; offline, shipped in the package)",
     )
-    group.add_argument("--device", help="cpu, cuda, cuda:1, … (default: GPU if available)")
+    group.add_argument(
+        "--device", help=DEVICE_HELP.replace("(default: auto,", "(default: auto; --tiny: the CPU;")
+    )
     group.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=DTYPE_CHOICES,
         default="auto",
-        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
+        help="weights dtype (default: auto, bfloat16 on a GPU, float32 on the CPU)",
     )
-    group.add_argument("--device-map", help="LLaVA device_map, e.g. 'auto' to spread it over GPUs")
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    group.add_argument(
+        "--device-map",
+        help="LLaVA device_map, e.g. 'auto' to spread it over GPUs (default: none, all on "
+        "--device)",
+    )
 
 
-def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
-    """``--template``: the conversation template J (and stock LLaVA) is prompted with."""
+def template_argument(
+    parser: argparse.ArgumentParser, default: str, shown: str | None = None
+) -> None:
+    """``--template``: the conversation template J (and stock LLaVA) is prompted with.
+
+    Args:
+        parser: where to add it.
+        default: the default template's name.
+        shown: the default as ``--help`` says it, when the command resolves it later (e.g.
+            ``"paper; --benchmark pope: llava-1.5"``).
+    """
     from jmllm.joint.chat import CONVERSATION_TEMPLATES
 
     forms = "; ".join(
@@ -185,7 +200,8 @@ def template_argument(parser: argparse.ArgumentParser, default: str) -> None:
         "--template",
         choices=sorted(CONVERSATION_TEMPLATES),
         default=default,
-        help=f"conversation template (default {default}; {forms.replace('%', '%%')})",
+        help=f"conversation template ({forms.replace('%', '%%')})"
+        + (f" (default: {shown})" if shown else ""),
     )
 
 
@@ -198,7 +214,7 @@ def tokenization_argument(parser: argparse.ArgumentParser, default: str) -> None
         "--tokenization",
         choices=TOKENIZATIONS,
         default=default,
-        help=f"prompt token ids (default {default}): legacy, the authors' (a ▁ after <image>, "
+        help=f"prompt token ids legacy, the authors' (a ▁ after <image>, "
         "as transformers 4 gave); checkpoint, as the checkpoint's tokenizer config says",
     )
 
@@ -212,7 +228,7 @@ def preprocessing_argument(parser: argparse.ArgumentParser, default: str) -> Non
         "--preprocessing",
         choices=sorted(PREPROCESSINGS),
         default=default,
-        help=f"image preprocessing (default {default}): authors, the stored pixels resized as "
+        help=f"image preprocessing authors, the stored pixels resized as "
         "the HF image processors do (the paper's); exif, EXIF orientation applied, torch's resize",
     )
 
@@ -220,16 +236,24 @@ def preprocessing_argument(parser: argparse.ArgumentParser, default: str) -> Non
 def generation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
     group.add_argument(
-        "--max-new-tokens", type=integer(1), default=64, help="(default %(default)s)"
+        "--max-new-tokens", type=integer(1), default=64, help="answer length limit, in tokens"
     )
     group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     group.add_argument(
-        "--temperature", type=finite_float(0, open_low=True), default=1.0, help="> 0 (sampling)"
+        "--temperature",
+        type=finite_float(0, open_low=True),
+        default=1.0,
+        help="sampling temperature, > 0",
     )
     group.add_argument(
-        "--top-p", type=unit_interval(open_low=True), default=1.0, help="in (0, 1] (sampling)"
+        "--top-p", type=unit_interval(open_low=True), default=1.0, help="sampling top-p, in (0, 1]"
     )
-    group.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
+    group.add_argument(
+        "--seed",
+        type=integer(0, 2**63 - 1),
+        default=None,
+        help="sampling seed (default: none, a fresh one)",
+    )
     group.add_argument(
         "--compare", action="store_true", help="also answer with stock LLaVA (its own vision tower)"
     )
@@ -257,40 +281,36 @@ def detection_arguments(
         action="append",
         dest="queries",
         default=None,
-        help="object to detect (repeat for several)"
-        + (f"; default {', '.join(default_queries)}" if default_queries else ""),
+        help="object to detect, repeatable (default: "
+        + (", ".join(default_queries) if default_queries else "none")
+        + ")",
     )
     group.add_argument(
         "--threshold",
         type=unit_interval(),
         default=DEFAULT_THRESHOLD,
-        help="minimum score in [0, 1] (default %(default)s)",
+        help="minimum detection score, in [0, 1]",
     )
     group.add_argument(
         "--nms",
         type=unit_interval(open_low=True),
         default=DEFAULT_NMS_IOU,
-        help="per-class NMS IoU in (0, 1] (default %(default)s; 1 disables)",
+        help="per-class NMS IoU in (0, 1], 1 disables it",
     )
     group.add_argument(
         "--query-template",
         type=template_type("--query-template"),
         default="a photo of a {}",
-        help="OWL-ViT query template with exactly one {} (default 'a photo of a {}')",
+        help="OWL-ViT query template with exactly one {}",
     )
-    group.add_argument(
-        "--max-boxes",
-        type=integer(0),
-        default=20,
-        help="boxes drawn and listed (default %(default)s)",
-    )
+    group.add_argument("--max-boxes", type=integer(0), default=20, help="boxes drawn and listed")
 
 
 def load_model(args: argparse.Namespace, *, language: bool = True) -> Any:
     """The :class:`~jmllm.joint.JointModel` the model options of ``args`` select.
 
     Args:
-        args: parsed options (``--owl/--llava/--alignment`` or ``--tiny``, ``--device``, ...).
+        args: parsed options (``--owl/--mllm/--alignment`` or ``--tiny``, ``--device``, ...).
         language: False loads OWL-ViT alone (:meth:`JointModel.detector`), for commands that
             only detect: neither LLaVA nor W is loaded (nor needed).
     """
@@ -299,9 +319,11 @@ def load_model(args: argparse.Namespace, *, language: bool = True) -> Any:
     from jmllm.joint.model import DEFAULT_LLAVA, DEFAULT_OWL, JointModel
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.device == "auto":
+        args.device = None
     if args.tiny:
-        if args.owl or args.llava or args.alignment:
-            raise CliError("--tiny: cannot be combined with --owl, --llava or --alignment")
+        if args.owl or args.mllm or args.alignment:
+            raise CliError("--tiny: cannot be combined with --owl, --mllm or --alignment")
         if language:
             return load_builtin_model(dtype=dtype, device=args.device or "cpu")
         from jmllm.joint.toy.inputs import toy_input_check
@@ -320,7 +342,7 @@ def load_model(args: argparse.Namespace, *, language: bool = True) -> Any:
                 "--alignment: required with real checkpoints (there is no public default W); "
                 "or use --tiny for the built-in tiny models"
             )
-        owl, llava, alignment = args.owl or DEFAULT_OWL, args.llava or DEFAULT_LLAVA, args.alignment
+        owl, llava, alignment = args.owl or DEFAULT_OWL, args.mllm or DEFAULT_LLAVA, args.alignment
         device = args.device
     if not language or llava is None:
         logger.info("loading OWL-ViT only (detection): owl=%s", owl)

@@ -2,7 +2,7 @@
 
 Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
-    jmllm-joint toy train --out DIR [--seed S] [--threads N] [--quick] [--force]
+    jmllm-joint toy train -o DIR [--seed S] [--threads N] [--quick] [--force]
     jmllm-joint toy eval [--dir DIR] [--scenes N] [--ga-scenes N] [--json-out FILE]
 """
 
@@ -33,9 +33,14 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "on two idle CPU cores), then score J and stock LLaVA on held-out scenes. Writes "
         "owlvit/, llava/, alignment.safetensors and manifest.json into --out.",
     )
-    train.add_argument("--out", required=True, help="output folder")
-    train.add_argument("--seed", type=int, default=0, help="world, initialisation and data seed")
-    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    from jmllm.align.options import integer
+    from jmllm.align.vocabulary import DTYPE_CHOICES, add_json_out
+
+    train.add_argument("-o", "--out", required=True, help="output folder")
+    train.add_argument(
+        "--seed", type=integer(0), default=0, help="world, initialisation and data seed"
+    )
+    train.add_argument("--threads", type=integer(1), default=2, help="torch CPU threads")
     train.add_argument(
         "--quick",
         action="store_true",
@@ -48,8 +53,6 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "(never replacing or deleting them)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    train.add_argument("--debug", action="store_true", help="show tracebacks")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(
@@ -59,20 +62,25 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--dir", help="a toy world folder (default: the shipped weights)")
     evaluate.add_argument(
         "--scenes",
-        type=int,
+        type=integer(1),
         help="held-out scenes (default: as many as the manifest's figures used, 300)",
     )
     evaluate.add_argument(
         "--ga-scenes",
-        type=int,
+        type=integer(0),
         default=40,
-        help="held-out scenes for the GA localisation check (default 40; 0 skips it)",
+        help="held-out scenes for the GA localisation check, 0 skips it",
     )
-    evaluate.add_argument("--seed", type=int, help="world seed (default: the manifest's)")
-    evaluate.add_argument("--json-out", help="also write the scores to this JSON file")
+    evaluate.add_argument("--seed", type=integer(0), help="world seed (default: the manifest's)")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: the CPU)")
+    evaluate.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights dtype (default: auto, float32)",
+    )
+    add_json_out(evaluate, "also write the scores to this JSON file (-: standard output)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
-    evaluate.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
     evaluate.set_defaults(func=cmd_eval)
 
 
@@ -126,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(f"--seed: must be >= 0, got {args.seed}")
     manifest = toy_manifest(args.dir)
     seed = manifest["seed"] if args.seed is None else args.seed
-    model = load_toy_joint(args.dir)
+    model = load_toy_joint(args.dir, **_model_kwargs(args))
     scenes = manifest["metrics"]["heldout_scenes"] if args.scenes is None else args.scenes
     scores: dict[str, Any] = evaluate_joint(model, scenes=scenes, seed=seed)
     if args.ga_scenes:
@@ -135,10 +143,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     scores["source"] = str(args.dir or "shipped")
     _print_scores(scores)
-    if args.json_out:
+    if args.json_out == "-":
+        print(json.dumps(scores, indent=2))
+    elif args.json_out:
         atomic_write_text(args.json_out, json.dumps(scores, indent=2) + "\n")
         print(f"Scores: {args.json_out}")
     return 0
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--device`` and ``--dtype`` as :func:`jmllm.joint.toy.load_toy_joint` takes them."""
+    import torch
+
+    device = "cpu" if args.device in (None, "auto") else args.device
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return {"device": device, "dtype": dtype}
 
 
 def _print_scores(metrics: dict[str, Any], seconds: dict[str, Any] | None = None) -> None:

@@ -35,7 +35,7 @@ OFF_PALETTE_LIMIT = 0.02  # share of off-palette pixels above which an image is 
 TOY_WARNING = (
     "the toy world's models know only coloured shapes (circle, square, triangle, cross in red, "
     "green, blue, yellow) on plain backgrounds; their answer, boxes and maps for this image "
-    "mean nothing. Use real checkpoints (--owl/--llava/--alignment) for photos."
+    "mean nothing. Use real checkpoints (--owl/--mllm/--alignment) for photos."
 )
 
 
