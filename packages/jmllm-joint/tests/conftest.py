@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from jmllm.joint import JointModel
-from jmllm.joint.testing import TinyJoint, build_tiny_joint, generated_images
+from jmllm.joint.testing import (
+    TINY_FAMILIES,
+    TinyJoint,
+    build_tiny_family_joint,
+    build_tiny_joint,
+    generated_images,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -63,6 +69,16 @@ def tiny_joint(tiny_joint_paths: TinyJoint) -> JointModel:
     return JointModel.from_pretrained(
         tiny_joint_paths.owl, tiny_joint_paths.llava, tiny_joint_paths.alignment, device="cpu"
     )
+
+
+@pytest.fixture(scope="session", params=TINY_FAMILIES)
+def family_joint(request: pytest.FixtureRequest, tiny_joint_paths: TinyJoint) -> JointModel:
+    """A loaded tiny J of every supported MLLM family in turn (float32, CPU), through
+    ``JointModel.from_pretrained``; LLaVA-1.5's is :func:`tiny_joint`. Shared: do not modify."""
+    if request.param == "llava":
+        return request.getfixturevalue("tiny_joint")
+    paths = build_tiny_family_joint(tiny_joint_paths.root, request.param)
+    return JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ def _write_outputs(
     image = emb.pil_image(0)
     record: dict[str, Any] = {"image_size": list(emb.image_sizes[0]), "sources": model.sources}
     if conversation is not None:
-        record["template"] = args.template
+        record["template"] = model.conversation_template(args.template).name
         record["conversation"] = [
             {"question": turn.question, "answer": turn.answer} for turn in conversation.turns
         ]
