@@ -364,3 +364,43 @@ def write_coco_folder(
     annotations = root / "instances.json"
     annotations.write_text(json.dumps(doc))
     return annotations, folder
+
+
+def real_shape_joint(
+    family: str,
+    *,
+    text_layers: int = 1,
+    vision_layers: int | None = 2,
+    w_hidden: int = 64,
+    seed: int = 0,
+) -> Any:
+    """J at the published shapes of ``family``'s real model, random weights, in memory.
+
+    OWL-ViT B/32 (``OwlViTConfig()``), the MLLM from
+    :func:`jmllm.align.testing_families.published_config` with ``text_layers`` language-model
+    layers and ``vision_layers`` vision-tower layers (None: the published depth; every width, grid
+    and vocabulary as published) and a deep-mlp W of the real input and output widths but only
+    ``w_hidden`` wide. No tokenizer: build prompts from ids (the exactness checks do).
+
+    Example:
+        >>> model = real_shape_joint("qwen2_vl")  # doctest: +SKIP
+        >>> model.num_image_tokens  # doctest: +SKIP
+        576
+    """
+    from transformers import AutoModelForImageTextToText, OwlViTForObjectDetection
+
+    from jmllm.align.testing import owlvit_b32_config
+    from jmllm.joint.model import JointModel
+
+    config = published_config(family, text_layers=text_layers, vision_layers=vision_layers)
+    owl_config = owlvit_b32_config()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        owl = OwlViTForObjectDetection._from_config(owl_config, attn_implementation="eager")
+        mllm = AutoModelForImageTextToText.from_config(config)
+        w = AlignmentLayer(
+            alignment_config_for(
+                owl_config, config, "deep-mlp", hidden_dim=w_hidden, num_hidden_layers=1
+            )
+        )
+    return JointModel(owl.eval(), mllm.eval(), w, sources={"mllm": f"{family} (published shapes)"})
