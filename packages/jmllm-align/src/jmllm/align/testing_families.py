@@ -45,6 +45,7 @@ __all__ = [
     "build_tiny_family",
     "key_fields",
     "published_config",
+    "published_tokenizer",
     "tiny_family_config",
     "tiny_family_tokenizer",
 ]
@@ -580,3 +581,67 @@ def key_fields(config: Any) -> dict[str, Any]:
     if "mrope_section" in rope:
         out["text.mrope_section"] = rope["mrope_section"]
     return out
+
+
+# the published special tokens of each family's tokenizer, at their published ids
+_PUBLISHED_SPECIALS: dict[str, dict[str, int]] = {
+    "llava": {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 32000, "<pad>": 32001},
+    "llava_next": {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 32000, "<pad>": 32001},
+    "llava_onevision": {
+        "<unk>": 0,
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<image>": 151646,
+    },
+    "qwen2_vl": {
+        "<unk>": 0,
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|vision_start|>": 151652,
+        "<|vision_end|>": 151653,
+        "<|image_pad|>": 151655,
+        "<|video_pad|>": 151656,
+    },
+}
+_PUBLISHED_SPECIALS["qwen2_5_vl"] = _PUBLISHED_SPECIALS["qwen2_vl"]
+
+
+def published_tokenizer(family: str) -> Any:
+    """A word-level tokenizer whose special tokens sit at ``family``'s published ids (image
+    token, turn markers, BOS/EOS), so J runs at the published shapes with the published ids:
+    the real tokenizers' subwords are not needed to check shapes, positions and speed.
+
+    Example:
+        >>> tok = published_tokenizer("qwen2_vl")
+        >>> tok.convert_tokens_to_ids("<|image_pad|>"), tok.eos_token
+        (151655, '<|im_end|>')
+    """
+    tk = require_tokenizers()
+    from transformers import PreTrainedTokenizerFast
+
+    specials = _PUBLISHED_SPECIALS[family]
+    words = sorted({w for text in _CORPUS + _CHAT_CORPUS for w in text.split()})
+    vocab = dict(specials)
+    for word in words:
+        vocab.setdefault(word, len(vocab) + 2)  # small ids, below every special one but <unk>
+    tok = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    tok.decoder = tk.decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(list(specials))
+    llama = "<s>" in specials
+    if llama:
+        tok.post_processor = tk.processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    extra = {"image_token": "<image>"} if "<image>" in specials else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>" if llama else None,
+        eos_token="</s>" if llama else "<|im_end|>",
+        unk_token="<unk>",
+        pad_token="<pad>" if llama else "<|endoftext|>",
+        extra_special_tokens=extra,
+        padding_side="left",
+    )

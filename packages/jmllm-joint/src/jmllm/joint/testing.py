@@ -34,6 +34,7 @@ from jmllm.align.testing_families import (
     build_tiny_family,
     key_fields,
     published_config,
+    published_tokenizer,
 )
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "generated_images",
     "key_fields",
     "published_config",
+    "published_tokenizer",
+    "real_shape_joint",
     "record_prompts",
     "tiny_family_joint_model",
     "tiny_joint_model",
@@ -369,18 +372,25 @@ def write_coco_folder(
 def real_shape_joint(
     family: str,
     *,
-    text_layers: int = 1,
+    text_layers: int | None = 1,
     vision_layers: int | None = 2,
     w_hidden: int = 64,
+    w_layers: int = 1,
     seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Any:
     """J at the published shapes of ``family``'s real model, random weights, in memory.
 
     OWL-ViT B/32 (``OwlViTConfig()``), the MLLM from
     :func:`jmllm.align.testing_families.published_config` with ``text_layers`` language-model
     layers and ``vision_layers`` vision-tower layers (None: the published depth; every width, grid
-    and vocabulary as published) and a deep-mlp W of the real input and output widths but only
-    ``w_hidden`` wide. No tokenizer: build prompts from ids (the exactness checks do).
+    and vocabulary as published) and a deep-mlp W of the real input and output widths,
+    ``w_hidden`` wide with ``w_layers`` hidden layers (8192 and 2: the paper's W). Built directly
+    on ``device`` in ``dtype`` (no float32 copy of a 7 B model). Its tokenizer is word-level with
+    the published special-token ids
+    (:func:`jmllm.align.testing_families.published_tokenizer`), so prompts, generation and GA
+    run as with the real checkpoint; OWL-ViT's is the tiny in-process one.
 
     Example:
         >>> model = real_shape_joint("qwen2_vl")  # doctest: +SKIP
@@ -389,18 +399,45 @@ def real_shape_joint(
     """
     from transformers import AutoModelForImageTextToText, OwlViTForObjectDetection
 
-    from jmllm.align.testing import owlvit_b32_config
+    from jmllm.align.testing import owlvit_b32_config, tiny_owl_tokenizer
     from jmllm.joint.model import JointModel
 
     config = published_config(family, text_layers=text_layers, vision_layers=vision_layers)
     owl_config = owlvit_b32_config()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        owl = OwlViTForObjectDetection._from_config(owl_config, attn_implementation="eager")
-        mllm = AutoModelForImageTextToText.from_config(config)
-        w = AlignmentLayer(
-            alignment_config_for(
-                owl_config, config, "deep-mlp", hidden_dim=w_hidden, num_hidden_layers=1
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(), torch.device(device):
+            torch.manual_seed(seed)
+            owl = OwlViTForObjectDetection._from_config(owl_config, attn_implementation="eager")
+            mllm = AutoModelForImageTextToText.from_config(config)
+            w = AlignmentLayer(
+                alignment_config_for(
+                    owl_config,
+                    config,
+                    "deep-mlp",
+                    hidden_dim=w_hidden,
+                    num_hidden_layers=w_layers,
+                )
             )
-        )
-    return JointModel(owl.eval(), mllm.eval(), w, sources={"mllm": f"{family} (published shapes)"})
+    finally:
+        torch.set_default_dtype(previous)
+    _calibrated_heads(owl)
+    return JointModel(
+        owl.eval(),
+        mllm.eval(),
+        w,
+        tokenizer=published_tokenizer(family),
+        owl_tokenizer=tiny_owl_tokenizer(),
+        sources={"llava": f"{family} (published shapes, random weights)"},
+    )
+
+
+def _calibrated_heads(owl: Any) -> None:
+    """Rescale OWL-ViT's detection heads to a 1/sqrt(fan-in) initialisation (see
+    :func:`_calibrated_owl`): default-initialised heads saturate every score."""
+    heads = [owl.box_head.dense0, owl.box_head.dense1, owl.box_head.dense2]
+    heads += [owl.class_head.dense0, owl.class_head.logit_shift, owl.class_head.logit_scale]
+    with torch.no_grad():
+        for linear in heads:
+            linear.weight.mul_(linear.weight.shape[1] ** -0.5)
