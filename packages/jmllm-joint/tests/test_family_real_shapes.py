@@ -80,9 +80,7 @@ def test_published_shapes_are_exact(family):
     config = model.mllm.config
     _print_fields(family, config)
     differing = {
-        k
-        for k, v in key_fields(config).items()
-        if v != key_fields(published_config(family))[k]
+        k for k, v in key_fields(config).items() if v != key_fields(published_config(family))[k]
     }
     assert differing <= {"text.num_hidden_layers", "vision.num_hidden_layers", "vision.depth"}
 
