@@ -161,6 +161,19 @@ def load_preset_comment(name: str) -> str:
     return str(json.loads(text)["_comment"])
 
 
+def test_a_checkpoint_may_set_the_qwen_token_grid():
+    """A toy Qwen2-VL trained on small scenes keeps its own grid in its config.json."""
+    from jmllm.align.families import TOKEN_GRID_KEY
+
+    config = published_config("qwen2_vl")
+    setattr(config, TOKEN_GRID_KEY, 6)
+    assert vision_family(config).layout.describe() == "168 px: 6x6"
+    assert config.to_dict()[TOKEN_GRID_KEY] == 6  # saved with the checkpoint
+    setattr(config, TOKEN_GRID_KEY, 0)
+    with pytest.raises(UnsupportedFamilyError, match="jmllm_token_grid must be a positive"):
+        vision_family(config).layout.describe()
+
+
 def test_published_layouts():
     """The grids J fills for each published model, as the docs state them."""
     described = {f: vision_family(published_config(f)).layout.describe() for f in FAMILIES}

@@ -15,7 +15,8 @@ covers; W's inputs are OWL-ViT's patch tokens resampled onto those grids
   jmllm-joint.
 - ``qwen2_vl`` and ``qwen2_5_vl``: dynamic resolution; the image is shown at
   :data:`QWEN_TOKEN_GRID` × 28 px (672 px), whose 2×2-merged tokens form a 24×24 grid — the
-  grid of OWL-ViT B/32, so no resampling at all with the default vision side.
+  grid of OWL-ViT B/32, so no resampling at all with the default vision side. A checkpoint may
+  set another grid in its config (:data:`TOKEN_GRID_KEY`, e.g. a toy model's smaller one).
 
 Where a grid differs from OWL-ViT's (OneVision's 27×27 base, every crop, OWLv2's 60×60 patches),
 OWL-ViT's tokens are resampled bilinearly, averaged over each target cell when shrinking: an
@@ -39,6 +40,7 @@ import torch
 __all__ = [
     "FAMILIES",
     "QWEN_TOKEN_GRID",
+    "TOKEN_GRID_KEY",
     "Block",
     "LlavaNextVision",
     "LlavaOnevisionVision",
@@ -54,6 +56,9 @@ __all__ = [
 ]
 
 QWEN_TOKEN_GRID = 24  # Qwen2-VL / 2.5-VL: 24×24 merged tokens (672 px), OWL-ViT B/32's grid
+# A config attribute (saved in config.json) that sets the token grid J shows a dynamic-resolution
+# family, e.g. a toy Qwen2-VL trained on small scenes; absent: QWEN_TOKEN_GRID.
+TOKEN_GRID_KEY = "jmllm_token_grid"
 
 
 class UnsupportedFamilyError(ValueError):
@@ -320,7 +325,8 @@ class LlavaOnevisionVision(LlavaNextVision):
 
 class Qwen2VLVision(VisionFamily):
     """Qwen2-VL: the image at :data:`QWEN_TOKEN_GRID` merged tokens a side (patch 14, 2×2
-    merge: 672 px, 24×24 tokens), patchified the way its processor does."""
+    merge: 672 px, 24×24 tokens; the config's :data:`TOKEN_GRID_KEY` if it sets one),
+    patchified the way its processor does."""
 
     model_type = "qwen2_vl"
     title = "Qwen2-VL"
@@ -334,9 +340,22 @@ class Qwen2VLVision(VisionFamily):
         return int(self.config.vision_config.spatial_merge_size)
 
     @property
+    def token_grid(self) -> int:
+        """Merged tokens per side of the square J shows the model."""
+        grid = getattr(self.config, TOKEN_GRID_KEY, None)
+        if grid is None:
+            return QWEN_TOKEN_GRID
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise UnsupportedFamilyError(
+                f"{self.model_type}: config {TOKEN_GRID_KEY} must be a positive integer, "
+                f"got {grid!r}"
+            )
+        return grid
+
+    @property
     def layout(self) -> VisionLayout:
-        side = QWEN_TOKEN_GRID * self.patch * self.merge
-        return VisionLayout(side, (Block(QWEN_TOKEN_GRID, QWEN_TOKEN_GRID),))
+        grid = self.token_grid
+        return VisionLayout(grid * self.patch * self.merge, (Block(grid, grid),))
 
     def tower(self, model: Any) -> Any:
         return model.model.visual
