@@ -26,7 +26,8 @@ from jmllm.joint.families import FAMILIES
 from jmllm.joint.saliency import OwlHeadGradients, naive_owl_gradients
 from jmllm.joint.testing import PUBLISHED, generated_images, key_fields, published_config
 
-pytestmark = pytest.mark.slow
+# slow, and long on a loaded machine: the published vocabularies make every logit row wide
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def _prompt_ids(model) -> torch.Tensor:
