@@ -183,6 +183,19 @@ def _load(what: str, source: Any, loader: Any, *args: Any, **kwargs: Any) -> Any
         raise JointModelError(f"{source}: cannot load {what} ({_first_line(exc)})") from None
 
 
+class _FirstScores:
+    """A logits processor that keeps the scores of the first generated token (B, V) and
+    changes nothing: ``generate``'s own first-step logits, without keeping every step's."""
+
+    def __init__(self) -> None:
+        self.scores: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.scores is None:
+            self.scores = scores.detach().float().cpu()  # (B, V)
+        return scores
+
+
 class JointModel:
     """J: one OWL-ViT embedding ``t`` feeds an MLLM (through W) and OWL-ViT's detection heads.
 
@@ -913,8 +926,12 @@ class JointModel:
         seed: int | None = None,
         vision: Vision = "joint",
         template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+        first_token_logits: bool = False,
     ) -> list[JointAnswer]:
         """Answers for a batch of (image, prompt) pairs, with the KV cache.
+
+        The pairs run as one batch: prompts left-padded, positions counted over real tokens,
+        one ``generate``; greedy answers are those of the pairs asked one at a time (tested).
 
         Args:
             emb_or_images: a :class:`JointEmbedding` or images for :meth:`embed`.
@@ -929,6 +946,9 @@ class JointModel:
             template: conversation template, ``"llava-1.5"`` (default) or ``"paper"``; another
                 family than LLaVA-1.5 uses its own chat format for these
                 (:meth:`conversation_template`).
+            first_token_logits: also keep each answer's first-token logits, (V,) float32 on the
+                CPU, in :attr:`JointAnswer.first_logits` (as ``generate`` scores them: after
+                the generation config's logits processors, before sampling).
 
         Returns:
             One :class:`JointAnswer` per pair.
@@ -981,6 +1001,11 @@ class JointModel:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
             placeholders = self.placeholders(input_ids, image_tokens.shape[1])
             kwargs.update(family.generate_inputs(input_ids, attention_mask, placeholders))
+            first = _FirstScores()
+            if first_token_logits:
+                from transformers import LogitsProcessorList
+
+                kwargs["logits_processor"] = LogitsProcessorList([first])
             with torch.random.fork_rng(devices=self._cuda_devices(), enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(seed)
@@ -990,7 +1015,7 @@ class JointModel:
             if family.generate_with_ids:  # the prompt's ids come back first
                 sequences = sequences[:, input_ids.shape[1] :]
         texts = self._prompt_texts(texts_in, template)
-        return [
+        answers = [
             self.decode_answer(
                 sequences[row],
                 input_ids[row][attention_mask[row].bool()],
@@ -1000,6 +1025,10 @@ class JointModel:
             )
             for row in range(sequences.shape[0])
         ]
+        if first.scores is not None:
+            for row, answer in enumerate(answers):
+                answer.first_logits = first.scores[row]
+        return answers
 
     def decode_answer(
         self,
