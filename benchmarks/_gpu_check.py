@@ -22,7 +22,7 @@ Each runs in its own process under a time cap, all within ``--budget-seconds`` (
 the whole check fits in 8 minutes on one H100/H200 with room to start the processes); one that
 fails or runs out of time is recorded as such and the others still run. Without CUDA the same
 code paths run at small scale on the CPU (``--arch-scale small`` / ``--full-path-on-cpu``;
-default budget 1200 s, as a shared CPU can be slow), which checks the code, not the speed.
+default budget 1500 s, as a shared CPU can be slow), which checks the code, not the speed.
 
 Writes one JSON object (stdout and ``--json-out``, default ``.bench/gpu.json``): the device, each
 benchmark's status, seconds, command and full result, and a ``summary`` of the headline figures.
@@ -184,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-seconds",
         type=float,
         default=None,
-        help="all the benchmarks (default 450 with CUDA; 1200 for the CPU check)",
+        help="all the benchmarks (default 450 with CUDA; 1500 for the CPU check)",
     )
     parser.add_argument("--cpu", action="store_true", help="the small CPU check even with CUDA")
     args = parser.parse_args(argv)
     import torch
 
     cuda = torch.cuda.is_available() and not args.cpu
-    budget = args.budget_seconds if args.budget_seconds is not None else (450.0 if cuda else 1200.0)
+    budget = args.budget_seconds if args.budget_seconds is not None else (450.0 if cuda else 1500.0)
     if not (budget > 0 and budget < float("inf")):
         parser.error(f"--budget-seconds: must be a finite number > 0, got {budget}")
     start = time.monotonic()
