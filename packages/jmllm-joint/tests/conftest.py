@@ -37,6 +37,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="also re-train the toy world briefly (slow; or set JMLLM_TOY_RETRAIN=1)",
     )
+    parser.addoption(
+        "--real-shapes",
+        action="store_true",
+        default=False,
+        help="also check J at every family's published shapes (minutes and 3-4 GB each; "
+        "or set JMLLM_REAL_SHAPES=1)",
+    )
+
+
+@pytest.fixture(scope="session")
+def real_shapes(request: pytest.FixtureRequest) -> None:
+    """Skip unless the published-shape checks were asked for (``--real-shapes``)."""
+    flag = os.environ.get("JMLLM_REAL_SHAPES", "").strip().lower() in ("1", "true", "yes")
+    if not (flag or request.config.getoption("--real-shapes", default=False)):
+        pytest.skip("published-shape checks are opt-in: --real-shapes or JMLLM_REAL_SHAPES=1")
 
 
 @pytest.fixture(scope="session")
