@@ -96,5 +96,10 @@ def test_dims_come_from_the_configs_and_check_fits_names_the_dimension():
     wrong = AlignmentConfig("deep-mlp", in_dim=32, out_dim=4096, num_tokens=36)
     with pytest.raises(ValueError, match="output dimension 4096 != LLaVA text hidden size 48"):
         check_fits(wrong, owl, llava)
-    with pytest.raises(ValueError, match="token grids differ"):
-        encoder_dims(OwlViTConfig(), llava)
+    # grids that differ are resampled (OWL-ViT's 24x24 onto the tiny LLaVA's 6x6), and said so
+    resampled = encoder_dims(OwlViTConfig(), llava)
+    assert resampled.resampled and resampled.num_tokens == 36
+    assert resampled.notes == [
+        "OWL-ViT's 24x24 patches are resampled onto LLaVA's grids (84 px: 6x6)"
+    ]
+    assert not dims.resampled and dims.notes == []

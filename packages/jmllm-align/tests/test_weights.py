@@ -186,7 +186,7 @@ def test_version_1_transformer_files_load_as_the_sequence_transformer(tmp_path):
     layer = _layer("sequence-transformer", num_heads=2).eval()
     path = save_alignment(layer, tmp_path / "w.safetensors")
     config = json.loads(_metadata(path)["config"])
-    for key in ("ffn_dim", "dropout"):  # fields version 1 did not have
+    for key in ("ffn_dim", "dropout", "family"):  # fields version 1 did not have
         config.pop(key)
     old = json.dumps({**config, "architecture": "transformer"})
     _rewrite(path, metadata=lambda m: {**m, "format_version": "1", "config": old})
@@ -195,8 +195,8 @@ def test_version_1_transformer_files_load_as_the_sequence_transformer(tmp_path):
     assert loaded.config == layer.config
     x = torch.randn(2, 4, 8)
     assert torch.equal(loaded(x), layer(x))
-    _rewrite(path, metadata=lambda m: {**m, "format_version": "3"})
-    with pytest.raises(AlignmentWeightsError, match="format version '3' is not supported"):
+    _rewrite(path, metadata=lambda m: {**m, "format_version": "4"})
+    with pytest.raises(AlignmentWeightsError, match="format version '4' is not supported"):
         load_alignment(path)
 
 

@@ -328,3 +328,21 @@ def test_a_plain_folder_with_a_link_out_is_refused(tmp_path, make_portraits) -> 
     (tmp_path / "plain" / "a" / "x.png").symlink_to(secret)
     with pytest.raises(BiasInputError, match="leads out"):
         load_cohort(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_assessment_runs_on_every_mllm_family(portraits, tmp_path_factory, family) -> None:
+    """J of any family answers, is perturbed and answers again; run.json records the prompt
+    in the family's own chat format (LLaVA-1.5's J is the ``tiny_joint`` of the other tests)."""
+    from jmllm.joint.testing import tiny_family_joint_model
+
+    model = tiny_family_joint_model(tmp_path_factory.getbasetemp() / "tiny-families", family)
+    out = tmp_path_factory.mktemp(f"assess-{family}")
+    config = AssessConfig("nurse", original="man", adversarial="woman", max_new_tokens=3)
+    run = assess_cohort(model, portraits, out, config)
+    assert run.assessed == 6 and not run.skipped
+    records = list(read_results(out).values())
+    assert all(r["status"] == "ok" and r["perturbed"][0]["linf"] > 0 for r in records)
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["template"] == "paper"  # asked for the paper's; J used its family's format
+    assert "USER:" not in settings["prompt"] and settings["question"] in settings["prompt"]

@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from jmllm.joint import JointModel
-from jmllm.joint.testing import TinyJoint, build_tiny_joint, generated_images
+from jmllm.joint.testing import (
+    TINY_FAMILIES,
+    TinyJoint,
+    build_tiny_family_joint,
+    build_tiny_joint,
+    generated_images,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,6 +37,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="also re-train the toy world briefly (slow; or set JMLLM_TOY_RETRAIN=1)",
     )
+    parser.addoption(
+        "--real-shapes",
+        action="store_true",
+        default=False,
+        help="also check J at every family's published shapes (minutes and 3-4 GB each; "
+        "or set JMLLM_REAL_SHAPES=1)",
+    )
+
+
+@pytest.fixture(scope="session")
+def real_shapes(request: pytest.FixtureRequest) -> None:
+    """Skip unless the published-shape checks were asked for (``--real-shapes``)."""
+    flag = os.environ.get("JMLLM_REAL_SHAPES", "").strip().lower() in ("1", "true", "yes")
+    if not (flag or request.config.getoption("--real-shapes", default=False)):
+        pytest.skip("published-shape checks are opt-in: --real-shapes or JMLLM_REAL_SHAPES=1")
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +86,16 @@ def tiny_joint(tiny_joint_paths: TinyJoint) -> JointModel:
     return JointModel.from_pretrained(
         tiny_joint_paths.owl, tiny_joint_paths.llava, tiny_joint_paths.alignment, device="cpu"
     )
+
+
+@pytest.fixture(scope="session", params=TINY_FAMILIES)
+def family_joint(request: pytest.FixtureRequest, tiny_joint_paths: TinyJoint) -> JointModel:
+    """A loaded tiny J of every supported MLLM family in turn (float32, CPU), through
+    ``JointModel.from_pretrained``; LLaVA-1.5's is :func:`tiny_joint`. Shared: do not modify."""
+    if request.param == "llava":
+        return request.getfixturevalue("tiny_joint")
+    paths = build_tiny_family_joint(tiny_joint_paths.root, request.param)
+    return JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, device="cpu")
 
 
 @pytest.fixture(scope="session")

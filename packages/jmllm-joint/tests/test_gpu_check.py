@@ -90,7 +90,8 @@ def test_hallucination_entries_run_in_their_cpu_small_mode(monkeypatch):
     module = _real_driver()
     keep = ("hallucination_batching", "hallucination_toy_run")
     monkeypatch.setattr(module, "BENCHMARKS", {k: module.BENCHMARKS[k] for k in keep})
-    report = module.run_check(budget_seconds=1200, cpu=True)
+    # the CPU check's default budget: each entry's share of it is its time cap
+    report = module.run_check(budget_seconds=1500, cpu=True)
     for name in keep:
         entry = report["benchmarks"][name]
         assert entry["status"] == "ok", entry
@@ -99,3 +100,41 @@ def test_hallucination_entries_run_in_their_cpu_small_mode(monkeypatch):
     assert report["summary"]["hallucination_batching_speedup"] > 1
     assert report["summary"]["toy_pope_mean_f1"] is not None
     assert report["summary"]["toy_chair_s"] is not None
+
+
+def test_the_check_covers_every_family_within_its_budget():
+    module = _real_driver()
+    script, gpu_args, cpu_args, share = module.BENCHMARKS["families"]
+    assert script == "family_check.py"
+    # the families' own budget fits inside their share of the default 450 s
+    assert float(gpu_args[gpu_args.index("--budget-seconds") + 1]) <= share * 450
+    assert "--arch-scale" in cpu_args and "small" in cpu_args
+
+
+@pytest.mark.slow
+def test_family_check_runs_its_cpu_code_path(tmp_path, tiny_joint_paths):
+    """``family_check.py`` in its small CPU mode: every figure of every family, real code."""
+    spec = importlib.util.spec_from_file_location("family_check", DRIVER.parent / "family_check.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "families.json"
+    args = ["--device", "cpu", "--arch-scale", "small", "--new-tokens", "3"]
+    args += ["--cache", str(tiny_joint_paths.root), "--json-out", str(out)]
+    assert module.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "cpu-small"
+    assert set(report["families"]) == {
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "qwen2_vl",
+        "qwen2_5_vl",
+    }
+    for figures in report["families"].values():
+        assert figures["status"] == "ok" and figures["ga"]["answer_tokens"] >= 1
+        assert figures["joint"]["prefill_seconds"] > 0 and figures["stock"]["new_tokens"] >= 1
+        assert figures["peak_memory_gb"] > 0
+    skipped = module.main([*args, "--families", "qwen2_vl", "--budget-seconds", "0"])
+    assert skipped == 3
+    assert json.loads(out.read_text())["families"]["qwen2_vl"]["status"] == "skipped"

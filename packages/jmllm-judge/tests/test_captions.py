@@ -305,3 +305,22 @@ def test_caption_choices_are_jmllm_joints_names() -> None:
     )
     assert set(preprocessing.choices) == set(PREPROCESSINGS)
     assert preprocessing.default == PAPER_PREPROCESSING
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_captions_from_every_mllm_family(
+    manifest: Manifest, tmp_path_factory: pytest.TempPathFactory, family: str
+) -> None:
+    """J and the stock MLLM of any family caption the same images, prompted in the family's
+    own chat format (LLaVA-1.5's is the test above)."""
+    pytest.importorskip("jmllm.joint")
+    from jmllm.joint.testing import record_prompts, tiny_family_joint_model
+
+    model = tiny_family_joint_model(tmp_path_factory.getbasetemp() / "tiny-families", family)
+    small = Manifest(manifest.images[:2], seed=0)
+    with record_prompts() as sent:
+        j = captions_from_joint(small, "J", max_new_tokens=4, batch_size=2, model=model)
+        stock = captions_from_joint(small, "MLLM", vision="llava", max_new_tokens=4, model=model)
+    assert len(sent) == 4 and all(CAPTION_PROMPT in text and "USER:" not in text for text in sent)
+    for system in (j, stock):
+        assert set(system.captions) == {im.image_id for im in small.images}

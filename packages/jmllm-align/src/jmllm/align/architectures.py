@@ -1,4 +1,4 @@
-"""The alignment layer W: maps OWL-ViT vision tokens into LLaVA's image-token space.
+"""The alignment layer W: maps OWL-ViT vision tokens into an MLLM's vision-token space.
 
 Giulivi and Boracchi, *Explaining Multi-modal Large Language Models by Analyzing their Vision
 Perception* (BMVC 2024, arXiv 2405.14612), supplementary §1 and Table 1. The paper's three
@@ -15,7 +15,8 @@ the project's own:
   format's version 2 call it ``transformer`` and still load as this architecture.
 
 Dimensions always come from the two models' configs (:func:`alignment_config_for`); 768 and
-4096 are only what OWL-ViT B/32 and LLaVA-1.5-7b give.
+4096 are only what OWL-ViT B/32 and LLaVA-1.5-7b give. The MLLM may be of any supported family
+(:mod:`jmllm.align.families`); W records it and refuses to fit another.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from jmllm.align.families import VisionLayout, family_name, vision_family
 
 Architecture = Literal["deep-mlp", "llava-mlp", "transformer", "sequence-transformer"]
 ARCHITECTURES: tuple[str, ...] = ("deep-mlp", "llava-mlp", "transformer", "sequence-transformer")
@@ -58,6 +61,9 @@ class AlignmentConfig:
     source_layer: int = -2  # OWL-ViT hidden state W reads (penultimate)
     target_model: str = ""  # e.g. llava-hf/llava-1.5-7b-hf
     drop_cls: bool = True  # W consumes patch tokens only
+    # The MLLM family (transformers model_type) whose vision tokens W was trained to give; files
+    # written before the field existed are LLaVA-1.5's.
+    family: str = "llava"
 
     def __post_init__(self) -> None:
         """Check every field's type and range, and the size of the network it describes (a
@@ -84,7 +90,7 @@ class AlignmentConfig:
             raise ValueError(
                 f"alignment config source_layer must be an integer, got {self.source_layer!r}"
             )
-        for name in ("source_model", "target_model"):
+        for name in ("source_model", "target_model", "family"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(
                     f"alignment config {name} must be text, got {getattr(self, name)!r}"
@@ -322,22 +328,38 @@ class EncoderDims:
     """The dimensions W must fit, read from the two models' configs."""
 
     in_dim: int  # OWL-ViT vision hidden size
-    out_dim: int  # LLaVA text hidden size
+    out_dim: int  # the MLLM's text hidden size
     source_grid: tuple[int, int]  # OWL-ViT patch grid (rows, cols)
-    target_grid: tuple[int, int]  # LLaVA vision-tower patch grid
-    target_vision_dim: int = 0  # LLaVA vision-tower hidden size (for information)
+    target_grid: tuple[int, int]  # the MLLM's base vision-token grid (the whole image)
+    target_vision_dim: int = 0  # the MLLM's vision-tower hidden size (for information)
     notes: list[str] = field(default_factory=list)
+    family: str = "llava"  # the MLLM's model_type
+    layout: VisionLayout | None = None  # every grid W fills (blocks, regions)
 
     @property
     def num_tokens(self) -> int:
-        return self.source_grid[0] * self.source_grid[1]
+        """Tokens W maps per image: every block of the family's layout."""
+        if self.layout is not None:
+            return self.layout.num_tokens
+        return self.target_grid[0] * self.target_grid[1]
+
+    @property
+    def resampled(self) -> bool:
+        """Whether OWL-ViT's grid is resampled onto the family's (an approximation)."""
+        return self.layout is not None and (
+            len(self.layout.blocks) > 1 or self.layout.grid != self.source_grid
+        )
 
 
-def encoder_dims(owl_config: Any, llava_config: Any) -> EncoderDims:
-    """Read the dimensions of W from an ``OwlViTConfig`` and a ``LlavaConfig``.
+def encoder_dims(owl_config: Any, mllm_config: Any) -> EncoderDims:
+    """Read the dimensions of W from an ``OwlViTConfig`` and an MLLM config of any family.
+
+    OWL-ViT's patch grid and the family's grids may differ: W's inputs are then OWL-ViT's
+    tokens resampled onto the family's grids (:func:`jmllm.align.families.resample_patches`),
+    which ``notes`` says.
 
     Raises:
-        ValueError: if the two token grids differ (W is token-wise, so the grids must match).
+        UnsupportedFamilyError: the MLLM's ``model_type`` is not a supported family.
 
     Example:
         >>> from transformers import OwlViTConfig
@@ -347,34 +369,36 @@ def encoder_dims(owl_config: Any, llava_config: Any) -> EncoderDims:
     """
     vision = owl_config.vision_config
     side = vision.image_size // vision.patch_size
-    tower = llava_config.vision_config
-    target_side = tower.image_size // tower.patch_size
+    family = vision_family(mllm_config)
+    layout = family.layout
     dims = EncoderDims(
         in_dim=vision.hidden_size,
-        out_dim=llava_config.text_config.hidden_size,
+        out_dim=family.text_hidden_size,
         source_grid=(side, side),
-        target_grid=(target_side, target_side),
-        target_vision_dim=tower.hidden_size,
+        target_grid=layout.grid,
+        target_vision_dim=family.vision_hidden_size,
+        family=family.model_type,
+        layout=layout,
     )
-    if dims.source_grid != dims.target_grid:
-        raise ValueError(
-            f"token grids differ: OWL-ViT gives {side}x{side} patches "
-            f"({vision.image_size} px / patch {vision.patch_size}) but LLaVA's vision tower gives "
-            f"{target_side}x{target_side} ({tower.image_size} px / patch {tower.patch_size})"
+    if dims.resampled:
+        dims.notes.append(
+            f"OWL-ViT's {side}x{side} patches are resampled onto {family.title}'s grids "
+            f"({layout.describe()})"
         )
     return dims
 
 
 def alignment_config_for(
     owl_config: Any,
-    llava_config: Any,
+    mllm_config: Any,
     architecture: str = "deep-mlp",
     *,
     source_model: str = "",
     target_model: str = "",
     **overrides: Any,
 ) -> AlignmentConfig:
-    """An :class:`AlignmentConfig` whose dimensions come from the two models' configs.
+    """An :class:`AlignmentConfig` whose dimensions come from the two models' configs: the
+    preset of the MLLM's family (its text width and every token grid W fills).
 
     Example:
         >>> from transformers import OwlViTConfig
@@ -383,7 +407,7 @@ def alignment_config_for(
         >>> (c.in_dim, c.out_dim, c.num_tokens)
         (768, 4096, 576)
     """
-    dims = encoder_dims(owl_config, llava_config)
+    dims = encoder_dims(owl_config, mllm_config)
     defaults: dict[str, Any] = {"hidden_dim": 8192, "num_hidden_layers": 2}
     if architecture == "transformer":  # the authors' TransformerProjectionModule defaults
         defaults = {"hidden_dim": 4096, "num_hidden_layers": 2, "num_heads": 8}
@@ -397,13 +421,29 @@ def alignment_config_for(
         num_tokens=dims.num_tokens,
         source_model=source_model,
         target_model=target_model,
+        family=dims.family,
         **defaults,
     )
 
 
-def check_fits(config: AlignmentConfig, owl_config: Any, llava_config: Any) -> None:
-    """Raise ``ValueError`` naming the dimension if W does not fit the two models."""
-    dims = encoder_dims(owl_config, llava_config)
+def check_fits(config: AlignmentConfig, owl_config: Any, mllm_config: Any) -> None:
+    """Raise ``ValueError`` naming the dimension (or the family) if W does not fit the two models.
+
+    A W trained for one MLLM family is refused for another in one line, before any dimension.
+
+    Example:
+        >>> from jmllm.align.testing import llava_1_5_7b_config, owlvit_b32_config
+        >>> owl, mllm = owlvit_b32_config(), llava_1_5_7b_config()
+        >>> check_fits(alignment_config_for(owl, mllm), owl, mllm)  # passes silently
+    """
+    family = family_name(mllm_config)
+    if config.family != family:
+        raise ValueError(
+            f"alignment weights were trained for the {config.family!r} family "
+            f"({config.target_model or 'model not recorded'}), not for this {family!r} model; "
+            f"train a W for it with jmllm-align"
+        )
+    dims = encoder_dims(owl_config, mllm_config)
     problems = []
     if config.in_dim != dims.in_dim:
         problems.append(
@@ -411,7 +451,7 @@ def check_fits(config: AlignmentConfig, owl_config: Any, llava_config: Any) -> N
         )
     if config.out_dim != dims.out_dim:
         problems.append(
-            f"output dimension {config.out_dim} != LLaVA text hidden size {dims.out_dim}"
+            f"output dimension {config.out_dim} != {vision_family(mllm_config).title} text hidden size {dims.out_dim}"
         )
     if not config.fits_tokens(dims.num_tokens):
         problems.append(f"num_tokens {config.num_tokens} != {dims.num_tokens} image tokens")

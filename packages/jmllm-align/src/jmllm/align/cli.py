@@ -593,7 +593,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     from jmllm.align.architectures import check_fits
 
-    check_fits(layer.config, fx.owl.config, fx.llava.config)
+    check_fits(layer.config, fx.owl.config, fx.mllm.config)
     layer = layer.to(device)
     raws = source[:count] if isinstance(source, list) else [source.raw(i) for i in range(count)]
     batch = _decode_all(raws, preprocessing)

@@ -1,8 +1,11 @@
 """Images in, the two token sequences W is trained between out (DESIGN §1.1).
 
-- Source ``t``: OWL-ViT's vision encoder, penultimate hidden state, (B, 1 + N, D_owl) incl. CLS.
-- Target: LLaVA's vision tower at its configured feature layer + its multi-modal projector, i.e.
-  the (B, N, D_llm) image tokens LLaVA itself feeds its language model.
+- Source ``t``: OWL-ViT's vision encoder, penultimate hidden state, (B, 1 + N, D_owl) incl. CLS;
+  W reads its patch tokens resampled onto the MLLM family's grids
+  (:meth:`FeatureExtractor.w_inputs`; unchanged when the grids agree, as for LLaVA-1.5).
+- Target: the MLLM's own vision tokens, i.e. the (B, N, D_llm) tokens it feeds its language
+  model (LLaVA: vision tower at its feature layer + projector), on every grid of its family's
+  layout (:mod:`jmllm.align.families`).
 
 Preprocessing: each image is decoded once, under the image policy of :mod:`jmllm.align.images`
 (pixel limit from the header, reduced JPEG decoding, one shrink to the working size), to a uint8
@@ -25,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from jmllm.align.families import VisionFamily, resample_patches, vision_family
 
 # re-exported: the image policy lives in jmllm.align.images
 from jmllm.align.hub import prepare_hub
@@ -172,24 +177,29 @@ def llava_image_tokens(llava: Any, pixel_values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FeaturePair:
-    """Source and target tokens for a batch: ``source`` (B, 1 + N, D_owl), ``target`` (B, N, D_llm)."""
+    """Source and target tokens for a batch: ``source`` (B, 1 + N_owl, D_owl) is ``t``,
+    ``target`` (B, N, D_llm) the MLLM's own tokens; ``inputs`` (B, N, D_owl) is what W reads
+    (``t``'s patches on the MLLM's grids; None: ``t``'s patches themselves)."""
 
     source: torch.Tensor
     target: torch.Tensor
+    inputs: torch.Tensor | None = None
 
     @property
     def source_patches(self) -> torch.Tensor:
-        """What W consumes: the N patch tokens, CLS dropped. (B, N, D_owl)."""
-        return self.source[:, 1:]
+        """What W consumes: the N patch tokens on the MLLM's grids, CLS dropped. (B, N, D_owl)."""
+        return self.inputs if self.inputs is not None else self.source[:, 1:]
 
 
 class FeatureExtractor:
-    """Both frozen encoders with their preprocessing: images → (t, LLaVA image tokens).
+    """Both frozen encoders with their preprocessing: images → (t, the MLLM's vision tokens).
 
     Args:
         owl: an ``OwlViTForObjectDetection``.
-        llava: a ``LlavaForConditionalGeneration``.
-        owl_norm, llava_norm: each model's :class:`ImageNormalization`.
+        mllm: the multi-modal LLM (``LlavaForConditionalGeneration`` or any supported family:
+            :mod:`jmllm.align.families`), its language model optional.
+        owl_norm, mllm_norm: each model's :class:`ImageNormalization` (the MLLM's at its
+            family's square side).
         preprocessing: the resize of :mod:`jmllm.align.preprocessing`, ``"exif"`` (default) or
             ``"authors"`` (the Hugging Face processors' PIL resize; decode the images with
             ``exif_orientation=False`` to match it).
@@ -205,52 +215,64 @@ class FeatureExtractor:
     def __init__(
         self,
         owl: Any,
-        llava: Any,
+        mllm: Any,
         owl_norm: ImageNormalization,
-        llava_norm: ImageNormalization,
+        mllm_norm: ImageNormalization,
         preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> None:
         self.owl = owl.eval().requires_grad_(False)
-        self.llava = llava.eval().requires_grad_(False)
+        self.mllm = mllm.eval().requires_grad_(False)
         self.owl_norm = owl_norm
-        self.llava_norm = llava_norm
+        self.mllm_norm = mllm_norm
         self.preprocessing = get_preprocessing(preprocessing).name
+        self.family: VisionFamily = vision_family(mllm.config)
+        vision = owl.config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.owl_grid = (side, side)
+
+    # LLaVA-era names, kept for callers written before other families
+    @property
+    def llava(self) -> Any:
+        return self.mllm
+
+    @property
+    def llava_norm(self) -> ImageNormalization:
+        return self.mllm_norm
 
     @classmethod
     def from_pretrained(
         cls,
         owl: str | os.PathLike[str],
-        llava: str | os.PathLike[str],
+        mllm: str | os.PathLike[str],
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         load_language_model: bool = False,
         preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> FeatureExtractor:
-        """Load both encoders.
+        """Load both encoders (the MLLM of any supported family).
 
-        Only LLaVA's vision tower and projector are needed to train W, so by default its language
-        model is never loaded: the model is built with zero decoder layers (the checkpoint's layer
+        Only the MLLM's vision side is needed to train W, so by default its language model is
+        never loaded: the model is built with zero decoder layers (the checkpoint's layer
         tensors are skipped, about 13 GB for LLaVA-1.5-7b in bf16) and the embeddings and LM head
         are dropped after loading.
         """
         from transformers import OwlViTForObjectDetection
 
-        prepare_hub([owl, llava])  # an unreachable Hub: one line, no retries
+        prepare_hub([owl, mllm])  # an unreachable Hub: one line, no retries
         with _naming_errors(owl, "OWL-ViT"):
             owl_model = OwlViTForObjectDetection.from_pretrained(owl, dtype=dtype).to(device)
-        with _naming_errors(llava, "LLaVA"):
-            llava_model = _load_llava(llava, dtype, load_language_model)
-        llava_model.to(device)
+        with _naming_errors(mllm, "multi-modal LLM"):
+            mllm_model = _load_mllm(mllm, dtype, load_language_model)
+        mllm_model.to(device)
         with _naming_errors(owl, "OWL-ViT image processor"):
             owl_norm = ImageNormalization.from_pretrained(
                 owl, owl_model.config.vision_config.image_size
             )
-        with _naming_errors(llava, "LLaVA image processor"):
-            llava_norm = ImageNormalization.from_pretrained(
-                llava, llava_model.config.vision_config.image_size
-            )
-        return cls(owl_model, llava_model, owl_norm, llava_norm, preprocessing)
+        side = vision_family(mllm_model.config).layout.side
+        with _naming_errors(mllm, "image processor"):
+            mllm_norm = ImageNormalization.from_pretrained(mllm, side)
+        return cls(owl_model, mllm_model, owl_norm, mllm_norm, preprocessing)
 
     @property
     def device(self) -> torch.device:
@@ -261,14 +283,28 @@ class FeatureExtractor:
         """``t`` for (3, H, W) uint8 images: (B, 1 + N, D_owl)."""
         return owl_penultimate(self.owl, self.owl_norm(images, self.device, self.preprocessing))
 
+    def w_inputs(self, t: torch.Tensor, drop_cls: bool = True) -> torch.Tensor:
+        """What W reads of ``t`` (B, 1 + N_owl, D_owl): its patch tokens resampled onto the
+        family's grids, (B, N, D_owl); ``t`` itself when W keeps CLS (same grids only)."""
+        if not drop_cls:
+            return t
+        return resample_patches(t[:, 1:], self.owl_grid, self.family.layout)
+
     @torch.no_grad()
     def target(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """LLaVA's own image tokens for (3, H, W) uint8 images: (B, N, D_llm)."""
-        pixels = self.llava_norm(images, self.device, self.preprocessing)
-        return llava_image_tokens(self.llava, pixels)
+        """The MLLM's own vision tokens for (3, H, W) uint8 images: (B, N, D_llm)."""
+        return self.target_from_pixels(self.mllm_norm(images, self.device, self.preprocessing))
+
+    @torch.no_grad()
+    def target_from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The MLLM's own vision tokens for normalised (B, 3, S, S) squares: (B, N, D_llm)."""
+        return self.family.tokens(self.mllm, pixel_values)
 
     def __call__(self, images: list[torch.Tensor]) -> FeaturePair:
-        return FeaturePair(source=self.source(images), target=self.target(images))
+        source = self.source(images)
+        with torch.no_grad():
+            inputs = self.w_inputs(source)
+        return FeaturePair(source=source, target=self.target(images), inputs=inputs)
 
 
 class ModelLoadError(OSError):
@@ -287,19 +323,23 @@ def _naming_errors(source: Any, what: str) -> Iterator[None]:
         raise ModelLoadError(f"{source}: cannot load {what} ({first})") from None
 
 
-def _load_llava(llava: Any, dtype: torch.dtype, load_language_model: bool) -> Any:
-    """LLaVA, by default without its language model (built with 0 decoder layers, then dropped)."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+def _load_mllm(source: Any, dtype: torch.dtype, load_language_model: bool) -> Any:
+    """The MLLM (any supported family), by default without its language model (built with 0
+    decoder layers, then dropped)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
+    config = AutoConfig.from_pretrained(source)
+    vision_family(config)  # an unsupported family is refused before any weight is read
     if load_language_model:
-        return LlavaForConditionalGeneration.from_pretrained(llava, dtype=dtype)
-    config = AutoConfig.from_pretrained(llava)
+        return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
     config.text_config.num_hidden_layers = 0
+    if hasattr(config.text_config, "layer_types"):
+        config.text_config.layer_types = []  # Qwen's per-layer attention kinds
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the skipped layers are "unexpected keys" by design
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(llava, config=config, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.model.language_model = torch.nn.Identity()

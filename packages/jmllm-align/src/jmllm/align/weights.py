@@ -8,13 +8,16 @@ which are the authors' names for the paper's three architectures (``deep-mlp``:
 ``sequence-transformer``: ``input_projection.*``, ``positions``, ``encoder.layers.N.*``,
 ``output_projection.*``). The file's metadata holds:
 
-- ``format``: ``"jmllm-alignment"``; ``format_version``: ``"2"``;
+- ``format``: ``"jmllm-alignment"``; ``format_version``: ``"3"``;
 - ``config``: JSON of :class:`AlignmentConfig` (architecture, dims, source model and layer, target
-  model, CLS handling);
+  model and its family — the transformers ``model_type``, e.g. ``llava``, ``qwen2_vl`` —, CLS
+  handling);
 - ``provenance``: JSON of how the weights were made (steps, images, final loss, ...).
 
 Version 1 files still load: their ``transformer`` was the project's whole-sequence network, now
 named ``sequence-transformer`` (version 2 gave the name to the authors' token-wise transformer).
+Version 1 and 2 files have no ``family``: they were all trained for LLaVA-1.5 (``llava``).
+Version 3 added the family, so that a W trained for one family refuses to load into another.
 
 Only safetensors (or ``torch.load(weights_only=True)`` for the authors' ``.pth``) is ever read.
 """
@@ -33,8 +36,8 @@ from jmllm.align.architectures import AlignmentConfig, AlignmentLayer
 from jmllm.align.files import atomic_write
 
 FORMAT_NAME = "jmllm-alignment"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 # Version 1 named the project's whole-sequence transformer "transformer".
 _V1_ARCHITECTURES = {"transformer": "sequence-transformer"}
 DEFAULT_FILENAME = "alignment.safetensors"
@@ -122,6 +125,7 @@ def read_metadata(path: str | os.PathLike[str]) -> tuple[AlignmentConfig, dict[s
     if version == "1":
         arch = str(data.get("architecture"))
         data["architecture"] = _V1_ARCHITECTURES.get(arch, arch)
+
     try:
         config = AlignmentConfig.from_dict(data)
     except (TypeError, ValueError) as exc:

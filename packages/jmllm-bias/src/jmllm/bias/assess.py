@@ -448,9 +448,15 @@ def _assess_all(
     results while this one decides what is left to do and does it."""
     from tqdm.auto import tqdm
 
+    settings = config.to_dict()
+    resolve = getattr(model, "conversation_template", None)
+    if resolve is not None:  # a J of another family than LLaVA-1.5 asks in its own chat format
+        from jmllm.joint.chat import format_prompt
+
+        settings["prompt"] = format_prompt(config.question, template=resolve(config.template))
     run_doc = {
         "cohort": str(Path(cohort).resolve()),
-        "settings": config.to_dict(),
+        "settings": settings,
         "models": dict(models or {}),
         # how J read its inputs: template, tokenization, preprocessing and dtype
         "inputs": model.input_record(config.template, config.tokenization, config.preprocessing),

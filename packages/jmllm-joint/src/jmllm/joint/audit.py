@@ -272,9 +272,10 @@ class YesNoAuditor:
             raise AuditError(f"class vocabulary: {exc}") from None
         self._prompts: dict[str, tuple[torch.Tensor, str, str]] = {}
         self._prefix_length: int | None = None
-        self._cache_key = _cache_argument(model.llava)
-        self._template: str | ConversationTemplate = settings.template
-        self._template_name = get_template(settings.template).name
+        self._cache_key = _cache_argument(model.mllm)
+        # the template J prompts with (another family than LLaVA-1.5 uses its own chat format)
+        self._template: str | ConversationTemplate = model.conversation_template(settings.template)
+        self._template_name = get_template(self._template).name
 
     # -- prompts ----------------------------------------------------------------------------
 
@@ -291,11 +292,11 @@ class YesNoAuditor:
             ids = self.model.prompt_inputs(question, self._template, tokenization=s.tokenization)[
                 "input_ids"
             ][0].cpu()
-            limit = int(self.model.llava.config.text_config.max_position_embeddings)
+            limit = self.model.max_positions
             if ids.numel() + s.max_new_tokens > limit:
                 raise AuditError(
                     f"class {class_name!r}: {ids.numel()} prompt tokens + {s.max_new_tokens} new "
-                    f"tokens exceed LLaVA's {limit} positions"
+                    f"tokens exceed the MLLM's {limit} positions"
                 )
             cached = (ids, question, format_prompt(question, self._template))
             self._prompts[class_name] = cached
@@ -348,24 +349,28 @@ class YesNoAuditor:
         rows = [ids for ids, _, _ in prompts]
         P = self.prefix_length()
         model = self.model
-        image_token = model.llava.config.image_token_id
+        image_token = model.family.image_token_id
         prefix = rows[0][:P]
         if int((prefix == image_token).sum()) != model.num_image_tokens:
             raise AuditError(
                 "template: the image must come before the question (the shared prefix of the "
                 "questions must hold every image token)"
             )
-        device = model.llava_device
+        device = model.mllm_device
         # the prefix once: BOS, image tokens W(t), the template's opening, "Is there a"
-        embeds = model.merge_image_tokens(prefix.unsqueeze(0).to(device), model.image_tokens(t))
+        prefix_ids = prefix.unsqueeze(0).to(device)
+        embeds = model.merge_image_tokens(prefix_ids, model.image_tokens(t))
         from transformers import DynamicCache
 
-        prefix_cache = DynamicCache(config=model.llava.config)
-        model.llava(
+        prefix_cache = DynamicCache(config=model.mllm.config)
+        # the family's extra inputs (Qwen: M-RoPE of the image, kept for the cached steps)
+        extra = model.family.prefill_inputs(prefix_ids, model.placeholders(prefix_ids))
+        model.mllm(
             inputs_embeds=embeds,
             use_cache=True,
             logits_to_keep=1,
             **{self._cache_key: prefix_cache},
+            **extra,
         )
         answered: list[AnsweredQuestion] = []
         size = self.rows_per_batch(len(classes), max(int(r.numel()) for r in rows))
@@ -392,7 +397,7 @@ class YesNoAuditor:
     def kv_bytes_per_question(self, prompt_tokens: int) -> int:
         """Bytes of KV cache one question holds at its longest (prompt + answer limit)."""
         tokens = prompt_tokens + self.settings.max_new_tokens
-        return kv_cache_bytes(self.model.llava.config.text_config, self.model.llava.dtype, tokens)
+        return kv_cache_bytes(self.model.mllm.config.text_config, self.model.mllm.dtype, tokens)
 
     def rows_per_batch(self, questions: int, prompt_tokens: int) -> int:
         """Questions per batch: ``batch_size``, or the KV budget's share split evenly."""
@@ -427,8 +432,8 @@ class YesNoAuditor:
             input_ids[b, P + S - s :], mask[b, P + S - s :] = r[P:], 1
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(B)  # (1, h, P, d) → (B, h, P, d) per layer
-        device = model.llava_device
-        out = model.llava.generate(
+        device = model.mllm_device
+        out = model.mllm.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=self.settings.max_new_tokens,

@@ -21,9 +21,17 @@ J and stock LLaVA are prompted through a *named* template:
 
 Paper-reproduction paths default to ``paper``; interactive use defaults to ``llava-1.5``
 (``docs/fidelity.md``). The placeholder is later expanded to one image token per vision patch
-(576 for LLaVA-1.5). A generated answer is a :class:`JointAnswer` (its text, its token ids and
-the prompt's, the template and tokenization it was asked in, and the reply as the authors'
-scripts read it: :func:`authors_reply`).
+(576 for LLaVA-1.5).
+
+Other model families (:mod:`jmllm.joint.families`) are prompted in their checkpoints' chat
+formats: ``llava-next-mistral`` (``[INST] <image>\\nQ [/INST]``), ``llava-next-vicuna``,
+``llava-onevision`` (ChatML) and ``qwen2-vl`` (ChatML with the default system prompt). Asked for
+``llava-1.5`` or ``paper`` — LLaVA-1.5's formats, the defaults everywhere — such a J uses its
+family's own format instead (:data:`LLAVA_TEMPLATES`), and every answer records the one used.
+
+A generated answer is a :class:`JointAnswer` (its text, its token ids and the prompt's, the
+template and tokenization it was asked in, and the reply as the authors' scripts read it:
+:func:`authors_reply`).
 """
 
 from __future__ import annotations
@@ -68,6 +76,46 @@ CONVERSATION_TEMPLATES: dict[str, ConversationTemplate] = {
         answer=" {answer}{eos}",
     ),
 }
+_QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+CONVERSATION_TEMPLATES.update(
+    {
+        # LLaVA-NeXT on Mistral-7B-Instruct (llava-hf/llava-v1.6-mistral-7b-hf's model card)
+        "llava-next-mistral": ConversationTemplate(
+            name="llava-next-mistral",
+            first="[INST] {image}\n{question} [/INST]",
+            user="[INST] {question} [/INST]",
+            answer=" {answer}{eos}",
+        ),
+        # LLaVA-NeXT on Vicuna (llava-hf/llava-v1.6-vicuna-*-hf): Vicuna v1 with its system line
+        "llava-next-vicuna": ConversationTemplate(
+            name="llava-next-vicuna",
+            first="A chat between a curious human and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+            "USER: {image}\n{question} ASSISTANT:",
+            user="USER: {question} ASSISTANT:",
+            answer=" {answer}{eos}",
+        ),
+        # LLaVA-OneVision (llava-hf/llava-onevision-*-hf's chat template): ChatML, image first
+        "llava-onevision": ConversationTemplate(
+            name="llava-onevision",
+            first="<|im_start|>user {image}\n{question}<|im_end|><|im_start|>assistant\n",
+            user="<|im_start|>user\n{question}<|im_end|><|im_start|>assistant\n",
+            answer="{answer}<|im_end|>",
+        ),
+        # Qwen2-VL / Qwen2.5-VL Instruct's chat template: ChatML, default system prompt; the
+        # family expands {image} into <|vision_start|>, the image pads and <|vision_end|>
+        "qwen2-vl": ConversationTemplate(
+            name="qwen2-vl",
+            first=_QWEN_SYSTEM
+            + "<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n",
+            user="<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+            answer="{answer}<|im_end|>\n",
+        ),
+    }
+)
+# LLaVA-1.5's own formats: a J of another family prompted with one of them uses its family's
+# format instead (they are the defaults of every command, written for LLaVA-1.5)
+LLAVA_TEMPLATES = ("llava-1.5", "paper")
 INTERACTIVE_TEMPLATE = "llava-1.5"  # chat, describe, the demo, the explorer app
 PAPER_TEMPLATE = "paper"  # judge captions, bias, WSOL, user-study maps, hallucination audit
 

@@ -1,14 +1,19 @@
-"""The joint model J: OWL-ViT + alignment W + LLaVA-1.5 fed by one vision embedding ``t``.
+"""The joint model J: OWL-ViT + alignment W + a multi-modal LLM fed by one vision embedding ``t``.
 
 Giulivi and Boracchi, *Explaining Multi-modal Large Language Models by Analyzing their Vision
 Perception* (BMVC 2024, arXiv 2405.14612), §3 and DESIGN §1.2::
 
     image ─► OWL-ViT vision encoder ─► t (B, 1 + N, D_owl), penultimate hidden state, CLS first
-                                        ├─► drop CLS ─► W ─► LLaVA's language model ─► O^MLLM (text)
+                                        ├─► drop CLS ─► W ─► the MLLM's language model ─► O^MLLM
                                         └─► last layer + heads H ─► O^OWL (boxes, class logits)
 
+The MLLM is LLaVA-1.5 (the paper's) or any family of :mod:`jmllm.joint.families` (LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL), picked from its config: the family says how many image
+tokens W(t) fills, on which grids (``t``'s patch grid resampled onto them where they differ),
+and what extra inputs the language model needs.
+
 Embed once (:meth:`JointModel.embed`), then generate, chat, detect and explain from the same ``t``
-— or from a perturbed copy of it. LLaVA's image tokens are replaced through its public
+— or from a perturbed copy of it. The MLLM's image tokens are replaced through its public
 ``inputs_embeds`` argument; transformers is neither patched nor vendored.
 """
 
@@ -31,10 +36,10 @@ from jmllm.align import (
     ImageNormalization,
     check_fits,
     image_to_tensor,
-    llava_image_tokens,
     load_alignment,
     owl_penultimate,
 )
+from jmllm.align.families import UnsupportedFamilyError, resample_patches, vision_family
 from jmllm.align.hub import prepare_hub
 from jmllm.align.images import (
     WORKING_SIDE,
@@ -48,6 +53,7 @@ from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessi
 from jmllm.align.weights import looks_like_repo_id, resolve_alignment_path
 from jmllm.joint.chat import (
     INTERACTIVE_TEMPLATE,
+    LLAVA_TEMPLATES,
     Conversation,
     ConversationTemplate,
     JointAnswer,
@@ -58,6 +64,7 @@ from jmllm.joint.chat import (
     get_template,
 )
 from jmllm.joint.detection import Detections, decode_detections, owl_detection_heads
+from jmllm.joint.families import FamilyAdapter, adapter_for
 from jmllm.joint.tokenization import (
     INTERACTIVE_TOKENIZATION,
     TokenizationError,
@@ -69,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OWL = "google/owlvit-base-patch32"
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_MLLM = DEFAULT_LLAVA  # the paper's MLLM
 DEFAULT_QUERY_TEMPLATE = "a photo of a {}"
 # Images are shrunk (aspect kept) to this longest side before squashing (the image policy of
 # jmllm.align.images): both models see at most 768 px.
@@ -79,7 +87,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QUERY_CACHE_SIZE = 256  # query sets whose text embeddings are kept
 
 ImageInput = str | os.PathLike[str] | Image.Image | torch.Tensor
-Vision = Literal["joint", "llava"]
+Vision = Literal["joint", "llava", "stock"]  # "llava" and "stock": the MLLM's own vision
 
 
 class JointModelError(ValueError):
@@ -94,7 +102,7 @@ class JointEmbedding:
         t: (B, 1 + N, D_owl) OWL-ViT penultimate hidden state, CLS first (577 × 768 for B/32).
         image_sizes: original (width, height) of every image: boxes are in these pixels.
         images: the decoded (3, H, W) uint8 working copies (at most 4096 px on the longest side,
-            aspect kept; stock-LLaVA path and rendering); may be empty for an embedding made
+            aspect kept; the stock MLLM's path and rendering); may be empty for an embedding made
             from ``t`` alone.
         preprocessing: the named preprocessing the images were embedded with (``"authors"``,
             ``"exif"``; :mod:`jmllm.align.preprocessing`); stock LLaVA resizes with the same.
@@ -134,8 +142,9 @@ class JointEmbedding:
         return Image.fromarray(self.images[index].permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
-def check_compatible(alignment_config: Any, owl_config: Any, llava_config: Any) -> None:
-    """Raise :class:`JointModelError` naming the mismatch if W, OWL-ViT and LLaVA do not fit.
+def check_compatible(alignment_config: Any, owl_config: Any, mllm_config: Any) -> None:
+    """Raise :class:`JointModelError` naming the mismatch if W, OWL-ViT and the MLLM do not fit
+    (an unsupported MLLM family, a W trained for another family, a dimension).
 
     Example:
         >>> from jmllm.align import alignment_config_for
@@ -143,14 +152,15 @@ def check_compatible(alignment_config: Any, owl_config: Any, llava_config: Any) 
         >>> owl, llava = owlvit_b32_config(), llava_1_5_7b_config()
         >>> check_compatible(alignment_config_for(owl, llava), owl, llava)  # passes silently
     """
-    strategy = getattr(llava_config, "vision_feature_select_strategy", "default")
-    if strategy != "default":
+    model_type = getattr(mllm_config, "model_type", "")
+    strategy = getattr(mllm_config, "vision_feature_select_strategy", "default")
+    if model_type == "llava" and strategy != "default":
         raise JointModelError(
             f"LLaVA vision_feature_select_strategy is {strategy!r}; J replaces the CLS-free "
             "'default' image tokens only"
         )
     try:
-        check_fits(alignment_config, owl_config, llava_config)
+        check_fits(alignment_config, owl_config, mllm_config)
     except ValueError as exc:
         raise JointModelError(str(exc)) from None
 
@@ -224,16 +234,18 @@ class _FirstScores:
 
 
 class JointModel:
-    """J: one OWL-ViT embedding ``t`` feeds LLaVA (through W) and OWL-ViT's detection heads.
+    """J: one OWL-ViT embedding ``t`` feeds an MLLM (through W) and OWL-ViT's detection heads.
 
     Build it with :meth:`from_pretrained`; the constructor takes already loaded modules.
 
     Args:
         owl: ``OwlViTForObjectDetection``.
-        llava: ``LlavaForConditionalGeneration``.
-        alignment: the alignment layer W.
-        tokenizer: LLaVA's tokenizer. owl_tokenizer: OWL-ViT's (CLIP) tokenizer.
-        owl_norm, llava_norm: each model's pixel normalisation (whole image squashed).
+        mllm: the multi-modal LLM: ``LlavaForConditionalGeneration`` or a model of any family
+            of :mod:`jmllm.joint.families` (:attr:`family` is its adapter).
+        alignment: the alignment layer W (trained for the MLLM's family).
+        tokenizer: the MLLM's tokenizer. owl_tokenizer: OWL-ViT's (CLIP) tokenizer.
+        owl_norm, mllm_norm: each model's pixel normalisation (whole image squashed; the
+            MLLM's at its family's square side). ``llava_norm``: the old name of ``mllm_norm``.
 
     Example:
         >>> model = JointModel.from_pretrained(alignment="w.safetensors")  # doctest: +SKIP
@@ -247,22 +259,24 @@ class JointModel:
     def __init__(
         self,
         owl: Any,
-        llava: Any,
+        mllm: Any,
         alignment: AlignmentLayer | None,
         *,
         tokenizer: Any = None,
         owl_tokenizer: Any = None,
         owl_norm: ImageNormalization | None = None,
+        mllm_norm: ImageNormalization | None = None,
         llava_norm: ImageNormalization | None = None,
         sources: dict[str, str] | None = None,
     ) -> None:
-        if (llava is None) != (alignment is None):
-            raise JointModelError("llava and alignment: give both (J) or neither (detection only)")
-        if llava is not None and alignment is not None:
-            check_compatible(alignment.config, owl.config, llava.config)
+        if (mllm is None) != (alignment is None):
+            raise JointModelError("mllm and alignment: give both (J) or neither (detection only)")
+        if mllm is not None and alignment is not None:
+            check_compatible(alignment.config, owl.config, mllm.config)
         self.owl = owl.eval().requires_grad_(False)
         # None for a detector (OWL-ViT alone); language methods check with _language()
-        self.llava: Any = llava.eval().requires_grad_(False) if llava is not None else None
+        self.mllm: Any = mllm.eval().requires_grad_(False) if mllm is not None else None
+        self.family: FamilyAdapter | None = adapter_for(mllm) if mllm is not None else None
         self.alignment: Any = (
             alignment.eval().requires_grad_(False) if alignment is not None else None
         )
@@ -270,10 +284,15 @@ class JointModel:
         self.owl_tokenizer = owl_tokenizer
         vision = owl.config.vision_config
         self.owl_norm = owl_norm or ImageNormalization(vision.image_size, CLIP_MEAN, CLIP_STD)
-        side = llava.config.vision_config.image_size if llava is not None else vision.image_size
-        self.llava_norm = llava_norm or ImageNormalization(side, CLIP_MEAN, CLIP_STD)
+        # the vision side's patch grid: t's, which the family's grids are resampled from
+        self.owl_grid = (vision.image_size // vision.patch_size,) * 2
+        side = self.family.layout.side if self.family is not None else vision.image_size
+        self.mllm_norm = mllm_norm or llava_norm or ImageNormalization(side, CLIP_MEAN, CLIP_STD)
         self.sources = dict(sources or {})
-        self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        # image tokens per prompt (the family's, packed); OWL-ViT's patches for a detector
+        self.num_image_tokens = (
+            self.family.num_tokens if self.family is not None else self.owl_grid[0] ** 2
+        )
         self._query_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         self._tokenizers: dict[str, Any] = {}  # LLaVA's tokenizer per tokenization name
         # Optional check of every embedded image: (uint8 (3, H, W) working copy, original
@@ -281,53 +300,75 @@ class JointModel:
         # warning). The toy world sets it (jmllm.joint.toy.inputs): a photo is not a toy scene.
         self.input_check: Any = None
 
+    # LLaVA-era names, kept for callers written before other families
+    @property
+    def llava(self) -> Any:
+        """The MLLM (:attr:`mllm`), by its LLaVA-era name."""
+        return self.mllm
+
+    @property
+    def llava_norm(self) -> ImageNormalization:
+        """The MLLM's pixel normalisation (:attr:`mllm_norm`), by its LLaVA-era name."""
+        return self.mllm_norm
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
         cls,
         owl: str | os.PathLike[str] = DEFAULT_OWL,
-        llava: str | os.PathLike[str] = DEFAULT_LLAVA,
+        mllm: str | os.PathLike[str] = DEFAULT_MLLM,
         alignment: str | os.PathLike[str] | None = None,
         *,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict[str, Any] | None = None,
+        llava: str | os.PathLike[str] | None = None,
     ) -> JointModel:
-        """Load OWL-ViT, LLaVA and W (each a Hub id or a local folder/file) and check they fit.
+        """Load OWL-ViT, the MLLM and W (each a Hub id or a local folder/file) and check they
+        fit.
 
-        Dimensions are checked from the configs and the weights file's metadata *before* the
+        The MLLM's family (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) is
+        read from its config and picks the adapter (:mod:`jmllm.joint.families`); any other is
+        refused in one line listing the supported ones. Dimensions, and the family W was
+        trained for, are checked from the configs and the weights file's metadata *before* the
         large weights are loaded. ``trust_remote_code`` is never used.
 
         Args:
             owl: OWL-ViT checkpoint (``OwlViTForObjectDetection``).
-            llava: LLaVA-1.5 checkpoint (``LlavaForConditionalGeneration``).
+            mllm: the multi-modal LLM's checkpoint (``AutoModelForImageTextToText``), e.g.
+                ``llava-hf/llava-1.5-7b-hf`` or ``Qwen/Qwen2-VL-2B-Instruct``.
             alignment: W weights: ``.safetensors`` file, folder, or Hub repo id (required: the
-                paper's W has no public default).
+                paper's W has no public default), trained for ``mllm``'s family.
             dtype: weights dtype (a ``torch.dtype`` or its name, ``"bfloat16"``); default (or
                 ``"auto"``) bfloat16 on GPU, float32 on CPU.
-            device: where OWL-ViT and W run (and LLaVA, without ``device_map``); default the
+            device: where OWL-ViT and W run (and the MLLM, without ``device_map``); default the
                 first GPU if any, else the CPU.
-            device_map: passed to LLaVA's ``from_pretrained`` (e.g. ``"auto"``) to spread the
+            device_map: passed to the MLLM's ``from_pretrained`` (e.g. ``"auto"``) to spread the
                 language model over devices.
+            llava: the old name of ``mllm`` (keyword only).
 
         Returns:
             The loaded :class:`JointModel`, all parts in eval mode and frozen.
 
         Raises:
-            JointModelError: a checkpoint cannot be loaded, or the three do not fit (the message
-                names the source and the mismatched dimension).
+            JointModelError: a checkpoint cannot be loaded, its family is not supported, or the
+                three do not fit (the message names the source and the mismatch).
 
         Example:
             >>> JointModel.from_pretrained("google/owlvit-base-patch32", "llava-hf/llava-1.5-7b-hf",
             ...                            alignment="runs/w/alignment.safetensors")  # doctest: +SKIP
+            >>> JointModel.from_pretrained(mllm="Qwen/Qwen2-VL-2B-Instruct",
+            ...                            alignment="w-qwen2-vl.safetensors")  # doctest: +SKIP
         """
         from transformers import (
             AutoConfig,
+            AutoModelForImageTextToText,
             AutoTokenizer,
-            LlavaForConditionalGeneration,
             OwlViTForObjectDetection,
         )
 
+        if llava is not None:
+            mllm = llava
         if alignment is None:
             raise JointModelError(
                 "alignment: required (a W weights file, folder or Hub id); there is no public "
@@ -335,7 +376,7 @@ class JointModel:
             )
         # Local paths first, before any Hub call: a missing file is named at once.
         check_local_source(owl, "OWL-ViT")
-        check_local_source(llava, "LLaVA")
+        check_local_source(mllm, "multi-modal LLM")
         if not looks_like_repo_id(alignment):
             alignment = resolve_alignment_path(alignment)
         prepare_hub([owl, llava, alignment])  # an unreachable Hub: one line, no retries
@@ -344,20 +385,20 @@ class JointModel:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         owl_config = _load("OWL-ViT config", owl, AutoConfig.from_pretrained)
-        llava_config = _load("LLaVA config", llava, AutoConfig.from_pretrained)
+        mllm_config = _load("multi-modal LLM config", mllm, AutoConfig.from_pretrained)
         if owl_config.model_type != "owlvit":
             raise JointModelError(f"{owl}: model_type is {owl_config.model_type!r}, not 'owlvit'")
-        if llava_config.model_type != "llava":
-            raise JointModelError(
-                f"{llava}: model_type is {llava_config.model_type!r}, not 'llava'"
-            )
+        try:
+            family = vision_family(mllm_config)
+        except UnsupportedFamilyError as exc:
+            raise JointModelError(f"{mllm}: {exc}") from None
         w = load_alignment(alignment, device=device, dtype=dtype)
         try:
-            check_compatible(w.config, owl_config, llava_config)
+            check_compatible(w.config, owl_config, mllm_config)
         except JointModelError as exc:
             raise JointModelError(f"{alignment}: {exc}") from None
         # the small parts first: a missing tokenizer should not cost a 14 GB load
-        tokenizer = _load("LLaVA tokenizer", llava, AutoTokenizer.from_pretrained)
+        tokenizer = _load("tokenizer", mllm, AutoTokenizer.from_pretrained)
         tokenizer.padding_side = "left"
         owl_tokenizer = _load("OWL-ViT tokenizer", owl, AutoTokenizer.from_pretrained)
         owl_norm = _load(
@@ -366,11 +407,8 @@ class JointModel:
             ImageNormalization.from_pretrained,
             owl_config.vision_config.image_size,
         )
-        llava_norm = _load(
-            "LLaVA image processor",
-            llava,
-            ImageNormalization.from_pretrained,
-            llava_config.vision_config.image_size,
+        mllm_norm = _load(
+            "image processor", mllm, ImageNormalization.from_pretrained, family.layout.side
         )
         owl_model = _load(
             "OWL-ViT",
@@ -380,24 +418,25 @@ class JointModel:
             # eager attention: every order of autograd (GA saliency's JVPs) works through it
             attn_implementation="eager",
         ).to(device)
-        llava_model = _load(
-            "LLaVA",
-            llava,
-            LlavaForConditionalGeneration.from_pretrained,
+        mllm_model = _load(
+            family.title,
+            mllm,
+            AutoModelForImageTextToText.from_pretrained,
             dtype=dtype,
             device_map=device_map,
         )
         if device_map is None:
-            llava_model.to(device)
+            mllm_model.to(device)
+        # "llava" stays the key of the MLLM's source (reports and records read it)
         return cls(
             owl_model,
-            llava_model,
+            mllm_model,
             w,
             tokenizer=tokenizer,
             owl_tokenizer=owl_tokenizer,
             owl_norm=owl_norm,
-            llava_norm=llava_norm,
-            sources={"owl": str(owl), "llava": str(llava), "alignment": str(alignment)},
+            mllm_norm=mllm_norm,
+            sources={"owl": str(owl), "llava": str(mllm), "alignment": str(alignment)},
         )
 
     @classmethod
@@ -453,16 +492,41 @@ class JointModel:
 
     @property
     def has_language(self) -> bool:
-        """Whether LLaVA and W are loaded (False for :meth:`detector`)."""
-        return self.llava is not None
+        """Whether the MLLM and W are loaded (False for :meth:`detector`)."""
+        return self.mllm is not None
 
     def _language(self) -> Any:
-        if self.llava is None or self.alignment is None:
+        if self.mllm is None or self.alignment is None:
             raise JointModelError(
-                "J was loaded for detection only (OWL-ViT): load LLaVA and W with "
+                "J was loaded for detection only (OWL-ViT): load the MLLM and W with "
                 "JointModel.from_pretrained to generate, chat or explain"
             )
-        return self.llava
+        return self.mllm
+
+    def _family(self) -> FamilyAdapter:
+        self._language()
+        assert self.family is not None
+        return self.family
+
+    def conversation_template(
+        self, template: str | ConversationTemplate = INTERACTIVE_TEMPLATE
+    ) -> ConversationTemplate:
+        """The conversation template J prompts with for ``template``: itself, except that a J
+        of another family than LLaVA-1.5 asked for one of LLaVA-1.5's formats (``llava-1.5``,
+        ``paper``, the defaults) uses its family's chat format.
+
+        Raises:
+            PromptError: an unknown template name (the message lists the known ones).
+
+        Example:
+            >>> model.conversation_template("paper").name  # a Qwen2-VL J  # doctest: +SKIP
+            'qwen2-vl'
+        """
+        form = get_template(template)
+        family = self.family
+        if family is not None and family.model_type != "llava" and form.name in LLAVA_TEMPLATES:
+            return get_template(family.template)
+        return form
 
     # ------------------------------------------------------------------ devices
     @property
@@ -475,8 +539,9 @@ class JointModel:
         return next(self.owl.parameters()).dtype
 
     @property
-    def llava_device(self) -> torch.device:
-        """Where LLaVA's inputs go (its token embedding's device, also under ``device_map``)."""
+    def mllm_device(self) -> torch.device:
+        """Where the MLLM's inputs go (its token embedding's device, also under
+        ``device_map``)."""
         return self._language().get_input_embeddings().weight.device
 
     def input_record(
@@ -493,11 +558,26 @@ class JointModel:
             {'template': 'paper', 'tokenization': 'legacy', 'preprocessing': 'authors', 'dtype': 'float32'}
         """
         return {
-            "template": get_template(template).name if template is not None else None,
-            "tokenization": check_tokenization(tokenization) if tokenization else None,
+            "template": self.conversation_template(template).name if template is not None else None,
+            "tokenization": self.effective_tokenization(tokenization) if tokenization else None,
             "preprocessing": get_preprocessing(preprocessing).name if preprocessing else None,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+    def effective_tokenization(self, tokenization: str = INTERACTIVE_TOKENIZATION) -> str:
+        """The tokenization J prompts with for ``tokenization``: itself, except that ``legacy``
+        (LLaVA-1.5's ids as the authors had them) is ``checkpoint`` for a J of another family,
+        as :meth:`conversation_template` gives such a J its own chat format.
+
+        Example:
+            >>> model.effective_tokenization("legacy")  # a Qwen2-VL J  # doctest: +SKIP
+            'checkpoint'
+        """
+        name = check_tokenization(tokenization)
+        family = self.family
+        if name == "legacy" and family is not None and family.model_type != "llava":
+            return "checkpoint"
+        return name
 
     def llava_tokenizer(self, tokenization: str = INTERACTIVE_TOKENIZATION) -> Any:
         """LLaVA's tokenizer under a named tokenization (:mod:`jmllm.joint.tokenization`):
@@ -507,7 +587,11 @@ class JointModel:
             JointModelError: an unknown name, or ``legacy`` for a tokenizer that has none.
         """
         if self.tokenizer is None:
-            raise JointModelError("tokenizer: J was built without LLaVA's tokenizer")
+            raise JointModelError("tokenizer: J was built without the MLLM's tokenizer")
+        try:
+            tokenization = self.effective_tokenization(tokenization)
+        except TokenizationError as exc:
+            raise JointModelError(str(exc)) from None
         cached = self._tokenizers.get(tokenization)
         if cached is None:
             try:
@@ -517,6 +601,16 @@ class JointModel:
             cached.padding_side = "left"
             self._tokenizers[tokenization] = cached
         return cached
+
+    @property
+    def max_positions(self) -> int:
+        """The MLLM's language model positions (prompt + answer limit)."""
+        return int(self._language().config.text_config.max_position_embeddings)
+
+    @property
+    def llava_device(self) -> torch.device:
+        """:attr:`mllm_device` by its LLaVA-era name."""
+        return self.mllm_device
 
     # ------------------------------------------------------------------ embedding
     def _decode_images(
@@ -752,25 +846,52 @@ class JointModel:
 
     # ------------------------------------------------------------------ language side
     def image_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """W(t without CLS): the image tokens J gives LLaVA's language model, (B, N, D_llm).
+        """W(t without CLS) on the family's grids: the image tokens J gives the MLLM's language
+        model, (B, L, D_llm), packed as the family lays them out.
 
-        Differentiable in ``t``.
+        ``t``'s patch grid (:attr:`owl_grid`) is resampled onto every grid of the family's
+        layout first where they differ (:func:`jmllm.align.families.resample_patches`); for
+        LLaVA-1.5 and Qwen with OWL-ViT B/32 they agree and W reads ``t``'s patches as they
+        are. Differentiable in ``t``.
+
+        Example:
+            >>> model.image_tokens(emb.t).shape  # LLaVA-1.5  # doctest: +SKIP
+            torch.Size([1, 576, 4096])
         """
-        self._language()
+        family = self._family()
         assert self.alignment is not None
-        return self.alignment(t[:, 1:].to(self.device))
+        patches = resample_patches(t[:, 1:].to(self.device), self.owl_grid, family.layout)
+        return family.pack(self.alignment(patches))  # (B, N, D) -> (B, L, D)
 
     @torch.no_grad()
     def stock_image_tokens(self, emb: JointEmbedding) -> torch.Tensor:
-        """Stock LLaVA's own image tokens (vision tower + projector on the squashed image)."""
-        self._language()
+        """The MLLM's own image tokens (its vision tower and projector on the squashed image, on
+        the same grids and packed the same way as :meth:`image_tokens`)."""
+        family = self._family()
         if not emb.images:
-            raise JointModelError("embedding: stock LLaVA needs the images, not t alone")
-        tower_device = next(self.llava.model.vision_tower.parameters()).device
+            raise JointModelError("embedding: the stock MLLM needs the images, not t alone")
+        tower_device = next(family.vision.tower(self.mllm).parameters()).device
         # the same resize as OWL-ViT's side of J got (the embedding's preprocessing)
         preprocessing = emb.preprocessing or INTERACTIVE_PREPROCESSING
-        pixel_values = self.llava_norm(emb.images, tower_device, preprocessing)  # (B, 3, S, S)
-        return llava_image_tokens(self.llava, pixel_values)
+        pixel_values = self.mllm_norm(emb.images, tower_device, preprocessing)  # (B, 3, S, S)
+        return family.pack(family.stock_tokens(pixel_values))
+
+    @torch.no_grad()
+    def stock_inputs(self, emb: JointEmbedding) -> dict[str, torch.Tensor]:
+        """The stock MLLM's own image inputs for the embedding's images (``pixel_values`` and
+        ``image_sizes`` / ``image_grid_thw``, as its processor lays them out), to run the
+        model's own forward beside J's (the exactness checks).
+
+        Example:
+            >>> ids = model.prompt_inputs("Hi?")["input_ids"]  # doctest: +SKIP
+            >>> model.mllm(input_ids=ids, **model.stock_inputs(emb)).logits  # doctest: +SKIP
+        """
+        family = self._family()
+        if not emb.images:
+            raise JointModelError("embedding: the stock MLLM needs the images, not t alone")
+        tower_device = next(family.vision.tower(self.mllm).parameters()).device
+        preprocessing = emb.preprocessing or INTERACTIVE_PREPROCESSING
+        return family.vision.model_inputs(self.mllm_norm(emb.images, tower_device, preprocessing))
 
     def prompt_inputs(
         self,
@@ -782,16 +903,19 @@ class JointModel:
 
         A string is one question (``USER: <image>\\n{question} ASSISTANT:`` with the default
         ``llava-1.5`` template, ``<image>\\nUSER: {question}\\nASSISTANT:`` with ``paper``); a
-        :class:`~jmllm.joint.chat.Conversation` gives the multi-turn form.
+        :class:`~jmllm.joint.chat.Conversation` gives the multi-turn form. Another family than
+        LLaVA-1.5 uses its own chat format (:meth:`conversation_template`) and its own image
+        text (Qwen: ``<|vision_start|>``, the image pads, ``<|vision_end|>``).
 
         Args:
             prompts: one prompt or conversation, or a list of them.
-            template: ``"llava-1.5"`` (default) or ``"paper"`` (see :mod:`jmllm.joint.chat`).
+            template: ``"llava-1.5"`` (default) or ``"paper"`` (see :mod:`jmllm.joint.chat`),
+                or a family's chat format by name.
             tokenization: ``"checkpoint"`` (default: the tokenizer as loaded) or ``"legacy"``
                 (the authors' ids: ``▁`` after ``<image>``; :mod:`jmllm.joint.tokenization`).
 
         Returns:
-            ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on LLaVA's input device.
+            ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on the MLLM's input device.
 
         Raises:
             PromptError: an empty prompt, or one containing ``<image>`` itself.
@@ -800,25 +924,22 @@ class JointModel:
             >>> model.prompt_inputs(["What's in the image?"])["input_ids"].shape  # doctest: +SKIP
             torch.Size([1, 593])
         """
-        self._language()
+        family = self._family()
         texts = self._prompt_texts(prompts, template)
         tokenizer = self.llava_tokenizer(tokenization)
-        image_token = tokenizer.convert_ids_to_tokens(self.llava.config.image_token_id)
-        expanded = [
-            text.replace("<image>", image_token * self.num_image_tokens, 1) for text in texts
-        ]
+        image_text = family.image_text(tokenizer)
+        expanded = [text.replace("<image>", image_text, 1) for text in texts]
         tokenizer.padding_side = "left"
         batch = tokenizer(expanded, padding=True, return_tensors="pt")
         return {
-            "input_ids": batch["input_ids"].to(self.llava_device),
-            "attention_mask": batch["attention_mask"].to(self.llava_device),
+            "input_ids": batch["input_ids"].to(self.mllm_device),
+            "attention_mask": batch["attention_mask"].to(self.mllm_device),
         }
 
-    @staticmethod
     def _prompt_texts(
-        prompts: Any, template: str | ConversationTemplate = INTERACTIVE_TEMPLATE
+        self, prompts: Any, template: str | ConversationTemplate = INTERACTIVE_TEMPLATE
     ) -> list[str]:
-        get_template(template)  # an unknown name fails before any work
+        template = self.conversation_template(template)  # an unknown name fails here
         if isinstance(prompts, (str, Conversation)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -837,7 +958,7 @@ class JointModel:
     def merge_image_tokens(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor
     ) -> torch.Tensor:
-        """LLaVA's input embeddings with the image placeholders replaced by ``image_tokens``.
+        """The MLLM's input embeddings with the image placeholders replaced by ``image_tokens``.
 
         The placeholders are the first N image-token ids of each row (the prompt's). An
         image-token id after them — one the model generated in an answer, which ``generate``
@@ -849,8 +970,8 @@ class JointModel:
             image_tokens: (B, N, D_llm), e.g. :meth:`image_tokens` of ``t``.
 
         Returns:
-            (B, L, D_llm) ``inputs_embeds`` for LLaVA's forward or ``generate``; differentiable
-            in ``image_tokens``.
+            (B, L, D_llm) ``inputs_embeds`` for the MLLM's forward or ``generate``;
+            differentiable in ``image_tokens``.
 
         Example:
             >>> ids = model.prompt_inputs("Hi?")["input_ids"]  # doctest: +SKIP
@@ -860,16 +981,28 @@ class JointModel:
         embed = self._language().get_input_embeddings()
         inputs_embeds = embed(input_ids)  # (B, L, D_llm)
         B, N = image_tokens.shape[:2]
-        mask = input_ids == self.llava.config.image_token_id  # (B, L)
-        counts = mask.sum(-1)
-        mask = mask & (mask.cumsum(-1) <= N)  # the placeholders: the first N per row
-        checkable = input_ids.device.type != "meta"  # meta tensors (size checks) hold no ids
-        if input_ids.shape[0] != B or (checkable and bool((counts < N).any())):
-            raise JointModelError(
-                f"prompts: {counts.tolist()} image tokens per row for {B} images of {N} tokens"
-            )
+        if input_ids.shape[0] != B:
+            raise JointModelError(f"prompts: {input_ids.shape[0]} rows for {B} images")
+        mask = self.placeholders(input_ids, N)
         image_tokens = image_tokens.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_tokens)
+
+    def placeholders(self, input_ids: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """(B, L) bool: the image placeholders of ``input_ids``, the first ``num_tokens``
+        (default :attr:`num_image_tokens`) image-token ids of each row.
+
+        Raises:
+            JointModelError: a row holds fewer image-token ids.
+        """
+        N = self.num_image_tokens if num_tokens is None else num_tokens
+        mask = input_ids == self._family().image_token_id  # (B, L)
+        counts = mask.sum(-1)
+        checkable = input_ids.device.type != "meta"  # meta tensors (size checks) hold no ids
+        if checkable and bool((counts < N).any()):
+            raise JointModelError(
+                f"prompts: {counts.tolist()} image tokens per row for images of {N} tokens"
+            )
+        return mask & (mask.cumsum(-1) <= N)  # the placeholders: the first N per row
 
     def logits_from_image_tokens(
         self,
@@ -877,17 +1010,13 @@ class JointModel:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """LLaVA's logits (B, L, V) for ``input_ids`` with its image tokens replaced."""
+        """The MLLM's logits (B, L, V) for ``input_ids`` with its image tokens replaced; the
+        family adds its extra inputs (positions under left padding; Qwen's M-RoPE)."""
         inputs_embeds = self.merge_image_tokens(input_ids, image_tokens)
-        position_ids = None
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            # left padding: positions count real tokens only, as generate() does
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.llava(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
+        placeholders = self.placeholders(input_ids, image_tokens.shape[1])
+        extra = self._family().forward_inputs(input_ids, attention_mask, placeholders)
+        out = self.mllm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **extra
         )
         return out.logits
 
@@ -940,9 +1069,12 @@ class JointModel:
             max_new_tokens: answer length limit.
             do_sample: sample (with ``temperature`` and ``top_p``) instead of greedy decoding.
             seed: seeds sampling without touching the global random state.
-            vision: ``"joint"`` feeds W(t); ``"llava"`` feeds stock LLaVA's own vision tower and
-                projector on the same (squashed) images, for side-by-side comparison.
-            template: conversation template, ``"llava-1.5"`` (default) or ``"paper"``.
+            vision: ``"joint"`` feeds W(t); ``"llava"`` (or ``"stock"``) feeds the MLLM's own
+                vision tower and projector on the same (squashed) images, for side-by-side
+                comparison.
+            template: conversation template, ``"llava-1.5"`` (default) or ``"paper"``; another
+                family than LLaVA-1.5 uses its own chat format for these
+                (:meth:`conversation_template`).
             tokenization: how the prompts are tokenised, ``"checkpoint"`` (default) or
                 ``"legacy"`` (the authors' ids; see :meth:`prompt_inputs`).
             preprocessing: how images (not an embedding) are embedded, ``"exif"`` (default) or
@@ -958,9 +1090,9 @@ class JointModel:
             >>> answers = model.generate(emb, "What's the content of the image?")  # doctest: +SKIP
             >>> stock = model.generate(emb, "What's the content of the image?", vision="llava")  # doctest: +SKIP
         """
-        self._language()
-        if vision not in ("joint", "llava"):
-            raise JointModelError(f"vision: {vision!r} is neither 'joint' nor 'llava'")
+        family = self._family()
+        if vision not in ("joint", "llava", "stock"):
+            raise JointModelError(f"vision: {vision!r} is not 'joint', 'llava' or 'stock'")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise JointModelError(
                 f"max_new_tokens: must be a positive integer, got {max_new_tokens!r}"
@@ -975,11 +1107,11 @@ class JointModel:
             raise JointModelError(f"prompts: {len(texts_in)} prompts for {len(emb)} images")
         inputs = self.prompt_inputs(texts_in, template, tokenization)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        limit = int(self.llava.config.text_config.max_position_embeddings)
+        limit = self.max_positions
         if input_ids.shape[1] + max_new_tokens > limit:
             raise PromptError(
                 f"prompts: {input_ids.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed "
-                f"LLaVA's {limit} positions"
+                f"the MLLM's {limit} positions"
             )
         with torch.no_grad():
             if vision == "joint":
@@ -1000,6 +1132,8 @@ class JointModel:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
+            placeholders = self.placeholders(input_ids, image_tokens.shape[1])
+            kwargs.update(family.generate_inputs(input_ids, attention_mask, placeholders))
             first = _FirstScores()
             if first_token_logits:
                 from transformers import LogitsProcessorList
@@ -1008,9 +1142,11 @@ class JointModel:
             with torch.random.fork_rng(devices=self._cuda_devices(), enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(seed)
-                sequences = self.llava.generate(
+                sequences = self.mllm.generate(
                     inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
                 )
+            if family.generate_with_ids:  # the prompt's ids come back first
+                sequences = sequences[:, input_ids.shape[1] :]
         texts = self._prompt_texts(texts_in, template)
         answers = [
             self.decode_answer(
@@ -1018,8 +1154,8 @@ class JointModel:
                 input_ids[row][attention_mask[row].bool()],
                 texts[row],
                 vision,
-                get_template(template).name,
-                tokenization,
+                self.conversation_template(template).name,
+                self.effective_tokenization(tokenization),
             )
             for row in range(sequences.shape[0])
         ]
@@ -1046,7 +1182,7 @@ class JointModel:
             new_ids: (T,) the generated ids, answer only.
             prompt_ids: (P,) the prompt's ids, image tokens expanded, no padding.
             prompt: the prompt text.
-            vision: ``"joint"`` or ``"llava"``.
+            vision: ``"joint"``, ``"llava"`` or ``"stock"``.
             template: the name of the conversation template the prompt was put in.
             tokenization: the name of the tokenization the prompt was tokenised with.
 
@@ -1081,7 +1217,7 @@ class JointModel:
         )
 
     def _cuda_devices(self) -> list[int]:
-        devices = {p.device.index for p in self.llava.parameters() if p.device.type == "cuda"}
+        devices = {p.device.index for p in self.mllm.parameters() if p.device.type == "cuda"}
         return sorted(d for d in devices if d is not None)
 
     def chat(

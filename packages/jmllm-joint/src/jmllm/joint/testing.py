@@ -1,4 +1,5 @@
-"""Tiny offline J: tiny OWL-ViT + tiny LLaVA (from :mod:`jmllm.align.testing`) + a matching W.
+"""Tiny offline J: tiny OWL-ViT + a tiny MLLM of any family (from :mod:`jmllm.align.testing`
+and :mod:`jmllm.align.testing_families`) + a matching W.
 
 Everything is saved to folders and loaded back through :meth:`JointModel.from_pretrained`, the
 path users take with Hub ids, so tests, the demo, the benchmarks and downstream packages exercise
@@ -27,13 +28,30 @@ import torch
 from jmllm.align import AlignmentLayer, alignment_config_for, load_alignment, save_alignment
 from jmllm.align.files import atomic_write_bytes, atomic_write_text, folder_mode
 from jmllm.align.testing import build_tiny_checkpoints, generated_images, write_image_folder
+from jmllm.align.testing_families import (
+    PUBLISHED,
+    TINY_FAMILIES,
+    build_tiny_family,
+    key_fields,
+    published_config,
+    published_tokenizer,
+)
 
 __all__ = [
     "COCO_FIXTURE_CLASSES",
+    "PUBLISHED",
+    "TINY_FAMILIES",
     "TinyJoint",
+    "build_tiny_family",
+    "build_tiny_family_joint",
     "build_tiny_joint",
     "generated_images",
+    "key_fields",
+    "published_config",
+    "published_tokenizer",
+    "real_shape_joint",
     "record_prompts",
+    "tiny_family_joint_model",
     "tiny_joint_model",
     "write_coco_folder",
     "write_image_folder",
@@ -135,8 +153,82 @@ def _calibrated_owl(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def build_tiny_family_joint(root: str | os.PathLike[str], family: str, seed: int = 0) -> TinyJoint:
+    """Build (or reuse) a tiny J of any family: the tiny OWL-ViT of :func:`build_tiny_joint`,
+    the tiny checkpoint of ``family`` (:func:`jmllm.align.testing_families.build_tiny_family`)
+    and a deep-mlp W for it, its output layer fitted to the family's own vision tokens.
+
+    Args:
+        root: cache folder (shared with :func:`build_tiny_joint`).
+        family: a ``model_type`` of :data:`TINY_FAMILIES` (``"llava"`` is :func:`build_tiny_joint`).
+        seed: seed of all random weights.
+
+    Example:
+        >>> paths = build_tiny_family_joint(tmp_path, "qwen2_vl")  # doctest: +SKIP
+        >>> JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment)  # doctest: +SKIP
+    """
+    from transformers import AutoConfig
+
+    base = build_tiny_joint(root, seed=seed)
+    if family == "llava":
+        return base
+    root = Path(root)
+    folder = build_tiny_family(root, family, seed=seed)
+    target = root / f"alignment-{family}.safetensors"
+    stamp = {
+        "version": TINY_JOINT_VERSION,
+        "seed": seed,
+        "base": (root / "tiny-joint.json").read_text(),
+        "family": (root / f"{family}.json").read_text(),
+    }
+    stamp_file = root / f"tiny-joint-{family}.json"
+    if not (
+        stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and target.is_file()
+    ):
+        config = alignment_config_for(
+            AutoConfig.from_pretrained(base.owl),
+            AutoConfig.from_pretrained(folder),
+            "deep-mlp",
+            source_model=str(base.owl),
+            target_model=str(folder),
+            hidden_dim=TINY_HIDDEN_DIM,
+            num_hidden_layers=1,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 2)
+            layer = AlignmentLayer(config)
+            final_loss = _fit_tiny_alignment(layer, base.owl, folder, seed)
+        provenance = {
+            "note": f"tiny W for tests: output layer least-squares fitted to the tiny {family}",
+            "seed": seed,
+            "images": FIT_IMAGES,
+            "final_loss": final_loss,
+        }
+        save_alignment(layer, target, provenance)
+        atomic_write_text(stamp_file, json.dumps(stamp))
+    return TinyJoint(root=root, owl=base.owl, llava=folder, alignment=target)
+
+
+def tiny_family_joint_model(
+    root: str | os.PathLike[str], family: str, seed: int = 0, **kwargs: Any
+) -> Any:
+    """A loaded tiny :class:`~jmllm.joint.JointModel` of ``family`` (float32, CPU unless
+    ``device`` is given), through :meth:`JointModel.from_pretrained`.
+
+    Example:
+        >>> model = tiny_family_joint_model(tmp_path, "llava_next")  # doctest: +SKIP
+        >>> model.family.model_type  # doctest: +SKIP
+        'llava_next'
+    """
+    from jmllm.joint.model import JointModel
+
+    paths = build_tiny_family_joint(root, family, seed=seed)
+    kwargs.setdefault("device", "cpu")
+    return JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, **kwargs)
+
+
 def _fit_tiny_alignment(layer: AlignmentLayer, owl: Path, llava: Path, seed: int) -> float:
-    """Fit W's output layer by least squares to the tiny LLaVA's own image tokens.
+    """Fit W's output layer by least squares to the tiny MLLM's own vision tokens.
 
     Random W tokens are far larger than LLaVA's own and drown the prompt; with the output layer
     solved in closed form on generated images (the hidden layers stay random features), the tiny
@@ -292,3 +384,77 @@ def _png(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def real_shape_joint(
+    family: str,
+    *,
+    text_layers: int | None = 1,
+    vision_layers: int | None = 2,
+    w_hidden: int = 64,
+    w_layers: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """J at the published shapes of ``family``'s real model, random weights, in memory.
+
+    OWL-ViT B/32 (``OwlViTConfig()``), the MLLM from
+    :func:`jmllm.align.testing_families.published_config` with ``text_layers`` language-model
+    layers and ``vision_layers`` vision-tower layers (None: the published depth; every width, grid
+    and vocabulary as published) and a deep-mlp W of the real input and output widths,
+    ``w_hidden`` wide with ``w_layers`` hidden layers (8192 and 2: the paper's W). Built directly
+    on ``device`` in ``dtype`` (no float32 copy of a 7 B model). Its tokenizer is word-level with
+    the published special-token ids
+    (:func:`jmllm.align.testing_families.published_tokenizer`), so prompts, generation and GA
+    run as with the real checkpoint; OWL-ViT's is the tiny in-process one.
+
+    Example:
+        >>> model = real_shape_joint("qwen2_vl")  # doctest: +SKIP
+        >>> model.num_image_tokens  # doctest: +SKIP
+        576
+    """
+    from transformers import AutoModelForImageTextToText, OwlViTForObjectDetection
+
+    from jmllm.align.testing import owlvit_b32_config, tiny_owl_tokenizer
+    from jmllm.joint.model import JointModel
+
+    config = published_config(family, text_layers=text_layers, vision_layers=vision_layers)
+    owl_config = owlvit_b32_config()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(), torch.device(device):
+            torch.manual_seed(seed)
+            owl = OwlViTForObjectDetection._from_config(owl_config, attn_implementation="eager")
+            mllm = AutoModelForImageTextToText.from_config(config)
+            w = AlignmentLayer(
+                alignment_config_for(
+                    owl_config,
+                    config,
+                    "deep-mlp",
+                    hidden_dim=w_hidden,
+                    num_hidden_layers=w_layers,
+                )
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    _calibrated_heads(owl)
+    return JointModel(
+        owl.eval(),
+        mllm.eval(),
+        w,
+        tokenizer=published_tokenizer(family),
+        owl_tokenizer=tiny_owl_tokenizer(),
+        sources={"llava": f"{family} (published shapes, random weights)"},
+    )
+
+
+def _calibrated_heads(owl: Any) -> None:
+    """Rescale OWL-ViT's detection heads to a 1/sqrt(fan-in) initialisation (see
+    :func:`_calibrated_owl`): default-initialised heads saturate every score."""
+    heads = [owl.box_head.dense0, owl.box_head.dense1, owl.box_head.dense2]
+    heads += [owl.class_head.dense0, owl.class_head.logit_shift, owl.class_head.logit_scale]
+    with torch.no_grad():
+        for linear in heads:
+            linear.weight.mul_(linear.weight.shape[1] ** -0.5)

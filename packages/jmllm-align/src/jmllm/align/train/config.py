@@ -30,7 +30,8 @@ class TrainConfig:
 
     # The two frozen encoders: Hub ids or local folders.
     source_model: str = "google/owlvit-base-patch32"  # OWL-ViT: gives t
-    target_model: str = "llava-hf/llava-1.5-7b-hf"  # LLaVA: gives the target image tokens
+    # the multi-modal LLM (any supported family): gives the target vision tokens
+    target_model: str = "llava-hf/llava-1.5-7b-hf"
     # W's architecture; None keeps the architecture's default (deep-mlp: hidden 8192, 2 layers).
     architecture: str = "deep-mlp"
     hidden_dim: int | None = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from jmllm.align.architectures import AlignmentLayer
-from jmllm.align.features import FeatureExtractor, llava_image_tokens, owl_penultimate
+from jmllm.align.features import FeatureExtractor, owl_penultimate
 from jmllm.align.train.distributed import _all_sum, _Dist
 from jmllm.align.train.sources import Pixels
 
@@ -31,11 +31,11 @@ def _model_inputs(fx: FeatureExtractor, chunk: list[Pixels]) -> tuple[torch.Tens
     """Normalised (B, 3, S, S) inputs of both encoders on fx's device, for decoded images."""
     if isinstance(chunk[0], tuple):  # normalised in the workers
         owl = torch.stack([c[0] for c in chunk])  # type: ignore[index]
-        llava = torch.stack([c[1] for c in chunk])  # type: ignore[index]
-        return owl.to(fx.device), llava.to(fx.device)
+        mllm = torch.stack([c[1] for c in chunk])  # type: ignore[index]
+        return owl.to(fx.device), mllm.to(fx.device)
     images: list[torch.Tensor] = chunk  # type: ignore[assignment]
     owl = fx.owl_norm(images, fx.device, fx.preprocessing)
-    return owl, fx.llava_norm(images, fx.device, fx.preprocessing)
+    return owl, fx.mllm_norm(images, fx.device, fx.preprocessing)
 
 
 def _micro_batches(images: list[Pixels], size: int | None) -> list[list[Pixels]]:
@@ -46,12 +46,12 @@ def _micro_batches(images: list[Pixels], size: int | None) -> list[list[Pixels]]
 def _token_errors(
     model: torch.nn.Module, fx: FeatureExtractor, images: list[Pixels], drop_cls: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W against LLaVA's own tokens: per-token squared error (B, N), prediction and target."""
+    """W against the MLLM's own tokens: per-token squared error (B, N), prediction and target."""
     with torch.no_grad():
-        owl_pixels, llava_pixels = _model_inputs(fx, images)  # (B, 3, S, S) each
-        source = owl_penultimate(fx.owl, owl_pixels)  # (B, 1 + N, D_owl), frozen teacher side
-        source = source[:, 1:] if drop_cls else source  # (B, N, D_owl)
-        target = llava_image_tokens(fx.llava, llava_pixels).float()  # (B, N, D_llm)
+        owl_pixels, mllm_pixels = _model_inputs(fx, images)  # (B, 3, S, S) each
+        t = owl_penultimate(fx.owl, owl_pixels)  # (B, 1 + N_owl, D_owl), frozen teacher side
+        source = fx.w_inputs(t, drop_cls)  # (B, N, D_owl): on the MLLM's grids
+        target = fx.target_from_pixels(mllm_pixels).float()  # (B, N, D_llm)
     prediction = model(source).float()  # (B, N, D_llm)
     return (prediction - target).pow(2).mean(dim=-1), prediction, target  # (B, N) per-token MSE
 

@@ -293,7 +293,7 @@ def _train(
         config.preprocess == "auto"
         and (device.type != "cuda" or get_preprocessing(config.preprocessing).resize == "pil")
     )
-    norms: Normalizations | None = (fx.owl_norm, fx.llava_norm) if in_workers else None
+    norms: Normalizations | None = (fx.owl_norm, fx.mllm_norm) if in_workers else None
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -452,7 +452,7 @@ def _new_layer(
     }
     align_config = alignment_config_for(
         fx.owl.config,
-        fx.llava.config,
+        fx.mllm.config,
         config.architecture,
         source_model=config.source_model,
         target_model=config.target_model,

@@ -214,7 +214,7 @@ def tokenization_argument(parser: argparse.ArgumentParser, default: str) -> None
         "--tokenization",
         choices=TOKENIZATIONS,
         default=default,
-        help=f"prompt token ids legacy, the authors' (a ▁ after <image>, "
+        help="prompt token ids legacy, the authors' (a ▁ after <image>, "
         "as transformers 4 gave); checkpoint, as the checkpoint's tokenizer config says",
     )
 
@@ -228,7 +228,7 @@ def preprocessing_argument(parser: argparse.ArgumentParser, default: str) -> Non
         "--preprocessing",
         choices=sorted(PREPROCESSINGS),
         default=default,
-        help=f"image preprocessing authors, the stored pixels resized as "
+        help="image preprocessing authors, the stored pixels resized as "
         "the HF image processors do (the paper's); exif, EXIF orientation applied, torch's resize",
     )
 

@@ -379,7 +379,7 @@ class GradientAlignment:
             one (1, 1 + N, D) float32 gradient per group.
         """
         model = self.model
-        ids = torch.cat([prompt_ids.cpu(), answer_ids.cpu()]).unsqueeze(0).to(model.llava_device)
+        ids = torch.cat([prompt_ids.cpu(), answer_ids.cpu()]).unsqueeze(0).to(model.mllm_device)
         P = int(prompt_ids.numel())
         t_var = t.detach().clone().requires_grad_(True)
         grads = []
