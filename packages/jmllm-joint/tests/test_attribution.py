@@ -249,3 +249,83 @@ def test_methods_work_in_bfloat16(tiny_joint_paths, sample_images):
         a = method.attribute_request(request)
         assert a.scores.dtype == torch.float32, name
         assert np.isfinite(a.map()).all(), name
+
+
+# ------------------------------------------------------------------- where methods are used
+
+
+def test_method_lists_kept_by_hand_match_the_package():
+    """The command lines list the method names (so --help loads no model code), the app its
+    choices: every list is the package's."""
+    from jmllm.joint.app import METHOD_CHOICES
+    from jmllm.joint.cli_explain import ATTRIBUTION_METHODS
+    from jmllm.joint.explorer import OTHER_METHODS
+    from jmllm.joint.faithfulness.run import DEFAULT_METHODS
+
+    assert set(ATTRIBUTION_METHODS) == set(METHODS) - {"ga_coord", "ga_any"}
+    assert set(DEFAULT_METHODS) == set(METHODS)
+    assert [v for _, v in METHOD_CHOICES] == list(OTHER_METHODS)
+    assert set(OTHER_METHODS) | {"ga", "ga_coord", "ga_any", "gradient"} == set(METHODS)
+    from jmllm.joint.cli import build_parser
+
+    action = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices["faithfulness"]._actions
+        if a.dest == "methods"
+    )
+    assert list(action.choices) == list(METHODS)
+
+
+def test_explain_with_another_method(
+    tiny_joint, tiny_joint_paths, cli_env, sample_images, tmp_path, capsys
+):
+    from jmllm.joint.cli import main
+
+    image = tmp_path / "img.png"
+    sample_images[0].save(image)
+    out = tmp_path / "lens"
+    args = ["explain", str(image), "-p", QUESTION, "--answer", ANSWER, "--method", "logit_lens",
+            "--owl", str(tiny_joint_paths.owl), "--llava", str(tiny_joint_paths.llava),
+            "--alignment", str(tiny_joint_paths.alignment), "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "Report:" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert "logit_lens" in page and "nostalgebraist" in page
+    summary = __import__("json").loads((out / "explanation.json").read_text())
+    assert summary["method"] == "logit_lens"
+    assert [r["target"] for r in summary["results"]] == ANSWER.split()
+    from safetensors.torch import load_file
+
+    arrays = load_file(out / "arrays.safetensors")
+    assert all(tuple(v.shape) == (tiny_joint.num_image_tokens,) for v in arrays.values())
+    assert any(name.startswith("004_bird") for name in arrays)
+    assert main([*args[:-2], "--token", "bird", "--out", str(tmp_path / "one")]) == 0
+    one = __import__("json").loads((tmp_path / "one" / "explanation.json").read_text())
+    assert [r["target"] for r in one["results"]] == ["bird"]
+    assert main([*args[:-2], "--token", "cat", "--out", str(tmp_path / "no")]) == 2
+    assert "cat" in capsys.readouterr().err
+
+
+def test_explorer_explains_a_word_with_another_method(tiny_joint, sample_images, tmp_path):
+    from jmllm.joint.explorer import Explorer, ExplorerError
+
+    path = tmp_path / "x.png"
+    sample_images[0].save(path)
+    explorer = Explorer(tiny_joint)
+    state = explorer.ask(explorer.open_image(path), QUESTION, max_new_tokens=4)
+    words = explorer.words(state)
+    assert words
+    state, attribution, seconds = explorer.explain_word_with(state, 0, "attention")
+    request = prepare_request(
+        tiny_joint, state.emb, QUESTION, list(words[0].positions), state.last_answer
+    )
+    direct = get_method("attention", tiny_joint).attribute_request(request)
+    torch.testing.assert_close(attribution.scores, direct.scores)
+    again, same, cost = explorer.explain_word_with(state, 0, "attention")
+    assert same is attribution and cost == 0.0
+    picture = explorer.method_picture(state, attribution)
+    assert picture.width >= 512
+    headers, rows = explorer.method_top_patches(attribution)
+    assert headers[-1] == "attention score" and len(rows) == 5
+    with pytest.raises(ExplorerError, match="method"):
+        explorer.explain_word_with(state, 0, "ga")
