@@ -316,12 +316,13 @@ def test_explorer_explains_a_word_with_another_method(tiny_joint, sample_images,
     words = explorer.words(state)
     assert words
     state, attribution, seconds = explorer.explain_word_with(state, 0, "attention")
+    assert seconds > 0
     request = prepare_request(
         tiny_joint, state.emb, QUESTION, list(words[0].positions), state.last_answer
     )
     direct = get_method("attention", tiny_joint).attribute_request(request)
     torch.testing.assert_close(attribution.scores, direct.scores)
-    again, same, cost = explorer.explain_word_with(state, 0, "attention")
+    _, same, cost = explorer.explain_word_with(state, 0, "attention")
     assert same is attribution and cost == 0.0
     picture = explorer.method_picture(state, attribution)
     assert picture.width >= 512
