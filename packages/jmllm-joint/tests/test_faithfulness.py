@@ -421,3 +421,23 @@ def test_metric_names_are_documented():
     ).read_text()
     for metric in METRICS:
         assert f"`{metric}`" in text, metric
+
+
+@pytest.mark.slow
+def test_gpu_checks_real_shape_run_works_small_on_the_cpu():
+    """``./dev -s gpu``'s faithfulness run, in its small CPU code-path mode."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "faithfulness.py"
+    if not path.is_file():
+        pytest.skip("needs the repository's benchmarks/")
+    spec = importlib.util.spec_from_file_location("faithfulness_bench", path)
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.bench_gpu(torch.device("cpu"), "small")
+    assert result["finite"] and result["methods"] == list(REQUIRED_METHODS)
+    assert set(result["deletion_auc_t"]) == set(REQUIRED_METHODS)
+    assert all(0.0 <= v <= 1.0 for v in result["insertion_auc_pixels"].values())
+    assert result["randomisation"]["random"]["spearman"] == pytest.approx(1.0)

@@ -107,6 +107,13 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "only the fully randomised model, or none",
     )
     proto.add_argument(
+        "--no-separation",
+        dest="separation",
+        action="store_false",
+        help="do not score the randomised model's maps too (halves the curves' forwards; the "
+        "report then says nothing on which metric separates trained from randomised maps)",
+    )
+    proto.add_argument(
         "--protocol",
         choices=("wsolevaluation", "exact"),
         default="wsolevaluation",
@@ -122,7 +129,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     proto.add_argument(
         "--batch-size",
         type=integer(1),
-        help="curve points per forward (default: a space's points at once)",
+        help="rows per forward of the curves and of integrated gradients' steps (default: "
+        "all at once; lower it to bound memory on a large model)",
     )
     template_argument(proto, INTERACTIVE_TEMPLATE)
     rep = p.add_argument_group("report")
@@ -195,6 +203,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
             protocol=args.protocol,
             map_side=args.map_side,
             seed=args.seed,
+            separation=args.separation,
         )
     except FaithfulnessError as exc:
         raise CliError(str(exc)) from None

@@ -475,6 +475,7 @@ def make_methods(
     baseline: str = "blank",
     seed: int = 0,
     ga: GradientAlignment | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, AttributionMethod]:
     """Several methods on one J, GA's weightings sharing one :class:`GradientAlignment` (GA runs
     once per request for all of them).
@@ -485,6 +486,7 @@ def make_methods(
         ig_steps: integrated gradients' steps; baseline: its path's start; seed: the random
             method's seed.
         ga: the GradientAlignment to share (default: a new one with its defaults).
+        batch_size: integrated gradients' steps per forward (None: all at once).
 
     Example:
         >>> methods = make_methods(["ga", "ga_coord", "random"], model)  # doctest: +SKIP
@@ -496,7 +498,7 @@ def make_methods(
         )
     shared = ga if ga is not None else GradientAlignment(model, cache_size=4)
     options: dict[str, dict[str, Any]] = {
-        "integrated_gradients": {"steps": ig_steps, "baseline": baseline},
+        "integrated_gradients": {"steps": ig_steps, "baseline": baseline, "batch_size": batch_size},
         "random": {"seed": seed},
     }
     made: dict[str, AttributionMethod] = {}

@@ -90,6 +90,9 @@ class FaithfulnessSettings:
         protocol: MaxBoxAccV2's protocol (``wsolevaluation`` or ``exact``, :mod:`jmllm.joint.wsol`).
         map_side: maps are painted, and boxes scaled, so the image's longest side is at most this.
         seed: ties in a ranking, the random method.
+        separation: also score the fully randomised J's maps (pointing, MaxBoxAccV2, curves on
+            the trained J), to tell whether each metric separates the two; it doubles the
+            curves' forwards.
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -102,6 +105,7 @@ class FaithfulnessSettings:
     protocol: str = "wsolevaluation"
     map_side: int = DEFAULT_MAP_SIDE
     seed: int = 0
+    separation: bool = True
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -183,7 +187,8 @@ class ItemScorer:
     Args:
         model: a :class:`~jmllm.joint.JointModel`.
         settings: the run's :class:`FaithfulnessSettings`.
-        batch_size: rows per forward of the curves (None: one forward per space).
+        batch_size: rows per forward of the curves and of integrated gradients' steps (None:
+            all at once).
     """
 
     def __init__(
@@ -199,6 +204,7 @@ class ItemScorer:
             ig_steps=settings.ig_steps,
             baseline=settings.baseline,
             seed=settings.seed,
+            batch_size=batch_size,
         )
         self.cascade = RandomisationCascade(model, settings.cascade_seed, settings.cascade)
         self.scorer = CurveScorer(
@@ -246,7 +252,8 @@ class ItemScorer:
                     "spearman": round(spearman(maps[name], stage_map), 6),
                     "ssim": round(ssim(maps[name], stage_map), 6),
                 }
-                randomised[name] = (attribution, stage_map)
+                if self.settings.separation:
+                    randomised[name] = (attribution, stage_map)
         keyed = {("trained", n): a for n, a in trained.items()}
         keyed.update({("randomised", n): a for n, (a, _) in randomised.items()})
         curves = self.scorer.curves(request, keyed)
@@ -371,7 +378,8 @@ def run_faithfulness(
             :func:`~jmllm.joint.faithfulness.data.boxes_source`.
         out: folder for ``settings.json`` and ``results.jsonl`` (None: in memory, one process).
         settings: the methods and metrics (default: every method, every metric).
-        batch_size: rows per forward of the curves (None: each space's rows at once).
+        batch_size: rows per forward of the curves and of integrated gradients' steps (None:
+            all at once; set it to bound the memory of a large model).
         progress: show a progress bar.
         on_item: called with each image id once its record is saved (tests, monitors).
 
