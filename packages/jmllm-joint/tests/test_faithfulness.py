@@ -25,7 +25,7 @@ from jmllm.joint.faithfulness import (
     ssim,
 )
 from jmllm.joint.faithfulness.metrics import (
-    mixed_pixels,
+    mixed_input,
     mixed_t,
     step_counts,
     step_masks,
@@ -86,15 +86,28 @@ def test_mixing_takes_rows_and_cells_from_the_baseline():
     mixed = mixed_t(t, base, np.array([[True, False, False, True]]))
     assert torch.equal(mixed[0, 0], t[0, 0])  # CLS kept
     assert torch.equal(mixed[0, 1], base[0, 1]) and torch.equal(mixed[0, 2], t[0, 2])
-    image = torch.full((3, 6, 4), 200, dtype=torch.uint8)
-    grey = torch.zeros_like(image)
-    (out,) = mixed_pixels(image, grey, np.array([[True, False, False, False]]))
+    x = torch.full((1, 3, 6, 4), 2.0)
+    (out,) = mixed_input(x, torch.zeros_like(x), np.array([[True, False, False, False]]))
     # the top-left cell of a 2 × 2 grid over 6 × 4 pixels is rows 0–2, columns 0–1
-    assert (
-        (out[:, :3, :2] == 0).all()
-        and (out[:, 3:, :] == 200).all()
-        and (out[:, :, 2:] == 200).all()
-    )
+    assert (out[:, :3, :2] == 0).all() and (out[:, 3:, :] == 2).all() and (out[:, :, 2:] == 2).all()
+
+
+def test_blank_baseline_is_the_mean_colour_image(toy, toy_request):
+    """The blank baseline's t is the t J computes for a picture of CLIP's mean colour."""
+    from PIL import Image
+
+    from jmllm.joint.attribution import baseline_input, baseline_t, model_input
+
+    grey = toy.embed([Image.new("RGB", (128, 128), (123, 117, 104))]).t  # CLIP's mean, rounded
+    black = toy.embed([Image.new("RGB", (128, 128), (0, 0, 0))]).t
+    blank = baseline_t(toy, toy_request, "blank")
+    # the rounding to whole grey levels is all that separates the two
+    assert float((blank - grey).norm()) < 0.05 * float((black - grey).norm())
+    assert float(baseline_input(toy, toy_request, "blank").abs().max()) == 0.0
+    x = model_input(toy, toy_request)
+    torch.testing.assert_close(toy.owl_norm(toy_request.emb.images, toy.device), x)
+    blurred = baseline_input(toy, toy_request, "blur")
+    assert blurred.shape == x.shape and float((blurred - x).abs().mean()) > 0.01
 
 
 def test_auc_is_the_trapezoid_area():

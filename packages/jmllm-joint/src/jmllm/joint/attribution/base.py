@@ -27,8 +27,6 @@ from jmllm.joint.saliency import (
 # same in t-space and in pixel space: ``blank`` is the image of CLIP's mean colour (its t, or its
 # pixels), ``blur`` the image blurred, ``zero`` zeros in t and black pixels.
 BASELINES: tuple[str, ...] = ("blank", "blur", "zero")
-# The CLIP mean colour (0–255) of both models' processors: the blank image normalises to zero.
-BLANK_COLOUR = (122.77, 116.75, 104.09)
 BLUR_SIGMA_PATCHES = 0.5  # the ``blur`` baseline's Gaussian sigma, in patches of the grid
 
 
@@ -343,26 +341,46 @@ def target_logit(model: Any, request: Request, t: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, ids.view(1, -1, 1).expand(logits.shape[0], -1, 1)).sum((-1, -2))
 
 
-def baseline_pixels(image: torch.Tensor, baseline: str, grid: int) -> torch.Tensor:
-    """The image a removed patch is taken from, in pixels: (3, H, W) uint8 like ``image``.
+def model_input(model: Any, request: Request) -> torch.Tensor:
+    """The image as OWL-ViT sees it: squashed to its input size and normalised, (1, 3, S, S)
+    float32 (J's own preprocessing, :attr:`~jmllm.joint.JointModel.owl_norm`); cached."""
+    key = ("model_input", id(model.owl))
+    cached = request.cache.get(key)
+    if cached is None:
+        if request.emb is None or not request.emb.images:
+            raise AttributionError("image: the pixel-space steps need the image, not t alone")
+        cached = model.owl_norm([request.emb.images[0]], model.device).float()
+        request.cache[key] = cached
+    return cached
 
-    ``blank``: CLIP's mean colour everywhere; ``blur``: ``image`` blurred with a Gaussian of
-    sigma :data:`BLUR_SIGMA_PATCHES` patches; ``zero``: black.
-    """
+
+def baseline_input(model: Any, request: Request, baseline: str) -> torch.Tensor:
+    """The input a removed patch's pixels are taken from, (1, 3, S, S) normalised like
+    :func:`model_input`: ``blank`` CLIP's mean colour (0 after normalisation), ``zero`` black,
+    ``blur`` the image blurred with a Gaussian of sigma :data:`BLUR_SIGMA_PATCHES` patches."""
+    if baseline not in BASELINES:
+        raise AttributionError(f"baseline: {baseline!r} is not one of {', '.join(BASELINES)}")
+    key = ("baseline_input", id(model.owl), baseline)
+    cached = request.cache.get(key)
+    if cached is not None:
+        return cached
+    side = int(model.owl.config.vision_config.image_size)
     if baseline == "blank":
-        colour = torch.tensor(BLANK_COLOUR).round().to(torch.uint8).view(3, 1, 1)
-        return colour.expand_as(image).clone()
-    if baseline == "zero":
-        return torch.zeros_like(image)
-    if baseline == "blur":
+        base = torch.zeros(1, 3, side, side, device=model.device)
+    elif baseline == "zero":
+        norm = model.owl_norm
+        mean = torch.tensor(norm.mean, device=model.device).view(1, 3, 1, 1)
+        std = torch.tensor(norm.std, device=model.device).view(1, 3, 1, 1)
+        base = (torch.zeros(1, 3, side, side, device=model.device) - mean) / std
+    else:
         from scipy.ndimage import gaussian_filter
 
-        height, width = image.shape[1:]
-        sigma = (BLUR_SIGMA_PATCHES * height / grid, BLUR_SIGMA_PATCHES * width / grid)
-        pixels = image.float().numpy()
-        blurred = np.stack([gaussian_filter(c, sigma, mode="nearest") for c in pixels])
-        return torch.from_numpy(np.clip(np.rint(blurred), 0, 255).astype(np.uint8))
-    raise AttributionError(f"baseline: {baseline!r} is not one of {', '.join(BASELINES)}")
+        x = model_input(model, request)
+        sigma = BLUR_SIGMA_PATCHES * side / request.grid_side
+        blurred = gaussian_filter(x.cpu().numpy(), (0, 0, sigma, sigma), mode="nearest")
+        base = torch.from_numpy(blurred).to(model.device)
+    request.cache[key] = base
+    return base
 
 
 def baseline_t(model: Any, request: Request, baseline: str) -> torch.Tensor:
@@ -371,24 +389,18 @@ def baseline_t(model: Any, request: Request, baseline: str) -> torch.Tensor:
     ``blank``: ``t`` of the blank image (CLIP's mean colour; an image without objects);
     ``blur``: ``t`` of the image blurred (needs the image); ``zero``: zeros.
     """
+    from jmllm.align import owl_penultimate
+
     if baseline not in BASELINES:
         raise AttributionError(f"baseline: {baseline!r} is not one of {', '.join(BASELINES)}")
     key = ("baseline_t", id(model.owl), baseline)
     cached = request.cache.get(key)
-    if cached is not None:
-        return cached
-    if baseline == "zero":
-        base = torch.zeros_like(request.t)
-    else:
-        if baseline == "blur" and (request.emb is None or not request.emb.images):
-            raise AttributionError("baseline: 'blur' needs the image, not t alone")
-        side = int(model.owl.config.vision_config.image_size)
-        image = (
-            request.emb.images[0]
-            if request.emb is not None and request.emb.images
-            else torch.zeros(3, side, side, dtype=torch.uint8)
-        )
-        pixels = baseline_pixels(image, baseline, request.grid_side)
-        base = model.embed([pixels]).t.to(request.t.dtype)
-    request.cache[key] = base
-    return base
+    if cached is None:
+        if baseline == "zero":
+            cached = torch.zeros_like(request.t)
+        else:
+            with torch.no_grad():
+                pixels = baseline_input(model, request, baseline)
+                cached = owl_penultimate(model.owl, pixels).to(request.t.dtype)
+        request.cache[key] = cached
+    return cached

@@ -14,8 +14,9 @@ ranking is faithful. Two spaces:
     rows of the embedding ``t`` replaced by the baseline embedding's rows (the CLS row is kept;
     W never reads it);
 ``pixels``
-    each patch's cell of the image (the squashed grid mapped back onto the image) replaced by
-    the baseline image's pixels, and the images embedded again.
+    each patch's cell of the image as OWL-ViT sees it (squashed to its input size and
+    normalised: exactly the patch's pixels) replaced by the baseline image's, and ``t``
+    computed again from the pixels.
 
 The baseline (:data:`~jmllm.joint.attribution.base.BASELINES`) is the same image seen in both
 spaces: ``blank`` (default; CLIP's mean colour — an image without objects), ``blur`` or ``zero``.
@@ -33,8 +34,9 @@ import torch
 from jmllm.joint.attribution.base import (
     Attribution,
     Request,
-    baseline_pixels,
+    baseline_input,
     baseline_t,
+    model_input,
     target_log_probs,
 )
 from jmllm.joint.toy.localisation import peak_in_box, spearman
@@ -77,28 +79,19 @@ def mixed_t(t: torch.Tensor, base: torch.Tensor, taken: np.ndarray) -> torch.Ten
     return torch.where(mask, base.to(t.dtype), t)
 
 
-def cell_bounds(length: int, grid: int) -> np.ndarray:
-    """Pixel bounds (grid + 1,) of the grid's cells along a side of ``length`` pixels: the
-    squashed square's cells mapped back onto the image."""
-    return np.rint(np.arange(grid + 1) * length / grid).astype(np.int64)
-
-
-def mixed_pixels(image: torch.Tensor, base: torch.Tensor, taken: np.ndarray) -> list[torch.Tensor]:
-    """The image with the cells of each mask row taken from ``base``: S (3, H, W) uint8 images.
+def mixed_input(x: torch.Tensor, base: torch.Tensor, taken: np.ndarray) -> torch.Tensor:
+    """(S, 3, H, W): OWL-ViT's input ``x`` with the patch cells of each mask row taken from
+    ``base``.
 
     Args:
-        image, base: (3, H, W) uint8. taken: (S, G·G) bool over the grid, row-major.
+        x, base: (1, 3, H, W), H and W multiples of the grid side.
+        taken: (S, G·G) bool over the patch grid, row-major.
     """
-    height, width = image.shape[1:]
     G = round(taken.shape[1] ** 0.5)
-    ys, xs = cell_bounds(height, G), cell_bounds(width, G)
-    rows = np.repeat(np.arange(G), np.diff(ys))  # (H,) grid row of each pixel row
-    cols = np.repeat(np.arange(G), np.diff(xs))  # (W,)
-    out = []
-    for mask in taken:
-        per_pixel = torch.from_numpy(mask.reshape(G, G)[rows][:, cols])  # (H, W)
-        out.append(torch.where(per_pixel.unsqueeze(0), base, image))
-    return out
+    height, width = x.shape[-2:]
+    mask = torch.from_numpy(taken.reshape(-1, 1, G, G)).to(x.device)  # (S, 1, G, G)
+    mask = mask.repeat_interleave(height // G, dim=2).repeat_interleave(width // G, dim=3)
+    return torch.where(mask, base, x)  # (S, 3, H, W)
 
 
 def auc(fractions: np.ndarray, values: np.ndarray) -> float:
@@ -226,22 +219,18 @@ class CurveScorer:
             base = baseline_t(model, request, self.baseline)
             t = mixed_t(request.t, base, taken)
             return target_log_probs(model, request, t, self.batch_size).numpy()
-        image = self._image(request)
-        base_image = baseline_pixels(image, self.baseline, request.grid_side)
+        from jmllm.align import owl_penultimate
+
+        x = model_input(model, request)
+        base_input = baseline_input(model, request, self.baseline)
         logps = []
         step = self.batch_size or taken.shape[0]
         for start in range(0, taken.shape[0], step):
-            images = mixed_pixels(image, base_image, taken[start : start + step])
-            t = model.embed(images, batch_size=len(images)).t
+            with torch.inference_mode():
+                pixels = mixed_input(x, base_input, taken[start : start + step])
+                t = owl_penultimate(model.owl, pixels)
             logps.append(target_log_probs(model, request, t, self.batch_size).numpy())
         return np.concatenate(logps)
-
-    @staticmethod
-    def _image(request: Request) -> torch.Tensor:
-        if request.emb is None or not request.emb.images:
-            raise ValueError("pixels: the pixel-space curves need the image, not t alone")
-        image: torch.Tensor = request.emb.images[0]
-        return image
 
 
 def unbatched_log_probs(
@@ -251,16 +240,17 @@ def unbatched_log_probs(
     full forward (:meth:`~jmllm.joint.JointModel.language_logits`, every row's logits) and read
     the target's log-probability. The reference that :class:`CurveScorer` is checked and timed
     against."""
+    from jmllm.align import owl_penultimate
+
     out = []
-    image = request.emb.images[0] if request.emb is not None and request.emb.images else None
     for mask in taken:
-        if space == "t":
-            t = mixed_t(request.t, baseline_t(model, request, baseline), mask[None])
-        else:
-            assert image is not None
-            base_image = baseline_pixels(image, baseline, request.grid_side)
-            t = model.embed(mixed_pixels(image, base_image, mask[None])).t
         with torch.no_grad():
+            if space == "t":
+                t = mixed_t(request.t, baseline_t(model, request, baseline), mask[None])
+            else:
+                x = model_input(model, request)
+                pixels = mixed_input(x, baseline_input(model, request, baseline), mask[None])
+                t = owl_penultimate(model.owl, pixels)
             logits = model.language_logits(t, request.input_ids)[0].double()  # (L, V)
         logp = torch.log_softmax(logits[request.rows], dim=-1)
         out.append(float(logp.gather(-1, request.target_ids.view(-1, 1)).sum()))
@@ -321,8 +311,7 @@ __all__ = [
     "CurveScorer",
     "Curves",
     "auc",
-    "cell_bounds",
-    "mixed_pixels",
+    "mixed_input",
     "mixed_t",
     "pointing",
     "spearman",
