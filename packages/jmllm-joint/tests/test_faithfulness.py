@@ -454,3 +454,26 @@ def test_gpu_checks_real_shape_run_works_small_on_the_cpu():
     assert set(result["deletion_auc_t"]) == set(REQUIRED_METHODS)
     assert all(0.0 <= v <= 1.0 for v in result["insertion_auc_pixels"].values())
     assert result["randomisation"]["random"]["spearman"] == pytest.approx(1.0)
+
+
+def test_integrated_gradients_defaults_are_complete_on_the_toy_world(toy):
+    """On the toy world the path from the blank image to a scene jumps; at the default 64
+    trapezoid steps the patches still sum to the logit's change (16 steps do not, docs)."""
+    from jmllm.joint.attribution import baseline_t, target_logit
+
+    source = ToySource(scenes=2, start=7000)
+    errors = []
+    for item in source.items:
+        emb = toy.embed([item.load()])
+        truths, _ = source.targets(toy, emb, item)
+        for truth in truths[:1]:
+            request = prepare_request(toy, emb, source.prompt, truth.target, truth.answer,
+                                      occurrence=truth.occurrence)  # fmt: skip
+            scores = get_method("integrated_gradients", toy).attribute_request(request).scores
+            with torch.no_grad():
+                change = float(
+                    target_logit(toy, request, request.t)
+                    - target_logit(toy, request, baseline_t(toy, request, "blank"))
+                )
+            errors.append(abs(float(scores.sum()) - change) / abs(change))
+    assert errors and max(errors) < 0.15, errors

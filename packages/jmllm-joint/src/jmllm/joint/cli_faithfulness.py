@@ -97,7 +97,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="where deletion and insertion remove patches (repeat; default both)",
     )
     proto.add_argument(
-        "--ig-steps", type=integer(1, 10_000), default=16, help="integrated gradients' steps (16)"
+        "--ig-steps",
+        type=integer(1, 10_000),
+        default=64,
+        help="integrated gradients' steps, trapezoid rule (64: fewer miss the logit's change "
+        "on a path with a jump)",
     )
     proto.add_argument(
         "--cascade",

@@ -39,6 +39,7 @@ from jmllm.joint.attribution.base import (
 )
 from jmllm.joint.attribution.methods import (
     CORE_METHODS,
+    IG_STEPS,
     METHODS,
     AttentionMethod,
     AttentionRolloutMethod,
@@ -56,6 +57,7 @@ from jmllm.joint.attribution.methods import (
 __all__ = [
     "BASELINES",
     "CORE_METHODS",
+    "IG_STEPS",
     "METHODS",
     "AttentionMethod",
     "AttentionRolloutMethod",

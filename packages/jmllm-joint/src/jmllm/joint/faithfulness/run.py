@@ -33,6 +33,7 @@ from jmllm.align.files import append_jsonl, read_jsonl
 from jmllm.joint.attribution import (
     BASELINES,
     CORE_METHODS,
+    IG_STEPS,
     METHODS,
     AttributionError,
     make_methods,
@@ -84,7 +85,8 @@ class FaithfulnessSettings:
         baseline: what replaces a removed patch (``blank``, ``blur``, ``zero``), also
             integrated gradients' path start.
         spaces: where patches are removed: ``t`` and/or ``pixels``.
-        ig_steps: integrated gradients' steps.
+        ig_steps: integrated gradients' steps (trapezoid rule; 64, see
+            :class:`~jmllm.joint.attribution.IntegratedGradientsMethod`).
         cascade: the randomisation cascade, ``full``, ``final`` or ``none``.
         cascade_seed: its seed (the toy world's validity report uses the same default).
         protocol: MaxBoxAccV2's protocol (``wsolevaluation`` or ``exact``, :mod:`jmllm.joint.wsol`).
@@ -99,7 +101,7 @@ class FaithfulnessSettings:
     steps: int = DEFAULT_STEPS
     baseline: str = "blank"
     spaces: tuple[str, ...] = SPACES
-    ig_steps: int = 16
+    ig_steps: int = IG_STEPS
     cascade: str = "full"
     cascade_seed: int = 12345
     protocol: str = "wsolevaluation"
