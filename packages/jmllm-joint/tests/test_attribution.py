@@ -4,6 +4,8 @@ LLM internals they read agree with J's own forward."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -330,3 +332,23 @@ def test_explorer_explains_a_word_with_another_method(tiny_joint, sample_images,
     assert headers[-1] == "attention score" and len(rows) == 5
     with pytest.raises(ExplorerError, match="method"):
         explorer.explain_word_with(state, 0, "ga")
+
+
+def test_app_shows_another_methods_map(tiny_joint, sample_images, tmp_path):
+    pytest.importorskip("gradio")
+    from jmllm.joint.app import build_app
+
+    app = build_app(tiny_joint)
+    path = tmp_path / "x.png"
+    sample_images[0].save(path)
+    explorer = app.explorer
+    state = explorer.ask(explorer.open_image(path), QUESTION, max_new_tokens=4)
+    on_word = next(f.fn for f in app.fns.values() if f.name == "on_word")
+    state, picture, boxes, table, status = on_word(
+        state, 0, "logit_lens", "first", progress=lambda *a, **k: None
+    )
+    assert picture is not None and boxes is None  # a map, no GA box view
+    assert table["headers"][-1] == "logit_lens score" and "logit_lens" in status
+    assert (0, "logit_lens") in state.attributions
+    on_report = next(f.fn for f in app.fns.values() if f.name == "on_report")
+    assert [Path(f).name for f in on_report(state, "logit_lens")] == ["report.html"]
