@@ -428,12 +428,39 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_metric_names_are_documented():
-    text = (
-        __import__("pathlib").Path(__file__).resolve().parents[3] / "docs" / "faithfulness.md"
-    ).read_text()
-    for metric in METRICS:
-        assert f"`{metric}`" in text, metric
+DOCS = __import__("pathlib").Path(__file__).resolve().parents[3] / "docs"
+
+
+@pytest.mark.skipif(not (DOCS / "faithfulness.md").is_file(), reason="needs the source tree")
+def test_metric_and_method_names_are_documented():
+    from jmllm.joint.attribution import METHODS
+
+    text = (DOCS / "faithfulness.md").read_text()
+    for name in (*METRICS, *METHODS):
+        assert f"`{name}`" in text, name
+
+
+@pytest.mark.skipif(not (DOCS / "faithfulness.md").is_file(), reason="needs the source tree")
+def test_the_pages_figures_are_the_documented_commands():
+    """docs/faithfulness.md's tables are made from docs/faithfulness-toy.json, which is the
+    report of the page's own command with every default (docs/faithfulness_figures.py writes
+    both; rerun it after the toy world changes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "faithfulness_figures", DOCS / "faithfulness_figures.py"
+    )
+    assert spec and spec.loader
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    summary = json.loads((DOCS / "faithfulness-toy.json").read_text())
+    page = (DOCS / "faithfulness.md").read_text()
+    assert figures.page_with(figures.tables(summary), page) == page
+    assert summary["settings"] == FaithfulnessSettings().to_dict()
+    assert summary["source"] == ToySource().describe()
+    assert summary["bootstrap"]["resamples"] == 2000 and summary["bootstrap"]["seed"] == 0
+    for name in ("faithfulness-curves.png", "faithfulness-cascade.png"):
+        assert (DOCS / "images" / name).is_file(), name
 
 
 @pytest.mark.slow
