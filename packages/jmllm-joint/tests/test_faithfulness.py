@@ -504,3 +504,43 @@ def test_integrated_gradients_defaults_are_complete_on_the_toy_world(toy):
                 )
             errors.append(abs(float(scores.sum()) - change) / abs(change))
     assert errors and max(errors) < 0.15, errors
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_equal_one(tmp_path):
+    """Split between two processes (gloo on the CPU), the run scores every image once and
+    its records equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("accelerate")
+    args = ["faithfulness", "--tiny", "--scenes", "4", "--method", "ga", "--method", "random",
+            "--steps", "2", "--cascade", "final", "--space", "t", "--resamples", "50",
+            "--examples", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "jmllm.joint"]  # fmt: skip
+    split, single = tmp_path / "split", tmp_path / "single"
+    done = subprocess.run([*launch, *args, "--out", str(split)], env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[process 0]" in done.stderr and "[process 1]" in done.stderr
+    one = subprocess.run([sys.executable, "-m", "jmllm.joint", *args, "--out", str(single)],
+                         env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def records(folder):
+        lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        return {line["item_id"]: line["targets"] for line in lines}
+
+    two, first = records(split), records(single)
+    assert sorted(two) == [f"heldout-{i}" for i in range(1000, 1004)] and two.keys() == first.keys()
+    for item_id, targets in first.items():
+        for a, b in zip(targets, two[item_id], strict=True):
+            for method in ("ga", "random"):
+                assert a["methods"][method]["ious"] == b["methods"][method]["ious"]
+                assert a["methods"][method]["deletion_auc"] == pytest.approx(
+                    b["methods"][method]["deletion_auc"], abs=1e-5
+                )
