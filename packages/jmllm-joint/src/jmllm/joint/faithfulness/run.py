@@ -285,10 +285,11 @@ class ItemScorer:
             "methods": methods,
             "curves": {
                 f"{space}/{curve}": {
-                    name: [round(float(p), 6) for p in curves.probabilities[(space, curve)][key]]
-                    for key in keyed
-                    if key[0] == "trained"
-                    for name in [key[1]]
+                    name: [
+                        round(float(v), 6)
+                        for v in curves.probabilities[(space, curve)][("trained", name)]
+                    ]
+                    for name in trained
                 }
                 for space in self.settings.spaces
                 for curve in CURVES
