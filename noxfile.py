@@ -332,8 +332,9 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(default=False, venv_params=["--system-site-packages"])
 def gpu(session: nox.Session) -> None:
-    """The one-command GPU check: J vs stock decode, GA seconds per token and W training MFU at
-    full size with random weights, one JSON in ``.bench/gpu.json`` (``./dev -s gpu``; about
+    """The one-command GPU check: J vs stock decode, GA seconds per token, W training MFU and
+    one faithfulness run at full size with random weights, one JSON in ``.bench/gpu.json``
+    (``./dev -s gpu``; about
     8 minutes on one H100/H200). Without CUDA: the same code paths, small, on the CPU.
 
     The session sees the system's packages, so a CUDA build of PyTorch installed there is used;

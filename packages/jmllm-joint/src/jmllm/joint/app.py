@@ -3,8 +3,9 @@
 Upload an image (or pick an example), chat with J (and stock LLaVA beside it; *New chat*
 starts over on the same image), see the
 detections O^OWL makes from the same embedding for the objects you type (or the object words of
-the answer), click any word of the answer for its GA map, box view and top patches, check the
-answer for hallucinations, and download the reports the command line writes.
+the answer), click any word of the answer for its GA map, box view and top patches (or for its map by
+another attribution method of :mod:`jmllm.joint.attribution`), check the answer for
+hallucinations, and download the reports the command line writes.
 
 The page is a thin layer: every step is a method of :class:`~jmllm.joint.explorer.Explorer`,
 tested without a browser. :func:`build_app` returns the ``gr.Blocks``; each browser tab keeps its
@@ -99,6 +100,15 @@ WEIGHTING_CHOICES = (
     ("coord", "coord"),
     ("any", "any"),
     ("plain gradient (baseline)", "gradient"),
+)
+# the other attribution methods (jmllm.joint.attribution), offered beside GA's maps
+METHOD_CHOICES = (
+    ("gradient × input", "gradient_x_input"),
+    ("integrated gradients", "integrated_gradients"),
+    ("attention (last layer)", "attention"),
+    ("attention rollout", "attention_rollout"),
+    ("logit lens", "logit_lens"),
+    ("random", "random"),
 )
 HALLUCINATION_COLOURS = {"detected": "#1a7f37", "not detected": "#cf222e"}
 APP_CSS = """
@@ -403,9 +413,9 @@ def build_app(
         with gr.Group():
             with gr.Row():
                 weighting = gr.Radio(
-                    choices=list(WEIGHTING_CHOICES),
+                    choices=[*WEIGHTING_CHOICES, *METHOD_CHOICES],
                     value="class",
-                    label="GA map",
+                    label="Map: GA (class, coord, any), or another attribution method",
                     scale=2,
                     elem_id="jm-weighting",
                 )
@@ -602,6 +612,16 @@ def build_app(
             def tell(message: str) -> None:
                 progress(0.1, desc=message)
 
+            if how in {value for _, value in METHOD_CHOICES}:
+                s, attribution, seconds = explorer.explain_word_with(
+                    s, int(index), how, progress=tell
+                )
+                progress(0.8, desc="drawing the map")
+                headers, rows = explorer.method_top_patches(attribution)
+                cost = f"{seconds:.2f} s" if seconds else "already explained"
+                status = f"**{_md(attribution.label)}** — {how}, {cost}"
+                picture = explorer.method_picture(s, attribution)
+                return s, picture, None, {"headers": headers, "data": rows}, status
             s, view = explorer.explain_word(s, int(index), progress=tell)
             progress(0.8, desc="drawing the map")
             picked = parse_channel(chosen)
@@ -654,7 +674,10 @@ def build_app(
 
             pages = {
                 "report.html": explorer.report_html(s),
-                "explanation.html": explorer.explanation_html(s, how),
+                # GA's page shows a GA map: with another method chosen, its class map
+                "explanation.html": explorer.explanation_html(
+                    s, how if how in {v for _, v in WEIGHTING_CHOICES} else "class"
+                ),
                 "hallucinations.html": explorer.hallucination_html(s),
             }
             _prune(Path(work.name), "report-*", delete_cache[1])  # Gradio serves its own copies

@@ -205,8 +205,12 @@ class AuditSettings:
         return asdict(self)
 
 
-def _model_identity(model: Any) -> dict[str, Any]:
+def model_identity(model: Any) -> dict[str, Any]:
+    """What identifies J's weights in a run's settings: its sources and dtype."""
     return {"sources": dict(getattr(model, "sources", {}) or {}), "dtype": str(model.dtype)}
+
+
+_model_identity = model_identity  # the former private name
 
 
 def settings_digest(settings: AuditSettings, model: Any) -> str:
@@ -801,11 +805,25 @@ def run_audit(
 
 
 @contextlib.contextmanager
-def exclusive_folder(folder: str | os.PathLike[str] | None, state: Any = None) -> Iterator[None]:
+def exclusive_folder(
+    folder: str | os.PathLike[str] | None,
+    state: Any = None,
+    *,
+    owner: str = LOCK_OWNER,
+    lock_file: str = LOCK_FILE,
+    error: type[Exception] = AuditError,
+) -> Iterator[None]:
     """One run at a time writes an audit folder: the run's main process holds the folder's lock
     (:func:`jmllm.align.files.folder_lock`, re-entrant in one thread) while the body runs, and
     every process of the run learns whether it got it, so a refused run stops all its processes
     instead of leaving some waiting at a barrier.
+
+    Args:
+        folder: the output folder (None: nothing to hold).
+        state: accelerate's state of this process (default :func:`process_state`).
+        owner, lock_file, error: who holds the lock (named to a refused run), the lock's file
+            name and the error raised; the defaults are the hallucination audit's (the
+            faithfulness benchmark passes its own).
 
     Raises:
         AuditError: another run holds the folder (the message names its process).
@@ -816,13 +834,13 @@ def exclusive_folder(folder: str | os.PathLike[str] | None, state: Any = None) -
         yield
         return
     if folder.exists() and not folder.is_dir():
-        raise AuditError(f"{folder}: exists and is not a folder")
+        raise error(f"{folder}: exists and is not a folder")
     refused = None
     with contextlib.ExitStack() as stack:
         if state.is_main_process:
             try:
-                stack.enter_context(folder_lock(folder, LOCK_OWNER, LOCK_FILE, AuditError))
-            except AuditError as exc:
+                stack.enter_context(folder_lock(folder, owner, lock_file, error))
+            except error as exc:
                 refused = str(exc)
         if state.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -830,7 +848,7 @@ def exclusive_folder(folder: str | os.PathLike[str] | None, state: Any = None) -
             box = broadcast_object_list([refused], from_process=0)
             refused = box[0]
         if refused is not None:
-            raise AuditError(refused)
+            raise error(refused)
         yield
 
 
@@ -936,26 +954,48 @@ def _claim_folder(
     folder: Path, settings: AuditSettings, model: Any, digest: str, write: bool = True
 ) -> None:
     """Check that ``audit.json`` (if any) describes this same audit; write it if ``write``."""
-    if folder.exists() and not folder.is_dir():
-        raise AuditError(f"{folder}: exists and is not a folder")
     doc = {
         "settings": settings.to_dict(),
         "model": _model_identity(model),
         "digest": digest,
         "format": 1,
     }
-    path = folder / SETTINGS_FILE
     for name in (SETTINGS_FILE, RESULTS_FILE):  # refused now, not after the first image's work
         refuse_link(folder / name)
+    claim_folder(folder, SETTINGS_FILE, doc, write=write, what="an audit")
+
+
+def claim_folder(
+    folder: Path,
+    settings_file: str,
+    doc: dict[str, Any],
+    *,
+    write: bool = True,
+    what: str = "an audit",
+    error: type[Exception] = AuditError,
+) -> None:
+    """Refuse a resumable run's folder whose settings file describes another run (another
+    ``digest``), naming what differs; write ``doc`` there if ``write``.
+
+    Args:
+        folder: the output folder; settings_file: the settings file's name in it.
+        doc: ``{"settings": ..., "model": ..., "digest": ..., ...}`` of this run.
+        write: write the file (the main process does).
+        what: the run's kind as the message names it; error: the error raised.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise error(f"{folder}: exists and is not a folder")
+    path = folder / settings_file
+    refuse_link(path)  # a planted link: refused, never followed
     if path.is_file():
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             before = None
-        if isinstance(before, dict) and before.get("digest") not in (None, digest):
+        if isinstance(before, dict) and before.get("digest") not in (None, doc.get("digest")):
             changed = _differences(before, doc)
-            raise AuditError(
-                f"{folder}: holds an audit made with other settings ({changed}); "
+            raise error(
+                f"{folder}: holds {what} made with other settings ({changed}); "
                 "choose another output folder to keep both"
             )
     if write:
@@ -982,8 +1022,10 @@ __all__ = [
     "AuditSettings",
     "YesNoAuditor",
     "ask_one_by_one",
+    "claim_folder",
     "exclusive_folder",
     "kv_cache_bytes",
+    "model_identity",
     "parse_answer",
     "process_state",
     "run_audit",

@@ -55,12 +55,27 @@ class AuditImage:
         source: a path, or a callable returning the decoded PIL image (datasets rows).
         present: the annotated classes, each once, in the order of their first annotation.
         file: the name shown in reports (COCO ``file_name``).
+        boxes: the annotated boxes, ``(class, (x0, y0, x1, y1))`` in the image's pixels
+            (COCO's ``[x, y, w, h]`` as ``x0 = x, x1 = x + w``), for the checks that need
+            localisation truth (:mod:`jmllm.joint.faithfulness`); empty where the source has
+            none.
     """
 
     image_id: str
     source: str | os.PathLike[str] | Callable[[], Any]
     present: tuple[str, ...]
     file: str
+    boxes: tuple[tuple[str, tuple[float, float, float, float]], ...] = ()
+
+    def boxes_of(self, class_name: str) -> list[tuple[float, float, float, float]]:
+        """The annotated boxes of one class (empty when none was given).
+
+        Example:
+            >>> AuditImage("1", "a.jpg", ("cat",), "a.jpg",
+            ...            (("cat", (1.0, 2.0, 5.0, 6.0)),)).boxes_of("cat")
+            [(1.0, 2.0, 5.0, 6.0)]
+        """
+        return [box for name, box in self.boxes if name == class_name]
 
     def load(self) -> Any:
         """The image as :meth:`JointModel.embed` takes it (a path, or the PIL image)."""
@@ -89,6 +104,7 @@ class AuditDataset:
     images: tuple[AuditImage, ...]
     name: str = "dataset"
     skipped_annotations: int = 0  # annotations naming an unknown image or category
+    skipped_boxes: int = 0  # annotations kept for presence whose bbox is missing or malformed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -194,7 +210,9 @@ def load_coco(
 
     Every annotation counts, crowd regions included (as ``pycocotools``' ``getAnnIds`` returns
     them by default); images without annotations are kept (they get only absent classes).
-    Annotations naming an unknown image or category are skipped and counted.
+    Annotations naming an unknown image or category are skipped and counted. Each annotation's
+    ``bbox`` is kept in :attr:`AuditImage.boxes` (a missing or malformed one is counted in
+    ``skipped_boxes``; the class still counts as present).
 
     Args:
         annotations: the ``instances_*.json`` file (``images``, ``annotations``, ``categories``).
@@ -266,7 +284,8 @@ def load_coco(
         present[image_id] = []
         as_text[text] = image_id
         order.append((image_id, img["file_name"], source))
-    skipped = 0
+    skipped = skipped_boxes = 0
+    boxes: dict[Any, list[tuple[str, tuple[float, float, float, float]]]] = {}
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict):
             skipped += 1
@@ -282,17 +301,42 @@ def load_coco(
             continue
         if category not in names:
             names.append(category)
+        box = _coco_box(ann.get("bbox"))
+        if box is None:
+            skipped_boxes += 1
+        else:
+            boxes.setdefault(ann["image_id"], []).append((category, box))
     items = tuple(
         AuditImage(
             image_id=_id_text(image_id),
             source=source,
             present=tuple(present[image_id]),
             file=file_name,
+            boxes=tuple(boxes.get(image_id, ())),
         )
         for image_id, file_name, source in order
     )
-    dataset = AuditDataset(tuple(classes), items, name=path.name, skipped_annotations=skipped)
+    dataset = AuditDataset(
+        tuple(classes),
+        items,
+        name=path.name,
+        skipped_annotations=skipped,
+        skipped_boxes=skipped_boxes,
+    )
     return dataset.head(limit)
+
+
+def _coco_box(bbox: Any) -> tuple[float, float, float, float] | None:
+    """COCO's ``[x, y, w, h]`` as ``(x0, y0, x1, y1)``; None when missing, malformed, non-finite,
+    negative or empty."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(np.isfinite((x, y, w, h))) or x < 0 or y < 0 or w <= 0 or h <= 0:
+        return None
+    return (x, y, x + w, y + h)
 
 
 # ---------------------------------------------------------------------------------------------

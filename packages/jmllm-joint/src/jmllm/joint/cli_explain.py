@@ -32,6 +32,13 @@ HALLUCINATIONS_OUTPUTS = ("hallucinations.json", "hallucinations.html")
 
 logger = logging.getLogger("jmllm.joint.cli")
 
+# jmllm.joint.attribution's methods other than GA's weightings (listed here so that --help loads
+# no model code; a test keeps the list equal to the package's)
+ATTRIBUTION_METHODS = (
+    "ga", "gradient", "gradient_x_input", "integrated_gradients", "attention",
+    "attention_rollout", "logit_lens", "random",
+)  # fmt: skip
+
 
 def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add the GA subcommands to ``jmllm-joint``'s parser."""
@@ -74,6 +81,13 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     explain.add_argument(
         "--answer", help="explain this answer instead of generating one (default: none, J's own)"
+    )
+    explain.add_argument(
+        "--method",
+        choices=ATTRIBUTION_METHODS,
+        default="ga",
+        help="attribution method: the others of jmllm.joint.attribution draw one map per word, "
+        "and need no query",
     )
     explain.add_argument("-o", "--out", required=True, help="output folder")
     force_argument(explain)
@@ -201,6 +215,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from jmllm.joint.saliency import GradientAlignment
 
     image = image_arg(args.image)
+    if args.method != "ga":
+        return _explain_with(args, image)
     queries = args.queries or ([args.token] if args.token else None)
     if not queries:
         raise CliError("-q/--query: give at least one OWL-ViT query (or use --token WORD)")
@@ -255,6 +271,53 @@ def cmd_explain(args: argparse.Namespace) -> int:
             template=args.template,
         )
     print(f"ASSISTANT: {printable(text, keep_newlines=True)}")
+    print(f"Report: {report}")
+    return 0
+
+
+def _explain_with(args: argparse.Namespace, image: Path) -> int:
+    """``explain --method NAME`` for a method other than GA: one map per explained word."""
+    from jmllm.joint.attribution import AttributionError, get_method, prepare_request
+    from jmllm.joint.cli.common import CliError, load_model, out_dir, output_folder
+    from jmllm.joint.explain_report import write_attribution_report
+    from jmllm.joint.saliency import answer_tokens, answer_words
+
+    if args.answer is not None and not args.answer.strip():
+        raise CliError("--answer: empty answer; there is no token to explain")
+    out = out_dir(args.out)
+    model = load_model(args)
+    method = get_method(args.method, model)
+    emb = model.embed([image])
+    answer: Any = args.answer
+    if answer is None:
+        answer = model.generate(
+            emb, args.prompt, max_new_tokens=args.max_new_tokens, template=args.template
+        )[0]
+    try:
+        if args.token is not None or args.position is not None:
+            target = args.token if args.token is not None else args.position
+            targets: list[Any] = [target]
+        else:
+            ids = answer.token_ids if hasattr(answer, "token_ids") else None
+            if ids is None:
+                ids = model.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+            text, tokens = answer_tokens(model.tokenizer, ids)
+            targets = [list(word.positions) for word in answer_words(text, tokens)]
+            if not targets:
+                raise CliError(f"answer {text!r}: has no words to explain")
+        requests = [
+            prepare_request(model, emb, args.prompt, target, answer, template=args.template)
+            for target in targets
+        ]
+        attributions = [method.attribute_request(request) for request in requests]
+    except AttributionError as exc:
+        raise CliError(str(exc)) from None
+    text = requests[0].answer_text
+    with output_folder(out):
+        report = write_attribution_report(
+            out, emb.pil_image(0), args.prompt, text, attributions, method, requests[0].template
+        )
+    print(f"ASSISTANT: {text}")
     print(f"Report: {report}")
     return 0
 

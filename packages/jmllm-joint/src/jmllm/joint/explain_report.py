@@ -5,6 +5,8 @@
 - :func:`box_view_png`: the paper's box view — every patch whose class weight reaches a threshold
   draws its predicted box with thickness ∝ class weight and colour = box-coordinate weight, plus a
   red line from the patch's grid cell to its box centre.
+- :func:`write_attribution_report`: the same page for another attribution method
+  (:mod:`jmllm.joint.attribution`), one map per word.
 - :func:`write_explanation_report`: one HTML file (the Jinja2 template
   ``templates/explanation.html``: images as data URLs, inline CSS/JS, no network resource, every
   model text escaped) in which clicking a word of the answer, or choosing it in the word picker,
@@ -491,6 +493,103 @@ def write_explanation_report(
     return atomic_write_bytes(out / "report.html", report.encode("utf-8"))
 
 
+def write_attribution_report(
+    out_dir: str | os.PathLike[str],
+    image: Image.Image | None,
+    prompt: str,
+    answer_text: str,
+    attributions: Sequence[Any],
+    method: Any,
+    template: str | None = None,
+) -> Path:
+    """The report of another attribution method (:mod:`jmllm.joint.attribution`) for one
+    answer: ``report.html`` (the same page as GA's, one map per explained word), ``maps/*.png``,
+    ``explanation.json`` (each word's top patches) and ``arrays.safetensors`` (each word's
+    scores over ``t``'s grid, key ``<label>/scores``).
+
+    Args:
+        out_dir: output folder (created).
+        image: the RGB image (None: grey background).
+        prompt: the question; answer_text: the answer.
+        attributions: :class:`~jmllm.joint.attribution.Attribution` of its words.
+        method: the :class:`~jmllm.joint.attribution.AttributionMethod` that made them (its name
+            and source are shown).
+        template: the conversation template the prompt was put in.
+
+    Example:
+        >>> write_attribution_report("out", image, "What's in the image?", answer, maps,
+        ...                          get_method("gradient", model))  # doctest: +SKIP
+    """
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    maps_dir = out / "maps"
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    spans, panels, records, numbers = [], [], [], []
+    tensors: dict[str, torch.Tensor] = {}
+    signed = " (signed, shown min–max normalised)" if getattr(method, "signed", False) else ""
+    for i, a in enumerate(attributions):
+        key, label = f"r{i}", f"{i:03d}_{_slug(a.label)}"
+        start = min((t.start for t in a.tokens), default=0)
+        end = max((t.end for t in a.tokens), default=0)
+        number = word_number(answer_text, start) if end > start else i + 1
+        if end > start:
+            spans.append((start, end, key, f"explain {a.label} (word {number})"))
+        numbers.append(number)
+        overlay = heatmap_overlay_png(
+            image, a.map(), f"{a.label}: {a.method}", label=f"{a.method} score{signed}"
+        )
+        atomic_write_bytes(maps_dir / f"{label}_{a.method}.png", overlay)
+        order = np.argsort(-a.scores.numpy(), kind="stable")
+        side = round(a.scores.numel() ** 0.5)
+        rows = [
+            [int(k), f"({k // side}, {k % side})", f"{float(a.scores[k]):.4g}"] for k in order[:5]
+        ]
+        panels.append(
+            {
+                "key": key,
+                "overlay": data_url(overlay),
+                "overlay_alt": f"{a.method} map",
+                "overlay_caption": f"{a.method} map of {a.label!r}{signed}.",
+                "boxes": None,
+                "lines": [
+                    f"Explained: {a.label} (tokens {' + '.join(repr(t.text) for t in a.tokens)})"
+                ],
+                "table": {"headers": ["patch", "row, col", "score"], "rows": rows},
+            }
+        )
+        tensors[f"{label}/scores"] = a.scores.float().clone()
+        records.append(
+            {
+                "label": label,
+                "target": a.label,
+                "tokens": [
+                    {"position": t.position, "id": t.token_id, "text": t.text} for t in a.tokens
+                ],
+                "top_patches": order[:10].tolist(),
+            }
+        )
+    labels = word_choice_labels([a.label for a in attributions], numbers)
+    name = getattr(method, "name", "method")
+    html = render(
+        "explanation.html",
+        script=True,
+        title=f"{name} explanation",
+        prompt=prompt,
+        answer=highlighted_answer(answer_text, spans),
+        options=[{"key": f"r{i}", "label": text} for i, text in enumerate(labels)],
+        method_note=f"Method: {name} — {getattr(method, 'source', '')}.",
+        template_name=template,
+        template_first=get_template(template).first.replace("\n", "⏎") if template else None,
+        panels=panels,
+    )
+    atomic_write_bytes(out / "arrays.safetensors", save(tensors, metadata={"method": name}))
+    summary = {"prompt": prompt, "answer": answer_text, "method": name, "template": template,
+               "results": records}  # fmt: skip
+    atomic_write_bytes(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return atomic_write_bytes(out / "report.html", html.encode("utf-8"))
+
+
 OBJECT_QUESTION = "What's in the image?"
 OBJECT_ANSWER = "The image shows a {}"  # the paper's WSOL/user-study setting, teacher-forced
 OBJECT_VIEWS = ("box", "overlay")
@@ -617,5 +716,6 @@ __all__ = [
     "with_colour_bar",
     "word_choice_labels",
     "word_number",
+    "write_attribution_report",
     "write_explanation_report",
 ]

@@ -15,6 +15,9 @@ step is a plain function, tested without a browser:
   gradient norms depend on the (image, queries) only, so they are computed on the first click and
   kept (:class:`~jmllm.joint.GradientAlignment` with a cache of several pairs); every further
   click costs one teacher-forced LLM forward and backward plus one JVP;
+- :meth:`Explorer.explain_word_with`: the same word explained by another attribution method
+  (:mod:`jmllm.joint.attribution`: gradient × input, integrated gradients, attention, rollout,
+  logit lens, random);
 - :meth:`Explorer.hallucinations`: the hallucination view of the last answer;
 - :meth:`Explorer.report_html` (and the explanation and hallucination pages): the very pages the
   command line writes, for the current state.
@@ -74,6 +77,16 @@ DISPLAY_MIN_SIDE = MIN_SIDE  # …and small ones are enlarged to this, so labels
 KEPT_SIDE = DISPLAY_SIDE
 NORM_CACHE_SIZE = 16  # (image, queries) pairs whose GA norms are kept
 MAP_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "gradient")  # "gradient": the plain baseline
+# The other attribution methods a word can be explained with (jmllm.joint.attribution); GA's
+# weightings and the plain gradient come from the GA result itself.
+OTHER_METHODS: tuple[str, ...] = (
+    "gradient_x_input",
+    "integrated_gradients",
+    "attention",
+    "attention_rollout",
+    "logit_lens",
+    "random",
+)
 DETECTION_NMS_IOU = DEFAULT_NMS_IOU  # the command line's default, so reports match
 
 
@@ -95,6 +108,7 @@ class ExplorerState:
         typed_queries: the objects the user typed (empty: the object words of the last answer).
         threshold: detection score threshold.
         explained: GA results of the last answer, by (word index, queries).
+        attributions: other methods' maps of the last answer, by (word index, method).
         hallucination: the hallucination view of the last answer, once asked for.
     """
 
@@ -106,6 +120,7 @@ class ExplorerState:
     typed_queries: tuple[str, ...] = ()
     threshold: float = 0.1
     explained: dict[tuple[int, tuple[str, ...]], GAResult] = field(default_factory=dict)
+    attributions: dict[tuple[int, str], Any] = field(default_factory=dict)
     hallucination: Any = None
 
     @property
@@ -381,7 +396,12 @@ class Explorer:
                         emb, turn.question, history=stock, vision="llava", **kwargs
                     )
         return dataclasses.replace(
-            state, conversation=conversation, stock=stock, explained={}, hallucination=None
+            state,
+            conversation=conversation,
+            stock=stock,
+            explained={},
+            attributions={},
+            hallucination=None,
         )
 
     # ------------------------------------------------------------------ detection
@@ -509,6 +529,70 @@ class Explorer:
         explained = {**state.explained, key: result}
         view = WordExplanation(index, word, queries, result, cached, False, seconds)
         return dataclasses.replace(state, explained=explained), view
+
+    def explain_word_with(
+        self,
+        state: ExplorerState,
+        index: int,
+        method: str,
+        progress: Callable[[str], None] | None = None,
+    ) -> tuple[ExplorerState, Any, float]:
+        """Word ``index`` of the last answer explained by another attribution method
+        (:data:`OTHER_METHODS`, :mod:`jmllm.joint.attribution`): the same target GA explains
+        (the word's tokens, their logits summed), a map over ``t``'s patch grid.
+
+        Returns:
+            The new state (holding the map), the
+            :class:`~jmllm.joint.attribution.Attribution` and the seconds it took (0 when the
+            state already held it).
+
+        Example:
+            >>> state, attribution, seconds = explorer.explain_word_with(state, 2, "logit_lens")  # doctest: +SKIP
+        """
+        from jmllm.joint.attribution import get_method, prepare_request
+
+        if method not in OTHER_METHODS:
+            raise ExplorerError(f"method: {method!r} is not one of {', '.join(OTHER_METHODS)}")
+        emb = self._need_image(state)
+        answer = self._need_answer(state)
+        words = self.words(state)
+        if not isinstance(index, int) or not 0 <= index < len(words):
+            raise ExplorerError(
+                f"word: index {index!r} is not a word of the answer ({len(words)} words)"
+            )
+        known = state.attributions.get((index, method))
+        if known is not None:
+            return state, known, 0.0
+        word = words[index]
+        with self.lock:
+            if progress is not None:
+                progress(f"{method} of {word.text!r}")
+            start = time.perf_counter()
+            request = prepare_request(
+                self.model, emb, state.last_question, list(word.positions), answer
+            )
+            attribution = get_method(method, self.model).attribute_request(request)
+            seconds = time.perf_counter() - start
+        attributions = {**state.attributions, (index, method): attribution}
+        return dataclasses.replace(state, attributions=attributions), attribution, seconds
+
+    def method_picture(self, state: ExplorerState, attribution: Any) -> Image.Image:
+        """Another method's map over the image, with its colour bar, at the page's size."""
+        from jmllm.joint.explain_report import overlay_image, with_colour_bar
+
+        image = self._need_image(state).pil_image(0)
+        shown = shown_size(attribution.image_size)
+        overlay = overlay_image(image, attribution.map(shown), "jet", shown=shown)
+        return with_colour_bar(overlay, "jet", f"{attribution.method} score (min–max normalised)")
+
+    @staticmethod
+    def method_top_patches(attribution: Any, top: int = 5) -> tuple[list[str], list[list[Any]]]:
+        """Headers and rows of the patches with the largest scores of another method's map."""
+        scores = attribution.scores.float()
+        order = np.argsort(-scores.numpy(), kind="stable")[:top]
+        side = round(len(scores) ** 0.5)
+        rows = [[int(k), f"({k // side}, {k % side})", round(float(scores[k]), 4)] for k in order]
+        return ["patch", "row, col", f"{attribution.method} score"], rows
 
     def word_pictures(
         self,
@@ -691,6 +775,7 @@ __all__ = [
     "KEPT_SIDE",
     "MAP_WEIGHTINGS",
     "MAX_IMAGE_PIXELS",
+    "OTHER_METHODS",
     "Explorer",
     "ExplorerError",
     "ExplorerState",

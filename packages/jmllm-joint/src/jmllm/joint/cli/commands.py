@@ -9,7 +9,7 @@ usage (numbers are checked here, at the boundary, with the argparse types of
 
 Extending: for every module of :data:`PLUGINS` that exists (``jmllm.joint.cli_explain``,
 ``jmllm.joint.toy.cli``, ``jmllm.joint.cli_app``, ``jmllm.joint.cli_audit``,
-``jmllm.joint.cli_sample``), :func:`build_parser`
+``jmllm.joint.cli_faithfulness``, ``jmllm.joint.cli_sample``), :func:`build_parser`
 calls its ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
 ``common_args`` holds the shared model options: use it as a parent parser,
 ``subparsers.add_parser("explain", parents=[common_args], help=...)``, or call it on a parser,
@@ -75,6 +75,7 @@ PLUGINS = (  # modules adding subcommands, in the order --help lists them
     "jmllm.joint.toy.cli",
     "jmllm.joint.cli_app",
     "jmllm.joint.cli_audit",
+    "jmllm.joint.cli_faithfulness",
     "jmllm.joint.cli_sample",
 )
 

@@ -106,7 +106,7 @@ def _joint_with(model: Any, alignment: Any, llava: Any) -> Any:
     )
 
 
-def _reinitialise_(module: torch.nn.Module, std: float) -> None:
+def reinitialise_(module: torch.nn.Module, std: float) -> None:
     """Re-initialise a module in place as a fresh Llama is: linear and embedding weights
     N(0, std²), biases 0, norm weights 1."""
     with torch.no_grad():
@@ -142,23 +142,19 @@ def randomisation_cascade(model: Any, seed: int = 12345) -> list[tuple[str, Any]
         >>> [name for name, _ in randomisation_cascade(load_toy_joint())]
         ['w', 'head', 'layer_2', 'layer_1', 'layer_0']
     """
+    from jmllm.joint.internals import cascade_blocks, initializer_std, language_container
+
     random_w = reinitialised(model, seed)
-    std = float(getattr(model.llava.config.text_config, "initializer_range", 0.02))
-    language = model.llava.model.language_model
-    blocks: list[tuple[str, list[str]]] = [("head", ["lm_head", "model.language_model.norm"])]
-    blocks += [
-        (f"layer_{i}", [f"model.language_model.layers.{i}"])
-        for i in reversed(range(len(language.layers)))
-    ]
+    std = initializer_std(model)
     stages: list[tuple[str, Any]] = [("w", random_w)]
     done: list[str] = []
-    for k, (name, paths) in enumerate(blocks, start=1):
+    for k, (name, paths) in enumerate(cascade_blocks(model), start=1):
         done += paths
-        llava = copy.deepcopy(model.llava)
+        llava = copy.deepcopy(language_container(model))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + k)
             for path in done:
-                _reinitialise_(llava.get_submodule(path), std)
+                reinitialise_(llava.get_submodule(path), std)
         stages.append((name, _joint_with(model, random_w.alignment, llava)))
     return stages
 
