@@ -91,16 +91,6 @@ def test_demo_help_states_the_defaults_the_demo_uses():
     assert "(default 24)" in help_text
 
 
-def test_mention_order():
-    assert cli.mention_order(["cat", "dog", "bird"], "A dog chases a cat.") == [
-        "dog",
-        "cat",
-        "bird",
-    ]
-    assert cli.mention_order(["cat"], "concatenate") == ["cat"]  # whole words only; kept anyway
-    assert cli.mention_order(["car", "cat"], "a cat") == ["cat", "car"]
-
-
 def test_a_photo_given_to_the_toy_j_gets_a_warning(image_file, capsys, caplog):
     """The built-in models know only toy scenes: any other image is answered with a warning."""
     assert cli.main(["describe", str(image_file), "--tiny", "--max-new-tokens", "2"]) == 0

@@ -47,7 +47,12 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     target.add_argument("--all", action="store_true", help="every word of the answer (the default)")
     explain.add_argument(
-        "-q", "--query", action="append", dest="queries", help="OWL-ViT query (repeatable)"
+        "-q",
+        "--query",
+        action="append",
+        dest="queries",
+        help="OWL-ViT query (repeatable; default with --tiny: the toy shapes; else the --token "
+        "word)",
     )
     explain.add_argument("--answer", help="explain this answer instead of generating one")
     explain.add_argument("--out", required=True, help="output folder")
@@ -94,6 +99,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     )
     wsol.add_argument("data_dir", help="folder with images/ and boxes.csv (image_id,x0,y0,x1,y1)")
     wsol.add_argument("--limit", type=integer(1), help="score only the first N images")
+    wsol.add_argument(
+        "--token",
+        help="the object word explained in every image, one word (default: each image's label "
+        "in boxes.csv, else 'bird', the paper's)",
+    )
     wsol.add_argument(
         "--weighting", choices=("class", "coord", "any"), default="class", help="GA map"
     )
@@ -149,9 +159,11 @@ def _painting(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--class-query",
         choices=CLASS_QUERY_MODES,
-        default="first",
-        help="with several queries the class map uses the first query (the authors', default) "
-        "or the maximum over them",
+        default="matching",
+        help="with several queries, the class map's channel: matching (default: the query "
+        "naming the object the explained word refers to, e.g. 'blue' in 'a blue triangle' → "
+        "triangle; the maximum when none does), first (the first query) or max; with one "
+        "query all three are that query",
     )
 
 
@@ -162,6 +174,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     image = image_arg(args.image)
     queries = args.queries or ([args.token] if args.token else None)
+    if not queries and args.tiny:
+        from jmllm.joint.cli.common import builtin_vocabulary
+
+        queries = builtin_vocabulary()  # the objects the toy world knows: every shape
     if not queries:
         raise CliError("-q/--query: give at least one OWL-ViT query (or use --token WORD)")
     if any(not q.strip() for q in queries):
@@ -282,6 +298,8 @@ def cmd_wsol(args: argparse.Namespace) -> int:
     from jmllm.joint.cli.common import CliError, load_model
     from jmllm.joint.wsol import WsolDependencyError, opencv, read_wsol_folder, run_wsol
 
+    if args.token is not None and len(args.token.split()) != 1:
+        raise CliError(f"--token: must be one word, got {args.token[:100]!r}")
     page = maps = None
     if args.json_out:
         if Path(args.json_out).is_dir():
@@ -308,6 +326,7 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         box_rounding=args.box_rounding,
         class_query=args.class_query,
         samples=args.samples if page is not None else 0,
+        target=args.token.strip() if args.token else None,
     )
     if args.json_out:
         report.save(Path(args.json_out))
@@ -321,7 +340,8 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         "num_images": report.num_images,
         "skipped": len(report.skipped),
         "setting": {
-            k: report.setting[k] for k in ("template", "protocol", "pipeline", "box_rounding")
+            k: report.setting[k]
+            for k in ("target", "template", "protocol", "pipeline", "box_rounding")
         },
     }
     print(json.dumps(summary, indent=2))

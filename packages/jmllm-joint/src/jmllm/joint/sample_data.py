@@ -13,10 +13,11 @@ correctly. :func:`write_sample_data` writes into ``OUT``:
   annotation per object with ``bbox`` ``[x, y, w, h]`` in pixels, ``area``, ``iscrowd`` 0), and
   the images also serve ``jmllm-joint chat/explain/hallucinations`` and ``jmllm-align train
   --images``;
-- ``cub/images/toy-heldout-NNNN.png`` and ``cub/boxes.csv`` (``image_id,x0,y0,x1,y1``, the
-  first and last pixel of the object, inclusive, as :class:`~jmllm.joint.wsol.WsolItem` reads
-  them): single-object scenes, the CUB-200-2011 layout that
-  ``jmllm-joint wsol`` reads (one object per image, like CUB's one bird);
+- ``cub/images/toy-heldout-NNNN.png`` and ``cub/boxes.csv`` (``image_id,x0,y0,x1,y1,label``,
+  the first and last pixel of the object, inclusive, as :class:`~jmllm.joint.wsol.WsolItem`
+  reads them, and the object's shape, the word ``jmllm-joint wsol`` explains in that image):
+  single-object scenes, the CUB-200-2011 layout that ``jmllm-joint wsol`` reads (one object per
+  image, like CUB's one bird);
 - ``README.md``: what each file is and the commands that use it.
 
 Every file is written atomically with ordinary permissions. The same ``(count, seed)`` always
@@ -50,11 +51,12 @@ scenes, so their answers, boxes and maps can be checked against the truth here. 
 
 - `coco/images/`: the scenes; `coco/captions.json`: COCO captions; `coco/instances.json`: COCO
   instances (the four shapes as categories, boxes as [x, y, w, h]).
-- `cub/images/` and `cub/boxes.csv`: single-object scenes in the CUB layout of `jmllm-joint wsol`.
+- `cub/images/` and `cub/boxes.csv`: single-object scenes in the CUB layout of `jmllm-joint wsol`,
+  each labelled with its shape (the word `wsol` explains in it).
 
 Try:
 
-    jmllm-joint explain {out}/coco/images/{first} --tiny --out explain
+    jmllm-joint explain {out}/coco/images/{first} --tiny -p "What's the content of the image?" --out explain
     jmllm-joint wsol {out}/cub --tiny --json-out wsol.json
     jmllm-judge sample --coco {out}/coco/captions.json --images-dir {out}/coco/images -n {count} --out manifest.json
     jmllm-judge captions --manifest manifest.json --system J --joint --tiny -o j.jsonl
@@ -129,7 +131,7 @@ def write_sample_data(
         )
         + "\n",
     )
-    rows = ["image_id,x0,y0,x1,y1"]
+    rows = ["image_id,x0,y0,x1,y1,label"]
     index = 0
     while len(rows) <= wsol_count:
         scene = make_scene("heldout", index, seed)
@@ -139,7 +141,8 @@ def write_sample_data(
         name = f"toy-heldout-{scene.index:04d}.png"
         atomic_write_bytes(root / "cub" / "images" / name, _png(scene.image))
         x0, y0, x1, y1 = scene.objects[0].box  # x1, y1 exclusive
-        rows.append(f"{name},{x0},{y0},{x1 - 1},{y1 - 1}")  # inclusive last pixel
+        shape = scene.objects[0].shape  # the object word wsol explains in this image
+        rows.append(f"{name},{x0},{y0},{x1 - 1},{y1 - 1},{shape}")  # inclusive last pixel
     atomic_write_text(root / "cub" / "boxes.csv", "\n".join(rows) + "\n")
     atomic_write_text(
         root / "README.md",
