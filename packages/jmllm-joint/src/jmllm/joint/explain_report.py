@@ -430,7 +430,7 @@ def save_arrays(
     tensors: dict[str, Any] = {}
     for label, r in results:
         # what the picture shows, at the image's size: maps can be checked without pictures
-        tensors[f"{label}/map"] = torch.from_numpy(r.shown(weighting, query))
+        tensors[f"{label}/map"] = torch.from_numpy(np.ascontiguousarray(r.shown(weighting, query)))
         tensors[f"{label}/similarities"] = r.similarities.float().clone()
         tensors[f"{label}/normalised"] = r.normalised.float().clone()
         tensors[f"{label}/numerators"] = r.numerators.float().clone()
