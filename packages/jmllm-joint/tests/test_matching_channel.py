@@ -84,3 +84,26 @@ def test_scene_interval_is_the_percentile_bootstrap_of_resampled_scenes():
     point = per_scene[:, 0].sum() / per_scene[:, 1].sum()
     assert low < point < high
     assert scene_interval(per_scene[:1], lambda s: s[..., 0]) is None
+
+
+def test_default_path_words_are_explain_answers_words(tiny_joint):
+    """The benchmark explains only the words it scores (one backward per word); each result is
+    the one ``GradientAlignment.explain_answer`` — the CLI's path — gives for that word."""
+    import torch
+
+    from jmllm.joint.saliency import GradientAlignment
+    from jmllm.joint.toy.default_path import _word_results
+
+    ga = GradientAlignment(tiny_joint)
+    scene = make_scene("heldout", 3)
+    emb = tiny_joint.embed([scene.image])
+    answer = tiny_joint.generate(emb, "What's the content of the image?", max_new_tokens=6)[0]
+    queries = SHAPES
+    exp = ga.explain_answer(emb, "What's the content of the image?", queries, answer=answer)
+    assert len(exp.word_results) >= 2
+    picked = [len(exp.word_results) - 1, 0]
+    for index, result in zip(picked, _word_results(ga, emb, answer, picked), strict=True):
+        want = exp.word_results[index]
+        assert result.target == want.target and result.class_match == want.class_match
+        assert torch.allclose(result.similarities, want.similarities, atol=1e-6)
+        assert np.allclose(result.shown("class"), want.shown("class"), atol=1e-5)

@@ -38,10 +38,15 @@ from jmllm.joint.drawing import OVERLAY_ALPHA, SPOTLIGHT, blend_map, figure, fit
 from jmllm.joint.pages import Markup, environment, render
 from jmllm.joint.report import atomic_write_bytes, png_bytes
 from jmllm.joint.saliency import GAResult
+from jmllm.joint.saliency.maps import _check_choice
 
 MAX_SIDE = 768  # pictures are drawn at most this large (maps keep their full resolution)
 BOX_VIEW_BAR = "box colour: box-coordinate weight (thickness: class weight)"
 BOX_VIEW_MAX = 5  # boxes drawn at most in a box view
+# Which patches a box view draws: "contrast" (the default: at least half-way up the shown
+# contrast, one box per object, at most BOX_VIEW_MAX) or "authors" (their grad_heatmap.py:
+# every patch whose normalised class weight reaches the threshold)
+BOX_RULES = ("contrast", "authors")
 BOX_VIEW_OVERLAP = 0.5  # a box overlapping a heavier drawn one this much (IoU) is left out
 SHOWN_SCALE = "0: median patch, 1: top patch"  # the contrast of every picture of a map
 BOX_VIEW_CAPTION = (
@@ -202,10 +207,11 @@ def box_view_png(
     max_thickness: int = 10,
     query: int | str | None = None,
     cmap: str = "viridis",
+    rule: str = "contrast",
 ) -> bytes:
     """PNG bytes of the box view (:func:`box_view_image`) with an optional title above and the
     colour bar under it."""
-    picture = box_view_image(image, result, class_threshold, max_thickness, query, cmap)
+    picture = box_view_image(image, result, class_threshold, max_thickness, query, cmap, rule=rule)
     return png_bytes(figure(picture, title, (cmap, BOX_VIEW_BAR)))
 
 
@@ -215,17 +221,26 @@ def box_view_patches(
     query: int | str | None = None,
     max_boxes: int = BOX_VIEW_MAX,
     overlap: float = BOX_VIEW_OVERLAP,
+    rule: str = "contrast",
 ) -> list[int]:
-    """The patches a box view draws, heaviest first: those whose shown class weight
+    """The patches a box view draws, heaviest first.
+
+    ``rule="contrast"`` (the default): those whose shown class weight
     (:meth:`GAResult.shown_weights`: 0 the median patch, 1 the top patch) reaches
     ``class_threshold``, leaving out a box that overlaps (IoU ≥ ``overlap``) a heavier one
     already drawn — many patches of one object predict nearly its box — and at most
-    ``max_boxes``.
+    ``max_boxes``. ``rule="authors"``: every patch whose normalised class weight
+    (:meth:`GAResult.weights`) reaches ``class_threshold``, as their ``grad_heatmap.py`` draws
+    (with a flat map, nearly every patch).
 
     Example:
         >>> box_view_patches(result)  # doctest: +SKIP
         [18, 41]
     """
+    _check_choice("rule", rule, BOX_RULES)
+    if rule == "authors":
+        raw = result.weights("class", query).numpy()
+        return [int(k) for k in np.argsort(-raw, kind="stable") if raw[k] >= class_threshold]
     weights = result.shown_weights("class", query).numpy()
     boxes = result.boxes_xyxy.astype(np.float64)
     kept: list[int] = []
@@ -253,11 +268,13 @@ def box_view_image(
     query: int | str | None = None,
     cmap: str = "viridis",
     shown: tuple[int, int] | None = None,
+    rule: str = "contrast",
 ) -> Image.Image:
     """The box view drawn on the image, without colour bar: every patch of
-    :func:`box_view_patches` draws its predicted box (thickness = shown class weight ×
-    ``max_thickness``, colour = box-coordinate weight, the maximum over ``cx, cy, w, h``) and a
-    red line from its grid cell to the box centre (:func:`box_view_png` adds the bar).
+    :func:`box_view_patches` draws its predicted box (thickness = class weight ×
+    ``max_thickness``, the shown weight under the ``contrast`` rule, the normalised one under
+    ``authors``; colour = box-coordinate weight, the maximum over ``cx, cy, w, h``) and a red
+    line from its grid cell to the box centre (:func:`box_view_png` adds the bar).
 
     Args:
         image: the RGB image (None: grey).
@@ -267,6 +284,7 @@ def box_view_image(
         query: the class channel (default: the result's own).
         cmap: the colour map of the box-coordinate weight.
         shown: (width, height) of the picture (default: at least 512 px, at most MAX_SIDE).
+        rule: which patches draw their box (:func:`box_view_patches`).
     """
     from matplotlib import colormaps
 
@@ -274,11 +292,15 @@ def box_view_image(
     base = _display(image, (width, height), shown)
     sx, sy = base.width / width, base.height / height
     colours = colormaps[cmap]
-    class_w = result.shown_weights("class", query).numpy()
+    if rule == "authors":
+        class_w = result.weights("class", query).numpy()
+    else:
+        class_w = result.shown_weights("class", query).numpy()
     coord_w = result.weights("coord").numpy()
     side = round(len(class_w) ** 0.5)
     draw = ImageDraw.Draw(base)
-    for k in reversed(box_view_patches(result, class_threshold, query)):  # heaviest on top
+    patches = box_view_patches(result, class_threshold, query, rule=rule)
+    for k in reversed(patches):  # heaviest on top
         x0, y0, x1, y1 = result.boxes_xyxy[k]
         thickness = max(1, int(np.floor(max_thickness * class_w[k])))
         rgb = tuple(int(255 * c) for c in colours(float(coord_w[k]))[:3])
@@ -672,6 +694,7 @@ def object_picture(
     view: str = "box",
     weighting: str = "class",
     title: str | None = None,
+    box_rule: str = "contrast",
 ) -> Image.Image:
     """The picture of an :func:`object_explanation`: the box view (the paper's user-study
     figures) or the map lighting the photo, with its bar; no title unless one is given (the
@@ -690,7 +713,7 @@ def object_picture(
             f"weighting: expected one of {', '.join(WEIGHTINGS)}, gradient; got {weighting!r}"
         )
     if view == "box":
-        png = box_view_png(picture, result, title or "")
+        png = box_view_png(picture, result, title or "", rule=box_rule)
     else:
         # the bar names the weighting, never the query: participants must not read the object
         png = heatmap_overlay_png(
@@ -715,6 +738,7 @@ def explain_object(
     ga: Any = None,
     template: str = PAPER_TEMPLATE,
     title: str | None = None,
+    box_rule: str = "contrast",
 ) -> Image.Image:
     """A picture of J's GA explanation of one object in an image (the user study's questions):
     :func:`object_explanation` drawn by :func:`object_picture`.
@@ -734,6 +758,8 @@ def explain_object(
             ``<image>\\nUSER: {question}\\nASSISTANT:``) or ``"llava-1.5"``.
         title: a title drawn above the picture. None (the default) draws none: these pictures
             are shown to user-study participants, who must not read the object's name on them.
+        box_rule: the box view's patches: ``"contrast"`` (default: one box per object) or
+            ``"authors"`` (every patch at least half-way up GA's own scale, as their figures).
 
     Returns:
         The RGB picture.
@@ -763,10 +789,11 @@ def explain_object(
         ga=ga,
         template=template,
     )
-    return object_picture(result, picture, view, weighting, title)
+    return object_picture(result, picture, view, weighting, title, box_rule)
 
 
 __all__ = [
+    "BOX_RULES",
     "BOX_VIEW_BAR",
     "MAP_TITLES",
     "OBJECT_ANSWER",

@@ -185,6 +185,84 @@ def _score(items: Sequence[_Item], scenes: Sequence[int], thresholds: np.ndarray
     return out
 
 
+def default_path_items(
+    model: Any,
+    indices: Sequence[int],
+    seed: int = 0,
+    progress: bool = False,
+    protocol: str = "wsolevaluation",
+) -> tuple[list[_Item], dict[str, int]]:
+    """The scored words of held-out scenes ``indices`` (see :func:`default_path_localisation`),
+    and caption counts (``exact``, ``without_named_object``); a part of the scenes can be run in
+    each of several processes and the items pooled."""
+    from tqdm.auto import tqdm
+
+    ga = GradientAlignment(model)  # the defaults: class_query="matching", as the CLI
+    accumulator = BoxAccumulator(protocol=protocol)
+    items: list[_Item] = []
+    counts = {"exact": 0, "without_named_object": 0}
+    for index in tqdm(indices, desc="GA, default path", disable=not progress):
+        scene = make_scene("heldout", index, seed)
+        emb = model.embed([scene.image])
+        answer = model.generate(emb, QUESTION, max_new_tokens=MAX_NEW_TOKENS, template=TEMPLATE)
+        named = named_objects(answer[0].text, scene)
+        truth = sorted(o.name for o in scene.objects)
+        counts["exact"] += sorted(o.name for _, _, o in named) == truth
+        if not named:
+            counts["without_named_object"] += 1
+            continue
+        words = [w for colour_word, shape_word, _ in named for w in (shape_word, colour_word)]
+        results = dict(zip(words, _word_results(ga, emb, answer[0], words), strict=True))
+        shapes = [o.shape for o in scene.objects]
+        rng = np.random.default_rng([seed, index])  # the random baselines: seeded per scene
+        for colour_word, shape_word, obj in named:
+            groups = ["all", "single_object" if len(shapes) == 1 else "multi_object"]
+            if shapes.count(obj.shape) > 1:
+                groups.append("same_shape")
+            gt = _inclusive(obj.box)
+            owl_scores = results[shape_word].class_scores[:, QUERIES.index(obj.shape)]
+            for kind, word in (("object", shape_word), ("colour", colour_word)):
+                res = results[word]
+                n = res.boxes.shape[0]
+                maps = {
+                    "ga": res.shown("class"),
+                    "owl": shown_painting(owl_scores, res),
+                    "gradient": res.shown("gradient"),
+                    "random_boxes": shown_painting(rng.random(n), res),
+                    "random": patch_grid_map(rng.random(n), res.image_size),
+                }
+                item = _Item(index, kind, tuple(groups))
+                for method, saliency in maps.items():
+                    item.pointing[method] = peak_in_box(saliency, obj.box)
+                    item.best_ious[method] = accumulator.best_ious(saliency, gt)
+                items.append(item)
+    return items, counts
+
+
+def default_path_scores(
+    items: Sequence[_Item], indices: Sequence[int], counts: dict[str, int]
+) -> dict[str, Any]:
+    """The report of :func:`default_path_localisation` from pooled items."""
+    thresholds = BoxAccumulator(protocol="exact").thresholds
+    report: dict[str, Any] = {}
+    for kind in KINDS:
+        report[kind] = {
+            group: _score(
+                [it for it in items if it.kind == kind and group in it.groups],
+                indices,
+                thresholds,
+            )
+            for group in GROUPS
+        }
+    report["captions"] = {
+        "scenes": len(indices),
+        "exact": counts["exact"] / len(indices),
+        "scenes_without_a_named_object": counts["without_named_object"],
+        "words": len(items),
+    }
+    return report
+
+
 def default_path_localisation(
     model: Any,
     scenes: int = 300,
@@ -211,68 +289,20 @@ def default_path_localisation(
         ``gradient``, ``random_boxes``, ``random``; ``captions``: how many captions name
         every object right, and the words explained.
     """
-    from tqdm.auto import tqdm
-
-    ga = GradientAlignment(model)  # the defaults: class_query="matching", as the CLI
-    accumulator = BoxAccumulator(protocol=protocol)
-    rng = np.random.default_rng(seed)
-    items: list[_Item] = []
-    exact, misnamed = 0, 0
     indices = list(range(start, start + scenes))
-    for index in tqdm(indices, desc="GA, default path", disable=not progress):
-        scene = make_scene("heldout", index, seed)
-        emb = model.embed([scene.image])
-        answer = model.generate(emb, QUESTION, max_new_tokens=MAX_NEW_TOKENS, template=TEMPLATE)
-        text = answer[0].text
-        named = named_objects(text, scene)
-        exact += sorted(o.name for _, _, o in named) == sorted(o.name for o in scene.objects)
-        if not named:
-            misnamed += 1
-            continue
-        exp = ga.explain_answer(emb, QUESTION, list(QUERIES), answer=answer[0])
-        shapes = [o.shape for o in scene.objects]
-        for colour_word, shape_word, obj in named:
-            groups = ["all", "single_object" if len(shapes) == 1 else "multi_object"]
-            if shapes.count(obj.shape) > 1:
-                groups.append("same_shape")
-            gt = _inclusive(obj.box)
-            owl_scores = exp.word_results[shape_word].class_scores[:, QUERIES.index(obj.shape)]
-            for kind, word in (("object", shape_word), ("colour", colour_word)):
-                res = exp.word_results[word]
-                n = res.boxes.shape[0]
-                maps = {
-                    "ga": res.shown("class"),
-                    "owl": shown_painting(owl_scores, res),
-                    "gradient": res.shown("gradient"),
-                    "random_boxes": shown_painting(rng.random(n), res),
-                    "random": patch_grid_map(rng.random(n), res.image_size),
-                }
-                item = _Item(index, kind, tuple(groups))
-                for method, saliency in maps.items():
-                    item.pointing[method] = peak_in_box(saliency, obj.box)
-                    item.best_ious[method] = accumulator.best_ious(saliency, gt)
-                items.append(item)
-    report: dict[str, Any] = {}
-    for kind in KINDS:
-        report[kind] = {
-            group: _score(
-                [it for it in items if it.kind == kind and group in it.groups],
-                indices,
-                accumulator.thresholds,
-            )
-            for group in GROUPS
-        }
-    report["captions"] = {
-        "scenes": scenes,
-        "exact": exact / scenes,
-        "scenes_without_a_named_object": misnamed,
-        "words": len(items),
-    }
-    report["setting"] = {
+    items, counts = default_path_items(model, indices, seed, progress, protocol)
+    report = default_path_scores(items, indices, counts)
+    report["setting"] = default_path_setting(seed, start, protocol)
+    return report
+
+
+def default_path_setting(seed: int, start: int, protocol: str) -> dict[str, Any]:
+    """What the default-path figures were computed with (recorded beside them)."""
+    return {
         "question": QUESTION,
         "template": TEMPLATE,
         "queries": list(QUERIES),
-        "class_query": ga.class_query,
+        "class_query": "matching",
         "map": "GAResult.shown('class'): 0 the median patch, 1 the top patch",
         "answers": "J's greedy caption",
         "first_scene": start,
@@ -280,7 +310,6 @@ def default_path_localisation(
         "protocol": protocol,
         "interval": "95 % percentile bootstrap over scenes (2000 resamples, seed 0)",
     }
-    return report
 
 
 def default_path_sanity(
@@ -394,8 +423,11 @@ __all__ = [
     "METHODS",
     "QUERIES",
     "QUESTION",
+    "default_path_items",
     "default_path_localisation",
     "default_path_sanity",
+    "default_path_scores",
+    "default_path_setting",
     "named_objects",
     "scene_interval",
     "shown_painting",
