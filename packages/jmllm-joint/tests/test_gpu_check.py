@@ -65,3 +65,37 @@ def test_driver_refuses_a_bad_budget(driver, tmp_path):
     with pytest.raises(SystemExit) as info:
         driver.main(["--json-out", str(tmp_path / "g.json"), "--budget-seconds", "nan"])
     assert info.value.code == 2
+
+
+def _real_driver():
+    spec = importlib.util.spec_from_file_location("gpu_check_real", DRIVER)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hallucination_entries_are_in_the_check():
+    module = _real_driver()
+    assert {"hallucination_batching", "hallucination_toy_run"} <= set(module.BENCHMARKS)
+    assert abs(sum(share for *_, share in module.BENCHMARKS.values()) - 1.0) < 1e-9
+    script, gpu_args, cpu_args, _ = module.BENCHMARKS["hallucination_toy_run"]
+    assert script == "hallucination_audit.py" and "cuda" in gpu_args and "cuda" not in cpu_args
+
+
+@pytest.mark.slow
+def test_hallucination_entries_run_in_their_cpu_small_mode(monkeypatch):
+    """Without a GPU the check runs the batching comparison (small architectures) and the toy
+    world's POPE and CHAIR commands on the CPU: both finish and report their figures."""
+    module = _real_driver()
+    keep = ("hallucination_batching", "hallucination_toy_run")
+    monkeypatch.setattr(module, "BENCHMARKS", {k: module.BENCHMARKS[k] for k in keep})
+    report = module.run_check(budget_seconds=1200, cpu=True)
+    for name in keep:
+        entry = report["benchmarks"][name]
+        assert entry["status"] == "ok", entry
+    batching = report["benchmarks"]["hallucination_batching"]["result"]
+    assert batching["answers_differing"] == 0 and batching["answers_compared"] > 0
+    assert report["summary"]["hallucination_batching_speedup"] > 1
+    assert report["summary"]["toy_pope_mean_f1"] is not None
+    assert report["summary"]["toy_chair_s"] is not None

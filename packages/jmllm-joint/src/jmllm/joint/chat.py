@@ -80,6 +80,8 @@ class JointAnswer:
         vision: ``"joint"`` (W(t)) or ``"llava"`` (stock vision tower and projector).
         template: the conversation template the prompt was put in (``"llava-1.5"``,
             ``"paper"``).
+        first_logits: (V,) float32 logits of the first answer token, when asked for
+            (``JointModel.generate(..., first_token_logits=True)``); None otherwise.
     """
 
     text: str
@@ -89,6 +91,7 @@ class JointAnswer:
     finished: bool
     vision: str = "joint"
     template: str = INTERACTIVE_TEMPLATE
+    first_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def full_ids(self) -> torch.Tensor:

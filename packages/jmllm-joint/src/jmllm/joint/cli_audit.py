@@ -4,6 +4,7 @@ Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
     jmllm-joint hallucination-audit --annotations instances.json --images DIR --out DIR
     jmllm-joint hallucination-audit --dataset NAME_OR_FOLDER [--split S] --out DIR
+    jmllm-joint hallucination-audit --benchmark pope|chair ... (:mod:`jmllm.joint.cli_benchmark`)
     accelerate launch --num_processes N -m jmllm.joint hallucination-audit ... (split by images)
 
 Exit codes: 0 done, 2 bad input, 1 runtime failure, 3 partial (some images could not be read;
@@ -25,9 +26,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     """Add ``hallucination-audit`` to ``jmllm-joint``'s parser."""
     from jmllm.align.options import finite_float, integer, template_type
     from jmllm.joint.audit import DEFAULT_KV_CACHE_GIB, DEFAULT_MAX_NEW_TOKENS, PARSE_RULES
-    from jmllm.joint.audit_data import ARTICLES, AUTHORS_QUESTION, SAMPLINGS
+    from jmllm.joint.audit_data import ARTICLES, SAMPLINGS
     from jmllm.joint.chat import PAPER_TEMPLATE
     from jmllm.joint.cli.common import template_argument
+    from jmllm.joint.cli_benchmark import add_benchmark_arguments
+    from jmllm.joint.pope import POPE_RULES
 
     p = subparsers.add_parser(
         "hallucination-audit",
@@ -53,28 +56,32 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     proto.add_argument(
         "--sampling",
         choices=SAMPLINGS,
-        default="all",
+        default=None,
         help="classes asked: all present and absent (the authors', default) or POPE's "
         "random/popular/adversarial",
     )
     proto.add_argument(
-        "-k", type=integer(1, 10_000), default=3, help="POPE: positives per image (default 3)"
+        "-k", type=integer(1, 10_000), default=None, help="POPE: positives per image (default 3)"
     )
     proto.add_argument(
         "--seed", type=integer(0, 2**63 - 1), default=0, help="seed of sampling and bootstrap (0)"
     )
     template_argument(proto, PAPER_TEMPLATE)  # the authors' notebook
+    # --benchmark pope and chair default to the llava-1.5 template: None until resolved
+    proto.set_defaults(template=None)
     proto.add_argument(
         "--question",
         type=template_type("--question"),
-        default=AUTHORS_QUESTION,
-        help="question with {} for the class name",
+        default=None,
+        help="question with {} for the class name (default the authors'); --benchmark pope: "
+        "{} is the file's question (default: it and LLaVA's 'Answer the question using a "
+        "single word or phrase.')",
     )
     proto.add_argument(
         "--articles",
         choices=ARTICLES,
-        default="a",
-        help="a: the question as written (authors); a-an: 'an' before vowels (POPE)",
+        default=None,
+        help="a: the question as written (authors, default); a-an: 'an' before vowels (POPE)",
     )
     proto.add_argument(
         "--query-template",
@@ -85,8 +92,9 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     proto.add_argument(
         "--max-new-tokens",
         type=integer(1, 4096),
-        default=DEFAULT_MAX_NEW_TOKENS,
-        help=f"answer length limit (default {DEFAULT_MAX_NEW_TOKENS})",
+        default=None,
+        help=f"answer length limit (default {DEFAULT_MAX_NEW_TOKENS}; pope 128, chair 512; with "
+        "--tiny pope 16, chair 48)",
     )
     proto.add_argument(
         "--batch-size",
@@ -102,13 +110,17 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     rep = p.add_argument_group("report")
     rep.add_argument(
         "--parse",
-        choices=PARSE_RULES,
+        choices=tuple(dict.fromkeys((*PARSE_RULES, *POPE_RULES))),
         default=None,
         help="answer rule: authors (exactly Yes/No; the default), strict (yes/no, any case), "
-        "pope (POPE's); with --tiny the default is strict, as the toy LLaVA answers in lower case",
+        "pope (POPE's); with --tiny the default is strict, as the toy LLaVA answers in lower "
+        "case. --benchmark pope: llava (default; = pope), lmms-eval, vlmevalkit, first-token",
     )
     rep.add_argument(
-        "--top-k", type=integer(0), default=25, help="hallucinations in the gallery (25)"
+        "--top-k",
+        type=integer(0),
+        default=None,
+        help="hallucinations in the gallery (25; chair: 10 captions)",
     )
     rep.add_argument(
         "--resamples", type=integer(1, 10_000_000), default=2000, help="bootstrap resamples (2000)"
@@ -119,6 +131,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         default=0.95,
         help="interval coverage in (0, 1) (0.95)",
     )
+    add_benchmark_arguments(p)
     p.set_defaults(func=cmd_hallucination_audit)
 
 
@@ -144,21 +157,48 @@ def _dataset(args: argparse.Namespace) -> Any:
 
 def cmd_hallucination_audit(args: argparse.Namespace) -> int:
     """Run the audit (resuming), then write the report on the main process."""
-    from jmllm.joint.audit import AuditSettings, exclusive_folder, process_state, run_audit
-    from jmllm.joint.audit_data import AuditError
+    from jmllm.joint.audit import (
+        DEFAULT_MAX_NEW_TOKENS,
+        PARSE_RULES,
+        AuditSettings,
+        exclusive_folder,
+        process_state,
+        run_audit,
+    )
+    from jmllm.joint.audit_data import AUTHORS_QUESTION, AuditError
     from jmllm.joint.audit_report import write_audit_report
+    from jmllm.joint.chat import PAPER_TEMPLATE
     from jmllm.joint.cli.common import TOY_WORLD_NOTE, CliError, load_model, out_dir
 
+    if args.benchmark != "authors":
+        from jmllm.joint.cli_benchmark import cmd_benchmark
+
+        return cmd_benchmark(args)
+    only_benchmarks = (
+        ("--data", "data"),
+        ("--captions", "captions"),
+        ("--synonyms", "synonyms"),
+        ("-p/--prompt", "prompt"),
+        ("--sample-images", "sample_images"),
+        ("--vision", "vision"),
+        ("--threshold", "threshold"),
+        ("--first-token-threshold", "first_token_threshold"),
+    )
+    for flag, name in only_benchmarks:
+        if getattr(args, name) is not None:
+            raise CliError(f"{flag}: only with --benchmark pope or chair")
+    if args.parse is not None and args.parse not in PARSE_RULES:
+        raise CliError(f"--parse: {args.parse!r} is a POPE rule (--benchmark pope)")
     try:
         settings = AuditSettings(
-            sampling=args.sampling,
-            k=args.k,
+            sampling=args.sampling or "all",
+            k=args.k if args.k is not None else 3,
             seed=args.seed,
-            template=args.template,
-            question=args.question,
-            articles=args.articles,
+            template=args.template or PAPER_TEMPLATE,
+            question=args.question or AUTHORS_QUESTION,
+            articles=args.articles or "a",
             query_template=args.query_template,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         )
         dataset = _dataset(args)
     except AuditError as exc:
@@ -194,7 +234,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
             out,
             model,
             rule=rule,
-            top_k=args.top_k,
+            top_k=args.top_k if args.top_k is not None else 25,
             n_resamples=args.resamples,
             confidence=args.confidence,
             seed=args.seed,

@@ -173,6 +173,19 @@ def _load(what: str, source: Any, loader: Any, *args: Any, **kwargs: Any) -> Any
         raise JointModelError(f"{source}: cannot load {what} ({_first_line(exc)})") from None
 
 
+class _FirstScores:
+    """A logits processor that keeps the scores of the first generated token (B, V) and
+    changes nothing: ``generate``'s own first-step logits, without keeping every step's."""
+
+    def __init__(self) -> None:
+        self.scores: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.scores is None:
+            self.scores = scores.detach().float().cpu()  # (B, V)
+        return scores
+
+
 class JointModel:
     """J: one OWL-ViT embedding ``t`` feeds LLaVA (through W) and OWL-ViT's detection heads.
 
@@ -808,8 +821,12 @@ class JointModel:
         seed: int | None = None,
         vision: Vision = "joint",
         template: str | ConversationTemplate = INTERACTIVE_TEMPLATE,
+        first_token_logits: bool = False,
     ) -> list[JointAnswer]:
         """Answers for a batch of (image, prompt) pairs, with the KV cache.
+
+        The pairs run as one batch: prompts left-padded, positions counted over real tokens,
+        one ``generate``; greedy answers are those of the pairs asked one at a time (tested).
 
         Args:
             emb_or_images: a :class:`JointEmbedding` or images for :meth:`embed`.
@@ -821,6 +838,9 @@ class JointModel:
             vision: ``"joint"`` feeds W(t); ``"llava"`` feeds stock LLaVA's own vision tower and
                 projector on the same (squashed) images, for side-by-side comparison.
             template: conversation template, ``"llava-1.5"`` (default) or ``"paper"``.
+            first_token_logits: also keep each answer's first-token logits, (V,) float32 on the
+                CPU, in :attr:`JointAnswer.first_logits` (as ``generate`` scores them: after
+                the generation config's logits processors, before sampling).
 
         Returns:
             One :class:`JointAnswer` per pair.
@@ -871,6 +891,11 @@ class JointModel:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
+            first = _FirstScores()
+            if first_token_logits:
+                from transformers import LogitsProcessorList
+
+                kwargs["logits_processor"] = LogitsProcessorList([first])
             with torch.random.fork_rng(devices=self._cuda_devices(), enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(seed)
@@ -878,7 +903,7 @@ class JointModel:
                     inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
                 )
         texts = self._prompt_texts(texts_in, template)
-        return [
+        answers = [
             self.decode_answer(
                 sequences[row],
                 input_ids[row][attention_mask[row].bool()],
@@ -888,6 +913,10 @@ class JointModel:
             )
             for row in range(sequences.shape[0])
         ]
+        if first.scores is not None:
+            for row, answer in enumerate(answers):
+                answer.first_logits = first.scores[row]
+        return answers
 
     def decode_answer(
         self,

@@ -13,6 +13,14 @@ correctly. :func:`write_sample_data` writes into ``OUT``:
   annotation per object with ``bbox`` ``[x, y, w, h]`` in pixels, ``area``, ``iscrowd`` 0), and
   the images also serve ``jmllm-joint chat/explain/hallucinations`` and ``jmllm-align train
   --images``;
+- ``pope/toy_pope_{random,popular,adversarial}.json``: POPE's three splits in POPE's own format
+  (JSON Lines of ``question_id``, ``image``, ``text`` ``Is there a {shape} in the image?``,
+  ``label``), over the ``coco`` scenes: per scene its first shape (a "yes") and one absent shape
+  (a "no") drawn as POPE draws its negatives (:func:`jmllm.joint.audit_data.plan_questions`
+  with ``k=1``): uniformly, the most frequent shape, or the shape most often seen with the
+  positive one; for ``jmllm-joint hallucination-audit --benchmark pope``;
+- ``chair/synonyms.txt``: a CHAIR-style synonym list of the four shapes (one shape a line, its
+  name first, then other words for it), for ``--benchmark chair``;
 - ``cub/images/toy-heldout-NNNN.png`` and ``cub/boxes.csv`` (``image_id,x0,y0,x1,y1,label``,
   the first and last pixel of the object, inclusive, as :class:`~jmllm.joint.wsol.WsolItem`
   reads them, and the object's shape, the word ``jmllm-joint wsol`` explains in that image):
@@ -28,6 +36,8 @@ Example:
     >>> out = write_sample_data(tempfile.mkdtemp(), count=2, wsol_count=1)
     >>> sorted(p.name for p in (out / "coco").iterdir())
     ['captions.json', 'images', 'instances.json']
+    >>> sorted(p.name for p in (out / "pope").iterdir())
+    ['toy_pope_adversarial.json', 'toy_pope_popular.json', 'toy_pope_random.json']
 """
 
 from __future__ import annotations
@@ -40,7 +50,16 @@ from typing import Any
 
 from jmllm.align.files import atomic_write_bytes, atomic_write_text
 
-__all__ = ["SAMPLE_README", "write_sample_data"]
+__all__ = ["SAMPLE_README", "TOY_SYNONYMS", "write_sample_data"]
+
+# A CHAIR-style synonym list of the toy objects: one shape a line, its name first.
+TOY_SYNONYMS = """# CHAIR-style synonym list of the toy world's objects (the format of CHAIR's synonyms.txt,
+# Rohrbach et al., EMNLP 2018): one object a line, its name first, then other words for it.
+circle, disc, disk, ring
+square, rectangle, block
+triangle, wedge
+cross, plus sign
+"""
 
 SAMPLE_README = """# jmllm sample data (toy world)
 
@@ -51,6 +70,9 @@ scenes, so their answers, boxes and maps can be checked against the truth here. 
 
 - `coco/images/`: the scenes; `coco/captions.json`: COCO captions; `coco/instances.json`: COCO
   instances (the four shapes as categories, boxes as [x, y, w, h]).
+- `pope/toy_pope_{{random,popular,adversarial}}.json`: POPE's three splits in POPE's format (one
+  present and one absent shape per scene); `chair/synonyms.txt`: a CHAIR-style synonym list of
+  the shapes.
 - `cub/images/` and `cub/boxes.csv`: single-object scenes in the CUB layout of `jmllm-joint wsol`,
   each labelled with its shape (the word `wsol` explains in it).
 
@@ -58,6 +80,8 @@ Try:
 
     jmllm-joint explain {out}/coco/images/{first} --tiny -p "What's the content of the image?" --out explain
     jmllm-joint wsol {out}/cub --tiny --json-out wsol.json
+    jmllm-joint hallucination-audit --tiny --benchmark pope --data {out} --out pope-audit
+    jmllm-joint hallucination-audit --tiny --benchmark chair --data {out} --out chair-audit
     jmllm-judge sample --coco {out}/coco/captions.json --images-dir {out}/coco/images -n {count} --out manifest.json
     jmllm-judge captions --manifest manifest.json --system J --joint --tiny -o j.jsonl
     jmllm-align train --tiny {out}/coco/images --out w-run --max-steps 20 --batch-size 4
@@ -131,6 +155,8 @@ def write_sample_data(
         )
         + "\n",
     )
+    _write_pope(root, images, instances, categories, seed)
+    atomic_write_text(root / "chair" / "synonyms.txt", TOY_SYNONYMS)
     rows = ["image_id,x0,y0,x1,y1,label"]
     index = 0
     while len(rows) <= wsol_count:
@@ -149,3 +175,45 @@ def write_sample_data(
         SAMPLE_README.format(out=root, first=images[0]["file_name"], count=count),
     )
     return root
+
+
+def _write_pope(
+    root: Path,
+    images: list[dict[str, Any]],
+    instances: list[dict[str, Any]],
+    categories: list[dict[str, Any]],
+    seed: int,
+) -> None:
+    """POPE's three split files over the scenes (see the module docstring)."""
+    from jmllm.joint.audit_data import AuditDataset, AuditImage, plan_questions
+
+    names = {c["id"]: c["name"] for c in categories}
+    present: dict[int, list[str]] = {image["id"]: [] for image in images}
+    for ann in instances:
+        name = names[ann["category_id"]]
+        if name not in present[ann["image_id"]]:
+            present[ann["image_id"]].append(name)
+    files = {image["id"]: image["file_name"] for image in images}
+    dataset = AuditDataset(
+        tuple(names.values()),
+        tuple(
+            AuditImage(str(image_id), files[image_id], tuple(shapes), files[image_id])
+            for image_id, shapes in present.items()
+        ),
+    )
+    for split in ("random", "popular", "adversarial"):
+        plan = plan_questions(dataset, split, k=1, seed=seed)
+        lines: list[str] = []
+        for image_id, questions in plan.questions.items():
+            for q in questions:
+                lines.append(
+                    json.dumps(
+                        {
+                            "question_id": len(lines) + 1,
+                            "image": files[int(image_id)],
+                            "text": f"Is there a {q.class_name} in the image?",
+                            "label": "yes" if q.present else "no",
+                        }
+                    )
+                )
+        atomic_write_text(root / "pope" / f"toy_pope_{split}.json", "\n".join(lines) + "\n")
