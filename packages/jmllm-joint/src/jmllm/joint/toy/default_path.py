@@ -15,6 +15,9 @@ Beside GA, on the same items and painted the same way:
 - ``owl``: OWL-ViT's own detection score for the named shape on every patch's box — the bar GA
   must beat to show that it adds the language side (it sees nothing of the answer);
 - ``gradient``: the plain gradient ``‖∂ logit / ∂ t‖`` per patch, on its grid cell;
+- ``stock_gradient``: the same answer teacher-forced into **stock** LLaVA (its own vision tower
+  and projector, no W, no OWL-ViT): ``‖∂ logit / ∂ token_k‖`` per image token, on its grid cell
+  — where the language model itself is sensitive, whatever GA makes of it;
 - ``random_boxes``: seeded random weights on OWL-ViT's boxes (GA's painting without GA);
 - ``random``: seeded random weights on the patch grid.
 
@@ -62,7 +65,7 @@ QUESTION = CONTENT_QUESTION  # the demo's first question: J's caption
 QUERIES = SHAPES  # explain --tiny and the demo query every toy shape
 TEMPLATE = INTERACTIVE_TEMPLATE
 KINDS = ("object", "colour")
-METHODS = ("ga", "owl", "gradient", "random_boxes", "random")
+METHODS = ("ga", "owl", "gradient", "stock_gradient", "random_boxes", "random")
 GROUPS = ("all", "single_object", "multi_object", "same_shape")
 MAX_NEW_TOKENS = 24
 
@@ -125,24 +128,31 @@ def scene_interval(
         >>> low <= 4 / 6 <= high
         True
     """
+    import warnings
+
     from scipy.stats import bootstrap
 
     data = np.asarray(per_scene, dtype=np.float64)
     if data.shape[0] < 2:
         return None
+    point = float(statistic(data.sum(axis=0)))
+    if all(float(statistic(row)) == point for row in data):
+        return point, point  # every scene gives the same figure: no spread to resample
 
     def resampled(index: np.ndarray, axis: int = -1) -> np.ndarray:
         return statistic(data[index.astype(np.int64)].sum(axis=-2))
 
-    res = bootstrap(
-        (np.arange(data.shape[0]),),
-        resampled,
-        n_resamples=n_resamples,
-        vectorized=True,
-        method="percentile",
-        confidence_level=confidence,
-        rng=np.random.default_rng(seed),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = bootstrap(
+            (np.arange(data.shape[0]),),
+            resampled,
+            n_resamples=n_resamples,
+            vectorized=True,
+            method="percentile",
+            confidence_level=confidence,
+            rng=np.random.default_rng(seed),
+        )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -156,13 +166,15 @@ def _figure(per_scene: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray]
     }
 
 
-def _score(items: Sequence[_Item], scenes: Sequence[int], thresholds: np.ndarray) -> dict:
+def _score(items: Sequence[_Item], thresholds: np.ndarray) -> dict:
     """Pointing and MaxBoxAccV2 (IoU 0.3/0.5/0.7) of every method over ``items``, with
-    scene-resampled intervals."""
-    order = {s: i for i, s in enumerate(scenes)}
-    out: dict[str, Any] = {"items": len(items), "scenes": len({it.scene for it in items})}
+    intervals resampling the scenes they come from."""
+    # the clusters: the scenes with items in this group
+    order = {s: i for i, s in enumerate(sorted({it.scene for it in items}))}
+    out: dict[str, Any] = {"items": len(items), "scenes": len(order)}
     if not items:
         return out
+    scenes = list(order)
     pointing: dict[str, Any] = {}
     boxacc: dict[str, dict[str, Any]] = {
         f"maxboxacc_iou{round(d * 100)}": {} for d in IOU_THRESHOLDS
@@ -213,6 +225,7 @@ def default_path_items(
             continue
         words = [w for colour_word, shape_word, _ in named for w in (shape_word, colour_word)]
         results = dict(zip(words, _word_results(ga, emb, answer[0], words), strict=True))
+        stock = dict(zip(words, _stock_gradients(model, emb, answer[0], words), strict=True))
         shapes = [o.shape for o in scene.objects]
         rng = np.random.default_rng([seed, index])  # the random baselines: seeded per scene
         for colour_word, shape_word, obj in named:
@@ -228,6 +241,7 @@ def default_path_items(
                     "ga": res.shown("class"),
                     "owl": shown_painting(owl_scores, res),
                     "gradient": res.shown("gradient"),
+                    "stock_gradient": patch_grid_map(stock[word], res.image_size),
                     "random_boxes": shown_painting(rng.random(n), res),
                     "random": patch_grid_map(rng.random(n), res.image_size),
                 }
@@ -248,9 +262,7 @@ def default_path_scores(
     for kind in KINDS:
         report[kind] = {
             group: _score(
-                [it for it in items if it.kind == kind and group in it.groups],
-                indices,
-                thresholds,
+                [it for it in items if it.kind == kind and group in it.groups], thresholds
             )
             for group in GROUPS
         }
@@ -399,6 +411,34 @@ def _word_results(
         )
         for g, group, i in zip(grads, groups, word_indices, strict=True)
     ]
+
+
+def _stock_gradients(
+    model: Any, emb: Any, answer: Any, word_indices: Sequence[int]
+) -> list[torch.Tensor]:
+    """Per image token ‖∂ logit / ∂ token_k‖ (N,) of each word of ``answer`` (the sum of its
+    tokens' logits) teacher-forced into stock LLaVA: its own image tokens, no W."""
+    from jmllm.joint.saliency import answer_tokens, answer_words
+
+    text, tokens = answer_tokens(model.tokenizer, answer.token_ids)
+    words = answer_words(text, tokens)
+    ids = torch.cat([answer.prompt_ids.cpu(), answer.token_ids.cpu()]).unsqueeze(0)
+    ids = ids.to(model.llava_device)
+    prompt = int(answer.prompt_ids.numel())
+    image_tokens = model.stock_image_tokens(emb).detach().requires_grad_(True)  # (1, N, D)
+    norms = []
+    with torch.enable_grad():
+        logits = model.logits_from_image_tokens(image_tokens, ids)  # (1, L, V)
+        for k, index in enumerate(word_indices):
+            positions = list(words[index].positions)
+            rows = torch.tensor([prompt + p - 1 for p in positions], device=logits.device)
+            cols = answer.token_ids[positions].to(logits.device)
+            score = logits[0, rows, cols].float().sum()
+            (grad,) = torch.autograd.grad(
+                score, image_tokens, retain_graph=k < len(word_indices) - 1
+            )
+            norms.append(grad[0].float().norm(dim=-1).cpu())
+    return norms
 
 
 def _noise_result(
