@@ -79,7 +79,7 @@ def test_errors_become_messages_in_the_page(app, gr, monkeypatch):
     assert [str(w.message) for w in caught] == ["RuntimeError: CUDA out of memory &lt;b&gt;"]
     on_report = _handler(app, "on_report")  # one output: one skip
     with pytest.warns(UserWarning, match="upload an image"):
-        assert on_report(ExplorerState(), "class") == gr.skip()
+        assert on_report(ExplorerState(), "class", "matching") == gr.skip()
 
 
 def test_report_handler_writes_the_explorers_pages(app, tiny_joint, sample_images, tmp_path):
@@ -87,18 +87,26 @@ def test_report_handler_writes_the_explorers_pages(app, tiny_joint, sample_image
     sample_images[0].save(path)
     explorer: Explorer = app.explorer
     state = explorer.ask(explorer.open_image(path), "What's in the image?", max_new_tokens=6)
-    files = _handler(app, "on_report")(state, "class")
+    files = _handler(app, "on_report")(state, "class", "matching")
     assert [Path(f).name for f in files] == ["report.html"]  # nothing explained or checked yet
     assert Path(files[0]).read_text(encoding="utf-8") == explorer.report_html(state)
     state, _ = explorer.explain_word(state, 0)
     state = explorer.hallucinations(state)
-    files = _handler(app, "on_report")(state, "coord")
+    files = _handler(app, "on_report")(state, "coord", "matching")
     assert [Path(f).name for f in files] == [
         "report.html",
         "explanation.html",
         "hallucinations.html",
     ]
     assert Path(files[1]).read_text(encoding="utf-8") == explorer.explanation_html(state, "coord")
+    # the download is the view on screen: another class channel gives another page
+    files = _handler(app, "on_report")(state, "class", "max")
+    assert Path(files[1]).read_text(encoding="utf-8") == explorer.explanation_html(
+        state, "class", "max"
+    )
+    assert explorer.explanation_html(state, "class", "max") != explorer.explanation_html(
+        state, "class", "matching"
+    )
 
 
 def test_offline_theme_fetches_no_font(gr):

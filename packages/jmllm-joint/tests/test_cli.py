@@ -71,9 +71,14 @@ def test_demo_runs_the_toy_world_and_is_right_about_its_scene(
     assert f"{len(detections)} detections (score >= 0.5)\n" in printed
     listed = [line for line in printed.splitlines() if line.startswith("  ") and "[" in line]
     assert len(listed) == len(detections)
-    # GA: the explanation's first object word, the triangle, peaks on the triangle
+    # GA: every word's class map uses the query of the object it refers to, and says so
     words = json.loads((out / "explanation" / "explanation.json").read_text())
-    assert words["queries"][0] == "triangle"  # the answer's first-named shape leads
+    assert words["queries"] == list(cli.TOY_DEMO_QUERIES)
+    channels = {r["target"]: (r["class_query"], r["class_query_rule"]) for r in words["results"]}
+    assert channels["blue"] == ("triangle", "matching: phrase head 'triangle'")
+    assert channels["triangle"] == ("triangle", "matching: phrase head 'triangle'")
+    assert channels["cross"] == ("cross", "matching: phrase head 'cross'")
+    assert channels["and"][0] == "max"  # no query names it: the maximum, stated
     result = next(r for r in words["results"] if r["target"].strip() == "triangle")
     patch = result["top_patches"][0]
     x, y = (patch % 8 + 0.5) * 16, (patch // 8 + 0.5) * 16  # 8 × 8 patches of 16 px
@@ -135,16 +140,6 @@ def test_hub_ids_offline_fail_in_one_line_after_one_attempt(cli_env, image_file,
     assert lines[0].startswith("jmllm-joint describe: error: google/owlvit-base-patch32: ")
     assert "--tiny" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
     assert "Retry" not in done.stderr
-
-
-def test_mention_order():
-    assert cli.mention_order(["cat", "dog", "bird"], "A dog chases a cat.") == [
-        "dog",
-        "cat",
-        "bird",
-    ]
-    assert cli.mention_order(["cat"], "concatenate") == ["cat"]  # whole words only; kept anyway
-    assert cli.mention_order(["car", "cat"], "a cat") == ["cat", "car"]
 
 
 def test_a_photo_given_to_the_toy_j_gets_a_warning(image_file, capsys, caplog):

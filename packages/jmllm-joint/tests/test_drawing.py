@@ -16,6 +16,7 @@ from jmllm.joint import Detections
 from jmllm.joint.drawing import (
     MIN_FONT_SIZE,
     PALETTE,
+    SPOTLIGHT_DIM,
     LabelledBox,
     blend_map,
     colour_bar,
@@ -23,7 +24,9 @@ from jmllm.joint.drawing import (
     draw_labelled_boxes,
     figure,
     fit_picture,
+    line_width,
     query_colour,
+    spotlight,
     text_colour,
 )
 from jmllm.joint.explain_report import (
@@ -124,9 +127,40 @@ def test_overlay_leaves_the_photo_where_the_weight_is_zero():
     want = base * (1 - 0.6 * w) + colormaps["jet"](w[..., 0])[..., :3] * 255 * 0.6 * w
     assert np.abs(out - want).max() <= 0.5 + 1e-6
     assert np.abs(out[~zero] - base[~zero]).max() > 50  # a real tint where the weight is high
-    # the overlay of the reports is this rule (the enlarged picture, a map of zeros: the photo)
-    shown = overlay_image(photo, np.zeros((40, 60)), shown=(60, 40))
+    # overlay_image draws this rule when given a colour map (the WSOL page's evaluation view)
+    shown = overlay_image(photo, np.zeros((40, 60)), "jet", shown=(60, 40))
     assert np.array_equal(np.asarray(shown), np.asarray(photo))
+
+
+def test_spotlight_keeps_the_objects_colours_and_dims_the_rest():
+    """The explanations' overlay: the photo's own pixels where the map is 1, a dimmed grey
+    (SPOTLIGHT_DIM × luma) where it is 0, linear in between; a white line inside the region at
+    half height and a darker edge just outside it; nothing drawn along the picture's border."""
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), "RGB")
+    saliency = np.zeros((64, 96), dtype=np.float32)
+    saliency[16:48, 24:72] = 1.0
+    saliency[:, 90:] = 0.25  # a low band touching the border: dimmed, never outlined
+    out = np.asarray(spotlight(photo, saliency)).astype(np.float64)
+    base = np.asarray(photo).astype(np.float64)
+    luma = base @ np.array([0.299, 0.587, 0.114])
+    width = line_width(photo.size)
+    inner = np.zeros_like(saliency, dtype=bool)
+    inner[16 + width : 48 - width, 24 + width : 72 - width] = True
+    assert np.array_equal(out[inner], base[inner])  # the object's colours, untouched
+    far = np.zeros_like(inner)
+    far[:, :10] = True
+    want = np.repeat((SPOTLIGHT_DIM * luma)[..., None], 3, axis=-1)
+    assert np.abs(out[far] - want[far]).max() <= 0.5 + 1e-6
+    band = np.zeros_like(inner)
+    band[5:60, 92:] = True
+    mixed = 0.25 * base + 0.75 * want
+    assert np.abs(out[band] - mixed[band]).max() <= 0.5 + 1e-6  # linear, and no line on the border
+    line = np.zeros_like(inner)
+    line[20:44, 24 : 24 + width] = True  # the region's left edge, inside it
+    assert (out[line] == 255).all()
+    assert np.array_equal(out[25, 23], np.rint(want[25, 23] * 0.35))  # the dark edge outside
+    assert np.array_equal(np.asarray(overlay_image(photo, saliency, shown=(96, 64))), out)
 
 
 def test_colour_bar_is_under_the_picture_and_its_title_changes_its_pixels():

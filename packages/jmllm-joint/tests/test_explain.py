@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from jmllm.joint.cli import main
 from jmllm.joint.explain_report import (
+    SHOWN_SCALE,
     box_view_png,
     explain_object,
     heatmap_overlay_png,
@@ -94,10 +95,10 @@ def test_explain_object_is_the_paper_setting_drawn(tiny_joint, sample_images):
     assert np.array_equal(np.asarray(titled), want_titled)
     assert not np.array_equal(want_titled, want)  # the title is in the pixels when asked for
     overlay = explain_object(image, "hot dog", model=tiny_joint, view="overlay", weighting="coord")
-    # the colour bar names the weighting shown, never the query (the object's name)
-    label = map_title("coord")
-    assert label == "GA box-coordinate weight"
-    want = pixels(heatmap_overlay_png(emb.pil_image(0), expected.map("coord"), "", label=label))
+    # the bar names the weighting shown and its contrast, never the query (the object's name)
+    label = f"{map_title('coord')}; {SHOWN_SCALE}"
+    assert label == "GA box-coordinate weight; 0: median patch, 1: top patch"
+    want = pixels(heatmap_overlay_png(emb.pil_image(0), expected.shown("coord"), "", label=label))
     assert np.array_equal(np.asarray(overlay), want)
     with pytest.raises(GAError, match="object_name: is empty"):
         explain_object(image, " ", model=tiny_joint)
@@ -183,7 +184,6 @@ def test_cli_explain_every_documented_weighting(
         (["--token", "zebra", "--answer", ANSWER], "word 'zebra' is not in the answer"),
         (["--position", "40", "--answer", ANSWER, "-q", "bird"], "position 40 is outside"),
         (["--answer", " ", "-q", "bird"], "--answer: empty answer"),
-        (["--all"], "-q/--query: give at least one"),
     ],
 )
 def test_cli_explain_bad_input(cli_env, sample_images, tmp_path, capsys, extra, message):
@@ -195,6 +195,17 @@ def test_cli_explain_bad_input(cli_env, sample_images, tmp_path, capsys, extra, 
     err = capsys.readouterr().err
     assert rc != 0 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_explain_needs_queries_beyond_the_toy_world(cli_env, sample_images, tmp_path, capsys):
+    """With --tiny the queries default to the toy world's shapes; given models of its own, the
+    user names them (refused before any model loads)."""
+    image = tmp_path / "img.png"
+    sample_images[0].save(image)
+    argv = ["explain", str(image), "-p", QUESTION, "--out", str(tmp_path / "o"), "--all"]
+    rc = main([*argv, "--owl", "x", "--llava", "y", "--alignment", "z.safetensors"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "-q/--query: give at least one" in err and "Traceback" not in err
 
 
 def test_cli_explain_missing_image(cli_env, tmp_path, capsys):

@@ -22,8 +22,10 @@ import torch
 
 from jmllm.joint.chat import Conversation
 from jmllm.joint.cli import main
+from jmllm.joint.drawing import SPOTLIGHT
 from jmllm.joint.explain_report import (
     BOX_VIEW_BAR,
+    SHOWN_SCALE,
     box_view_image,
     map_title,
     overlay_image,
@@ -223,28 +225,30 @@ def test_word_pictures_and_top_patches(explorer, tiny_joint, images):
     overlay, boxes = explorer.word_pictures(state, view.result, "coord")
     image = state.emb.pil_image(0)  # 120 x 48, shown at 512 x 205 with a colour bar under it
     assert overlay.width == boxes.width == 512 and overlay.height > 205 and boxes.height > 205
-    expected = overlay_image(image, view.result.map("coord", size=(512, 205)), shown=(512, 205))
+    expected = overlay_image(image, view.result.shown("coord", size=(512, 205)), shown=(512, 205))
     assert np.array_equal(np.asarray(overlay)[:205], np.asarray(expected))
-    # the bar is titled by what the map shows (the coord map's bar once said "GA weight")
-    assert overlay == with_colour_bar(expected, "jet", "GA box-coordinate weight")
+    # the bar is titled by what the map shows and at which contrast
+    title = f"GA box-coordinate weight; {SHOWN_SCALE}"
+    assert overlay == with_colour_bar(expected, SPOTLIGHT, title)
     expected = box_view_image(image, view.result, shown=(512, 205))
     assert np.array_equal(np.asarray(boxes)[:205], np.asarray(expected))
     assert boxes == with_colour_bar(expected, "viridis", BOX_VIEW_BAR)
     state, view = explorer.explain_word(explorer.set_queries(state, "cat, dog"), 1)
     for channel in ("max", 1):  # the class map and the box thickness of another channel
         overlay, boxes = explorer.word_pictures(state, view.result, "class", channel)
-        saliency = view.result.map("class", query=channel, size=(512, 205))
+        saliency = view.result.shown("class", query=channel, size=(512, 205))
         expected = overlay_image(image, saliency, shown=(512, 205))
         assert np.array_equal(np.asarray(overlay)[:205], np.asarray(expected))
         query = "max" if channel == "max" else "dog"
-        assert overlay == with_colour_bar(expected, "jet", map_title("class", query))
+        title = f"{map_title('class', query)}; {SHOWN_SCALE}"
+        assert overlay == with_colour_bar(expected, SPOTLIGHT, title)
         expected = box_view_image(image, view.result, query=channel, shown=(512, 205))
         assert np.array_equal(np.asarray(boxes)[:205], np.asarray(expected))
         _, rows = explorer.top_patches(view.result, "class", top=1, channel=channel)
         assert rows[0][0] == int(view.result.weights("class", channel).argmax())
     with pytest.raises(ExplorerError, match="class channel"):
         explorer.word_pictures(state, view.result, "class", 2)
-    blank = overlay_image(None, np.zeros((4, 4)), shown=(4, 4))  # weight 0: the grey untinted
+    blank = overlay_image(None, np.ones((4, 4)), shown=(4, 4))  # weight 1: the grey, as it is
     assert np.asarray(blank)[0, 0].tolist() == [128, 128, 128]
     headers, rows = explorer.top_patches(view.result, "class", top=3)
     weights = view.result.weights("class").numpy()

@@ -61,7 +61,10 @@ def two_query_result(tiny_joint, sample_images):
 def test_class_map_is_the_authors_first_query_truncated_painting(two_query_result):
     res = two_query_result
     width, height = res.image_size
-    assert (res.class_query, res.box_rounding) == ("first", "truncate")
+    # the default channel is the query the explained word names: here "bird", the first query,
+    # which is the authors' class_id=[0] written for the object itself
+    assert (res.class_query, res.box_rounding) == ("matching", "truncate")
+    assert (res.class_match.index, res.class_match.rule) == (0, "phrase head 'bird'")
     expected = authors_class_map(res, width, height, channel=0)
     assert np.array_equal(res.map("class"), expected.astype(np.float32))
     # the authors' CUB pipeline paints at 224 px
@@ -73,7 +76,28 @@ def test_class_map_is_the_authors_first_query_truncated_painting(two_query_resul
         res.map("class", query="max"), authors_class_map(res, width, height, "max")
     )
     assert np.array_equal(res.map("class", query=1), authors_class_map(res, width, height, 1))
+    assert np.array_equal(res.map("class", query="first"), expected.astype(np.float32))
     assert not np.array_equal(res.map("class", query="max"), res.map("class"))  # not vacuous
+
+
+def test_matching_channel_follows_the_word_where_first_does_not(tiny_joint, sample_images):
+    """With the explained object's query second, the default map is that query's channel (the
+    authors' painting of channel 1), while "first" keeps the letter of their one-query code."""
+    ga = GradientAlignment(tiny_joint)
+    res = ga.attribute(
+        sample_images[2], QUESTION, "bird", ["dog", "bird"], answer="The image shows a bird"
+    )
+    width, height = res.image_size
+    assert res.class_match.index == 1
+    assert np.array_equal(res.map("class"), authors_class_map(res, width, height, 1))
+    assert np.array_equal(res.map("class", query="first"), authors_class_map(res, width, height, 0))
+    assert not np.array_equal(res.map("class"), res.map("class", query="first"))
+    # a word no query names falls back to the maximum over the queries, and says so
+    other = ga.attribute(
+        sample_images[2], QUESTION, "shows", ["dog", "bird"], answer="The image shows a bird"
+    )
+    assert other.class_match.index is None and "maximum" in other.class_match.rule
+    assert np.array_equal(other.map("class"), authors_class_map(other, width, height, "max"))
 
 
 def test_outward_rounding_is_available_by_name(tiny_joint, sample_images, two_query_result):
@@ -93,7 +117,7 @@ def test_outward_rounding_is_available_by_name(tiny_joint, sample_images, two_qu
     assert torch.equal(res.weights("class"), res.normalised[:, :2].max(-1).values)
     with pytest.raises(ValueError, match="box_rounding: 'round' is not one of truncate, outward"):
         GradientAlignment(tiny_joint, box_rounding="round")
-    with pytest.raises(ValueError, match="class_query: 'mean' is not one of first, max"):
+    with pytest.raises(ValueError, match="class_query: 'mean' is not one of matching, first, max"):
         GradientAlignment(tiny_joint, class_query="mean")
 
 
@@ -257,6 +281,7 @@ def test_cli_demo_and_wsol_defaults(cli_env, wsol_folder, tmp_path, capsys):
     assert set(sent) == {PAPER.format(QUESTION)}
     summary = json.loads(capsys.readouterr().out)
     assert summary["setting"] == {
+        "target": "bird",  # the paper's word: the fixture's boxes.csv has no label column
         "template": "paper",
         "tokenization": "legacy",
         "preprocessing": "authors",

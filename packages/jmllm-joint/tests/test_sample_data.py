@@ -42,14 +42,16 @@ def test_sample_data_is_the_truth_in_coco_and_cub_formats(tmp_path, capsys):
     # CUB layout: the wsol reader takes it; one object per image, its true box
     items = read_wsol_folder(out / "cub")
     rows = (out / "cub" / "boxes.csv").read_text().splitlines()
-    assert rows[0] == "image_id,x0,y0,x1,y1" and len(rows) == 4
+    assert rows[0] == "image_id,x0,y0,x1,y1,label" and len(rows) == 4
     for row in rows[1:]:
-        name, *box = row.split(",")
+        name, *box, label = row.split(",")
         scene = make_scene("heldout", int(name[len("toy-heldout-") : -len(".png")]))
         x0, y0, x1, y1 = scene.objects[0].box  # exclusive; the CSV holds inclusive last pixels
         assert len(scene.objects) == 1 and tuple(int(v) for v in box) == (x0, y0, x1 - 1, y1 - 1)
+        assert label == scene.objects[0].shape  # the word wsol explains in this image
         assert (out / "cub" / "images" / name).is_file()
     assert len(items) == 3 and all(item.path.is_file() for item in items)
+    assert [item.label for item in items] == [row.split(",")[-1] for row in rows[1:]]
 
 
 def test_sample_data_bad_count_is_refused(tmp_path, capsys):

@@ -245,6 +245,17 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
     ("joint/app.py", "builtin_examples", "save"): "the app's cache folder (issue of the app)",
     # objects with a .save that writes through the atomic writers, or into memory
     ("joint/explain_report.py", "save_arrays", "save"): "safetensors' save returns bytes",
+    (
+        "joint/explain_report.py",
+        "write_attribution_report",
+        "save",
+    ): "safetensors' save returns bytes",
+    (
+        "align/testing_families.py",
+        "_save_family",
+        "save_pretrained",
+    ): "into _atomic_dir's new folder",
+    ("align/testing_families.py", "_image_processor", "write_text"): "its own TemporaryDirectory",
     ("joint/cli_explain.py", "cmd_wsol", "save"): "WsolReport.save: atomic_write_text",
     ("judge/cli.py", "_cmd_sample", "save"): "Manifest.save: atomic_write_text",
 }

@@ -140,7 +140,12 @@ def test_runner_scores_ga_beside_the_baseline(tiny_joint, cub_folder, tmp_path):
         "pipeline": "authors",
         "map_size": [224, 224],
     }
-    assert (report.setting["box_rounding"], report.setting["class_query"]) == ("truncate", "first")
+    # one query: the matching channel is that query, the authors' class_id=[0]
+    assert (report.setting["box_rounding"], report.setting["class_query"]) == (
+        "truncate",
+        "matching",
+    )
+    assert (report.setting["target"], report.setting["query"]) == ("bird", "bird")
     assert report.num_images == 3 and list(report.skipped) == ["001.Bird/broken.jpg"]
     for res in report.results.values():
         assert 0.0 <= res.value <= 100.0 and res.num_images == 3

@@ -177,37 +177,49 @@ def test_cli_three_commands(tmp_path, capsys):
 
 
 def test_cli_example_is_built_from_toy_world_explanations(tmp_path, capsys):
-    """``example`` (no flag): toy scenes, their shapes as objects, the toy J's GA pictures."""
+    """``example`` (no flag): toy scenes, their shapes as objects, the toy J's GA pictures; and
+    the key is what the pictures show: read off each explanation's own map (the object whose
+    true box holds the map's peak), it is the spec's ``correct`` for every question."""
     pytest.importorskip("jmllm.joint")
     import numpy as np
     from PIL import Image
 
-    from jmllm.joint import explain_object
+    from jmllm.joint import object_explanation, object_picture
     from jmllm.joint.toy import load_toy_joint
+    from jmllm.joint.toy.localisation import peak_in_box
     from jmllm.joint.toy.scenes import make_scene
     from jmllm.userstudy.example import toy_questions
 
     assert main(["example", "-o", str(tmp_path / "spec")]) == 0
     spec = load_spec(tmp_path / "spec" / "study.yaml")
     assert len(spec.questions) == 5
-    for question, (index, first, second) in zip(spec.questions, toy_questions(5), strict=True):
+    model = load_toy_joint()
+    chosen = toy_questions(5, model)
+    assert len({index for index, _, _ in chosen}) == 5
+    for question, (index, first, second) in zip(spec.questions, chosen, strict=True):
         scene = make_scene("heldout", index)
         assert list(question.objects) == [first, second]
-        assert {first, second} == {o.shape for o in scene.objects}
+        assert [o.name for o in scene.objects] == [first, second]
         image = np.asarray(Image.open(tmp_path / "spec" / f"images/{question.id}.png"))
         assert np.array_equal(image, np.asarray(scene.image))
-    # the first question's explanations are the toy J's GA box views, in the answer's order
-    question = spec.questions[0]
-    scene = make_scene("heldout", toy_questions(1)[0][0])
-    model = load_toy_joint()
-    expected = [
-        np.asarray(explain_object(scene.image, name, model=model)) for name in question.objects
-    ]
-    if question.correct == "A2":
-        expected = expected[::-1]
-    for k, want in enumerate(expected, start=1):
-        got = np.asarray(Image.open(tmp_path / "spec" / f"images/{question.id}_e{k}.png"))
-        assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2
+        # which object does each shown explanation point at? Match the shown pictures to the
+        # explanations, then read the pointed-at object off each explanation's map
+        explained = [object_explanation(scene.image, name, model=model) for name in (first, second)]
+        pictures = [np.asarray(object_picture(r, p)).astype(int) for r, p in explained]
+        pointed = []
+        for k in (1, 2):
+            shown = np.asarray(Image.open(tmp_path / "spec" / f"images/{question.id}_e{k}.png"))
+            made_for = [
+                i for i, want in enumerate(pictures)
+                if want.shape == shown.shape and np.abs(want - shown).max() <= 2
+            ]  # fmt: skip
+            assert len(made_for) == 1, (question.id, k)
+            saliency = explained[made_for[0]][0].map("class")
+            hits = [j for j, o in enumerate(scene.objects) if peak_in_box(saliency, o.box)]
+            assert len(hits) == 1, (question.id, k, hits)
+            pointed.append(hits[0])
+        key = "A1" if pointed == [0, 1] else "A2" if pointed == [1, 0] else None
+        assert key == question.correct, (question.id, pointed)
     assert (
         main(["render", str(tmp_path / "spec" / "study.yaml"), "--out", str(tmp_path / "site")])
         == 0

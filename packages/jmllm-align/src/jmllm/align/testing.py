@@ -65,13 +65,28 @@ def require_tokenizers(extra: str = "jmllm-align[testing]") -> Any:
     return tokenizers
 
 
-def _train_bpe(vocab_size: int, specials: list[str], corpus: list[str] | None = None) -> Any:
+def _train_bpe(
+    vocab_size: int,
+    specials: list[str],
+    corpus: list[str] | None = None,
+    split_punctuation: bool = False,
+) -> Any:
     tk = require_tokenizers()
     Tokenizer, decoders, models = tk.Tokenizer, tk.decoders, tk.models
     pre_tokenizers, trainers = tk.pre_tokenizers, tk.trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    if split_punctuation:
+        # as a real Llama tokenizer: punctuation and line breaks are tokens of their own, never
+        # merged into a word ("cross?" is "▁cross" + "?", as in "the cross")
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Metaspace(),
+                pre_tokenizers.Punctuation("isolated"),
+                pre_tokenizers.Split("\n", "isolated"),
+            ]
+        )
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -89,12 +104,15 @@ def tiny_llava_tokenizer(
     corpus: list[str] | None = None,
     vocab_size: int = 320,
     specials: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>"),
+    split_punctuation: bool = False,
 ) -> Any:
     """A Llama-style tokenizer (BOS added, ``<image>`` special) trained in-process.
 
     Args:
         corpus: the texts to train the BPE on (None: this module's small English corpus).
         vocab_size, specials: the vocabulary's size and its special tokens, first ids first.
+        split_punctuation: punctuation and line breaks are tokens of their own (as Llama's),
+            never merged with a word.
 
     Example:
         >>> tok = tiny_llava_tokenizer()
@@ -104,7 +122,7 @@ def tiny_llava_tokenizer(
     processors = require_tokenizers().processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = _train_bpe(vocab_size, list(specials), corpus)
+    tok = _train_bpe(vocab_size, list(specials), corpus, split_punctuation)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]

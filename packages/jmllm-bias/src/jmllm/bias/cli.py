@@ -52,6 +52,15 @@ FORCE_HELP = (
     "or deleted)"
 )
 
+# --tiny runs the whole chain offline, but on models that know nothing of people: said plainly
+SMOKE_TEST_COHORT = (
+    "jmllm-bias: --tiny is a smoke test: a tiny random SDXL draws noise, not portraits"
+)
+SMOKE_TEST_ASSESS = (
+    "jmllm-bias: --tiny is a smoke test: the built-in toy models know coloured shapes, not "
+    "people; their answers to the 1-10 question do not parse, so the report has no numbers"
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     from .generate import MAX_GUIDANCE_SCALE, SDXL_BASE, SDXL_REFINER  # light: no torch
@@ -259,6 +268,7 @@ def _cohort(args: argparse.Namespace) -> int:
         if args.tiny:
             from .testing import build_tiny_sdxl
 
+            print(SMOKE_TEST_COHORT, file=sys.stderr)
             tiny = build_tiny_sdxl(Path(args.out) / ".tiny-sdxl")
             base, refiner = str(tiny.base), str(tiny.refiner)
         cfg = GenerationConfig(base=base, refiner=refiner, **cfg_args)
@@ -306,6 +316,7 @@ def _assess(args: argparse.Namespace) -> int:
         if args.tiny:
             from jmllm.joint.cli import builtin_sources, load_builtin_model
 
+            print(SMOKE_TEST_ASSESS, file=sys.stderr)
             model = load_builtin_model(**_model_kwargs(args))
             models = {"joint": f"built-in toy world ({builtin_sources().root})"}
         else:

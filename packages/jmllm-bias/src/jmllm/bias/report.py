@@ -319,6 +319,14 @@ def render_markdown(report: BiasReport) -> str:
         "original query), which the perturbation is meant to raise.",
         "",
     ]
+    if report.images and not any(g.pairs for g in report.summaries):
+        lines += [
+            "**No answer could be read as a score: this report has no numbers.** Every "
+            "original or perturbed answer failed to parse (see the answers below), so no delta "
+            "is computed. The built-in toy models (`--tiny`) know coloured shapes, not people: "
+            "with them this run is a smoke test of the pipeline.",
+            "",
+        ]
     for eps in [float(e) for e in s["eps"]]:
         lines += [
             f"## ε = {eps:g}",

@@ -21,7 +21,7 @@ from jmllm.joint.chat import (
     get_template,
 )
 from jmllm.joint.detection import Detections, decode_detections, nms
-from jmllm.joint.explain_report import explain_object
+from jmllm.joint.explain_report import explain_object, object_explanation, object_picture
 from jmllm.joint.model import (
     DEFAULT_LLAVA,
     DEFAULT_OWL,
@@ -63,5 +63,7 @@ __all__ = [
     "get_template",
     "max_box_acc_v2",
     "nms",
+    "object_explanation",
+    "object_picture",
     "run_wsol",
 ]

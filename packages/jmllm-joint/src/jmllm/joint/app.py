@@ -118,14 +118,19 @@ APP_CSS = """
 
 
 def channel_choices(queries: Sequence[str]) -> list[tuple[str, str]]:
-    """The class-channel choices of the page: the authors' first query, the maximum over the
-    queries, then each query by name (values ``first``, ``max``, ``q<index>``).
+    """The class-channel choices of the page: the query the explained word refers to (the
+    default), the first query, the maximum over the queries, then each query by name (values
+    ``matching``, ``first``, ``max``, ``q<index>``).
 
     Example:
         >>> [value for _, value in channel_choices(["cat", "dog"])]
-        ['first', 'max', 'q0', 'q1']
+        ['matching', 'first', 'max', 'q0', 'q1']
     """
-    choices = [("first query (the authors')", "first"), ("max over the queries", "max")]
+    choices = [
+        ("the query the word refers to", "matching"),
+        ("first query", "first"),
+        ("max over the queries", "max"),
+    ]
     return choices + [(f"query: {q}", f"q{i}") for i, q in enumerate(queries)]
 
 
@@ -133,10 +138,10 @@ def parse_channel(value: str | None) -> int | str | None:
     """A class-channel choice as :meth:`~jmllm.joint.explorer.Explorer.word_pictures` takes it.
 
     Example:
-        >>> parse_channel("max"), parse_channel("q2"), parse_channel(None)
-        ('max', 2, None)
+        >>> parse_channel("matching"), parse_channel("q2"), parse_channel(None)
+        ('matching', 2, None)
     """
-    if value is None or value in ("first", "max"):
+    if value is None or value in ("matching", "first", "max"):
         return value
     if value.startswith("q") and value[1:].isdigit():
         return int(value[1:])
@@ -421,7 +426,7 @@ def build_app(
                 )
                 channel = gr.Dropdown(
                     choices=channel_choices(()),
-                    value="first",
+                    value="matching",
                     label="Class channel (class map, box thickness)",
                     scale=1,
                     elem_id="jm-channel",
@@ -494,7 +499,7 @@ def build_app(
         def cleared_ga(s: ExplorerState, current: str | None) -> tuple[Any, ...]:
             """Empty GA outputs, and the class channels of the queries now in effect."""
             choices = channel_choices(explorer.queries(s) if s.emb is not None else ())
-            value = current if current in {v for _, v in choices} else "first"
+            value = current if current in {v for _, v in choices} else "matching"
             return None, None, None, "", gr.Dropdown(choices=choices, value=value)
 
         ga_outputs = [map_image, box_image, top_table, ga_md, channel]
@@ -626,7 +631,7 @@ def build_app(
             progress(0.8, desc="drawing the map")
             picked = parse_channel(chosen)
             if isinstance(picked, int) and picked >= view.result.num_queries:
-                picked = "first"  # a channel of other queries: back to the default
+                picked = "matching"  # a channel of other queries: back to the default
             overlay, boxes = explorer.word_pictures(s, view.result, how, picked)
             headers, rows = explorer.top_patches(view.result, how, channel=picked)
             queries = ", ".join("`" + q.replace("`", "") + "`" for q in view.queries)
@@ -669,14 +674,17 @@ def build_app(
             [state, hallucination_text, hallucination_table],
         )
 
-        def on_report(s: ExplorerState, how: str) -> list[str]:
+        def on_report(s: ExplorerState, how: str, chosen: str | None) -> list[str]:
             from jmllm.joint.report import atomic_write_text
 
             pages = {
                 "report.html": explorer.report_html(s),
-                # GA's page shows a GA map: with another method chosen, its class map
+                # the view on screen: the same weighting and class channel (GA's page shows a
+                # GA map: with another method chosen, its class map)
                 "explanation.html": explorer.explanation_html(
-                    s, how if how in {v for _, v in WEIGHTING_CHOICES} else "class"
+                    s,
+                    how if how in {v for _, v in WEIGHTING_CHOICES} else "class",
+                    parse_channel(chosen),
                 ),
                 "hallucinations.html": explorer.hallucination_html(s),
             }
@@ -688,7 +696,7 @@ def build_app(
                 if page is not None
             ]
 
-        listen([report_button.click], on_report, [state, weighting], [report_files])
+        listen([report_button.click], on_report, [state, weighting, channel], [report_files])
 
         compare.change(
             lambda on: gr.Chatbot(visible=bool(on)), [compare], [stock_chat], queue=False

@@ -77,7 +77,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--query",
         action="append",
         dest="queries",
-        help="OWL-ViT query, repeatable (default: none; the --token word)",
+        help="OWL-ViT query, repeatable (default: with --tiny the four toy shapes; else the "
+        "--token word)",
     )
     explain.add_argument(
         "--answer", help="explain this answer instead of generating one (default: none, J's own)"
@@ -144,6 +145,11 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--limit", type=integer(1), help="score only the first N images (default: all)"
     )
     wsol.add_argument(
+        "--token",
+        help="the object word explained in every image, one word (default: each image's label "
+        "in boxes.csv, else 'bird', the paper's)",
+    )
+    wsol.add_argument(
         "--weighting", choices=("class", "coord", "any"), default="class", help="GA map"
     )
     wsol.add_argument(
@@ -203,9 +209,11 @@ def _painting(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--class-query",
         choices=CLASS_QUERY_MODES,
-        default="first",
-        help="with several queries the class map uses the first query (the authors') or the "
-        "maximum over them",
+        default="matching",
+        help="with several queries, the class map's channel: matching (the query naming the "
+        "object the explained word refers to, e.g. 'blue' in 'a blue triangle' → triangle; the "
+        "maximum when none does), first (the first query, the authors') or max; with one query "
+        "all three are that query",
     )
 
 
@@ -218,6 +226,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.method != "ga":
         return _explain_with(args, image)
     queries = args.queries or ([args.token] if args.token else None)
+    if not queries and args.tiny:
+        from jmllm.joint.cli.common import builtin_vocabulary
+
+        queries = builtin_vocabulary()  # the objects the toy world knows: every shape
     if not queries:
         raise CliError("-q/--query: give at least one OWL-ViT query (or use --token WORD)")
     if any(not q.strip() for q in queries):
@@ -391,6 +403,8 @@ def cmd_wsol(args: argparse.Namespace) -> int:
     from jmllm.joint.cli.common import CliError, load_model
     from jmllm.joint.wsol import WsolDependencyError, opencv, read_wsol_folder, run_wsol
 
+    if args.token is not None and len(args.token.split()) != 1:
+        raise CliError(f"--token: must be one word, got {args.token[:100]!r}")
     page = maps = None
     if args.json_out:
         if Path(args.json_out).is_dir():
@@ -419,6 +433,7 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         samples=args.samples if page is not None else 0,
         tokenization=args.tokenization,
         preprocessing=args.preprocessing,
+        target=args.token.strip() if args.token else None,
     )
     if args.json_out:
         report.save(Path(args.json_out))
@@ -434,6 +449,7 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         "setting": {
             k: report.setting[k]
             for k in (
+                "target",
                 "template",
                 "tokenization",
                 "preprocessing",

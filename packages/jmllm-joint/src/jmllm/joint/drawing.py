@@ -14,8 +14,13 @@
   placed greedily in priority order (above the box, inside its top, below it, inside its bottom;
   left- then right-aligned), moved inside the picture so none is ever clipped, and never over
   another label: a label with no free place is dropped, and counted.
-- **Maps** (:func:`blend_map`): the colour map over the image with an opacity that follows the
-  weight, so weight 0 leaves the photo's pixels exactly as they are.
+- **Maps** (:func:`spotlight`): an explanation is read off the photo itself. Where the map is 1
+  the photo's pixels are left exactly as they are, so the objects keep their colours; where it is
+  0 the photo is dimmed to a dark grey; a white line (with a dark edge, visible on any
+  background) surrounds the region at half the map's height. The bar under such a picture
+  (:data:`SPOTLIGHT`) goes from that dark grey to white. :func:`blend_map` (a colour map over the
+  image, its opacity following the weight) is kept for the evaluation pages, which show a map's
+  raw values as the metric thresholds them.
 - **Colour bars and figures** (:func:`colour_bar`, :func:`figure`): a horizontal bar titled by what
   it shows, under the picture.
 
@@ -48,6 +53,9 @@ OVERLAY_ALPHA = 0.6  # opacity of a map where its weight is 1 (0 where it is 0)
 BACKGROUND: RGB = (255, 255, 255)
 INK: RGB = (0, 0, 0)
 NO_IMAGE: RGB = (128, 128, 128)  # the background of maps explained from t alone
+SPOTLIGHT = "spotlight"  # the bar of spotlight pictures (a ramp, not a matplotlib colour map)
+SPOTLIGHT_DIM = 0.3  # brightness (of the grey level) left where a spotlight map is 0
+SPOTLIGHT_LINE = 0.5  # the outlined level of a spotlight map
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision
 # deficiency. One colour per query, in query order; beyond eight queries the colours repeat.
@@ -414,18 +422,74 @@ def blend_map(
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), "RGB")
 
 
+def spotlight(base: Image.Image, shown: np.ndarray) -> Image.Image:
+    """``base`` lit by a map ``shown`` (H, W) in [0, 1]: the photo's own pixels where the map is 1
+    (objects keep their colours), a dimmed grey where it is 0, linear in between, and a white
+    line with a dark edge around the region where the map reaches :data:`SPOTLIGHT_LINE`.
+    The map is resized (bilinear) to the picture; NaN counts as 0.
+
+    Example:
+        >>> base = Image.new("RGB", (32, 32), (200, 40, 40))
+        >>> lit = np.zeros((32, 32)); lit[:, 16:] = 1.0
+        >>> picture = spotlight(base, lit)
+        >>> picture.getpixel((30, 8)), picture.getpixel((16, 8)), picture.getpixel((2, 8))
+        ((200, 40, 40), (255, 255, 255), (26, 26, 26))
+    """
+    picture = base.convert("RGB")
+    w = np.nan_to_num(np.asarray(shown, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    if w.shape != (picture.height, picture.width):
+        w = np.asarray(Image.fromarray(w, "F").resize(picture.size, Image.Resampling.BILINEAR))
+    w = np.clip(w, 0.0, 1.0)
+    pixels = np.asarray(picture, dtype=np.float32)  # (h, w, 3)
+    grey = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (h, w) luma
+    dimmed = (SPOTLIGHT_DIM * grey)[..., None]
+    out = pixels * w[..., None] + dimmed * (1.0 - w[..., None])
+    inside = w >= SPOTLIGHT_LINE
+    if inside.any() and not inside.all():
+        width = line_width(picture.size)
+        edge = inside & ~_eroded(inside, width)  # the line, inside the region
+        halo = ~inside & ~_eroded(~inside, max(1, width // 2))  # a dark edge just outside it
+        out[halo] = out[halo] * 0.35
+        out[edge] = 255.0
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+
+
+def _eroded(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` eroded ``steps`` times by the 4-neighbourhood; beyond the picture's edge the
+    mask continues as it is at the edge (no line is drawn along the picture's border)."""
+    out = mask.copy()
+    for _ in range(steps):
+        inner = out.copy()
+        inner[1:] &= out[:-1]
+        inner[:-1] &= out[1:]
+        inner[:, 1:] &= out[:, :-1]
+        inner[:, :-1] &= out[:, 1:]
+        out = inner
+    return out
+
+
+def _bar_colours(cmap: str, ramp: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] (..., 3) of a bar's values: a matplotlib colour map, or :data:`SPOTLIGHT`
+    (dimmed mid-grey to white, as :func:`spotlight` renders a grey surface)."""
+    if cmap == SPOTLIGHT:
+        level = SPOTLIGHT_DIM + (1.0 - SPOTLIGHT_DIM) * ramp
+        return np.repeat(level[..., None], 3, axis=-1)
+    from matplotlib import colormaps
+
+    return np.asarray(colormaps[cmap](ramp)[..., :3])
+
+
 def colour_bar(
     cmap: str, width: int, title: str = "", font_size: int = MIN_FONT_SIZE
 ) -> Image.Image:
-    """A horizontal colour bar of ``cmap`` from 0 (left) to 1 (right), ``width`` pixels wide,
-    with its title above and ticks 0, 0.5, 1 under it.
+    """A horizontal colour bar of ``cmap`` (a matplotlib colour map, or :data:`SPOTLIGHT`) from
+    0 (left) to 1 (right), ``width`` pixels wide, with its title above and ticks 0, 0.5, 1 under
+    it.
 
     Example:
         >>> colour_bar("viridis", 300, "box-coordinate weight").width
         300
     """
-    from matplotlib import colormaps
-
     face = font(font_size)
     ascent, descent = face.getmetrics()
     text_h = ascent + descent
@@ -442,7 +506,7 @@ def colour_bar(
         draw.text(((width - face.getlength(title)) / 2, 0), title, fill=INK, font=face)
         y = text_h + gap
     ramp = np.linspace(0.0, 1.0, inner)[None, :].repeat(bar_h, axis=0)  # (bar_h, inner)
-    strip = Image.fromarray((colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8), "RGB")
+    strip = Image.fromarray((_bar_colours(cmap, ramp) * 255).astype(np.uint8), "RGB")
     out.paste(strip, (margin, y))
     draw.rectangle((margin, y, margin + inner - 1, y + bar_h - 1), outline=(90, 90, 90), width=1)
     for value, text in ((0.0, "0"), (0.5, "0.5"), (1.0, "1")):
@@ -490,6 +554,7 @@ __all__ = [
     "MIN_SIDE",
     "OVERLAY_ALPHA",
     "PALETTE",
+    "SPOTLIGHT",
     "LabelLayout",
     "LabelledBox",
     "blend_map",
@@ -507,5 +572,6 @@ __all__ = [
     "place_label",
     "query_colour",
     "relative_luminance",
+    "spotlight",
     "text_colour",
 ]

@@ -56,6 +56,7 @@ from jmllm.joint.detection import DEFAULT_NMS_IOU, Detections
 from jmllm.joint.drawing import MIN_SIDE, fit_picture, picture_size
 from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE, JointAnswer, JointEmbedding
 from jmllm.joint.saliency import (
+    CLASS_QUERY_MODES,
     WEIGHTINGS,
     AnswerWord,
     GAResult,
@@ -610,18 +611,19 @@ class Explorer:
             result: a word's GA result.
             weighting: ``class``, ``coord``, ``any`` or ``gradient`` (the plain-gradient map).
             channel: the class channel of the ``class`` map and of the box view's thickness:
-                ``"first"`` (the authors'), ``"max"`` over the queries, or a query's index;
+                ``"matching"`` (the query the word refers to), ``"first"``, ``"max"`` over the
+                queries, or a query's index;
                 None: the result's own (:class:`~jmllm.joint.GradientAlignment`'s default).
 
         Example:
             >>> overlay, boxes = explorer.word_pictures(state, view.result, "coord")  # doctest: +SKIP
         """
+        from jmllm.joint.drawing import SPOTLIGHT
         from jmllm.joint.explain_report import (
             BOX_VIEW_BAR,
             box_view_image,
-            class_query_name,
-            map_title,
             overlay_image,
+            result_title,
             with_colour_bar,
         )
 
@@ -633,24 +635,25 @@ class Explorer:
         image = self._need_image(state).pil_image(0)
         shown = shown_size(result.image_size)
         # painted at the page's size: a full-resolution map of a large photo is not kept
-        saliency = result.map(weighting, query=channel, size=shown)
-        overlay = overlay_image(image, saliency, "jet", shown=shown)
+        saliency = result.shown(weighting, query=channel, size=shown)
+        overlay = overlay_image(image, saliency, SPOTLIGHT, shown=shown)
         boxes = box_view_image(image, result, query=channel, cmap="viridis", shown=shown)
-        title = map_title(weighting, class_query_name(result, channel))
+        title = result_title(result, weighting, channel)
         return (
-            with_colour_bar(overlay, "jet", title),
+            with_colour_bar(overlay, SPOTLIGHT, title),
             with_colour_bar(boxes, "viridis", BOX_VIEW_BAR),
         )
 
     @staticmethod
     def _check_channel(result: GAResult, channel: int | str | None) -> int | str | None:
-        if channel is None or channel in ("first", "max"):
+        if channel is None or channel in CLASS_QUERY_MODES:
             return channel
         if isinstance(channel, int) and not isinstance(channel, bool):
             if 0 <= channel < result.num_queries:
                 return channel
         raise ExplorerError(
-            f"class channel: {channel!r} is neither 'first', 'max' nor a query index "
+            f"class channel: {channel!r} is neither {', '.join(map(repr, CLASS_QUERY_MODES))} "
+            "nor a query index "
             f"(0..{result.num_queries - 1})"
         )
 
@@ -740,9 +743,16 @@ class Explorer:
             max_boxes=self.max_boxes,
         )
 
-    def explanation_html(self, state: ExplorerState, weighting: str = "class") -> str | None:
+    def explanation_html(
+        self,
+        state: ExplorerState,
+        weighting: str = "class",
+        channel: int | str | None = None,
+    ) -> str | None:
         """The GA explanation page (as ``jmllm-joint explain`` writes it) of the words of the
-        last answer explained so far, in answer order; None when there is none."""
+        last answer explained so far, in answer order, drawn as the page shows them (the same
+        ``weighting`` and class ``channel``, see :meth:`word_pictures`); None when there is
+        none."""
         from jmllm.joint.explain_report import render_explanation_report
 
         emb = self._need_image(state)
@@ -759,6 +769,7 @@ class Explorer:
             results,
             weighting=weighting,
             title="GA explanation of J's answer",
+            query=self._check_channel(results[0], channel),
         )
 
     @staticmethod

@@ -299,6 +299,10 @@ class JointModel:
         # (width, height)) -> None, or why the image does not suit these models (logged as a
         # warning). The toy world sets it (jmllm.joint.toy.inputs): a photo is not a toy scene.
         self.input_check: Any = None
+        # Optional check of answers: (J, its JointEmbedding, one answer text per image) -> for
+        # each, None or why the answer may not be trusted (shown by the CLI and the explorer).
+        # The toy world sets it (jmllm.joint.toy.inputs): the answer and the detector disagree.
+        self.answer_check: Any = None
 
     # LLaVA-era names, kept for callers written before other families
     @property

@@ -21,10 +21,11 @@ correctly. :func:`write_sample_data` writes into ``OUT``:
   positive one; for ``jmllm-joint hallucination-audit --benchmark pope``;
 - ``chair/synonyms.txt``: a CHAIR-style synonym list of the four shapes (one shape a line, its
   name first, then other words for it), for ``--benchmark chair``;
-- ``cub/images/toy-heldout-NNNN.png`` and ``cub/boxes.csv`` (``image_id,x0,y0,x1,y1``, the
-  first and last pixel of the object, inclusive, as :class:`~jmllm.joint.wsol.WsolItem` reads
-  them): single-object scenes, the CUB-200-2011 layout that
-  ``jmllm-joint wsol`` reads (one object per image, like CUB's one bird);
+- ``cub/images/toy-heldout-NNNN.png`` and ``cub/boxes.csv`` (``image_id,x0,y0,x1,y1,label``,
+  the first and last pixel of the object, inclusive, as :class:`~jmllm.joint.wsol.WsolItem`
+  reads them, and the object's shape, the word ``jmllm-joint wsol`` explains in that image):
+  single-object scenes, the CUB-200-2011 layout that ``jmllm-joint wsol`` reads (one object per
+  image, like CUB's one bird);
 - ``README.md``: what each file is and the commands that use it.
 
 Every file is written atomically with ordinary permissions. The same ``(count, seed)`` always
@@ -84,11 +85,12 @@ scenes, so their answers, boxes and maps can be checked against the truth here. 
 - `pope/toy_pope_{{random,popular,adversarial}}.json`: POPE's three splits in POPE's format (one
   present and one absent shape per scene); `chair/synonyms.txt`: a CHAIR-style synonym list of
   the shapes.
-- `cub/images/` and `cub/boxes.csv`: single-object scenes in the CUB layout of `jmllm-joint wsol`.
+- `cub/images/` and `cub/boxes.csv`: single-object scenes in the CUB layout of `jmllm-joint wsol`,
+  each labelled with its shape (the word `wsol` explains in it).
 
 Try:
 
-    jmllm-joint explain {out}/coco/images/{first} --tiny --out explain
+    jmllm-joint explain {out}/coco/images/{first} --tiny -p "What's the content of the image?" --out explain
     jmllm-joint wsol {out}/cub --tiny --json-out wsol.json
     jmllm-joint hallucination-audit --tiny --benchmark pope --data {out} --out pope-audit
     jmllm-joint hallucination-audit --tiny --benchmark chair --data {out} --out chair-audit
@@ -181,7 +183,7 @@ def _write_sample_data(root: Path, count: int, wsol_count: int, seed: int) -> Pa
     )
     _write_pope(root, images, instances, categories, seed)
     atomic_write_text(root / "chair" / "synonyms.txt", TOY_SYNONYMS)
-    rows = ["image_id,x0,y0,x1,y1"]
+    rows = ["image_id,x0,y0,x1,y1,label"]
     index = 0
     while len(rows) <= wsol_count:
         scene = make_scene("heldout", index, seed)
@@ -191,7 +193,8 @@ def _write_sample_data(root: Path, count: int, wsol_count: int, seed: int) -> Pa
         name = f"toy-heldout-{scene.index:04d}.png"
         atomic_write_bytes(root / "cub" / "images" / name, _png(scene.image))
         x0, y0, x1, y1 = scene.objects[0].box  # x1, y1 exclusive
-        rows.append(f"{name},{x0},{y0},{x1 - 1},{y1 - 1}")  # inclusive last pixel
+        shape = scene.objects[0].shape  # the object word wsol explains in this image
+        rows.append(f"{name},{x0},{y0},{x1 - 1},{y1 - 1},{shape}")  # inclusive last pixel
     atomic_write_text(root / "cub" / "boxes.csv", "\n".join(rows) + "\n")
     atomic_write_text(
         root / "README.md",

@@ -32,7 +32,9 @@ Dataset layout (CUB-200-2011 style), ``DATA_DIR``:
 
     DATA_DIR/images/<image_id>           # e.g. 001.Black_footed_Albatross/Black_..._0046_18.jpg
     DATA_DIR/boxes.csv                   # header ``image_id,x0,y0,x1,y1``; one row per box,
-                                         # several rows for an image with several objects
+                                         # several rows for an image with several objects;
+                                         # an optional 6th column ``label``: the object word
+                                         # explained in that image (default ``bird``)
 
 :func:`cub_to_boxes_csv` writes ``boxes.csv`` for the 5,794 test images of an unpacked
 CUB-200-2011 (``images.txt``, ``bounding_boxes.txt`` ``x y w h``, ``train_test_split.txt``).
@@ -403,18 +405,25 @@ def max_box_acc_v2(
 
 @dataclass(frozen=True)
 class WsolItem:
-    """One image of a WSOL folder and its ground-truth boxes (G, 4) inclusive pixels."""
+    """One image of a WSOL folder, its ground-truth boxes (G, 4) inclusive pixels and, when
+    ``boxes.csv`` has a ``label`` column, the object word explained in it."""
 
     image_id: str
     path: Path
     boxes: np.ndarray
+    label: str | None = None
+
+
+BOXES_HEADER = ["image_id", "x0", "y0", "x1", "y1"]
 
 
 def read_wsol_folder(data_dir: str | os.PathLike[str]) -> list[WsolItem]:
-    """Read ``DATA_DIR/boxes.csv`` (``image_id,x0,y0,x1,y1``) and locate ``DATA_DIR/images/``.
+    """Read ``DATA_DIR/boxes.csv`` (``image_id,x0,y0,x1,y1``, optionally ``,label``) and locate
+    ``DATA_DIR/images/``.
 
     Raises:
-        WsolDataError: missing folder/file, bad header, or a malformed row (file and line named).
+        WsolDataError: missing folder/file, bad header, or a malformed row (file and line named),
+            an empty label, or an image labelled differently on two rows.
     """
     root = Path(data_dir)
     boxes_file, images = root / "boxes.csv", root / "images"
@@ -426,18 +435,35 @@ def read_wsol_folder(data_dir: str | os.PathLike[str]) -> list[WsolItem]:
         raise WsolDataError(f"{images}: missing images folder")
     grouped: dict[str, list[list[float]]] = {}
     paths: dict[str, Path] = {}
+    labels: dict[str, str] = {}
     with boxes_file.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
-        if header != ["image_id", "x0", "y0", "x1", "y1"]:
+        if header not in (BOXES_HEADER, [*BOXES_HEADER, "label"]):
             raise WsolDataError(
-                f"{boxes_file}:1: header must be image_id,x0,y0,x1,y1, got {','.join(header)}"
+                f"{boxes_file}:1: header must be image_id,x0,y0,x1,y1 (optionally ,label), got "
+                f"{','.join(header)[:200]}"
             )
+        fields = len(header)
         for line, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
                 continue
-            if len(row) != 5:
-                raise WsolDataError(f"{boxes_file}:{line}: expected 5 fields, got {len(row)}")
+            if len(row) != fields:
+                raise WsolDataError(
+                    f"{boxes_file}:{line}: expected {fields} fields, got {len(row)}"
+                )
+            if fields == 6:
+                label = row[5].strip()
+                if not label or len(label.split()) != 1:
+                    raise WsolDataError(
+                        f"{boxes_file}:{line}: label must be one word, got {label[:100]!r}"
+                    )
+                if labels.setdefault(row[0].strip(), label) != label:
+                    raise WsolDataError(
+                        f"{boxes_file}:{line}: {row[0].strip()[:100]!r} is labelled "
+                        f"{labels[row[0].strip()]!r} on an earlier row"
+                    )
+                row = row[:5]
             try:
                 x0, y0, x1, y1 = (float(v) for v in row[1:])
             except ValueError:
@@ -454,7 +480,7 @@ def read_wsol_folder(data_dir: str | os.PathLike[str]) -> list[WsolItem]:
     if not grouped:
         raise WsolDataError(f"{boxes_file}: no boxes")
     return [
-        WsolItem(image_id, paths[image_id], np.array(b, dtype=np.float64))
+        WsolItem(image_id, paths[image_id], np.array(b, dtype=np.float64), labels.get(image_id))
         for image_id, b in grouped.items()
     ]
 
@@ -626,18 +652,21 @@ def run_wsol(
     protocol: str = "wsolevaluation",
     pipeline: str = "authors",
     box_rounding: str = "truncate",
-    class_query: str = "first",
+    class_query: str = "matching",
     samples: int = PAGE_SAMPLES,
     tokenization: str = PAPER_TOKENIZATION,
     preprocessing: str = PAPER_PREPROCESSING,
+    target: str | None = None,
 ) -> WsolReport:
     """GA maps (and the plain-gradient baseline) for every image of a WSOL folder, scored.
 
     Each image is explained with the paper's setting: question ``What's in the image?`` in the
     authors' conversation template, J's answer teacher-forced to ``The image shows a bird``,
-    token ``bird``, query ``a photo of a bird``. One GA computation yields both maps: the GA
-    map of ``weighting`` and the baseline (per-patch ‖∂ logit / ∂ t‖ painted on its grid cell).
-    Every default is the authors' protocol (``docs/fidelity.md``).
+    token ``bird``, query ``a photo of a bird`` — or, for another object word (``target``, or
+    the image's ``label`` in ``boxes.csv``), ``The image shows a <word>``, its tokens, and the
+    query ``a photo of a <word>``. One GA computation yields both maps: the GA map of
+    ``weighting`` and the baseline (per-patch ‖∂ logit / ∂ t‖ painted on its grid cell). Every
+    default is the authors' protocol (``docs/fidelity.md``).
 
     Args:
         model: a ``JointModel``.
@@ -660,6 +689,8 @@ def run_wsol(
             (:mod:`jmllm.joint.tokenization`).
         preprocessing: ``"authors"`` (default: the stored pixels, the HF processors' resize)
             or ``"exif"`` (:mod:`jmllm.align.preprocessing`).
+        target: the object word (one word) explained in every image (default: each image's
+            ``label`` from ``boxes.csv``, else the paper's ``bird``).
 
     Returns:
         :class:`WsolReport`. Unreadable images are skipped and listed, never silently dropped.
@@ -701,12 +732,13 @@ def run_wsol(
     for index, item in enumerate(iterator):
         try:
             source = model.embed(item.path, preprocessing=preprocessing)
+            word = target or item.label or WSOL_TARGET
             result = ga.attribute(
                 source,
                 WSOL_QUESTION,
-                WSOL_TARGET,
-                [WSOL_QUERY],
-                answer=WSOL_ANSWER,
+                word,
+                [word],
+                answer=WSOL_ANSWER.replace(WSOL_TARGET, word),
                 template=template,
                 tokenization=tokenization,
             )
@@ -735,9 +767,7 @@ def run_wsol(
         samples=kept,
         setting={
             "question": WSOL_QUESTION,
-            "answer": WSOL_ANSWER,
-            "target": WSOL_TARGET,
-            "query": WSOL_QUERY,
+            **_wsol_words(target, items),
             "weighting": weighting,
             **inputs,  # template, tokenization, preprocessing, dtype
             "protocol": protocol,
@@ -747,6 +777,19 @@ def run_wsol(
             "class_query": class_query,
         },
     )
+
+
+def _wsol_words(target: str | None, items: Sequence[WsolItem]) -> dict[str, str]:
+    """The report's ``answer``, ``target`` and ``query`` settings: the explained word's."""
+    words = {target or item.label or WSOL_TARGET for item in items}
+    if len(words) == 1:
+        (word,) = words
+        return {"answer": WSOL_ANSWER.replace(WSOL_TARGET, word), "target": word, "query": word}
+    return {
+        "answer": WSOL_ANSWER.replace(WSOL_TARGET, "<label>"),
+        "target": "each image's label (boxes.csv)",
+        "query": "each image's label",
+    }
 
 
 def _sample(

@@ -3,10 +3,13 @@ with placeholder images.
 
 ``source="toy"`` (the default of ``jmllm-userstudy example``; needs the ``joint`` extra): five
 held-out toy-world scenes (:mod:`jmllm.joint.toy.scenes`) with two objects of different shapes,
-each object explained by the built-in toy J through :func:`jmllm.userstudy.from_joint.joint_explainer`
-(the paper's box view, untitled). The participant matches the two maps to the two shapes; the
-correct answers follow the paper's A1/A2 sequence. The maps are whatever GA gives on the toy
-world — how well GA localises there is measured by ``benchmarks/toy_validity.py``, not assumed.
+each object explained by the built-in toy J by its name (``"yellow triangle"``: the toy world
+names an object by colour and shape; ``jmllm.joint.object_explanation``, drawn as the paper's box
+view, untitled). The participant matches the two maps to the two objects; the correct
+answers follow the paper's A1/A2 sequence. An example's key must be what its pictures show, so
+only scenes where each object's GA map peaks on that object (and not on the other) are used; the
+scenes passed over are counted in the spec's header. How often GA localises on the toy world is
+measured by ``benchmarks/toy_validity.py``, not assumed here: a real study keeps every question.
 
 ``source="placeholders"``: the questions reproduce supplementary §3 of Giulivi & Boracchi (2024): objects, correct answers
 and the published share of correct answers for the questions whose objects the supplementary
@@ -19,7 +22,9 @@ the scene dimmed with a heat blob over one shape. Replace them with your own ima
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -33,6 +38,7 @@ __all__ = [
     "EXAMPLE_SOURCES",
     "PAPER_QUESTIONS",
     "ExampleExistsError",
+    "explanations_agree",
     "toy_questions",
     "write_example",
 ]
@@ -99,55 +105,89 @@ def _existing(out: Path) -> list[Path]:
     return [out / name for name in names if (out / name).exists()]
 
 
-def toy_questions(count: int = 5) -> list[tuple[int, str, str]]:
-    """The held-out toy scenes of the toy example: ``(scene index, shape 1, shape 2)`` for the
-    first ``count`` scenes with exactly two objects of different shapes (left to right).
+def toy_questions(count: int = 5, model: Any = None) -> list[tuple[int, str, str]]:
+    """The held-out toy scenes of the toy example: ``(scene index, object 1, object 2)`` (their
+    names, ``"yellow triangle"``) for the first ``count`` scenes with exactly two objects of
+    different shapes (left to right) — with a ``model``, only those where its GA explanation of
+    each object points at that object (:func:`explanations_agree`).
 
     Example:
         >>> toy_questions(2)  # doctest: +SKIP
-        [(1, 'triangle', 'square'), (4, 'circle', 'cross')]
+        [(1, 'blue triangle', 'red square'), (4, 'green circle', 'red cross')]
     """
+    return [(index, first, second) for index, first, second, _ in _toy_scenes(count, model)[0]]
+
+
+def explanations_agree(results: Sequence[Any], boxes: Sequence[tuple[int, int, int, int]]) -> bool:
+    """Whether explanation ``i`` points at object ``i`` and at no other: the peak of its class
+    map (the pointing game) lies in box ``i`` (``x0, y0, x1, y1``, ends exclusive) and in no
+    other box — what a participant reading the pictures right would answer.
+
+    Example:
+        >>> explanations_agree(results, [o.box for o in scene.objects])  # doctest: +SKIP
+        True
+    """
+    from jmllm.joint.toy.localisation import peak_in_box
+
+    for i, result in enumerate(results):
+        saliency = result.map("class")
+        hits = [j for j, box in enumerate(boxes) if peak_in_box(saliency, box)]
+        if hits != [i]:
+            return False
+    return True
+
+
+def _toy_scenes(
+    count: int, model: Any = None
+) -> tuple[list[tuple[int, str, str, list[Image.Image]]], int]:
+    """``count`` toy questions ``(index, object 1, object 2, [picture 1, picture 2])`` (pictures
+    only with a model) and how many two-shape scenes were passed over because a map pointed
+    elsewhere."""
+    from jmllm.joint import object_explanation, object_picture
+    from jmllm.joint.saliency import GradientAlignment
     from jmllm.joint.toy.scenes import make_scene
 
-    found: list[tuple[int, str, str]] = []
+    ga = GradientAlignment(model) if model is not None else None
+    found: list[tuple[int, str, str, list[Image.Image]]] = []
+    passed_over = 0
     index = 0
     while len(found) < count:
         scene = make_scene("heldout", index)
-        shapes = [o.shape for o in scene.objects]
-        if len(shapes) == 2 and shapes[0] != shapes[1]:
-            found.append((index, shapes[0], shapes[1]))
         index += 1
-    return found
+        shapes = [o.shape for o in scene.objects]
+        if len(shapes) != 2 or shapes[0] == shapes[1]:
+            continue
+        names = [o.name for o in scene.objects]
+        pictures: list[Image.Image] = []
+        if model is not None:
+            emb = model.embed([scene.image])
+            explained = [object_explanation(emb, name, model=model, ga=ga) for name in names]
+            if not explanations_agree([r for r, _ in explained], [o.box for o in scene.objects]):
+                passed_over += 1
+                continue
+            pictures = [object_picture(r, p) for r, p in explained]
+        found.append((scene.index, names[0], names[1], pictures))
+    return found, passed_over
 
 
 def _toy_entries(
     out: Path, *, device: str | None = None, dtype: str | None = None
 ) -> tuple[list[str], str]:
     """Write the toy example's images; return its spec entries and header comment."""
-    from tqdm.auto import tqdm
-
     from jmllm.joint.cli import load_builtin_model
     from jmllm.joint.toy.scenes import make_scene
-
-    from .from_joint import joint_explainer
 
     model = load_builtin_model(
         device=device if device not in (None, "auto") else "cpu",
         dtype=dtype,  # by name: jmllm-joint turns it into torch's
     )
-    explain = joint_explainer(model=model)
+    questions, passed_over = _toy_scenes(len(PAPER_QUESTIONS), model)
     entries = []
-    questions = toy_questions(len(PAPER_QUESTIONS))
-    bar = tqdm(total=2 * len(questions), desc="GA explanations", unit="map", leave=False)
-    for number, ((index, first, second), paper) in enumerate(
+    for number, ((index, first, second, by_object), paper) in enumerate(
         zip(questions, PAPER_QUESTIONS, strict=True), start=1
     ):
         correct = paper[2]
         scene = make_scene("heldout", index)
-        by_object = []
-        for name in (first, second):
-            by_object.append(explain(scene.image, name))
-            bar.update()
         shown = by_object if correct == "A1" else by_object[::-1]
         names = [f"images/q{number}.png", f"images/q{number}_e1.png", f"images/q{number}_e2.png"]
         for name, im in zip(names, [scene.image, *shown], strict=True):
@@ -160,12 +200,14 @@ def _toy_entries(
             f"    explanations: [{names[1]}, {names[2]}]\n"
             f"    correct: {correct}\n"
         )
-    bar.close()
     header = (
         "# Example user study built from the toy world (jmllm-joint's built-in models): each\n"
         "# image is a held-out toy scene with two shapes, each explanation the toy J's GA box\n"
-        "# view for one shape (jmllm.userstudy.from_joint). Correct answers follow the paper's\n"
-        "# A1/A2 sequence. Replace the images and objects with your own for a real study.\n"
+        "# view for one object (jmllm.joint.object_explanation). Correct answers follow the\n"
+        "# paper's A1/A2 sequence. So that the key is what the pictures show, only scenes where\n"
+        f"# each object's map peaks on that object are used ({passed_over} two-shape scenes passed\n"
+        "# over); a real study keeps every question. Replace the images and objects with your\n"
+        "# own for a real study.\n"
     )
     return entries, header
 

@@ -22,7 +22,6 @@ from jmllm.joint.cli.commands import (
     cmd_describe,
     cmd_detect,
     main,
-    mention_order,
 )
 from jmllm.joint.cli.common import (
     DEFAULT_QUESTION,
@@ -112,7 +111,6 @@ __all__ = [
     "load_builtin_model",
     "load_model",
     "main",
-    "mention_order",
     "nms_of",
     "notice",
     "out_dir",

@@ -47,6 +47,7 @@ from jmllm.joint.cli.common import (
     TOY_DEMO_QUESTIONS,
     TOY_DEMO_SCENE,
     TOY_WORLD_NOTE,
+    check_answers,
     common_arguments,
     detection_arguments,
     force_argument,
@@ -197,13 +198,12 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
             f"The image is the {truth} (the truth the answers can be checked against). "
             f"{TOY_WORLD_NOTE} {REAL_CHECKPOINTS_HINT}"
         )
+    notes += check_answers(model, emb, [turn.answer for turn in conversation.turns[:1]])
     explanation = None
     links: list[tuple[str, str]] = []
     if args.explain:
-        # GA's class map follows the first query (the authors' choice): the queries the answer
-        # names come first, in the order it names them
-        ordered = mention_order(detections.queries, conversation.turns[0].answer)
-        explanation = _explain_first_answer(model, emb, conversation, ordered, out)
+        # every word's class map uses the query naming the object it refers to (GA's default)
+        explanation = _explain_first_answer(model, emb, conversation, detections.queries, out)
         relative = explanation.relative_to(out).as_posix()
         links.append(
             (
@@ -225,26 +225,6 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         print(TOY_WORLD_NOTE)
         print(REAL_CHECKPOINTS_HINT)
     return 0
-
-
-def mention_order(queries: Sequence[str], text: str) -> list[str]:
-    """``queries`` reordered: those ``text`` mentions first, in the order of their first
-    mention, then the others in their order.
-
-    Example:
-        >>> mention_order(["circle", "square", "triangle"], "a blue triangle and a red circle")
-        ['triangle', 'circle', 'square']
-    """
-    import re
-
-    lowered = text.lower()
-    found = {}
-    for query in queries:
-        match = re.search(rf"\b{re.escape(query.lower())}\b", lowered)
-        if match:
-            found[query] = match.start()
-    named = sorted(found, key=lambda q: found[q])
-    return named + [q for q in queries if q not in found]
 
 
 def _explain_first_answer(
@@ -291,6 +271,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.prompt:
         conversation, stock = _run_chat(model, emb, args.prompt, args)
         _print_conversation(conversation, stock)
+        for turn in conversation.turns:
+            check_answers(model, emb, [turn.answer])
     else:
         from jmllm.joint.chat import Conversation
 
@@ -298,6 +280,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         for question in _interactive_questions():
             conversation = model.chat(emb, question, history=conversation, **kwargs)
             print(f"J: {printable(conversation.turns[-1].answer, keep_newlines=True)}", flush=True)
+            check_answers(model, emb, [conversation.turns[-1].answer])
             if stock is not None:
                 stock = model.chat(emb, question, history=stock, vision="llava", **kwargs)
                 print(f"LLaVA: {printable(stock.turns[-1].answer, keep_newlines=True)}", flush=True)
@@ -325,6 +308,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(args)
     answer = model.generate(emb, args.prompt, **kwargs)[0]
     stock = model.generate(emb, args.prompt, vision="llava", **kwargs)[0] if args.compare else None
+    check_answers(model, emb, [answer.text])
     if args.json_out:
         record = {
             "prompt": args.prompt,

@@ -109,6 +109,24 @@ def load_builtin_model(**kwargs: Any) -> Any:
     return load_toy_joint(paths.root, **kwargs)
 
 
+def check_answers(model: Any, emb: Any, texts: Sequence[str]) -> list[str]:
+    """The model's :attr:`~jmllm.joint.JointModel.answer_check` of one answer per image of
+    ``emb`` (the toy world's: does the answer name as many objects as the detector sees?),
+    each problem logged as a warning; the problems, for a report.
+
+    Example:
+        >>> check_answers(model, emb, ["a red circle"])  # doctest: +SKIP
+        []
+    """
+    check = getattr(model, "answer_check", None)
+    if check is None:
+        return []
+    problems = [p for p in check(model, emb, list(texts)) if p]
+    for problem in problems:
+        logger.warning("%s", problem)
+    return problems
+
+
 def notice(message: str) -> None:
     """One line on stderr for a person watching (a terminal), so a pause has a reason; logged
     at INFO otherwise, so a script's stderr keeps only its errors.

@@ -14,10 +14,13 @@ so the cosine is the same as after it (what the authors' scripts use), but pre-s
 never underflow to zero on saturated boxes. Class and box similarities are then min–max normalised
 separately, and every patch paints its predicted box with its weight (pixel-wise maximum).
 As in the authors' scripts, by default the box corners are truncated to pixels (``int()``,
-``box_rounding="truncate"``; ``"outward"`` floors the top-left and ceils the bottom-right) and with
-several queries the ``class`` map weighs each box by the **first** query's channel
-(``class_query="first"``; ``"max"`` takes the maximum over the queries). ``docs/fidelity.md``
-lists every such choice.
+``box_rounding="truncate"``; ``"outward"`` floors the top-left and ceils the bottom-right). With
+several queries the ``class`` map weighs each box by the channel of the query that names the
+object the explained word refers to (``class_query="matching"``, :func:`matching_query`: "blue"
+in "a blue triangle" → the triangle's query; the maximum over the queries when no query names
+it). The authors' ``class_id=[0]`` was written for one query, the object itself, and with one
+query every mode is that query; ``"first"`` keeps its letter with several queries and ``"max"``
+takes the maximum. ``docs/fidelity.md`` lists every such choice.
 
 How it is computed, exactly and fast:
 
@@ -49,8 +52,10 @@ from jmllm.joint.saliency.answers import (
     AnswerToken,
     AnswerWord,
     GAError,
+    QueryMatch,
     answer_tokens,
     answer_words,
+    matching_query,
     resolve_target,
 )
 from jmllm.joint.saliency.answers import (
@@ -88,10 +93,12 @@ __all__ = [
     "GAResult",
     "GradientAlignment",
     "OwlHeadGradients",
+    "QueryMatch",
     "answer_tokens",
     "answer_words",
     "box_pixels",
     "cosine_similarities",
+    "matching_query",
     "minmax",
     "naive_owl_gradients",
     "normalise_similarities",

@@ -127,3 +127,127 @@ def resolve_target(
             f"target: word {target!r} is not in the answer {text!r}; its words: {listing}"
         )
     return list(matches[occurrence].positions), matches[occurrence].text
+
+
+# ---------------------------------------------------------------------------------------------
+# Which query an explained word refers to (the ``matching`` class channel)
+# ---------------------------------------------------------------------------------------------
+
+# Words that end a noun phrase when read left to right: conjunctions, prepositions, the verbs of
+# captions and answers. A phrase also ends at punctuation between two words.
+PHRASE_BREAKS = frozenset(
+    {
+        *("and", "or", "but", "nor", "which", "that", "who", "while", "there"),
+        *("with", "without", "on", "in", "at", "of", "to", "from", "by", "near", "beside"),
+        *("next", "above", "below", "under", "over", "behind", "between", "inside", "outside"),
+        *("is", "are", "was", "were", "be", "been", "being", "has", "have", "having"),
+        *("shows", "show", "showing", "contains", "contain", "containing"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class QueryMatch:
+    """The class channel the ``matching`` rule picked for an explained word.
+
+    Attributes:
+        index: the query's index, or None when no query names what the word refers to (the
+            ``max`` fallback: the maximum over the query channels).
+        rule: how it was chosen, for a picture's legend: ``"only query"``, ``"phrase head
+            'triangle'"``, ``"query contains 'red'"`` or ``"no query names it: maximum over the
+            queries"``.
+    """
+
+    index: int | None
+    rule: str
+
+
+def _singular(word: str) -> str:
+    """A crude English singular (``crosses`` → ``cross``, ``boxes`` → ``box``, ``cats`` →
+    ``cat``, ``berries`` → ``berry``); words that are not plurals come back unchanged."""
+    w = word.casefold()
+    if len(w) > 4 and w.endswith("ies"):
+        return w[:-3] + "y"
+    if len(w) > 3 and w.endswith(("ses", "xes", "zes", "ches", "shes")):
+        return w[:-2]
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        return w[:-1]
+    return w
+
+
+def _query_words(query: str) -> list[str]:
+    return [_singular(m.group()) for m in _WORD.finditer(query)]
+
+
+def matching_query(text: str, start: int, end: int, queries: Sequence[str]) -> QueryMatch:
+    """The query that names the object the word at ``text[start:end]`` refers to.
+
+    The ``matching`` rule of GA's ``class`` map (``docs/fidelity.md``), in order:
+
+    1. with one query, that query (so the authors' single-query scripts are unchanged);
+    2. the head noun of the word's noun phrase: reading on from the word to the end of its
+       phrase (punctuation, a conjunction, a preposition or a verb, see :data:`PHRASE_BREAKS`),
+       the first word that is a query's last word (singular or plural) picks that query — "blue"
+       in "a blue triangle" refers to the triangle's query, "cross" to the cross's; when several
+       queries end in that noun, the one whose every word is in the phrase (e.g. "green cross")
+       is preferred;
+    3. a query whose text contains the word ("red" with the query "red circle");
+    4. none: ``index`` None, the maximum over the query channels (stated on the picture).
+
+    Args:
+        text: the answer.
+        start, end: the explained span's characters (a word, or a token's span).
+        queries: the OWL-ViT queries (class channels, in order).
+
+    Example:
+        >>> queries = ["circle", "square", "triangle", "cross"]
+        >>> text = "a blue triangle, a red cross and a green cross"
+        >>> matching_query(text, 2, 6, queries)  # "blue"
+        QueryMatch(index=2, rule="phrase head 'triangle'")
+        >>> matching_query(text, 0, 1, ["cat"]).rule
+        'only query'
+        >>> matching_query(text, 29, 32, queries).index is None  # "and"
+        True
+    """
+    if len(queries) == 1:
+        return QueryMatch(0, "only query")
+    words = list(_WORD.finditer(text))
+    first = next((i for i, w in enumerate(words) if w.end() > start and w.start() < end), None)
+    if first is None:
+        return QueryMatch(None, "no query names it: maximum over the queries")
+    heads: dict[str, list[int]] = {}
+    for q, query in enumerate(queries):
+        qwords = _query_words(query)
+        if qwords:
+            heads.setdefault(qwords[-1], []).append(q)
+    # the phrase: back to its start (for the preference among queries sharing a head) and on
+    # from the explained word to its end
+    begin = first
+    while begin > 0 and not _breaks(text, words, begin - 1, begin):
+        begin -= 1
+    stop = first
+    while stop + 1 < len(words) and not _breaks(text, words, stop, stop + 1):
+        stop += 1
+    phrase = {_singular(w.group()) for w in words[begin : stop + 1]}
+    if _singular(words[first].group()) not in PHRASE_BREAKS:
+        for i in range(first, stop + 1):
+            noun = _singular(words[i].group())
+            candidates = heads.get(noun)
+            if candidates:
+                whole = [q for q in candidates if set(_query_words(queries[q])) <= phrase]
+                return QueryMatch((whole or candidates)[0], f"phrase head {words[i].group()!r}")
+    said = {_singular(w.group()) for w in words[first:] if w.start() < end}
+    for q, query in enumerate(queries):
+        if said & set(_query_words(query)):
+            return QueryMatch(q, f"query contains {text[start:end].strip()!r}")
+    return QueryMatch(None, "no query names it: maximum over the queries")
+
+
+def _breaks(text: str, words: Sequence[re.Match[str]], left: int, right: int) -> bool:
+    """Whether a noun phrase cannot run from word ``left`` on to word ``right``."""
+    between = text[words[left].end() : words[right].start()]
+    return (
+        any(c in between for c in ',.;:!?()[]"')
+        or _singular(words[right].group()) in PHRASE_BREAKS
+        or _singular(words[left].group()) in PHRASE_BREAKS
+    )

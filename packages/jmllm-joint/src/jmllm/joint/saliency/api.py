@@ -17,9 +17,11 @@ from jmllm.joint.saliency.answers import (
     AnswerToken,
     AnswerWord,
     GAError,
+    QueryMatch,
     _template_name,
     answer_tokens,
     answer_words,
+    matching_query,
     resolve_target,
 )
 from jmllm.joint.saliency.gradients import (
@@ -69,8 +71,12 @@ class GAResult:
             [0, 1]: ``class``, ``coord``, ``any`` and ``gradient`` (the baseline painted on each
             patch's grid cell). Painted on first access.
         answer_text: the decoded answer the token(s) come from.
-        class_query: which class channel the ``class`` map uses with several queries
-            (``"first"``, the authors', or ``"max"``).
+        class_query: which class channel the ``class`` map uses with several queries:
+            ``"matching"`` (the default: the query naming the object the explained word refers
+            to, see :func:`matching_query`), ``"first"`` (the letter of the authors' one-query
+            scripts) or ``"max"``. The three agree when there is one query.
+        class_match: what ``"matching"`` picked for this result (:class:`QueryMatch`: the
+            query's index, or None for the maximum over the queries, and the rule that chose).
         box_rounding: how box corners became pixels (``"truncate"``, the authors', or
             ``"outward"``; see :func:`box_pixels`).
     """
@@ -90,8 +96,9 @@ class GAResult:
     image_size: tuple[int, int]
     answer_text: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
-    class_query: str = "first"
+    class_query: str = "matching"
     box_rounding: str = "truncate"
+    class_match: QueryMatch = field(default_factory=lambda: QueryMatch(0, "only query"))
     _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -114,8 +121,23 @@ class GAResult:
         (the plain-gradient baseline, min–max normalised per-patch ‖∂ logit / ∂ t‖)."""
         if weighting == "gradient":
             return minmax(self.patch_gradient_norms.float())
+        return patch_weights(self.normalised, self.num_queries, weighting, self.channel(query))
+
+    def channel(self, query: int | str | None = None) -> int | str:
+        """The ``class`` map's channel as :func:`patch_weights` takes it: a query index or
+        ``"max"`` (``query`` None: the result's ``class_query``; ``"matching"`` resolved to what
+        :attr:`class_match` picked).
+
+        Example:
+            >>> result.channel(), result.channel("max")  # doctest: +SKIP
+            (2, 'max')
+        """
         chosen = self.class_query if query is None else query
-        return patch_weights(self.normalised, self.num_queries, weighting, chosen)
+        if chosen == "matching":
+            return "max" if self.class_match.index is None else self.class_match.index
+        if chosen == "first":
+            return 0
+        return chosen
 
     def map(
         self,
@@ -130,8 +152,8 @@ class GAResult:
 
         Args:
             weighting: ``class``, ``coord``, ``any`` or ``gradient``.
-            query: for ``class``: a query index, ``"first"`` or ``"max"`` (default: the
-                result's ``class_query``).
+            query: for ``class``: a query index, ``"matching"``, ``"first"`` or ``"max"``
+                (default: the result's ``class_query``).
             size: (width, height) to paint at instead of the image's own size, e.g. (224, 224)
                 for the authors' CUB pipeline (boxes scaled to that size, then rounded).
         """
@@ -152,6 +174,54 @@ class GAResult:
             return paint_boxes(self.weights(weighting, query), self.boxes_xyxy, self.image_size)
         boxes = box_pixels(self.boxes, size, self.box_rounding)
         return paint_boxes(self.weights(weighting, query), boxes, size)
+
+    def shown_weights(
+        self, weighting: str = "class", query: int | str | None = None
+    ) -> torch.Tensor:
+        """Per-patch weights (N,) as the pictures show them: :meth:`weights` rescaled so that 0 is
+        the median patch's weight and 1 the top patch's (clipped; all zeros when every patch
+        weighs the same). Most patches of a scene are background, and GA's own min–max puts a
+        flat background half-way up; this contrast lets the object a word refers to stand out.
+        A monotone rescaling: the peak and the ranking are :meth:`weights`'.
+
+        Example:
+            >>> result.shown_weights("class").max()  # doctest: +SKIP
+            tensor(1.)
+        """
+        values = self.weights(weighting, query).float()
+        low, high = values.median(), values.max()
+        if not bool(high > low):
+            return torch.zeros_like(values)
+        return ((values - low) / (high - low)).clamp(0.0, 1.0)
+
+    def shown(
+        self,
+        weighting: str = "class",
+        query: int | str | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """The (H, W) map as the pictures show it: every patch paints its box with its
+        :meth:`shown_weights` (``gradient``: its grid cell), the pixel-wise maximum, 0 where no
+        box reaches. The same painting as :meth:`map`, so a pixel's value is the shown weight of
+        the patch :meth:`map` takes it from.
+
+        Args:
+            weighting, query, size: as :meth:`map`.
+
+        Example:
+            >>> result.shown("class").shape == result.map("class").shape  # doctest: +SKIP
+            True
+        """
+        values = self.shown_weights(weighting, query)
+        size = size or self.image_size
+        if weighting == "gradient":
+            return patch_grid_map(values, size)
+        boxes = (
+            self.boxes_xyxy
+            if size == self.image_size
+            else box_pixels(self.boxes, size, self.box_rounding)
+        )
+        return paint_boxes(values, boxes, size)
 
 
 @dataclass
@@ -177,8 +247,11 @@ class GradientAlignment:
         chunk_size: patches per batch of the norm computation (memory bound).
         progress: show a progress bar for the norm computation.
         box_rounding: box corners to pixels, ``"truncate"`` (the authors') or ``"outward"``.
-        class_query: with several queries, the ``class`` map's channel: ``"first"`` (the
-            authors') or ``"max"``.
+        class_query: with several queries, the ``class`` map's channel: ``"matching"`` (the
+            default: the query naming the object the explained word refers to, the head noun
+            of its noun phrase, see :func:`matching_query`; the maximum over the queries when
+            none does), ``"first"`` (the letter of the authors' scripts, written for one query:
+            the object itself) or ``"max"``. With one query all three are that query.
         cache_size: how many (image, queries) pairs keep their OWL side (gradient norms, boxes,
             scores), least recently used dropped first. 1 suits a script that explains one image
             at a time; an interactive session that goes back and forth between images or query
@@ -199,7 +272,7 @@ class GradientAlignment:
         progress: bool = False,
         *,
         box_rounding: str = "truncate",
-        class_query: str = "first",
+        class_query: str = "matching",
         cache_size: int = 1,
     ) -> None:
         if cache_size < 1:
@@ -436,6 +509,11 @@ class GradientAlignment:
             answer_text=answer_text,
             class_query=self.class_query,
             box_rounding=self.box_rounding,
+            class_match=matching_query(
+                answer_text, tokens[0].start, tokens[-1].end, prepared.queries
+            )
+            if tokens
+            else QueryMatch(None if Q > 1 else 0, "no answer word"),
         )
 
     def attribute(

@@ -16,9 +16,10 @@ from jmllm.joint.saliency.gradients import minmax
 
 Weighting = Literal["class", "coord", "any"]
 WEIGHTINGS: tuple[str, ...] = ("class", "coord", "any")
-# With several queries, which class channel weighs a box: the first query's (the authors'
-# class_id=[0]) or the maximum over the queries.
-CLASS_QUERY_MODES: tuple[str, ...] = ("first", "max")
+# With several queries, which class channel weighs a box: the query naming the object the
+# explained word refers to (resolved per result: GAResult.class_match), the first query's (the
+# letter of the authors' one-query class_id=[0]) or the maximum over the queries.
+CLASS_QUERY_MODES: tuple[str, ...] = ("matching", "first", "max")
 # Box corners to pixels: int() truncation as the authors' scripts, or floor/ceil outward.
 BOX_ROUNDINGS: tuple[str, ...] = ("truncate", "outward")
 
@@ -37,9 +38,10 @@ def patch_weights(
 ) -> torch.Tensor:
     """Per-patch box weight (N,) from the normalised similarity table (N, Q + 4).
 
-    - ``class``: the class channel of ``query``: an index, ``"first"`` (the default, the
-      authors' choice: the first query) or ``"max"`` (the maximum over the query channels).
-      The three agree when there is one query. ``None`` means ``"first"``.
+    - ``class``: the class channel of ``query``: an index, ``"first"`` (the first query) or
+      ``"max"`` (the maximum over the query channels); ``None`` means ``"first"``. The
+      ``"matching"`` channel depends on the explained word, so it is resolved to an index (or
+      ``"max"``) by the result (:meth:`GAResult.channel`) before it reaches this table.
     - ``coord``: the maximum over the four box channels ``cx, cy, w, h``.
     - ``any``: the maximum over all Q + 4 channels, i.e. ``max(class channels, coord)`` — the
       patch counts if its gradient aligns with the token's through any of its outputs (the
@@ -56,6 +58,11 @@ def patch_weights(
             return cls[:, 0]
         if query == "max":
             return cls.max(-1).values
+        if query == "matching":
+            raise ValueError(
+                "class_query: 'matching' depends on the explained word; resolve it with "
+                "GAResult.channel() (or pass a query index)"
+            )
         if isinstance(query, bool) or not isinstance(query, int):
             raise ValueError(
                 f"class_query: {query!r} is neither a query index nor one of "

@@ -126,9 +126,10 @@ def load_toy_joint(root: str | os.PathLike[str] | None = None, **kwargs: Any) ->
     paths = toy_paths(root)
     kwargs.setdefault("device", "cpu")
     model = JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, **kwargs)
-    from jmllm.joint.toy.inputs import toy_input_check
+    from jmllm.joint.toy.inputs import toy_answer_check, toy_input_check
 
     model.input_check = toy_input_check  # a photo gets a warning (docs/toy.md)
+    model.answer_check = toy_answer_check  # so does an answer the detector contradicts
     return model
 
 

@@ -174,7 +174,7 @@ def answer_scores(
                     template=template,
                 )
                 for (_, q), a in zip(items, answers, strict=True):
-                    ok = normalise_answer(a.text) == q.answer
+                    ok = normalise_answer(a.text) == normalise_answer(q.answer)
                     correct.append(ok)
                     by_kind[q.kind].append(ok)
             out["qa_accuracy"].setdefault(vision, {})[template] = float(np.mean(correct))

@@ -115,7 +115,7 @@ def toy_llava_tokenizer() -> Any:
     from jmllm.align.testing import tiny_llava_tokenizer
 
     specials = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-    return tiny_llava_tokenizer(_conversation_corpus(), 256, specials)
+    return tiny_llava_tokenizer(_conversation_corpus(), 256, specials, split_punctuation=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,13 +169,18 @@ def scene_caption(objects: Sequence[ToyObject]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _number(n: int) -> str:
+    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+
+
 def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
     """Every question whose answer the objects determine, with that answer.
 
     - the paper's two description prompts (caption; ``"The image shows <caption>."``);
     - ``"How many objects are there?"`` → ``"one"`` / ``"two"`` / ``"three"``;
     - for every shape: ``"Is there a <shape>?"`` and the authors' hallucination question
-      ``"Is there a <shape> in the image? Only answer with 'yes' or 'no'."`` → ``"yes"``/``"no"``;
+      ``"Is there a <shape> in the image? Only answer with 'yes' or 'no'."`` → ``"Yes"``/``"No"``,
+      capitalised as LLaVA-1.5 answers (so the authors' exact ``Yes``/``No`` rule reads them);
     - ``"What colour is the <shape>?"`` only when exactly one object has that shape;
     - ``"What shape is the <colour> object?"`` only when exactly one object has that colour.
     """
@@ -183,12 +188,12 @@ def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
     out = [
         QA(CONTENT_QUESTION, caption, "content"),
         QA(IN_IMAGE_QUESTION, f"{IN_IMAGE_PREFIX}{caption}.", "in_image"),
-        QA(COUNT_QUESTION, NUMBER_WORDS[len(objects)], "count"),
+        QA(COUNT_QUESTION, _number(len(objects)), "count"),
     ]
     shapes = Counter(o.shape for o in objects)
     colours = Counter(o.colour for o in objects)
     for shape in SHAPES:
-        answer = "yes" if shapes[shape] else "no"
+        answer = "Yes" if shapes[shape] else "No"
         out.append(QA(EXISTS_QUESTION.format(shape), answer, "exists"))
         out.append(QA(HALLUCINATION_QUESTION.format(shape), answer, "hallucination"))
     for o in objects:
@@ -309,7 +314,15 @@ def _separated(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
-def make_scene(split: str, index: int, seed: int = 0, size: int = IMAGE_SIZE) -> Scene:
+def make_scene(
+    split: str,
+    index: int,
+    seed: int = 0,
+    size: int = IMAGE_SIZE,
+    *,
+    count: int | None = None,
+    sides: tuple[int, int] | None = None,
+) -> Scene:
     """Render scene ``index`` of a split, deterministically.
 
     Args:
@@ -317,6 +330,10 @@ def make_scene(split: str, index: int, seed: int = 0, size: int = IMAGE_SIZE) ->
         index: the scene's number in its split (>= 0).
         seed: the base seed of the world; the same (split, index, seed) gives the same scene.
         size: image side in pixels (object sizes scale with it).
+        count: the number of objects instead of the world's 1–3 (e.g. 4: a scene *beyond* the
+            toy world, to test what J does with it).
+        sides: the objects' side range in pixels instead of the world's 22–42 (at ``size``
+            128; e.g. ``(8, 14)`` or ``(60, 100)``: objects beyond the toy world).
 
     Returns:
         :class:`Scene` with its image and truth.
@@ -330,14 +347,16 @@ def make_scene(split: str, index: int, seed: int = 0, size: int = IMAGE_SIZE) ->
     scale = size / IMAGE_SIZE
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     pixels = _background(rng, background, size)  # (H, W, 3) float32
-    count = int(rng.integers(1, MAX_OBJECTS + 1))
+    drawn = int(rng.integers(1, MAX_OBJECTS + 1))  # drawn either way: the stream stays the same
+    count = drawn if count is None else count
+    low, high = (round(MIN_SIDE * scale), round(MAX_SIDE * scale)) if sides is None else sides
     names = [(c, s) for c in COLOURS for s in SHAPES]
     chosen = rng.choice(len(names), size=count, replace=False)  # unique (colour, shape) pairs
     placed: list[ToyObject] = []
     for k in chosen:
         colour, shape = names[int(k)]
         for _ in range(200):  # rejection sampling of a free spot; sizes shrink if it is crowded
-            side = int(rng.integers(round(MIN_SIDE * scale), round(MAX_SIDE * scale) + 1))
+            side = int(rng.integers(low, high + 1))
             mask = _shape_mask(shape, side)
             x = int(rng.integers(0, size - side + 1))
             y = int(rng.integers(0, size - side + 1))
@@ -345,8 +364,8 @@ def make_scene(split: str, index: int, seed: int = 0, size: int = IMAGE_SIZE) ->
             box = (x + bx0, y + by0, x + bx1, y + by1)
             if all(_separated(box, o.box, round(GAP * scale)) for o in placed):
                 break
-        else:  # pragma: no cover - 3 objects of at most 40 px always fit in 128 px
-            raise RuntimeError(f"scene {split}/{index}: no room for object {len(placed) + 1}")
+        else:  # 3 objects of at most 42 px always fit in 128 px; more or larger ones may not
+            raise ValueError(f"scene {split}/{index}: no room for object {len(placed) + 1}")
         rgb = np.array(COLOURS[colour], dtype=np.float32)
         rgb = rgb + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
         region = pixels[y : y + side, x : x + side]  # (side, side, 3) view

@@ -252,6 +252,10 @@ def _group(loc: dict[str, Any], protocol: str, group: str) -> float | None:
     return None if scores is None else float(scores["maxboxacc_iou50"]["ga"])
 
 
+def _value(scores: dict[str, Any], metric: str) -> float | None:
+    return scores[metric]["ga"]["value"] if metric in scores else None
+
+
 def toy_validity(
     model: Any,
     scenes: int = 30,
@@ -260,6 +264,9 @@ def toy_validity(
     start: int = 1000,
     reinit_seed: int = 12345,
     progress: bool = False,
+    default_scenes: int = 300,
+    sanity_scenes: int = 60,
+    default_path: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every check of the toy J against the scenes' truth, with the headline figures on top.
 
@@ -272,9 +279,17 @@ def toy_validity(
         start: first held-out scene (the shipped manifest's scores use 0–299).
         reinit_seed: seed of the randomisation cascade.
         progress: tqdm bars.
+        default_scenes: held-out scenes for the default path
+            (:func:`~jmllm.joint.toy.default_path.default_path_localisation`, from ``start``).
+        sanity_scenes: held-out scenes for the default path's randomisation cascade.
+        default_path: the default-path report when already computed (e.g. by several
+            processes, as ``benchmarks/toy_validity.py`` does); None computes it here.
 
     Returns:
-        top-level floats in [0, 1]: ``detection_ap50`` (the lowest shape's AP50 of the boxes
+        top-level floats in [0, 1]: on the default path (GA as the demo, ``explain`` and the
+        explorer run it), ``ga_pointing_default`` (object words), ``colour_word_pointing_default``,
+        ``ga_maxboxacc_iou50_default``, ``owl_pointing_default`` (OWL-ViT's own score, painted
+        alike) and ``ga_pointing_default_same_shape``; ``detection_ap50`` (the lowest shape's AP50 of the boxes
         ``jmllm-joint detect`` gives with its defaults, see
         :func:`~jmllm.joint.toy.evaluate.detection_scores`), ``caption_accuracy_llava``,
         ``caption_accuracy_joint``, ``qa_accuracy_llava``, ``qa_accuracy_joint`` (``llava-1.5``
@@ -285,14 +300,27 @@ def toy_validity(
         answers (``ga_named_maxboxacc_iou50``), the pointing game of GA and of random weights
         on OWL-ViT's boxes, and the correlation with every LLM layer randomised and with
         ``g_L`` replaced by noise (the floor);
-        then the details: ``detection``, ``answers``, ``localisation`` (see
-        :func:`~jmllm.joint.toy.localisation.ga_localisation`), ``sanity_cascade``,
-        ``absent_word``, ``hallucination``, ``seconds``.
+        then the details: ``default_path`` (every figure with its interval),
+        ``default_path_sanity``, ``detection``, ``answers``, ``localisation`` (the older
+        protocols, see :func:`~jmllm.joint.toy.localisation.ga_localisation`),
+        ``sanity_cascade``, ``absent_word``, ``hallucination``, ``seconds``.
     """
+    from jmllm.joint.toy.default_path import default_path_localisation, default_path_sanity
     from jmllm.joint.toy.evaluate import answer_scores, detection_scores
     from jmllm.joint.toy.pool import ScenePool
 
     seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    if default_path is None:
+        default_path = default_path_localisation(
+            model, default_scenes, seed=seed, start=start, progress=progress
+        )
+        seconds["default_path"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    sanity = default_path_sanity(
+        model, sanity_scenes, seed=seed, start=start, reinit_seed=reinit_seed, progress=progress
+    )
+    seconds["default_path_sanity"] = time.perf_counter() - clock
     clock = time.perf_counter()
     pool = ScenePool.render("heldout", metric_scenes, seed=seed, start=start, progress=progress)
     detection = detection_scores(model, pool)
@@ -311,7 +339,15 @@ def toy_validity(
     hall = hallucination_check(model, scenes, seed=seed, start=start, progress=progress)
     seconds["hallucination"] = time.perf_counter() - clock
     caption = loc["caption"]["all"]
+    objects, colours = default_path["object"], default_path["colour"]
     return {
+        "ga_pointing_default": objects["all"]["pointing"]["ga"]["value"],
+        "ga_maxboxacc_iou50_default": objects["all"]["maxboxacc_iou50"]["ga"]["value"],
+        "colour_word_pointing_default": colours["all"]["pointing"]["ga"]["value"],
+        "owl_pointing_default": objects["all"]["pointing"]["owl"]["value"],
+        "ga_pointing_default_same_shape": _value(objects.get("same_shape", {}), "pointing"),
+        "sanity_spearman_patches_randomised_w": sanity["stages"][0]["patches"],
+        "sanity_spearman_painted_randomised_w": sanity["stages"][0]["painted"],
         "detection_ap50": min(detection["detection_ap50"].values()),
         "caption_accuracy_llava": answers["caption_accuracy"]["llava"][TEMPLATE],
         "caption_accuracy_joint": answers["caption_accuracy"]["joint"][TEMPLATE],
@@ -337,6 +373,8 @@ def toy_validity(
         "metric_scenes": metric_scenes,
         "first_scene": start,
         "words_explained": loc["objects"],
+        "default_path": default_path,
+        "default_path_sanity": sanity,
         "detection": detection,
         "answers": answers,
         "localisation": loc,
