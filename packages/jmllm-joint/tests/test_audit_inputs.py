@@ -227,7 +227,7 @@ def test_a_run_refused_at_its_first_question_records_no_settings(
            for i, a in enumerate(args)]  # fmt: skip
     code, _, err = _cli(capsys, *bad)
     line = _one_error_line(err)
-    assert code == 2 and "exceed LLaVA's" in line, line
+    assert code == 2 and "exceed the MLLM's" in line, line
     assert not (out / SETTINGS_FILE).exists()
     code, _, err = _cli(capsys, *args)
     assert code == 0, err

@@ -293,7 +293,23 @@ def error_line(prog: str, exc: BaseException, code: int) -> str:
         >>> error_line("jmllm-align train", MemoryError("70 GB"), 1)
         'jmllm-align train: error: MemoryError: 70 GB (run with --debug for the traceback)'
     """
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = _shown_message(" ".join(str(exc).split())) or type(exc).__name__
     if code == 1:
         message = f"{type(exc).__name__}: {message} (run with --debug for the traceback)"
     return f"{prog}: error: {message}"
+
+
+ERROR_LIMIT = 400  # characters of an error's message (a 10 000-character input stays one line)
+
+
+def _shown_message(text: str, limit: int = ERROR_LIMIT) -> str:
+    """A message safe for a terminal: control characters escaped (``\\x1b``), cut in the
+    middle to ``limit`` characters (the start names the input, the end says the problem)."""
+    text = "".join(
+        ch if ch.isprintable() else (f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    return f"{text[:head]}…{text[-(limit - 1 - head) :]}"
