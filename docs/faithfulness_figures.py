@@ -90,8 +90,7 @@ def tables(summary: dict[str, Any]) -> str:
     ]
     for m, row in paired.items():
         cells = [
-            f"{_cell(row[k])}, p {_p(row[k]['wilcoxon_p'])}" if k in row else "—"
-            for k in HEADLINE
+            f"{_cell(row[k])}, p {_p(row[k]['wilcoxon_p'])}" if k in row else "—" for k in HEADLINE
         ]
         out.append(f"| `{m}` | " + " | ".join(cells) + " |")
     if summary["separation"]:

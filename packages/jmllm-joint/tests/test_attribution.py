@@ -273,7 +273,7 @@ def test_method_lists_kept_by_hand_match_the_package():
     action = next(
         a
         for a in build_parser()._subparsers._group_actions[0].choices["faithfulness"]._actions
-        if a.dest == "methods"
+        if a.dest == "method"
     )
     assert list(action.choices) == list(METHODS)
 

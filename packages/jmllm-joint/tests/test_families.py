@@ -219,7 +219,8 @@ def test_audit_fast_path_equals_the_per_question_loop(family_joint):
     auditor = YesNoAuditor(model, settings, classes, batch_size=2)
     template = "paper" if _family(model) == "llava" else TEMPLATES[_family(model)]
     image = generated_images(1, size=64, seed=21)[0]
-    fast = auditor.ask(model.embed([image]).t, classes, return_logits=True)
+    emb = model.embed([image], preprocessing=settings.preprocessing)  # as the loop embeds it
+    fast = auditor.ask(emb.t, classes, return_logits=True)
     slow = ask_one_by_one(model, image, classes, settings, return_logits=True)
     for f, s in zip(fast, slow, strict=True):
         assert f.answer.token_ids.tolist() == s.answer.token_ids.tolist()

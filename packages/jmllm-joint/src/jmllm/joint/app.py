@@ -674,7 +674,7 @@ def build_app(
             [state, hallucination_text, hallucination_table],
         )
 
-        def on_report(s: ExplorerState, how: str, chosen: str | None) -> list[str]:
+        def on_report(s: ExplorerState, how: str, chosen: str | None = None) -> list[str]:
             from jmllm.joint.report import atomic_write_text
 
             pages = {

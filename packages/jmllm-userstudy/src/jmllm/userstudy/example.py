@@ -151,6 +151,11 @@ def _toy_scenes(
     found: list[tuple[int, str, str, list[Image.Image]]] = []
     passed_over = 0
     index = 0
+    bar = None
+    if model is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=count, desc="GA explanations", unit="question", leave=False)
     while len(found) < count:
         scene = make_scene("heldout", index)
         index += 1
@@ -167,6 +172,10 @@ def _toy_scenes(
                 continue
             pictures = [object_picture(r, p) for r, p in explained]
         found.append((scene.index, names[0], names[1], pictures))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return found, passed_over
 
 

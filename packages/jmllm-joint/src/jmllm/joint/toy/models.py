@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from jmllm.joint.chat import CONVERSATION_TEMPLATES, Conversation, format_conversation
+from jmllm.joint.chat import LLAVA_TEMPLATES, Conversation, format_conversation
 from jmllm.joint.toy.scenes import (
     COLOURS,
     CONTENT_QUESTION,
@@ -96,7 +96,7 @@ def _conversation_corpus() -> list[str]:
         group = [objs[i], objs[(i + 5) % len(objs)], objs[(i + 10) % len(objs)]]
         for k in (1, 2, 3):
             for qa in scene_questions(group[:k]):
-                for template in CONVERSATION_TEMPLATES:
+                for template in LLAVA_TEMPLATES:  # the toy LLaVA is a LLaVA-1.5
                     conv = Conversation().ask(qa.question).answered(qa.answer)
                     lines.append(format_conversation(conv, template=template))
     lines += [CONTENT_QUESTION, IN_IMAGE_QUESTION, IN_IMAGE_PREFIX, " ".join(NUMBER_WORDS)]
@@ -115,7 +115,7 @@ def toy_llava_tokenizer() -> Any:
     from jmllm.align.testing import tiny_llava_tokenizer
 
     specials = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-    return tiny_llava_tokenizer(_conversation_corpus(), 256, specials, split_punctuation=True)
+    return tiny_llava_tokenizer(_conversation_corpus(), 256, specials)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,8 +179,7 @@ def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
     - the paper's two description prompts (caption; ``"The image shows <caption>."``);
     - ``"How many objects are there?"`` → ``"one"`` / ``"two"`` / ``"three"``;
     - for every shape: ``"Is there a <shape>?"`` and the authors' hallucination question
-      ``"Is there a <shape> in the image? Only answer with 'yes' or 'no'."`` → ``"Yes"``/``"No"``,
-      capitalised as LLaVA-1.5 answers (so the authors' exact ``Yes``/``No`` rule reads them);
+      ``"Is there a <shape> in the image? Only answer with 'yes' or 'no'."`` → ``"yes"``/``"no"``;
     - ``"What colour is the <shape>?"`` only when exactly one object has that shape;
     - ``"What shape is the <colour> object?"`` only when exactly one object has that colour.
     """
@@ -193,7 +192,7 @@ def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
     shapes = Counter(o.shape for o in objects)
     colours = Counter(o.colour for o in objects)
     for shape in SHAPES:
-        answer = "Yes" if shapes[shape] else "No"
+        answer = "yes" if shapes[shape] else "no"
         out.append(QA(EXISTS_QUESTION.format(shape), answer, "exists"))
         out.append(QA(HALLUCINATION_QUESTION.format(shape), answer, "hallucination"))
     for o in objects:
