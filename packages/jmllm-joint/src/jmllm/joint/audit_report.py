@@ -235,9 +235,9 @@ def _markdown(metrics: dict[str, Any], info: dict[str, Any], items: list[Halluci
         f"{_md_cell(info['settings']['template'])}, question "
         f"{_md_cell(info['settings']['question'])}, OWL-ViT query "
         f"{_md_cell(info['settings']['query_template'])}",
-        f"- inputs: tokenization {_md_cell(info['settings'].get('tokenization'))}, "
-        f"preprocessing {_md_cell(info['settings'].get('preprocessing'))}, dtype "
-        f"{_md_cell(info.get('dtype'))}",
+        f"- inputs: tokenization {_md_cell(str(info['settings'].get('tokenization')))}, "
+        f"preprocessing {_md_cell(str(info['settings'].get('preprocessing')))}, dtype "
+        f"{_md_cell(str(info.get('dtype')))}",
         f"- answers (rule `{metrics['parse_rule']}`): {metrics['answers']['yes']} yes, "
         f"{metrics['answers']['no']} no, {metrics['unparsed']} unparsed (left out of the metrics)",
         "",
