@@ -5,8 +5,9 @@ photographs their pages in Debian's headless Chromium (``/usr/bin/chromium``) in
 ``docs/images/``: ``report-demo.png``, ``report-explanation.png`` (the word "triangle" picked)
 and ``report-hallucination.png`` (an answer teacher-forced to name an absent circle); then
 serves ``jmllm-joint app --tiny`` and photographs the explorer: ``app-explain.png`` (the word
-"triangle" clicked) and ``app-hallucination.png``. Offline: any request leaving the machine is
-refused.
+"triangle" clicked) and ``app-hallucination.png``; and renders ``jmllm-userstudy example`` (the
+toy world's user study) and photographs its first question: ``userstudy-question.png``. Offline:
+any request leaving the machine is refused.
 """
 
 from __future__ import annotations
@@ -90,6 +91,24 @@ def _app_shots(browser: Any, scene: Path, root: Path) -> None:
         proc.wait(timeout=30)
 
 
+def _userstudy_shot(browser: Any, root: Path) -> None:
+    """The toy world's user-study example, rendered; its first question at 1280 px."""
+    study = [sys.executable, "-m", "jmllm.userstudy.cli"]
+    subprocess.run([*study, "example", "-o", str(root / "study")], env=ENV, check=True)
+    spec = root / "study" / "study.yaml"
+    subprocess.run([*study, "render", str(spec), "-o", str(root / "site")], env=ENV, check=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto((root / "site" / "questionnaire.html").as_uri())
+    page.wait_for_selector("html[data-ready=true]", state="attached")
+    page.fill("#participant-id", "P-01")
+    page.click("#start-button")
+    page.wait_for_selector("#question", state="visible")
+    for sel in ("#img-image", "#img-expl-1", "#img-expl-2"):
+        page.wait_for_function(f"document.querySelector('{sel}').complete")
+    page.screenshot(path=str(IMAGES / "userstudy-question.png"), full_page=True)
+    page.close()
+
+
 def main() -> None:
     from jmllm.joint.toy.scenes import make_scene
 
@@ -135,6 +154,7 @@ def main() -> None:
             page.goto((root / "hal" / "hallucinations.html").as_uri())
             page.screenshot(path=str(IMAGES / "report-hallucination.png"), full_page=True)
             _app_shots(browser, root / "scene.png", root)
+            _userstudy_shot(browser, root)
             browser.close()
     print(f"screenshots -> {IMAGES}")
 

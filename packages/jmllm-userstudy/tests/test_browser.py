@@ -275,10 +275,8 @@ def _rgb(css: str) -> tuple[int, ...]:
 def test_question_screen_layout_at_1280_px(chromium, example_spec, tmp_path):
     """What a participant sees: the image and both explanations fully on screen at 1280 px, the
     two explanations side by side at the same size, the question and answers readable (WCAG AA
-    contrast). The screenshot is kept in the test's folder (``JMLLM_DOCS_SCREENSHOTS=1``: in
-    ``docs/images/userstudy-question.png``)."""
-    import os
-
+    contrast). The screenshot is kept in the test's folder (the docs' picture,
+    ``docs/images/userstudy-question.png``, is the toy world's example: ``docs/screenshots.py``)."""
     site = write_questionnaire(example_spec, tmp_path / "site")
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
@@ -313,9 +311,7 @@ def test_question_screen_layout_at_1280_px(chromium, example_spec, tmp_path):
         )
         hi, lo = sorted((_luminance(_rgb(colour)), _luminance(_rgb(background))), reverse=True)
         assert (hi + 0.05) / (lo + 0.05) >= 4.5, (sel, colour, background)
-    docs = Path(__file__).resolve().parents[3] / "docs" / "images"
-    folder = docs if os.environ.get("JMLLM_DOCS_SCREENSHOTS") else tmp_path
-    shot = folder / "userstudy-question.png"
+    shot = tmp_path / "userstudy-question.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     context.close()
