@@ -27,6 +27,14 @@ from jmllm.judge.manifest import Manifest
 KEY = "sk-test-concurrency"
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT's default action, so Python installs its Ctrl-C handler
+    (a process started from a background job inherits SIGINT ignored and would never stop)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def answered_in(cache_path: Path) -> int:
     """Answered rows, read as another process would (the runs may be writing)."""
     try:
@@ -51,7 +59,12 @@ class Run:
     def __init__(self, command: list[str]) -> None:
         env = {**os.environ, "JUDGE_TEST_KEY": KEY}
         self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,  # Ctrl-C reaches it even when the tests run in a background job (SIGINT ignored there)
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []

@@ -27,6 +27,14 @@ from jmllm.judge.runner import judge_all
 KEY = "sk-test-resume"
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT's default action, so Python installs its Ctrl-C handler
+    (a process started from a background job inherits SIGINT ignored and would never stop)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def answered_in(cache_path: Path) -> int:
     """Answered rows, read the way another process would (the run may be writing)."""
     if not cache_path.exists():
@@ -117,7 +125,12 @@ def test_cli_run_stopped_midway_resumes_without_resending(
     env = {**os.environ, "JUDGE_TEST_KEY": KEY}
 
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,  # Ctrl-C reaches it even when the tests run in a background job (SIGINT ignored there)
     )
     try:
         wait_for(lambda: answered_in(tmp_path / "cache.sqlite") == 6 or process.poll() is not None)

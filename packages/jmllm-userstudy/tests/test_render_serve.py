@@ -201,6 +201,8 @@ def test_serve_command_serves_until_interrupted(example_dir, tmp_path):
         ],
         stdout=subprocess.PIPE,
         text=True,
+        # Ctrl-C reaches it even when the tests run in a background job (SIGINT ignored there)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = process.stdout.readline()
