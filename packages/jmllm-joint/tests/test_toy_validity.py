@@ -163,3 +163,70 @@ def test_docstring_examples():
 
     for module in (localisation_module, validity_module):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module
+
+
+# ------------------------------------------------------------------ the default path, 50 scenes
+DEFAULT_PATH_SCENES = range(START, START + 50)
+
+
+@pytest.fixture(scope="module")
+def default_path(toy):
+    """GA exactly as ``explain``, the demo and the explorer run it (J's caption, the four shape
+    queries, the ``matching`` channel, the shown maps) on 50 held-out scenes."""
+    from jmllm.joint.toy.default_path import default_path_items, default_path_scores
+
+    items, counts = default_path_items(toy, list(DEFAULT_PATH_SCENES))
+    return default_path_scores(items, list(DEFAULT_PATH_SCENES), counts)
+
+
+def test_default_path_points_at_the_named_objects(default_path):
+    """Floors under what docs/toy.md measures on 300 scenes (object words: pointing 0.64,
+    MaxBoxAccV2 at IoU 0.5 0.80; one-object scenes 0.91; measured on these 50: 0.68, 0.88,
+    0.88): a default that took another object's channel, or maps drawn on another scale,
+    falls below them. The 0.95 pointing target is missed on scenes of several objects
+    (docs/toy.md says why), so it is not asserted."""
+    objects = default_path["object"]
+    assert objects["all"]["items"] >= 80
+    at50 = {m: r["value"] for m, r in objects["all"]["maxboxacc_iou50"].items()}
+    pointing = {m: r["value"] for m, r in objects["all"]["pointing"].items()}
+    assert pointing["ga"] >= 0.55 and objects["single_object"]["pointing"]["ga"]["value"] >= 0.75
+    assert at50["ga"] >= 0.75, at50
+    for baseline in ("gradient", "stock_gradient", "random_boxes", "random"):
+        assert at50["ga"] >= at50[baseline] + 0.2, (baseline, at50)
+        assert pointing["ga"] > pointing[baseline], (baseline, pointing)
+    assert default_path["colour"]["all"]["pointing"]["ga"]["value"] >= 0.5
+
+
+def test_demo_scene_object_words_use_their_channel_and_the_triangle_points(toy):
+    """The demo's answer (held-out scene 103: a blue triangle, a red cross and a green cross):
+    every shape word's class map uses its own shape's channel, and the triangle's map peaks on
+    the triangle. Both "cross" maps peak on the triangle too, in the cross channel (GA's cosine
+    is highest there): the miss docs/toy.md documents with its evidence, held to the word here
+    so that a change of it is seen."""
+    from jmllm.joint.saliency import GradientAlignment
+    from jmllm.joint.toy.default_path import named_objects
+
+    scene = make_scene("heldout", 103)
+    emb = toy.embed([scene.image])
+    answer = toy.generate(emb, "What's the content of the image?", max_new_tokens=24)[0]
+    assert answer.text == scene.caption
+    ga = GradientAlignment(toy)  # its defaults, as the demo's
+    named = named_objects(answer.text, scene)
+    assert len(named) == 3
+    words = answer.text.replace(",", "").split()
+    peaks = {}
+    for _, shape_word, obj in named:
+        occurrence = words[: shape_word + 1].count(words[shape_word]) - 1
+        result = ga.attribute(
+            emb, "What's the content of the image?", words[shape_word], list(SHAPES),
+            answer=answer.text, occurrence=occurrence,
+        )  # fmt: skip
+        assert result.class_match is not None
+        assert result.class_match.index == SHAPES.index(obj.shape), obj.name
+        shown = result.shown("class")
+        peaks[obj.name] = [o.name for o in scene.objects if peak_in_box(shown, o.box)]
+    assert peaks == {
+        "blue triangle": ["blue triangle"],
+        "red cross": ["blue triangle"],  # the documented miss
+        "green cross": ["blue triangle"],  # the documented miss
+    }
