@@ -208,7 +208,7 @@ def test_demo_scene_object_words_use_their_channel_and_the_triangle_points(toy):
 
     scene = make_scene("heldout", 103)
     emb = toy.embed([scene.image])
-    answer = toy.generate(emb, "What's the content of the image?", max_new_tokens=24)[0]
+    answer = toy.generate(emb, "What's the content of the image?")[0]  # as the demo
     assert answer.text == scene.caption
     ga = GradientAlignment(toy)  # its defaults, as the demo's
     named = named_objects(answer.text, scene)

@@ -23,16 +23,9 @@ from jmllm.judge.cache import JudgeCache
 from jmllm.judge.captions import save_captions
 from jmllm.judge.manifest import Manifest
 from jmllm.judge.runner import judge_all
+from jmllm.judge.testing import default_sigint
 
 KEY = "sk-test-resume"
-
-
-def default_sigint() -> None:
-    """In the child before exec: SIGINT's default action, so Python installs its Ctrl-C handler
-    (a process started from a background job inherits SIGINT ignored and would never stop)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def answered_in(cache_path: Path) -> int:

@@ -117,6 +117,7 @@ CONVERSATION_TEMPLATES.update(
 # format instead (they are the defaults of every command, written for LLaVA-1.5)
 LLAVA_TEMPLATES = ("llava-1.5", "paper")
 INTERACTIVE_TEMPLATE = "llava-1.5"  # chat, describe, the demo, the explorer app
+INTERACTIVE_MAX_NEW_TOKENS = 64  # the commands' --max-new-tokens default
 PAPER_TEMPLATE = "paper"  # judge captions, bias, WSOL, user-study maps, hallucination audit
 
 

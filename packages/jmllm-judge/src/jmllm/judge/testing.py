@@ -45,6 +45,7 @@ __all__ = [
     "ServedRequest",
     "caption_of",
     "default_answer",
+    "default_sigint",
     "make_test_images",
     "request_key",
     "write_coco_captions",
@@ -72,6 +73,19 @@ def caption_of(user_text: str) -> str:
     if len(inner) >= 2 and inner.startswith('"') and inner.endswith('"'):
         return inner[1:-1]
     return inner
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a CLI a test stops with Ctrl-C: SIGINT's default action in the child,
+    so Python installs its KeyboardInterrupt handler (a process started from a background job
+    inherits SIGINT ignored and would never stop).
+
+    Example:
+        >>> subprocess.Popen(command, preexec_fn=default_sigint)  # doctest: +SKIP
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def default_answer(user_text: str) -> str:

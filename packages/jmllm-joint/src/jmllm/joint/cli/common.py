@@ -252,9 +252,14 @@ def preprocessing_argument(parser: argparse.ArgumentParser, default: str) -> Non
 
 
 def generation_arguments(parser: argparse.ArgumentParser) -> None:
+    from jmllm.joint.chat import INTERACTIVE_MAX_NEW_TOKENS
+
     group = parser.add_argument_group("generation")
     group.add_argument(
-        "--max-new-tokens", type=integer(1), default=64, help="answer length limit, in tokens"
+        "--max-new-tokens",
+        type=integer(1),
+        default=INTERACTIVE_MAX_NEW_TOKENS,
+        help="answer length limit, in tokens",
     )
     group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     group.add_argument(

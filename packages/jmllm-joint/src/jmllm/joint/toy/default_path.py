@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jmllm.joint.chat import INTERACTIVE_TEMPLATE
+from jmllm.joint.chat import INTERACTIVE_MAX_NEW_TOKENS, INTERACTIVE_TEMPLATE
 from jmllm.joint.saliency import GAResult, GradientAlignment, paint_boxes, patch_grid_map
 from jmllm.joint.toy.localisation import (
     _inclusive,
@@ -67,7 +67,7 @@ TEMPLATE = INTERACTIVE_TEMPLATE
 KINDS = ("object", "colour")
 METHODS = ("ga", "owl", "gradient", "stock_gradient", "random_boxes", "random")
 GROUPS = ("all", "single_object", "multi_object", "same_shape")
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = INTERACTIVE_MAX_NEW_TOKENS  # the demo's and explain's answer length
 
 
 @dataclass
