@@ -65,8 +65,8 @@ def _click(explorer: Any, state: Any, index: int) -> tuple[Any, float, float]:
 
 
 def run(images: int, words: int) -> dict[str, Any]:
+    from jmllm.joint.app.explorer import Explorer
     from jmllm.joint.cli import build_parser, load_model
-    from jmllm.joint.explorer import Explorer
     from jmllm.joint.testing import generated_images
 
     args = build_parser().parse_args(["app", "--tiny"])  # the built-in models, as the CLI

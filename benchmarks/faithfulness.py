@@ -57,7 +57,7 @@ def _load() -> dict[str, float]:
 
 
 def _interval(values: list[float]) -> dict[str, Any]:
-    from jmllm.joint.stats import bootstrap_ci
+    from jmllm.joint.faithfulness.stats import bootstrap_ci
 
     ci = bootstrap_ci(values, n_resamples=2000, seed=0)
     return {
@@ -71,9 +71,9 @@ def _interval(values: list[float]) -> dict[str, Any]:
 
 def bench_curves(model: Any, targets: int, steps: int, seed: int = 0) -> dict[str, Any]:
     """Batched against one-by-one deletion curves of the plain-gradient map on toy words."""
-    from jmllm.joint.attribution import get_method, prepare_request
     from jmllm.joint.faithfulness import CurveScorer, ToySource
     from jmllm.joint.faithfulness.metrics import unbatched_log_probs
+    from jmllm.joint.saliency.attribution import get_method, prepare_request
 
     source = ToySource(scenes=targets * 2, seed=seed)
     method = get_method("gradient", model)
@@ -168,12 +168,12 @@ def bench_gpu(device: torch.device, scale: str) -> dict[str, Any]:
     from jmllm.align import AlignmentLayer, alignment_config_for
     from jmllm.align.testing import llava_1_5_7b_config
     from jmllm.joint import JointModel
-    from jmllm.joint.attribution import make_methods
-    from jmllm.joint.attribution.base import Request
     from jmllm.joint.chat import JointAnswer
     from jmllm.joint.faithfulness import CurveScorer, RandomisationCascade
     from jmllm.joint.faithfulness.metrics import pointing, spearman, ssim
     from jmllm.joint.saliency import answer_tokens
+    from jmllm.joint.saliency.attribution import make_methods
+    from jmllm.joint.saliency.attribution.base import Request
     from jmllm.joint.toy import toy_paths
 
     owl = _b32_owl(device) if scale == "full" else _small_owl(device)

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from jmllm.joint.families import FAMILIES
+    from jmllm.joint.model.families import FAMILIES
 
     device = torch.device(args.device or ("cuda" if args.gpu else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

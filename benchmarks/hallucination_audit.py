@@ -26,7 +26,7 @@ Modes:
 Random weights never say "Yes" and stop: every answer runs to the token limit, in both paths.
 
 ``--across-images`` measures instead the batching of POPE and CHAIR
-(:func:`jmllm.joint.benchmark_run.run_benchmark`): POPE-style questions (``Is there a {class}
+(:func:`jmllm.joint.audit.benchmark.run_benchmark`): POPE-style questions (``Is there a {class}
 in the image?`` and LLaVA's single-word post-prompt, six per image) answered by the same runner
 with one answer per ``generate`` call (``--batch-size 1``, the baseline) and with the answers of
 several images in one left-padded batched ``generate``, alternately, ``--repeats`` times; every
@@ -198,7 +198,7 @@ def measure_across_images(
 ) -> dict[str, Any]:
     """The runner at batch 1 and at ``batch_size``, alternately, on the same POPE-style
     questions; the batched answers compared with the batch-1 ones."""
-    from jmllm.joint.benchmark_run import BenchmarkImage, BenchmarkSettings, run_benchmark
+    from jmllm.joint.audit.benchmark import BenchmarkImage, BenchmarkSettings, run_benchmark
 
     settings = BenchmarkSettings("pope", max_new_tokens=max_new_tokens)
     jobs = [

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
-    from jmllm.joint.report import atomic_write_text
+    from jmllm.joint.render.report import atomic_write_text
     from jmllm.joint.toy import load_toy_joint
     from jmllm.joint.toy.inputs import toy_image_problem
     from jmllm.joint.toy.scenes import make_scene

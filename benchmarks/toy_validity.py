@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from jmllm.joint.report import atomic_write_text
+    from jmllm.joint.render.report import atomic_write_text
     from jmllm.joint.toy import ToyWorldError, load_toy_joint, toy_manifest
     from jmllm.joint.toy.validity import toy_validity
 

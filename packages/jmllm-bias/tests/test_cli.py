@@ -172,7 +172,7 @@ def test_paper_choices_are_jmllm_joints_names() -> None:
     from jmllm.align.preprocessing import PAPER_PREPROCESSING, PREPROCESSINGS
     from jmllm.bias.cli import _parser
     from jmllm.bias.scores import SCORE_PARSERS
-    from jmllm.joint.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
+    from jmllm.joint.chat.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
 
     parser = _parser()
     assert _choices(parser, "assess", "--tokenization") == (TOKENIZATIONS, PAPER_TOKENIZATION)

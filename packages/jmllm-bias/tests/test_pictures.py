@@ -8,7 +8,7 @@ from PIL import Image, ImageFont
 
 from jmllm.bias.contact_sheet import write_contact_sheet
 from jmllm.bias.report import EMPTY_HISTOGRAM, BiasReport, _histogram_figure
-from jmllm.joint.drawing import font
+from jmllm.joint.render.drawing import font
 
 
 def _report(images: list) -> BiasReport:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from jmllm.joint.app.explorer import Explorer, ExplorerState
 from jmllm.joint.cli import main
-from jmllm.joint.explorer import Explorer, ExplorerState
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_app_bad_options(argv, message, capsys):
 def test_app_serves_the_built_in_models_on_loopback(gr, cli_env, monkeypatch):
     """``--tiny`` goes through the shared resolver (load_model); the page is built on that model
     and served on 127.0.0.1 with the limits given."""
-    import jmllm.joint.app as app_module
+    import jmllm.joint.app.page as app_module
     import jmllm.joint.cli.common as cli
 
     loaded, served = [], []

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from jmllm.joint.explorer import Explorer
+from jmllm.joint.app.explorer import Explorer
 from jmllm.joint.testing import generated_images
 
 pytestmark = pytest.mark.browser

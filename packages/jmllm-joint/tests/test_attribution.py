@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from jmllm.joint.attribution import (
+from jmllm.joint.model.internals import (
+    final_norm,
+    image_token_positions,
+    lm_head,
+    run_language_model,
+)
+from jmllm.joint.saliency import GradientAlignment
+from jmllm.joint.saliency.attribution import (
     METHODS,
     Attribution,
     AttributionError,
@@ -20,13 +27,6 @@ from jmllm.joint.attribution import (
     prepare_request,
     target_log_probs,
 )
-from jmllm.joint.internals import (
-    final_norm,
-    image_token_positions,
-    lm_head,
-    run_language_model,
-)
-from jmllm.joint.saliency import GradientAlignment
 
 QUESTION = "What's in the image?"
 ANSWER = "The image shows a bird"
@@ -260,8 +260,8 @@ def test_method_lists_kept_by_hand_match_the_package():
     """The command lines list the method names (so --help loads no model code), the app its
     choices: every list is the package's."""
     from jmllm.joint.app import METHOD_CHOICES
-    from jmllm.joint.cli_explain import ATTRIBUTION_METHODS
-    from jmllm.joint.explorer import OTHER_METHODS
+    from jmllm.joint.app.explorer import OTHER_METHODS
+    from jmllm.joint.cli.explain import ATTRIBUTION_METHODS
     from jmllm.joint.faithfulness.run import DEFAULT_METHODS
 
     assert set(ATTRIBUTION_METHODS) == set(METHODS) - {"ga_coord", "ga_any"}
@@ -309,7 +309,7 @@ def test_explain_with_another_method(
 
 
 def test_explorer_explains_a_word_with_another_method(tiny_joint, sample_images, tmp_path):
-    from jmllm.joint.explorer import Explorer, ExplorerError
+    from jmllm.joint.app.explorer import Explorer, ExplorerError
 
     path = tmp_path / "x.png"
     sample_images[0].save(path)

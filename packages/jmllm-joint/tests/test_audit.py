@@ -22,7 +22,7 @@ from jmllm.joint.audit import (
     ask_one_by_one,
     run_audit,
 )
-from jmllm.joint.audit_data import (
+from jmllm.joint.audit.data import (
     AuditDataset,
     AuditError,
     AuditImage,
@@ -31,7 +31,7 @@ from jmllm.joint.audit_data import (
     plan_questions,
     question_text,
 )
-from jmllm.joint.audit_report import write_audit_report
+from jmllm.joint.audit.report import write_audit_report
 from jmllm.joint.testing import COCO_FIXTURE_CLASSES, generated_images, write_coco_folder
 
 

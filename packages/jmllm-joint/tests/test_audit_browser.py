@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from jmllm.joint.audit import AuditSettings, run_audit
-from jmllm.joint.audit_data import AuditDataset, AuditImage
-from jmllm.joint.audit_report import write_audit_report
+from jmllm.joint.audit.data import AuditDataset, AuditImage
+from jmllm.joint.audit.report import write_audit_report
 from jmllm.joint.testing import generated_images
 
 pytestmark = pytest.mark.browser

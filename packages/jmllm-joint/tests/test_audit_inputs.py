@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from jmllm.joint.audit import RESULTS_FILE, SETTINGS_FILE, AuditSettings, run_audit
-from jmllm.joint.audit_data import AuditDataset, AuditError, AuditImage, load_coco
-from jmllm.joint.audit_report import write_audit_report
+from jmllm.joint.audit.data import AuditDataset, AuditError, AuditImage, load_coco
+from jmllm.joint.audit.report import write_audit_report
 from jmllm.joint.testing import generated_images, write_coco_folder
 
 
@@ -207,7 +207,7 @@ def test_resume_asks_again_an_image_whose_id_points_at_another_file(
                        progress=False, on_image=asked.append)  # fmt: skip
     assert asked == ["100"] and second.kept == 1 and second.processed == 1
     lines = [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines()]
-    from jmllm.joint.audit_data import _file_fingerprint
+    from jmllm.joint.audit.data import _file_fingerprint
 
     assert lines[-1]["image_id"] == "100"
     assert lines[-1]["sha256"] == _file_fingerprint(images / "other.png")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jmllm.joint.audit import AuditRecord, parse_answer
-from jmllm.joint.audit_metrics import (
+from jmllm.joint.audit.metrics import (
     Confusion,
     audit_metrics,
     auroc,

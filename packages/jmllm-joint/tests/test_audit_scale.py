@@ -15,7 +15,7 @@ import pytest
 
 from jmllm.align.files import read_jsonl
 from jmllm.joint.audit import RESULTS_FILE, AuditSettings, run_audit
-from jmllm.joint.audit_data import load_coco
+from jmllm.joint.audit.data import load_coco
 from jmllm.joint.testing import write_coco_folder
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import json
 import pytest
 
 from jmllm.joint.audit import AuditSettings, run_audit
-from jmllm.joint.audit_data import load_coco
-from jmllm.joint.audit_metrics import audit_metrics
-from jmllm.joint.audit_report import write_audit_report
-from jmllm.joint.sample_data import write_sample_data
+from jmllm.joint.audit.data import load_coco
+from jmllm.joint.audit.metrics import audit_metrics
+from jmllm.joint.audit.report import write_audit_report
+from jmllm.joint.toy.sample_data import write_sample_data
 from jmllm.joint.toy.scenes import SHAPES, make_scene
 
 SCENES = 12

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from jmllm.joint import GradientAlignment, JointModel, cli, explain_object
-from jmllm.joint.explain_report import write_explanation_report
 from jmllm.joint.hallucination import check_hallucinations, write_hallucination_report
+from jmllm.joint.render.explanation import write_explanation_report
 from jmllm.joint.wsol import run_wsol
 
 QUESTION = "What's in the image?"

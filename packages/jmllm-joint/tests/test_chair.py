@@ -1,4 +1,4 @@
-"""CHAIR (jmllm.joint.chair): the shipped synonym list is chair.py's, captions are read by its
+"""CHAIR (jmllm.joint.audit.chair): the shipped synonym list is chair.py's, captions are read by its
 rules (plurals, two-word phrases, the special cases), and CHAIR_s, CHAIR_i and recall match
 numbers worked out by hand on crafted captions."""
 
@@ -10,8 +10,7 @@ from importlib import resources
 
 import pytest
 
-from jmllm.joint.audit_data import AuditError
-from jmllm.joint.chair import (
+from jmllm.joint.audit.chair import (
     ChairVocabulary,
     chair_intervals,
     chair_metrics,
@@ -21,6 +20,7 @@ from jmllm.joint.chair import (
     sample_images,
     score_caption,
 )
+from jmllm.joint.audit.data import AuditError
 from jmllm.joint.hallucination import COCO_OBJECTS
 
 # SHA-256 of LisaAnne/Hallucination's data/synonyms.txt (commit d0e65fe), the list chair.py reads

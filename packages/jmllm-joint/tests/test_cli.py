@@ -304,15 +304,15 @@ def test_plugin_subcommands_are_registered(monkeypatch):
         other.set_defaults(func=lambda args: 8)
         calls.append(common_args)
 
-    plugin = types.ModuleType("jmllm.joint.cli_explain")
+    plugin = types.ModuleType("jmllm.joint.cli.explain")
     plugin.register = register  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "jmllm.joint.cli_explain", plugin)
+    monkeypatch.setitem(sys.modules, "jmllm.joint.cli.explain", plugin)
     real_find_spec = cli.importlib.util.find_spec
     monkeypatch.setattr(
         cli.importlib.util,
         "find_spec",
         lambda name, *a: (
-            object() if name == "jmllm.joint.cli_explain" else real_find_spec(name, *a)
+            object() if name == "jmllm.joint.cli.explain" else real_find_spec(name, *a)
         ),
     )
     assert cli.main(["explain", "--tiny"]) == 7

@@ -10,7 +10,7 @@ from PIL import Image
 
 from jmllm.joint import Conversation, Detections, decode_detections, nms
 from jmllm.joint.detection import box_iou
-from jmllm.joint.report import draw_detections, render_report_html, write_report
+from jmllm.joint.render.report import draw_detections, render_report_html, write_report
 
 
 def test_decode_scales_x_and_y_separately_to_the_original_size():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from jmllm.joint import Detections
-from jmllm.joint.drawing import (
+from jmllm.joint.render.drawing import (
     MIN_FONT_SIZE,
     PALETTE,
     SPOTLIGHT_DIM,
@@ -29,15 +29,15 @@ from jmllm.joint.drawing import (
     spotlight,
     text_colour,
 )
-from jmllm.joint.explain_report import (
+from jmllm.joint.render.explanation import (
     highlighted_answer,
     overlay_image,
     page,
     word_choice_labels,
     word_number,
 )
-from jmllm.joint.pages import render
-from jmllm.joint.report import draw_detections_layout, render_report_html
+from jmllm.joint.render.pages import render
+from jmllm.joint.render.report import draw_detections_layout, render_report_html
 
 HOSTILE = "<script>alert('x')</script>&\"q\""
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from jmllm.joint.cli import main
-from jmllm.joint.explain_report import (
+from jmllm.joint.render.explanation import (
     SHOWN_SCALE,
     box_view_png,
     explain_object,

@@ -1,6 +1,6 @@
 """The explorer's steps without any UI: each equals what the library gives directly.
 
-The app (``jmllm-joint app``) is a thin page over :class:`jmllm.joint.explorer.Explorer`; here a
+The app (``jmllm-joint app``) is a thin page over :class:`jmllm.joint.app.explorer.Explorer`; here a
 chat turn is compared with ``JointModel.chat``, detections with ``JointModel.detect``, a word
 click with a fresh ``GradientAlignment.attribute``, the downloadable pages with the pages the
 command line writes — and the GA norm computations are counted, to prove they are cached per
@@ -20,10 +20,19 @@ import numpy as np
 import pytest
 import torch
 
+from jmllm.joint.app.explorer import (
+    Explorer,
+    ExplorerError,
+    ExplorerState,
+    check_upload,
+    parse_queries,
+)
 from jmllm.joint.chat import Conversation
 from jmllm.joint.cli import main
-from jmllm.joint.drawing import SPOTLIGHT
-from jmllm.joint.explain_report import (
+from jmllm.joint.hallucination import check_hallucinations, write_hallucination_report
+from jmllm.joint.model import JointAnswer
+from jmllm.joint.render.drawing import SPOTLIGHT
+from jmllm.joint.render.explanation import (
     BOX_VIEW_BAR,
     SHOWN_SCALE,
     box_view_image,
@@ -32,15 +41,6 @@ from jmllm.joint.explain_report import (
     with_colour_bar,
     write_explanation_report,
 )
-from jmllm.joint.explorer import (
-    Explorer,
-    ExplorerError,
-    ExplorerState,
-    check_upload,
-    parse_queries,
-)
-from jmllm.joint.hallucination import check_hallucinations, write_hallucination_report
-from jmllm.joint.model import JointAnswer
 from jmllm.joint.saliency import GradientAlignment, OwlHeadGradients
 
 QUESTION = "What's in the image?"
@@ -386,7 +386,7 @@ def test_a_session_keeps_the_models_inputs_not_the_upload(explorer, tmp_path):
     from PIL import Image
 
     from jmllm.align.images import open_image
-    from jmllm.joint.explorer import KEPT_SIDE
+    from jmllm.joint.app.explorer import KEPT_SIDE
 
     path = tmp_path / "big.png"
     noise = np.random.default_rng(0).integers(0, 255, (4096, 4096, 3), dtype=np.uint8)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from jmllm.joint.attribution import get_method, make_methods, prepare_request
 from jmllm.joint.faithfulness import (
     CurveScorer,
     FaithfulnessError,
@@ -38,6 +37,7 @@ from jmllm.joint.faithfulness.report import (
     summarise,
     write_faithfulness_report,
 )
+from jmllm.joint.saliency.attribution import get_method, make_methods, prepare_request
 from jmllm.joint.toy.scenes import SHAPES, make_scene
 
 QUESTION = "What's in the image?"
@@ -96,7 +96,7 @@ def test_blank_baseline_is_the_mean_colour_image(toy, toy_request):
     """The blank baseline's t is the t J computes for a picture of CLIP's mean colour."""
     from PIL import Image
 
-    from jmllm.joint.attribution import baseline_input, baseline_t, model_input
+    from jmllm.joint.saliency.attribution import baseline_input, baseline_t, model_input
 
     grey = toy.embed([Image.new("RGB", (128, 128), (123, 117, 104))]).t  # CLIP's mean, rounded
     black = toy.embed([Image.new("RGB", (128, 128), (0, 0, 0))]).t
@@ -166,7 +166,7 @@ def test_curves_of_many_maps_share_rows(toy, toy_request):
 
 
 def test_ranking_breaks_ties_by_a_seeded_order_not_by_position():
-    from jmllm.joint.attribution import Attribution
+    from jmllm.joint.saliency.attribution import Attribution
 
     flat = Attribution("x", torch.zeros(64), (8, 8))
     a, b = flat.ranking(0), flat.ranking(1)
@@ -330,7 +330,7 @@ def test_summary_pools_targets_and_resamples_images():
 
 
 def test_coco_and_boxes_sources_read_the_sample_data(toy, tmp_path):
-    from jmllm.joint.sample_data import write_sample_data
+    from jmllm.joint.toy.sample_data import write_sample_data
 
     root = write_sample_data(tmp_path / "sample", count=2, wsol_count=1)
     coco = coco_source(root / "coco" / "instances.json", root / "coco" / "images")
@@ -353,7 +353,7 @@ def test_coco_and_boxes_sources_read_the_sample_data(toy, tmp_path):
 
 
 def test_coco_boxes_are_kept_and_bad_ones_counted(tmp_path):
-    from jmllm.joint.audit_data import load_coco
+    from jmllm.joint.audit.data import load_coco
 
     (tmp_path / "img").mkdir()
     doc = {
@@ -433,7 +433,7 @@ DOCS = __import__("pathlib").Path(__file__).resolve().parents[3] / "docs"
 
 @pytest.mark.skipif(not (DOCS / "faithfulness.md").is_file(), reason="needs the source tree")
 def test_metric_and_method_names_are_documented():
-    from jmllm.joint.attribution import METHODS
+    from jmllm.joint.saliency.attribution import METHODS
 
     text = (DOCS / "faithfulness.md").read_text()
     for name in (*METRICS, *METHODS):
@@ -486,7 +486,7 @@ def test_gpu_checks_real_shape_run_works_small_on_the_cpu():
 def test_integrated_gradients_defaults_are_complete_on_the_toy_world(toy):
     """On the toy world the path from the blank image to a scene jumps; at the default 64
     trapezoid steps the patches still sum to the logit's change (16 steps do not, docs)."""
-    from jmllm.joint.attribution import baseline_t, target_logit
+    from jmllm.joint.saliency.attribution import baseline_t, target_logit
 
     source = ToySource(scenes=2, start=7000)
     errors = []

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from jmllm.joint import GradientAlignment, JointModel, JointModelError
+from jmllm.joint.app.explorer import Explorer
 from jmllm.joint.audit import AuditSettings, YesNoAuditor, ask_one_by_one
-from jmllm.joint.explorer import Explorer
-from jmllm.joint.families import FAMILIES
 from jmllm.joint.hallucination import check_hallucinations
+from jmllm.joint.model.families import FAMILIES
 from jmllm.joint.saliency import naive_owl_gradients
 from jmllm.joint.testing import TINY_FAMILIES, build_tiny_family_joint, generated_images
 from jmllm.joint.wsol import run_wsol

@@ -23,7 +23,7 @@ import gc
 import pytest
 import torch
 
-from jmllm.joint.families import FAMILIES
+from jmllm.joint.model.families import FAMILIES
 from jmllm.joint.saliency import OwlHeadGradients, naive_owl_gradients
 from jmllm.joint.testing import PUBLISHED, generated_images, key_fields, published_config
 

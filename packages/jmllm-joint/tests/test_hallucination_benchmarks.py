@@ -1,4 +1,4 @@
-"""POPE and CHAIR on J (jmllm.joint.benchmark_run, benchmark_report, cli_benchmark): batched
+"""POPE and CHAIR on J (jmllm.joint.audit.benchmark, benchmark_report, cli_benchmark): batched
 answers equal the one-at-a-time ones, OWL-ViT's evidence is read from the same t, runs resume,
 the report's numbers equal an independent re-implementation of LLaVA's eval_pope.py and of
 CHAIR on the run's own records, and the command runs offline on sample-data's toy files."""
@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jmllm.joint.benchmark_report import ChairInputs, write_benchmark_report
-from jmllm.joint.benchmark_run import (
+from jmllm.joint.audit.benchmark import (
     BenchmarkImage,
     BenchmarkResult,
     BenchmarkSettings,
@@ -20,11 +19,12 @@ from jmllm.joint.benchmark_run import (
     pope_images,
     run_benchmark,
 )
-from jmllm.joint.chair import ChairVocabulary, image_truth, load_reference_captions
-from jmllm.joint.cli_benchmark import TOY_POPE_QUESTION
-from jmllm.joint.pope import load_pope, yes_no_token_ids
-from jmllm.joint.sample_data import write_sample_data
+from jmllm.joint.audit.benchmark_report import ChairInputs, write_benchmark_report
+from jmllm.joint.audit.chair import ChairVocabulary, image_truth, load_reference_captions
+from jmllm.joint.audit.pope import load_pope, yes_no_token_ids
+from jmllm.joint.cli.benchmark import TOY_POPE_QUESTION
 from jmllm.joint.toy import load_toy_joint
+from jmllm.joint.toy.sample_data import write_sample_data
 from jmllm.joint.toy.scenes import CONTENT_QUESTION, HALLUCINATION_QUESTION, SHAPES
 
 SCENES = 8
@@ -191,7 +191,7 @@ def test_pope_run_resumes_after_a_kill(toy, sample, pope_run, tmp_path):
         k: v["answers"] for k, v in full.lines.items()
     }
     other = BenchmarkSettings("pope", TOY_POPE_QUESTION, "llava-1.5", 8)
-    from jmllm.joint.audit_data import AuditError
+    from jmllm.joint.audit.data import AuditError
 
     with pytest.raises(AuditError, match="other settings"):
         run_benchmark(toy, images, tmp_path, other, progress=False)
@@ -219,8 +219,8 @@ def test_pope_resume_asks_again_an_image_whose_file_changed(toy, sample, pope_ru
 
 # ------------------------------------------------------------------------- CHAIR run
 def test_chair_run_and_report_on_the_toy_world(toy, sample, tmp_path):
-    from jmllm.joint.audit_data import load_coco
-    from jmllm.joint.chair import chair_metrics, score_caption
+    from jmllm.joint.audit.chair import chair_metrics, score_caption
+    from jmllm.joint.audit.data import load_coco
 
     vocabulary = ChairVocabulary.from_file(sample / "chair" / "synonyms.txt")
     dataset = load_coco(sample / "coco" / "instances.json", sample / "coco" / "images")

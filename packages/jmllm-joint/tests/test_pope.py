@@ -1,4 +1,4 @@
-"""POPE's files and scoring rules (jmllm.joint.pope), each rule checked against its published
+"""POPE's files and scoring rules (jmllm.joint.audit.pope), each rule checked against its published
 code's behaviour on crafted answers whose expected numbers are worked out by hand here:
 
 - ``llava``: LLaVA's llava/eval/eval_pope.py (= POPE's evaluate.py);
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jmllm.joint.audit_data import AuditError
-from jmllm.joint.pope import (
+from jmllm.joint.audit.data import AuditError
+from jmllm.joint.audit.pope import (
     POPE_METRICS,
     PopeAnswer,
     PopeRow,

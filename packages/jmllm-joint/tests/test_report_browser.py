@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from jmllm.joint.explain_report import write_explanation_report
 from jmllm.joint.hallucination import check_hallucinations, write_hallucination_report
-from jmllm.joint.report import write_report
+from jmllm.joint.render.explanation import write_explanation_report
+from jmllm.joint.render.report import write_report
 from jmllm.joint.saliency import GradientAlignment
 from jmllm.joint.wsol import run_wsol
 

@@ -13,8 +13,8 @@ import torch
 from jmllm.align.testing import llava_1_5_tokenizer, tiny_llava_config
 from jmllm.joint import JointModel
 from jmllm.joint.chat import format_prompt
+from jmllm.joint.chat.tokenization import TokenizationError, llava_tokenizer, prepend_scheme
 from jmllm.joint.model import JointModelError
-from jmllm.joint.tokenization import TokenizationError, llava_tokenizer, prepend_scheme
 
 QUESTION = "Is there a cat in the image? Only answer with 'yes' or 'no'."
 # the issue-independent facts: BOS, <image>, "▁", "\n" (byte fallback), "▁US", "ER", ":"
@@ -160,7 +160,7 @@ def test_reply_is_the_text_the_authors_split_off(replica_joint, loaded):
         assert (parts[1] if len(parts) > 1 else None) == reply
 
 
-@pytest.mark.parametrize("name", ["jmllm.joint.tokenization", "jmllm.joint.chat"])
+@pytest.mark.parametrize("name", ["jmllm.joint.chat.tokenization", "jmllm.joint.chat"])
 def test_docstring_examples(name):
     import doctest
     import importlib

@@ -62,8 +62,8 @@ def _align_writers() -> dict[str, Writer]:
 
 def _joint_writers() -> dict[str, Writer]:
     from jmllm.joint import report, testing, wsol
-    from jmllm.joint.explain_report import save_arrays
-    from jmllm.joint.sample_data import write_sample_data
+    from jmllm.joint.render.explanation import save_arrays
+    from jmllm.joint.toy.sample_data import write_sample_data
 
     def cub(d: Path) -> None:
         source = d.parent / "cub-source"

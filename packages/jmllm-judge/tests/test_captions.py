@@ -202,7 +202,7 @@ def test_joint_needs_local_images(coco_file: Path) -> None:
 def test_captions_with_the_built_in_models(tmp_path: Path) -> None:
     """``captions --joint --tiny``: the toy world captions toy scenes (sample data), offline."""
     pytest.importorskip("jmllm.joint")
-    from jmllm.joint.sample_data import write_sample_data
+    from jmllm.joint.toy.sample_data import write_sample_data
     from jmllm.judge.cli import main
 
     data = write_sample_data(tmp_path / "data", count=4, wsol_count=1)
@@ -234,7 +234,7 @@ def test_captions_with_the_built_in_models(tmp_path: Path) -> None:
 def test_captions_load_the_model_on_the_device_and_dtype_asked(tmp_path: Path, monkeypatch) -> None:
     """``--device`` and ``--dtype``, as every command that loads a model has them."""
     joint_cli = pytest.importorskip("jmllm.joint.cli")
-    from jmllm.joint.sample_data import write_sample_data
+    from jmllm.joint.toy.sample_data import write_sample_data
     from jmllm.judge.cli import main
 
     loaded = []
@@ -292,7 +292,7 @@ def test_caption_choices_are_jmllm_joints_names() -> None:
     import argparse
 
     from jmllm.align.preprocessing import PAPER_PREPROCESSING, PREPROCESSINGS
-    from jmllm.joint.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
+    from jmllm.joint.chat.tokenization import PAPER_TOKENIZATION, TOKENIZATIONS
     from jmllm.judge.cli import _parser
 
     parser = _parser()

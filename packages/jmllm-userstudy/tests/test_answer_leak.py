@@ -79,7 +79,7 @@ def test_questionnaire_from_the_joint_model_does_not_give_the_answer_away(
     joint = pytest.importorskip("jmllm.joint")
     testing = pytest.importorskip("jmllm.joint.testing")
     from jmllm.joint import GradientAlignment
-    from jmllm.joint.explain_report import OBJECT_ANSWER, OBJECT_QUESTION, box_view_png
+    from jmllm.joint.render.explanation import OBJECT_ANSWER, OBJECT_QUESTION, box_view_png
     from jmllm.joint.saliency import answer_tokens
 
     model = testing.tiny_joint_model(shared_tiny)

@@ -197,7 +197,7 @@ class AssessConfig:
                 f"template: unknown conversation template {self.template!r} (known: {known})"
             )
         from jmllm.align.preprocessing import get_preprocessing
-        from jmllm.joint.tokenization import check_tokenization
+        from jmllm.joint.chat.tokenization import check_tokenization
 
         try:
             check_tokenization(self.tokenization)

@@ -1,6 +1,6 @@
 """A contact sheet per cohort: every portrait as a thumbnail with its image id under it, one
 labelled block per group, in the scalable font of every jmllm picture
-(:func:`jmllm.joint.drawing.font`)."""
+(:func:`jmllm.joint.render.drawing.font`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from jmllm.align.images import load_image
-from jmllm.joint.drawing import INK, fit_text, font
+from jmllm.joint.render.drawing import INK, fit_text, font
 
 from .files import atomic_write_bytes
 

@@ -35,7 +35,7 @@ __all__ = [
 # One implementation (jmllm.align.files) of atomic writes, JSONL appends and the folder lock.
 from jmllm.align import files
 from jmllm.align.files import append_jsonl, read_jsonl
-from jmllm.joint.report import atomic_write_bytes, atomic_write_text
+from jmllm.joint.render.report import atomic_write_bytes, atomic_write_text
 
 LOCK_FILE = ".jmllm-bias.lock"
 

@@ -1,6 +1,6 @@
 """Statistics of the score deltas: mean, seeded bootstrap confidence interval, Wilcoxon test.
 
-The bootstrap and the Wilcoxon convention are jmllm-joint's (:mod:`jmllm.joint.stats`), one
+The bootstrap and the Wilcoxon convention are jmllm-joint's (:mod:`jmllm.joint.faithfulness.stats`), one
 implementation for every report of the align ← joint ← bias chain.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jmllm.joint.stats import bootstrap_ci, wilcoxon_p
+from jmllm.joint.faithfulness.stats import bootstrap_ci, wilcoxon_p
 
 __all__ = ["DeltaStats", "bootstrap_ci", "delta_stats", "wilcoxon_p"]
 

@@ -10,6 +10,7 @@ Example:
     >>> model.generate(emb, "What's in the image?")[0].text  # doctest: +SKIP
 """
 
+from jmllm.joint import compat  # noqa: F401  (old import paths keep working, with a warning)
 from jmllm.joint.chat import (
     CONVERSATION_TEMPLATES,
     ChatTurn,
@@ -21,7 +22,6 @@ from jmllm.joint.chat import (
     get_template,
 )
 from jmllm.joint.detection import Detections, decode_detections, nms
-from jmllm.joint.explain_report import explain_object, object_explanation, object_picture
 from jmllm.joint.model import (
     DEFAULT_LLAVA,
     DEFAULT_OWL,
@@ -32,6 +32,7 @@ from jmllm.joint.model import (
     JointModelError,
     check_compatible,
 )
+from jmllm.joint.render.explanation import explain_object, object_explanation, object_picture
 from jmllm.joint.saliency import AnswerExplanation, GAError, GAResult, GradientAlignment
 from jmllm.joint.wsol import max_box_acc_v2, run_wsol
 

@@ -7,9 +7,9 @@ never a traceback (``--debug`` shows it); ``-v`` and ``--version`` as every jmll
 usage (numbers are checked here, at the boundary, with the argparse types of
 :mod:`jmllm.align.options`), 1 runtime failure, 3 partial results, 130 Ctrl-C.
 
-Extending: for every module of :data:`PLUGINS` that exists (``jmllm.joint.cli_explain``,
-``jmllm.joint.toy.cli``, ``jmllm.joint.cli_app``, ``jmllm.joint.cli_audit``,
-``jmllm.joint.cli_faithfulness``, ``jmllm.joint.cli_sample``), :func:`build_parser`
+Extending: for every module of :data:`PLUGINS` that exists (``jmllm.joint.cli.explain``,
+``jmllm.joint.cli.toy``, ``jmllm.joint.cli.app``, ``jmllm.joint.cli.audit``,
+``jmllm.joint.cli.faithfulness``, ``jmllm.joint.cli.sample``), :func:`build_parser`
 calls its ``register(subparsers, common_args)``. ``subparsers`` is the ``add_subparsers`` object;
 ``common_args`` holds the shared model options: use it as a parent parser,
 ``subparsers.add_parser("explain", parents=[common_args], help=...)``, or call it on a parser,
@@ -72,12 +72,12 @@ REPORT_OUTPUTS = ("report.html", "result.json", "detections.png")
 DEMO_OUTPUTS = (*REPORT_OUTPUTS, "explanation")
 
 PLUGINS = (  # modules adding subcommands, in the order --help lists them
-    "jmllm.joint.cli_explain",
-    "jmllm.joint.toy.cli",
-    "jmllm.joint.cli_app",
-    "jmllm.joint.cli_audit",
-    "jmllm.joint.cli_faithfulness",
-    "jmllm.joint.cli_sample",
+    "jmllm.joint.cli.explain",
+    "jmllm.joint.cli.toy",
+    "jmllm.joint.cli.app",
+    "jmllm.joint.cli.audit",
+    "jmllm.joint.cli.faithfulness",
+    "jmllm.joint.cli.sample",
 )
 
 
@@ -109,7 +109,7 @@ def _write_outputs(
     notes: Sequence[str] = (),
     links: Sequence[tuple[str, str]] = (),
 ) -> Path:
-    from jmllm.joint.report import atomic_write_text, draw_detections, save_png, write_report
+    from jmllm.joint.render.report import atomic_write_text, draw_detections, save_png, write_report
 
     image = emb.pil_image(0)
     record: dict[str, Any] = {"image_size": list(emb.image_sizes[0]), "sources": model.sources}
@@ -231,7 +231,7 @@ def _explain_first_answer(
     model: Any, emb: Any, conversation: Any, queries: Sequence[str], out: Path
 ) -> Path:
     """GA for every word of the first answer (exactly the generated tokens), as a report."""
-    from jmllm.joint.explain_report import write_explanation_report
+    from jmllm.joint.render.explanation import write_explanation_report
     from jmllm.joint.saliency import GradientAlignment
 
     turn = conversation.turns[0]
@@ -274,7 +274,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         for turn in conversation.turns:
             check_answers(model, emb, [turn.answer])
     else:
-        from jmllm.joint.chat import Conversation
+        from jmllm.joint.chat.templates import Conversation
 
         conversation, stock = Conversation(), (Conversation() if args.compare else None)
         for question in _interactive_questions():
@@ -347,8 +347,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``jmllm-joint`` parser, with the plug-in subcommands of :data:`PLUGINS`."""
     from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
-    from jmllm.joint.chat import INTERACTIVE_TEMPLATE
-    from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
+    from jmllm.joint.chat.templates import INTERACTIVE_TEMPLATE
+    from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION
 
     common = common_arguments()
     parser = ArgumentParser(

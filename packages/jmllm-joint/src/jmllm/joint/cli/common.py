@@ -1,8 +1,8 @@
 """The CLI's shared helpers: errors, the built-in models (``--tiny``), the model options, loading J.
 
 Every subcommand module (the core ones of :mod:`jmllm.joint.cli.commands` and the plug-ins
-``jmllm.joint.cli_explain``, ``jmllm.joint.toy.cli``, ``jmllm.joint.cli_app``,
-``jmllm.joint.cli_audit``, ``jmllm.joint.cli_sample``) imports what it shares from here; this
+``jmllm.joint.cli.explain``, ``jmllm.joint.cli.toy``, ``jmllm.joint.cli.app``,
+``jmllm.joint.cli.audit``, ``jmllm.joint.cli.sample``) imports what it shares from here; this
 module imports no subcommand. :func:`builtin_sources` is the one place every package's ``--tiny``
 goes through.
 """
@@ -26,7 +26,7 @@ from jmllm.align.options import (
     unit_interval,
 )
 from jmllm.align.vocabulary import DEVICE_HELP, DTYPE_CHOICES, hidden_alias
-from jmllm.joint.detection import DEFAULT_NMS_IOU, DEFAULT_THRESHOLD
+from jmllm.joint.detection.heads import DEFAULT_NMS_IOU, DEFAULT_THRESHOLD
 
 logger = logging.getLogger("jmllm.joint.cli")
 
@@ -209,7 +209,7 @@ def template_argument(
         shown: the default as ``--help`` says it, when the command resolves it later (e.g.
             ``"paper; --benchmark pope: llava-1.5"``).
     """
-    from jmllm.joint.chat import CONVERSATION_TEMPLATES
+    from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES
 
     forms = "; ".join(
         f"{name}: {form.first!r}" for name, form in sorted(CONVERSATION_TEMPLATES.items())
@@ -225,8 +225,8 @@ def template_argument(
 
 def tokenization_argument(parser: argparse.ArgumentParser, default: str) -> None:
     """``--tokenization``: how J's prompts become LLaVA-1.5's token ids
-    (:mod:`jmllm.joint.tokenization`)."""
-    from jmllm.joint.tokenization import TOKENIZATIONS
+    (:mod:`jmllm.joint.chat.tokenization`)."""
+    from jmllm.joint.chat.tokenization import TOKENIZATIONS
 
     parser.add_argument(
         "--tokenization",
@@ -252,7 +252,7 @@ def preprocessing_argument(parser: argparse.ArgumentParser, default: str) -> Non
 
 
 def generation_arguments(parser: argparse.ArgumentParser) -> None:
-    from jmllm.joint.chat import INTERACTIVE_MAX_NEW_TOKENS
+    from jmllm.joint.chat.templates import INTERACTIVE_MAX_NEW_TOKENS
 
     group = parser.add_argument_group("generation")
     group.add_argument(
@@ -339,7 +339,7 @@ def load_model(args: argparse.Namespace, *, language: bool = True) -> Any:
     """
     import torch
 
-    from jmllm.joint.model import DEFAULT_LLAVA, DEFAULT_OWL, JointModel
+    from jmllm.joint.model.joint import DEFAULT_LLAVA, DEFAULT_OWL, JointModel
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.device == "auto":

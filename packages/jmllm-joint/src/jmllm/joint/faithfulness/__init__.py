@@ -6,7 +6,7 @@ The package's parts, each importing only those before it:
 :mod:`~jmllm.joint.faithfulness.data` (what is explained: the toy world, COCO, a boxes folder),
 :mod:`~jmllm.joint.faithfulness.run` (the resumable, splittable run) and
 :mod:`~jmllm.joint.faithfulness.report` (the aggregate with intervals and paired tests, and its
-files). The methods are :mod:`jmllm.joint.attribution`.
+files). The methods are :mod:`jmllm.joint.saliency.attribution`.
 
 Example:
     >>> from jmllm.joint.faithfulness import ToySource, run_faithfulness, write_faithfulness_report

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from jmllm.joint.internals import cascade_blocks, initializer_std, language_container
+from jmllm.joint.model.internals import cascade_blocks, initializer_std, language_container
 from jmllm.joint.toy.localisation import reinitialise_, reinitialised
 
 CASCADES: tuple[str, ...] = ("full", "final", "none")
@@ -44,7 +44,7 @@ class RandomisationCascade:
     def __init__(self, model: Any, seed: int = 12345, cascade: str = "full") -> None:
         if cascade not in CASCADES:
             raise ValueError(f"cascade: {cascade!r} is not one of {', '.join(CASCADES)}")
-        from jmllm.joint.model import JointModel
+        from jmllm.joint.model.joint import JointModel
 
         self.model = model
         self.seed = seed

@@ -10,7 +10,7 @@ boxes.
     object its answer names correctly (``<colour> <shape>``) is explained through its shape word,
     with every toy shape as a query (GA's default path on the toy world), against the object's
     true box.
-``coco`` (:func:`jmllm.joint.audit_data.load_coco`)
+``coco`` (:func:`jmllm.joint.audit.data.load_coco`)
     For every image and every annotated class with a box, J's answer is teacher-forced to
     ``The image shows a <class>`` ("an" before a vowel) and the class name's tokens are
     explained, with the class as the query, against all the boxes of that class.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jmllm.joint.chat import INTERACTIVE_TEMPLATE, get_template
+from jmllm.joint.chat.templates import INTERACTIVE_TEMPLATE, get_template
 
 # The answer form of the paper's WSOL check, with the object's name (articles as POPE writes them)
 IN_IMAGE_QUESTION = "What's in the image?"
@@ -182,7 +182,7 @@ class BoxedSource(Source):
     kind = "boxes"
 
     def targets(self, model: Any, emb: Any, item: Item) -> tuple[list[Truth], int]:
-        from jmllm.joint.audit_data import question_text
+        from jmllm.joint.audit.data import question_text
 
         truths = []
         for class_name, boxes in item.extra["boxes"].items():
@@ -221,7 +221,7 @@ def coco_source(
     """A COCO-format dataset (``instances_*.json`` and its image folder) as a source.
 
     Images without any box are left out; classes of an image without a valid box are not
-    explained (their count is :attr:`~jmllm.joint.audit_data.AuditDataset.skipped_boxes`).
+    explained (their count is :attr:`~jmllm.joint.audit.data.AuditDataset.skipped_boxes`).
 
     Raises:
         FaithfulnessDataError: malformed annotations, or no image with a box.
@@ -229,7 +229,7 @@ def coco_source(
     Example:
         >>> source = coco_source("instances_val2017.json", "val2017", limit=100)  # doctest: +SKIP
     """
-    from jmllm.joint.audit_data import AuditError, load_coco
+    from jmllm.joint.audit.data import AuditError, load_coco
 
     try:
         dataset = load_coco(annotations, images, limit=limit)
@@ -264,7 +264,7 @@ def boxes_source(
     Example:
         >>> source = boxes_source("CUB_test/", "bird", limit=200)  # doctest: +SKIP
     """
-    from jmllm.joint.wsol import WsolDataError, read_wsol_folder
+    from jmllm.joint.wsol.run import WsolDataError, read_wsol_folder
 
     if not name.strip():
         raise FaithfulnessDataError("object name: empty")

@@ -18,7 +18,7 @@ ranking is faithful. Two spaces:
     normalised: exactly the patch's pixels) replaced by the baseline image's, and ``t``
     computed again from the pixels.
 
-The baseline (:data:`~jmllm.joint.attribution.base.BASELINES`) is the same image seen in both
+The baseline (:data:`~jmllm.joint.saliency.attribution.base.BASELINES`) is the same image seen in both
 spaces: ``blank`` (default; CLIP's mean colour — an image without objects), ``blur`` or ``zero``.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jmllm.joint.attribution.base import (
+from jmllm.joint.saliency.attribution.base import (
     Attribution,
     Request,
     baseline_input,

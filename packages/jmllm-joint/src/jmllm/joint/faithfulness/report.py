@@ -2,7 +2,7 @@
 tests against GA, whether each metric separates the trained model from a randomised one, the
 randomisation cascade — as ``faithfulness.json``, ``report.md``, curve PNGs and an HTML page.
 
-Conventions (:mod:`jmllm.joint.stats`):
+Conventions (:mod:`jmllm.joint.faithfulness.stats`):
 
 - **Intervals** resample *images* (percentile bootstrap, seeded): the targets of one image share
   its embedding and are not independent. A metric of several targets is their mean (the ratio of
@@ -31,7 +31,7 @@ import numpy as np
 
 from jmllm.align.files import atomic_write_bytes, atomic_write_text
 from jmllm.joint.faithfulness.run import FaithfulnessResult
-from jmllm.joint.stats import bootstrap_interval, wilcoxon_p
+from jmllm.joint.faithfulness.stats import bootstrap_interval, wilcoxon_p
 
 REPORT_JSON = "faithfulness.json"
 REPORT_MD = "report.md"
@@ -614,7 +614,7 @@ def page(
     examples: Sequence[Any] = (),
 ) -> str:
     """The HTML page (Jinja2 template ``faithfulness.html``, autoescaped)."""
-    from jmllm.joint.pages import render
+    from jmllm.joint.render.pages import render
 
     metrics = [k for k in METRICS if any(k in row for row in summary["methods"].values())]
     colours = method_colours(list(summary["settings"]["methods"]))
@@ -683,8 +683,8 @@ def example_pictures(
     """
     from PIL import Image, ImageDraw
 
-    from jmllm.joint.attribution import make_methods, prepare_request
-    from jmllm.joint.drawing import BACKGROUND, INK, blend_map, figure
+    from jmllm.joint.render.drawing import BACKGROUND, INK, blend_map, figure
+    from jmllm.joint.saliency.attribution import make_methods, prepare_request
 
     settings = result.settings
     methods = make_methods(

@@ -30,15 +30,6 @@ from typing import Any
 import numpy as np
 
 from jmllm.align.files import append_jsonl, read_jsonl
-from jmllm.joint.attribution import (
-    BASELINES,
-    CORE_METHODS,
-    IG_STEPS,
-    METHODS,
-    AttributionError,
-    make_methods,
-    prepare_request,
-)
 from jmllm.joint.faithfulness.cascade import CASCADES, RandomisationCascade
 from jmllm.joint.faithfulness.data import FaithfulnessDataError, Item, Source, Truth
 from jmllm.joint.faithfulness.metrics import (
@@ -49,6 +40,15 @@ from jmllm.joint.faithfulness.metrics import (
     pointing,
     spearman,
     ssim,
+)
+from jmllm.joint.saliency.attribution import (
+    BASELINES,
+    CORE_METHODS,
+    IG_STEPS,
+    METHODS,
+    AttributionError,
+    make_methods,
+    prepare_request,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class FaithfulnessSettings:
             integrated gradients' path start.
         spaces: where patches are removed: ``t`` and/or ``pixels``.
         ig_steps: integrated gradients' steps (trapezoid rule; 64, see
-            :class:`~jmllm.joint.attribution.IntegratedGradientsMethod`).
+            :class:`~jmllm.joint.saliency.attribution.IntegratedGradientsMethod`).
         cascade: the randomisation cascade, ``full``, ``final`` or ``none``.
         cascade_seed: its seed (the toy world's validity report uses the same default).
         protocol: MaxBoxAccV2's protocol (``wsolevaluation`` or ``exact``, :mod:`jmllm.joint.wsol`).
@@ -133,7 +133,7 @@ class FaithfulnessSettings:
             raise FaithfulnessError(
                 f"cascade: {self.cascade!r} is not one of {', '.join(CASCADES)}"
             )
-        from jmllm.joint.wsol import PROTOCOLS
+        from jmllm.joint.wsol.run import PROTOCOLS
 
         if self.protocol not in PROTOCOLS:
             raise FaithfulnessError(
@@ -149,7 +149,7 @@ class FaithfulnessSettings:
 def settings_digest(settings: FaithfulnessSettings, source: Source, model: Any) -> str:
     """A short hash of the settings, the source and the model identity: records made otherwise
     are not reused on resume."""
-    from jmllm.joint.audit import model_identity
+    from jmllm.joint.audit.run import model_identity
 
     doc = {
         "settings": settings.to_dict(),
@@ -196,7 +196,7 @@ class ItemScorer:
     def __init__(
         self, model: Any, settings: FaithfulnessSettings, batch_size: int | None = None
     ) -> None:
-        from jmllm.joint.wsol import BoxAccumulator
+        from jmllm.joint.wsol.run import BoxAccumulator
 
         self.model = model
         self.settings = settings
@@ -261,7 +261,7 @@ class ItemScorer:
         curves = self.scorer.curves(request, keyed)
         scale_x, scale_y = size[0] / request.image_size[0], size[1] / request.image_size[1]
         extent = truth.boxes * np.array([scale_x, scale_y, scale_x, scale_y])
-        from jmllm.joint.wsol import resize_boxes
+        from jmllm.joint.wsol.run import resize_boxes
 
         inclusive = resize_boxes(truth.inclusive, request.image_size, size)
         methods: dict[str, Any] = {}
@@ -398,12 +398,12 @@ def run_faithfulness(
         >>> from jmllm.joint.faithfulness import ToySource, run_faithfulness
         >>> result = run_faithfulness(model, ToySource(scenes=100), "faith-out")  # doctest: +SKIP
     """
-    from jmllm.joint.audit import claim_folder, exclusive_folder, model_identity, process_state
+    from jmllm.joint.audit.run import claim_folder, exclusive_folder, model_identity, process_state
 
     settings = settings or FaithfulnessSettings()
     started = time.perf_counter()
     if settings.protocol == "wsolevaluation":
-        from jmllm.joint.wsol import WsolDependencyError, opencv
+        from jmllm.joint.wsol.run import WsolDependencyError, opencv
 
         try:
             opencv()
@@ -479,7 +479,7 @@ def _score_items(
 ) -> dict[str, str]:
     from tqdm.auto import tqdm
 
-    from jmllm.joint.model import JointModelError
+    from jmllm.joint.model.joint import JointModelError
 
     failed: dict[str, str] = {}
     with state.split_between_processes(list(todo)) as share:

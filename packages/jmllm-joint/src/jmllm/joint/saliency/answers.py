@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from jmllm.joint.chat import ConversationTemplate, get_template
+from jmllm.joint.chat.templates import ConversationTemplate, get_template
 
 # ---------------------------------------------------------------------------------------------
 # Answer tokens and words

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
-from jmllm.joint.chat import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
+from jmllm.joint.chat.templates import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
+from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION
 from jmllm.joint.saliency.answers import (
     AnswerToken,
     AnswerWord,
@@ -42,7 +43,6 @@ from jmllm.joint.saliency.maps import (
     patch_grid_map,
     patch_weights,
 )
-from jmllm.joint.tokenization import INTERACTIVE_TOKENIZATION
 
 # ---------------------------------------------------------------------------------------------
 # The attribution object
@@ -384,7 +384,7 @@ class GradientAlignment:
             >>> ga.has_norms(emb, ["cat"])  # doctest: +SKIP
             False
         """
-        from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+        from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE
 
         t, size, _ = self.embedding(image_or_t)
         key = self._cache_key(t, size, queries, query_template or DEFAULT_QUERY_TEMPLATE)
@@ -567,7 +567,7 @@ class GradientAlignment:
             >>> res = GradientAlignment(model).attribute(img, "What's in the image?", "cat",
             ...                                          ["cat"])  # doctest: +SKIP
         """
-        from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+        from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE
 
         get_template(template)  # an unknown name fails before any work
         query_template = query_template or DEFAULT_QUERY_TEMPLATE
@@ -619,7 +619,7 @@ class GradientAlignment:
             ...                                               ["cat", "dog"])  # doctest: +SKIP
             >>> [w.text for w in exp.words]  # doctest: +SKIP
         """
-        from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+        from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE
 
         get_template(template)
         query_template = query_template or DEFAULT_QUERY_TEMPLATE
@@ -709,7 +709,7 @@ def _inputs_meta(
 
 
 def _bare_embedding(t: torch.Tensor) -> Any:
-    from jmllm.joint.model import JointEmbedding
+    from jmllm.joint.model.joint import JointEmbedding
 
     side = round((t.shape[1] - 1) ** 0.5)
     return JointEmbedding(t=t, image_sizes=[(side, side)])

@@ -121,7 +121,7 @@ def load_toy_joint(root: str | os.PathLike[str] | None = None, **kwargs: Any) ->
         >>> model.embed(make_scene("heldout", 1).image).t.shape
         torch.Size([1, 65, 64])
     """
-    from jmllm.joint.model import JointModel
+    from jmllm.joint.model.joint import JointModel
 
     paths = toy_paths(root)
     kwargs.setdefault("device", "cpu")

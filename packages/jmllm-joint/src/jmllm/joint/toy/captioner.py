@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from jmllm.align import ImageNormalization, llava_image_tokens
-from jmllm.joint.chat import CONVERSATION_TEMPLATES, Conversation, format_conversation
+from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES, Conversation, format_conversation
 from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD
 from jmllm.joint.toy.pool import COVERED, ScenePool
 from jmllm.joint.toy.scenes import COLOURS, QA, SHAPES

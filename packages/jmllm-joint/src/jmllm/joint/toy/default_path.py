@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jmllm.joint.chat import INTERACTIVE_MAX_NEW_TOKENS, INTERACTIVE_TEMPLATE
+from jmllm.joint.chat.templates import INTERACTIVE_MAX_NEW_TOKENS, INTERACTIVE_TEMPLATE
 from jmllm.joint.saliency import GAResult, GradientAlignment, paint_boxes, patch_grid_map
 from jmllm.joint.toy.localisation import (
     _inclusive,
@@ -59,7 +59,7 @@ from jmllm.joint.toy.localisation import (
     spearman,
 )
 from jmllm.joint.toy.scenes import CONTENT_QUESTION, SHAPES, Scene, ToyObject, make_scene
-from jmllm.joint.wsol import IOU_THRESHOLDS, BoxAccumulator
+from jmllm.joint.wsol.run import IOU_THRESHOLDS, BoxAccumulator
 
 QUESTION = CONTENT_QUESTION  # the demo's first question: J's caption
 QUERIES = SHAPES  # explain --tiny and the demo query every toy shape
@@ -391,7 +391,7 @@ def _word_results(
     """GA results of some words of ``answer`` (a ``JointAnswer``), exactly as
     :meth:`GradientAlignment.explain_answer` computes each word (the sum of its tokens' logits),
     but with one backward per requested word only."""
-    from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+    from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE
     from jmllm.joint.saliency import answer_tokens, answer_words
 
     t, size, _ = ga.embedding(emb)
@@ -445,7 +445,7 @@ def _noise_result(
     ga: GradientAlignment, emb: Any, res: GAResult, rng: np.random.Generator
 ) -> GAResult:
     """``res`` with ``g_L`` replaced by seeded Gaussian noise (same OWL side, same channel)."""
-    from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+    from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE
 
     t, size, _ = ga.embedding(emb)
     prepared = ga.prepare(t, size, res.queries, DEFAULT_QUERY_TEMPLATE)

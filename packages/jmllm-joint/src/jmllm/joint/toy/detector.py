@@ -36,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 
 from jmllm.align import ImageNormalization, owl_penultimate
-from jmllm.joint.detection import cxcywh_to_xyxy, decode_detections, owl_detection_heads
+from jmllm.joint.detection.heads import cxcywh_to_xyxy, decode_detections, owl_detection_heads
 from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD, OWL_TEXT_POSITIONS, QUERY_TEMPLATE
 from jmllm.joint.toy.pool import COVERED, ScenePool
 from jmllm.joint.toy.scenes import COLOURS, SHAPES, ToyObject

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jmllm.joint.chat import CONVERSATION_TEMPLATES
-from jmllm.joint.detection import DEFAULT_NMS_IOU, DEFAULT_THRESHOLD, decode_detections
+from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES
+from jmllm.joint.detection.heads import DEFAULT_NMS_IOU, DEFAULT_THRESHOLD, decode_detections
 from jmllm.joint.toy.metrics import average_precision, caption_accuracy
 from jmllm.joint.toy.pool import ScenePool
 from jmllm.joint.toy.scenes import (
@@ -187,7 +187,7 @@ def answer_scores(
 
 def _select(chunks: list[Any], indices: list[int], batch_size: int) -> Any:
     """The sub-batch of scene ``indices`` from embeddings computed in batches of ``batch_size``."""
-    from jmllm.joint.model import JointEmbedding
+    from jmllm.joint.model.joint import JointEmbedding
 
     parts = [chunks[i // batch_size].select(i % batch_size) for i in indices]
     return JointEmbedding(

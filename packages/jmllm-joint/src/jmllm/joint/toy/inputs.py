@@ -181,7 +181,7 @@ def toy_answer_problem(answer: str, detections: Any) -> str | None:
 def _distinct_objects(detections: Any) -> Counter[str]:
     """Shape counts of the detections at or above the threshold, one per object (class-agnostic
     suppression of overlapping boxes, highest score first)."""
-    from jmllm.joint.detection import nms
+    from jmllm.joint.detection.heads import nms
 
     scores = detections.scores.float()
     strong = (scores >= ANSWER_CHECK_THRESHOLD).nonzero().flatten()

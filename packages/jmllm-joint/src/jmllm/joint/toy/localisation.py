@@ -55,7 +55,7 @@ from scipy.stats import spearmanr
 
 from jmllm.joint.saliency import GAResult, GradientAlignment, paint_boxes, patch_grid_map
 from jmllm.joint.toy.scenes import IN_IMAGE_PREFIX, IN_IMAGE_QUESTION, SHAPES, make_scene
-from jmllm.joint.wsol import BoxAccumulator
+from jmllm.joint.wsol.run import BoxAccumulator
 
 TEMPLATE = "llava-1.5"  # what GradientAlignment uses for text answers, and run_wsol
 METHODS = (
@@ -75,7 +75,7 @@ PROTOCOLS = ("caption", "name")
 def reinitialised(model: Any, seed: int) -> Any:
     """A copy of J sharing OWL-ViT and LLaVA but with a freshly initialised W (same config)."""
     from jmllm.align import AlignmentLayer
-    from jmllm.joint.model import JointModel
+    from jmllm.joint.model.joint import JointModel
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -93,7 +93,7 @@ def reinitialised(model: Any, seed: int) -> Any:
 
 
 def _joint_with(model: Any, alignment: Any, llava: Any) -> Any:
-    from jmllm.joint.model import JointModel
+    from jmllm.joint.model.joint import JointModel
 
     return JointModel(
         model.owl,
@@ -142,7 +142,7 @@ def randomisation_cascade(model: Any, seed: int = 12345) -> list[tuple[str, Any]
         >>> [name for name, _ in randomisation_cascade(load_toy_joint())]
         ['w', 'head', 'layer_2', 'layer_1', 'layer_0']
     """
-    from jmllm.joint.internals import cascade_blocks, initializer_std, language_container
+    from jmllm.joint.model.internals import cascade_blocks, initializer_std, language_container
 
     random_w = reinitialised(model, seed)
     std = initializer_std(model)
@@ -260,7 +260,7 @@ def _noise_map(
 ) -> np.ndarray:
     """The class map of ``res``'s target with ``g_L`` replaced by seeded Gaussian noise: the
     same OWL side (queries, norms, boxes), nothing of W or the language model."""
-    from jmllm.joint.model import DEFAULT_QUERY_TEMPLATE
+    from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE
 
     prepared = ga.prepare(t, res.image_size, res.queries, DEFAULT_QUERY_TEMPLATE)
     noise = torch.from_numpy(rng.standard_normal(tuple(prepared.t.shape)).astype(np.float32))

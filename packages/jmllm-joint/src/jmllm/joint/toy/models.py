@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from jmllm.joint.chat import LLAVA_TEMPLATES, Conversation, format_conversation
+from jmllm.joint.chat.templates import LLAVA_TEMPLATES, Conversation, format_conversation
 from jmllm.joint.toy.scenes import (
     COLOURS,
     CONTENT_QUESTION,

@@ -302,8 +302,8 @@ def train_toy_world(
 
 
 def _train_toy_world(out: Path, recipe: ToyRecipe, progress: bool) -> dict[str, Any]:
-    from jmllm.joint.model import JointModel
-    from jmllm.joint.report import atomic_write_text
+    from jmllm.joint.model.joint import JointModel
+    from jmllm.joint.render.report import atomic_write_text
     from jmllm.joint.toy.evaluate import evaluate_joint
 
     threads_before = torch.get_num_threads()

@@ -185,7 +185,7 @@ def hallucination_check(
     """
     from tqdm.auto import tqdm
 
-    from jmllm.joint.hallucination import check_hallucinations
+    from jmllm.joint.hallucination.check import check_hallucinations
 
     ga = GradientAlignment(model, cache_size=1)
     rng = np.random.default_rng(seed + 2)
