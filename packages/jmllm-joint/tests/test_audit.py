@@ -14,14 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from jmllm.joint.audit import (
-    RESULTS_FILE,
-    AuditSettings,
-    YesNoAuditor,
-    _shared_prefix_length,
-    ask_one_by_one,
-    run_audit,
-)
 from jmllm.joint.audit.data import (
     AuditDataset,
     AuditError,
@@ -32,6 +24,14 @@ from jmllm.joint.audit.data import (
     question_text,
 )
 from jmllm.joint.audit.report import write_audit_report
+from jmllm.joint.audit.run import (
+    RESULTS_FILE,
+    AuditSettings,
+    YesNoAuditor,
+    _shared_prefix_length,
+    ask_one_by_one,
+    run_audit,
+)
 from jmllm.joint.testing import COCO_FIXTURE_CLASSES, generated_images, write_coco_folder
 
 
@@ -565,7 +565,7 @@ def test_gallery_escapes_names_and_answers(tiny_joint, tmp_path) -> None:
 
 
 def test_docstring_examples() -> None:
-    for name in ("audit", "audit_data", "audit_metrics", "audit_report", "report"):
+    for name in ("audit.run", "audit.data", "audit.metrics", "audit.report", "render.report"):
         module = importlib.import_module(f"jmllm.joint.{name}")
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, name

@@ -203,7 +203,9 @@ def test_pages_escape_model_text_and_link_the_explanation():
     assert "<script>alert" not in render("base.html", title=HOSTILE, narrow=False)
 
 
-@pytest.mark.parametrize("name", ["drawing", "pages", "explain_report", "wsol_page", "report"])
+@pytest.mark.parametrize(
+    "name", ["render.drawing", "render.pages", "render.explanation", "wsol.page", "render.report"]
+)
 def test_docstring_examples(name):
     import doctest
     import importlib

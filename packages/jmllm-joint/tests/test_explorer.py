@@ -423,7 +423,7 @@ def test_bad_uploads_are_one_sentence_naming_the_users_file(explorer, tmp_path):
 def test_uploads_above_the_size_limit_are_refused_before_decoding(
     tiny_joint, tmp_path, monkeypatch
 ):
-    from jmllm.joint import explorer as explorer_module
+    from jmllm.joint.app import explorer as explorer_module
 
     def decoded(*args, **kwargs):
         raise AssertionError("decoded although too large")

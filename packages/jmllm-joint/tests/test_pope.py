@@ -411,7 +411,13 @@ def test_docstring_examples():
     import doctest
     import importlib
 
-    for name in ("pope", "chair", "benchmark_run", "benchmark_report", "sample_data"):
+    for name in (
+        "audit.pope",
+        "audit.chair",
+        "audit.benchmark",
+        "audit.benchmark_report",
+        "toy.sample_data",
+    ):
         module = importlib.import_module(f"jmllm.joint.{name}")
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, name

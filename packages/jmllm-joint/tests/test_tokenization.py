@@ -160,7 +160,7 @@ def test_reply_is_the_text_the_authors_split_off(replica_joint, loaded):
         assert (parts[1] if len(parts) > 1 else None) == reply
 
 
-@pytest.mark.parametrize("name", ["jmllm.joint.chat.tokenization", "jmllm.joint.chat"])
+@pytest.mark.parametrize("name", ["jmllm.joint.chat.tokenization", "jmllm.joint.chat.templates"])
 def test_docstring_examples(name):
     import doctest
     import importlib

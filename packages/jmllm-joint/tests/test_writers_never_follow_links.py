@@ -61,7 +61,8 @@ def _align_writers() -> dict[str, Writer]:
 
 
 def _joint_writers() -> dict[str, Writer]:
-    from jmllm.joint import report, testing, wsol
+    from jmllm.joint import testing, wsol
+    from jmllm.joint.render import report
     from jmllm.joint.render.explanation import save_arrays
     from jmllm.joint.toy.sample_data import write_sample_data
 
@@ -229,9 +230,17 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
     ("bias/testing.py", "_save_base_and_refiner", "save_pretrained"): "into a new mkdtemp folder",
     ("bias/testing.py", "build_tiny_sdxl", "tempfile.mkdtemp"): "a new private folder",
     ("bias/testing.py", "build_tiny_sdxl", "os.replace"): "folders into the cache's own folder",
-    ("joint/testing.py", "_calibrated_owl", "save_pretrained"): "into a new mkdtemp folder",
-    ("joint/testing.py", "_calibrated_owl", "tempfile.mkdtemp"): "a new private folder",
-    ("joint/testing.py", "_calibrated_owl", "os.replace"): "into the cache's own folder",
+    (
+        "joint/testing/checkpoints.py",
+        "_calibrated_owl",
+        "save_pretrained",
+    ): "into a new mkdtemp folder",
+    ("joint/testing/checkpoints.py", "_calibrated_owl", "tempfile.mkdtemp"): "a new private folder",
+    (
+        "joint/testing/checkpoints.py",
+        "_calibrated_owl",
+        "os.replace",
+    ): "into the cache's own folder",
     ("joint/toy/models.py", "save_owl", "save_pretrained"): "into toy train's staging folder",
     ("joint/toy/models.py", "save_llava", "save_pretrained"): "into toy train's staging folder",
     ("joint/toy/train.py", "_train_toy_world", "tempfile.mkdtemp"): "the staging folder",
@@ -240,13 +249,13 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
     ("judge/cache.py", "__init__", "sqlite3.connect"): "after open_nofollow and the journals",
     ("judge/cli.py", "_discard_empty_cache", "sqlite3.connect"): "read-only (mode=ro)",
     ("userstudy/serve.py", "_check_writable", "tempfile.mkstemp"): "a new probe file (O_EXCL)",
-    ("joint/app.py", "build_app", "tempfile.mkdtemp"): "a new private folder",
+    ("joint/app/page.py", "build_app", "tempfile.mkdtemp"): "a new private folder",
     # an example image written by the explorer app into its own cache folder
-    ("joint/app.py", "builtin_examples", "save"): "the app's cache folder (issue of the app)",
+    ("joint/app/page.py", "builtin_examples", "save"): "the app's cache folder (issue of the app)",
     # objects with a .save that writes through the atomic writers, or into memory
-    ("joint/explain_report.py", "save_arrays", "save"): "safetensors' save returns bytes",
+    ("joint/render/explanation.py", "save_arrays", "save"): "safetensors' save returns bytes",
     (
-        "joint/explain_report.py",
+        "joint/render/explanation.py",
         "write_attribution_report",
         "save",
     ): "safetensors' save returns bytes",
@@ -256,7 +265,7 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
         "save_pretrained",
     ): "into _atomic_dir's new folder",
     ("align/testing_families.py", "_image_processor", "write_text"): "its own TemporaryDirectory",
-    ("joint/cli_explain.py", "cmd_wsol", "save"): "WsolReport.save: atomic_write_text",
+    ("joint/cli/explain.py", "cmd_wsol", "save"): "WsolReport.save: atomic_write_text",
     ("judge/cli.py", "_cmd_sample", "save"): "Manifest.save: atomic_write_text",
 }
 
