@@ -780,7 +780,7 @@ class Explorer:
     @staticmethod
     def hallucination_html(state: ExplorerState) -> str | None:
         """The hallucination page (as ``jmllm-joint hallucinations`` writes it), once checked."""
-        from jmllm.joint.hallucination.check import render_hallucination_report
+        from jmllm.joint.hallucination.page import render_hallucination_report
 
         if state.hallucination is None:
             return None

@@ -549,9 +549,8 @@ def _chair_pictures(
         HallucinationReport,
         MentionedObject,
         ObjectCheck,
-        detections_picture,
-        render_hallucination_report,
     )
+    from jmllm.joint.hallucination.page import detections_picture, render_hallucination_report
     from jmllm.joint.render.report import png_bytes
     from jmllm.joint.saliency import GradientAlignment
 

@@ -336,7 +336,8 @@ def _explain_with(args: argparse.Namespace, image: Path) -> int:
 
 def cmd_hallucinations(args: argparse.Namespace) -> int:
     from jmllm.joint.cli.common import CliError, image_arg, load_model, out_dir, output_folder
-    from jmllm.joint.hallucination.check import check_hallucinations, write_hallucination_report
+    from jmllm.joint.hallucination.check import check_hallucinations
+    from jmllm.joint.hallucination.page import write_hallucination_report
 
     image = image_arg(args.image)
     objects = None
