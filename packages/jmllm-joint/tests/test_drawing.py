@@ -204,7 +204,16 @@ def test_pages_escape_model_text_and_link_the_explanation():
 
 
 @pytest.mark.parametrize(
-    "name", ["render.drawing", "render.pages", "render.explanation", "wsol.page", "render.report"]
+    "name",
+    [
+        "render.drawing",
+        "render.pages",
+        "render.explanation",
+        "render.explanation_pictures",
+        "render.object_explanation",
+        "wsol.page",
+        "render.report",
+    ],
 )
 def test_docstring_examples(name):
     import doctest

@@ -3,7 +3,8 @@
 ``jmllm-joint app`` (:mod:`jmllm.joint.app`) is a thin Gradio page over the steps here, so every
 step is a plain function, tested without a browser:
 
-- :meth:`Explorer.open_image`: an uploaded file becomes an :class:`ExplorerState` holding J's
+- :meth:`Explorer.open_image`: an uploaded file becomes an
+  :class:`~jmllm.joint.app.session.ExplorerState` holding J's
   embedding ``t`` and a copy of the image at the page's size (upload size and pixel count
   checked before any pixel is decoded; the full-resolution upload is not kept), and the model's
   warning about the image, if it has one (the toy world's, for a photo);
@@ -24,7 +25,13 @@ step is a plain function, tested without a browser:
 
 One :class:`Explorer` holds the one loaded J and a lock, so the model serves one request at a time
 whoever calls it (two browser tabs, the HTTP API, a script). Everything that belongs to one user
-lives in an :class:`ExplorerState`, which is never changed in place: each step returns a new one.
+lives in an :class:`~jmllm.joint.app.session.ExplorerState`, which is never changed in place: each
+step returns a new one.
+
+The steps that run the model are here; what one user holds and the checks on what they send
+(uploads, typed queries) are :mod:`jmllm.joint.app.session`'s, and the pictures, tables and pages
+drawn from a state without the model are :mod:`jmllm.joint.app.views`' (the base class of
+:class:`Explorer`). Their names are importable from here too.
 
 Example:
     >>> from jmllm.joint.app.explorer import Explorer
@@ -42,15 +49,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from jmllm.align.images import MAX_IMAGE_PIXELS, ImageLoadError, open_image
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessing
+from jmllm.joint.app.session import DISPLAY_MIN_SIDE as DISPLAY_MIN_SIDE
+from jmllm.joint.app.session import (
+    DISPLAY_SIDE,
+    KEPT_SIDE,
+    MAX_UPLOAD_BYTES,
+    ExplorerError,
+    ExplorerState,
+    WordExplanation,
+    _named,
+    check_upload,
+    parse_queries,
+)
+from jmllm.joint.app.session import MAX_QUERIES as MAX_QUERIES
+from jmllm.joint.app.session import shown_size as shown_size
+from jmllm.joint.app.views import MAP_WEIGHTINGS, ExplorerViews
 from jmllm.joint.chat.templates import (
     INTERACTIVE_TEMPLATE,
     Conversation,
@@ -59,30 +79,26 @@ from jmllm.joint.chat.templates import (
 )
 from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION, check_tokenization
 from jmllm.joint.detection.heads import DEFAULT_NMS_IOU, Detections
-from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE, JointAnswer, JointEmbedding
-from jmllm.joint.render.drawing import MIN_SIDE, fit_picture, picture_size
+from jmllm.joint.model.joint import DEFAULT_QUERY_TEMPLATE
+from jmllm.joint.model.joint import JointAnswer as JointAnswer
+from jmllm.joint.model.joint import JointEmbedding as JointEmbedding
+from jmllm.joint.render.drawing import MIN_SIDE as MIN_SIDE
+from jmllm.joint.render.drawing import fit_picture
+from jmllm.joint.render.drawing import picture_size as picture_size
+from jmllm.joint.saliency import CLASS_QUERY_MODES as CLASS_QUERY_MODES
+from jmllm.joint.saliency import WEIGHTINGS as WEIGHTINGS
 from jmllm.joint.saliency import (
-    CLASS_QUERY_MODES,
-    WEIGHTINGS,
     AnswerWord,
-    GAResult,
     GradientAlignment,
     answer_tokens,
     answer_words,
 )
+from jmllm.joint.saliency import GAResult as GAResult
 
 logger = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # one uploaded file; the page refuses larger ones itself
 MAX_NEW_TOKENS = 512  # the largest answer a chat turn may ask for
-MAX_QUERIES = 16  # every query is a GA channel: the norm computation grows with their number
-DISPLAY_SIDE = 1024  # pictures shown in the page are at most this large…
-DISPLAY_MIN_SIDE = MIN_SIDE  # …and small ones are enlarged to this, so labels are legible
-# What a session keeps of its image: a copy at most this large (the models see 768 px at most,
-# the page shows 1024), never the upload: 3 MB for any photo instead of up to 50 MB at 4096 px.
-KEPT_SIDE = DISPLAY_SIDE
 NORM_CACHE_SIZE = 16  # (image, queries) pairs whose GA norms are kept
-MAP_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "gradient")  # "gradient": the plain baseline
 # The other attribution methods a word can be explained with (jmllm.joint.saliency.attribution); GA's
 # weightings and the plain gradient come from the GA result itself.
 OTHER_METHODS: tuple[str, ...] = (
@@ -96,146 +112,7 @@ OTHER_METHODS: tuple[str, ...] = (
 DETECTION_NMS_IOU = DEFAULT_NMS_IOU  # the command line's default, so reports match
 
 
-class ExplorerError(ValueError):
-    """A request the explorer cannot serve; the message names the input and the problem."""
-
-
-@dataclass(frozen=True)
-class ExplorerState:
-    """What one user has done: never changed in place, every step returns a new one.
-
-    Attributes:
-        image_name: the file name shown in messages.
-        emb: J's embedding of the image (``t`` and the image at most :data:`KEPT_SIDE` pixels
-            large, boxes in its original pixels); None before an upload.
-        notice: the model's warning about the image (e.g. the toy world's for a photo), or "".
-        conversation: J's conversation about the image.
-        stock: stock LLaVA's answers to the same questions (None until a comparison is asked).
-        typed_queries: the objects the user typed (empty: the object words of the last answer).
-        threshold: detection score threshold.
-        explained: GA results of the last answer, by (word index, queries).
-        attributions: other methods' maps of the last answer, by (word index, method).
-        hallucination: the hallucination view of the last answer, once asked for.
-    """
-
-    image_name: str = ""
-    emb: JointEmbedding | None = None
-    notice: str = ""
-    conversation: Conversation = field(default_factory=Conversation)
-    stock: Conversation | None = None
-    typed_queries: tuple[str, ...] = ()
-    threshold: float = 0.1
-    explained: dict[tuple[int, tuple[str, ...]], GAResult] = field(default_factory=dict)
-    attributions: dict[tuple[int, str], Any] = field(default_factory=dict)
-    hallucination: Any = None
-
-    @property
-    def last_answer(self) -> JointAnswer | None:
-        """J's last answer (None before the first question)."""
-        return self.conversation.last_answer
-
-    @property
-    def last_question(self) -> str:
-        turns = self.conversation.turns
-        return turns[-1].question if turns else ""
-
-
-@dataclass(frozen=True)
-class WordExplanation:
-    """The GA explanation of one clicked word, and what it cost.
-
-    Attributes:
-        index: the word's index among the answer's words.
-        word: the word (its token positions in the answer).
-        queries: the OWL-ViT queries of the class channels.
-        result: the :class:`~jmllm.joint.GAResult`.
-        norms_cached: whether the (image, queries) norms were already known.
-        reused: whether the result itself was already in the state (no GA work at all).
-        seconds: time spent on GA (0 when reused).
-    """
-
-    index: int
-    word: AnswerWord
-    queries: tuple[str, ...]
-    result: GAResult
-    norms_cached: bool
-    reused: bool
-    seconds: float
-
-
-def parse_queries(text: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Object names from a comma- (or newline-) separated string, trimmed, without repeats.
-
-    Raises:
-        ExplorerError: more than :data:`MAX_QUERIES` names.
-
-    Example:
-        >>> parse_queries(" cat, dog ,, cat\\nred circle")
-        ('cat', 'dog', 'red circle')
-    """
-    if text is None:
-        return ()
-    parts = text.replace("\n", ",").split(",") if isinstance(text, str) else list(text)
-    names = tuple(dict.fromkeys(" ".join(p.split()) for p in parts if p and p.strip()))
-    if len(names) > MAX_QUERIES:
-        raise ExplorerError(
-            f"queries: {len(names)} objects; at most {MAX_QUERIES} at a time (each one is a GA "
-            "channel whose gradient norms are computed for every patch)"
-        )
-    return names
-
-
-def check_upload(
-    path: str | Path, name: str | None = None, max_bytes: int = MAX_UPLOAD_BYTES
-) -> int:
-    """The size in bytes of an uploaded file, refused when missing or larger than ``max_bytes``
-    (its pixels are checked from its header by :func:`jmllm.align.images.open_image`).
-
-    Raises:
-        ExplorerError: the message names the file.
-
-    Example:
-        >>> check_upload("photo.jpg", max_bytes=2**20)  # doctest: +SKIP
-        183511
-    """
-    path = Path(path)
-    name = name or path.name
-    try:
-        size_bytes = path.stat().st_size
-    except OSError:
-        raise ExplorerError(f"{name}: no such file") from None
-    if size_bytes > max_bytes:
-        raise ExplorerError(
-            f"{name}: file too large ({size_bytes / 2**20:.1f} MB); the limit is "
-            f"{max_bytes / 2**20:.0f} MB"
-        )
-    return size_bytes
-
-
-def _named(message: str, path: Path, name: str) -> str:
-    """``message`` with the server's path of an upload replaced by the user's name for it."""
-    for where in (str(path), str(path.absolute())):
-        message = message.replace(where, name)
-    for folder in (str(path.parent), str(path.absolute().parent)):
-        if folder not in ("", "."):
-            message = message.replace(folder + "/", "")
-    return message
-
-
-def shown_size(
-    size: tuple[int, int], max_side: int = DISPLAY_SIDE, min_side: int = DISPLAY_MIN_SIDE
-) -> tuple[int, int]:
-    """(width, height) of a picture as the page shows it, aspect kept: shrunk to at most
-    ``max_side`` pixels, or enlarged to ``min_side`` if smaller.
-
-    Example:
-        >>> shown_size((4000, 3000)), shown_size((128, 64)), shown_size((800, 600))
-        ((1024, 768), (512, 256), (800, 600))
-    """
-    return picture_size(size, max_side=max_side, min_side=min_side)
-
-
-class Explorer:
+class Explorer(ExplorerViews):
     """The explorer's steps over one loaded J, one request at a time.
 
     Args:
@@ -286,9 +163,10 @@ class Explorer:
     def open_image(self, path: str | Path, name: str | None = None) -> ExplorerState:
         """A fresh state for an image file, under the project's image policy: the file's size,
         then its pixel count from the header (:attr:`max_pixels`), before any pixel is decoded;
-        decoded once, to a copy of at most :data:`KEPT_SIDE` pixels (the upload itself is not
-        kept), embedded once. The model's warning about the image (its ``input_check``, e.g.
-        the toy world's for a photo) is kept as the state's :attr:`~ExplorerState.notice`.
+        decoded once, to a copy of at most :data:`~jmllm.joint.app.session.KEPT_SIDE` pixels
+        (the upload itself is not kept), embedded once. The model's warning about the image (its
+        ``input_check``, e.g. the toy world's for a photo) is kept as the state's
+        :attr:`~jmllm.joint.app.session.ExplorerState.notice`.
 
         Args:
             path: the file (a server's upload folder, for the page).
@@ -341,19 +219,6 @@ class Explorer:
         prompt = self.model.prompt_inputs(["What's in the image?"], INTERACTIVE_TEMPLATE)
         room = positions - int(prompt["input_ids"].shape[1])
         return max(1, min(MAX_NEW_TOKENS, room))
-
-    @staticmethod
-    def _need_image(state: ExplorerState) -> JointEmbedding:
-        if state.emb is None:
-            raise ExplorerError("image: upload an image (or choose an example) first")
-        return state.emb
-
-    @staticmethod
-    def _need_answer(state: ExplorerState) -> JointAnswer:
-        answer = state.last_answer
-        if answer is None:
-            raise ExplorerError("answer: ask J a question first")
-        return answer
 
     # ------------------------------------------------------------------ chat
     def ask(
@@ -457,7 +322,8 @@ class Explorer:
     def detections_picture(
         self, state: ExplorerState, detections: Detections | None
     ) -> Image.Image:
-        """The image with the detections drawn, at most :data:`DISPLAY_SIDE` pixels."""
+        """The image with the detections drawn, at most
+        :data:`~jmllm.joint.app.session.DISPLAY_SIDE` pixels."""
         from jmllm.joint.render.report import draw_detections
 
         image = self._need_image(state).pil_image(0)
@@ -582,116 +448,6 @@ class Explorer:
         attributions = {**state.attributions, (index, method): attribution}
         return dataclasses.replace(state, attributions=attributions), attribution, seconds
 
-    def method_picture(self, state: ExplorerState, attribution: Any) -> Image.Image:
-        """Another method's map over the image, with its colour bar, at the page's size."""
-        from jmllm.joint.render.explanation import overlay_image, with_colour_bar
-
-        image = self._need_image(state).pil_image(0)
-        shown = shown_size(attribution.image_size)
-        overlay = overlay_image(image, attribution.map(shown), "jet", shown=shown)
-        return with_colour_bar(overlay, "jet", f"{attribution.method} score (min–max normalised)")
-
-    @staticmethod
-    def method_top_patches(attribution: Any, top: int = 5) -> tuple[list[str], list[list[Any]]]:
-        """Headers and rows of the patches with the largest scores of another method's map."""
-        scores = attribution.scores.float()
-        order = np.argsort(-scores.numpy(), kind="stable")[:top]
-        side = round(len(scores) ** 0.5)
-        rows = [[int(k), f"({k // side}, {k % side})", round(float(scores[k]), 4)] for k in order]
-        return ["patch", "row, col", f"{attribution.method} score"], rows
-
-    def word_pictures(
-        self,
-        state: ExplorerState,
-        result: GAResult,
-        weighting: str = "class",
-        channel: int | str | None = None,
-    ) -> tuple[Image.Image, Image.Image]:
-        """The GA map over the image and the box view of a result, each with its colour bar, at
-        the page's size: the pictures of the explanation report without their matplotlib frame
-        (drawing a figure costs more than the GA of a word with cached norms).
-
-        Args:
-            state: the current state (its image is drawn on).
-            result: a word's GA result.
-            weighting: ``class``, ``coord``, ``any`` or ``gradient`` (the plain-gradient map).
-            channel: the class channel of the ``class`` map and of the box view's thickness:
-                ``"matching"`` (the query the word refers to), ``"first"``, ``"max"`` over the
-                queries, or a query's index;
-                None: the result's own (:class:`~jmllm.joint.GradientAlignment`'s default).
-
-        Example:
-            >>> overlay, boxes = explorer.word_pictures(state, view.result, "coord")  # doctest: +SKIP
-        """
-        from jmllm.joint.render.drawing import SPOTLIGHT
-        from jmllm.joint.render.explanation import (
-            BOX_VIEW_BAR,
-            box_view_image,
-            overlay_image,
-            result_title,
-            with_colour_bar,
-        )
-
-        if weighting not in MAP_WEIGHTINGS:
-            raise ExplorerError(
-                f"weighting: {weighting!r} is not one of {', '.join(MAP_WEIGHTINGS)}"
-            )
-        channel = self._check_channel(result, channel)
-        image = self._need_image(state).pil_image(0)
-        shown = shown_size(result.image_size)
-        # painted at the page's size: a full-resolution map of a large photo is not kept
-        saliency = result.shown(weighting, query=channel, size=shown)
-        overlay = overlay_image(image, saliency, SPOTLIGHT, shown=shown)
-        boxes = box_view_image(image, result, query=channel, cmap="viridis", shown=shown)
-        title = result_title(result, weighting, channel)
-        return (
-            with_colour_bar(overlay, SPOTLIGHT, title),
-            with_colour_bar(boxes, "viridis", BOX_VIEW_BAR),
-        )
-
-    @staticmethod
-    def _check_channel(result: GAResult, channel: int | str | None) -> int | str | None:
-        if channel is None or channel in CLASS_QUERY_MODES:
-            return channel
-        if isinstance(channel, int) and not isinstance(channel, bool):
-            if 0 <= channel < result.num_queries:
-                return channel
-        raise ExplorerError(
-            f"class channel: {channel!r} is neither {', '.join(map(repr, CLASS_QUERY_MODES))} "
-            "nor a query index "
-            f"(0..{result.num_queries - 1})"
-        )
-
-    @classmethod
-    def top_patches(
-        cls,
-        result: GAResult,
-        weighting: str = "class",
-        top: int = 5,
-        channel: int | str | None = None,
-    ) -> tuple[list[str], list[list[Any]]]:
-        """Headers and rows of the patches with the largest weights (as the report's table)."""
-        if weighting == "gradient":
-            weights = result.patch_gradient_norms.float()
-            weights = weights / weights.max().clamp(min=1e-30)
-        else:
-            weights = result.weights(weighting, cls._check_channel(result, channel))
-        order = np.argsort(-weights.numpy(), kind="stable")[:top]
-        side = round(len(weights) ** 0.5)
-        headers = ["patch", "row, col", f"{weighting} weight", "box (px)"]
-        headers += [f"cos {c}" for c in result.channels]
-        rows = [
-            [
-                int(k),
-                f"({k // side}, {k % side})",
-                round(float(weights[k]), 3),
-                str(result.boxes_xyxy[k].tolist()),
-                *(round(float(s), 3) for s in result.similarities[k]),
-            ]
-            for k in order
-        ]
-        return headers, rows
-
     # ------------------------------------------------------------------ hallucination view
     def hallucinations(self, state: ExplorerState) -> ExplorerState:
         """The state with the hallucination view of the last answer: its object words checked
@@ -712,24 +468,6 @@ class Explorer:
                 ga=self.ga,
             )
         return dataclasses.replace(state, hallucination=report)
-
-    @staticmethod
-    def hallucination_segments(report: Any) -> list[tuple[str, str | None]]:
-        """The answer as (text, label) pieces: ``detected`` / ``not detected`` on the object
-        words, None elsewhere (for a highlighted-text view)."""
-        pieces: list[tuple[str, str | None]] = []
-        cursor = 0
-        for m in report.mentions:
-            if m.start < cursor:
-                continue
-            if m.start > cursor:
-                pieces.append((report.answer_text[cursor : m.start], None))
-            label = "detected" if report.objects[m.name].detected else "not detected"
-            pieces.append((report.answer_text[m.start : m.end], label))
-            cursor = m.end
-        if cursor < len(report.answer_text):
-            pieces.append((report.answer_text[cursor:], None))
-        return pieces
 
     # ------------------------------------------------------------------ reports
     def report_html(self, state: ExplorerState) -> str:
@@ -776,15 +514,6 @@ class Explorer:
             title="GA explanation of J's answer",
             query=self._check_channel(results[0], channel),
         )
-
-    @staticmethod
-    def hallucination_html(state: ExplorerState) -> str | None:
-        """The hallucination page (as ``jmllm-joint hallucinations`` writes it), once checked."""
-        from jmllm.joint.hallucination.page import render_hallucination_report
-
-        if state.hallucination is None:
-            return None
-        return render_hallucination_report(state.hallucination)
 
 
 __all__ = [

@@ -1,21 +1,24 @@
 """``jmllm-joint app``: the interactive explorer, a local Gradio page over one loaded J.
 
-Upload an image (or pick an example), chat with J (and stock LLaVA beside it; *New chat*
-starts over on the same image), see the
-detections O^OWL makes from the same embedding for the objects you type (or the object words of
-the answer), click any word of the answer for its GA map, box view and top patches (or for its map by
-another attribution method of :mod:`jmllm.joint.saliency.attribution`), check the answer for
-hallucinations, and download the reports the command line writes.
+Upload an image (or pick an example), chat with J (and stock LLaVA beside it; *New chat* starts
+over on the same image), see the detections O^OWL makes from the same embedding for the objects
+you type (or the object words of the answer), click any word of the answer for its GA map, box
+view and top patches (or for its map by another attribution method of
+:mod:`jmllm.joint.saliency.attribution`), check the answer for hallucinations, and download the
+reports the command line writes.
 
 The page is a thin layer: every step is a method of :class:`~jmllm.joint.app.explorer.Explorer`,
-tested without a browser. :func:`build_app` returns the ``gr.Blocks``; each browser tab keeps its
-own :class:`~jmllm.joint.app.explorer.ExplorerState` in a ``gr.State``; every event that touches the
-model shares one queue of concurrency 1 (and the explorer's lock), so two tabs never run the
-model at once. :func:`launch` serves it offline: no analytics or version check, no share link
-(nor Gradio's banner suggesting one), system fonts (nothing fetched from a CDN), 127.0.0.1 unless
-another host is given, an upload size limit, and model errors shown as a message in the page.
-Uploads and result files are deleted once they are :data:`DELETE_CACHE` old, and a session keeps
-its image at the page's size, never the upload (:data:`jmllm.joint.app.explorer.KEPT_SIDE`).
+tested without a browser. :func:`build_app` lays the page out and wires its events; each browser
+tab keeps its own :class:`~jmllm.joint.app.session.ExplorerState` in a ``gr.State``; every event
+that touches the model shares one queue of concurrency 1 (and the explorer's lock), so two tabs
+never run the model at once, and its failures are shown as a message in the page
+(:func:`guarded`). :func:`~jmllm.joint.app.serving.launch` serves it offline (no analytics or
+version check, no share link, system fonts, 127.0.0.1 unless another host is given, an upload
+size limit); uploads and result files are deleted once they are
+:data:`~jmllm.joint.app.serving.DELETE_CACHE` old, and a session keeps its image at the page's
+size, never the upload (:data:`jmllm.joint.app.session.KEPT_SIDE`). What the widgets show
+(choices, chat text, examples) is :mod:`jmllm.joint.app.widgets`'. Every name of those modules
+the page used to define is importable from here, and from :mod:`jmllm.joint.app`.
 
 Needs the ``app`` extra: ``pip install "jmllm-joint[app]"``.
 
@@ -31,11 +34,7 @@ import functools
 import html
 import logging
 import os
-import re
-import shutil
-import sys
 import tempfile
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,132 +48,43 @@ from jmllm.joint.app.explorer import (
     ExplorerError,
     ExplorerState,
 )
-from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES, INTERACTIVE_TEMPLATE, Conversation
+from jmllm.joint.app.serving import APP_CSS as APP_CSS
+from jmllm.joint.app.serving import (
+    APP_EXTRA_HINT,
+    DELETE_CACHE,
+    AppUnavailableError,
+    _prune,
+    launch,
+    offline_theme,
+    require_gradio,
+)
+from jmllm.joint.app.serving import MONO_FONTS as MONO_FONTS
+from jmllm.joint.app.serving import QUEUE_SIZE as QUEUE_SIZE
+from jmllm.joint.app.serving import SESSION_CAPACITY as SESSION_CAPACITY
+from jmllm.joint.app.serving import SYSTEM_FONTS as SYSTEM_FONTS
+from jmllm.joint.app.widgets import (
+    HALLUCINATION_COLOURS,
+    METHOD_CHOICES,
+    SCROLL_TO_LATEST_JS,
+    WEIGHTING_CHOICES,
+    _md,
+    builtin_examples,
+    channel_choices,
+    chat_messages,
+    parse_channel,
+)
+from jmllm.joint.app.widgets import TOY_EXAMPLE_SCENES as TOY_EXAMPLE_SCENES
+from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES, INTERACTIVE_TEMPLATE
+from jmllm.joint.chat.templates import Conversation as Conversation
 from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION
 
 logger = logging.getLogger(__name__)
 
-APP_EXTRA_HINT = 'the explorer app needs Gradio: pip install "jmllm-joint[app]"'
 MODEL_QUEUE = "model"  # the one concurrency group of every event that runs the model
-QUEUE_SIZE = 32  # requests waiting for the model; more are refused with a message
-SESSION_CAPACITY = 64  # browser sessions whose state is kept (each holds an image and t)
-# Gradio's delete_cache: every 5 minutes, uploads and result files older than 30 minutes go
-DELETE_CACHE = (300, 1800)
-# after an answer: the chat panel shows the latest answer whole (its top, when it is taller
-# than the panel), not just its last lines
-SCROLL_TO_LATEST_JS = """
-() => {
-  const show = () => {
-    for (const id of ["jm-chat", "jm-stock"]) {
-      const root = document.getElementById(id);
-      const bots = root ? root.querySelectorAll("[data-testid=bot]") : [];
-      if (!bots.length) continue;
-      const last = bots[bots.length - 1];
-      let box = last.parentElement;
-      while (box && box !== root && !(box.scrollHeight > box.clientHeight + 1 &&
-             /(auto|scroll)/.test(getComputedStyle(box).overflowY))) {
-        box = box.parentElement;
-      }
-      if (!box || box === root) continue;
-      const top = last.getBoundingClientRect().top - box.getBoundingClientRect().top
-        + box.scrollTop;
-      const fits = last.offsetHeight <= box.clientHeight;
-      box.scrollTop = fits ? top + last.offsetHeight - box.clientHeight : top - 4;
-    }
-  };
-  for (const wait of [0, 100, 400, 1000]) setTimeout(show, wait);
-}
-"""
-SYSTEM_FONTS = (
-    "system-ui",
-    "-apple-system",
-    "Segoe UI",
-    "Roboto",
-    "Helvetica",
-    "Arial",
-    "sans-serif",
-)
-MONO_FONTS = ("ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace")
-WEIGHTING_CHOICES = (
-    ("class", "class"),
-    ("coord", "coord"),
-    ("any", "any"),
-    ("plain gradient (baseline)", "gradient"),
-)
-# the other attribution methods (jmllm.joint.saliency.attribution), offered beside GA's maps
-METHOD_CHOICES = (
-    ("gradient × input", "gradient_x_input"),
-    ("integrated gradients", "integrated_gradients"),
-    ("attention (last layer)", "attention"),
-    ("attention rollout", "attention_rollout"),
-    ("logit lens", "logit_lens"),
-    ("random", "random"),
-)
-HALLUCINATION_COLOURS = {"detected": "#1a7f37", "not detected": "#cf222e"}
-APP_CSS = """
-#jm-words label { font-size: 1rem; }
-.jm-note { background: #fff4d6; border-left: 4px solid #e69f00; padding: .4rem .8rem; }
-"""
-
-
-def channel_choices(queries: Sequence[str]) -> list[tuple[str, str]]:
-    """The class-channel choices of the page: the query the explained word refers to (the
-    default), the first query, the maximum over the queries, then each query by name (values
-    ``matching``, ``first``, ``max``, ``q<index>``).
-
-    Example:
-        >>> [value for _, value in channel_choices(["cat", "dog"])]
-        ['matching', 'first', 'max', 'q0', 'q1']
-    """
-    choices = [
-        ("the query the word refers to", "matching"),
-        ("first query", "first"),
-        ("max over the queries", "max"),
-    ]
-    return choices + [(f"query: {q}", f"q{i}") for i, q in enumerate(queries)]
-
-
-def parse_channel(value: str | None) -> int | str | None:
-    """A class-channel choice as :meth:`~jmllm.joint.app.explorer.Explorer.word_pictures` takes it.
-
-    Example:
-        >>> parse_channel("matching"), parse_channel("q2"), parse_channel(None)
-        ('matching', 2, None)
-    """
-    if value is None or value in ("matching", "first", "max"):
-        return value
-    if value.startswith("q") and value[1:].isdigit():
-        return int(value[1:])
-    raise ExplorerError(f"class channel: unknown choice {value!r}")
-
-
-class AppUnavailableError(ImportError):
-    """Gradio (the ``app`` extra) is not installed."""
-
-
-def require_gradio() -> Any:
-    """The ``gradio`` module, or :class:`AppUnavailableError` naming the extra to install.
-
-    Gradio's analytics and version check (requests to api.gradio.app) are switched off for the
-    whole process before it is imported: the explorer must work with the network unreachable.
-    """
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    try:
-        import gradio
-    except ImportError:
-        raise AppUnavailableError(APP_EXTRA_HINT) from None
-    return gradio
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _md(text: str) -> str:
-    """``text`` safe inside Markdown: HTML escaped, Markdown punctuation backslash-escaped."""
-    # quotes stay as they are: the page shows character references in chat text literally
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text, quote=False))
 
 
 def guarded(fn: Callable[..., Any], outputs: int) -> Callable[..., Any]:
@@ -208,54 +118,6 @@ def guarded(fn: Callable[..., Any], outputs: int) -> Callable[..., Any]:
     return handler
 
 
-def chat_messages(conversation: Conversation | None) -> list[dict[str, str]]:
-    r"""A conversation as chat messages whose text the page shows exactly as written: HTML
-    escaped (model text is shown, never run) and Markdown punctuation escaped.
-
-    Example:
-        >>> conv = Conversation().ask("Hi <b>?").answered("*a* <script>")
-        >>> for message in chat_messages(conv):
-        ...     print(message["role"], message["content"])
-        user Hi &lt;b&gt;?
-        assistant \*a\* &lt;script&gt;
-    """
-    messages: list[dict[str, str]] = []
-    for turn in conversation.turns if conversation is not None else ():
-        messages.append({"role": "user", "content": _md(turn.question)})
-        if turn.answer is not None:
-            messages.append({"role": "assistant", "content": _md(turn.answer) or "(empty answer)"})
-    return messages
-
-
-TOY_EXAMPLE_SCENES = (103, 92, 77, 5)  # held-out toy scenes the shipped toy J gets right
-
-
-def builtin_examples(folder: str | os.PathLike[str]) -> list[Path]:
-    """The example images of the page, written into ``folder``: held-out toy-world scenes
-    (:mod:`jmllm.joint.toy.scenes`), the images the built-in models know.
-
-    Example:
-        >>> [p.name for p in builtin_examples(tempfile.mkdtemp())][:1]
-        ['toy-heldout-103.png']
-    """
-    from jmllm.joint.toy.scenes import make_scene
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in TOY_EXAMPLE_SCENES:
-        path = folder / f"toy-heldout-{index}.png"
-        make_scene("heldout", index).image.save(path)
-        paths.append(path)
-    return paths
-
-
-def offline_theme() -> Any:
-    """Gradio's default theme with system fonts: no font is fetched from anywhere."""
-    gr = require_gradio()
-    return gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
-
-
 def build_app(
     model: Any,
     *,
@@ -274,7 +136,8 @@ def build_app(
     Args:
         model: a :class:`~jmllm.joint.JointModel` (or an :class:`~jmllm.joint.app.explorer.Explorer`
             built on one).
-        examples: example image files (default :func:`builtin_examples`).
+        examples: example image files (default
+            :func:`~jmllm.joint.app.widgets.builtin_examples`).
         notes: short notices shown at the top (e.g. that the weights are random).
         objects: vocabulary of the answer's object words (default: COCO's 80 names).
         max_pixels: largest accepted image, in pixels (checked from the file's header).
@@ -287,7 +150,7 @@ def build_app(
             server stops).
 
     Returns:
-        The ``gr.Blocks``; serve it with :func:`launch`.
+        The ``gr.Blocks``; serve it with :func:`~jmllm.joint.app.serving.launch`.
 
     Example:
         >>> app = build_app(model, notes=["toy-world models"])  # doctest: +SKIP
@@ -702,71 +565,6 @@ def build_app(
             lambda on: gr.Chatbot(visible=bool(on)), [compare], [stock_chat], queue=False
         )
     return app
-
-
-def launch(
-    app: Any,
-    host: str = "127.0.0.1",
-    port: int | None = 7860,
-    max_file_size: int = MAX_UPLOAD_BYTES,
-    block: bool = True,
-    quiet: bool = False,
-) -> Any:
-    """Serve the explorer offline: one queue of concurrency 1 for the model, no share link, no
-    analytics, system fonts, an upload size limit.
-
-    Args:
-        app: from :func:`build_app`.
-        host: interface to bind (default loopback only).
-        port: TCP port (None: the first free one from 7860).
-        max_file_size: largest upload in bytes (the page refuses larger files).
-        block: serve until interrupted; False returns at once (tests: call ``app.close()``).
-        quiet: not even the one line of ours that says where the page is (Gradio's own
-            banner, which suggests a public share link, is never printed).
-
-    Returns:
-        What ``gr.Blocks.launch`` returns (``app, local_url, share_url``).
-
-    Example:
-        >>> launch(build_app(model), port=7861)  # doctest: +SKIP
-    """
-    require_gradio()
-    app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
-    # Gradio's own banner is off: it suggests a public share link, which the explorer never
-    # makes; one line of ours says where the page is
-    launched = app.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        inbrowser=False,
-        prevent_thread_lock=True,
-        quiet=True,
-        max_file_size=max_file_size,
-        ssr_mode=False,
-        pwa=False,
-        mcp_server=False,
-        enable_monitoring=False,
-        footer_links=[],
-        state_session_capacity=SESSION_CAPACITY,
-        theme=offline_theme(),
-        css=APP_CSS,
-    )
-    if not quiet:
-        print(f"jmllm explorer: {app.local_url} (Ctrl-C stops it)", file=sys.stdout, flush=True)
-    if block:
-        app.block_thread()
-    return launched
-
-
-def _prune(folder: Path, pattern: str, age: float) -> None:
-    """Remove the entries of ``folder`` matching ``pattern`` that are older than ``age`` s."""
-    limit = time.time() - age
-    for entry in folder.glob(pattern):
-        try:
-            if entry.lstat().st_mtime < limit:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        except OSError:  # removed meanwhile, or in use: the next call tries again
-            continue
 
 
 __all__ = [
