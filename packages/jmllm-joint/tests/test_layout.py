@@ -184,3 +184,11 @@ def test_the_changelog_lists_every_moved_path() -> None:
         f"{o} -> {n}" for o, n in MOVED_MODULES.items() if f"| `{o}` | `{n}` |" not in changelog
     ]
     assert missing == []
+
+
+def test_the_warning_points_at_the_importing_line() -> None:
+    sys.modules.pop("jmllm.joint.pope", None)
+    with pytest.warns(DeprecationWarning) as caught:
+        import jmllm.joint.pope  # noqa: F401
+
+    assert caught[0].filename == __file__

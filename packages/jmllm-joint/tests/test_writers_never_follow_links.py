@@ -251,7 +251,11 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
     ("userstudy/serve.py", "_check_writable", "tempfile.mkstemp"): "a new probe file (O_EXCL)",
     ("joint/app/page.py", "build_app", "tempfile.mkdtemp"): "a new private folder",
     # an example image written by the explorer app into its own cache folder
-    ("joint/app/widgets.py", "builtin_examples", "save"): "the app's cache folder (issue of the app)",
+    (
+        "joint/app/widgets.py",
+        "builtin_examples",
+        "save",
+    ): "the app's cache folder (issue of the app)",
     # objects with a .save that writes through the atomic writers, or into memory
     ("joint/render/explanation.py", "save_arrays", "save"): "safetensors' save returns bytes",
     (

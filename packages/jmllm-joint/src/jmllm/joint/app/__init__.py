@@ -1,75 +1,37 @@
-"""The interactive explorer: its steps as plain functions, and the Gradio page over them."""
+"""The interactive explorer: its steps as plain functions, and the Gradio page over them.
 
+Before 0.2 ``jmllm.joint.app`` was one module, now :mod:`jmllm.joint.app.page`; what it held is
+importable from here as before.
+"""
+
+from jmllm.joint.compat import forward_to
+from jmllm.joint.app import page as _page
 from jmllm.joint.app.page import (
-    APP_CSS,
     APP_EXTRA_HINT,
-    CONVERSATION_TEMPLATES,
-    DELETE_CACHE,
-    HALLUCINATION_COLOURS,
-    INTERACTIVE_PREPROCESSING,
-    INTERACTIVE_TEMPLATE,
-    INTERACTIVE_TOKENIZATION,
-    MAX_IMAGE_PIXELS,
-    MAX_UPLOAD_BYTES,
-    METHOD_CHOICES,
-    MODEL_QUEUE,
-    MONO_FONTS,
-    QUEUE_SIZE,
-    SCROLL_TO_LATEST_JS,
-    SESSION_CAPACITY,
-    SYSTEM_FONTS,
-    TOY_EXAMPLE_SCENES,
-    WEIGHTING_CHOICES,
     AppUnavailableError,
-    Conversation,
-    Explorer,
-    ExplorerError,
-    ExplorerState,
     build_app,
     builtin_examples,
     channel_choices,
     chat_messages,
     guarded,
     launch,
-    logger,
     offline_theme,
     parse_channel,
     require_gradio,
 )
 
 __all__ = [
-    "APP_CSS",
     "APP_EXTRA_HINT",
-    "CONVERSATION_TEMPLATES",
-    "DELETE_CACHE",
-    "HALLUCINATION_COLOURS",
-    "INTERACTIVE_PREPROCESSING",
-    "INTERACTIVE_TEMPLATE",
-    "INTERACTIVE_TOKENIZATION",
-    "MAX_IMAGE_PIXELS",
-    "MAX_UPLOAD_BYTES",
-    "METHOD_CHOICES",
-    "MODEL_QUEUE",
-    "MONO_FONTS",
-    "QUEUE_SIZE",
-    "SCROLL_TO_LATEST_JS",
-    "SESSION_CAPACITY",
-    "SYSTEM_FONTS",
-    "TOY_EXAMPLE_SCENES",
-    "WEIGHTING_CHOICES",
     "AppUnavailableError",
-    "Conversation",
-    "Explorer",
-    "ExplorerError",
-    "ExplorerState",
     "build_app",
     "builtin_examples",
     "channel_choices",
     "chat_messages",
     "guarded",
     "launch",
-    "logger",
     "offline_theme",
     "parse_channel",
     "require_gradio",
 ]
+
+__getattr__ = forward_to(_page, __name__)

@@ -1,5 +1,11 @@
-"""Conversations with J: the prompt templates and LLaVA's tokenization by name."""
+"""Conversations with J: the prompt templates and LLaVA's tokenization by name.
 
+Before 0.2 ``jmllm.joint.chat`` was one module, now :mod:`jmllm.joint.chat.templates`; what it held
+is importable from here as before.
+"""
+
+from jmllm.joint.compat import forward_to
+from jmllm.joint.chat import templates as _templates
 from jmllm.joint.chat.templates import (
     AUTHORS_REPLY_MARK,
     CONVERSATION_TEMPLATES,
@@ -7,19 +13,18 @@ from jmllm.joint.chat.templates import (
     IMAGE_PLACEHOLDER,
     INTERACTIVE_MAX_NEW_TOKENS,
     INTERACTIVE_TEMPLATE,
-    INTERACTIVE_TOKENIZATION,
     LLAVA_TEMPLATES,
     PAPER_TEMPLATE,
+    authors_reply,
     ChatTurn,
+    check_question,
     Conversation,
     ConversationTemplate,
-    JointAnswer,
-    PromptError,
-    authors_reply,
-    check_question,
     format_conversation,
     format_prompt,
     get_template,
+    JointAnswer,
+    PromptError,
 )
 
 __all__ = [
@@ -29,17 +34,18 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "INTERACTIVE_MAX_NEW_TOKENS",
     "INTERACTIVE_TEMPLATE",
-    "INTERACTIVE_TOKENIZATION",
     "LLAVA_TEMPLATES",
     "PAPER_TEMPLATE",
+    "authors_reply",
     "ChatTurn",
+    "check_question",
     "Conversation",
     "ConversationTemplate",
-    "JointAnswer",
-    "PromptError",
-    "authors_reply",
-    "check_question",
     "format_conversation",
     "format_prompt",
     "get_template",
+    "JointAnswer",
+    "PromptError",
 ]
+
+__getattr__ = forward_to(_templates, __name__)

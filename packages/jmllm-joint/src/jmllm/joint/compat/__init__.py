@@ -21,6 +21,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from typing import Any
 
 # old path -> new path; a name below an old path moves with it
 MOVED_MODULES = {
@@ -76,7 +77,7 @@ class _MovedModule(importlib.abc.Loader):
             f"{spec.name} moved to {self.new}; the old path stops working in jmllm-joint "
             f"{REMOVED_IN}",
             DeprecationWarning,
-            stacklevel=_caller_level(),
+            stacklevel=2,  # the importing line (warnings skips the import machinery's frames)
         )
         return importlib.import_module(self.new)
 
@@ -90,16 +91,26 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         return importlib.machinery.ModuleSpec(name, _MovedModule(new)) if new else None
 
 
-def _caller_level() -> int:
-    """The warning's stack level: the first frame outside the import machinery and this file."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (
-        frame.f_code.co_filename.startswith("<frozen importlib")
-        or frame.f_code.co_filename == __file__
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
     sys.meta_path.insert(0, _MovedModuleFinder())
+
+
+def forward_to(module: Any, package: str) -> Any:
+    """A package's ``__getattr__`` that finds, in ``module``, what the package held when it was
+    that one module (before 0.2): private helpers and the names it imported, beyond ``__all__``.
+
+    Example:
+        >>> from jmllm.joint import audit
+        >>> audit._shared_prefix_length is audit.run._shared_prefix_length
+        True
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__
