@@ -27,6 +27,7 @@ from jmllm.joint.audit.run import (
     QuestionPlan,
     TokenizationError,
     YesNoAuditor,
+    _shared_prefix_length,  # noqa: F401 - tests import it from here, as from the pre-0.2 module
     append_jsonl,
     ask_one_by_one,
     atomic_write_text,
