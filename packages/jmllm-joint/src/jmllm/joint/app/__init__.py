@@ -4,7 +4,6 @@ Before 0.2 ``jmllm.joint.app`` was one module, now :mod:`jmllm.joint.app.page`; 
 importable from here as before.
 """
 
-from jmllm.joint.compat import forward_to
 from jmllm.joint.app import page as _page
 from jmllm.joint.app.page import (
     APP_EXTRA_HINT,
@@ -19,6 +18,7 @@ from jmllm.joint.app.page import (
     parse_channel,
     require_gradio,
 )
+from jmllm.joint.compat import forward_to
 
 __all__ = [
     "APP_EXTRA_HINT",

@@ -4,16 +4,16 @@ Before 0.2 ``jmllm.joint.audit`` was one module, now :mod:`jmllm.joint.audit.run
 importable from here as before.
 """
 
-from jmllm.joint.compat import forward_to
 from jmllm.joint.audit import run as _run
 from jmllm.joint.audit.run import (
     AUTHORS_QUERY_TEMPLATE,
     PARSE_RULES,
     AnsweredQuestion,
-    ask_one_by_one,
     AuditRecord,
     AuditResult,
     AuditSettings,
+    YesNoAuditor,
+    ask_one_by_one,
     claim_folder,
     exclusive_folder,
     kv_cache_bytes,
@@ -22,17 +22,18 @@ from jmllm.joint.audit.run import (
     process_state,
     run_audit,
     settings_digest,
-    YesNoAuditor,
 )
+from jmllm.joint.compat import forward_to
 
 __all__ = [
     "AUTHORS_QUERY_TEMPLATE",
     "PARSE_RULES",
     "AnsweredQuestion",
-    "ask_one_by_one",
     "AuditRecord",
     "AuditResult",
     "AuditSettings",
+    "YesNoAuditor",
+    "ask_one_by_one",
     "claim_folder",
     "exclusive_folder",
     "kv_cache_bytes",
@@ -41,7 +42,6 @@ __all__ = [
     "process_state",
     "run_audit",
     "settings_digest",
-    "YesNoAuditor",
 ]
 
 __getattr__ = forward_to(_run, __name__)

@@ -7,7 +7,7 @@ OWL-ViT scores the image's objects (POPE: the objects its questions name; CHAIR:
 of the synonym list) on the **same** ``t``: the best patch's score and box. The answers of many
 images run as one batch through :meth:`JointModel.generate` (prompts left-padded, one batched
 ``generate``, greedy answers equal to the one-at-a-time ones); POPE also keeps each answer's
-first-token yes/no log-odds (:func:`jmllm.joint.audit.pope.first_token_margin`).
+first-token yes/no log-odds (:func:`jmllm.joint.audit.pope_rules.first_token_margin`).
 
 Like :func:`jmllm.joint.audit.run_audit`: each finished batch appends one JSON line per image to
 ``results.jsonl`` (a kill loses at most the batch in progress), a rerun skips the finished
@@ -174,7 +174,7 @@ class BenchmarkResult:
 
 
 def pope_images(data: Any) -> list[BenchmarkImage]:
-    """The images of :class:`~jmllm.joint.audit.pope.PopeData`, each with its distinct questions and
+    """The images of :class:`~jmllm.joint.audit.pope_files.PopeData`, each with its distinct questions and
     their objects."""
     out = []
     for image, rows in data.questions().items():

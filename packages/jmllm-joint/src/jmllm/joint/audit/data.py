@@ -1,173 +1,52 @@
-"""Datasets and question plans of the hallucination audit (DESIGN §1.4).
+"""Datasets of the hallucination audit (DESIGN §1.4): its images with their annotated classes,
+read from two sources.
 
 An audit dataset is a list of images, each with the set of object classes annotated in it, and
-the class vocabulary. Two sources:
+the class vocabulary (:mod:`jmllm.joint.audit.dataset`). Two sources:
 
 - a **COCO-format** annotation file (``instances_*.json``: ``images``, ``annotations``,
   ``categories``) and the folder of its images (:func:`load_coco`);
 - a **datasets** dataset with an image column and an objects column holding each object's
   category (:func:`load_objects_dataset`), e.g. ``detection-datasets/coco`` saved locally.
 
-For every image, :func:`plan_questions` chooses which classes J is asked about:
-
-``all`` (default, the authors' protocol)
-    every present class (a "no" is a negative hallucination) and every absent class of the
-    vocabulary (a "yes" is a positive hallucination): 80 questions per COCO image.
-``random`` / ``popular`` / ``adversarial`` (POPE, Li et al., EMNLP 2023)
-    images with at least ``k`` present classes; the first ``k`` present classes (annotation
-    order) as positives and, for each, one absent class as a negative: drawn uniformly among the
-    classes seen in the audited images (``random``, seeded per image), the most frequent such
-    class (``popular``: by the number of audited images that contain it), or the class that
-    co-occurs most often with that positive (``adversarial``); when no class is left by the
-    frequency rules, a random one.
+For every image, :func:`plan_questions` chooses which classes J is asked about (the authors'
+protocol or POPE's sampling, :mod:`jmllm.joint.audit.questions`). This module still exports the
+dataset types and the question plans.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import zlib
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from jmllm.align.files import read_json, resolve_inside
 from jmllm.align.options import clip
-
-SAMPLINGS = ("all", "random", "popular", "adversarial")
-Sampling = Literal["all", "random", "popular", "adversarial"]
-
-
-class AuditError(ValueError):
-    """Bad audit input (dataset, options, output folder); the message names it and says why."""
-
-
-@dataclass(frozen=True)
-class AuditImage:
-    """One image of an audit dataset.
-
-    Attributes:
-        image_id: a stable identifier (COCO's image id as text, or the dataset row).
-        source: a path, or a callable returning the decoded PIL image (datasets rows).
-        present: the annotated classes, each once, in the order of their first annotation.
-        file: the name shown in reports (COCO ``file_name``).
-        boxes: the annotated boxes, ``(class, (x0, y0, x1, y1))`` in the image's pixels
-            (COCO's ``[x, y, w, h]`` as ``x0 = x, x1 = x + w``), for the checks that need
-            localisation truth (:mod:`jmllm.joint.faithfulness`); empty where the source has
-            none.
-    """
-
-    image_id: str
-    source: str | os.PathLike[str] | Callable[[], Any]
-    present: tuple[str, ...]
-    file: str
-    boxes: tuple[tuple[str, tuple[float, float, float, float]], ...] = ()
-
-    def boxes_of(self, class_name: str) -> list[tuple[float, float, float, float]]:
-        """The annotated boxes of one class (empty when none was given).
-
-        Example:
-            >>> AuditImage("1", "a.jpg", ("cat",), "a.jpg",
-            ...            (("cat", (1.0, 2.0, 5.0, 6.0)),)).boxes_of("cat")
-            [(1.0, 2.0, 5.0, 6.0)]
-        """
-        return [box for name, box in self.boxes if name == class_name]
-
-    def load(self) -> Any:
-        """The image as :meth:`JointModel.embed` takes it (a path, or the PIL image)."""
-        return self.source() if callable(self.source) else self.source
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the image's file (a datasets row: of its encoded bytes, else its pixels):
-        a resumed audit keeps an image's answers only while the image is the same.
-
-        Raises:
-            OSError: the file cannot be read.
-        """
-        if callable(self.source):
-            row_fingerprint = getattr(self.source, "fingerprint", None)
-            if row_fingerprint is not None:
-                return str(row_fingerprint())
-            return _pixels_fingerprint(self.source())
-        return _file_fingerprint(self.source)
-
-
-@dataclass(frozen=True)
-class AuditDataset:
-    """The images of an audit and the class vocabulary (COCO: the 80 category names)."""
-
-    classes: tuple[str, ...]
-    images: tuple[AuditImage, ...]
-    name: str = "dataset"
-    skipped_annotations: int = 0  # annotations naming an unknown image or category
-    skipped_boxes: int = 0  # annotations kept for presence whose bbox is missing or malformed
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def head(self, limit: int | None) -> AuditDataset:
-        """The first ``limit`` images (the authors audit the first 1,000 COCO images)."""
-        if limit is None:
-            return self
-        if limit < 1:
-            raise AuditError(f"limit: must be at least 1, got {limit}")
-        return replace(self, images=self.images[:limit])
-
-
-@dataclass(frozen=True)
-class PlannedQuestion:
-    """One question of the plan: a class and whether it is annotated in the image."""
-
-    class_name: str
-    present: bool
-
-
-@dataclass
-class QuestionPlan:
-    """What J is asked about each image.
-
-    Attributes:
-        questions: image id → its questions, in asking order.
-        sampling, k, seed: how they were chosen.
-        excluded: ids of images left out (POPE: fewer than ``k`` present classes).
-        short: ids of images that got fewer negatives than positives (no absent class left).
-    """
-
-    questions: dict[str, list[PlannedQuestion]]
-    sampling: str
-    k: int
-    seed: int
-    excluded: list[str] = field(default_factory=list)
-    short: list[str] = field(default_factory=list)
-
-    @property
-    def num_questions(self) -> int:
-        return sum(len(q) for q in self.questions.values())
-
+from jmllm.joint.audit.dataset import (
+    AuditDataset,
+    AuditError,
+    AuditImage,
+    _file_fingerprint,  # noqa: F401
+    _pixels_fingerprint,
+)
+from jmllm.joint.audit.questions import (
+    ARTICLES,
+    AUTHORS_QUESTION,
+    SAMPLINGS,
+    PlannedQuestion,
+    QuestionPlan,
+    Sampling,  # noqa: F401
+    plan_questions,
+    question_text,
+)
 
 # ---------------------------------------------------------------------------------------------
 # COCO format
 # ---------------------------------------------------------------------------------------------
-
-
-def _file_fingerprint(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _pixels_fingerprint(image: Any) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return _file_fingerprint(image)
-    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> Any:
@@ -211,7 +90,7 @@ def load_coco(
     Every annotation counts, crowd regions included (as ``pycocotools``' ``getAnnIds`` returns
     them by default); images without annotations are kept (they get only absent classes).
     Annotations naming an unknown image or category are skipped and counted. Each annotation's
-    ``bbox`` is kept in :attr:`AuditImage.boxes` (a missing or malformed one is counted in
+    ``bbox`` is kept in :attr:`~jmllm.joint.audit.dataset.AuditImage.boxes` (a missing or malformed one is counted in
     ``skipped_boxes``; the class still counts as present).
 
     Args:
@@ -220,7 +99,7 @@ def load_coco(
         limit: audit only the first ``limit`` images (file order).
 
     Returns:
-        :class:`AuditDataset`; classes in category order.
+        :class:`~jmllm.joint.audit.dataset.AuditDataset`; classes in category order.
 
     Raises:
         AuditError: unreadable or malformed annotations, a missing image folder.
@@ -395,7 +274,7 @@ def load_objects_dataset(
         limit: audit only the first ``limit`` rows.
 
     Returns:
-        :class:`AuditDataset`; classes from the ``ClassLabel`` names, else the names seen.
+        :class:`~jmllm.joint.audit.dataset.AuditDataset`; classes from the ``ClassLabel`` names, else the names seen.
 
     Example:
         >>> ds = load_objects_dataset("coco-val-saved", split="val")  # doctest: +SKIP
@@ -498,117 +377,6 @@ class _RowImage:
                 return hashlib.sha256(value["bytes"]).hexdigest()
             value = value.get("path")
         return _pixels_fingerprint(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Question plans
-# ---------------------------------------------------------------------------------------------
-
-
-def _image_rng(seed: int, image_id: str) -> np.random.Generator:
-    # one stream per image: the plan of an image does not depend on the others, on their order
-    # or on how the work is split between processes
-    return np.random.default_rng([seed, zlib.crc32(image_id.encode("utf-8"))])
-
-
-def plan_questions(
-    dataset: AuditDataset, sampling: Sampling | str = "all", k: int = 3, seed: int = 0
-) -> QuestionPlan:
-    """Which classes J is asked about, per image (see the module docstring).
-
-    Args:
-        dataset: the images and the class vocabulary.
-        sampling: ``all`` (the authors' protocol), ``random``, ``popular`` or ``adversarial``.
-        k: POPE: positives (and negatives) per image.
-        seed: seed of the random choices (one stream per image).
-
-    Returns:
-        :class:`QuestionPlan`.
-
-    Example:
-        >>> ds = AuditDataset(("cat", "dog", "car"), (AuditImage("1", "a.jpg", ("cat",), "a.jpg"),))
-        >>> [(q.class_name, q.present) for q in plan_questions(ds).questions["1"]]
-        [('cat', True), ('dog', False), ('car', False)]
-    """
-    if sampling not in SAMPLINGS:
-        raise AuditError(f"sampling: {sampling!r} is not one of {', '.join(SAMPLINGS)}")
-    if not isinstance(k, int) or k < 1:
-        raise AuditError(f"k: must be a positive integer, got {k!r}")
-    plan = QuestionPlan({}, sampling, k, seed)
-    if sampling == "all":
-        for image in dataset.images:
-            present = list(image.present)
-            absent = [c for c in dataset.classes if c not in image.present]
-            plan.questions[image.image_id] = [PlannedQuestion(c, True) for c in present] + [
-                PlannedQuestion(c, False) for c in absent
-            ]
-        return plan
-    eligible = [image for image in dataset.images if len(image.present) >= k]
-    plan.excluded = [image.image_id for image in dataset.images if len(image.present) < k]
-    rank = {c: i for i, c in enumerate(dataset.classes)}
-
-    def by_vocabulary(name: str) -> int:
-        return rank.get(name, len(rank))
-
-    frequency: Counter[str] = Counter()
-    co_occurrence: dict[str, Counter[str]] = {}
-    for image in eligible:
-        frequency.update(image.present)
-        for a in image.present:
-            co_occurrence.setdefault(a, Counter()).update(b for b in image.present if b != a)
-    pool = sorted(frequency, key=by_vocabulary)  # the classes seen in the audited images
-    popular = sorted(pool, key=lambda c: (-frequency[c], by_vocabulary(c)))
-    for image in eligible:
-        rng = _image_rng(seed, image.image_id)
-        asked: list[PlannedQuestion] = []
-        used = set(image.present)
-        for positive in image.present[:k]:
-            asked.append(PlannedQuestion(positive, True))
-            if sampling == "popular":
-                ranked: Sequence[str] = popular
-            elif sampling == "adversarial":
-                partners = co_occurrence.get(positive, Counter())
-                ranked = sorted(partners, key=lambda c: (-partners[c], by_vocabulary(c)))
-            else:
-                ranked = ()
-            negative = next((c for c in ranked if c not in used), None)
-            if negative is None:
-                left = [c for c in pool if c not in used]
-                negative = left[int(rng.integers(len(left)))] if left else None
-            if negative is None:
-                continue
-            used.add(negative)
-            asked.append(PlannedQuestion(negative, False))
-        if sum(not q.present for q in asked) < k:
-            plan.short.append(image.image_id)
-        plan.questions[image.image_id] = asked
-    return plan
-
-
-AUTHORS_QUESTION = "Is there a {} in the image? Only answer with 'yes' or 'no'."
-ARTICLES = ("a", "a-an")
-
-
-def question_text(class_name: str, question: str = AUTHORS_QUESTION, articles: str = "a") -> str:
-    """The question about ``class_name``.
-
-    Args:
-        class_name: the class, as the vocabulary names it.
-        question: a format string with one ``{}``; default the authors' question.
-        articles: ``a`` keeps the question as written (the authors ask "Is there a apple");
-            ``a-an`` writes "an" before a vowel-initial class when the placeholder follows "a "
-            (POPE's published questions).
-
-    Example:
-        >>> question_text("apple", articles="a-an")
-        "Is there an apple in the image? Only answer with 'yes' or 'no'."
-    """
-    if articles not in ARTICLES:
-        raise AuditError(f"articles: {articles!r} is not one of {', '.join(ARTICLES)}")
-    vowel = bool(class_name) and class_name[0].lower() in "aeiou"
-    if articles == "a-an" and vowel and " a {}" in question:
-        question = question.replace(" a {}", " an {}", 1)
-    return question.format(class_name)
 
 
 __all__ = [

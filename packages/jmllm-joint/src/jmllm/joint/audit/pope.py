@@ -3,37 +3,17 @@ first-token logit rule, per split, averaged and pooled.
 
 POPE (Li et al., EMNLP 2023) asks ``Is there a {object} in the image?`` about COCO val2014
 images, half the objects present, half absent, in three splits that differ by how the absent
-objects were drawn (``random``, ``popular``, ``adversarial``). Its official files
-(``AoiDragon/POPE``, ``output/coco/coco_pope_{split}.json``) are JSON Lines with one question a
-line: ``question_id``, ``image`` (a file name of the image folder), ``text`` and ``label``
-(``yes``/``no``). :func:`load_pope` reads them as they are.
+objects were drawn (``random``, ``popular``, ``adversarial``). :mod:`jmllm.joint.audit.pope_files`
+reads its official files (:func:`load_pope`); :mod:`jmllm.joint.audit.pope_rules` holds the
+rules of the three harnesses that published POPE numbers (``llava``, ``lmms-eval``,
+``vlmevalkit``) and the ``first-token`` rule (:func:`rule_prediction`, :func:`rule_metrics`).
 
-Published POPE numbers come from three harnesses that read the same answers differently
-(:func:`rule_prediction`, :func:`rule_metrics`):
-
-``llava`` (LLaVA's ``llava/eval/eval_pope.py``, identical to POPE's ``evaluate.py``)
-    keep the text before the first ``.``, drop commas, split on spaces: a word ``No``, ``no``
-    or ``not`` means no, anything else yes. Every answer is yes or no. Metrics per split; LLaVA's
-    MODEL_ZOO quotes the **mean** of the three splits' F1.
-``lmms-eval`` (``lmms_eval/tasks/pope/utils.py``)
-    the answer lower-cased and stripped must equal ``yes`` or ``no`` exactly; anything else is
-    wrong for accuracy and left out of recall (it is neither a true positive nor a false
-    negative). Its ``pope`` task scores its test split's rows in one pool; ``pope_full`` reports
-    each split.
-``vlmevalkit`` (VLMEvalKit's ``YOrN_Extraction`` and ``POPE_rating``)
-    VQA punctuation processing, lower case, words: ``yes`` without ``no`` is Yes, ``no`` without
-    ``yes`` is No, anything else Unknown (its optional GPT matching of Unknown answers is not
-    run). Unknown is wrong for accuracy and counts as a "no" prediction for precision, recall
-    and F1. Its headline ("Overall") is **one F1 pooled** over the splits' rows.
-``first-token``
-    no text at all: the first answer token's log-odds of yes against no,
-    ``logsumexp(logits[yes ids]) - logsumexp(logits[no ids])`` over the tokenizer's single-token
-    spellings of yes/no (:func:`yes_no_token_ids`), compared with a threshold (0 by default);
-    :func:`threshold_curve` gives the metrics at every threshold.
-
-Metrics (:func:`rule_metrics`): accuracy = (TP + TN) / n, precision = TP / (TP + FP),
-recall = TP / (TP + FN) (each rule's FN, see above), F1 = 2PR / (P + R), yes-ratio = predicted
-yes / n. A ratio with a zero denominator is ``None``, never 0 (the harnesses print 0 or fail).
+This module scores a run's answers: every split under a rule, their mean and the rows pooled
+(:func:`split_metrics`), percentile bootstrap intervals over images
+(:func:`bootstrap_intervals`), the first-token rule's threshold curve
+(:func:`threshold_curve`), J's errors split by OWL-ViT's evidence
+(:func:`perception_vs_language`) and where the rules disagree (:func:`disagreements`). It still
+exports every name of the files and the rules.
 
 Example:
     >>> rule_prediction("No, there is not.", "llava"), rule_prediction("Yes.", "lmms-eval")
@@ -44,485 +24,39 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jmllm.align.files import resolve_inside
-from jmllm.align.options import clip
-from jmllm.joint.audit.data import AuditError
-
-POPE_SPLITS = ("random", "popular", "adversarial")
-POPE_RULES = ("llava", "lmms-eval", "vlmevalkit", "first-token")
-POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
-# The post-prompt of LLaVA-1.5's POPE question file (llava_pope_test.jsonl) and lmms-eval's task
-SINGLE_WORD_PROMPT = "\nAnswer the question using a single word or phrase."
-POPE_QUESTION = "{}" + SINGLE_WORD_PROMPT  # the file's question, then the post-prompt
-# The rows of AoiDragon/POPE's random split at commit e3e3926, which LLaVA's evaluation pinned;
-# later commits have 3,000 (AoiDragon/POPE#17).
-RANDOM_ROWS_PINNED_BY_LLAVA = 2910
-_QUESTION_OBJECT = re.compile(r"^\s*is there an? (.+?) in the image\s*\?", re.IGNORECASE)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PopeRow:
-    """One POPE question as its file gives it.
-
-    Attributes:
-        split: ``random``, ``popular`` or ``adversarial``; line: its line in the file (1-based).
-        question_id, image, text, label: the file's fields (label ``yes`` or ``no``).
-        object: the object the question names (``Is there a {object} in the image?``), or None
-            for a question of another form (no OWL-ViT evidence is read for it).
-    """
-
-    split: str
-    line: int
-    question_id: Any
-    image: str
-    text: str
-    label: str
-    object: str | None
-
-    @property
-    def present(self) -> bool:
-        return self.label == "yes"
-
-
-@dataclass(frozen=True)
-class PopeSplitFile:
-    """A split's file: where it is, how many rows, its SHA-256 (which version of POPE)."""
-
-    split: str
-    path: Path
-    rows: int
-    sha256: str
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "file": str(self.path),
-            "rows": self.rows,
-            "sha256": self.sha256,
-        }
-        if self.split == "random" and self.rows == RANDOM_ROWS_PINNED_BY_LLAVA:
-            doc["note"] = (
-                "2,910 rows: POPE's random split as of commit e3e3926, the version LLaVA's "
-                "evaluation pinned (later versions have 3,000)"
-            )
-        return doc
-
-
-@dataclass
-class PopeData:
-    """POPE's questions (every split given) and the folder of their images."""
-
-    rows: list[PopeRow]
-    files: dict[str, PopeSplitFile]
-    images: Path
-    excluded_images: int = 0  # left out by ``limit``
-
-    @property
-    def splits(self) -> list[str]:
-        return [s for s in POPE_SPLITS if s in self.files]
-
-    def image_names(self) -> list[str]:
-        """Every image, once, in the order of first appearance (splits in POPE's order)."""
-        return list(dict.fromkeys(r.image for r in self.rows))
-
-    def questions(self) -> dict[str, list[PopeRow]]:
-        """image → its distinct questions (one row per distinct text, first appearance): the
-        splits share their positive questions, which are asked once."""
-        out: dict[str, dict[str, PopeRow]] = {}
-        for row in self.rows:
-            out.setdefault(row.image, {}).setdefault(row.text, row)
-        return {image: list(rows.values()) for image, rows in out.items()}
-
-
-def find_pope_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
-    """The split files of a folder: ``*pope_{split}.json`` or ``.jsonl`` (POPE's
-    ``coco_pope_random.json`` …), in the folder or its ``pope/`` subfolder.
-
-    Raises:
-        AuditError: no such folder, no split file, or two files for one split.
-
-    Example:
-        >>> find_pope_files("POPE/output/coco")  # doctest: +SKIP
-        {'random': PosixPath('POPE/output/coco/coco_pope_random.json'), ...}
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise AuditError(f"{root}: no such POPE folder")
-    for where in (root, root / "pope"):
-        found: dict[str, Path] = {}
-        for split in POPE_SPLITS:
-            names = sorted(
-                p
-                for pattern in (f"*pope_{split}.json", f"*pope_{split}.jsonl")
-                for p in where.glob(pattern)
-                if p.is_file()
-            )
-            if len(names) > 1:
-                listed = ", ".join(p.name for p in names)
-                raise AuditError(f"{where}: several files for POPE's {split} split ({listed})")
-            if names:
-                found[split] = names[0]
-        if found:
-            return found
-    raise AuditError(
-        f"{root}: no POPE split file (expected *pope_random.json, *pope_popular.json, "
-        "*pope_adversarial.json, here or in pope/)"
-    )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def question_object(text: str) -> str | None:
-    """The object of a POPE question, or None for another form.
-
-    Example:
-        >>> question_object("Is there a dining table in the image?"), question_object("Why?")
-        ('dining table', None)
-    """
-    match = _QUESTION_OBJECT.match(text)
-    return " ".join(match.group(1).split()) if match else None
-
-
-def _image_name(value: Any, where: str, images: Path) -> str:
-    if not isinstance(value, str) or not value.strip():
-        shown = clip(repr(value)) if isinstance(value, str) else type(value).__name__
-        raise AuditError(f"{where}: 'image' must be a non-empty file name, got {shown}")
-    name = value.strip()
-    try:  # inside the image folder: no absolute path, no "..", no link that leads out
-        resolve_inside(images, name, f"{where}: image")
-    except ValueError as exc:
-        raise AuditError(str(exc)) from None
-    return name
-
-
-def read_split(path: str | os.PathLike[str], split: str, images: Path) -> list[PopeRow]:
-    """The rows of one split file (JSON Lines; blank lines skipped).
-
-    Raises:
-        AuditError: unreadable file, a line that is not a JSON object with ``question_id``,
-            ``image``, ``text`` and a ``label`` of ``yes``/``no``, or a question id twice.
-    """
-    file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuditError(f"{file}: cannot read ({exc})") from None
-    rows: list[PopeRow] = []
-    seen: set[str] = set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{file}:{number}"
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AuditError(f"{where}: not valid JSON ({exc.msg})") from None
-        except RecursionError:
-            raise AuditError(f"{where}: not valid JSON (nested too deeply)") from None
-        if not isinstance(doc, dict):
-            raise AuditError(f"{where}: expected a JSON object")
-        missing = [k for k in ("question_id", "image", "text", "label") if k not in doc]
-        if missing:
-            raise AuditError(f"{where}: missing {', '.join(missing)}")
-        label = str(doc["label"]).strip().lower()
-        if label not in ("yes", "no"):
-            raise AuditError(f"{where}: label must be yes or no, got {clip(repr(doc['label']))}")
-        text = doc["text"]
-        if not isinstance(text, str) or not text.strip():
-            raise AuditError(f"{where}: 'text' must be a non-empty question")
-        key = json.dumps(doc["question_id"])
-        if key in seen:
-            raise AuditError(f"{where}: question_id {doc['question_id']!r} appears twice")
-        seen.add(key)
-        rows.append(
-            PopeRow(
-                split=split,
-                line=number,
-                question_id=doc["question_id"],
-                image=_image_name(doc["image"], where, images),
-                text=text.strip(),
-                label=label,
-                object=question_object(text),
-            )
-        )
-    if not rows:
-        raise AuditError(f"{file}: no questions")
-    return rows
-
-
-def load_pope(
-    folder: str | os.PathLike[str],
-    images: str | os.PathLike[str],
-    splits: Sequence[str] | None = None,
-    limit: int | None = None,
-) -> PopeData:
-    """POPE's question files of a folder (:func:`find_pope_files`) and their image folder.
-
-    Args:
-        folder: the folder of ``coco_pope_{split}.json`` (e.g. ``POPE/output/coco``).
-        images: the folder the files' ``image`` names are in (COCO ``val2014``).
-        splits: the splits to read (default every split found).
-        limit: keep only the first ``limit`` images (order of first appearance) and their rows.
-
-    Returns:
-        :class:`PopeData`.
-
-    Raises:
-        AuditError: a missing folder or split, a malformed file.
-
-    Example:
-        >>> data = load_pope("POPE/output/coco", "coco/val2014")  # doctest: +SKIP
-        >>> {s: f.rows for s, f in data.files.items()}  # doctest: +SKIP
-        {'random': 3000, 'popular': 3000, 'adversarial': 3000}
-    """
-    image_folder = Path(images)
-    if not image_folder.is_dir():
-        raise AuditError(f"{image_folder}: no such image folder")
-    found = find_pope_files(folder)
-    wanted = list(splits) if splits is not None else list(found)
-    for split in wanted:
-        if split not in POPE_SPLITS:
-            raise AuditError(f"split: {split!r} is not one of {', '.join(POPE_SPLITS)}")
-        if split not in found:
-            raise AuditError(f"{folder}: no file for POPE's {split} split")
-    rows: list[PopeRow] = []
-    files: dict[str, PopeSplitFile] = {}
-    for split in POPE_SPLITS:
-        if split not in wanted:
-            continue
-        split_rows = read_split(found[split], split, image_folder)
-        files[split] = PopeSplitFile(split, found[split], len(split_rows), _sha256(found[split]))
-        rows.extend(split_rows)
-    excluded = 0
-    if limit is not None:
-        if limit < 1:
-            raise AuditError(f"limit: must be at least 1, got {limit}")
-        names = list(dict.fromkeys(r.image for r in rows))
-        kept = set(names[:limit])
-        excluded = len(names) - len(kept)
-        rows = [r for r in rows if r.image in kept]
-    return PopeData(rows, files, image_folder, excluded)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring rules
-# ---------------------------------------------------------------------------------------------
-
-
-def llava_rule(text: str) -> str:
-    """LLaVA's (and POPE's) rule: ``"no"`` if the first sentence has the word No/no/not.
-
-    Example:
-        >>> llava_rule("Yes, there is a dog."), llava_rule("There is no dog."), llava_rule("NO")
-        ('yes', 'no', 'yes')
-    """
-    if text.find(".") != -1:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
-
-
-def lmms_eval_rule(text: str) -> str:
-    """lmms-eval's rule: the answer lower-cased and stripped is exactly ``yes`` or ``no``;
-    anything else is ``"other"``.
-
-    Example:
-        >>> lmms_eval_rule(" Yes\\n"), lmms_eval_rule("Yes."), lmms_eval_rule("no")
-        ('yes', 'other', 'no')
-    """
-    pred = text.lower().strip()
-    return pred if pred in ("yes", "no") else "other"
-
-
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
-                "<", "@", "`", ",", "?", "!")  # fmt: skip
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
-
-
-def vqa_punctuation(text: str) -> str:
-    """The VQA evaluation's punctuation processing, as VLMEvalKit's ``process_punctuation``
-    applies it: a mark next to a space (or any text with a comma between digits) is deleted,
-    otherwise replaced by a space; periods not between digits are deleted (at most 32, as the
-    original passes ``re.UNICODE`` where ``re.sub`` takes its count).
-
-    Example:
-        >>> vqa_punctuation("yes, it is"), vqa_punctuation("yes/no")
-        ('yes it is', 'yes no')
-    """
-    out = text
-    number_comma = _COMMA_IN_NUMBER.search(text) is not None
-    for mark in _PUNCTUATION:
-        if (mark + " " in text or " " + mark in text) or number_comma:
-            out = out.replace(mark, "")
-        else:
-            out = out.replace(mark, " ")
-    return _PERIOD.sub("", out, count=int(re.UNICODE))
-
-
-def vlmevalkit_rule(text: str) -> str:
-    """VLMEvalKit's ``YOrN_Extraction``: ``"yes"`` when the words hold yes but not no,
-    ``"no"`` when they hold no but not yes, otherwise ``"other"`` (its Unknown).
-
-    Example:
-        >>> vlmevalkit_rule("Yes."), vlmevalkit_rule("No, it is not."), vlmevalkit_rule("yes or no")
-        ('yes', 'no', 'other')
-    """
-    words = vqa_punctuation(text.lower()).split()
-    if "yes" in words and "no" not in words:
-        return "yes"
-    if "no" in words and "yes" not in words:
-        return "no"
-    return "other"
-
-
-def rule_prediction(
-    answer: str, rule: str, margin: float | None = None, threshold: float = 0.0
-) -> str:
-    """``"yes"``, ``"no"`` or ``"other"`` for one answer under a rule.
-
-    Args:
-        answer: the answer text.
-        rule: one of :data:`POPE_RULES`.
-        margin: the first token's yes-minus-no log-odds (``first-token`` only; None: ``"other"``).
-        threshold: ``first-token``: yes when the margin is above it.
-
-    Example:
-        >>> rule_prediction("", "first-token", margin=0.3), rule_prediction("", "first-token", 0.3, 1)
-        ('yes', 'no')
-    """
-    if rule == "llava":
-        return llava_rule(answer)
-    if rule == "lmms-eval":
-        return lmms_eval_rule(answer)
-    if rule == "vlmevalkit":
-        return vlmevalkit_rule(answer)
-    if rule == "first-token":
-        if margin is None or not math.isfinite(margin):
-            return "other"
-        return "yes" if margin > threshold else "no"
-    raise AuditError(f"rule: {rule!r} is not one of {', '.join(POPE_RULES)}")
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den > 0 else None
-
-
-def rule_metrics(rule: str, labels: Sequence[str], predictions: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1 and yes-ratio of predictions as ``rule``'s harness counts
-    them (see the module docstring), with the counts.
-
-    Args:
-        rule: one of :data:`POPE_RULES` (decides how ``"other"`` predictions count).
-        labels: ``"yes"``/``"no"`` per question.
-        predictions: ``"yes"``/``"no"``/``"other"`` per question.
-
-    Returns:
-        ``accuracy``, ``precision``, ``recall``, ``f1``, ``yes_ratio`` (None where undefined),
-        ``n``, ``tp``, ``fp``, ``tn``, ``fn``, ``other`` (answers neither yes nor no) and
-        ``other_present`` (of those, on present objects).
-
-    Example:
-        >>> rule_metrics("lmms-eval", ["yes", "yes", "no"], ["yes", "other", "no"])["recall"]
-        1.0
-        >>> rule_metrics("vlmevalkit", ["yes", "yes", "no"], ["yes", "other", "no"])["recall"]
-        0.5
-    """
-    if rule not in POPE_RULES:
-        raise AuditError(f"rule: {rule!r} is not one of {', '.join(POPE_RULES)}")
-    if len(labels) != len(predictions):
-        raise ValueError(f"{len(labels)} labels for {len(predictions)} predictions")
-    tp = fp = tn = fn = other = other_present = 0
-    for label, pred in zip(labels, predictions, strict=True):
-        if pred == "yes":
-            tp, fp = tp + (label == "yes"), fp + (label != "yes")
-        elif pred == "no":
-            fn, tn = fn + (label == "yes"), tn + (label != "yes")
-        else:
-            other += 1
-            other_present += label == "yes"
-    n = len(labels)
-    # vlmevalkit counts Unknown as a "no" prediction for recall; lmms-eval leaves it out
-    missed = fn + (other_present if rule == "vlmevalkit" else 0)
-    precision = _ratio(tp, tp + fp)
-    recall = _ratio(tp, tp + missed)
-    f1 = None
-    if precision is not None and recall is not None and precision + recall > 0:
-        f1 = 2 * precision * recall / (precision + recall)
-    return {
-        "accuracy": _ratio(tp + tn, n),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": _ratio(tp + fp, n),
-        "n": n,
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
-        "other": other,
-        "other_present": other_present,
-    }
-
-
-def yes_no_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The token ids that spell yes and no whole as a first answer token: each spelling (``Yes``,
-    ``yes``, ``YES``, with and without a leading space) that the tokenizer encodes as one token.
-
-    Example:
-        >>> yes_no_token_ids(model.tokenizer)  # LLaVA-1.5's Llama tokenizer  # doctest: +SKIP
-        ([3869, 4874, 21143], [1939, 694, 11698])
-    """
-    found: dict[str, list[int]] = {"yes": [], "no": []}
-    for word in ("yes", "no"):
-        for spelling in (word.capitalize(), word, word.upper()):
-            for text in (spelling, " " + spelling):
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                if len(ids) == 1 and int(ids[0]) not in found[word]:
-                    found[word].append(int(ids[0]))
-    return found["yes"], found["no"]
-
-
-def first_token_margin(logits: Any, yes_ids: Sequence[int], no_ids: Sequence[int]) -> float | None:
-    """``logsumexp(logits[yes_ids]) - logsumexp(logits[no_ids])`` of one first answer token
-    (None without yes or no ids).
-
-    Example:
-        >>> import torch
-        >>> round(first_token_margin(torch.tensor([0.0, 2.0, 1.0]), [1], [2]), 3)
-        1.0
-    """
-    import torch
-
-    if not yes_ids or not no_ids:
-        return None
-    row = torch.as_tensor(logits).float().flatten()
-    yes = torch.logsumexp(row[list(yes_ids)], dim=0)
-    no = torch.logsumexp(row[list(no_ids)], dim=0)
-    return float(yes - no)
-
+from jmllm.joint.audit.data import AuditError  # noqa: F401
+from jmllm.joint.audit.pope_files import (
+    POPE_QUESTION,
+    POPE_SPLITS,
+    RANDOM_ROWS_PINNED_BY_LLAVA,  # noqa: F401
+    SINGLE_WORD_PROMPT,
+    PopeData,
+    PopeRow,
+    PopeSplitFile,
+    find_pope_files,
+    load_pope,
+    question_object,
+    read_split,
+)
+from jmllm.joint.audit.pope_rules import (
+    POPE_METRICS,
+    POPE_RULES,
+    first_token_margin,
+    llava_rule,
+    lmms_eval_rule,
+    rule_metrics,
+    rule_prediction,
+    vlmevalkit_rule,
+    vqa_punctuation,
+    yes_no_token_ids,  # noqa: F401
+)
 
 # ---------------------------------------------------------------------------------------------
 # Scoring a run
@@ -581,7 +115,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def split_metrics(scored: Sequence[ScoredRow], rule: str, splits: Sequence[str]) -> dict[str, Any]:
-    """``{split: metrics, "mean": …, "pooled": …}``: every split's :func:`rule_metrics`, their
+    """``{split: metrics, "mean": …, "pooled": …}``: every split's :func:`~jmllm.joint.audit.pope_rules.rule_metrics`, their
     mean (LLaVA's MODEL_ZOO figure; a metric undefined in one split is undefined in the mean)
     and the metrics of all rows pooled (VLMEvalKit's Overall, lmms-eval's ``pope`` task)."""
     out: dict[str, Any] = {}
@@ -603,7 +137,7 @@ def _ratio_array(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def metrics_from_counts(counts: np.ndarray, rule: str) -> dict[str, np.ndarray]:
-    """:func:`rule_metrics` of summed counts, vectorised: ``counts`` (..., 6) holds TP, FP, TN,
+    """:func:`~jmllm.joint.audit.pope_rules.rule_metrics` of summed counts, vectorised: ``counts`` (..., 6) holds TP, FP, TN,
     FN, other answers on present objects, other answers on absent ones; NaN where undefined."""
     tp, fp, tn, fn, other_pos, other_neg = np.moveaxis(np.asarray(counts, float), -1, 0)
     n = tp + fp + tn + fn + other_pos + other_neg

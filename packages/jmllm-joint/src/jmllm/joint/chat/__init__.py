@@ -4,7 +4,6 @@ Before 0.2 ``jmllm.joint.chat`` was one module, now :mod:`jmllm.joint.chat.templ
 is importable from here as before.
 """
 
-from jmllm.joint.compat import forward_to
 from jmllm.joint.chat import templates as _templates
 from jmllm.joint.chat.templates import (
     AUTHORS_REPLY_MARK,
@@ -15,17 +14,18 @@ from jmllm.joint.chat.templates import (
     INTERACTIVE_TEMPLATE,
     LLAVA_TEMPLATES,
     PAPER_TEMPLATE,
-    authors_reply,
     ChatTurn,
-    check_question,
     Conversation,
     ConversationTemplate,
+    JointAnswer,
+    PromptError,
+    authors_reply,
+    check_question,
     format_conversation,
     format_prompt,
     get_template,
-    JointAnswer,
-    PromptError,
 )
+from jmllm.joint.compat import forward_to
 
 __all__ = [
     "AUTHORS_REPLY_MARK",
@@ -36,16 +36,16 @@ __all__ = [
     "INTERACTIVE_TEMPLATE",
     "LLAVA_TEMPLATES",
     "PAPER_TEMPLATE",
-    "authors_reply",
     "ChatTurn",
-    "check_question",
     "Conversation",
     "ConversationTemplate",
+    "JointAnswer",
+    "PromptError",
+    "authors_reply",
+    "check_question",
     "format_conversation",
     "format_prompt",
     "get_template",
-    "JointAnswer",
-    "PromptError",
 ]
 
 __getattr__ = forward_to(_templates, __name__)

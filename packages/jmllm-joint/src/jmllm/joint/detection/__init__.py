@@ -9,11 +9,11 @@ from jmllm.joint.detection import heads as _heads
 from jmllm.joint.detection.heads import (
     DEFAULT_NMS_IOU,
     DEFAULT_THRESHOLD,
+    Detections,
     batched_nms,
     box_iou,
     cxcywh_to_xyxy,
     decode_detections,
-    Detections,
     nms,
     owl_detection_heads,
 )
@@ -21,11 +21,11 @@ from jmllm.joint.detection.heads import (
 __all__ = [
     "DEFAULT_NMS_IOU",
     "DEFAULT_THRESHOLD",
+    "Detections",
     "batched_nms",
     "box_iou",
     "cxcywh_to_xyxy",
     "decode_detections",
-    "Detections",
     "nms",
     "owl_detection_heads",
 ]

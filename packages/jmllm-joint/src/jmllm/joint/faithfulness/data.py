@@ -221,7 +221,7 @@ def coco_source(
     """A COCO-format dataset (``instances_*.json`` and its image folder) as a source.
 
     Images without any box are left out; classes of an image without a valid box are not
-    explained (their count is :attr:`~jmllm.joint.audit.data.AuditDataset.skipped_boxes`).
+    explained (their count is :attr:`~jmllm.joint.audit.dataset.AuditDataset.skipped_boxes`).
 
     Raises:
         FaithfulnessDataError: malformed annotations, or no image with a box.

@@ -16,15 +16,15 @@ from jmllm.joint.model.joint import (
     DTYPES,
     MAX_IMAGE_SIDE,
     QUERY_CACHE_SIZE,
-    as_dtype,
-    check_compatible,
-    check_local_source,
     ImageInput,
     JointEmbedding,
     JointModel,
     JointModelError,
-    logger,
     Vision,
+    as_dtype,
+    check_compatible,
+    check_local_source,
+    logger,
 )
 
 __all__ = [
@@ -37,15 +37,15 @@ __all__ = [
     "DTYPES",
     "MAX_IMAGE_SIDE",
     "QUERY_CACHE_SIZE",
-    "as_dtype",
-    "check_compatible",
-    "check_local_source",
     "ImageInput",
     "JointEmbedding",
     "JointModel",
     "JointModelError",
-    "logger",
     "Vision",
+    "as_dtype",
+    "check_compatible",
+    "check_local_source",
+    "logger",
 ]
 
 __getattr__ = forward_to(_joint, __name__)

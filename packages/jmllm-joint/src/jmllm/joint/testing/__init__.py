@@ -10,6 +10,7 @@ from jmllm.joint.testing.checkpoints import (
     COCO_FIXTURE_CLASSES,
     PUBLISHED,
     TINY_FAMILIES,
+    TinyJoint,
     build_tiny_family,
     build_tiny_family_joint,
     build_tiny_joint,
@@ -21,7 +22,6 @@ from jmllm.joint.testing.checkpoints import (
     record_prompts,
     tiny_family_joint_model,
     tiny_joint_model,
-    TinyJoint,
     write_coco_folder,
     write_image_folder,
 )
@@ -30,6 +30,7 @@ __all__ = [
     "COCO_FIXTURE_CLASSES",
     "PUBLISHED",
     "TINY_FAMILIES",
+    "TinyJoint",
     "build_tiny_family",
     "build_tiny_family_joint",
     "build_tiny_joint",
@@ -41,7 +42,6 @@ __all__ = [
     "record_prompts",
     "tiny_family_joint_model",
     "tiny_joint_model",
-    "TinyJoint",
     "write_coco_folder",
     "write_image_folder",
 ]

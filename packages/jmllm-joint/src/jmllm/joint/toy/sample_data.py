@@ -16,7 +16,7 @@ correctly. :func:`write_sample_data` writes into ``OUT``:
 - ``pope/toy_pope_{random,popular,adversarial}.json``: POPE's three splits in POPE's own format
   (JSON Lines of ``question_id``, ``image``, ``text`` ``Is there a {shape} in the image?``,
   ``label``), over the ``coco`` scenes: per scene its first shape (a "yes") and one absent shape
-  (a "no") drawn as POPE draws its negatives (:func:`jmllm.joint.audit.data.plan_questions`
+  (a "no") drawn as POPE draws its negatives (:func:`jmllm.joint.audit.questions.plan_questions`
   with ``k=1``): uniformly, the most frequent shape, or the shape most often seen with the
   positive one; for ``jmllm-joint hallucination-audit --benchmark pope``;
 - ``chair/synonyms.txt``: a CHAIR-style synonym list of the four shapes (one shape a line, its
