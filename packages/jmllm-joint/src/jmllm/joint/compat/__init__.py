@@ -6,12 +6,8 @@ became packages (``jmllm.joint.model``, ``.chat``, ``.audit``, ``.wsol``, ...) k
 without a warning: each package re-exports what the module exported.
 
 Example:
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
-    ...     from jmllm.joint.drawing import query_colour
-    >>> query_colour.__module__, caught[0].category.__name__
-    ('jmllm.joint.render.drawing', 'DeprecationWarning')
+    >>> moved_to("jmllm.joint.explain_report")  # import it, and a DeprecationWarning says so
+    'jmllm.joint.render.explanation'
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ The package's parts, each importing only those before it:
 files). The methods are :mod:`jmllm.joint.saliency.attribution`.
 
 Example:
-    >>> from jmllm.joint.faithfulness import ToySource, run_faithfulness, write_faithfulness_report
+    >>> from jmllm.joint.faithfulness import ToySource, run_faithfulness
+    >>> from jmllm.joint.faithfulness.report import write_faithfulness_report
     >>> result = run_faithfulness(model, ToySource(scenes=100), "faith-out")  # doctest: +SKIP
     >>> report = write_faithfulness_report(result, "faith-out")  # doctest: +SKIP
     >>> report.summary["methods"]["ga"]["deletion_auc"]  # doctest: +SKIP
