@@ -208,7 +208,7 @@ def test_detect_loads_only_owlvit(
         raise AssertionError("detect must not load LLaVA")
 
     monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained", no_llava)
-    monkeypatch.setattr("jmllm.joint.model.joint.load_alignment", no_llava)
+    monkeypatch.setattr("jmllm.joint.model.loading.load_alignment", no_llava)
     code, out, _ = _run(_argv("detect", image=image_file, out=tmp_path / "t"), capsys)
     assert code == 0 and "Report:" in out
     # no --alignment needed for detection with real (here: local) checkpoints either
