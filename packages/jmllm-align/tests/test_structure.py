@@ -264,12 +264,12 @@ def test_the_trainer_parts_import_only_those_above_them():
     assert parts == set(TRAINER_PARTS)
 
 
-SALIENCY_PARTS = ["gradients", "maps", "answers", "api"]
+SALIENCY_PARTS = ["gradients", "maps", "answers", "results", "api"]
 
 
 def test_the_saliency_parts_import_only_those_above_them():
-    """jmllm.joint.saliency reads the same way: gradient math, maps, answers, then the API (and
-    the package's __init__ only re-exports)."""
+    """jmllm.joint.saliency reads the same way: gradient math, maps, answers, results, then the
+    API (and the package's __init__ only re-exports)."""
     for position, part in enumerate(SALIENCY_PARTS):
         name = f"jmllm.joint.saliency.{part}"
         path, _ = MODULES[name]

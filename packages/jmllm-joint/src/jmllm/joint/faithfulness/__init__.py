@@ -4,9 +4,12 @@ The package's parts, each importing only those before it:
 :mod:`~jmllm.joint.faithfulness.metrics` (deletion and insertion curves, pointing, similarity),
 :mod:`~jmllm.joint.faithfulness.cascade` (the model-randomisation cascade, in place),
 :mod:`~jmllm.joint.faithfulness.data` (what is explained: the toy world, COCO, a boxes folder),
-:mod:`~jmllm.joint.faithfulness.run` (the resumable, splittable run) and
-:mod:`~jmllm.joint.faithfulness.report` (the aggregate with intervals and paired tests, and its
-files). The methods are :mod:`jmllm.joint.saliency.attribution`.
+:mod:`~jmllm.joint.faithfulness.run` (the resumable, splittable run),
+:mod:`~jmllm.joint.faithfulness.summary` (the aggregate with intervals and paired tests),
+:mod:`~jmllm.joint.faithfulness.figures` (its pictures) and
+:mod:`~jmllm.joint.faithfulness.report` (its files: the tables and the page; every name of the
+two before it is importable from there too). The methods are
+:mod:`jmllm.joint.saliency.attribution`.
 
 Example:
     >>> from jmllm.joint.faithfulness import ToySource, run_faithfulness

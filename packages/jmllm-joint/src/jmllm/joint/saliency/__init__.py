@@ -39,8 +39,10 @@ forward — is :func:`naive_owl_gradients`; tests and ``benchmarks/ga_saliency.p
 The package's parts, each importing only those before it: :mod:`~jmllm.joint.saliency.gradients`
 (O^OWL as a function of ``t``, its gradients, the similarities), :mod:`~jmllm.joint.saliency.maps`
 (the weightings and the painted maps), :mod:`~jmllm.joint.saliency.answers` (the answer's tokens
-and words, the target) and :mod:`~jmllm.joint.saliency.api` (:class:`GradientAlignment` and its
-results). Every name is importable from ``jmllm.joint.saliency``.
+and words, the target), :mod:`~jmllm.joint.saliency.results` (:class:`GAResult` and
+:class:`AnswerExplanation`, the results and their maps) and :mod:`~jmllm.joint.saliency.api`
+(:class:`GradientAlignment`, which computes them). Every name is importable from
+``jmllm.joint.saliency``.
 """
 
 from __future__ import annotations
