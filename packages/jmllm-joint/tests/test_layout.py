@@ -192,3 +192,15 @@ def test_the_warning_points_at_the_importing_line() -> None:
         import jmllm.joint.pope  # noqa: F401
 
     assert caught[0].filename == __file__
+
+
+def test_the_architecture_page_draws_the_layers_and_has_a_row_per_sub_package() -> None:
+    """docs/architecture.md: the Mermaid diagrams (the layers, t's data flow) and one table row
+    per sub-package (the docs test of jmllm-align checks that every module is named)."""
+    page = (PACKAGE.parents[4] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert page.count("```mermaid") >= 2
+    rows = {line.split("|")[1].strip(" `") for line in page.splitlines() if line.startswith("| `")}
+    assert {f"jmllm.joint.{name}" for name in RANK if name != "compat"} <= rows
+    for name in RANK:
+        if name != "compat":
+            assert f'{name}["{name} — ' in page, f"{name} is not drawn in the layers diagram"
