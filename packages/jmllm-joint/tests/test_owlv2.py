@@ -1,0 +1,136 @@
+"""OWLv2 as J's vision side: loading, its padded-square pixels, ``t``, and detections (class
+logits, boxes with its box bias, objectness) equal to stock ``Owlv2ForObjectDetection``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jmllm.joint import JointModel
+from jmllm.joint.model.base import JointModelError
+from jmllm.joint.testing import TinyJoint, build_tiny_owlv2_joint, generated_images
+
+QUERIES = ["cat", "dog", "a red ball"]
+TEMPLATE = "a photo of a {}"
+
+
+@pytest.fixture(scope="session")
+def owlv2_paths(tiny_joint_paths: TinyJoint) -> TinyJoint:
+    return build_tiny_owlv2_joint(tiny_joint_paths.root)
+
+
+@pytest.fixture(scope="session")
+def owlv2_joint(owlv2_paths: TinyJoint) -> JointModel:
+    """Tiny OWLv2 + tiny LLaVA + a W fitted to them (float32, CPU). Shared: do not modify."""
+    return JointModel.from_pretrained(
+        owlv2_paths.owl, owlv2_paths.llava, owlv2_paths.alignment, device="cpu"
+    )
+
+
+@pytest.fixture(scope="session")
+def stock(owlv2_paths: TinyJoint):
+    from transformers import AutoProcessor, Owlv2ForObjectDetection
+
+    model = Owlv2ForObjectDetection.from_pretrained(owlv2_paths.owl).eval()
+    return model, AutoProcessor.from_pretrained(owlv2_paths.owl)
+
+
+def _images() -> list[Image.Image]:
+    square, wide = generated_images(2, size=64, seed=5)
+    tall = Image.fromarray((np.random.RandomState(3).rand(150, 70, 3) * 255).astype(np.uint8))
+    return [square, wide.resize((200, 90)), tall]
+
+
+def test_owlv2_is_picked_from_its_config(owlv2_joint: JointModel):
+    assert type(owlv2_joint.owl).__name__ == "Owlv2ForObjectDetection"
+    assert owlv2_joint.pads_to_square and owlv2_joint.owl_grid == (8, 8)
+    # the 8x8 grid is resampled onto the tiny LLaVA's 6x6
+    emb = owlv2_joint.embed(_images()[:1])
+    assert emb.t.shape == (1, 65, 32)
+    assert owlv2_joint.image_tokens(emb.t).shape == (1, 36, 48)
+
+
+def test_owlvit_is_unchanged(tiny_joint: JointModel):
+    assert not tiny_joint.pads_to_square
+    emb = tiny_joint.embed(_images()[:1])
+    out = tiny_joint.detection_outputs(emb.t, tiny_joint.encode_queries(["cat"]))
+    assert out.objectness is None
+    dets = tiny_joint.detect(emb, ["cat"], threshold=0.0)[0]
+    assert dets.objectness is None and "objectness" not in dets.to_records()[0]
+
+
+def test_other_detectors_are_refused_in_one_line(tmp_path, owlv2_paths: TinyJoint):
+    from transformers import CLIPVisionConfig
+
+    CLIPVisionConfig().save_pretrained(tmp_path)
+    with pytest.raises(JointModelError, match=r"not 'owlvit' or 'owlv2'") as info:
+        JointModel.detector(tmp_path, device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_embed_feeds_exactly_the_stock_processors_pixels(owlv2_joint: JointModel, stock):
+    model, processor = stock
+    images = _images()
+    emb = owlv2_joint.embed(images)
+    for i, image in enumerate(images):
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        ours = owlv2_joint.owl_norm([emb.images[i]], "cpu", "exif")
+        assert torch.equal(ours, pixels)
+        with torch.no_grad():
+            hidden = model.owlv2.vision_model(pixels, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(emb.t[i : i + 1], hidden[-2], rtol=0, atol=1e-5)
+
+
+def test_detections_equal_stock_owlv2(owlv2_joint: JointModel, stock):
+    """Class logits, boxes (with OWLv2's box bias) and objectness logits from ``t`` equal the
+    stock forward on the same image, float32, within 1e-5; the boxes in pixels equal the
+    processor's post-processing (scaled by the padded square's side)."""
+    model, processor = stock
+    images = _images()
+    emb = owlv2_joint.embed(images)
+    queries = owlv2_joint.encode_queries(QUERIES, TEMPLATE)
+    texts = [TEMPLATE.format(q) for q in QUERIES]
+    for i, image in enumerate(images):
+        inputs = processor(text=[texts], images=image, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs)
+            ours = owlv2_joint.detection_outputs(emb.t[i : i + 1], queries)
+        assert ours.objectness is not None
+        torch.testing.assert_close(ours.class_logits, out.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.boxes, out.pred_boxes, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.objectness, out.objectness_logits, rtol=0, atol=1e-5)
+        width, height = image.size
+        (post,) = processor.image_processor.post_process_object_detection(
+            out, threshold=0.0, target_sizes=[(height, width)]
+        )
+        dets = owlv2_joint.detect(emb.select(i), QUERIES, threshold=0.0, template=TEMPLATE)[0]
+        expected = post["boxes"][dets.patches]  # the stock boxes of the same patches
+        expected[:, 0::2] = expected[:, 0::2].clamp(0, width)  # J clips to the image
+        expected[:, 1::2] = expected[:, 1::2].clamp(0, height)
+        torch.testing.assert_close(dets.boxes, expected, rtol=0, atol=1e-3)
+        torch.testing.assert_close(dets.scores, post["scores"][dets.patches], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            dets.objectness,
+            torch.sigmoid(out.objectness_logits[0, dets.patches]),
+            rtol=0,
+            atol=1e-6,
+        )
+        assert set(dets.to_records()[0]) == {"label", "score", "box", "patch", "objectness"}
+
+
+def test_objectness_is_differentiable_in_t(owlv2_joint: JointModel):
+    emb = owlv2_joint.embed(_images()[:1])
+    t = emb.t.clone().requires_grad_(True)
+    out = owlv2_joint.detection_outputs(t, owlv2_joint.encode_queries(["cat"]))
+    assert out.objectness is not None
+    (grad,) = torch.autograd.grad(out.objectness[0, 5], t)
+    assert grad.abs().sum() > 0
+
+
+def test_detector_alone_loads_owlv2(owlv2_paths: TinyJoint, owlv2_joint: JointModel):
+    det = JointModel.detector(owlv2_paths.owl, device="cpu")
+    assert not det.has_language and det.pads_to_square
+    emb = det.embed(_images()[1:2])
+    torch.testing.assert_close(emb.t, owlv2_joint.embed(_images()[1:2]).t)
