@@ -10,23 +10,10 @@ from PIL import Image
 
 from jmllm.joint import JointModel
 from jmllm.joint.model.base import JointModelError
-from jmllm.joint.testing import TinyJoint, build_tiny_owlv2_joint, generated_images
+from jmllm.joint.testing import TinyJoint, generated_images
 
 QUERIES = ["cat", "dog", "a red ball"]
 TEMPLATE = "a photo of a {}"
-
-
-@pytest.fixture(scope="session")
-def owlv2_paths(tiny_joint_paths: TinyJoint) -> TinyJoint:
-    return build_tiny_owlv2_joint(tiny_joint_paths.root)
-
-
-@pytest.fixture(scope="session")
-def owlv2_joint(owlv2_paths: TinyJoint) -> JointModel:
-    """Tiny OWLv2 + tiny LLaVA + a W fitted to them (float32, CPU). Shared: do not modify."""
-    return JointModel.from_pretrained(
-        owlv2_paths.owl, owlv2_paths.llava, owlv2_paths.alignment, device="cpu"
-    )
 
 
 @pytest.fixture(scope="session")

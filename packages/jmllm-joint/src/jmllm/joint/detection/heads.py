@@ -102,6 +102,21 @@ def pads_to_square(owl: Any) -> bool:
     return getattr(owl.config, "model_type", "owlvit") == "owlv2"
 
 
+def image_fraction_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """OWLv2's boxes (…, 4) ``cx, cy, w, h`` in fractions of the image padded to a square
+    (bottom and right) as fractions of the image itself, so they scale like OWL-ViT's squashed
+    boxes: x by the width, y by the height.
+
+    Example:
+        >>> image_fraction_boxes(torch.tensor([[0.25, 0.25, 0.5, 0.5]]), (200, 100)).tolist()
+        [[0.25, 0.5, 0.5, 1.0]]
+    """
+    width, height = image_size
+    side = max(width, height)
+    scale = torch.tensor([side / width, side / height] * 2, dtype=boxes.dtype, device=boxes.device)
+    return boxes * scale
+
+
 def owl_detection_heads(
     owl: Any, t: torch.Tensor, query_embeds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,7 +83,7 @@ def class_query_name(result: GAResult, query: int | str | None = None) -> str:
         'cat'
     """
     chosen = result.channel(query)
-    return "max" if chosen == "max" else result.queries[int(chosen)]
+    return str(chosen) if chosen in ("max", "objectness") else result.queries[int(chosen)]
 
 
 def class_query_rule(result: GAResult, query: int | str | None = None) -> str | None:

@@ -14,6 +14,7 @@ import torch
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
 from jmllm.joint.chat.templates import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
 from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION
+from jmllm.joint.detection.heads import image_fraction_boxes, pads_to_square
 from jmllm.joint.saliency.answers import (
     AnswerToken,
     AnswerWord,
@@ -27,9 +28,11 @@ from jmllm.joint.saliency.answers import (
 )
 from jmllm.joint.saliency.gradients import (
     BOX_CHANNELS,
+    OBJECTNESS_CHANNEL,
     OwlHeadGradients,
     _f32,
     cosine_similarities,
+    has_objectness,
     minmax,
     normalise_similarities,
 )
@@ -57,12 +60,14 @@ class GAResult:
         tokens: the explained answer token(s); a multi-token word lists all of its tokens.
         target: what was asked for (the word, or ``"#<position>"``).
         queries: the Q text queries (class channels, in order).
-        channels: channel names, ``queries + ["cx", "cy", "w", "h"]``.
+        channels: channel names, ``queries + ["cx", "cy", "w", "h"]`` (OWLv2: then
+            ``"objectness"``, and every (N, Q + 4) table below is (N, Q + 5)).
         similarities: (N, Q + 4) cosine ``s_{k,c}``.
         normalised: (N, Q + 4) class channels min–max normalised together, box channels together.
         numerators: (N, Q + 4) ``⟨g_{k,c}, g_L⟩``; norms: (N, Q + 4) ``‖g_{k,c}‖``.
         g_llm_norm: ``‖g_L‖``.
-        boxes: (N, 4) OWL-ViT boxes ``cx, cy, w, h`` in [0, 1]; boxes_xyxy: (N, 4) pixel ints.
+        boxes: (N, 4) OWL-ViT boxes ``cx, cy, w, h`` in [0, 1] of the image (OWLv2's mapped
+            back from its padded square); boxes_xyxy: (N, 4) pixel ints.
         class_scores: (N, Q) sigmoid detection scores for the queries.
         patch_gradient_norms: (N,) per-patch ‖g_L‖ (rows of ``t`` without CLS), the
             plain-gradient baseline.
@@ -74,7 +79,8 @@ class GAResult:
         class_query: which class channel the ``class`` map uses with several queries:
             ``"matching"`` (the default: the query naming the object the explained word refers
             to, see :func:`matching_query`), ``"first"`` (the letter of the authors' one-query
-            scripts) or ``"max"``. The three agree when there is one query.
+            scripts), ``"max"`` or ``"objectness"`` (OWLv2's objectness channel, whatever the
+            queries). The first three agree when there is one query.
         class_match: what ``"matching"`` picked for this result (:class:`QueryMatch`: the
             query's index, or None for the maximum over the queries, and the rule that chose).
         box_rounding: how box corners became pixels (``"truncate"``, the authors', or
@@ -109,7 +115,9 @@ class GAResult:
 
     @property
     def channels(self) -> list[str]:
-        return [*self.queries, *BOX_CHANNELS]
+        """Channel names: the queries, ``cx, cy, w, h`` and, with OWLv2, ``objectness``."""
+        extra = [OBJECTNESS_CHANNEL] if self.similarities.shape[-1] > self.num_queries + 4 else []
+        return [*self.queries, *BOX_CHANNELS, *extra]
 
     @property
     def num_queries(self) -> int:
@@ -251,7 +259,9 @@ class GradientAlignment:
             default: the query naming the object the explained word refers to, the head noun
             of its noun phrase, see :func:`matching_query`; the maximum over the queries when
             none does), ``"first"`` (the letter of the authors' scripts, written for one query:
-            the object itself) or ``"max"``. With one query all three are that query.
+            the object itself), ``"max"``, or ``"objectness"`` (OWLv2 only: its objectness
+            channel, independent of the queries). With one query the first three are that
+            query.
         cache_size: how many (image, queries) pairs keep their OWL side (gradient norms, boxes,
             scores), least recently used dropped first. 1 suits a script that explains one image
             at a time; an interactive session that goes back and forth between images or query
@@ -282,6 +292,10 @@ class GradientAlignment:
         self.progress = progress
         self.box_rounding = _check_choice("box_rounding", box_rounding, BOX_ROUNDINGS)
         self.class_query = _check_choice("class_query", class_query, CLASS_QUERY_MODES)
+        if class_query == OBJECTNESS_CHANNEL and not has_objectness(model.owl):
+            raise GAError(
+                "class_query: 'objectness' needs OWLv2's objectness head; J's OWL-ViT has none"
+            )
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[Any, ...], _Prepared] = OrderedDict()
 
@@ -339,7 +353,10 @@ class GradientAlignment:
         query_embeds = self.model.encode_queries(names, query_template)
         heads = OwlHeadGradients(self.model.owl, t.to(self.model.device), query_embeds)
         outputs = heads.outputs()
-        boxes = torch.sigmoid(outputs[:, heads.num_queries :])
+        Q = heads.num_queries
+        boxes = torch.sigmoid(outputs[:, Q : Q + 4])
+        if pads_to_square(self.model.owl):  # OWLv2: fractions of the padded square
+            boxes = image_fraction_boxes(boxes, image_size)
         prepared = _Prepared(
             t=heads.t.unsqueeze(0) if heads.t.dim() == 2 else heads.t,
             image_size=image_size,
