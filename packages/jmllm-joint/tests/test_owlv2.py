@@ -121,3 +121,82 @@ def test_detector_alone_loads_owlv2(owlv2_paths: TinyJoint, owlv2_joint: JointMo
     assert not det.has_language and det.pads_to_square
     emb = det.embed(_images()[1:2])
     torch.testing.assert_close(emb.t, owlv2_joint.embed(_images()[1:2]).t)
+
+
+def test_w_fits_owlv2_base_and_llava_published_shapes():
+    """OWLv2 base/16 (960 px, 60x60 grid, 768 wide) with LLaVA-1.5-7b: W's widths are 768 ->
+    4096 and its inputs are OWLv2's 60x60 patches resampled onto LLaVA's 24x24."""
+    from jmllm.align import alignment_config_for, encoder_dims
+    from jmllm.align.testing import llava_1_5_7b_config, owlv2_base_config
+    from jmllm.joint.model.base import check_compatible
+
+    owl, llava = owlv2_base_config(), llava_1_5_7b_config()
+    vision = owl.vision_config
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (960, 16, 768)
+    assert (vision.num_hidden_layers, vision.num_attention_heads) == (12, 12)
+    assert (owl.text_config.hidden_size, owl.projection_dim) == (512, 512)
+    dims = encoder_dims(owl, llava)
+    assert (dims.in_dim, dims.out_dim, dims.num_tokens) == (768, 4096, 576)
+    assert dims.source_grid == (60, 60) and dims.target_grid == (24, 24) and dims.resampled
+    check_compatible(alignment_config_for(owl, llava), owl, llava)  # passes silently
+
+
+def test_resampling_owlv2_grid_onto_llava_is_a_box_filter():
+    """60x60 -> 24x24: each target cell averages the source cells it covers (2.5 per axis,
+    sampled 3 times), so a constant grid stays constant and a smooth ramp stays monotone."""
+    from jmllm.align.families import resample_patches, vision_family
+    from jmllm.align.testing import llava_1_5_7b_config
+
+    layout = vision_family(llava_1_5_7b_config()).layout
+    const = torch.full((1, 3600, 2), 3.0)
+    torch.testing.assert_close(
+        resample_patches(const, (60, 60), layout), torch.full((1, 576, 2), 3.0)
+    )
+    ramp = torch.arange(60.0).repeat(60).view(1, 3600, 1)  # x coordinate of each patch
+    out = resample_patches(ramp, (60, 60), layout).view(24, 24)
+    assert bool((out[:, 1:] > out[:, :-1]).all()) and out[0, 0] < 2.0 and out[0, -1] > 57.0
+
+
+@pytest.mark.slow
+def test_owlv2_base_published_shape_detections_equal_stock(real_shapes):
+    """OWLv2 base/16 at its published widths and 960 px input (60x60 patches), one text layer
+    and two vision layers (which decide no shape), random weights: J's ``t`` and detections
+    (class logits, boxes, objectness) equal stock ``Owlv2ForObjectDetection``'s."""
+    from transformers import Owlv2ForObjectDetection, Owlv2ImageProcessor
+
+    from jmllm.align.testing import calibrate_owl_heads, owlv2_base_config, tiny_owl_tokenizer
+
+    config = owlv2_base_config()
+    config.vision_config.num_hidden_layers = 2
+    config.text_config.num_hidden_layers = 1
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        owl = Owlv2ForObjectDetection._from_config(config, attn_implementation="eager").eval()
+    calibrate_owl_heads(owl)
+    tokenizer = tiny_owl_tokenizer()
+    det = JointModel(owl, None, None, owl_tokenizer=tokenizer)
+    assert det.owl_grid == (60, 60) and det.pads_to_square
+    image = _images()[1]  # 200 x 90: padded to 200 x 200, then 960 x 960
+    emb = det.embed([image])
+    assert emb.t.shape == (1, 3601, 768)
+    processor = Owlv2ImageProcessor()
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    texts = tokenizer(
+        [TEMPLATE.format(q) for q in QUERIES],
+        padding="max_length",
+        max_length=16,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = owl(
+            pixel_values=pixels, input_ids=texts.input_ids, attention_mask=texts.attention_mask
+        )
+        ours = det.detection_outputs(emb.t, det.encode_queries(QUERIES, TEMPLATE))
+    assert ours.objectness is not None
+    for name, a, b in (
+        ("class logits", ours.class_logits, out.logits),
+        ("boxes", ours.boxes, out.pred_boxes),
+        ("objectness", ours.objectness, out.objectness_logits),
+    ):
+        print(f"OWLv2 base/16 {name}: max |J - stock| = {float((a - b).abs().max()):.2e}")
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
