@@ -200,3 +200,14 @@ def test_owlv2_base_published_shape_detections_equal_stock(real_shapes):
     ):
         print(f"OWLv2 base/16 {name}: max |J - stock| = {float((a - b).abs().max()):.2e}")
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_reports_show_objectness_for_owlv2_only(owlv2_joint: JointModel, tiny_joint: JointModel):
+    from jmllm.joint.render.report import render_report_html
+
+    image = _images()[1]
+    ours = owlv2_joint.detect([image], ["cat"], threshold=0.0)[0]
+    page = render_report_html(image, detections=ours)
+    assert "<th>Objectness</th>" in page and f"{float(ours.objectness[0]):.3f}" in page
+    theirs = tiny_joint.detect([image], ["cat"], threshold=0.0)[0]
+    assert "Objectness" not in render_report_html(image, detections=theirs)
