@@ -10,7 +10,7 @@ from PIL import Image
 
 from jmllm.joint import JointModel
 from jmllm.joint.model.base import JointModelError
-from jmllm.joint.testing import TinyJoint, generated_images
+from jmllm.joint.testing import TINY_FAMILIES, TinyJoint, build_tiny_owlv2_joint, generated_images
 
 QUERIES = ["cat", "dog", "a red ball"]
 TEMPLATE = "a photo of a {}"
@@ -211,3 +211,24 @@ def test_reports_show_objectness_for_owlv2_only(owlv2_joint: JointModel, tiny_jo
     assert "<th>Objectness</th>" in page and f"{float(ours.objectness[0]):.3f}" in page
     theirs = tiny_joint.detect([image], ["cat"], threshold=0.0)[0]
     assert "Objectness" not in render_report_html(image, detections=theirs)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_owlv2_with_every_family(family, tiny_joint_paths: TinyJoint):
+    """OWLv2 is the vision side of J over any family: W fitted from its 8x8 grid resampled onto
+    the family's grids, an answer generated, detections with objectness, GA on objectness."""
+    from jmllm.joint import GradientAlignment
+
+    paths = build_tiny_owlv2_joint(tiny_joint_paths.root, family)
+    model = JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, device="cpu")
+    assert model.family is not None and model.family.model_type == family
+    emb = model.embed(_images()[1:2])
+    tokens = model.image_tokens(emb.t)  # t's 8x8 resampled onto the family's grids
+    assert tokens.shape[0] == 1 and tokens.shape[-1] == model.mllm.config.text_config.hidden_size
+    answer = model.generate(emb, "What is in the image?", max_new_tokens=3)[0]
+    assert answer.token_ids.numel() > 0
+    assert model.detect(emb, ["cat"], threshold=0.0)[0].objectness is not None
+    res = GradientAlignment(model, class_query="objectness").attribute(
+        emb, "What is in the image?", 0, ["cat"], answer=answer
+    )
+    assert res.channels[-1] == "objectness" and np.isfinite(res.map("class")).all()
