@@ -232,3 +232,27 @@ def test_owlv2_with_every_family(family, tiny_joint_paths: TinyJoint):
         emb, "What is in the image?", 0, ["cat"], answer=answer
     )
     assert res.channels[-1] == "objectness" and np.isfinite(res.map("class")).all()
+
+
+def test_decode_maps_owlv2_boxes_back_through_the_padding():
+    """A 200x100 image padded to 200x200: y and x both scale by 200, so a box in the lower half
+    of the square lies below the image (clipped to its border)."""
+    from jmllm.joint import decode_detections
+    from jmllm.joint.detection.heads import image_fraction_boxes
+    from jmllm.joint.render.explanation_pictures import map_title
+
+    boxes = torch.tensor([[0.5, 0.25, 0.5, 0.25], [0.5, 0.75, 0.2, 0.1]])
+    logits = torch.tensor([[3.0], [2.0]])
+    objectness = torch.tensor([0.0, -1.0])
+    dets = decode_detections(
+        logits, boxes, (200, 100), ["x"], 0.0, objectness=objectness, pads_to_square=True
+    )
+    torch.testing.assert_close(dets.boxes[0], torch.tensor([50.0, 25.0, 150.0, 75.0]))
+    assert dets.boxes[1, 1] == dets.boxes[1, 3] == 100.0  # wholly in the padding
+    torch.testing.assert_close(dets.objectness, torch.sigmoid(objectness))
+    squashed = decode_detections(logits, boxes, (200, 100), ["x"], 0.0)
+    assert squashed.objectness is None and "objectness" not in squashed.to_records()[0]
+    torch.testing.assert_close(squashed.boxes[0], torch.tensor([50.0, 12.5, 150.0, 37.5]))
+    fractions = image_fraction_boxes(boxes, (200, 100))
+    torch.testing.assert_close(fractions[0], torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    assert map_title("class", "objectness") == "GA class weight, OWLv2's objectness channel"
