@@ -256,3 +256,19 @@ def test_decode_maps_owlv2_boxes_back_through_the_padding():
     fractions = image_fraction_boxes(boxes, (200, 100))
     torch.testing.assert_close(fractions[0], torch.tensor([0.5, 0.5, 0.5, 0.5]))
     assert map_title("class", "objectness") == "GA class weight, OWLv2's objectness channel"
+
+
+def test_every_attribution_method_runs_with_owlv2(owlv2_joint: JointModel):
+    """Every method of the faithfulness benchmark runs on J with OWLv2; maps of ``t``'s grid lay
+    it on the padded square, maps of the MLLM's tokens (attention, logit lens) on the image."""
+    pytest.importorskip("captum")
+    from jmllm.joint.saliency.attribution import METHODS, get_method
+
+    emb = owlv2_joint.embed(_images()[1:2])
+    for name in METHODS:
+        result = get_method(name, owlv2_joint).attribute(
+            emb, "What is this?", 0, answer="a cat", queries=["cat"]
+        )
+        painted = result.map()
+        assert painted.shape == (90, 200) and np.isfinite(painted).all(), name
+        assert result.pads_to_square == (result.scores.numel() == 64), name

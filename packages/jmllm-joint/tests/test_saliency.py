@@ -354,6 +354,13 @@ def test_ga_end_to_end_with_owlv2_and_its_objectness_channel(owlv2_joint, sample
     torch.testing.assert_close(res.weights("class"), res.normalised[:, 6])
     torch.testing.assert_close(res.weights("coord"), res.normalised[:, 2:6].max(-1).values)
     assert res.maps["class"].shape == (48, 120) and np.isfinite(res.maps["any"]).all()
+    # the gradient baseline: OWLv2's 8x8 grid covers the 120x120 padded square, so the image
+    # shows its top 3.2 rows of patches
+    assert res.pads_to_square
+    expected = patch_grid_map(res.patch_gradient_norms, (120, 48), pads_to_square=True)
+    np.testing.assert_array_equal(res.map("gradient"), expected)
+    top = np.asarray(patch_grid_map(res.patch_gradient_norms, (120, 120)))[:48]
+    np.testing.assert_array_equal(res.map("gradient"), top)  # the square, cropped
     # OWLv2's boxes come back from its padded square to the image: equal to J's detections
     dets = owlv2_joint.detect(emb, ["bird", "cat"], threshold=0.0)[0]
     width, height = emb.image_sizes[0]

@@ -105,6 +105,7 @@ class GAResult:
     class_query: str = "matching"
     box_rounding: str = "truncate"
     class_match: QueryMatch = field(default_factory=lambda: QueryMatch(0, "only query"))
+    pads_to_square: bool = False  # OWLv2: the patch grid covers the image padded to a square
     _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -169,7 +170,7 @@ class GAResult:
             if weighting not in self._maps:
                 if weighting == "gradient":
                     self._maps[weighting] = patch_grid_map(
-                        self.patch_gradient_norms, self.image_size
+                        self.patch_gradient_norms, self.image_size, self.pads_to_square
                     )
                 else:
                     self._maps[weighting] = paint_boxes(
@@ -177,7 +178,8 @@ class GAResult:
                     )
             return self._maps[weighting]
         if weighting == "gradient":
-            return patch_grid_map(self.patch_gradient_norms, size or self.image_size)
+            size = size or self.image_size
+            return patch_grid_map(self.patch_gradient_norms, size, self.pads_to_square)
         if size is None:
             return paint_boxes(self.weights(weighting, query), self.boxes_xyxy, self.image_size)
         boxes = box_pixels(self.boxes, size, self.box_rounding)
@@ -223,7 +225,7 @@ class GAResult:
         values = self.shown_weights(weighting, query)
         size = size or self.image_size
         if weighting == "gradient":
-            return patch_grid_map(values, size)
+            return patch_grid_map(values, size, self.pads_to_square)
         boxes = (
             self.boxes_xyxy
             if size == self.image_size
@@ -526,6 +528,7 @@ class GradientAlignment:
             answer_text=answer_text,
             class_query=self.class_query,
             box_rounding=self.box_rounding,
+            pads_to_square=pads_to_square(self.model.owl),
             class_match=matching_query(
                 answer_text, tokens[0].start, tokens[-1].end, prepared.queries
             )

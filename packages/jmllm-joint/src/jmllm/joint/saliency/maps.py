@@ -149,15 +149,28 @@ def paint_boxes(
     return canvas
 
 
-def patch_grid_map(values: torch.Tensor | np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+def patch_grid_map(
+    values: torch.Tensor | np.ndarray, image_size: tuple[int, int], pads_to_square: bool = False
+) -> np.ndarray:
     """Per-patch values (N,) on the G×G grid, min–max normalised, upsampled (nearest) to the
-    original (H, W): each patch covers its cell of the squashed image."""
+    original (H, W): each patch covers its cell of the squashed image (``pads_to_square``,
+    OWLv2: of the image padded to a square, bottom and right, so the grid's cells are square
+    and the padding's are not drawn).
+
+    Example:
+        >>> grid = np.array([0.0, 1.0, 2.0, 3.0])  # a 2x2 grid, on a 4x2 image
+        >>> (patch_grid_map(grid, (4, 2)) * 3).round().tolist()  # squashed: both rows shown
+        [[0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]]
+        >>> (patch_grid_map(grid, (4, 2), pads_to_square=True) * 3).round().tolist()  # top row
+        [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+    """
     v = np.asarray(values.detach().float().cpu() if isinstance(values, torch.Tensor) else values)
     side = round(v.size**0.5)
     if side * side != v.size:
         raise ValueError(f"values: {v.size} patches do not form a square grid")
     v = minmax(torch.from_numpy(v.astype(np.float32))).numpy().reshape(side, side)
     width, height = image_size
-    rows = np.minimum((np.arange(height) * side) // height, side - 1)
-    cols = np.minimum((np.arange(width) * side) // width, side - 1)
+    span_x, span_y = (max(width, height),) * 2 if pads_to_square else (width, height)
+    rows = np.minimum((np.arange(height) * side) // span_y, side - 1)
+    cols = np.minimum((np.arange(width) * side) // span_x, side - 1)
     return v[rows][:, cols].astype(np.float32)
