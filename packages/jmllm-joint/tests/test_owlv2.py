@@ -200,6 +200,24 @@ def test_owlv2_base_published_shape_detections_equal_stock(real_shapes):
     ):
         print(f"OWLv2 base/16 {name}: max |J - stock| = {float((a - b).abs().max()):.2e}")
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # GA's fast norms (a sample of patches) and numerators equal one autograd call per output,
+    # objectness included, on the 60x60 grid
+    from jmllm.joint.saliency import OwlHeadGradients, naive_owl_gradients
+
+    queries = det.encode_queries(QUERIES[:1], TEMPLATE)
+    heads = OwlHeadGradients(owl, emb.t, queries)
+    g_llm = torch.randn(emb.t.shape, generator=torch.Generator().manual_seed(1))
+    patches = [0, 1234, 3599]
+    fast_norms = heads.gradient_norms(patches=patches)  # (3, 1 + 4 + 1)
+    fast_nums = heads.numerators(g_llm)
+    outputs = [(k, c) for k in patches for c in range(heads.num_channels)]
+    naive_norms, naive_nums = naive_owl_gradients(owl, emb.t, queries, outputs, g_llm)
+    assert naive_nums is not None and heads.num_channels == 6
+    rel = float(((fast_norms.flatten() - naive_norms).abs() / naive_norms.abs()).max())
+    sampled = fast_nums[patches].flatten()
+    num_err = float((sampled - naive_nums).abs().max() / naive_nums.abs().max())
+    print(f"OWLv2 base/16 GA: norms rel {rel:.1e}, numerators rel-to-max {num_err:.1e}")
+    assert rel < 1e-3 and num_err < 1e-4
 
 
 def test_reports_show_objectness_for_owlv2_only(owlv2_joint: JointModel, tiny_joint: JointModel):
