@@ -298,3 +298,31 @@ def test_the_tiny_models_without_tokenizers_name_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match=r"pip install 'jmllm-align\[testing\]'$"):
         require_tokenizers()
+
+
+def test_training_w_for_owlv2(tiny, tiny_config, tmp_path):
+    """W's source can be OWLv2 (picked from its config): its t is OWLv2's penultimate state of
+    the image as its own processor pads and resizes it, its 8x8 grid resampled onto the tiny
+    LLaVA's 6x6; a few steps train and save a W that J loads with OWLv2."""
+    from transformers import AutoProcessor, Owlv2ForObjectDetection
+
+    from jmllm.align import image_to_tensor
+    from jmllm.align.features import FeatureExtractor, PaddedSquareNormalization
+    from jmllm.align.testing import build_tiny_owlv2, generated_images
+
+    owl = build_tiny_owlv2(tiny.root)
+    fx = FeatureExtractor.from_pretrained(owl, tiny.llava)
+    assert isinstance(fx.owl_norm, PaddedSquareNormalization) and fx.owl_grid == (8, 8)
+    image = generated_images(1, size=64, seed=2)[0].resize((100, 60))
+    pair = fx([image_to_tensor(image)])
+    assert pair.source.shape == (1, 65, 32) and pair.source_patches.shape == (1, 36, 32)
+    stock = Owlv2ForObjectDetection.from_pretrained(owl).eval()
+    pixels = AutoProcessor.from_pretrained(owl)(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = stock.owlv2.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(pair.source, hidden, rtol=0, atol=1e-5)
+    config = tiny_config.replace(source_model=str(owl), max_steps=3)
+    result = train(config, tmp_path / "run")
+    assert result.steps == 3 and result.eval is not None
+    layer = load_alignment(result.weights_path)
+    assert layer.config.in_dim == 32 and layer.provenance["source_model"] == str(owl)

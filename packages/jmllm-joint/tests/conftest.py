@@ -23,6 +23,7 @@ from jmllm.joint.testing import (
     TinyJoint,
     build_tiny_family_joint,
     build_tiny_joint,
+    build_tiny_owlv2_joint,
     generated_images,
 )
 
@@ -96,6 +97,20 @@ def family_joint(request: pytest.FixtureRequest, tiny_joint_paths: TinyJoint) ->
         return request.getfixturevalue("tiny_joint")
     paths = build_tiny_family_joint(tiny_joint_paths.root, request.param)
     return JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def owlv2_paths(tiny_joint_paths: TinyJoint) -> TinyJoint:
+    """Folders of a tiny J whose vision side is OWLv2 (8x8 grid) with the tiny LLaVA."""
+    return build_tiny_owlv2_joint(tiny_joint_paths.root)
+
+
+@pytest.fixture(scope="session")
+def owlv2_joint(owlv2_paths: TinyJoint) -> JointModel:
+    """Tiny OWLv2 + tiny LLaVA + a W fitted to them (float32, CPU). Shared: do not modify."""
+    return JointModel.from_pretrained(
+        owlv2_paths.owl, owlv2_paths.llava, owlv2_paths.alignment, device="cpu"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,28 @@ def test_bf16_command_line(argv, cli_env, sample_images, tmp_path, capsys):
     assert any(out.rglob("*.html"))
     if argv[0] == "demo":
         assert (out / "explanation" / "report.html").is_file()
+
+
+def test_bf16_owlv2_detection_and_ga(owlv2_paths, owlv2_joint, sample_images):
+    """J with OWLv2 in bfloat16: detections (with objectness) and GA on its objectness
+    channel run, leave in float32, and stay close to float32."""
+    model = JointModel.from_pretrained(
+        owlv2_paths.owl, owlv2_paths.llava, owlv2_paths.alignment, dtype=torch.bfloat16
+    )
+    assert model.dtype == torch.bfloat16 and model.pads_to_square
+    image = sample_images[2]
+    dets = model.detect([image], ["bird"], threshold=0.0)[0]
+    ref = owlv2_joint.detect([image], ["bird"], threshold=0.0)[0]
+    assert dets.objectness is not None and ref.objectness is not None
+    assert dets.objectness.dtype == torch.float32
+    assert float((dets.objectness.sort().values - ref.objectness.sort().values).abs().max()) < 0.05
+    queries = ["bird", "dog"]
+    r16 = GradientAlignment(model, class_query="objectness").attribute(
+        image, QUESTION, "bird", queries, answer=ANSWER
+    )
+    r32 = GradientAlignment(owlv2_joint, class_query="objectness").attribute(
+        image, QUESTION, "bird", queries, answer=ANSWER
+    )
+    _float32_everywhere(r16)
+    assert r16.channels[-1] == "objectness"
+    assert float(torch.corrcoef(torch.stack([r16.weights(), r32.weights()]))[0, 1]) > 0.8

@@ -309,3 +309,83 @@ def test_paint_boxes_is_pixelwise_max():
     assert canvas[5, 9] == 0 and canvas.max() == 0.5
     grid = patch_grid_map(torch.tensor([0.0, 1.0, 2.0, 3.0]), (4, 2))  # 2×2 grid on 4×2 px
     np.testing.assert_allclose(grid, [[0, 0, 1 / 3, 1 / 3], [2 / 3, 2 / 3, 1, 1]], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# OWLv2 as the vision side: its objectness head is one more channel
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def owlv2_t(owlv2_joint, sample_images):
+    return owlv2_joint.embed(sample_images[2:3]).t  # the non-square image: padded by OWLv2
+
+
+def test_every_output_equals_naive_on_tiny_owlv2(owlv2_joint, owlv2_t):
+    """The fast exact GA (row-restricted backward for the norms, one JVP for the numerators)
+    equals one autograd call per output on OWLv2 too: Q class channels, 4 box channels (with its
+    box bias) and the objectness channel."""
+    queries = owlv2_joint.encode_queries(["bird", "cat"])
+    heads = OwlHeadGradients(owlv2_joint.owl, owlv2_t, queries)
+    reference = owl_outputs_reference(owlv2_joint.owl, owlv2_t, queries)
+    torch.testing.assert_close(heads.outputs(), reference, rtol=1e-5, atol=1e-5)
+    out = owlv2_joint.detection_outputs(owlv2_t, queries)
+    assert out.objectness is not None
+    torch.testing.assert_close(heads.outputs()[:, -1], out.objectness[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(heads.boxes(), out.boxes[0], rtol=1e-4, atol=1e-5)
+    g_llm = torch.randn(owlv2_t.shape, generator=torch.Generator().manual_seed(3))
+    fast_norms = heads.gradient_norms(chunk_size=5)
+    fast_nums = heads.numerators(g_llm)
+    naive_norms, naive_nums = naive_owl_gradients(owlv2_joint.owl, owlv2_t, queries, None, g_llm)
+    assert naive_nums is not None
+    N, C = fast_norms.shape
+    assert (N, C) == (64, 2 + 4 + 1)
+    assert _rel(fast_norms, naive_norms.view(N, C)) < 1e-4
+    scale = naive_nums.abs().max()
+    assert float((fast_nums - naive_nums.view(N, C)).abs().max() / scale) < 1e-4
+
+
+def test_ga_end_to_end_with_owlv2_and_its_objectness_channel(owlv2_joint, sample_images):
+    ga = GradientAlignment(owlv2_joint, class_query="objectness")
+    emb = owlv2_joint.embed(sample_images[2:3])
+    res = ga.attribute(emb, QUESTION, -1, ["bird", "cat"], answer=ANSWER)
+    assert res.channels == ["bird", "cat", "cx", "cy", "w", "h", "objectness"]
+    assert res.similarities.shape == (64, 7) and res.normalised.shape == (64, 7)
+    torch.testing.assert_close(res.weights("class"), res.normalised[:, 6])
+    torch.testing.assert_close(res.weights("coord"), res.normalised[:, 2:6].max(-1).values)
+    assert res.maps["class"].shape == (48, 120) and np.isfinite(res.maps["any"]).all()
+    # the gradient baseline: OWLv2's 8x8 grid covers the 120x120 padded square, so the image
+    # shows its top 3.2 rows of patches
+    assert res.pads_to_square
+    expected = patch_grid_map(res.patch_gradient_norms, (120, 48), pads_to_square=True)
+    np.testing.assert_array_equal(res.map("gradient"), expected)
+    top = np.asarray(patch_grid_map(res.patch_gradient_norms, (120, 120)))[:48]
+    np.testing.assert_array_equal(res.map("gradient"), top)  # the square, cropped
+    # OWLv2's boxes come back from its padded square to the image: equal to J's detections
+    dets = owlv2_joint.detect(emb, ["bird", "cat"], threshold=0.0)[0]
+    width, height = emb.image_sizes[0]
+    xyxy = torch.stack(
+        [
+            (res.boxes[:, 0] - res.boxes[:, 2] / 2) * width,
+            (res.boxes[:, 1] - res.boxes[:, 3] / 2) * height,
+            (res.boxes[:, 0] + res.boxes[:, 2] / 2) * width,
+            (res.boxes[:, 1] + res.boxes[:, 3] / 2) * height,
+        ],
+        dim=1,
+    )
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
+    torch.testing.assert_close(xyxy[dets.patches], dets.boxes, rtol=0, atol=1e-3)
+    # the default (matching) is unchanged by the extra channel
+    plain = GradientAlignment(owlv2_joint).attribute(emb, QUESTION, -1, ["bird"], answer=ANSWER)
+    assert plain.class_query == "matching" and plain.channel() == 0
+
+
+def test_objectness_is_refused_with_owlvit_in_one_line(tiny_joint, tiny_t):
+    with pytest.raises(GAError, match="objectness") as info:
+        GradientAlignment(tiny_joint, class_query="objectness")
+    assert "\n" not in str(info.value)
+    res = GradientAlignment(tiny_joint).attribute(tiny_t, QUESTION, -1, ["bird"], answer=ANSWER)
+    assert res.channels == ["bird", "cx", "cy", "w", "h"]
+    with pytest.raises(ValueError, match="OWL-ViT has none"):
+        res.weights("class", "objectness")

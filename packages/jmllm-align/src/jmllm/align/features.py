@@ -37,16 +37,24 @@ from jmllm.align.images import ImageLoadError, load_image
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, Preprocessing, get_preprocessing
 
 __all__ = [
+    "OWL_MODEL_TYPES",
     "FeatureExtractor",
     "FeaturePair",
     "ImageLoadError",
     "ImageNormalization",
     "ModelLoadError",
+    "PaddedSquareNormalization",
     "image_to_tensor",
     "llava_image_tokens",
     "load_image",
+    "owl_base_model",
+    "owl_detector_class",
+    "owl_normalization",
     "owl_penultimate",
 ]
+
+# The vision sides J reads t from, by config ``model_type``: OWL-ViT (the paper's) and OWLv2.
+OWL_MODEL_TYPES: tuple[str, ...] = ("owlvit", "owlv2")
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -146,14 +154,126 @@ class ImageNormalization:
         return torch.stack(out)  # (B, 3, S, S)
 
 
+@dataclass
+class PaddedSquareNormalization:
+    """OWLv2's pixels: the checkpoint's own ``Owlv2ImageProcessor`` on the 8-bit image.
+
+    OWLv2 does not squash: its processor pads the image to a square (bottom and right, with the
+    processor's fill) and then resizes the square to ``size`` with its own anti-aliased resize.
+    J feeds exactly what the processor feeds by calling it, under either named preprocessing
+    (they differ only in the EXIF orientation applied when decoding). Boxes of such a model are
+    fractions of the *padded* square (see :attr:`pads_to_square`).
+
+    Example:
+        >>> from transformers import Owlv2ImageProcessor
+        >>> norm = PaddedSquareNormalization(32, Owlv2ImageProcessor(size={"height": 32, "width": 32}))
+        >>> norm([torch.zeros(3, 20, 30, dtype=torch.uint8)]).shape  # doctest: +SKIP
+        torch.Size([1, 3, 32, 32])
+    """
+
+    size: int
+    processor: Any
+    pads_to_square: bool = True
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike[str], size: int, **kwargs: Any
+    ) -> PaddedSquareNormalization:
+        """The checkpoint's image processor (its size is the model config's ``image_size``)."""
+        from transformers import AutoImageProcessor
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the PIL fallback's notice without torchvision
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return cls(size=size, processor=processor)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.processor.image_mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.processor.image_std)
+
+    def __call__(
+        self,
+        images: list[torch.Tensor],
+        device: torch.device | str = "cpu",
+        preprocessing: str | Preprocessing = INTERACTIVE_PREPROCESSING,
+    ) -> torch.Tensor:
+        """Each (3, H, W) uint8 image through the processor: (B, 3, S, S) float32 on ``device``."""
+        get_preprocessing(preprocessing)  # a known name; both use the processor's own resize
+        arrays = [image.permute(1, 2, 0).cpu().numpy() for image in images]  # (H, W, 3) uint8
+        size = {"height": self.size, "width": self.size}
+        out = self.processor(images=arrays, size=size, return_tensors="pt")["pixel_values"]
+        return torch.as_tensor(out, dtype=torch.float32).to(device)
+
+
+def owl_normalization(
+    source: str | os.PathLike[str], config: Any
+) -> ImageNormalization | PaddedSquareNormalization:
+    """The pixel preparation of an OWL checkpoint: OWL-ViT squashes
+    (:class:`ImageNormalization`), OWLv2 pads to a square (:class:`PaddedSquareNormalization`).
+
+    Example:
+        >>> owl_normalization("google/owlv2-base-patch16-ensemble", config)  # doctest: +SKIP
+    """
+    size = config.vision_config.image_size
+    if config.model_type == "owlv2":
+        return PaddedSquareNormalization.from_pretrained(source, size)
+    return ImageNormalization.from_pretrained(source, size)
+
+
+def owl_detector_class(config: Any) -> Any:
+    """The detector class of an OWL config: ``OwlViTForObjectDetection`` or
+    ``Owlv2ForObjectDetection``.
+
+    Raises:
+        ValueError: any other ``model_type`` (the message lists the supported ones).
+
+    Example:
+        >>> from transformers import Owlv2Config
+        >>> owl_detector_class(Owlv2Config()).__name__
+        'Owlv2ForObjectDetection'
+    """
+    import transformers
+
+    model_type = getattr(config, "model_type", None)
+    if model_type == "owlv2":
+        return transformers.Owlv2ForObjectDetection
+    if model_type == "owlvit":
+        return transformers.OwlViTForObjectDetection
+    raise ValueError(
+        f"model_type is {model_type!r}, not one of {', '.join(repr(m) for m in OWL_MODEL_TYPES)}"
+    )
+
+
+def owl_base_model(owl: Any) -> Any:
+    """The CLIP-style model inside an OWL detector (``owl.owlvit`` or ``owl.owlv2``), or ``owl``
+    itself for a bare ``OwlViTModel`` / ``Owlv2Model``.
+
+    Example:
+        >>> owl_base_model(detector).vision_model  # doctest: +SKIP
+    """
+    for name in ("owlvit", "owlv2"):
+        if hasattr(owl, name):
+            return getattr(owl, name)
+    return owl
+
+
 def owl_penultimate(owl: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    """OWL-ViT's vision encoder up to its penultimate hidden state: ``t``, (B, 1 + N, D) incl. CLS.
+    """The OWL vision encoder up to its penultimate hidden state: ``t``, (B, 1 + N, D) incl. CLS.
 
     Runs the embeddings, the pre-layernorm and all encoder layers but the last through the modules'
     own forward methods; equal to ``hidden_states[-2]`` of the full vision model, without computing
-    the last layer. ``owl`` is an ``OwlViTForObjectDetection`` (or ``OwlViTModel``).
+    the last layer. ``owl`` is an ``OwlViTForObjectDetection`` or ``Owlv2ForObjectDetection`` (or
+    their bare models).
     """
-    vision = owl.owlvit.vision_model if hasattr(owl, "owlvit") else owl.vision_model
+    vision = owl_base_model(owl).vision_model
     dtype = vision.embeddings.patch_embedding.weight.dtype
     hidden = vision.embeddings(pixel_values.to(dtype))  # (B, 1 + N, D)
     hidden = vision.pre_layernorm(hidden)
@@ -195,7 +315,8 @@ class FeatureExtractor:
     """Both frozen encoders with their preprocessing: images → (t, the MLLM's vision tokens).
 
     Args:
-        owl: an ``OwlViTForObjectDetection``.
+        owl: an ``OwlViTForObjectDetection`` or ``Owlv2ForObjectDetection`` (its own
+            preprocessing: OWLv2 pads to a square, :class:`PaddedSquareNormalization`).
         mllm: the multi-modal LLM (``LlavaForConditionalGeneration`` or any supported family:
             :mod:`jmllm.align.families`), its language model optional.
         owl_norm, mllm_norm: each model's :class:`ImageNormalization` (the MLLM's at its
@@ -216,7 +337,7 @@ class FeatureExtractor:
         self,
         owl: Any,
         mllm: Any,
-        owl_norm: ImageNormalization,
+        owl_norm: ImageNormalization | PaddedSquareNormalization,
         mllm_norm: ImageNormalization,
         preprocessing: str = INTERACTIVE_PREPROCESSING,
     ) -> None:
@@ -257,18 +378,17 @@ class FeatureExtractor:
         tensors are skipped, about 13 GB for LLaVA-1.5-7b in bf16) and the embeddings and LM head
         are dropped after loading.
         """
-        from transformers import OwlViTForObjectDetection
+        from transformers import AutoConfig
 
         prepare_hub([owl, mllm])  # an unreachable Hub: one line, no retries
         with _naming_errors(owl, "OWL-ViT"):
-            owl_model = OwlViTForObjectDetection.from_pretrained(owl, dtype=dtype).to(device)
+            owl_class = owl_detector_class(AutoConfig.from_pretrained(owl))  # OWL-ViT or OWLv2
+            owl_model = owl_class.from_pretrained(owl, dtype=dtype).to(device)
         with _naming_errors(mllm, "multi-modal LLM"):
             mllm_model = _load_mllm(mllm, dtype, load_language_model)
         mllm_model.to(device)
         with _naming_errors(owl, "OWL-ViT image processor"):
-            owl_norm = ImageNormalization.from_pretrained(
-                owl, owl_model.config.vision_config.image_size
-            )
+            owl_norm = owl_normalization(owl, owl_model.config)
         side = vision_family(mllm_model.config).layout.side
         with _naming_errors(mllm, "image processor"):
             mllm_norm = ImageNormalization.from_pretrained(mllm, side)

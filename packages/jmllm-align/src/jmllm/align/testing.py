@@ -345,6 +345,87 @@ def owlvit_b32_config() -> Any:
     return OwlViTConfig()
 
 
+def tiny_owlv2_config(tokenizer: Any = None) -> Any:
+    """OWLv2 with an 8×8 patch grid (128 px, patch 16) and 32-wide layers: a larger grid than the
+    tiny MLLMs' 6×6, so J resamples it as it does OWLv2 base's 60×60 onto LLaVA-1.5's 24×24."""
+    from transformers import Owlv2Config
+
+    base = tiny_owl_config(tokenizer)
+    vision = {**base.vision_config.to_dict(), "image_size": 128}
+    for key in ("model_type", "transformers_version"):
+        vision.pop(key, None)
+    text = {k: v for k, v in base.text_config.to_dict().items() if k != "model_type"}
+    text.pop("transformers_version", None)
+    return Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+
+
+def owlv2_base_config() -> Any:
+    """OWLv2 base/16 (``google/owlv2-base-patch16-ensemble``): the library default
+    ``Owlv2Config()`` at its published 960 px input (a 60×60 patch grid).
+
+    Example:
+        >>> owlv2_base_config().vision_config.image_size
+        960
+    """
+    from transformers import Owlv2Config
+
+    return Owlv2Config(vision_config={"image_size": 960})
+
+
+def calibrate_owl_heads(owl: Any) -> None:
+    """Rescale an OWL detector's heads (class, box and, for OWLv2, objectness) to a
+    1/sqrt(fan-in) initialisation: default-initialised heads saturate every score and box.
+
+    Example:
+        >>> calibrate_owl_heads(owl)  # doctest: +SKIP
+    """
+    heads = [owl.box_head.dense0, owl.box_head.dense1, owl.box_head.dense2]
+    heads += [owl.class_head.dense0, owl.class_head.logit_shift, owl.class_head.logit_scale]
+    objectness = getattr(owl, "objectness_head", None)
+    if objectness is not None:
+        heads += [objectness.dense0, objectness.dense1, objectness.dense2]
+    with torch.no_grad():
+        for linear in heads:
+            linear.weight.mul_(linear.weight.shape[1] ** -0.5)
+
+
+def _save_owlv2(folder: Path, seed: int) -> None:
+    from transformers import Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    tokenizer = tiny_owl_tokenizer()
+    torch.manual_seed(seed)
+    model = Owlv2ForObjectDetection(tiny_owlv2_config(tokenizer)).eval()
+    calibrate_owl_heads(model)
+    image_processor = Owlv2ImageProcessor(size={"height": 128, "width": 128})
+    processor = Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def build_tiny_owlv2(root: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build (or reuse) a tiny OWLv2 checkpoint (:func:`tiny_owlv2_config`, calibrated heads)
+    in ``root/owlv2``, loadable with ``Owlv2ForObjectDetection.from_pretrained`` and
+    ``Owlv2Processor.from_pretrained``.
+
+    Example:
+        >>> folder = build_tiny_owlv2(tmp_path)  # doctest: +SKIP
+        >>> Owlv2ForObjectDetection.from_pretrained(folder)  # doctest: +SKIP
+    """
+    root = Path(root)
+    folder = root / "owlv2"
+    stamp = root / "owlv2.json"
+    want = json.dumps({"seed": seed, "version": 1})
+    if folder.is_dir() and stamp.is_file() and stamp.read_text() == want:
+        return folder
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    _atomic_dir(folder, lambda d: _save_owlv2(d, seed))
+    atomic_write_text(stamp, want)
+    return folder
+
+
 @dataclass(frozen=True)
 class TinyCheckpoints:
     """Folders of a tiny OWL-ViT and a tiny LLaVA, each loadable with ``from_pretrained``."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from jmllm.align.features import ImageNormalization, image_to_tensor
+from jmllm.align.features import ImageNormalization, PaddedSquareNormalization, image_to_tensor
 from jmllm.align.images import ImageLoadError, open_image
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessing
 from jmllm.align.train.config import TrainConfig
@@ -157,7 +157,7 @@ def decode_image(raw: Any, preprocessing: str = INTERACTIVE_PREPROCESSING) -> to
 # preprocessing runs in the workers (CPU training), the pair of normalised model inputs
 # ((3, S_owl, S_owl), (3, S_llava, S_llava)) float32: the same ImageNormalization code either way.
 Pixels = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-Normalizations = tuple[ImageNormalization, ImageNormalization]
+Normalizations = tuple[ImageNormalization | PaddedSquareNormalization, ImageNormalization]
 
 
 @dataclass

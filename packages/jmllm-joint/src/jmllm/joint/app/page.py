@@ -77,6 +77,7 @@ from jmllm.joint.app.widgets import TOY_EXAMPLE_SCENES as TOY_EXAMPLE_SCENES
 from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES, INTERACTIVE_TEMPLATE
 from jmllm.joint.chat.templates import Conversation as Conversation
 from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION
+from jmllm.joint.saliency.gradients import has_objectness
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +362,10 @@ def build_app(
 
         def cleared_ga(s: ExplorerState, current: str | None) -> tuple[Any, ...]:
             """Empty GA outputs, and the class channels of the queries now in effect."""
-            choices = channel_choices(explorer.queries(s) if s.emb is not None else ())
+            choices = channel_choices(
+                explorer.queries(s) if s.emb is not None else (),
+                objectness=has_objectness(explorer.model.owl),
+            )
             value = current if current in {v for _, v in choices} else "matching"
             return None, None, None, "", gr.Dropdown(choices=choices, value=value)
 

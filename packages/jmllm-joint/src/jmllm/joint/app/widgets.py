@@ -64,21 +64,25 @@ METHOD_CHOICES = (
 HALLUCINATION_COLOURS = {"detected": "#1a7f37", "not detected": "#cf222e"}
 
 
-def channel_choices(queries: Sequence[str]) -> list[tuple[str, str]]:
+def channel_choices(queries: Sequence[str], objectness: bool = False) -> list[tuple[str, str]]:
     """The class-channel choices of the page: the query the explained word refers to (the
     default), the first query, the maximum over the queries, then each query by name (values
-    ``matching``, ``first``, ``max``, ``q<index>``).
+    ``matching``, ``first``, ``max``, ``q<index>``); with ``objectness`` (J's vision side is
+    OWLv2) its objectness channel last (``objectness``).
 
     Example:
         >>> [value for _, value in channel_choices(["cat", "dog"])]
         ['matching', 'first', 'max', 'q0', 'q1']
+        >>> channel_choices(["cat"], objectness=True)[-1]
+        ('objectness (OWLv2)', 'objectness')
     """
     choices = [
         ("the query the word refers to", "matching"),
         ("first query", "first"),
         ("max over the queries", "max"),
     ]
-    return choices + [(f"query: {q}", f"q{i}") for i, q in enumerate(queries)]
+    choices += [(f"query: {q}", f"q{i}") for i, q in enumerate(queries)]
+    return choices + ([("objectness (OWLv2)", "objectness")] if objectness else [])
 
 
 def parse_channel(value: str | None) -> int | str | None:
@@ -88,7 +92,7 @@ def parse_channel(value: str | None) -> int | str | None:
         >>> parse_channel("matching"), parse_channel("q2"), parse_channel(None)
         ('matching', 2, None)
     """
-    if value is None or value in ("matching", "first", "max"):
+    if value is None or value in ("matching", "first", "max", "objectness"):
         return value
     if value.startswith("q") and value[1:].isdigit():
         return int(value[1:])

@@ -153,7 +153,8 @@ def _print_detections(detections: Any, limit: int) -> None:
     print(f"{len(records)} detections (score >= {detections.threshold:g}{more})")
     for record in shown:
         box = ", ".join(f"{v:.1f}" for v in record["box"])
-        print(f"  {printable(record['label']):<16} {record['score']:.3f}  [{box}]")
+        objectness = f"  objectness {record['objectness']:.3f}" if "objectness" in record else ""
+        print(f"  {printable(record['label']):<16} {record['score']:.3f}  [{box}]{objectness}")
 
 
 # ---------------------------------------------------------------------------------------- commands

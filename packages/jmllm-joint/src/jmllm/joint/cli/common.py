@@ -165,7 +165,9 @@ def common_arguments() -> CommonArguments:
 def add_common_arguments(common: argparse.ArgumentParser) -> None:
     group = common.add_argument_group("models")
     group.add_argument(
-        "--owl", help="OWL-ViT Hub id or folder (default: google/owlvit-base-patch32)"
+        "--owl",
+        help="OWL-ViT or OWLv2 Hub id or folder, picked from its config "
+        "(default: google/owlvit-base-patch32)",
     )
     group.add_argument(
         "--mllm", help="LLaVA-1.5 Hub id or folder (default: llava-hf/llava-1.5-7b-hf)"

@@ -213,7 +213,8 @@ def _painting(parser: argparse.ArgumentParser) -> None:
         help="with several queries, the class map's channel: matching (the query naming the "
         "object the explained word refers to, e.g. 'blue' in 'a blue triangle' → triangle; the "
         "maximum when none does), first (the first query, the authors') or max; with one query "
-        "all three are that query",
+        "all three are that query; objectness: OWLv2's objectness channel (J with --owl an "
+        "OWLv2 checkpoint only)",
     )
 
 

@@ -10,24 +10,32 @@ from jmllm.joint.detection.heads import (
     DEFAULT_NMS_IOU,
     DEFAULT_THRESHOLD,
     Detections,
+    HeadOutputs,
     batched_nms,
     box_iou,
     cxcywh_to_xyxy,
     decode_detections,
+    image_fraction_boxes,
     nms,
     owl_detection_heads,
+    owl_head_outputs,
+    pads_to_square,
 )
 
 __all__ = [
     "DEFAULT_NMS_IOU",
     "DEFAULT_THRESHOLD",
     "Detections",
+    "HeadOutputs",
     "batched_nms",
     "box_iou",
     "cxcywh_to_xyxy",
     "decode_detections",
+    "image_fraction_boxes",
     "nms",
     "owl_detection_heads",
+    "owl_head_outputs",
+    "pads_to_square",
 ]
 
 __getattr__ = forward_to(_heads, __name__)

@@ -1,4 +1,4 @@
-"""O^OWL: OWL-ViT's detections computed from the shared embedding ``t`` (DESIGN §1.2).
+"""O^OWL: OWL-ViT's (or OWLv2's) detections computed from the shared embedding ``t`` (DESIGN §1.2).
 
 ``t`` is OWL-ViT's penultimate vision hidden state, (B, 1 + N, D) with the CLS token first. The
 detection heads finish the encoder exactly as ``OwlViTForObjectDetection.image_text_embedder``,
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from jmllm.align.features import owl_base_model
 
 DEFAULT_THRESHOLD = 0.1
 """``jmllm-joint detect``'s default minimum score (``--threshold``)."""
@@ -38,6 +40,8 @@ class Detections:
         queries: the query names the labels index (e.g. ``["cat", "dog"]``).
         patches: (K,) index of the OWL-ViT patch that predicted each box.
         image_size: (width, height) of the original image.
+        objectness: (K,) OWLv2's objectness scores (sigmoid of its objectness logits) of the
+            kept boxes; None for OWL-ViT, which has no objectness head.
     """
 
     boxes: torch.Tensor
@@ -48,6 +52,7 @@ class Detections:
     image_size: tuple[int, int]
     threshold: float = 0.1
     meta: dict[str, Any] = field(default_factory=dict)
+    objectness: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scores.numel())
@@ -58,8 +63,8 @@ class Detections:
         return [self.queries[int(i)] for i in self.labels]
 
     def to_records(self) -> list[dict[str, Any]]:
-        """Plain JSON-ready records, highest score first."""
-        return [
+        """Plain JSON-ready records, highest score first (with ``objectness`` for OWLv2)."""
+        records = [
             {
                 "label": self.queries[int(label)],
                 "score": round(float(score), 6),
@@ -70,6 +75,46 @@ class Detections:
                 self.boxes, self.scores, self.labels, self.patches, strict=True
             )
         ]
+        if self.objectness is not None:
+            for record, value in zip(records, self.objectness, strict=True):
+                record["objectness"] = round(float(value), 6)
+        return records
+
+
+class HeadOutputs(NamedTuple):
+    """O^OWL on ``t``: class logits (B, N, Q), boxes (B, N, 4) ``cx, cy, w, h`` in [0, 1] of the
+    model's square input, and OWLv2's objectness logits (B, N) (None for OWL-ViT)."""
+
+    class_logits: torch.Tensor
+    boxes: torch.Tensor
+    objectness: torch.Tensor | None
+
+
+def pads_to_square(owl: Any) -> bool:
+    """Whether an OWL detector's input is the image padded to a square (OWLv2) rather than
+    squashed (OWL-ViT): its boxes are then fractions of the padded square.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> pads_to_square(NS(config=NS(model_type="owlv2")))
+        True
+    """
+    return getattr(owl.config, "model_type", "owlvit") == "owlv2"
+
+
+def image_fraction_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """OWLv2's boxes (…, 4) ``cx, cy, w, h`` in fractions of the image padded to a square
+    (bottom and right) as fractions of the image itself, so they scale like OWL-ViT's squashed
+    boxes: x by the width, y by the height.
+
+    Example:
+        >>> image_fraction_boxes(torch.tensor([[0.25, 0.25, 0.5, 0.5]]), (200, 100)).tolist()
+        [[0.25, 0.5, 0.5, 1.0]]
+    """
+    width, height = image_size
+    side = max(width, height)
+    scale = torch.tensor([side / width, side / height] * 2, dtype=boxes.dtype, device=boxes.device)
+    return boxes * scale
 
 
 def owl_detection_heads(
@@ -78,7 +123,7 @@ def owl_detection_heads(
     """OWL-ViT's class logits and boxes from ``t``, a differentiable pure function.
 
     Args:
-        owl: an ``OwlViTForObjectDetection``.
+        owl: an ``OwlViTForObjectDetection`` (or ``Owlv2ForObjectDetection``).
         t: (B, 1 + N, D) penultimate hidden state, CLS first.
         query_embeds: (Q, D_q) text-query embeddings (projected and L2-normalised, as
             ``OwlViTModel.forward`` gives them), or (B, Q, D_q) per image.
@@ -86,7 +131,33 @@ def owl_detection_heads(
     Returns:
         class_logits (B, N, Q) float32 and boxes (B, N, 4) ``cx, cy, w, h`` in [0, 1].
     """
-    vision = owl.owlvit.vision_model
+    out = owl_head_outputs(owl, t, query_embeds, objectness=False)
+    return out.class_logits, out.boxes
+
+
+def owl_head_outputs(
+    owl: Any, t: torch.Tensor, query_embeds: torch.Tensor, objectness: bool = True
+) -> HeadOutputs:
+    """Every head of an OWL detector on ``t``: class logits, boxes and (OWLv2) objectness.
+
+    OWLv2's objectness head reads the same merged patch features as the box head; the stock
+    ``objectness_predictor`` detaches them, this calls the head module itself so its logits
+    (equal in value) stay differentiable in ``t`` (GA's ``objectness`` channel).
+
+    Args:
+        owl: an ``OwlViTForObjectDetection`` or ``Owlv2ForObjectDetection``.
+        t: (B, 1 + N, D) penultimate hidden state, CLS first.
+        query_embeds: (Q, D_q) or (B, Q, D_q) text-query embeddings.
+        objectness: compute OWLv2's objectness logits (ignored for OWL-ViT).
+
+    Returns:
+        :class:`HeadOutputs`.
+
+    Example:
+        >>> out = owl_head_outputs(owl, t, queries)  # doctest: +SKIP
+        >>> out.objectness.shape  # OWLv2 base: (B, 3600)  # doctest: +SKIP
+    """
+    vision = owl_base_model(owl).vision_model
     B, S, D = t.shape
     hidden = vision.encoder.layers[-1](t, attention_mask=None)  # (B, 1 + N, D)
     image_embeds = vision.post_layernorm(hidden)
@@ -106,7 +177,10 @@ def owl_detection_heads(
     class_logits, _ = owl.class_predictor(feats, queries, query_mask)  # (B, N, Q)
     feature_map = feats.reshape(B, side, side, D)  # (B, h, w, D)
     boxes = owl.box_predictor(feats, feature_map)  # (B, N, 4)
-    return class_logits, boxes
+    objectness_logits = None
+    if objectness and hasattr(owl, "objectness_head"):
+        objectness_logits = owl.objectness_head(feats)[..., 0]  # (B, N), not detached
+    return HeadOutputs(class_logits, boxes, objectness_logits)
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -169,12 +243,15 @@ def decode_detections(
     queries: list[str],
     threshold: float = 0.1,
     nms_iou: float | None = None,
+    objectness: torch.Tensor | None = None,
+    pads_to_square: bool = False,
 ) -> Detections:
     """Pixel detections of one image from its per-patch logits and boxes.
 
     Every patch votes for its best query (as OWL-ViT's post-processing does); a detection is kept
     when its sigmoid score reaches ``threshold``. Boxes are scaled to the original size, x by the
-    width and y by the height, and clipped to the image.
+    width and y by the height (OWLv2, ``pads_to_square``: both by the longer side, as its
+    processor padded the image bottom and right), and clipped to the image.
 
     Args:
         class_logits: (N, Q) logits of one image.
@@ -183,6 +260,8 @@ def decode_detections(
         queries: the Q query names.
         threshold: minimum score.
         nms_iou: IoU above which a lower-scored box of the same label is dropped; None: no NMS.
+        objectness: (N,) OWLv2's objectness logits; their sigmoids are kept per detection.
+        pads_to_square: the boxes are fractions of the image padded to a square (OWLv2).
 
     Returns:
         :class:`Detections`, highest score first.
@@ -191,7 +270,8 @@ def decode_detections(
         probs = torch.sigmoid(class_logits.float())  # (N, Q)
         scores, labels = probs.max(dim=-1)  # (N,)
         width, height = image_size
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        sx, sy = (max(width, height),) * 2 if pads_to_square else (width, height)
+        scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
         xyxy = cxcywh_to_xyxy(boxes.float().cpu()) * scale  # (N, 4) pixels
         xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
         xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
@@ -209,4 +289,7 @@ def decode_detections(
             patches=keep,
             image_size=(int(width), int(height)),
             threshold=threshold,
+            objectness=(
+                torch.sigmoid(objectness.float().cpu())[keep] if objectness is not None else None
+            ),
         )

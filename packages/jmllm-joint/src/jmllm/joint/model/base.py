@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from jmllm.align import AlignmentLayer, ImageNormalization, check_fits
+from jmllm.align.features import PaddedSquareNormalization
 from jmllm.align.images import WORKING_SIDE
 from jmllm.joint.model.families import FamilyAdapter, adapter_for
 
@@ -62,6 +63,18 @@ def check_compatible(alignment_config: Any, owl_config: Any, mllm_config: Any) -
         raise JointModelError(str(exc)) from None
 
 
+def _default_owl_norm(config: Any) -> ImageNormalization | PaddedSquareNormalization:
+    """The OWL side's pixels without its checkpoint's processor: CLIP's statistics, squashed
+    (OWL-ViT) or OWLv2's stock processor at the config's size (padded to a square)."""
+    size = config.vision_config.image_size
+    if getattr(config, "model_type", "owlvit") == "owlv2":
+        from transformers import Owlv2ImageProcessor
+
+        processor = Owlv2ImageProcessor(size={"height": size, "width": size})
+        return PaddedSquareNormalization(size, processor)
+    return ImageNormalization(size, CLIP_MEAN, CLIP_STD)
+
+
 class JointBase:
     """J's loaded parts and the state every mixin of
     :class:`~jmllm.joint.model.joint.JointModel` reads (built by its constructor)."""
@@ -74,7 +87,7 @@ class JointBase:
         *,
         tokenizer: Any = None,
         owl_tokenizer: Any = None,
-        owl_norm: ImageNormalization | None = None,
+        owl_norm: ImageNormalization | PaddedSquareNormalization | None = None,
         mllm_norm: ImageNormalization | None = None,
         llava_norm: ImageNormalization | None = None,
         sources: dict[str, str] | None = None,
@@ -93,7 +106,9 @@ class JointBase:
         self.tokenizer = tokenizer
         self.owl_tokenizer = owl_tokenizer
         vision = owl.config.vision_config
-        self.owl_norm = owl_norm or ImageNormalization(vision.image_size, CLIP_MEAN, CLIP_STD)
+        self.owl_norm: ImageNormalization | PaddedSquareNormalization = (
+            owl_norm or _default_owl_norm(owl.config)
+        )
         # the vision side's patch grid: t's, which the family's grids are resampled from
         self.owl_grid = (vision.image_size // vision.patch_size,) * 2
         side = self.family.layout.side if self.family is not None else vision.image_size

@@ -21,11 +21,19 @@ from PIL import Image
 
 from jmllm.align import ImageLoadError, image_to_tensor, owl_penultimate
 from jmllm.align.families import resample_patches
+from jmllm.align.features import owl_base_model
 from jmllm.align.images import LoadedImage, check_pixels, open_image, working_size
 from jmllm.align.options import check_template
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING, get_preprocessing
 from jmllm.joint.chat.templates import PromptError
-from jmllm.joint.detection.heads import Detections, decode_detections, owl_detection_heads
+from jmllm.joint.detection.heads import (
+    Detections,
+    HeadOutputs,
+    decode_detections,
+    owl_detection_heads,
+    owl_head_outputs,
+    pads_to_square,
+)
 from jmllm.joint.model.base import (
     DEFAULT_QUERY_TEMPLATE,
     QUERY_CACHE_SIZE,
@@ -143,8 +151,9 @@ class EmbeddingMixin(JointBase):
         Each image is decoded under the image policy (:func:`jmllm.align.images.open_image`:
         more than 20 000 × 20 000 pixels refused from the header, large JPEGs decoded reduced,
         RGB conversions — alpha on white, 16-bit scaled, CMYK/palette converted), shrunk once to
-        at most 4096 px on its longest side, squashed to OWL-ViT's square input and run to the
-        penultimate encoder layer. ``image_sizes`` keep the original sizes, so boxes are in
+        at most 4096 px on its longest side, squashed to OWL-ViT's square input (OWLv2: padded
+        to a square and resized by OWLv2's own image processor, exactly its pixels) and run to
+        the penultimate encoder layer. ``image_sizes`` keep the original sizes, so boxes are in
         original pixels; ``images`` hold the working copies.
 
         Args:
@@ -243,7 +252,7 @@ class EmbeddingMixin(JointBase):
             texts, padding="max_length", max_length=max_len, return_tensors="pt"
         ).to(self.device)
         with torch.no_grad():
-            out = self.owl.owlvit.get_text_features(
+            out = owl_base_model(self.owl).get_text_features(
                 input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
             )
             embeds = out.pooler_output if hasattr(out, "pooler_output") else out  # (Q, D_q)
@@ -283,6 +292,23 @@ class EmbeddingMixin(JointBase):
         """
         return owl_detection_heads(self.owl, t, query_embeds)
 
+    def detection_outputs(self, t: torch.Tensor, query_embeds: torch.Tensor) -> HeadOutputs:
+        """Every head of O^OWL from ``t``, differentiable: class logits (B, N, Q), boxes
+        (B, N, 4) and OWLv2's objectness logits (B, N) (None with OWL-ViT).
+
+        Example:
+            >>> out = model.detection_outputs(emb.t, model.encode_queries(["cat"]))  # doctest: +SKIP
+            >>> out.objectness.shape  # OWLv2 base/16  # doctest: +SKIP
+            torch.Size([1, 3600])
+        """
+        return owl_head_outputs(self.owl, t, query_embeds)
+
+    @property
+    def pads_to_square(self) -> bool:
+        """Whether J's vision side pads images to a square (OWLv2) rather than squashing them
+        (OWL-ViT): its boxes and patches then cover the padded square."""
+        return pads_to_square(self.owl)
+
     def detect(
         self,
         emb_or_images: Any,
@@ -314,9 +340,18 @@ class EmbeddingMixin(JointBase):
         names = self._check_queries(queries)
         query_embeds = self.encode_queries(names, template)
         with torch.no_grad():
-            logits, boxes = self.detection_heads(emb.t.to(self.device), query_embeds)
+            logits, boxes, objectness = self.detection_outputs(emb.t.to(self.device), query_embeds)
         return [
-            decode_detections(logits[i], boxes[i], emb.image_sizes[i], names, threshold, nms_iou)
+            decode_detections(
+                logits[i],
+                boxes[i],
+                emb.image_sizes[i],
+                names,
+                threshold,
+                nms_iou,
+                objectness=objectness[i] if objectness is not None else None,
+                pads_to_square=self.pads_to_square,
+            )
             for i in range(len(emb))
         ]
 

@@ -16,6 +16,7 @@ import torch
 
 from jmllm.align import ImageNormalization, load_alignment
 from jmllm.align.families import UnsupportedFamilyError, vision_family
+from jmllm.align.features import OWL_MODEL_TYPES, owl_detector_class, owl_normalization
 from jmllm.align.hub import prepare_hub
 from jmllm.align.weights import looks_like_repo_id, resolve_alignment_path
 from jmllm.joint.model.base import (
@@ -30,6 +31,24 @@ from jmllm.joint.model.base import (
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def check_owl_config(source: Any, config: Any) -> Any:
+    """The detector class of an OWL checkpoint's config (OWL-ViT or OWLv2, from its
+    ``model_type``); any other is refused in one line naming the source.
+
+    Example:
+        >>> from transformers import Owlv2Config
+        >>> check_owl_config("owl", Owlv2Config()).__name__
+        'Owlv2ForObjectDetection'
+    """
+    try:
+        return owl_detector_class(config)
+    except ValueError:
+        known = " or ".join(repr(m) for m in OWL_MODEL_TYPES)
+        raise JointModelError(
+            f"{source}: model_type is {getattr(config, 'model_type', None)!r}, not {known}"
+        ) from None
 
 
 DTYPES = ("float32", "bfloat16", "float16")  # the weights dtypes J is loaded in, by name
@@ -111,7 +130,10 @@ class LoadingMixin(JointBase):
         large weights are loaded. ``trust_remote_code`` is never used.
 
         Args:
-            owl: OWL-ViT checkpoint (``OwlViTForObjectDetection``).
+            owl: OWL-ViT checkpoint (``OwlViTForObjectDetection``) or OWLv2 checkpoint
+                (``Owlv2ForObjectDetection``, e.g. ``google/owlv2-base-patch16-ensemble``),
+                picked from its config's ``model_type``; OWLv2's images are padded to a
+                square by its own image processor.
             mllm: the multi-modal LLM's checkpoint (``AutoModelForImageTextToText``), e.g.
                 ``llava-hf/llava-1.5-7b-hf`` or ``Qwen/Qwen2-VL-2B-Instruct``.
             alignment: W weights: ``.safetensors`` file, folder, or Hub repo id (required: the
@@ -137,12 +159,7 @@ class LoadingMixin(JointBase):
             >>> JointModel.from_pretrained(mllm="Qwen/Qwen2-VL-2B-Instruct",
             ...                            alignment="w-qwen2-vl.safetensors")  # doctest: +SKIP
         """
-        from transformers import (
-            AutoConfig,
-            AutoModelForImageTextToText,
-            AutoTokenizer,
-            OwlViTForObjectDetection,
-        )
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
         if llava is not None:
             mllm = llava
@@ -163,8 +180,7 @@ class LoadingMixin(JointBase):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         owl_config = _load("OWL-ViT config", owl, AutoConfig.from_pretrained)
         mllm_config = _load("multi-modal LLM config", mllm, AutoConfig.from_pretrained)
-        if owl_config.model_type != "owlvit":
-            raise JointModelError(f"{owl}: model_type is {owl_config.model_type!r}, not 'owlvit'")
+        owl_class = check_owl_config(owl, owl_config)  # OWL-ViT or OWLv2, by model_type
         try:
             family = vision_family(mllm_config)
         except UnsupportedFamilyError as exc:
@@ -178,19 +194,14 @@ class LoadingMixin(JointBase):
         tokenizer = _load("tokenizer", mllm, AutoTokenizer.from_pretrained)
         tokenizer.padding_side = "left"
         owl_tokenizer = _load("OWL-ViT tokenizer", owl, AutoTokenizer.from_pretrained)
-        owl_norm = _load(
-            "OWL-ViT image processor",
-            owl,
-            ImageNormalization.from_pretrained,
-            owl_config.vision_config.image_size,
-        )
+        owl_norm = _load("OWL-ViT image processor", owl, owl_normalization, owl_config)
         mllm_norm = _load(
             "image processor", mllm, ImageNormalization.from_pretrained, family.layout.side
         )
         owl_model = _load(
             "OWL-ViT",
             owl,
-            OwlViTForObjectDetection.from_pretrained,
+            owl_class.from_pretrained,
             dtype=dtype,
             # eager attention: every order of autograd (GA saliency's JVPs) works through it
             attn_implementation="eager",
@@ -233,7 +244,7 @@ class LoadingMixin(JointBase):
             >>> det = JointModel.detector("google/owlvit-base-patch32")  # doctest: +SKIP
             >>> det.detect(["street.jpg"], ["car", "bus"])[0].names  # doctest: +SKIP
         """
-        from transformers import AutoConfig, AutoTokenizer, OwlViTForObjectDetection
+        from transformers import AutoConfig, AutoTokenizer
 
         check_local_source(owl, "OWL-ViT")
         prepare_hub([owl])
@@ -242,19 +253,13 @@ class LoadingMixin(JointBase):
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         owl_config = _load("OWL-ViT config", owl, AutoConfig.from_pretrained)
-        if owl_config.model_type != "owlvit":
-            raise JointModelError(f"{owl}: model_type is {owl_config.model_type!r}, not 'owlvit'")
+        owl_class = check_owl_config(owl, owl_config)  # OWL-ViT or OWLv2, by model_type
         owl_tokenizer = _load("OWL-ViT tokenizer", owl, AutoTokenizer.from_pretrained)
-        owl_norm = _load(
-            "OWL-ViT image processor",
-            owl,
-            ImageNormalization.from_pretrained,
-            owl_config.vision_config.image_size,
-        )
+        owl_norm = _load("OWL-ViT image processor", owl, owl_normalization, owl_config)
         owl_model = _load(
             "OWL-ViT",
             owl,
-            OwlViTForObjectDetection.from_pretrained,
+            owl_class.from_pretrained,
             dtype=dtype,
             attn_implementation="eager",
         ).to(device)

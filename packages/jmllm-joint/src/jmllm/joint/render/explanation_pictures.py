@@ -70,20 +70,25 @@ def map_title(weighting: str, query: str | None = None, rule: str | None = None)
     title = MAP_TITLES.get(weighting, f"GA {weighting} weight")
     if weighting != "class" or not query:
         return title
-    title = f"{title}, maximum over the queries" if query == "max" else f"{title}, query “{query}”"
+    if query == "max":
+        title = f"{title}, maximum over the queries"
+    elif query == "objectness":  # OWLv2's channel, not a query (class_query_name's name for it)
+        title = f"{title}, OWLv2's objectness channel"
+    else:
+        title = f"{title}, query “{query}”"
     return f"{title} ({rule})" if rule else title
 
 
 def class_query_name(result: GAResult, query: int | str | None = None) -> str:
-    """The name of the class channel a ``class`` map of ``result`` uses: a query's text, or
-    ``"max"`` (default: the result's own ``class_query``; ``"matching"`` as it resolved).
+    """The name of the class channel a ``class`` map of ``result`` uses: a query's text,
+    ``"max"`` or ``"objectness"`` (OWLv2's channel; default: the result's own ``class_query``; ``"matching"`` as it resolved).
 
     Example:
         >>> class_query_name(result)  # doctest: +SKIP
         'cat'
     """
     chosen = result.channel(query)
-    return "max" if chosen == "max" else result.queries[int(chosen)]
+    return str(chosen) if chosen in ("max", "objectness") else result.queries[int(chosen)]
 
 
 def class_query_rule(result: GAResult, query: int | str | None = None) -> str | None:

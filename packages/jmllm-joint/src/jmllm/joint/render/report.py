@@ -183,6 +183,8 @@ def _detection_rows(detections: Detections, max_rows: int) -> list[dict[str, Any
                 "score": f"{record['score']:.3f}",
                 "box": ", ".join(f"{v:.1f}" for v in record["box"]),
                 "patch": record["patch"],
+                # OWLv2's objectness (OWL-ViT has none: no column)
+                "objectness": f"{record['objectness']:.3f}" if "objectness" in record else "",
             }
         )
     return rows
@@ -241,6 +243,7 @@ def render_report_html(
             "size": detections.image_size,
             "rows": _detection_rows(detections, max_boxes),
             "more": len(detections) - max_boxes,
+            "objectness": detections.objectness is not None,  # OWLv2: its column
         }
     original = detections.image_size if detections is not None else image.size
     return render(

@@ -18,6 +18,7 @@ import torch
 from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
 from jmllm.joint.chat.templates import INTERACTIVE_TEMPLATE, ConversationTemplate, get_template
 from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION
+from jmllm.joint.detection.heads import image_fraction_boxes, pads_to_square
 from jmllm.joint.saliency.answers import (
     AnswerToken,
     GAError,
@@ -31,9 +32,11 @@ from jmllm.joint.saliency.answers import (
 from jmllm.joint.saliency.answers import AnswerWord as AnswerWord
 from jmllm.joint.saliency.gradients import BOX_CHANNELS as BOX_CHANNELS
 from jmllm.joint.saliency.gradients import (
+    OBJECTNESS_CHANNEL,
     OwlHeadGradients,
     _f32,
     cosine_similarities,
+    has_objectness,
     normalise_similarities,
 )
 from jmllm.joint.saliency.gradients import minmax as minmax
@@ -76,7 +79,9 @@ class GradientAlignment:
             default: the query naming the object the explained word refers to, the head noun
             of its noun phrase, see :func:`matching_query`; the maximum over the queries when
             none does), ``"first"`` (the letter of the authors' scripts, written for one query:
-            the object itself) or ``"max"``. With one query all three are that query.
+            the object itself), ``"max"``, or ``"objectness"`` (OWLv2 only: its objectness
+            channel, independent of the queries). With one query the first three are that
+            query.
         cache_size: how many (image, queries) pairs keep their OWL side (gradient norms, boxes,
             scores), least recently used dropped first. 1 suits a script that explains one image
             at a time; an interactive session that goes back and forth between images or query
@@ -107,6 +112,10 @@ class GradientAlignment:
         self.progress = progress
         self.box_rounding = _check_choice("box_rounding", box_rounding, BOX_ROUNDINGS)
         self.class_query = _check_choice("class_query", class_query, CLASS_QUERY_MODES)
+        if class_query == OBJECTNESS_CHANNEL and not has_objectness(model.owl):
+            raise GAError(
+                "class_query: 'objectness' needs OWLv2's objectness head; J's OWL-ViT has none"
+            )
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[Any, ...], _Prepared] = OrderedDict()
 
@@ -164,7 +173,10 @@ class GradientAlignment:
         query_embeds = self.model.encode_queries(names, query_template)
         heads = OwlHeadGradients(self.model.owl, t.to(self.model.device), query_embeds)
         outputs = heads.outputs()
-        boxes = torch.sigmoid(outputs[:, heads.num_queries :])
+        Q = heads.num_queries
+        boxes = torch.sigmoid(outputs[:, Q : Q + 4])
+        if pads_to_square(self.model.owl):  # OWLv2: fractions of the padded square
+            boxes = image_fraction_boxes(boxes, image_size)
         prepared = _Prepared(
             t=heads.t.unsqueeze(0) if heads.t.dim() == 2 else heads.t,
             image_size=image_size,
@@ -334,6 +346,7 @@ class GradientAlignment:
             answer_text=answer_text,
             class_query=self.class_query,
             box_rounding=self.box_rounding,
+            pads_to_square=pads_to_square(self.model.owl),
             class_match=matching_query(
                 answer_text, tokens[0].start, tokens[-1].end, prepared.queries
             )

@@ -13,7 +13,22 @@ from typing import Any
 import torch
 from torch.func import jvp, vjp
 
+from jmllm.align.features import owl_base_model
+
 BOX_CHANNELS = ("cx", "cy", "w", "h")
+OBJECTNESS_CHANNEL = "objectness"
+"""OWLv2's class-query-independent channel, after the box channels (OWL-ViT has none)."""
+
+
+def has_objectness(owl: Any) -> bool:
+    """Whether an OWL detector has an objectness head (OWLv2 does, OWL-ViT does not).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> has_objectness(NS()), has_objectness(NS(objectness_head=object()))
+        (False, True)
+    """
+    return getattr(owl, "objectness_head", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -22,7 +37,7 @@ BOX_CHANNELS = ("cx", "cy", "w", "h")
 
 
 def _vision(owl: Any) -> Any:
-    return owl.owlvit.vision_model
+    return owl_base_model(owl).vision_model
 
 
 def _as_queries(query_embeds: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -40,7 +55,8 @@ def _as_queries(query_embeds: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _heads_from_features(owl: Any, feats: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Class logits and pre-sigmoid box logits (without the constant grid bias) of merged patch
-    features ``feats`` (..., D): (..., Q + 4). Uses the heads' own modules."""
+    features ``feats`` (..., D): (..., Q + 4), then OWLv2's objectness logit (..., Q + 5). Uses
+    the heads' own modules."""
     head = owl.class_head
     image_class = head.dense0(feats)  # (..., D_q)
     image_class = image_class / (torch.linalg.norm(image_class, dim=-1, keepdim=True) + 1e-6)
@@ -50,6 +66,8 @@ def _heads_from_features(owl: Any, feats: torch.Tensor, queries: torch.Tensor) -
     scale = head.elu(head.logit_scale(feats)) + 1
     class_logits = (logits + shift) * scale
     box_logits = owl.box_head(feats)  # (..., 4)
+    if has_objectness(owl):
+        return torch.cat([class_logits, box_logits, owl.objectness_head(feats)], dim=-1)
     return torch.cat([class_logits, box_logits], dim=-1)
 
 
@@ -62,12 +80,14 @@ def owl_outputs_reference(owl: Any, t: torch.Tensor, query_embeds: torch.Tensor)
     logits plus the grid bias, *before* the sigmoid (``sigmoid`` of them are the boxes).
 
     Args:
-        owl: an ``OwlViTForObjectDetection``.
+        owl: an ``OwlViTForObjectDetection`` or ``Owlv2ForObjectDetection``.
         t: (1, 1 + N, D) penultimate hidden state, CLS first.
         query_embeds: (Q, D_q) text-query embeddings.
 
     Returns:
-        (N, Q + 4): class logits, then ``cx, cy, w, h`` logits.
+        (N, Q + 4): class logits, then ``cx, cy, w, h`` logits; OWLv2: (N, Q + 5), its
+        objectness logit last (the head module itself, not the stock predictor, which detaches
+        its input).
     """
     vision = _vision(owl)
     hidden = vision.encoder.layers[-1](t, attention_mask=None)  # (1, 1 + N, D)
@@ -77,7 +97,8 @@ def owl_outputs_reference(owl: Any, t: torch.Tensor, query_embeds: torch.Tensor)
     queries = query_embeds if query_embeds.dim() == 3 else query_embeds.unsqueeze(0)
     class_logits, _ = owl.class_head(feats, queries.to(feats.dtype), None)  # (1, N, Q)
     box_logits = owl.box_head(feats) + owl.box_bias.to(feats)  # (1, N, 4)
-    return torch.cat([class_logits, box_logits], dim=-1)[0]
+    extra = [owl.objectness_head(feats)] if has_objectness(owl) else []  # (1, N, 1)
+    return torch.cat([class_logits, box_logits, *extra], dim=-1)[0]
 
 
 class OwlHeadGradients:
@@ -117,6 +138,7 @@ class OwlHeadGradients:
         self.num_patches = t.shape[1] - 1
         self.num_queries = self.queries.shape[0]
         self.box_bias = owl.box_bias.to(self.t)
+        self.objectness = has_objectness(owl)
         if self.box_bias.shape[0] != self.num_patches:
             raise ValueError(
                 f"t has {self.num_patches} patch tokens but OWL-ViT's grid has "
@@ -125,8 +147,8 @@ class OwlHeadGradients:
 
     @property
     def num_channels(self) -> int:
-        """C = Q + 4 outputs per patch."""
-        return self.num_queries + 4
+        """C = Q + 4 outputs per patch (Q + 5 with OWLv2's objectness)."""
+        return self.num_queries + 4 + int(self.objectness)
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -159,19 +181,21 @@ class OwlHeadGradients:
     def _outputs_of(self, t: torch.Tensor) -> torch.Tensor:
         y = self._layer_output(t)  # (T, D)
         feats = self._merged_features(y[:1], y[1:])  # (N, D)
-        return _heads_from_features(self.owl, feats, self.queries) + torch.cat(
-            [torch.zeros(self.num_patches, self.num_queries).to(self.box_bias), self.box_bias],
-            dim=-1,
-        )
+        bias = [torch.zeros(self.num_patches, self.num_queries).to(self.box_bias), self.box_bias]
+        if self.objectness:
+            bias.append(torch.zeros(self.num_patches, 1).to(self.box_bias))
+        return _heads_from_features(self.owl, feats, self.queries) + torch.cat(bias, dim=-1)
 
     def outputs(self) -> torch.Tensor:
-        """O^OWL(t): (N, Q + 4) class logits, then pre-sigmoid ``cx, cy, w, h``."""
+        """O^OWL(t): (N, Q + 4) class logits, then pre-sigmoid ``cx, cy, w, h`` (OWLv2: then its
+        objectness logit)."""
         with torch.no_grad():
             return self._outputs_of(self.t[0])
 
     def boxes(self) -> torch.Tensor:
-        """The predicted boxes (N, 4) ``cx, cy, w, h`` in [0, 1] of the squashed square."""
-        return torch.sigmoid(self.outputs()[:, self.num_queries :])
+        """The predicted boxes (N, 4) ``cx, cy, w, h`` in [0, 1] of the model's square input."""
+        Q = self.num_queries
+        return torch.sigmoid(self.outputs()[:, Q : Q + 4])
 
     # -- numerators: one JVP per explained token --------------------------------------------------
 
@@ -385,7 +409,10 @@ def minmax(values: torch.Tensor) -> torch.Tensor:
 
 
 def normalise_similarities(similarities: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Class channels normalised together, box channels together (DESIGN §1.3): (N, Q + 4)."""
-    return torch.cat(
-        [minmax(similarities[:, :num_queries]), minmax(similarities[:, num_queries:])], dim=-1
-    )
+    """Class channels normalised together, box channels together (DESIGN §1.3): (N, Q + 4);
+    OWLv2's objectness channel, if present (N, Q + 5), on its own."""
+    Q = num_queries
+    parts = [minmax(similarities[:, :Q]), minmax(similarities[:, Q : Q + 4])]
+    if similarities.shape[1] > Q + 4:
+        parts.append(minmax(similarities[:, Q + 4 :]))
+    return torch.cat(parts, dim=-1)

@@ -19,7 +19,9 @@ WEIGHTINGS: tuple[str, ...] = ("class", "coord", "any")
 # With several queries, which class channel weighs a box: the query naming the object the
 # explained word refers to (resolved per result: GAResult.class_match), the first query's (the
 # letter of the authors' one-query class_id=[0]) or the maximum over the queries.
-CLASS_QUERY_MODES: tuple[str, ...] = ("matching", "first", "max")
+# "objectness": OWLv2's objectness channel instead of a class channel (query-independent; J
+# with OWL-ViT, which has no objectness head, refuses it).
+CLASS_QUERY_MODES: tuple[str, ...] = ("matching", "first", "max", "objectness")
 # Box corners to pixels: int() truncation as the authors' scripts, or floor/ceil outward.
 BOX_ROUNDINGS: tuple[str, ...] = ("truncate", "outward")
 
@@ -38,12 +40,14 @@ def patch_weights(
 ) -> torch.Tensor:
     """Per-patch box weight (N,) from the normalised similarity table (N, Q + 4).
 
-    - ``class``: the class channel of ``query``: an index, ``"first"`` (the first query) or
-      ``"max"`` (the maximum over the query channels); ``None`` means ``"first"``. The
+    - ``class``: the class channel of ``query``: an index, ``"first"`` (the first query),
+      ``"max"`` (the maximum over the query channels) or ``"objectness"`` (OWLv2's objectness
+      channel, the table's column Q + 4); ``None`` means ``"first"``. The
       ``"matching"`` channel depends on the explained word, so it is resolved to an index (or
       ``"max"``) by the result (:meth:`GAResult.channel`) before it reaches this table.
     - ``coord``: the maximum over the four box channels ``cx, cy, w, h``.
-    - ``any``: the maximum over all Q + 4 channels, i.e. ``max(class channels, coord)`` — the
+    - ``any``: the maximum over all Q + 4 channels (with OWLv2, Q + 5: its objectness too),
+      i.e. ``max(class channels, coord)`` — the
       patch counts if its gradient aligns with the token's through any of its outputs (the
       authors' ``anyweight``).
 
@@ -58,6 +62,12 @@ def patch_weights(
             return cls[:, 0]
         if query == "max":
             return cls.max(-1).values
+        if query == "objectness":
+            if normalised.shape[1] <= num_queries + 4:
+                raise ValueError(
+                    "class_query: 'objectness' needs OWLv2's objectness head; OWL-ViT has none"
+                )
+            return normalised[:, num_queries + 4]
         if query == "matching":
             raise ValueError(
                 "class_query: 'matching' depends on the explained word; resolve it with "
@@ -70,7 +80,7 @@ def patch_weights(
             )
         return cls[:, query]
     if weighting == "coord":
-        return normalised[:, num_queries:].max(-1).values
+        return normalised[:, num_queries : num_queries + 4].max(-1).values
     if weighting == "any":
         return normalised.max(-1).values
     raise ValueError(f"weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
@@ -139,15 +149,28 @@ def paint_boxes(
     return canvas
 
 
-def patch_grid_map(values: torch.Tensor | np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+def patch_grid_map(
+    values: torch.Tensor | np.ndarray, image_size: tuple[int, int], pads_to_square: bool = False
+) -> np.ndarray:
     """Per-patch values (N,) on the G×G grid, min–max normalised, upsampled (nearest) to the
-    original (H, W): each patch covers its cell of the squashed image."""
+    original (H, W): each patch covers its cell of the squashed image (``pads_to_square``,
+    OWLv2: of the image padded to a square, bottom and right, so the grid's cells are square
+    and the padding's are not drawn).
+
+    Example:
+        >>> grid = np.array([0.0, 1.0, 2.0, 3.0])  # a 2x2 grid, on a 4x2 image
+        >>> (patch_grid_map(grid, (4, 2)) * 3).round().tolist()  # squashed: both rows shown
+        [[0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]]
+        >>> (patch_grid_map(grid, (4, 2), pads_to_square=True) * 3).round().tolist()  # top row
+        [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+    """
     v = np.asarray(values.detach().float().cpu() if isinstance(values, torch.Tensor) else values)
     side = round(v.size**0.5)
     if side * side != v.size:
         raise ValueError(f"values: {v.size} patches do not form a square grid")
     v = minmax(torch.from_numpy(v.astype(np.float32))).numpy().reshape(side, side)
     width, height = image_size
-    rows = np.minimum((np.arange(height) * side) // height, side - 1)
-    cols = np.minimum((np.arange(width) * side) // width, side - 1)
+    span_x, span_y = (max(width, height),) * 2 if pads_to_square else (width, height)
+    rows = np.minimum((np.arange(height) * side) // span_y, side - 1)
+    cols = np.minimum((np.arange(width) * side) // span_x, side - 1)
     return v[rows][:, cols].astype(np.float32)

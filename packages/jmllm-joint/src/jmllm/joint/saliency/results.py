@@ -12,7 +12,7 @@ from jmllm.align.preprocessing import INTERACTIVE_PREPROCESSING
 from jmllm.joint.chat.templates import INTERACTIVE_TEMPLATE
 from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION
 from jmllm.joint.saliency.answers import AnswerToken, AnswerWord, QueryMatch
-from jmllm.joint.saliency.gradients import BOX_CHANNELS, minmax
+from jmllm.joint.saliency.gradients import BOX_CHANNELS, OBJECTNESS_CHANNEL, minmax
 from jmllm.joint.saliency.maps import (
     WEIGHTINGS,
     box_pixels,
@@ -30,12 +30,14 @@ class GAResult:
         tokens: the explained answer token(s); a multi-token word lists all of its tokens.
         target: what was asked for (the word, or ``"#<position>"``).
         queries: the Q text queries (class channels, in order).
-        channels: channel names, ``queries + ["cx", "cy", "w", "h"]``.
+        channels: channel names, ``queries + ["cx", "cy", "w", "h"]`` (OWLv2: then
+            ``"objectness"``, and every (N, Q + 4) table below is (N, Q + 5)).
         similarities: (N, Q + 4) cosine ``s_{k,c}``.
         normalised: (N, Q + 4) class channels min–max normalised together, box channels together.
         numerators: (N, Q + 4) ``⟨g_{k,c}, g_L⟩``; norms: (N, Q + 4) ``‖g_{k,c}‖``.
         g_llm_norm: ``‖g_L‖``.
-        boxes: (N, 4) OWL-ViT boxes ``cx, cy, w, h`` in [0, 1]; boxes_xyxy: (N, 4) pixel ints.
+        boxes: (N, 4) OWL-ViT boxes ``cx, cy, w, h`` in [0, 1] of the image (OWLv2's mapped
+            back from its padded square); boxes_xyxy: (N, 4) pixel ints.
         class_scores: (N, Q) sigmoid detection scores for the queries.
         patch_gradient_norms: (N,) per-patch ‖g_L‖ (rows of ``t`` without CLS), the
             plain-gradient baseline.
@@ -47,7 +49,8 @@ class GAResult:
         class_query: which class channel the ``class`` map uses with several queries:
             ``"matching"`` (the default: the query naming the object the explained word refers
             to, see :func:`matching_query`), ``"first"`` (the letter of the authors' one-query
-            scripts) or ``"max"``. The three agree when there is one query.
+            scripts), ``"max"`` or ``"objectness"`` (OWLv2's objectness channel, whatever the
+            queries). The first three agree when there is one query.
         class_match: what ``"matching"`` picked for this result (:class:`QueryMatch`: the
             query's index, or None for the maximum over the queries, and the rule that chose).
         box_rounding: how box corners became pixels (``"truncate"``, the authors', or
@@ -72,6 +75,7 @@ class GAResult:
     class_query: str = "matching"
     box_rounding: str = "truncate"
     class_match: QueryMatch = field(default_factory=lambda: QueryMatch(0, "only query"))
+    pads_to_square: bool = False  # OWLv2: the patch grid covers the image padded to a square
     _maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -82,7 +86,9 @@ class GAResult:
 
     @property
     def channels(self) -> list[str]:
-        return [*self.queries, *BOX_CHANNELS]
+        """Channel names: the queries, ``cx, cy, w, h`` and, with OWLv2, ``objectness``."""
+        extra = [OBJECTNESS_CHANNEL] if self.similarities.shape[-1] > self.num_queries + 4 else []
+        return [*self.queries, *BOX_CHANNELS, *extra]
 
     @property
     def num_queries(self) -> int:
@@ -134,7 +140,7 @@ class GAResult:
             if weighting not in self._maps:
                 if weighting == "gradient":
                     self._maps[weighting] = patch_grid_map(
-                        self.patch_gradient_norms, self.image_size
+                        self.patch_gradient_norms, self.image_size, self.pads_to_square
                     )
                 else:
                     self._maps[weighting] = paint_boxes(
@@ -142,7 +148,8 @@ class GAResult:
                     )
             return self._maps[weighting]
         if weighting == "gradient":
-            return patch_grid_map(self.patch_gradient_norms, size or self.image_size)
+            size = size or self.image_size
+            return patch_grid_map(self.patch_gradient_norms, size, self.pads_to_square)
         if size is None:
             return paint_boxes(self.weights(weighting, query), self.boxes_xyxy, self.image_size)
         boxes = box_pixels(self.boxes, size, self.box_rounding)
@@ -188,7 +195,7 @@ class GAResult:
         values = self.shown_weights(weighting, query)
         size = size or self.image_size
         if weighting == "gradient":
-            return patch_grid_map(values, size)
+            return patch_grid_map(values, size, self.pads_to_square)
         boxes = (
             self.boxes_xyxy
             if size == self.image_size

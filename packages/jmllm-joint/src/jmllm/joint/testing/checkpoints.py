@@ -27,7 +27,12 @@ import torch
 
 from jmllm.align import AlignmentLayer, alignment_config_for, load_alignment, save_alignment
 from jmllm.align.files import atomic_write_bytes, atomic_write_text, folder_mode
-from jmllm.align.testing import build_tiny_checkpoints, generated_images, write_image_folder
+from jmllm.align.testing import (
+    build_tiny_checkpoints,
+    build_tiny_owlv2,
+    generated_images,
+    write_image_folder,
+)
 from jmllm.align.testing_families import (
     PUBLISHED,
     TINY_FAMILIES,
@@ -45,6 +50,7 @@ __all__ = [
     "build_tiny_family",
     "build_tiny_family_joint",
     "build_tiny_joint",
+    "build_tiny_owlv2_joint",
     "generated_images",
     "key_fields",
     "published_config",
@@ -207,6 +213,57 @@ def build_tiny_family_joint(root: str | os.PathLike[str], family: str, seed: int
         save_alignment(layer, target, provenance)
         atomic_write_text(stamp_file, json.dumps(stamp))
     return TinyJoint(root=root, owl=base.owl, llava=folder, alignment=target)
+
+
+def build_tiny_owlv2_joint(
+    root: str | os.PathLike[str], family: str = "llava", seed: int = 0
+) -> TinyJoint:
+    """Build (or reuse) a tiny J whose vision side is OWLv2: the tiny OWLv2 of
+    :func:`jmllm.align.testing.build_tiny_owlv2` (an 8×8 grid, resampled onto the tiny MLLMs'
+    6×6), the tiny MLLM of ``family`` and a deep-mlp W fitted to it as for OWL-ViT.
+
+    Example:
+        >>> paths = build_tiny_owlv2_joint(tmp_path)  # doctest: +SKIP
+        >>> JointModel.from_pretrained(paths.owl, paths.llava, paths.alignment)  # doctest: +SKIP
+    """
+    from transformers import AutoConfig
+
+    base = build_tiny_family_joint(root, family, seed=seed)
+    root = Path(root)
+    owl = build_tiny_owlv2(root, seed=seed)
+    target = root / f"alignment-owlv2-{family}.safetensors"
+    stamp = {
+        "version": TINY_JOINT_VERSION,
+        "seed": seed,
+        "owl": (root / "owlv2.json").read_text(),
+        "mllm": str(base.llava),
+    }
+    stamp_file = root / f"tiny-joint-owlv2-{family}.json"
+    if not (
+        stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and target.is_file()
+    ):
+        config = alignment_config_for(
+            AutoConfig.from_pretrained(owl),
+            AutoConfig.from_pretrained(base.llava),
+            "deep-mlp",
+            source_model=str(owl),
+            target_model=str(base.llava),
+            hidden_dim=TINY_HIDDEN_DIM,
+            num_hidden_layers=1,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 2)
+            layer = AlignmentLayer(config)
+            final_loss = _fit_tiny_alignment(layer, owl, base.llava, seed)
+        provenance = {
+            "note": f"tiny W for tests: OWLv2 to the tiny {family}, output layer fitted",
+            "seed": seed,
+            "images": FIT_IMAGES,
+            "final_loss": final_loss,
+        }
+        save_alignment(layer, target, provenance)
+        atomic_write_text(stamp_file, json.dumps(stamp))
+    return TinyJoint(root=root, owl=owl, llava=base.llava, alignment=target)
 
 
 def tiny_family_joint_model(

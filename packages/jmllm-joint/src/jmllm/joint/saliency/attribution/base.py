@@ -18,6 +18,7 @@ from jmllm.joint.chat.templates import (
     JointAnswer,
     get_template,
 )
+from jmllm.joint.detection.heads import pads_to_square
 from jmllm.joint.model.internals import run_language_model
 from jmllm.joint.saliency import (
     AnswerToken,
@@ -208,6 +209,7 @@ class Attribution:
     tokens: list[AnswerToken] = field(default_factory=list)
     painter: Callable[[tuple[int, int]], np.ndarray] | None = field(default=None, repr=False)
     detail: Any = field(default=None, repr=False)
+    pads_to_square: bool = False  # OWLv2: the grid covers the image padded to a square
 
     @property
     def grid(self) -> np.ndarray:
@@ -221,7 +223,7 @@ class Attribution:
         size = size or self.image_size
         if self.painter is not None:
             return self.painter(size)
-        return patch_grid_map(self.scores, size)
+        return patch_grid_map(self.scores, size, self.pads_to_square)
 
     def ranking(self, seed: int = 0) -> np.ndarray:
         """Patch indices (N,) from the most to the least important; ties (GA's patches under
@@ -299,6 +301,10 @@ class AttributionMethod:
             image_size=request.image_size,
             label=request.label,
             tokens=list(request.tokens),
+            # scores on t's own grid (OWLv2's covers the padded square; the MLLM's tokens, which
+            # attention and the logit lens score, cover the squashed image)
+            pads_to_square=pads_to_square(self.model.owl)
+            and scores.numel() == self.model.owl_grid[0] * self.model.owl_grid[1],
             **kwargs,
         )
 
