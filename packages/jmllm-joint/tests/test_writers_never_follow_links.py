@@ -218,6 +218,7 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
     # models saved into a fresh temporary folder, then renamed into place
     ("align/testing.py", "_save_owl", "save_pretrained"): "into _atomic_dir's new folder",
     ("align/testing.py", "_save_llava", "save_pretrained"): "into _atomic_dir's new folder",
+    ("align/testing.py", "_save_owlv2", "save_pretrained"): "into _atomic_dir's new folder",
     ("align/testing.py", "_atomic_dir", "tempfile.mkdtemp"): "a new private folder",
     (
         "align/testing.py",
