@@ -380,8 +380,15 @@ def test_the_chat_panel_shows_the_latest_answer_from_its_top(server, browser, tm
 
     def check(question: str) -> None:
         _ask(page, question)
-        time.sleep(1.2)  # the page scrolls after rendering the answer
-        where = _latest_answer_in_view(page)
+        # the page lays the answer out, then scrolls: read it once two reads agree (a fixed
+        # pause read it mid-way on a loaded machine)
+        where, deadline = _latest_answer_in_view(page), time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.6)
+            now = _latest_answer_in_view(page)
+            if now == where:
+                break
+            where = now
         seen.append(where)
         assert where["top"] >= -1, where  # the answer's beginning is never cut off
         if where["bottom"] - where["top"] <= where["height"]:
