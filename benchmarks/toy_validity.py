@@ -29,7 +29,12 @@ IoU 0.5 on the older protocol; the correlation falls under randomisation. The fi
 reported whatever they are.
 
     python benchmarks/toy_validity.py [--scenes 30] [--metric-scenes 100] [--default-scenes 300]
-        [--workers 2] [--json-out PATH]
+        [--workers 2] [--dir DIR [--family {llava,qwen2_vl}]] [--json-out PATH]
+
+``--family qwen2_vl`` with ``--dir`` a toy world trained by ``jmllm-joint toy train --family
+qwen2_vl``: the same checks and keys on the toy Qwen2-VL (its own chat format wherever the keys
+say ``llava-1.5``; ``*_llava`` keys are the stock MLLM's). The family is the manifest's; the
+option checks it.
 """
 
 from __future__ import annotations
@@ -157,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         help="processes sharing the default path's scenes (default 2, one per core)",
     )
     parser.add_argument("--dir", help="a toy world trained with `jmllm-joint toy train --out`")
+    parser.add_argument(
+        "--family",
+        choices=("llava", "qwen2_vl"),
+        default=None,
+        help="the toy world's MLLM family (default: the manifest's; given, it must match it)",
+    )
     parser.add_argument("--threads", type=_count("--threads", 1), default=None)
     parser.add_argument("--json-out", help="also write the JSON result here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -176,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         manifest = toy_manifest(args.dir)
     except ToyWorldError as exc:
         print(f"toy_validity: {exc}", file=sys.stderr)
+        return 2
+    family = str(manifest.get("family", "llava"))
+    if args.family is not None and args.family != family:
+        where = args.dir or "the shipped toy world"
+        print(
+            f"toy_validity: --family {args.family}: {where} is a {family} toy world "
+            f"(train one with `jmllm-joint toy train --family {args.family} --out DIR`)",
+            file=sys.stderr,
+        )
         return 2
     start, cpu_start = time.perf_counter(), time.process_time()
     seed = int(manifest["seed"])
@@ -230,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             "spearman_falls_along_cascade": cascade[-1] < cascade[0],
         },
         "weights": str(args.dir or "shipped"),
+        "family": family,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "wall_seconds": round(wall, 2),

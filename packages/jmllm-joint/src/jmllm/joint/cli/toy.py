@@ -2,7 +2,8 @@
 
 Registered by :func:`jmllm.joint.cli.build_parser` through :func:`register`.
 
-    jmllm-joint toy train -o DIR [--seed S] [--threads N] [--quick] [--force]
+    jmllm-joint toy train -o DIR [--family {llava,qwen2_vl}] [--seed S] [--threads N] [--quick]
+        [--force]
     jmllm-joint toy eval [--dir DIR] [--scenes N] [--ga-scenes N] [--json-out FILE]
 """
 
@@ -39,6 +40,13 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     train.add_argument("-o", "--out", required=True, help="output folder")
     train.add_argument(
         "--seed", type=integer(0), default=0, help="world, initialisation and data seed"
+    )
+    train.add_argument(
+        "--family",
+        choices=("llava", "qwen2_vl"),
+        default="llava",
+        help="the MLLM's family: llava (the shipped recipe) or qwen2_vl (a toy Qwen2-VL trained "
+        "by the same recipe into qwen2_vl/, beside the shipped toy OWL-ViT and a W for it)",
     )
     train.add_argument("--threads", type=integer(1), default=2, help="torch CPU threads")
     train.add_argument(
@@ -113,7 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out}: already holds a toy world; pass --force to replace it")
     recipe = ToyRecipe.quick(args.seed) if args.quick else ToyRecipe(seed=args.seed)
     recipe.threads = args.threads
-    manifest = train_toy_world(out, recipe, progress=not args.no_progress, force=args.force)
+    manifest = train_toy_world(
+        out, recipe, progress=not args.no_progress, force=args.force, family=args.family
+    )
     _print_scores(manifest["metrics"], manifest["seconds"])
     print(f"Toy world: {out} ({manifest['total_bytes'] / 1e6:.1f} MB)")
     return 0
@@ -136,7 +146,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seed = manifest["seed"] if args.seed is None else args.seed
     model = load_toy_joint(args.dir, **_model_kwargs(args))
     scenes = manifest["metrics"]["heldout_scenes"] if args.scenes is None else args.scenes
-    scores: dict[str, Any] = evaluate_joint(model, scenes=scenes, seed=seed)
+    from jmllm.joint.toy.train import FAMILY_TEMPLATES
+
+    family = str(manifest.get("family", "llava"))
+    scores: dict[str, Any] = evaluate_joint(
+        model, scenes=scenes, seed=seed, templates=FAMILY_TEMPLATES.get(family)
+    )
     if args.ga_scenes:
         scores["ga_localisation"] = ga_localisation(
             model, scenes=args.ga_scenes, seed=seed, progress=not args.no_progress

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -43,13 +44,18 @@ class ToyWorldError(FileNotFoundError):
 @dataclass(frozen=True)
 class ToyPaths:
     """A toy world on disk: ``owl`` and ``llava`` folders, the W ``alignment`` file, the
-    ``manifest`` JSON; the three model sources go straight to :meth:`JointModel.from_pretrained`."""
+    ``manifest`` JSON; the three model sources go straight to :meth:`JointModel.from_pretrained`.
+
+    ``llava`` is the MLLM's folder whatever its family: ``qwen2_vl/`` for a toy world trained
+    with ``--family qwen2_vl`` (``family`` says which).
+    """
 
     root: Path
     owl: Path
     llava: Path
     alignment: Path
     manifest: Path
+    family: str = "llava"
 
 
 def toy_paths(root: str | os.PathLike[str] | None = None) -> ToyPaths:
@@ -69,22 +75,28 @@ def toy_paths(root: str | os.PathLike[str] | None = None) -> ToyPaths:
         >>> sorted(p.name for p in (paths.owl, paths.llava, paths.alignment))
         ['alignment.safetensors', 'llava', 'owlvit']
     """
-    from jmllm.joint.toy.train import ALIGNMENT_FILE, LLAVA_DIR, MANIFEST_NAME, OWL_DIR
+    from jmllm.joint.toy.train import ALIGNMENT_FILE, MANIFEST_NAME, MLLM_DIRS, OWL_DIR
 
     if root is None:
         base = Path(str(resources.files("jmllm.joint.toy") / WEIGHTS_PACKAGE_DIR))
     else:
         base = Path(root)
+    family = "llava"
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # reported below if missing
+        family = str(json.loads((base / MANIFEST_NAME).read_text("utf-8")).get("family", family))
+    if family not in MLLM_DIRS:
+        raise ToyWorldError(f"{base}: the manifest's family {family!r} is not a toy family")
     paths = ToyPaths(
         root=base,
         owl=base / OWL_DIR,
-        llava=base / LLAVA_DIR,
+        llava=base / MLLM_DIRS[family],
         alignment=base / ALIGNMENT_FILE,
         manifest=base / MANIFEST_NAME,
+        family=family,
     )
     for path, kind in (
         (paths.owl / "config.json", "toy OWL-ViT"),
-        (paths.llava / "config.json", "toy LLaVA"),
+        (paths.llava / "config.json", "toy LLaVA" if family == "llava" else "toy Qwen2-VL"),
         (paths.alignment, "toy W"),
         (paths.manifest, "toy manifest"),
     ):

@@ -59,14 +59,37 @@ class CaptionerRecipe:
         return asdict(self)
 
 
+def is_qwen(model: Any) -> bool:
+    """Whether ``model`` is the toy Qwen2-VL (:mod:`jmllm.joint.toy.qwen`), not the toy LLaVA."""
+    return str(getattr(model.config, "model_type", "")) == "qwen2_vl"
+
+
+def _qwen_vision(model: Any) -> Any:
+    from jmllm.align.families import Qwen2VLVision
+
+    return Qwen2VLVision(model.config)
+
+
 def llava_norm(llava: Any) -> ImageNormalization:
-    """The toy LLaVA's pixel normalisation (what its processor and J use)."""
+    """The toy LLaVA's pixel normalisation (what its processor and J use); the toy Qwen2-VL's
+    at the square J shows it."""
+    if is_qwen(llava):
+        return ImageNormalization(_qwen_vision(llava).layout.side, CLIP_MEAN, CLIP_STD)
     return ImageNormalization(int(llava.config.vision_config.image_size), CLIP_MEAN, CLIP_STD)
 
 
 def num_image_tokens(llava: Any) -> int:
+    if is_qwen(llava):
+        return int(_qwen_vision(llava).layout.num_tokens)
     vision = llava.config.vision_config
     return int((vision.image_size // vision.patch_size) ** 2)
+
+
+def image_tokens_of(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The MLLM's own image tokens (B, N, D_llm): LLaVA's, or the toy Qwen2-VL's merged ones."""
+    if is_qwen(model):
+        return _qwen_vision(model).tokens(model, pixel_values)  # type: ignore[no-any-return]
+    return llava_image_tokens(model, pixel_values)
 
 
 def _facts(qa: QA) -> set[str]:
@@ -111,25 +134,38 @@ def sample_conversation(
 
 
 def encode_conversation(
-    tokenizer: Any, turns: list[QA], template: str, image_tokens: int
+    tokenizer: Any,
+    turns: list[QA],
+    template: str,
+    image_tokens: int,
+    image_text: str | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of a finished conversation and its labels (-100 except on answer tokens and the
-    end-of-sequence token closing each answer), tokenised as a whole string like J's prompts."""
+    end-of-sequence token closing each answer), tokenised as a whole string like J's prompts.
+
+    ``image_text``: what ``<image>`` expands to (the family's, e.g. Qwen's
+    ``<|vision_start|>`` + pads + ``<|vision_end|>``); None: ``image_tokens`` × ``<image>``.
+    """
+    from jmllm.joint.chat.templates import get_template
+
     conv = Conversation()
     for qa in turns:
         conv = conv.ask(qa.question).answered(qa.answer)
     text = format_conversation(conv, eos=tokenizer.eos_token, template=template)
+    answer_form = get_template(template).answer.rstrip("\n")
     # the character spans of " answer</s>" (the template's answer part), in order
     spans, cursor = [], 0
     for qa in turns:
-        piece = f" {qa.answer}{tokenizer.eos_token}"
+        piece = answer_form.format(answer=qa.answer, eos=tokenizer.eos_token)
         start = text.index(piece, cursor)
         spans.append((start, start + len(piece)))
         cursor = start + len(piece)
-    image_token = tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids("<image>"))
+    if image_text is None:
+        image_token = tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids("<image>"))
+        image_text = image_token * image_tokens
     marker = text.index("<image>")
-    shift = len(image_token) * image_tokens - len("<image>")
-    expanded = text.replace("<image>", image_token * image_tokens, 1)
+    shift = len(image_text) - len("<image>")
+    expanded = text.replace("<image>", image_text, 1)
     spans = [(a + shift, b + shift) if a > marker else (a, b) for a, b in spans]
     enc = tokenizer(expanded, return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []
@@ -213,6 +249,7 @@ def pretrain_vision(
     llava.train()
     norm = llava_norm(llava)
     width = int(llava.config.text_config.hidden_size)
+    tower = llava.model.visual if is_qwen(llava) else None  # Qwen's merger is in its tower
     heads = torch.nn.ModuleDict(
         {
             "colour": torch.nn.Linear(width, len(COLOURS) + 1),
@@ -220,11 +257,15 @@ def pretrain_vision(
             "centre": torch.nn.Linear(width, 2),
         }
     )
-    params = [
-        *llava.model.vision_tower.parameters(),
-        *llava.model.multi_modal_projector.parameters(),
-        *heads.parameters(),
-    ]
+    params = (
+        [*tower.parameters(), *heads.parameters()]
+        if tower is not None
+        else [
+            *llava.model.vision_tower.parameters(),
+            *llava.model.multi_modal_projector.parameters(),
+            *heads.parameters(),
+        ]
+    )
     optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, recipe.warmup_steps, recipe.vision_steps)
@@ -235,14 +276,13 @@ def pretrain_vision(
         patch_labels(objs, cov, size) for objs, cov in zip(pool.objects, coverage, strict=True)
     ]
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(
-        range(recipe.vision_steps), desc="toy LLaVA vision", disable=not progress, unit="step"
-    )
+    name = "toy Qwen2-VL" if tower is not None else "toy LLaVA"
+    bar = tqdm(range(recipe.vision_steps), desc=f"{name} vision", disable=not progress, unit="step")
     first: float | None = None
     last = float("nan")
     for step in bar:
         idx = torch.randint(len(pool), (recipe.batch_size,), generator=generator)
-        tokens = llava_image_tokens(llava, norm(pool.images(idx)))  # (B, N, D)
+        tokens = image_tokens_of(llava, norm(pool.images(idx)))  # (B, N, D)
         colour = torch.stack([labels[int(i)][0] for i in idx])  # (B, N)
         shape = torch.stack([labels[int(i)][1] for i in idx])
         centre = torch.stack([labels[int(i)][2] for i in idx])  # (B, N, 2), NaN off objects
@@ -275,13 +315,17 @@ def caption_loss(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
+    extra: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy on the labelled tokens, the image tokens (B, N, D_llm)
-    merged in place of the placeholders exactly as J merges W's."""
+    merged in place of the placeholders exactly as J merges W's (``extra``: the family's
+    further forward inputs, e.g. Qwen's M-RoPE from :meth:`FamilyAdapter.forward_inputs`)."""
     embeds = llava.get_input_embeddings()(input_ids)  # (B, L, D_llm)
     mask = (input_ids == llava.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(mask, image_tokens.to(embeds.dtype))
-    logits = llava(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+    logits = llava(
+        inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, **(extra or {})
+    ).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
     )
@@ -300,8 +344,19 @@ def train_captioner(
 
     vision = pretrain_vision(llava, pool, recipe, seed, progress) if recipe.vision_steps else None
     llava.train()
-    tower = llava.model.vision_tower
-    projector = llava.model.multi_modal_projector
+    qwen = is_qwen(llava)
+    adapter = None
+    if qwen:  # the tower ends with the merger (its projector): frozen with it, tokens cached
+        from jmllm.joint.model.families.qwen2_vl import Qwen2VLAdapter
+
+        adapter = Qwen2VLAdapter(llava)
+        tower = llava.model.visual
+        projector: Any = torch.nn.Identity()
+        features: Any = image_tokens_of
+    else:
+        tower = llava.model.vision_tower
+        projector = llava.model.multi_modal_projector
+        features = tower_features
     norm = llava_norm(llava)
     cached: torch.Tensor | None = None
     if recipe.freeze_vision:
@@ -309,7 +364,7 @@ def train_captioner(
         with torch.no_grad():  # a frozen tower's features are computed once per scene
             cached = torch.cat(
                 [
-                    tower_features(llava, norm(pool.images(range(s, min(s + 128, len(pool))))))
+                    features(llava, norm(pool.images(range(s, min(s + 128, len(pool))))))
                     for s in range(0, len(pool), 128)
                 ]
             )  # (N_pool, N, D_vision)
@@ -321,7 +376,9 @@ def train_captioner(
     )
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(recipe.steps), desc="toy LLaVA", disable=not progress, unit="step")
+    image_text = adapter.image_text(tokenizer) if adapter is not None else None
+    desc = "toy Qwen2-VL" if qwen else "toy LLaVA"
+    bar = tqdm(range(recipe.steps), desc=desc, disable=not progress, unit="step")
     first: float | None = None
     last = float("nan")
     for step in bar:
@@ -330,8 +387,9 @@ def train_captioner(
             encode_conversation(
                 tokenizer,
                 sample_conversation(pool.questions[i], rng, recipe),
-                rng.choice(TEMPLATES),
+                rng.choice(TEMPLATES) if adapter is None else adapter.template,
                 n_tokens,
+                image_text,
             )
             for i in idx
         ]
@@ -339,12 +397,16 @@ def train_captioner(
         if cached is not None:
             image_tokens = projector(cached[idx])  # (B, N, D_llm)
         else:
-            image_tokens = llava_image_tokens(llava, norm(pool.images(idx)))
+            image_tokens = image_tokens_of(llava, norm(pool.images(idx)))
         if recipe.token_noise > 0:
             rms = image_tokens.detach().pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # (B, 1, 1)
             noise = torch.randn(image_tokens.shape, generator=generator)
             image_tokens = image_tokens + recipe.token_noise * rms * noise
-        loss = caption_loss(llava, image_tokens, input_ids, attention_mask, labels)
+        extra = None
+        if adapter is not None:
+            placeholders = input_ids == llava.config.image_token_id
+            extra = adapter.forward_inputs(input_ids, attention_mask, placeholders)
+        loss = caption_loss(llava, image_tokens, input_ids, attention_mask, labels, extra)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)

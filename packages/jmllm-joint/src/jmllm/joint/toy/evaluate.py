@@ -198,9 +198,15 @@ def _select(chunks: list[Any], indices: list[int], batch_size: int) -> Any:
 
 
 def evaluate_joint(
-    model: Any, scenes: int = 200, seed: int = 0, start: int = 0, progress: bool = False
+    model: Any,
+    scenes: int = 200,
+    seed: int = 0,
+    start: int = 0,
+    progress: bool = False,
+    templates: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """All held-out scores of a toy J on ``scenes`` held-out scenes of world ``seed``.
+    """All held-out scores of a toy J on ``scenes`` held-out scenes of world ``seed``
+    (``templates``: the conversation templates scored; None: :func:`answer_scores`' default).
 
     Returns:
         ``{"detection_ap50": {shape: AP}, "detection_ap50_no_nms": {...}, "detection_decoding",
@@ -209,5 +215,8 @@ def evaluate_joint(
     """
     pool = ScenePool.render("heldout", scenes, seed=seed, start=start, progress=progress)
     result = detection_scores(model, pool)
-    result.update(answer_scores(model, pool))
+    if templates is None:
+        result.update(answer_scores(model, pool))
+    else:
+        result.update(answer_scores(model, pool, templates=templates))
     return result

@@ -50,6 +50,7 @@ from jmllm.joint.toy.models import (
     toy_owl_tokenizer,
 )
 from jmllm.joint.toy.pool import ScenePool
+from jmllm.joint.toy.qwen import QWEN_DIR, QwenDims, new_qwen, save_qwen, toy_qwen_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def _quiet_libraries(quiet: bool) -> Iterator[None]:
 
 
 def _train_alignment(
-    staging: Path, pool: ScenePool, recipe: ToyRecipe, progress: bool
+    staging: Path, pool: ScenePool, recipe: ToyRecipe, progress: bool, mllm_dir: str = "llava"
 ) -> dict[str, Any]:
     """Train W with ``jmllm-align train`` on the scenes (a parquet ``datasets`` folder)."""
     from jmllm.align.cli import main as align_main
@@ -224,7 +225,7 @@ def _train_alignment(
         "--owl",
         str(staging / OWL_DIR),
         "--mllm",
-        str(staging / LLAVA_DIR),
+        str(staging / mllm_dir),
         "--seed",
         str(recipe.seed),
         "--device",
@@ -243,8 +244,8 @@ def _train_alignment(
     # The trainer records the models' staging paths; J finds them beside the file, by name.
     layer = load_alignment(run_dir / ALIGNMENT_FILE)
     provenance = dict(getattr(layer, "provenance", {}) or {})
-    layer.config.source_model, layer.config.target_model = OWL_DIR, LLAVA_DIR
-    provenance.update(source_model=OWL_DIR, target_model=LLAVA_DIR, argv=["jmllm-align", *argv[:1]])
+    layer.config.source_model, layer.config.target_model = OWL_DIR, mllm_dir
+    provenance.update(source_model=OWL_DIR, target_model=mllm_dir, argv=["jmllm-align", *argv[:1]])
     save_alignment(layer, staging / ALIGNMENT_FILE, provenance)
     _ordinary_mode(staging / ALIGNMENT_FILE)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -262,7 +263,13 @@ def _train_alignment(
 
 
 TRAIN_COMMAND = "jmllm-joint toy train"
-TRAIN_OUTPUTS = (OWL_DIR, LLAVA_DIR, ALIGNMENT_FILE, MANIFEST_NAME)  # what it writes in ``out``
+# what it writes in ``out`` (``qwen2_vl/`` in place of ``llava/`` with ``--family qwen2_vl``)
+TRAIN_OUTPUTS = (OWL_DIR, LLAVA_DIR, QWEN_DIR, ALIGNMENT_FILE, MANIFEST_NAME)
+FAMILIES = ("llava", "qwen2_vl")  # the MLLM families the recipe trains (--family)
+# the templates the held-out scores use (None: every one, as the shipped llava recipe did);
+# the toy Qwen2-VL knows its own chat format only
+FAMILY_TEMPLATES: dict[str, tuple[str, ...] | None] = {"llava": None, "qwen2_vl": ("qwen2-vl",)}
+MLLM_DIRS = {"llava": LLAVA_DIR, "qwen2_vl": QWEN_DIR}  # each family's folder in a toy world
 
 
 def train_toy_world(
@@ -271,6 +278,7 @@ def train_toy_world(
     progress: bool = True,
     *,
     force: bool = False,
+    family: str = "llava",
 ) -> dict[str, Any]:
     """Train the toy world into ``out`` and return its manifest (also written to
     ``out/manifest.json``).
@@ -285,6 +293,10 @@ def train_toy_world(
         recipe: :class:`ToyRecipe` (default: the shipped recipe).
         progress: tqdm bars for every stage.
         force: train into a folder that holds other files too (left untouched).
+        family: ``"llava"`` (the shipped recipe) or ``"qwen2_vl"``: a toy
+            ``Qwen2VLForConditionalGeneration`` (:mod:`jmllm.joint.toy.qwen`) trained by the
+            same captioner recipe into ``qwen2_vl/``, beside the shipped toy OWL-ViT (copied,
+            not retrained) and a W trained for it.
 
     Returns:
         The manifest as a dict.
@@ -295,13 +307,26 @@ def train_toy_world(
         0.97
     """
     recipe = recipe or ToyRecipe()
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: the toy recipe trains {', '.join(FAMILIES)}")
     with output_folder(
         out, command=TRAIN_COMMAND, outputs=TRAIN_OUTPUTS, force=force, what="--out"
     ) as root:
-        return _train_toy_world(root, recipe, progress)
+        return _train_toy_world(root, recipe, progress, family)
 
 
-def _train_toy_world(out: Path, recipe: ToyRecipe, progress: bool) -> dict[str, Any]:
+def _shipped_owl(staging: Path) -> dict[str, Any]:
+    """Copy the shipped toy OWL-ViT into ``staging`` (the qwen2_vl recipe reuses it)."""
+    from jmllm.joint.toy import toy_manifest, toy_paths
+
+    shipped = toy_paths()
+    shutil.copytree(shipped.owl, staging / OWL_DIR)
+    return {"reused": "the shipped toy OWL-ViT", **toy_manifest()["training"]["owlvit"]}
+
+
+def _train_toy_world(
+    out: Path, recipe: ToyRecipe, progress: bool, family: str = "llava"
+) -> dict[str, Any]:
     from jmllm.joint.model.joint import JointModel
     from jmllm.joint.render.report import atomic_write_text
     from jmllm.joint.toy.evaluate import evaluate_joint
@@ -316,37 +341,62 @@ def _train_toy_world(out: Path, recipe: ToyRecipe, progress: bool) -> dict[str, 
             pool = ScenePool.render(
                 "train", recipe.train_scenes, seed=recipe.seed, progress=progress
             )
-        with _timed(times, "owlvit"):
-            owl_tokenizer = toy_owl_tokenizer()
-            owl = new_owl(recipe.dims, owl_tokenizer, recipe.seed)
-            owl_stats = train_detector(
-                owl, owl_tokenizer, pool, recipe.detector, recipe.seed, progress
-            )
-            with _quiet_libraries(not progress):
-                save_owl(owl, owl_tokenizer, staging / OWL_DIR)
-        with _timed(times, "llava"):
-            tokenizer = toy_llava_tokenizer()
-            llava = new_llava(recipe.dims, tokenizer, recipe.seed + 1)
-            llava_stats = train_captioner(
-                llava, tokenizer, pool, recipe.captioner, recipe.seed, progress
-            )
-            with _quiet_libraries(not progress):
-                save_llava(llava, tokenizer, staging / LLAVA_DIR)
-        del owl, llava
+        mllm_dir = MLLM_DIRS[family]
+        if family == "llava":
+            with _timed(times, "owlvit"):
+                owl_tokenizer = toy_owl_tokenizer()
+                owl = new_owl(recipe.dims, owl_tokenizer, recipe.seed)
+                owl_stats = train_detector(
+                    owl, owl_tokenizer, pool, recipe.detector, recipe.seed, progress
+                )
+                with _quiet_libraries(not progress):
+                    save_owl(owl, owl_tokenizer, staging / OWL_DIR)
+            with _timed(times, "llava"):
+                tokenizer = toy_llava_tokenizer()
+                llava = new_llava(recipe.dims, tokenizer, recipe.seed + 1)
+                llava_stats = train_captioner(
+                    llava, tokenizer, pool, recipe.captioner, recipe.seed, progress
+                )
+                with _quiet_libraries(not progress):
+                    save_llava(llava, tokenizer, staging / LLAVA_DIR)
+            del owl, llava
+        else:
+            with _timed(times, "owlvit"):
+                owl_stats = _shipped_owl(staging)
+            with _timed(times, "qwen2_vl"):
+                tokenizer = toy_qwen_tokenizer()
+                qwen = new_qwen(QwenDims(), tokenizer, recipe.seed + 1)
+                llava_stats = train_captioner(
+                    qwen, tokenizer, pool, recipe.captioner, recipe.seed, progress
+                )
+                with _quiet_libraries(not progress):
+                    save_qwen(qwen, tokenizer, staging / QWEN_DIR)
+            del qwen
         with _timed(times, "alignment"):
-            w_stats = _train_alignment(staging, pool, recipe, progress)
+            w_stats = _train_alignment(staging, pool, recipe, progress, mllm_dir)
         del pool
         train_time = StageTime(
             sum(t.wall_s for t in times.values()), sum(t.cpu_s for t in times.values())
         )
         with _timed(times, "evaluation"):
             model = JointModel.from_pretrained(
-                staging / OWL_DIR, staging / LLAVA_DIR, staging / ALIGNMENT_FILE, device="cpu"
+                staging / OWL_DIR, staging / mllm_dir, staging / ALIGNMENT_FILE, device="cpu"
             )
-            metrics = evaluate_joint(model, scenes=recipe.eval_scenes, seed=recipe.seed)
-        for entry in (OWL_DIR, LLAVA_DIR):
+            metrics = evaluate_joint(
+                model,
+                scenes=recipe.eval_scenes,
+                seed=recipe.seed,
+                templates=FAMILY_TEMPLATES[family],
+            )
+        for entry in (OWL_DIR, mllm_dir):
             _ordinary_mode(staging / entry)
-        digests = file_digests(staging)
+        digests = file_digests(staging, (OWL_DIR, mllm_dir, ALIGNMENT_FILE))
+        command = ["jmllm-joint", "toy", "train", "--out", "DIR", "--seed", str(recipe.seed)]
+        # the llava manifest is the shipped recipe's, key for key; another family says which
+        family_keys: dict[str, Any] = {}
+        if family != "llava":
+            command += ["--family", family]
+            family_keys = {"family": family, "mllm_dir": mllm_dir, "dims": QwenDims().to_dict()}
         manifest = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
@@ -354,13 +404,12 @@ def _train_toy_world(out: Path, recipe: ToyRecipe, progress: bool) -> dict[str, 
             "not a substitute for the real checkpoints",
             "seed": recipe.seed,
             "recipe": recipe.to_dict(),
-            "command": " ".join(
-                ["jmllm-joint", "toy", "train", "--out", "DIR", "--seed", str(recipe.seed)]
-            ),
+            **family_keys,
+            "command": " ".join(command),
             "versions": versions(),
             "training": {
                 "owlvit": owl_stats,
-                "llava": llava_stats,
+                mllm_dir: llava_stats,
                 "alignment": w_stats,
             },
             "metrics": {"heldout_scenes": recipe.eval_scenes, **metrics},
@@ -379,7 +428,7 @@ def _train_toy_world(out: Path, recipe: ToyRecipe, progress: bool) -> dict[str, 
                 f"--out {out}: {', '.join(sorted(taken))} appeared while training and "
                 f"{TRAIN_COMMAND} did not write it; nothing was replaced"
             )
-        for entry in (OWL_DIR, LLAVA_DIR, ALIGNMENT_FILE):
+        for entry in (OWL_DIR, mllm_dir, ALIGNMENT_FILE):
             target = out / entry
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)  # the previous toy world this command wrote
