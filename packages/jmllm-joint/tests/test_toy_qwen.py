@@ -128,3 +128,17 @@ def test_qwen_recipe_end_to_end(tmp_path, toy_retrain):
     saliency = result.map("class")
     assert saliency.shape == (128, 128) and np.isfinite(saliency).all() and saliency.max() > 0
     assert cli.main(["toy", "eval", "--dir", str(out), "--scenes", "4", "--ga-scenes", "0"]) == 0
+
+
+def test_the_toy_llava_recipe_keeps_llava_1_5s_templates() -> None:
+    """Adding families' templates must not reach the toy LLaVA: it trains and is scored in the
+    templates its shipped manifest was scored in (llava-1.5, paper), not every family's."""
+    import inspect
+
+    from jmllm.joint.toy import toy_manifest
+    from jmllm.joint.toy.captioner import TEMPLATES
+    from jmllm.joint.toy.evaluate import answer_scores
+
+    shipped = tuple(toy_manifest()["metrics"]["caption_accuracy"]["joint"])
+    default = inspect.signature(answer_scores).parameters["templates"].default
+    assert tuple(TEMPLATES) == shipped == tuple(default)

@@ -244,6 +244,9 @@ KNOWN_SITES: dict[tuple[str, str, str], str] = {
     ): "into the cache's own folder",
     ("joint/toy/models.py", "save_owl", "save_pretrained"): "into toy train's staging folder",
     ("joint/toy/models.py", "save_llava", "save_pretrained"): "into toy train's staging folder",
+    ("joint/toy/qwen.py", "save_qwen", "save_pretrained"): "into toy train's staging folder",
+    ("joint/toy/qwen.py", "save_qwen", "write_text"): "into its own TemporaryDirectory",
+    ("joint/toy/train.py", "_shipped_owl", "shutil.copytree"): "into toy train's staging folder",
     ("joint/toy/train.py", "_train_toy_world", "tempfile.mkdtemp"): "the staging folder",
     ("joint/toy/train.py", "_train_toy_world", "os.replace"): "into its claimed --out",
     # reads, or writes of the cache guarded by open_nofollow and refuse_link

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from jmllm.align import ImageNormalization, llava_image_tokens
-from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES, Conversation, format_conversation
+from jmllm.joint.chat.templates import LLAVA_TEMPLATES, Conversation, format_conversation
 from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD
 from jmllm.joint.toy.pool import COVERED, ScenePool
 from jmllm.joint.toy.scenes import COLOURS, QA, SHAPES
 from jmllm.joint.toy.schedule import warmup_cosine
 
-TEMPLATES = tuple(CONVERSATION_TEMPLATES)  # ("llava-1.5", "paper")
+TEMPLATES = LLAVA_TEMPLATES  # ("llava-1.5", "paper"): the toy LLaVA is a LLaVA-1.5
 
 
 @dataclass

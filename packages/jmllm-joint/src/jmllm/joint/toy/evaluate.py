@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jmllm.joint.chat.templates import CONVERSATION_TEMPLATES
+from jmllm.joint.chat.templates import LLAVA_TEMPLATES
 from jmllm.joint.detection.heads import DEFAULT_NMS_IOU, DEFAULT_THRESHOLD, decode_detections
 from jmllm.joint.toy.metrics import average_precision, caption_accuracy
 from jmllm.joint.toy.pool import ScenePool
@@ -117,7 +117,7 @@ def answer_scores(
     model: Any,
     pool: ScenePool,
     visions: tuple[str, ...] = VISIONS,
-    templates: tuple[str, ...] = tuple(CONVERSATION_TEMPLATES),
+    templates: tuple[str, ...] = LLAVA_TEMPLATES,
     batch_size: int = 64,
     max_new_tokens: int = 24,
 ) -> dict[str, Any]:
