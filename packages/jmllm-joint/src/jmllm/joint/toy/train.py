@@ -316,12 +316,17 @@ def train_toy_world(
 
 
 def _shipped_owl(staging: Path) -> dict[str, Any]:
-    """Copy the shipped toy OWL-ViT into ``staging`` (the qwen2_vl recipe reuses it)."""
-    from jmllm.joint.toy import toy_manifest, toy_paths
+    """Copy the shipped toy OWL-ViT into ``staging`` (the qwen2_vl recipe reuses it).
 
-    shipped = toy_paths()
-    shutil.copytree(shipped.owl, staging / OWL_DIR)
-    return {"reused": "the shipped toy OWL-ViT", **toy_manifest()["training"]["owlvit"]}
+    Read from the package's data folder (``jmllm/joint/toy/weights``, what
+    :func:`jmllm.joint.toy.toy_paths` returns by default), not through ``toy_paths``, which
+    imports this module's names."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("jmllm.joint.toy") / "weights") as shipped:
+        shutil.copytree(shipped / OWL_DIR, staging / OWL_DIR)
+        manifest = json.loads((shipped / MANIFEST_NAME).read_text(encoding="utf-8"))
+    return {"reused": "the shipped toy OWL-ViT", **manifest["training"]["owlvit"]}
 
 
 def _train_toy_world(
