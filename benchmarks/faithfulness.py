@@ -125,9 +125,36 @@ def bench_curves(model: Any, targets: int, steps: int, seed: int = 0) -> dict[st
             "speedup_cpu": float(np.sum(cpu_u) / np.sum(cpu_b)),
             "max_probability_difference": max(diffs),
             "targets": {"at_least_5x": float(np.mean(ratios)) >= TARGET_SPEEDUP},
+            "batch_scaling": _batch_scaling(scorer, first, space, method),
             "load_after": _load(),
         }
     return out
+
+
+def _batch_scaling(scorer: Any, request: Any, space: str, method: Any) -> dict[str, Any]:
+    """What batching can gain on this model and machine: the batched path's time for one row
+    and for all K + 1 rows of a curve (median of 7, interleaved). ``bound`` = (K + 1) × one
+    row's time / all rows' time is the largest speed-up one batched forward can give over the
+    same path run a row at a time; near 1 when the arithmetic, not the per-call cost, dominates
+    a forward."""
+    _, masks = scorer.masks(request, method.attribute_request(request))
+    one, every = [], []
+    for _ in range(7):
+        w = time.perf_counter()
+        scorer.log_probs(request, space, masks[:1])
+        one.append(time.perf_counter() - w)
+        w = time.perf_counter()
+        scorer.log_probs(request, space, masks)
+        every.append(time.perf_counter() - w)
+    t1, tk = float(np.median(one)), float(np.median(every))
+    rows = int(masks.shape[0])
+    return {
+        "rows": rows,
+        "seconds_one_row": t1,
+        "seconds_all_rows": tk,
+        "seconds_per_row_batched": tk / rows,
+        "bound": rows * t1 / tk,
+    }
 
 
 def bench_run(model: Any, scenes: int, settings: Any, label: str) -> dict[str, Any]:
