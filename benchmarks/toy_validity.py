@@ -73,7 +73,13 @@ def _default_path_part(root: str | None, indices: list[int], seed: int, threads:
 
 
 def default_path(
-    root: str | None, scenes: int, start: int, seed: int, workers: int, progress: bool
+    root: str | None,
+    scenes: int,
+    start: int,
+    seed: int,
+    workers: int,
+    progress: bool,
+    template: str = "llava-1.5",
 ) -> dict[str, Any]:
     """The default-path report, its scenes shared among ``workers`` processes."""
     from concurrent.futures import ProcessPoolExecutor
@@ -95,7 +101,7 @@ def default_path(
             for key in counts:
                 counts[key] += part_counts[key]
     report = default_path_scores(items, indices, counts)
-    report["setting"] = default_path_setting(seed, start, "wsolevaluation")
+    report["setting"] = default_path_setting(seed, start, "wsolevaluation", template)
     return report
 
 
@@ -199,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start, cpu_start = time.perf_counter(), time.process_time()
     seed = int(manifest["seed"])
+    from jmllm.joint.toy.default_path import TEMPLATE
+
     default = default_path(
-        args.dir, args.default_scenes, args.start, seed, args.workers, not args.no_progress
+        args.dir,
+        args.default_scenes,
+        args.start,
+        seed,
+        args.workers,
+        not args.no_progress,
+        template=model.conversation_template(TEMPLATE).name,
     )
     workers_cpu = sum(
         getattr(resource.getrusage(resource.RUSAGE_CHILDREN), k) for k in ("ru_utime", "ru_stime")

@@ -85,6 +85,7 @@ def test_qwen_recipe_end_to_end(tmp_path, toy_retrain):
     J beside the shipped toy OWL-ViT, answers, and GA explains its answer."""
     if not toy_retrain:
         pytest.skip("re-training is opt-in: --toy-retrain or JMLLM_TOY_RETRAIN=1")
+    from jmllm.align.files import OUTPUTS_RECORD
     from jmllm.joint import cli
     from jmllm.joint.saliency import GradientAlignment
     from jmllm.joint.toy import load_toy_joint, toy_manifest, toy_paths
@@ -96,6 +97,7 @@ def test_qwen_recipe_end_to_end(tmp_path, toy_retrain):
     manifest = toy_manifest(out)
     assert manifest["family"] == "qwen2_vl" and "--family qwen2_vl" in manifest["command"]
     assert sorted(p.name for p in out.iterdir()) == [
+        OUTPUTS_RECORD,  # what the command wrote there (--force replaces only those)
         "alignment.safetensors",
         "manifest.json",
         "owlvit",
@@ -142,3 +144,52 @@ def test_the_toy_llava_recipe_keeps_llava_1_5s_templates() -> None:
     shipped = tuple(toy_manifest()["metrics"]["caption_accuracy"]["joint"])
     default = inspect.signature(answer_scores).parameters["templates"].default
     assert tuple(TEMPLATES) == shipped == tuple(default)
+
+
+def test_default_path_records_the_format_a_qwen_j_prompts_in(tokenizer, model):
+    """The default-path report of a Qwen2-VL J says ``qwen2-vl``, the format J prompted in (its
+    interactive default, ``llava-1.5``, maps to the family's own), not the name it was asked
+    for."""
+    from jmllm.align import AlignmentLayer, alignment_config_for
+    from jmllm.joint import JointModel
+    from jmllm.joint.toy import load_toy_joint
+    from jmllm.joint.toy.default_path import default_path_localisation
+
+    toy = load_toy_joint()
+    w = AlignmentLayer(
+        alignment_config_for(toy.owl.config, model.config, "deep-mlp", hidden_dim=32)
+    )
+    joint = JointModel(
+        toy.owl, model.eval(), w, tokenizer=tokenizer, owl_tokenizer=toy.owl_tokenizer
+    )
+    report = default_path_localisation(joint, scenes=1, start=1000)
+    assert report["setting"]["template"] == "qwen2-vl"
+    assert load_toy_joint().conversation_template("llava-1.5").name == "llava-1.5"
+
+
+def test_the_qwen_towers_centre_target_moves_with_the_scene():
+    """The toy Qwen2-VL's tower (2-D RoPE, no absolute position) regresses each patch's offset
+    to its object's centre: moving the object by one patch moves the targets with it, equal
+    patch for patch, where the absolute centres differ."""
+    import torch
+
+    from jmllm.joint.toy.captioner import patch_labels, relative_centres
+    from jmllm.joint.toy.scenes import ToyObject
+
+    grid, size = 8, 128
+
+    def targets(dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        box = (16 + 16 * dx, 16, 48 + 16 * dx, 48)  # covers cells (1..2 + dx, 1..2)
+        coverage = torch.zeros(1, grid * grid)
+        for row in (1, 2):
+            for col in (1 + dx, 2 + dx):
+                coverage[0, row * grid + col] = 1.0
+        _, shapes, centres = patch_labels((ToyObject("circle", "red", box),), coverage, size)
+        return centres, relative_centres(centres, grid)
+
+    (absolute, offsets), (moved_absolute, moved_offsets) = targets(0), targets(1)
+    cells = [9, 10, 17, 18]
+    moved = [c + 1 for c in cells]
+    assert torch.equal(offsets[cells], moved_offsets[moved])
+    assert not torch.equal(absolute[cells], moved_absolute[moved])
+    assert torch.isnan(offsets[0]).all()  # background stays unlabelled

@@ -216,6 +216,25 @@ def patch_labels(
     return colours, shapes, centres
 
 
+def relative_centres(centres: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, 2) object centres in [0, 1] (:func:`patch_labels`) as offsets from each patch's own
+    centre, on a ``grid`` × ``grid`` row-major patch grid (NaN stays NaN).
+
+    The toy Qwen2-VL's tower regresses these instead of :func:`patch_labels`' centres:
+    Qwen2-VL's vision transformer has no absolute position embedding (2-D RoPE only), so where
+    an object lies in the image cannot be told from its patches, while the offset from a patch
+    to its object's centre can, and says as much about which object the patch belongs to (the
+    toy LLaVA's CLIP tower, with absolute positions, keeps the absolute target).
+
+    Example:
+        >>> relative_centres(torch.full((4, 2), 0.5), 2).tolist()
+        [[0.25, 0.25], [-0.25, 0.25], [0.25, -0.25], [-0.25, -0.25]]
+    """
+    cell = torch.arange(grid * grid)
+    here = torch.stack([(cell % grid + 0.5) / grid, (cell // grid + 0.5) / grid], dim=-1)
+    return centres - here
+
+
 def tower_features(llava: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     """LLaVA's selected vision features before the projector: (B, N, D_vision).
 
@@ -275,6 +294,9 @@ def pretrain_vision(
     labels = [
         patch_labels(objs, cov, size) for objs, cov in zip(pool.objects, coverage, strict=True)
     ]
+    if tower is not None:  # Qwen2-VL's tower regresses offsets (relative_centres says why)
+        grid = math.isqrt(num_image_tokens(llava))
+        labels = [(c, s, relative_centres(centre, grid)) for c, s, centre in labels]
     generator = torch.Generator().manual_seed(seed)
     name = "toy Qwen2-VL" if tower is not None else "toy LLaVA"
     bar = tqdm(range(recipe.vision_steps), desc=f"{name} vision", disable=not progress, unit="step")

@@ -304,15 +304,19 @@ def default_path_localisation(
     indices = list(range(start, start + scenes))
     items, counts = default_path_items(model, indices, seed, progress, protocol)
     report = default_path_scores(items, indices, counts)
-    report["setting"] = default_path_setting(seed, start, protocol)
+    template = model.conversation_template(TEMPLATE).name
+    report["setting"] = default_path_setting(seed, start, protocol, template)
     return report
 
 
-def default_path_setting(seed: int, start: int, protocol: str) -> dict[str, Any]:
-    """What the default-path figures were computed with (recorded beside them)."""
+def default_path_setting(
+    seed: int, start: int, protocol: str, template: str = TEMPLATE
+) -> dict[str, Any]:
+    """What the default-path figures were computed with (recorded beside them); ``template``
+    is the format J prompted in (a toy Qwen2-VL J asked for ``llava-1.5`` uses ``qwen2-vl``)."""
     return {
         "question": QUESTION,
-        "template": TEMPLATE,
+        "template": template,
         "queries": list(QUERIES),
         "class_query": "matching",
         "map": "GAResult.shown('class'): 0 the median patch, 1 the top patch",
