@@ -184,7 +184,7 @@ def test_the_qwen_towers_centre_target_moves_with_the_scene():
         for row in (1, 2):
             for col in (1 + dx, 2 + dx):
                 coverage[0, row * grid + col] = 1.0
-        _, shapes, centres = patch_labels((ToyObject("circle", "red", box),), coverage, size)
+        _, _, centres = patch_labels((ToyObject("circle", "red", box),), coverage, size)
         return centres, relative_centres(centres, grid)
 
     (absolute, offsets), (moved_absolute, moved_offsets) = targets(0), targets(1)
@@ -193,3 +193,29 @@ def test_the_qwen_towers_centre_target_moves_with_the_scene():
     assert torch.equal(offsets[cells], moved_offsets[moved])
     assert not torch.equal(absolute[cells], moved_absolute[moved])
     assert torch.isnan(offsets[0]).all()  # background stays unlabelled
+
+
+def test_toy_train_runs_the_familys_recipe(tmp_path, monkeypatch):
+    """``toy train --family qwen2_vl`` trains the toy Qwen2-VL's tower for QWEN_VISION_STEPS
+    and is otherwise the toy LLaVA's recipe; ``--family llava`` is the shipped recipe as is."""
+    import dataclasses
+
+    from jmllm.joint import cli
+    from jmllm.joint.toy import toy_manifest
+    from jmllm.joint.toy import train as toy_train
+
+    seen = {}
+
+    def fake_train(out, recipe, progress=True, *, force=False, family="llava"):
+        seen[family] = recipe
+        return toy_manifest()  # the shipped world's scores, for the command to print
+
+    monkeypatch.setattr(toy_train, "train_toy_world", fake_train)
+    for family in ("llava", "qwen2_vl"):
+        out = tmp_path / family
+        assert cli.main(["toy", "train", "--family", family, "--out", str(out), "--seed", "2"]) == 0
+    llava, qwen = seen["llava"], seen["qwen2_vl"]
+    assert llava == toy_train.ToyRecipe(seed=2, threads=2)
+    assert qwen.captioner.vision_steps == toy_train.QWEN_VISION_STEPS > llava.captioner.vision_steps
+    same = dataclasses.replace(qwen.captioner, vision_steps=llava.captioner.vision_steps)
+    assert same == llava.captioner and qwen.seed == 2

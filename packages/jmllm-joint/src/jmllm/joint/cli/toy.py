@@ -46,7 +46,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         choices=("llava", "qwen2_vl"),
         default="llava",
         help="the MLLM's family: llava (the shipped recipe) or qwen2_vl (a toy Qwen2-VL trained "
-        "by the same recipe into qwen2_vl/, beside the shipped toy OWL-ViT and a W for it)",
+        "by the same recipe, its tower twice as long, into qwen2_vl/, beside the shipped toy "
+        "OWL-ViT and a W for it; about 25 minutes)",
     )
     train.add_argument("--threads", type=integer(1), default=2, help="torch CPU threads")
     train.add_argument(
@@ -119,7 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out}: exists and is not a folder")
     if (out / MANIFEST_NAME).exists() and not args.force:
         raise CliError(f"--out {out}: already holds a toy world; pass --force to replace it")
-    recipe = ToyRecipe.quick(args.seed) if args.quick else ToyRecipe(seed=args.seed)
+    recipe = (
+        ToyRecipe.quick(args.seed) if args.quick else ToyRecipe.for_family(args.family, args.seed)
+    )
     recipe.threads = args.threads
     manifest = train_toy_world(
         out, recipe, progress=not args.no_progress, force=args.force, family=args.family
