@@ -153,7 +153,7 @@ def test_default_path_records_the_format_a_qwen_j_prompts_in(tokenizer, model):
     from jmllm.align import AlignmentLayer, alignment_config_for
     from jmllm.joint import JointModel
     from jmllm.joint.toy import load_toy_joint
-    from jmllm.joint.toy.default_path import default_path_localisation
+    from jmllm.joint.toy.default_path import TEMPLATE, default_path_localisation
 
     toy = load_toy_joint()
     w = AlignmentLayer(
@@ -164,7 +164,7 @@ def test_default_path_records_the_format_a_qwen_j_prompts_in(tokenizer, model):
     )
     report = default_path_localisation(joint, scenes=1, start=1000)
     assert report["setting"]["template"] == "qwen2-vl"
-    assert load_toy_joint().conversation_template("llava-1.5").name == "llava-1.5"
+    assert toy.conversation_template(TEMPLATE).name == "llava-1.5"  # a LLaVA J keeps the name
 
 
 def test_the_qwen_towers_centre_target_moves_with_the_scene():

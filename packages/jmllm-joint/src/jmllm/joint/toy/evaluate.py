@@ -215,8 +215,5 @@ def evaluate_joint(
     """
     pool = ScenePool.render("heldout", scenes, seed=seed, start=start, progress=progress)
     result = detection_scores(model, pool)
-    if templates is None:
-        result.update(answer_scores(model, pool))
-    else:
-        result.update(answer_scores(model, pool, templates=templates))
+    result.update(answer_scores(model, pool, templates=templates or LLAVA_TEMPLATES))
     return result

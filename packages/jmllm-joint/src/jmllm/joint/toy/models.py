@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 
-from jmllm.joint.chat.templates import LLAVA_TEMPLATES, Conversation, format_conversation
+from jmllm.joint.chat.templates import (
+    DEFAULT_EOS,
+    LLAVA_TEMPLATES,
+    Conversation,
+    format_conversation,
+)
 from jmllm.joint.toy.scenes import (
     COLOURS,
     CONTENT_QUESTION,
@@ -88,17 +93,32 @@ def query_texts() -> list[str]:
     return [QUERY_TEMPLATE.format(n) for n in names]
 
 
-def _conversation_corpus() -> list[str]:
-    """Every toy question and answer, in both templates, plus the words in every position."""
+def conversation_lines(
+    templates: tuple[str, ...], eos: str = DEFAULT_EOS, image: str = "<image>"
+) -> list[str]:
+    """Every toy question and answer as a one-turn conversation in each of ``templates`` (with
+    ``eos`` closing the answer and ``<image>`` written as ``image``): a toy tokenizer's corpus.
+
+    Example:
+        >>> conversation_lines(("paper",))[0]
+        "<image>\\nUSER: What's the content of the image?\\nASSISTANT: a red circle</s>"
+    """
     objs = [ToyObject(s, c, (0, 0, 1, 1)) for c in COLOURS for s in SHAPES]
     lines: list[str] = []
     for i in range(len(objs)):
         group = [objs[i], objs[(i + 5) % len(objs)], objs[(i + 10) % len(objs)]]
         for k in (1, 2, 3):
             for qa in scene_questions(group[:k]):
-                for template in LLAVA_TEMPLATES:  # the toy LLaVA is a LLaVA-1.5
+                for template in templates:
                     conv = Conversation().ask(qa.question).answered(qa.answer)
-                    lines.append(format_conversation(conv, template=template))
+                    text = format_conversation(conv, eos=eos, template=template)
+                    lines.append(text.replace("<image>", image))
+    return lines
+
+
+def _conversation_corpus() -> list[str]:
+    """Every toy question and answer, in both templates, plus the words in every position."""
+    lines = conversation_lines(LLAVA_TEMPLATES)  # the toy LLaVA is a LLaVA-1.5
     lines += [CONTENT_QUESTION, IN_IMAGE_QUESTION, IN_IMAGE_PREFIX, " ".join(NUMBER_WORDS)]
     return lines
 

@@ -28,20 +28,13 @@ from typing import Any
 
 import torch
 
+from jmllm.align.testing_families import _QWEN_SPECIALS
+from jmllm.joint.model.families.qwen2_vl import Qwen2VLAdapter
 from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD
 
 QWEN_DIR = "qwen2_vl"  # the toy Qwen2-VL's folder in a toy world
-QWEN_TEMPLATE = "qwen2-vl"
-QWEN_SPECIALS = (
-    "<unk>",
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+QWEN_TEMPLATE = Qwen2VLAdapter.template  # "qwen2-vl": the family's chat format
+QWEN_SPECIALS = ("<unk>", *_QWEN_SPECIALS)  # the tiny Qwen tokenizers' specials, <unk> first
 
 
 @dataclass(frozen=True)
@@ -72,20 +65,10 @@ class QwenDims:
 
 def _qwen_corpus() -> list[str]:
     """Every toy conversation in the ``qwen2-vl`` template, the image as its three specials."""
-    from jmllm.joint.chat.templates import Conversation, format_conversation
-    from jmllm.joint.toy.models import _conversation_corpus
-    from jmllm.joint.toy.scenes import COLOURS, SHAPES, ToyObject, scene_questions
+    from jmllm.joint.toy.models import _conversation_corpus, conversation_lines
 
-    objs = [ToyObject(s, c, (0, 0, 1, 1)) for c in COLOURS for s in SHAPES]
-    lines: list[str] = []
-    for i in range(len(objs)):
-        group = [objs[i], objs[(i + 5) % len(objs)], objs[(i + 10) % len(objs)]]
-        for k in (1, 2, 3):
-            for qa in scene_questions(group[:k]):
-                conv = Conversation().ask(qa.question).answered(qa.answer)
-                text = format_conversation(conv, eos="<|im_end|>", template=QWEN_TEMPLATE)
-                image = "<|vision_start|><|image_pad|><|vision_end|>"
-                lines.append(text.replace("<image>", image))
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    lines = conversation_lines((QWEN_TEMPLATE,), eos="<|im_end|>", image=image)
     return lines + _conversation_corpus()[-4:]
 
 

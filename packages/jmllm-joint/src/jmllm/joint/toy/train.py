@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from jmllm.align.files import ForeignOutputError, foreign_entries, output_folder
+from jmllm.joint.chat.templates import LLAVA_TEMPLATES
 from jmllm.joint.toy.captioner import CaptionerRecipe, train_captioner
 from jmllm.joint.toy.detector import DetectorRecipe, train_detector
 from jmllm.joint.toy.models import (
@@ -50,7 +51,14 @@ from jmllm.joint.toy.models import (
     toy_owl_tokenizer,
 )
 from jmllm.joint.toy.pool import ScenePool
-from jmllm.joint.toy.qwen import QWEN_DIR, QwenDims, new_qwen, save_qwen, toy_qwen_tokenizer
+from jmllm.joint.toy.qwen import (
+    QWEN_DIR,
+    QWEN_TEMPLATE,
+    QwenDims,
+    new_qwen,
+    save_qwen,
+    toy_qwen_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -285,9 +293,12 @@ TRAIN_COMMAND = "jmllm-joint toy train"
 # what it writes in ``out`` (``qwen2_vl/`` in place of ``llava/`` with ``--family qwen2_vl``)
 TRAIN_OUTPUTS = (OWL_DIR, LLAVA_DIR, QWEN_DIR, ALIGNMENT_FILE, MANIFEST_NAME)
 FAMILIES = ("llava", "qwen2_vl")  # the MLLM families the recipe trains (--family)
-# the templates the held-out scores use (None: every one, as the shipped llava recipe did);
+# the templates the held-out scores use: LLaVA-1.5's two (as the shipped manifest was scored);
 # the toy Qwen2-VL knows its own chat format only
-FAMILY_TEMPLATES: dict[str, tuple[str, ...] | None] = {"llava": None, "qwen2_vl": ("qwen2-vl",)}
+FAMILY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "llava": LLAVA_TEMPLATES,
+    "qwen2_vl": (QWEN_TEMPLATE,),
+}
 MLLM_DIRS = {"llava": LLAVA_DIR, "qwen2_vl": QWEN_DIR}  # each family's folder in a toy world
 
 
@@ -367,6 +378,7 @@ def _train_toy_world(
                 "train", recipe.train_scenes, seed=recipe.seed, progress=progress
             )
         mllm_dir = MLLM_DIRS[family]
+        qwen_dims = QwenDims()
         if family == "llava":
             with _timed(times, "owlvit"):
                 owl_tokenizer = toy_owl_tokenizer()
@@ -390,7 +402,7 @@ def _train_toy_world(
                 owl_stats = _shipped_owl(staging)
             with _timed(times, "qwen2_vl"):
                 tokenizer = toy_qwen_tokenizer()
-                qwen = new_qwen(QwenDims(), tokenizer, recipe.seed + 1)
+                qwen = new_qwen(qwen_dims, tokenizer, recipe.seed + 1)
                 llava_stats = train_captioner(
                     qwen, tokenizer, pool, recipe.captioner, recipe.seed, progress
                 )
@@ -421,7 +433,7 @@ def _train_toy_world(
         family_keys: dict[str, Any] = {}
         if family != "llava":
             command += ["--family", family]
-            family_keys = {"family": family, "mllm_dir": mllm_dir, "dims": QwenDims().to_dict()}
+            family_keys = {"family": family, "mllm_dir": mllm_dir, "dims": qwen_dims.to_dict()}
         manifest = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
