@@ -355,8 +355,23 @@ def _latest_answer_in_view(page: Any) -> dict[str, float]:
           while (box !== root && getComputedStyle(box).overflowY !== 'auto') box = box.parentElement;
           const a = last.getBoundingClientRect(), b = box.getBoundingClientRect();
           return {top: a.top - b.top, bottom: a.bottom - b.top, height: b.height,
-                  scrolled: box.scrollTop, overflow: box.scrollHeight - box.clientHeight};
+                  scrolled: box.scrollTop, overflow: box.scrollHeight - box.clientHeight,
+                  words: last.innerText.split(/\\s+/).length};
         }"""
+    )
+
+
+def _set_max_tokens(page: Any, n: int) -> None:
+    """Type ``n`` in the max-tokens box and wait until the slider holds it: the next question
+    is sent with the slider's value, and an ask clicked before the box's edit was committed
+    went out with the old limit (a CI run got a 64-token answer where 150 was typed)."""
+    box = page.locator("#jm-max-tokens input[type=number]")
+    box.fill(str(n))
+    box.press("Enter")
+    box.blur()
+    page.wait_for_function(
+        "n => Number(document.querySelector('#jm-max-tokens input[type=range]').value) === n",
+        arg=n,
     )
 
 
@@ -375,7 +390,6 @@ def test_the_chat_panel_shows_the_latest_answer_from_its_top(server, browser, tm
     _upload(page, image)
     page.locator("#jm-picture img").wait_for()
     page.get_by_text("Chat options").click()
-    tokens = page.locator("#jm-max-tokens input[type=number]")
     seen = []
 
     def check(question: str) -> None:
@@ -396,15 +410,16 @@ def test_the_chat_panel_shows_the_latest_answer_from_its_top(server, browser, tm
         else:
             assert where["top"] <= 12, where  # tall: shown from its top
 
-    tokens.fill("150")  # a long random answer, taller than the panel
-    tokens.press("Enter")
+    # the longest random answer the model allows, well taller than the panel (150 tokens made
+    # one only 30 px taller than it)
+    bound = page.locator("#jm-max-tokens input[type=range]").get_attribute("max")
+    _set_max_tokens(page, int(float(bound)))
     check("What's in the image?")
     page.click("#jm-reset")  # the conversation would outgrow the tiny LLaVA's 256 positions
     page.wait_for_function(
         "() => document.querySelectorAll('#jm-chat [data-testid=bot]').length === 0"
     )
-    tokens.fill("12")  # short answers: after a few, the panel scrolls to show the latest whole
-    tokens.press("Enter")
+    _set_max_tokens(page, 12)  # short answers: after a few, the panel scrolls to show the latest
     for question in ("Hello?", "And then?", "Tell me more.", "Why?"):
         check(question)
     assert any(w["overflow"] > 0 for w in seen)  # the panel did have to scroll
