@@ -269,13 +269,18 @@ def pretrain_vision(
     norm = llava_norm(llava)
     width = int(llava.config.text_config.hidden_size)
     tower = llava.model.visual if is_qwen(llava) else None  # Qwen's merger is in its tower
-    heads = torch.nn.ModuleDict(
-        {
-            "colour": torch.nn.Linear(width, len(COLOURS) + 1),
-            "shape": torch.nn.Linear(width, len(SHAPES) + 1),
-            "centre": torch.nn.Linear(width, 2),
-        }
-    )
+    # seeded here: the global generator's state is not the seed's (torch seeds it at random
+    # on start-up, and the models' initialisers restore it), so unseeded heads made the tower,
+    # and everything trained on it, differ from run to run
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        heads = torch.nn.ModuleDict(
+            {
+                "colour": torch.nn.Linear(width, len(COLOURS) + 1),
+                "shape": torch.nn.Linear(width, len(SHAPES) + 1),
+                "centre": torch.nn.Linear(width, 2),
+            }
+        )
     params = (
         [*tower.parameters(), *heads.parameters()]
         if tower is not None
