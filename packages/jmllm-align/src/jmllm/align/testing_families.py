@@ -40,6 +40,7 @@ from jmllm.align.testing import (
 
 __all__ = [
     "PUBLISHED",
+    "QWEN_SPECIALS",
     "TINY_FAMILIES",
     "PublishedModel",
     "build_tiny_family",
@@ -53,7 +54,8 @@ __all__ = [
 TINY_FAMILY_VERSION = 1  # bump when a tiny family recipe changes, so cached folders are rebuilt
 TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
-_QWEN_SPECIALS = (
+# the special tokens of the Qwen2-VL family's tokenizers (the tiny ones here, the toy Qwen2-VL's)
+QWEN_SPECIALS = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -91,7 +93,7 @@ def tiny_family_tokenizer(family: str) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     require_tokenizers()
-    specials = list(_QWEN_SPECIALS) + (["<image>"] if family == "llava_onevision" else [])
+    specials = list(QWEN_SPECIALS) + (["<image>"] if family == "llava_onevision" else [])
     tok = _train_bpe(360, ["<unk>", *specials], corpus)
     extra = {"image_token": "<image>"} if family == "llava_onevision" else {}
     return PreTrainedTokenizerFast(

@@ -116,11 +116,15 @@ def conversation_lines(
     return lines
 
 
+def vocabulary_lines() -> list[str]:
+    """The toy questions' words outside a conversation (so every word is in the corpus in
+    every position), after :func:`conversation_lines` in each toy tokenizer's corpus."""
+    return [CONTENT_QUESTION, IN_IMAGE_QUESTION, IN_IMAGE_PREFIX, " ".join(NUMBER_WORDS)]
+
+
 def _conversation_corpus() -> list[str]:
     """Every toy question and answer, in both templates, plus the words in every position."""
-    lines = conversation_lines(LLAVA_TEMPLATES)  # the toy LLaVA is a LLaVA-1.5
-    lines += [CONTENT_QUESTION, IN_IMAGE_QUESTION, IN_IMAGE_PREFIX, " ".join(NUMBER_WORDS)]
-    return lines
+    return conversation_lines(LLAVA_TEMPLATES) + vocabulary_lines()  # a LLaVA-1.5
 
 
 def toy_owl_tokenizer() -> Any:

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from jmllm.align.testing_families import _QWEN_SPECIALS
+from jmllm.align.testing_families import QWEN_SPECIALS as _FAMILY_SPECIALS
 from jmllm.joint.model.families.qwen2_vl import Qwen2VLAdapter
 from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD
 
 QWEN_DIR = "qwen2_vl"  # the toy Qwen2-VL's folder in a toy world
 QWEN_TEMPLATE = Qwen2VLAdapter.template  # "qwen2-vl": the family's chat format
-QWEN_SPECIALS = ("<unk>", *_QWEN_SPECIALS)  # the tiny Qwen tokenizers' specials, <unk> first
+QWEN_SPECIALS = ("<unk>", *_FAMILY_SPECIALS)  # the tiny Qwen tokenizers' specials, <unk> first
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,11 @@ class QwenDims:
 
 def _qwen_corpus() -> list[str]:
     """Every toy conversation in the ``qwen2-vl`` template, the image as its three specials."""
-    from jmllm.joint.toy.models import _conversation_corpus, conversation_lines
+    from jmllm.joint.toy.models import conversation_lines, vocabulary_lines
 
     image = "<|vision_start|><|image_pad|><|vision_end|>"
     lines = conversation_lines((QWEN_TEMPLATE,), eos="<|im_end|>", image=image)
-    return lines + _conversation_corpus()[-4:]
+    return lines + vocabulary_lines()
 
 
 def toy_qwen_tokenizer() -> Any:
