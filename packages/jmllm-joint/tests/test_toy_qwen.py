@@ -197,7 +197,8 @@ def test_the_qwen_towers_centre_target_moves_with_the_scene():
 
 def test_toy_train_runs_the_familys_recipe(tmp_path, monkeypatch):
     """``toy train --family qwen2_vl`` trains the toy Qwen2-VL's tower for QWEN_VISION_STEPS
-    and is otherwise the toy LLaVA's recipe; ``--family llava`` is the shipped recipe as is."""
+    and its language model with QWEN_TOKEN_NOISE, and is otherwise the toy LLaVA's recipe;
+    ``--family llava`` is the shipped recipe as is (no noise)."""
     import dataclasses
 
     from jmllm.joint import cli
@@ -217,5 +218,10 @@ def test_toy_train_runs_the_familys_recipe(tmp_path, monkeypatch):
     llava, qwen = seen["llava"], seen["qwen2_vl"]
     assert llava == toy_train.ToyRecipe(seed=2, threads=2)
     assert qwen.captioner.vision_steps == toy_train.QWEN_VISION_STEPS > llava.captioner.vision_steps
-    same = dataclasses.replace(qwen.captioner, vision_steps=llava.captioner.vision_steps)
+    assert qwen.captioner.token_noise == toy_train.QWEN_TOKEN_NOISE > llava.captioner.token_noise
+    same = dataclasses.replace(
+        qwen.captioner,
+        vision_steps=llava.captioner.vision_steps,
+        token_noise=llava.captioner.token_noise,
+    )
     assert same == llava.captioner and qwen.seed == 2
