@@ -42,12 +42,18 @@ def test_probe_reads_shapes_and_colours(tmp_path):
     assert sum(cell["objects"] for cell in sizes) == shape["stock"]["objects"]
 
 
-def test_wilson_interval_matches_its_formula():
+def test_interval_resamples_scenes():
+    """Scenes are the bootstrap's unit: one scene of many objects all wrong widens the interval
+    far more than if those objects were independent, and the interval holds the accuracy."""
     probe = _probe_module()
-    right = np.array([1] * 90 + [0] * 10, dtype=bool)
-    low, high = probe.wilson(right)
-    # Wilson's interval for 90 of 100 (tabulated: 0.8256–0.9448)
-    assert abs(low - 0.8256) < 1e-3 and abs(high - 0.9448) < 1e-3
+    right = np.array([False] * 20 + [True] * 20)
+    clustered = probe.accuracy_cell(right, np.array([0] * 20 + list(range(1, 21))), 21)
+    spread = probe.accuracy_cell(right, np.arange(40), 40)
+    assert clustered["accuracy"] == spread["accuracy"] == 0.5
+    for cell in (clustered, spread):
+        assert cell["ci95"][0] < 0.5 < cell["ci95"][1]
+    width = lambda cell: cell["ci95"][1] - cell["ci95"][0]  # noqa: E731
+    assert width(clustered) > 1.5 * width(spread)
 
 
 def test_fit_probe_learns_a_separable_rule():
