@@ -87,3 +87,36 @@ def test_cli_tiny_reads_the_toy_answers_with_the_strict_rule(toy_audit, capsys) 
     assert main([*common, *out, "--parse", "authors"]) == 0
     report = json.loads((root / "cli-authors" / "report.json").read_text())
     assert report["unparsed"] == report["questions"]
+
+
+def test_cli_tiny_uses_the_authors_rule_for_a_toy_llava_trained_on_llavas_yes_no(
+    toy_audit, tmp_path, monkeypatch
+) -> None:
+    """The rule follows what the toy world's recipe trained (its manifest): a toy LLaVA trained
+    with ``CaptionerRecipe(yes_no=LLAVA_YES_NO)`` answers "Yes"/"No", so `--tiny` keeps the
+    authors' rule and says nothing of the strict one."""
+    import shutil
+
+    import jmllm.joint.toy as toy
+    from jmllm.joint.cli import main
+    from jmllm.joint.toy.scenes import LLAVA_YES_NO, YES_NO
+
+    # toy_yes_no reads the recipe from a world's manifest
+    world = tmp_path / "world"
+    shutil.copytree(toy.toy_paths().root, world)
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert toy.toy_yes_no(world) == YES_NO  # the shipped recipe: lower case
+    manifest["recipe"]["captioner"]["yes_no"] = list(LLAVA_YES_NO)
+    (world / "manifest.json").write_text(json.dumps(manifest))
+    assert toy.toy_yes_no(world) == LLAVA_YES_NO
+
+    real = toy.toy_yes_no  # --tiny loads the shipped world; its manifest read as this one's
+    monkeypatch.setattr(toy, "toy_yes_no", lambda root=None: real(world))
+    _, _, _, root = toy_audit
+    ann, images = root / "data" / "coco" / "instances.json", root / "data" / "coco" / "images"
+    out = root / "cli-llava-yes-no"
+    args = ["hallucination-audit", "--tiny", "--annotations", str(ann), "--images", str(images)]
+    assert main([*args, "--out", str(out), "--top-k", "0", "--resamples", "100"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["parse_rule"] == "authors"
+    assert "strict rule" not in (out / "gallery.html").read_text()

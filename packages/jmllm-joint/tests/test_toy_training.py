@@ -30,7 +30,17 @@ from jmllm.joint.toy.detector import (
 )
 from jmllm.joint.toy.models import ToyDims, new_llava, toy_llava_tokenizer, toy_owl_tokenizer
 from jmllm.joint.toy.pool import ScenePool
-from jmllm.joint.toy.scenes import COLOURS, QA, SHAPES, ToyObject, make_scene
+from jmllm.joint.toy.scenes import (
+    COLOURS,
+    HALLUCINATION_QUESTION,
+    LLAVA_YES_NO,
+    QA,
+    SHAPES,
+    ToyObject,
+    make_scene,
+    scene_questions,
+    with_yes_no,
+)
 
 VOCABULARY = set(COLOURS) | set(SHAPES)
 SMALL = ToyDims(llava_vision_width=32, llava_vision_layers=2, llm_width=32, llm_layers=1)
@@ -149,6 +159,48 @@ def test_training_labels_are_the_answers_of_the_prompt_j_uses():
         )
         prompt_ids = tok(prompt)["input_ids"]
         assert ids[: len(prompt_ids)] == prompt_ids
+
+
+def test_llava_yes_no_recipe_trains_exactly_llavas_capitalised_answers(monkeypatch):
+    """``CaptionerRecipe(yes_no=LLAVA_YES_NO)``: the yes/no questions (both forms) are trained
+    to "Yes"/"No" — one token each, labelled alone — while every other answer is untouched, so
+    the authors' parse rule (exact "Yes"/"No") can read the model's replies."""
+    objects = [ToyObject("cross", "red", (0, 0, 4, 4))]
+    lower, upper = scene_questions(objects), scene_questions(objects, LLAVA_YES_NO)
+    assert [with_yes_no(q, LLAVA_YES_NO) for q in lower] == list(upper)
+    changed = {(a.kind, a.answer, b.answer) for a, b in zip(lower, upper, strict=True) if a != b}
+    assert changed == {
+        ("exists", "yes", "Yes"), ("exists", "no", "No"),
+        ("hallucination", "yes", "Yes"), ("hallucination", "no", "No"),
+    }  # fmt: skip
+    tok = toy_llava_tokenizer(LLAVA_YES_NO)
+    for answer in LLAVA_YES_NO:
+        turns = [QA(HALLUCINATION_QUESTION.format("cross"), answer, "hallucination")]
+        for template in ("llava-1.5", "paper"):
+            ids, labels = encode_conversation(tok, turns, template, image_tokens=4)
+            supervised = [i for i, lab in zip(ids, labels, strict=True) if lab != -100]
+            # every token of the reply and nothing of the question ("'yes' or 'no'.")
+            assert tok.decode(supervised).strip() == f"{answer}</s>", template
+            assert tok.unk_token_id not in supervised
+
+    # and train_captioner asks the recipe's form: every yes/no turn it encodes is Yes or No
+    import jmllm.joint.toy.captioner as captioner
+
+    seen: list[QA] = []
+    real = captioner.encode_conversation
+
+    def spy(tokenizer, turns, *args):
+        seen.extend(turns)
+        return real(tokenizer, turns, *args)
+
+    monkeypatch.setattr(captioner, "encode_conversation", spy)
+    pool = ScenePool.render("train", 8, seed=0, progress=False)
+    recipe = CaptionerRecipe(
+        steps=3, vision_steps=0, batch_size=16, warmup_steps=1, yes_no=LLAVA_YES_NO
+    )
+    captioner.train_captioner(new_llava(SMALL, tok, 0), tok, pool, recipe, progress=False)
+    yes_no = [q.answer for q in seen if q.kind in ("exists", "hallucination")]
+    assert yes_no and set(yes_no) <= set(LLAVA_YES_NO), yes_no
 
 
 def test_cached_tower_features_give_llavas_own_image_tokens():

@@ -149,7 +149,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         default=None,
         help="answer rule: authors (exactly Yes/No), strict (yes/no, any case), pope (POPE's); "
         "--benchmark pope: llava (= pope), lmms-eval, vlmevalkit, first-token (default: authors; "
-        "strict with --tiny, as the toy LLaVA answers in lower case; --benchmark pope: llava)",
+        "strict with --tiny while the toy LLaVA answers in lower case; --benchmark pope: llava)",
     )
     rep.add_argument(
         "--top-k",
@@ -263,6 +263,8 @@ def _audit(args: argparse.Namespace, settings: Any, dataset: Any, state: Any, ou
     from jmllm.joint.audit.report import write_audit_report
     from jmllm.joint.audit.run import exclusive_folder, run_audit
     from jmllm.joint.cli.common import TOY_WORLD_NOTE, load_model
+    from jmllm.joint.toy import toy_yes_no
+    from jmllm.joint.toy.scenes import LLAVA_YES_NO
 
     if args.device is None and state.num_processes > 1 and state.device.type == "cuda":
         args.device = str(state.device)  # one GPU per process
@@ -282,8 +284,11 @@ def _audit(args: argparse.Namespace, settings: Any, dataset: Any, state: Any, ou
             return EXIT_PARTIAL if result.failed else 0
         assert out is not None
         notes = [TOY_WORLD_NOTE] if args.tiny else []
-        rule = args.parse or ("strict" if args.tiny else "authors")
-        if args.parse is None and args.tiny:
+        # the authors' rule reads LLaVA-1.5's exact "Yes"/"No"; a toy LLaVA trained on lower
+        # case (the shipped one) is read with the strict rule instead, and the report says so
+        lower_case_toy = args.tiny and toy_yes_no() != LLAVA_YES_NO
+        rule = args.parse or ("strict" if lower_case_toy else "authors")
+        if args.parse is None and lower_case_toy:
             notes.append(
                 "Answers read with the strict rule (yes/no in any case): the toy LLaVA answers "
                 "in lower case, which the authors' exact Yes/No rule would count as unparsed."

@@ -119,6 +119,21 @@ def toy_manifest(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def toy_yes_no(root: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """How a toy world's language model answers yes/no questions: the words its recipe trained
+    (``CaptionerRecipe.yes_no`` in the manifest; a manifest without it: lower case).
+
+    Example:
+        >>> toy_yes_no()  # the shipped toy LLaVA answers in lower case
+        ('yes', 'no')
+    """
+    from jmllm.joint.toy.scenes import YES_NO
+
+    captioner = toy_manifest(root).get("recipe", {}).get("captioner", {})
+    yes, no = captioner.get("yes_no", YES_NO)
+    return str(yes), str(no)
+
+
 def load_toy_joint(root: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
     """The toy J (toy OWL-ViT + W + toy LLaVA), loaded through :meth:`JointModel.from_pretrained`.
 
@@ -148,4 +163,11 @@ def load_toy_joint(root: str | os.PathLike[str] | None = None, **kwargs: Any) ->
     return model
 
 
-__all__ = ["ToyPaths", "ToyWorldError", "load_toy_joint", "toy_manifest", "toy_paths"]
+__all__ = [
+    "ToyPaths",
+    "ToyWorldError",
+    "load_toy_joint",
+    "toy_manifest",
+    "toy_paths",
+    "toy_yes_no",
+]

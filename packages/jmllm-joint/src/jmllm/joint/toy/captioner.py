@@ -30,7 +30,7 @@ from jmllm.align import ImageNormalization, llava_image_tokens
 from jmllm.joint.chat.templates import LLAVA_TEMPLATES, Conversation, format_conversation
 from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD
 from jmllm.joint.toy.pool import COVERED, ScenePool
-from jmllm.joint.toy.scenes import COLOURS, QA, SHAPES
+from jmllm.joint.toy.scenes import COLOURS, QA, SHAPES, YES_NO, with_yes_no
 from jmllm.joint.toy.schedule import warmup_cosine
 
 TEMPLATES = LLAVA_TEMPLATES  # ("llava-1.5", "paper"): the toy LLaVA is a LLaVA-1.5
@@ -54,6 +54,10 @@ class CaptionerRecipe:
     token_noise: float = 0.0
     caption_share: float = 0.5  # probability that a conversation is one caption prompt
     grad_clip: float = 1.0
+    # how the yes/no questions are answered (the tokenizer's corpus too): the shipped model's
+    # lower case, or LLaVA-1.5's ("Yes", "No": scenes.LLAVA_YES_NO), which the authors' parse
+    # rule reads; docs/toy.md measures both
+    yes_no: tuple[str, str] = YES_NO
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -413,7 +417,10 @@ def train_captioner(
         items = [
             encode_conversation(
                 tokenizer,
-                sample_conversation(pool.questions[i], rng, recipe),
+                [
+                    with_yes_no(qa, recipe.yes_no)
+                    for qa in sample_conversation(pool.questions[i], rng, recipe)
+                ],
                 rng.choice(TEMPLATES) if adapter is None else adapter.template,
                 n_tokens,
                 image_text,

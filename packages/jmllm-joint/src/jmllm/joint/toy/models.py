@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from jmllm.joint.toy.scenes import (
     IN_IMAGE_QUESTION,
     NUMBER_WORDS,
     SHAPES,
+    YES_NO,
     ToyObject,
     scene_questions,
 )
@@ -94,10 +96,14 @@ def query_texts() -> list[str]:
 
 
 def conversation_lines(
-    templates: tuple[str, ...], eos: str = DEFAULT_EOS, image: str = "<image>"
+    templates: tuple[str, ...],
+    eos: str = DEFAULT_EOS,
+    image: str = "<image>",
+    yes_no: Sequence[str] = YES_NO,
 ) -> list[str]:
     """Every toy question and answer as a one-turn conversation in each of ``templates`` (with
-    ``eos`` closing the answer and ``<image>`` written as ``image``): a toy tokenizer's corpus.
+    ``eos`` closing the answer, ``<image>`` written as ``image`` and yes/no answered as
+    ``yes_no``): a toy tokenizer's corpus.
 
     Example:
         >>> conversation_lines(("paper",))[0]
@@ -108,7 +114,7 @@ def conversation_lines(
     for i in range(len(objs)):
         group = [objs[i], objs[(i + 5) % len(objs)], objs[(i + 10) % len(objs)]]
         for k in (1, 2, 3):
-            for qa in scene_questions(group[:k]):
+            for qa in scene_questions(group[:k], yes_no):
                 for template in templates:
                     conv = Conversation().ask(qa.question).answered(qa.answer)
                     text = format_conversation(conv, eos=eos, template=template)
@@ -122,9 +128,9 @@ def vocabulary_lines() -> list[str]:
     return [CONTENT_QUESTION, IN_IMAGE_QUESTION, IN_IMAGE_PREFIX, " ".join(NUMBER_WORDS)]
 
 
-def _conversation_corpus() -> list[str]:
+def _conversation_corpus(yes_no: Sequence[str] = YES_NO) -> list[str]:
     """Every toy question and answer, in both templates, plus the words in every position."""
-    return conversation_lines(LLAVA_TEMPLATES) + vocabulary_lines()  # a LLaVA-1.5
+    return conversation_lines(LLAVA_TEMPLATES, yes_no=yes_no) + vocabulary_lines()  # a LLaVA-1.5
 
 
 def toy_owl_tokenizer() -> Any:
@@ -134,12 +140,13 @@ def toy_owl_tokenizer() -> Any:
     return tiny_owl_tokenizer(query_texts() * 4, 160, OWL_TEXT_POSITIONS)
 
 
-def toy_llava_tokenizer() -> Any:
-    """A Llama-style tokenizer (BOS added, ``<image>`` special) for the toy conversations."""
+def toy_llava_tokenizer(yes_no: Sequence[str] = YES_NO) -> Any:
+    """A Llama-style tokenizer (BOS added, ``<image>`` special) for the toy conversations, whose
+    yes/no questions are answered ``yes_no`` (the recipe's ``CaptionerRecipe.yes_no``)."""
     from jmllm.align.testing import tiny_llava_tokenizer
 
     specials = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-    return tiny_llava_tokenizer(_conversation_corpus(), 256, specials)
+    return tiny_llava_tokenizer(_conversation_corpus(yes_no), 256, specials)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 from jmllm.align.testing_families import QWEN_SPECIALS as _FAMILY_SPECIALS
 from jmllm.joint.model.families.qwen2_vl import Qwen2VLAdapter
 from jmllm.joint.toy.models import CLIP_MEAN, CLIP_STD
+from jmllm.joint.toy.scenes import YES_NO
 
 QWEN_DIR = "qwen2_vl"  # the toy Qwen2-VL's folder in a toy world
 QWEN_TEMPLATE = Qwen2VLAdapter.template  # "qwen2-vl": the family's chat format
@@ -63,22 +65,23 @@ class QwenDims:
         return asdict(self)
 
 
-def _qwen_corpus() -> list[str]:
+def _qwen_corpus(yes_no: Sequence[str] = YES_NO) -> list[str]:
     """Every toy conversation in the ``qwen2-vl`` template, the image as its three specials."""
     from jmllm.joint.toy.models import conversation_lines, vocabulary_lines
 
     image = "<|vision_start|><|image_pad|><|vision_end|>"
-    lines = conversation_lines((QWEN_TEMPLATE,), eos="<|im_end|>", image=image)
+    lines = conversation_lines((QWEN_TEMPLATE,), eos="<|im_end|>", image=image, yes_no=yes_no)
     return lines + vocabulary_lines()
 
 
-def toy_qwen_tokenizer() -> Any:
-    """A Qwen-style ChatML tokenizer (no BOS, ``<|im_end|>`` ends a turn) for the toy world."""
+def toy_qwen_tokenizer(yes_no: Sequence[str] = YES_NO) -> Any:
+    """A Qwen-style ChatML tokenizer (no BOS, ``<|im_end|>`` ends a turn) for the toy world
+    (yes/no answered ``yes_no``, as :func:`jmllm.joint.toy.models.toy_llava_tokenizer`)."""
     from transformers import PreTrainedTokenizerFast
 
     from jmllm.align.testing import _train_bpe
 
-    tok = _train_bpe(256, list(QWEN_SPECIALS), _qwen_corpus(), split_punctuation=True)
+    tok = _train_bpe(256, list(QWEN_SPECIALS), _qwen_corpus(yes_no), split_punctuation=True)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

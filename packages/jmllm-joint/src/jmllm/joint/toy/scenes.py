@@ -67,6 +67,12 @@ IN_IMAGE_QUESTION = "What's in the image?"
 IN_IMAGE_PREFIX = "The image shows "
 HALLUCINATION_QUESTION = "Is there a {} in the image? Only answer with 'yes' or 'no'."
 COUNT_QUESTION = "How many objects are there?"
+# How the yes/no questions are answered: the shipped toy LLaVA was trained on lower case;
+# LLaVA-1.5 answers "Yes"/"No", the only replies the authors' parse rule reads
+# (``CaptionerRecipe(yes_no=LLAVA_YES_NO)`` trains a toy model that answers so; docs/toy.md).
+YES_NO = ("yes", "no")
+LLAVA_YES_NO = ("Yes", "No")
+YES_NO_KINDS = ("exists", "hallucination")
 COLOUR_QUESTION = "What colour is the {}?"
 SHAPE_QUESTION = "What shape is the {} object?"
 EXISTS_QUESTION = "Is there a {}?"
@@ -173,13 +179,14 @@ def _number(n: int) -> str:
     return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
 
 
-def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
+def scene_questions(objects: Sequence[ToyObject], yes_no: Sequence[str] = YES_NO) -> tuple[QA, ...]:
     """Every question whose answer the objects determine, with that answer.
 
     - the paper's two description prompts (caption; ``"The image shows <caption>."``);
     - ``"How many objects are there?"`` → ``"one"`` / ``"two"`` / ``"three"``;
     - for every shape: ``"Is there a <shape>?"`` and the authors' hallucination question
-      ``"Is there a <shape> in the image? Only answer with 'yes' or 'no'."`` → ``"yes"``/``"no"``;
+      ``"Is there a <shape> in the image? Only answer with 'yes' or 'no'."`` → ``"yes"``/``"no"``
+      (``yes_no``: the two words, e.g. :data:`LLAVA_YES_NO`);
     - ``"What colour is the <shape>?"`` only when exactly one object has that shape;
     - ``"What shape is the <colour> object?"`` only when exactly one object has that colour.
     """
@@ -192,7 +199,7 @@ def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
     shapes = Counter(o.shape for o in objects)
     colours = Counter(o.colour for o in objects)
     for shape in SHAPES:
-        answer = "yes" if shapes[shape] else "no"
+        answer = yes_no[0] if shapes[shape] else yes_no[1]
         out.append(QA(EXISTS_QUESTION.format(shape), answer, "exists"))
         out.append(QA(HALLUCINATION_QUESTION.format(shape), answer, "hallucination"))
     for o in objects:
@@ -201,6 +208,19 @@ def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
         if colours[o.colour] == 1:
             out.append(QA(SHAPE_QUESTION.format(o.colour), o.shape, "shape"))
     return tuple(out)
+
+
+def with_yes_no(qa: QA, yes_no: Sequence[str]) -> QA:
+    """``qa`` with a yes/no answer written as ``yes_no`` (other kinds unchanged).
+
+    Example:
+        >>> with_yes_no(QA("Is there a cross?", "no", "exists"), LLAVA_YES_NO).answer
+        'No'
+    """
+    if qa.kind not in YES_NO_KINDS:
+        return qa
+    present = normalise_answer(qa.answer) == normalise_answer(YES_NO[0])
+    return QA(qa.question, yes_no[0] if present else yes_no[1], qa.kind)
 
 
 _OBJECT_RE = re.compile(
@@ -481,8 +501,10 @@ __all__ = [
     "IMAGE_SIZE",
     "IN_IMAGE_PREFIX",
     "IN_IMAGE_QUESTION",
+    "LLAVA_YES_NO",
     "QA",
     "SHAPES",
+    "YES_NO",
     "Scene",
     "ToyObject",
     "caption_correct",
@@ -494,4 +516,5 @@ __all__ = [
     "scene_from_record",
     "scene_questions",
     "scenes_dataset",
+    "with_yes_no",
 ]

@@ -397,7 +397,7 @@ def _train_toy_world(
                 with _quiet_libraries(not progress):
                     save_owl(owl, owl_tokenizer, staging / OWL_DIR)
             with _timed(times, "llava"):
-                tokenizer = toy_llava_tokenizer()
+                tokenizer = toy_llava_tokenizer(recipe.captioner.yes_no)
                 llava = new_llava(recipe.dims, tokenizer, recipe.seed + 1)
                 llava_stats = train_captioner(
                     llava, tokenizer, pool, recipe.captioner, recipe.seed, progress
@@ -409,7 +409,7 @@ def _train_toy_world(
             with _timed(times, "owlvit"):
                 owl_stats = _shipped_owl(staging)
             with _timed(times, "qwen2_vl"):
-                tokenizer = toy_qwen_tokenizer()
+                tokenizer = toy_qwen_tokenizer(recipe.captioner.yes_no)
                 qwen = new_qwen(qwen_dims, tokenizer, recipe.seed + 1)
                 llava_stats = train_captioner(
                     qwen, tokenizer, pool, recipe.captioner, recipe.seed, progress
