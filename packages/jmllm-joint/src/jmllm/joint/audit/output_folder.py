@@ -7,6 +7,7 @@ The hallucination audit, the benchmarks and the faithfulness run share these.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -35,10 +36,26 @@ def _use_cpu() -> bool:
 
 
 def process_state() -> Any:
-    """accelerate's ``PartialState`` of this process (one process when not launched)."""
+    """accelerate's ``PartialState`` of this process (one process when not launched). In a run
+    split between processes, the process group is left when the interpreter exits."""
     from accelerate import PartialState
 
-    return PartialState(cpu=_use_cpu())
+    state = PartialState(cpu=_use_cpu())
+    if state.num_processes > 1 and not _LEAVE_AT_EXIT:
+        atexit.register(_leave_process_group)
+        _LEAVE_AT_EXIT.append(True)
+    return state
+
+
+_LEAVE_AT_EXIT: list[bool] = []  # registered once a process
+
+
+def _leave_process_group() -> None:
+    """Destroy the default process group before the interpreter's teardown: a group left to
+    it can abort a process whose work is done ("terminate called without an active
+    exception", exit code -6), failing the launch that ran it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
