@@ -210,8 +210,14 @@ def rule_metrics(rule: str, labels: Sequence[str], predictions: Sequence[str]) -
 
 
 def yes_no_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The token ids that spell yes and no whole as a first answer token: each spelling (``Yes``,
+    """The token ids that spell yes and no as a first answer token: each spelling (``Yes``,
     ``yes``, ``YES``, with and without a leading space) that the tokenizer encodes as one token.
+
+    A word none of whose spellings is one token (a small trained vocabulary, such as the toy
+    LLaVA's, where `` No`` is ``▁``, ``N``, ``o``) is represented by the first token of
+    LLaVA-1.5's own reply (`` Yes`` / `` No``), provided that token is not also the other word's:
+    the first answer token still tells the two replies apart. LLaVA-1.5's Llama tokenizer spells
+    every case of both words as one token, so this never applies to it.
 
     Example:
         >>> yes_no_token_ids(model.tokenizer)  # LLaVA-1.5's Llama tokenizer  # doctest: +SKIP
@@ -224,6 +230,14 @@ def yes_no_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 if len(ids) == 1 and int(ids[0]) not in found[word]:
                     found[word].append(int(ids[0]))
+    first: dict[str, list[int]] = {}  # the first token of LLaVA-1.5's reply, " Yes" / " No"
+    for word in ("yes", "no"):
+        ids = tokenizer(" " + word.capitalize(), add_special_tokens=False)["input_ids"]
+        first[word] = [int(i) for i in ids[:1]]
+    for word, other in (("yes", "no"), ("no", "yes")):
+        if not found[word] and first[word] and first[word] != first[other]:
+            if first[word][0] not in found[other]:
+                found[word] = first[word]
     return found["yes"], found["no"]
 
 
