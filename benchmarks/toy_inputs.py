@@ -66,12 +66,13 @@ def not_toy_images(count: int, seed: int = 0) -> dict[str, list[Image.Image]]:
     }
 
 
-def beyond(count: int, **kwargs: Any) -> list[Any]:
-    """Scenes the toy world never shows (crowded draws that find no room are skipped)."""
+def beyond(n: int, **kwargs: Any) -> list[Any]:
+    """``n`` scenes the toy world never shows, drawn by ``make_scene(**kwargs)`` (e.g. ``count=4``
+    objects; crowded draws that find no room are skipped)."""
     from jmllm.joint.toy.scenes import make_scene
 
     scenes, index = [], 5000
-    while len(scenes) < count:
+    while len(scenes) < n:
         try:
             scenes.append(make_scene("heldout", index, **kwargs))
         except ValueError:
