@@ -121,9 +121,16 @@ def tables(summary: dict[str, Any]) -> str:
         for m, rows in summary["cascade"].items():
             out.append(f"| `{m}` | " + " | ".join(_cell(r["spearman"]) for r in rows) + " |")
     out.append("")
+    kept = summary.get("images_kept", 0)
+    resumed = (
+        f", scoring {summary.get('images_scored_now', 0)} images; {kept} were scored by an "
+        "earlier invocation it resumed, whose time is not counted"
+        if kept
+        else ""
+    )
     out.append(
-        f"The run took {summary.get('seconds', 0):.0f} s (`seconds` in the JSON; the machine "
-        "is shared, so it is an order of magnitude, not a benchmark)."
+        f"The run took {summary.get('seconds', 0):.0f} s{resumed} (`seconds` in the JSON; the "
+        "machine is shared, so it is an order of magnitude, not a benchmark)."
     )
     return "\n".join(out)
 

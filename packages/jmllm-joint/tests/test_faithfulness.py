@@ -461,6 +461,10 @@ def test_the_pages_figures_are_the_documented_commands():
     assert summary["bootstrap"]["resamples"] == 2000 and summary["bootstrap"]["seed"] == 0
     for name in ("faithfulness-curves.png", "faithfulness-cascade.png"):
         assert (DOCS / "images" / name).is_file(), name
+    # the page's time is the whole run's: a resumed invocation would say it counts only part
+    assert summary["images_kept"] == 0 and summary["images_scored_now"] >= summary["images"] > 0
+    resumed = {**summary, "seconds": 3.0, "images_scored_now": 0, "images_kept": 99}
+    assert "99 were scored by an earlier invocation" in figures.tables(resumed)
 
 
 @pytest.mark.slow
@@ -594,3 +598,14 @@ def test_where_the_check_cannot_separate_and_why(toy, separation):
         shuffled = method.bound_to(randomised).attribute_request(request).detail
         np.testing.assert_array_equal(shuffled.boxes_xyxy, trained.boxes_xyxy)
         assert not torch.equal(shuffled.normalised, trained.normalised)
+
+
+def test_cascade_plot_keeps_every_correlation_on_the_picture():
+    """A correlation below the usual floor (the toy world's logit lens reached -0.28) widens the
+    plot instead of falling off it; the floor never rises above -0.25."""
+    from jmllm.joint.faithfulness.figures import cascade_floor
+
+    for lowest in (0.4, 0.0, -0.2, -0.21, -0.28, -0.6, -1.0):
+        floor = cascade_floor(lowest)
+        assert floor <= -0.25 and floor <= lowest - 0.05 + 1e-9, (lowest, floor)
+        assert floor > lowest - 0.11 or floor == -0.25  # no needless empty band

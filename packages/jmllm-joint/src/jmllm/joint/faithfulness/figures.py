@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,17 @@ def _auc_name(space: str, curve: str) -> str:
     return f"{curve}_auc" + ("" if space == "t" else f"_{space}")
 
 
+def cascade_floor(lowest: float) -> float:
+    """The cascade plot's lower limit: -0.25, or below the lowest correlation drawn (Spearman
+    reaches -1), so that no point falls off the picture.
+
+    Example:
+        >>> cascade_floor(0.1), cascade_floor(-0.28)
+        (-0.25, -0.35)
+    """
+    return min(-0.25, math.floor((lowest - 0.05) * 20) / 20)
+
+
 def cascade_png(summary: dict[str, Any]) -> bytes:
     """Spearman correlation of every method's map with its map on each randomised stage."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -83,14 +95,16 @@ def cascade_png(summary: dict[str, Any]) -> bytes:
         ax.text(0.5, 0.5, "no randomisation cascade in this run", ha="center", va="center")
         return _png(fig)
     stages = ["trained"] + [row["stage"] for row in cascade[methods[0]]]
+    lowest = 0.0
     for m in methods:
         values = [1.0] + [row["spearman"]["value"] for row in cascade[m]]
+        lowest = min(lowest, *values)
         width = 2.4 if m == REFERENCE else 1.3
         ax.plot(range(len(stages)), values, marker="o", label=m, color=colours[m], linewidth=width)
     ax.set_xticks(range(len(stages)), stages, rotation=30, fontsize=8)
     ax.set_xlabel("randomised so far (cumulative, from W down through the language model)")
     ax.set_ylabel("Spearman with the trained model's map")
-    ax.set_ylim(-0.25, 1.05)
+    ax.set_ylim(cascade_floor(lowest), 1.05)
     ax.axhline(0.0, color="#888888", linewidth=0.8)
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)

@@ -186,7 +186,9 @@ def write_faithfulness_report(
         raise ValueError("out: the run was in memory; give a report folder")
     summary = summarise(result, resamples=resamples, confidence=confidence, seed=seed)
     summary["notes"] = list(notes)
-    summary["seconds"] = round(result.seconds, 1)
+    summary["seconds"] = round(result.seconds, 1)  # this invocation's wall time
+    # a resumed run's seconds leave out the images an earlier invocation scored: say how many
+    summary["images_scored_now"], summary["images_kept"] = result.processed, result.kept
     curves = curves_png(summary)
     cascade = cascade_png(summary)
     folder.mkdir(parents=True, exist_ok=True)
