@@ -278,6 +278,26 @@ def test_run_resumes_and_refuses_another_runs_folder(toy, toy_run):
         run_faithfulness(toy, ToySource(scenes=2), out, other, progress=False)
 
 
+def test_a_resumed_runs_summary_is_the_fresh_runs(toy, tmp_path):
+    """A resumed run reads its records back from results.jsonl, whose keys are sorted
+    (``head``, ``layer_0``, …, ``w``): the cascade keeps its order and the randomisation metric
+    still reads the fully randomised J (``layer_0``), not the W-only stage."""
+    settings = FaithfulnessSettings(
+        methods=("ga", "random"), steps=2, ig_steps=2, cascade="full", protocol="exact"
+    )
+    out = tmp_path / "run"
+    fresh = run_faithfulness(toy, ToySource(scenes=1, start=1000), out, settings, progress=False)
+    again = run_faithfulness(toy, ToySource(scenes=1, start=1000), out, settings, progress=False)
+    assert again.kept == 1 and again.processed == 0
+    a, b = summarise(fresh, resamples=50), summarise(again, resamples=50)
+    assert [row["stage"] for row in b["cascade"]["ga"]] == [
+        "w", "head", "layer_2", "layer_1", "layer_0"
+    ]  # fmt: skip
+    assert b["cascade"] == a["cascade"] and b["methods"] == a["methods"]
+    last = a["cascade"]["ga"][-1]["spearman"]["value"]
+    assert a["methods"]["ga"]["randomisation_spearman"]["value"] == pytest.approx(last)
+
+
 def test_report_has_every_required_method_and_metric(toy_run, tmp_path):
     out, settings, result = toy_run
     report = write_faithfulness_report(result, tmp_path, resamples=200)

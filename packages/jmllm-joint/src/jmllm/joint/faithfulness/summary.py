@@ -33,6 +33,7 @@ import numpy as np
 
 from jmllm.joint.faithfulness.run import FaithfulnessResult
 from jmllm.joint.faithfulness.stats import bootstrap_interval, wilcoxon_p
+from jmllm.joint.model.internals import cascade_order
 
 IOU_DELTAS = (0.3, 0.5, 0.7)
 REFERENCE = "ga"  # the method every other one is compared with
@@ -128,7 +129,7 @@ def _value(method_record: dict[str, Any], metric: str, variant: str) -> float | 
         cascade = method_record.get("cascade") or {}
         if not cascade:
             return None
-        last = cascade[list(cascade)[-1]]
+        last = cascade[cascade_order(cascade)[-1]]  # the fully randomised J
         return float(last[metric.removeprefix("randomisation_")])
     record = _record(method_record, variant)
     if record is None or metric not in record:
@@ -299,7 +300,7 @@ def _cascade(
 ) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for m in methods:
-        stages = list(lines[0]["targets"][0]["methods"][m].get("cascade") or {})
+        stages = cascade_order(lines[0]["targets"][0]["methods"][m].get("cascade") or {})
         rows = []
         for stage in stages:
             entry: dict[str, Any] = {"stage": stage}

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,28 @@ def cascade_blocks(model: Any) -> list[tuple[str, list[str]]]:
         for i in reversed(range(len(decoder_layers(model))))
     ]
     return blocks
+
+
+def cascade_order(stages: Iterable[str]) -> list[str]:
+    """Cascade stage names in cascade order — ``w``, ``head``, ``layer_<L-1>``, …, ``layer_0``,
+    the last one the fully randomised model — whatever order they come in (a record read back
+    from a JSON Lines file has its keys sorted: ``head``, ``layer_0``, …, ``w``).
+
+    Example:
+        >>> cascade_order(["head", "layer_0", "layer_1", "layer_10", "w"])
+        ['w', 'head', 'layer_10', 'layer_1', 'layer_0']
+    """
+
+    def key(name: str) -> tuple[int, int]:
+        if name == "w":
+            return (0, 0)
+        if name == "head":
+            return (1, 0)
+        if name.startswith("layer_") and name[len("layer_") :].isdigit():
+            return (2, -int(name[len("layer_") :]))
+        raise ValueError(f"cascade stage: {name!r} is not w, head or layer_<i>")
+
+    return sorted(stages, key=key)
 
 
 def language_container(model: Any) -> torch.nn.Module:
@@ -193,6 +215,7 @@ def run_language_model(
 __all__ = [
     "LanguageInternals",
     "cascade_blocks",
+    "cascade_order",
     "decoder_layers",
     "eager_attention",
     "final_norm",
