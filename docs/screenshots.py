@@ -2,10 +2,10 @@
 
 Runs ``jmllm-joint demo`` and ``jmllm-joint hallucinations --tiny`` into a temporary folder and
 photographs their pages in Debian's headless Chromium (``/usr/bin/chromium``) into
-``docs/images/``: ``report-demo.png``, ``report-explanation.png`` (the word "triangle" picked)
+``docs/images/``: ``report-demo.png``, ``report-explanation.png`` (the word "cross" picked)
 and ``report-hallucination.png`` (an answer teacher-forced to name an absent circle); then
 serves ``jmllm-joint app --tiny`` and photographs the explorer: ``app-explain.png`` (the word
-"triangle" clicked) and ``app-hallucination.png``; and renders ``jmllm-userstudy example`` (the
+"cross" clicked) and ``app-hallucination.png``; and renders ``jmllm-userstudy example`` (the
 toy world's user study) and photographs its first question: ``userstudy-question.png``. Offline:
 any request leaving the machine is refused.
 """
@@ -37,7 +37,7 @@ def _settle(page: Any) -> None:
 
 
 def _app_shots(browser: Any, scene: Path, root: Path) -> None:
-    """Serve the explorer on the toy world, ask about ``scene``, click "triangle", photograph."""
+    """Serve the explorer on the toy world, ask about ``scene``, click "cross", photograph."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -76,7 +76,7 @@ def _app_shots(browser: Any, scene: Path, root: Path) -> None:
         page.locator("#jm-chat [data-testid=bot]").first.wait_for()
         page.locator("#jm-words label").first.wait_for()
         _settle(page)
-        page.locator("#jm-words label", has_text="triangle").first.click()
+        page.locator("#jm-words label", has_text="cross").first.click()
         page.locator("#jm-map img").wait_for()
         _settle(page)
         page.screenshot(path=str(IMAGES / "app-explain.png"), full_page=True)
@@ -110,14 +110,15 @@ def _userstudy_shot(browser: Any, root: Path) -> None:
 
 
 def main() -> None:
+    from jmllm.joint.cli.common import TOY_DEMO_SCENE
     from jmllm.joint.toy.scenes import make_scene
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         subprocess.run([*CLI, "demo", "--out", str(root / "demo")], env=ENV, check=True)
-        scene = make_scene("heldout", 103)  # the demo's scene
+        scene = make_scene(*TOY_DEMO_SCENE)  # the demo's scene: a yellow triangle, a green cross
         scene.image.save(root / "scene.png")
-        answer = "a blue triangle, a red cross and a green circle"
+        answer = "a yellow triangle, a green cross and a red circle"  # the circle is absent
         subprocess.run(
             [
                 *CLI,
@@ -148,7 +149,7 @@ def main() -> None:
             page.goto((root / "demo" / "report.html").as_uri())
             page.screenshot(path=str(IMAGES / "report-demo.png"), full_page=True)
             page.goto((root / "demo" / "explanation" / "report.html").as_uri())
-            page.select_option("#pick", label="triangle")
+            page.select_option("#pick", label="cross")
             page.wait_for_timeout(300)
             page.screenshot(path=str(IMAGES / "report-explanation.png"), full_page=True)
             page.goto((root / "hal" / "hallucinations.html").as_uri())

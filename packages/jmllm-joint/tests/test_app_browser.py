@@ -436,6 +436,7 @@ def toy_server(tmp_path_factory) -> Iterator[Server]:
 
 @pytest.mark.slow
 def test_the_toy_worlds_warning_about_a_photo_is_on_the_page(toy_server, browser, tmp_path):
+    from jmllm.joint.cli.common import TOY_DEMO_SCENE
     from jmllm.joint.toy.scenes import make_scene
 
     remote: list[str] = []
@@ -454,7 +455,7 @@ def test_the_toy_worlds_warning_about_a_photo_is_on_the_page(toy_server, browser
     expected = toy_input_check(Image.open(photo).convert("RGB"), (200, 200))
     assert expected and text == " ".join(f"holiday.png: {expected}".split()), text
     scene = tmp_path / "scene.png"
-    make_scene("heldout", 103).image.save(scene)
+    make_scene(*TOY_DEMO_SCENE).image.save(scene)
     _upload(page, scene)
     _settle(page)
     page.wait_for_function("() => !document.querySelector('#jm-image-notice')?.offsetParent")

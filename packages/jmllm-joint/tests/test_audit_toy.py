@@ -17,9 +17,8 @@ from jmllm.joint.toy.sample_data import write_sample_data
 from jmllm.joint.toy.scenes import SHAPES, make_scene
 
 SCENES = 12
-# The toy LLaVA was trained to answer "yes"/"no" in lower case; the authors' rule accepts only
-# LLaVA-1.5's exact "Yes"/"No", so the toy world is read with the strict rule (any case).
-RULE = "strict"
+# The shipped toy LLaVA answers LLaVA-1.5's exact "Yes"/"No", which the authors' rule reads.
+RULE = "authors"
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +70,10 @@ def test_toy_audit_report_is_written(toy_audit) -> None:
     assert report.gallery_path.is_file()
 
 
-def test_cli_tiny_reads_the_toy_answers_with_the_strict_rule(toy_audit, capsys) -> None:
-    """`hallucination-audit --tiny` (the toy world) must not report every lower-case answer as
-    unparsed; an explicit --parse authors still applies the authors' exact rule."""
+def test_cli_tiny_reads_the_toy_answers_with_the_authors_rule(toy_audit, capsys) -> None:
+    """`hallucination-audit --tiny` reads the shipped toy world's "Yes"/"No" with the authors'
+    exact rule, every answer parsed; `--parse strict` (any case) reads the same answers the
+    same way."""
     from jmllm.joint.cli import main
 
     _, _, _, root = toy_audit
@@ -81,20 +81,22 @@ def test_cli_tiny_reads_the_toy_answers_with_the_strict_rule(toy_audit, capsys) 
     common = ["hallucination-audit", "--tiny", "--annotations", str(ann), "--images", str(images)]
     assert main([*common, "--out", str(root / "cli"), "--top-k", "0", "--resamples", "100"]) == 0
     report = json.loads((root / "cli" / "report.json").read_text())
-    assert report["unparsed"] == 0 and report["parse_rule"] == "strict"
-    assert "strict rule" in (root / "cli" / "gallery.html").read_text()
-    out = ["--out", str(root / "cli-authors"), "--top-k", "0", "--resamples", "100"]
-    assert main([*common, *out, "--parse", "authors"]) == 0
-    report = json.loads((root / "cli-authors" / "report.json").read_text())
-    assert report["unparsed"] == report["questions"]
+    assert report["unparsed"] == 0 and report["parse_rule"] == "authors"
+    assert "strict rule" not in (root / "cli" / "gallery.html").read_text()
+    out = ["--out", str(root / "cli-strict"), "--top-k", "0", "--resamples", "100"]
+    assert main([*common, *out, "--parse", "strict"]) == 0
+    strict = json.loads((root / "cli-strict" / "report.json").read_text())
+    assert strict["parse_rule"] == "strict" and strict["unparsed"] == 0
+    assert strict["pope"] == report["pope"]
 
 
-def test_cli_tiny_uses_the_authors_rule_for_a_toy_llava_trained_on_llavas_yes_no(
+def test_cli_tiny_uses_the_strict_rule_for_a_toy_llava_trained_in_lower_case(
     toy_audit, tmp_path, monkeypatch
 ) -> None:
     """The rule follows what the toy world's recipe trained (its manifest): a toy LLaVA trained
-    with ``CaptionerRecipe(yes_no=LLAVA_YES_NO)`` answers "Yes"/"No", so `--tiny` keeps the
-    authors' rule and says nothing of the strict one."""
+    with ``CaptionerRecipe(yes_no=YES_NO)`` (lower case, as toy worlds before 0.2) would have
+    every answer unparsed by the authors' rule, so `--tiny` reads it with the strict rule and
+    the report says so."""
     import shutil
 
     import jmllm.joint.toy as toy
@@ -105,18 +107,21 @@ def test_cli_tiny_uses_the_authors_rule_for_a_toy_llava_trained_on_llavas_yes_no
     world = tmp_path / "world"
     shutil.copytree(toy.toy_paths().root, world)
     manifest = json.loads((world / "manifest.json").read_text())
-    assert toy.toy_yes_no(world) == YES_NO  # the shipped recipe: lower case
-    manifest["recipe"]["captioner"]["yes_no"] = list(LLAVA_YES_NO)
+    assert toy.toy_yes_no(world) == LLAVA_YES_NO  # the shipped recipe: LLaVA-1.5's
+    manifest["recipe"]["captioner"]["yes_no"] = list(YES_NO)
     (world / "manifest.json").write_text(json.dumps(manifest))
-    assert toy.toy_yes_no(world) == LLAVA_YES_NO
+    assert toy.toy_yes_no(world) == YES_NO
+    del manifest["recipe"]["captioner"]["yes_no"]  # a manifest from before the option
+    (world / "manifest.json").write_text(json.dumps(manifest))
+    assert toy.toy_yes_no(world) == YES_NO
 
     real = toy.toy_yes_no  # --tiny loads the shipped world; its manifest read as this one's
     monkeypatch.setattr(toy, "toy_yes_no", lambda root=None: real(world))
     _, _, _, root = toy_audit
     ann, images = root / "data" / "coco" / "instances.json", root / "data" / "coco" / "images"
-    out = root / "cli-llava-yes-no"
+    out = root / "cli-lower-case"
     args = ["hallucination-audit", "--tiny", "--annotations", str(ann), "--images", str(images)]
     assert main([*args, "--out", str(out), "--top-k", "0", "--resamples", "100"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["parse_rule"] == "authors"
-    assert "strict rule" not in (out / "gallery.html").read_text()
+    assert report["parse_rule"] == "strict"
+    assert "strict rule" in (out / "gallery.html").read_text()

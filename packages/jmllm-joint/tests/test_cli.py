@@ -34,7 +34,7 @@ def test_demo_runs_the_toy_world_and_is_right_about_its_scene(
     tmp_path, capsys, caplog, monkeypatch
 ):
     """The main job: the trained toy J on a held-out scene answers correctly, finds each object
-    (and nothing else), and GA's map for the first object word lands on that object."""
+    (and nothing else), and GA's map of every object word lands on that object."""
     from jmllm.joint.toy.scenes import make_scene
 
     scene = make_scene(*cli.TOY_DEMO_SCENE)
@@ -48,7 +48,7 @@ def test_demo_runs_the_toy_world_and_is_right_about_its_scene(
     assert "mean nothing" not in caplog.text  # a toy scene raises no photo warning
     record = json.loads((out / "result.json").read_text())
     answers = [turn["answer"] for turn in record["conversation"]]
-    assert answers[0] == scene.caption  # "a blue triangle, a red cross and a green cross"
+    assert answers[0] == scene.caption  # "a yellow triangle and a green cross"
     triangle = next(o for o in scene.objects if o.shape == "triangle")
     assert answers[1] == triangle.colour
     assert record["stock_llava"][0] == scene.caption  # stock toy LLaVA beside J
@@ -58,8 +58,8 @@ def test_demo_runs_the_toy_world_and_is_right_about_its_scene(
     assert "Stock LLaVA" in page and "toy-world models" in page
     # one notice, in words (no Markdown backticks shown as such), the scene "held-out"
     assert page.count('class="notice"') == 1 and "`" not in page
-    assert "held-out toy scene 103" in page and "heldout" not in page
-    assert "Image: held-out toy scene 103" in printed
+    assert f"held-out toy scene {scene.index}" in page and "heldout" not in page
+    assert f"Image: held-out toy scene {scene.index}" in printed
     # exactly one box per object, with the object's shape, on the object
     detections = record["detections"]
     assert sorted(d["label"] for d in detections) == sorted(o.shape for o in scene.objects)
@@ -75,15 +75,22 @@ def test_demo_runs_the_toy_world_and_is_right_about_its_scene(
     words = json.loads((out / "explanation" / "explanation.json").read_text())
     assert words["queries"] == list(cli.TOY_DEMO_QUERIES)
     channels = {r["target"]: (r["class_query"], r["class_query_rule"]) for r in words["results"]}
-    assert channels["blue"] == ("triangle", "matching: phrase head 'triangle'")
-    assert channels["triangle"] == ("triangle", "matching: phrase head 'triangle'")
-    assert channels["cross"] == ("cross", "matching: phrase head 'cross'")
+    for obj in scene.objects:  # "yellow triangle", "green cross": both words, one channel
+        head = f"matching: phrase head '{obj.shape}'"
+        assert channels[obj.colour] == channels[obj.shape] == (obj.shape, head), obj
     assert channels["and"][0] == "max"  # no query names it: the maximum, stated
-    result = next(r for r in words["results"] if r["target"].strip() == "triangle")
-    patch = result["top_patches"][0]
-    x, y = (patch % 8 + 0.5) * 16, (patch // 8 + 0.5) * 16  # 8 × 8 patches of 16 px
-    x0, y0, x1, y1 = triangle.box
-    assert x0 <= x < x1 and y0 <= y < y1, (patch, triangle.box)
+    # every object and colour word's displayed map (as saved beside the pictures) peaks on its
+    # object
+    from safetensors.numpy import load_file
+
+    from jmllm.joint.toy.localisation import peak_in_box
+
+    arrays = load_file(out / "explanation" / "arrays.safetensors")
+    labels = {r["target"].strip(): r["label"] for r in words["results"]}
+    for obj in scene.objects:
+        for word in (obj.colour, obj.shape):
+            shown = arrays[f"{labels[word]}/map"]
+            assert shown.shape == (128, 128) and peak_in_box(shown, obj.box), (word, obj.box)
     explanation = (out / "explanation" / "report.html").read_text()
     assert "GA explanation:" in printed
     assert '<a href="explanation/report.html">' in page  # a link, not plain text

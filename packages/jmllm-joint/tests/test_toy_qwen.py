@@ -219,9 +219,14 @@ def test_toy_train_runs_the_familys_recipe(tmp_path, monkeypatch):
     assert llava == toy_train.ToyRecipe(seed=2, threads=2)
     assert qwen.captioner.vision_steps == toy_train.QWEN_VISION_STEPS > llava.captioner.vision_steps
     assert qwen.captioner.token_noise == toy_train.QWEN_TOKEN_NOISE > llava.captioner.token_noise
+    # the steps and yes/no its documented figures were measured with (docs/toy.md)
+    assert (qwen.captioner.steps, qwen.captioner.yes_no) == (2500, ("yes", "no"))
+    assert (llava.captioner.steps, llava.captioner.yes_no) == (3000, ("Yes", "No"))
     same = dataclasses.replace(
         qwen.captioner,
+        steps=llava.captioner.steps,
         vision_steps=llava.captioner.vision_steps,
         token_noise=llava.captioner.token_noise,
+        yes_no=llava.captioner.yes_no,
     )
     assert same == llava.captioner and qwen.seed == 2

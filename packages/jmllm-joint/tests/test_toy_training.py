@@ -226,11 +226,12 @@ def test_toy_tokenizers_rebuild_the_shipped_ones() -> None:
 
     from jmllm.joint.toy import toy_paths
     from jmllm.joint.toy.models import toy_llava_tokenizer, toy_owl_tokenizer
+    from jmllm.joint.toy.train import ToyRecipe
 
     paths = toy_paths()
     for tokenizer, folder in (
         (toy_owl_tokenizer(), paths.owl),
-        (toy_llava_tokenizer(), paths.llava),
+        (toy_llava_tokenizer(ToyRecipe().captioner.yes_no), paths.llava),  # as train.py builds it
     ):
         shipped = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
         rebuilt = json.loads(tokenizer.backend_tokenizer.to_str())

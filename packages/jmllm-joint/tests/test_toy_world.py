@@ -36,14 +36,20 @@ DETECTION_SCENES = 40
 # and why). (metric path in the manifest, target, shipped floor)
 MANIFEST_FLOORS = [
     *((("detection_ap50", s), 0.9, 0.9) for s in ("circle", "square", "triangle", "cross")),
-    (("caption_accuracy", "llava", "llava-1.5"), 0.95, 0.90),  # shipped: 0.907
-    (("caption_accuracy", "llava", "paper"), 0.95, 0.90),  # shipped: 0.910
-    (("caption_accuracy", "joint", "llava-1.5"), 0.9, 0.80),  # shipped: 0.807
-    (("caption_accuracy", "joint", "paper"), 0.9, 0.80),  # shipped: 0.823
-    (("qa_accuracy", "llava", "llava-1.5"), 0.95, 0.95),  # shipped: 0.951
-    (("qa_accuracy", "llava", "paper"), 0.95, 0.95),  # shipped: 0.973
-    (("qa_accuracy", "joint", "llava-1.5"), None, 0.93),  # shipped: 0.940
-    (("qa_accuracy", "joint", "paper"), None, 0.95),  # shipped: 0.961
+    # issue 19's caption targets (stock 0.97, J 0.95), missed: docs/toy.md says why
+    (("caption_accuracy", "llava", "llava-1.5"), 0.97, 0.89),  # shipped: 0.900
+    (("caption_accuracy", "llava", "paper"), 0.97, 0.89),  # shipped: 0.890
+    (("caption_accuracy", "joint", "llava-1.5"), 0.95, 0.80),  # shipped: 0.807
+    (("caption_accuracy", "joint", "paper"), 0.95, 0.80),  # shipped: 0.813
+    (("qa_accuracy", "llava", "llava-1.5"), 0.95, 0.95),  # shipped: 0.976
+    (("qa_accuracy", "llava", "paper"), 0.95, 0.95),  # shipped: 0.978
+    (("qa_accuracy", "joint", "llava-1.5"), None, 0.96),  # shipped: 0.967
+    (("qa_accuracy", "joint", "paper"), None, 0.96),  # shipped: 0.970
+    # both templates pooled; the authors' long yes/no question answered "Yes"/"No"
+    (("qa_by_kind", "llava", "colour"), 0.95, 0.95),  # shipped: 0.993
+    (("qa_by_kind", "joint", "colour"), 0.95, 0.95),  # shipped: 0.991
+    (("qa_by_kind", "llava", "hallucination"), None, 0.95),  # shipped: 0.974
+    (("qa_by_kind", "joint", "hallucination"), None, 0.95),  # shipped: 0.965
 ]
 
 
@@ -133,6 +139,9 @@ def test_shipped_models_answer(toy, heldout):
     qa = scores["qa_accuracy"]
     # measured on the first 40 of these scenes: stock 0.95, J 0.92
     assert qa["llava"]["llava-1.5"] >= 0.9 and qa["joint"]["llava-1.5"] >= 0.87, qa
+    # colour questions in the llava-1.5 template, where the toy worlds before 0.2 answered 0.81
+    colour = {vision: scores["qa_by_kind"][vision]["colour"] for vision in ("llava", "joint")}
+    assert min(colour.values()) >= 0.9, colour
     scores = answer_scores(toy, _first(heldout, 12), visions=("joint",), templates=("paper",))
     assert scores["qa_accuracy"]["joint"]["paper"] >= 0.85, scores["qa_accuracy"]
 

@@ -124,7 +124,9 @@ def chat_messages(conversation: Conversation | None) -> list[dict[str, str]]:
     return messages
 
 
-TOY_EXAMPLE_SCENES = (103, 92, 77, 5)  # held-out toy scenes the shipped toy J gets right
+# held-out toy scenes the shipped toy J captions exactly, each word's GA map on its object (the
+# demo's; three objects; two of one shape, told apart by the language side alone)
+TOY_EXAMPLE_SCENES = (114, 26, 93, 38)
 
 
 def builtin_examples(folder: str | os.PathLike[str]) -> list[Path]:
@@ -133,7 +135,7 @@ def builtin_examples(folder: str | os.PathLike[str]) -> list[Path]:
 
     Example:
         >>> [p.name for p in builtin_examples(tempfile.mkdtemp())][:1]
-        ['toy-heldout-103.png']
+        ['toy-heldout-114.png']
     """
     from jmllm.joint.toy.scenes import make_scene
 

@@ -149,7 +149,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         default=None,
         help="answer rule: authors (exactly Yes/No), strict (yes/no, any case), pope (POPE's); "
         "--benchmark pope: llava (= pope), lmms-eval, vlmevalkit, first-token (default: authors; "
-        "strict with --tiny while the toy LLaVA answers in lower case; --benchmark pope: llava)",
+        "strict with --tiny on a toy world trained to answer in lower case; --benchmark pope: "
+        "llava)",
     )
     rep.add_argument(
         "--top-k",
@@ -284,8 +285,8 @@ def _audit(args: argparse.Namespace, settings: Any, dataset: Any, state: Any, ou
             return EXIT_PARTIAL if result.failed else 0
         assert out is not None
         notes = [TOY_WORLD_NOTE] if args.tiny else []
-        # the authors' rule reads LLaVA-1.5's exact "Yes"/"No"; a toy LLaVA trained on lower
-        # case (the shipped one) is read with the strict rule instead, and the report says so
+        # the authors' rule reads LLaVA-1.5's exact "Yes"/"No", as the shipped toy LLaVA answers;
+        # a toy world trained on lower case is read with the strict rule, and the report says so
         lower_case_toy = args.tiny and toy_yes_no() != LLAVA_YES_NO
         rule = args.parse or ("strict" if lower_case_toy else "authors")
         if args.parse is None and lower_case_toy:

@@ -35,9 +35,10 @@ DEFAULT_QUESTION = "What's the content of the image?"
 # With real checkpoints the demo explains the sample photo shipped in jmllm/joint/data/.
 DEMO_QUESTIONS = ("What's the content of the image?", "What colour is the house?")
 DEMO_QUERIES = ("house", "tree", "sun", "car")
-# With the built-in (toy world) models it explains a held-out toy scene: a blue triangle, a red
-# cross and a green cross, which the shipped toy J captions, answers and detects correctly.
-TOY_DEMO_SCENE = ("heldout", 103)
+# With the built-in (toy world) models it explains a held-out toy scene: a yellow triangle and a
+# green cross, which the shipped toy J captions, answers and detects correctly, every word's GA
+# map on its object (tests/test_toy_validity.py)
+TOY_DEMO_SCENE = ("heldout", 114)
 TOY_DEMO_QUESTIONS = ("What's the content of the image?", "What colour is the triangle?")
 TOY_DEMO_QUERIES = ("circle", "square", "triangle", "cross")  # every toy shape
 TOY_WORLD_NOTE = (

@@ -124,8 +124,8 @@ def toy_yes_no(root: str | os.PathLike[str] | None = None) -> tuple[str, str]:
     (``CaptionerRecipe.yes_no`` in the manifest; a manifest without it: lower case).
 
     Example:
-        >>> toy_yes_no()  # the shipped toy LLaVA answers in lower case
-        ('yes', 'no')
+        >>> toy_yes_no()  # the shipped toy LLaVA answers as LLaVA-1.5 does
+        ('Yes', 'No')
     """
     from jmllm.joint.toy.scenes import YES_NO
 

@@ -67,9 +67,10 @@ IN_IMAGE_QUESTION = "What's in the image?"
 IN_IMAGE_PREFIX = "The image shows "
 HALLUCINATION_QUESTION = "Is there a {} in the image? Only answer with 'yes' or 'no'."
 COUNT_QUESTION = "How many objects are there?"
-# How the yes/no questions are answered: the shipped toy LLaVA was trained on lower case;
-# LLaVA-1.5 answers "Yes"/"No", the only replies the authors' parse rule reads
-# (``CaptionerRecipe(yes_no=LLAVA_YES_NO)`` trains a toy model that answers so; docs/toy.md).
+# How the yes/no questions are answered: LLaVA-1.5 answers "Yes"/"No", the only replies the
+# authors' parse rule reads, and so does the shipped toy LLaVA (``CaptionerRecipe.yes_no``,
+# default LLAVA_YES_NO); the toy worlds before 0.2 answered in lower case (YES_NO; docs/toy.md).
+# Questions and scoring use YES_NO: answers are compared case-insensitively.
 YES_NO = ("yes", "no")
 LLAVA_YES_NO = ("Yes", "No")
 YES_NO_KINDS = ("exists", "hallucination")

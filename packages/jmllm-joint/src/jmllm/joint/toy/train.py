@@ -59,6 +59,7 @@ from jmllm.joint.toy.qwen import (
     save_qwen,
     toy_qwen_tokenizer,
 )
+from jmllm.joint.toy.scenes import YES_NO
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ QWEN_VISION_STEPS = 5000
 # and noise on its image tokens while its language model learns (relative to their RMS): J's
 # captions 0.873 -> 0.900 on the same tower, nothing else worse (docs/toy.md)
 QWEN_TOKEN_NOISE = 0.15
+# its conversation steps and yes/no spelling: those its documented figures were measured with
+# (the toy LLaVA's before it moved to 3000 steps and LLaVA-1.5's "Yes"/"No")
+QWEN_STEPS = 2500
+QWEN_YES_NO = YES_NO
 
 
 @dataclass
@@ -113,7 +118,10 @@ class ToyRecipe:
         """
         if family == "qwen2_vl":
             captioner = CaptionerRecipe(
-                vision_steps=QWEN_VISION_STEPS, token_noise=QWEN_TOKEN_NOISE
+                steps=QWEN_STEPS,
+                vision_steps=QWEN_VISION_STEPS,
+                token_noise=QWEN_TOKEN_NOISE,
+                yes_no=QWEN_YES_NO,
             )
             return cls(seed=seed, captioner=captioner)
         return cls(seed=seed)
