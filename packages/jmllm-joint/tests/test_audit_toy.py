@@ -95,8 +95,8 @@ def test_cli_tiny_uses_the_strict_rule_for_a_toy_llava_trained_in_lower_case(
 ) -> None:
     """The rule follows what the toy world's recipe trained (its manifest): a toy LLaVA trained
     with ``CaptionerRecipe(yes_no=YES_NO)`` (lower case, as toy worlds before 0.2) would have
-    every answer unparsed by the authors' rule, so `--tiny` reads it with the strict rule and
-    the report says so."""
+    every answer unparsed by the authors' rule, so `--tiny` on that world reads it with the
+    strict rule and the report says so."""
     import shutil
 
     import jmllm.joint.toy as toy
@@ -115,8 +115,10 @@ def test_cli_tiny_uses_the_strict_rule_for_a_toy_llava_trained_in_lower_case(
     (world / "manifest.json").write_text(json.dumps(manifest))
     assert toy.toy_yes_no(world) == YES_NO
 
-    real = toy.toy_yes_no  # --tiny loads the shipped world; its manifest read as this one's
-    monkeypatch.setattr(toy, "toy_yes_no", lambda root=None: real(world))
+    # --tiny loads the world $JMLLM_TOY_WORLD names (the shipped weights, this manifest)
+    from jmllm.joint.cli.common import TOY_WORLD_ENV
+
+    monkeypatch.setenv(TOY_WORLD_ENV, str(world))
     _, _, _, root = toy_audit
     ann, images = root / "data" / "coco" / "instances.json", root / "data" / "coco" / "images"
     out = root / "cli-lower-case"

@@ -163,11 +163,11 @@ def test_training_labels_are_the_answers_of_the_prompt_j_uses():
 
 def test_llava_yes_no_recipe_trains_exactly_llavas_capitalised_answers(monkeypatch):
     """``CaptionerRecipe(yes_no=LLAVA_YES_NO)``: the yes/no questions (both forms) are trained
-    to "Yes"/"No" — one token each, labelled alone — while every other answer is untouched, so
-    the authors' parse rule (exact "Yes"/"No") can read the model's replies."""
+    to "Yes"/"No" — every token of the reply labelled, nothing else — while every other answer
+    is untouched, so the authors' parse rule (exact "Yes"/"No") can read the model's replies."""
     objects = [ToyObject("cross", "red", (0, 0, 4, 4))]
-    lower, upper = scene_questions(objects), scene_questions(objects, LLAVA_YES_NO)
-    assert [with_yes_no(q, LLAVA_YES_NO) for q in lower] == list(upper)
+    lower = scene_questions(objects)
+    upper = [with_yes_no(q, LLAVA_YES_NO) for q in lower]
     changed = {(a.kind, a.answer, b.answer) for a, b in zip(lower, upper, strict=True) if a != b}
     assert changed == {
         ("exists", "yes", "Yes"), ("exists", "no", "No"),

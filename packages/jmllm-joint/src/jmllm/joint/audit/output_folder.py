@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -41,13 +42,15 @@ def process_state() -> Any:
     from accelerate import PartialState
 
     state = PartialState(cpu=_use_cpu())
-    if state.num_processes > 1 and not _LEAVE_AT_EXIT:
-        atexit.register(_leave_process_group)
-        _LEAVE_AT_EXIT.append(True)
+    if state.num_processes > 1:
+        _leave_at_exit()
     return state
 
 
-_LEAVE_AT_EXIT: list[bool] = []  # registered once a process
+@functools.cache
+def _leave_at_exit() -> None:
+    """Register :func:`_leave_process_group` at exit, once a process."""
+    atexit.register(_leave_process_group)
 
 
 def _leave_process_group() -> None:

@@ -235,9 +235,9 @@ def yes_no_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
         ids = tokenizer(" " + word.capitalize(), add_special_tokens=False)["input_ids"]
         first[word] = [int(i) for i in ids[:1]]
     for word, other in (("yes", "no"), ("no", "yes")):
-        if not found[word] and first[word] and first[word] != first[other]:
-            if first[word][0] not in found[other]:
-                found[word] = first[word]
+        token = first[word]
+        if not found[word] and token and token != first[other] and token[0] not in found[other]:
+            found[word] = token
     return found["yes"], found["no"]
 
 

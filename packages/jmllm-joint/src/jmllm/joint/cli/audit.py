@@ -263,7 +263,7 @@ def cmd_hallucination_audit(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace, settings: Any, dataset: Any, state: Any, out: Any) -> int:
     from jmllm.joint.audit.report import write_audit_report
     from jmllm.joint.audit.run import exclusive_folder, run_audit
-    from jmllm.joint.cli.common import TOY_WORLD_NOTE, load_model
+    from jmllm.joint.cli.common import TOY_WORLD_NOTE, builtin_sources, load_model
     from jmllm.joint.toy import toy_yes_no
     from jmllm.joint.toy.scenes import LLAVA_YES_NO
 
@@ -287,7 +287,7 @@ def _audit(args: argparse.Namespace, settings: Any, dataset: Any, state: Any, ou
         notes = [TOY_WORLD_NOTE] if args.tiny else []
         # the authors' rule reads LLaVA-1.5's exact "Yes"/"No", as the shipped toy LLaVA answers;
         # a toy world trained on lower case is read with the strict rule, and the report says so
-        lower_case_toy = args.tiny and toy_yes_no() != LLAVA_YES_NO
+        lower_case_toy = args.tiny and toy_yes_no(builtin_sources().root) != LLAVA_YES_NO
         rule = args.parse or ("strict" if lower_case_toy else "authors")
         if args.parse is None and lower_case_toy:
             notes.append(

@@ -46,6 +46,7 @@ from jmllm.joint.toy.scenes import (
     YES_NO,
     ToyObject,
     scene_questions,
+    with_yes_no,
 )
 
 QUERY_TEMPLATE = "a photo of a {}"  # J's default query template (DEFAULT_QUERY_TEMPLATE)
@@ -114,7 +115,7 @@ def conversation_lines(
     for i in range(len(objs)):
         group = [objs[i], objs[(i + 5) % len(objs)], objs[(i + 10) % len(objs)]]
         for k in (1, 2, 3):
-            for qa in scene_questions(group[:k], yes_no):
+            for qa in (with_yes_no(q, yes_no) for q in scene_questions(group[:k])):
                 for template in templates:
                     conv = Conversation().ask(qa.question).answered(qa.answer)
                     text = format_conversation(conv, eos=eos, template=template)

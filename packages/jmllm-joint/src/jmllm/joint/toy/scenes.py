@@ -180,14 +180,14 @@ def _number(n: int) -> str:
     return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
 
 
-def scene_questions(objects: Sequence[ToyObject], yes_no: Sequence[str] = YES_NO) -> tuple[QA, ...]:
+def scene_questions(objects: Sequence[ToyObject]) -> tuple[QA, ...]:
     """Every question whose answer the objects determine, with that answer.
 
     - the paper's two description prompts (caption; ``"The image shows <caption>."``);
     - ``"How many objects are there?"`` → ``"one"`` / ``"two"`` / ``"three"``;
     - for every shape: ``"Is there a <shape>?"`` and the authors' hallucination question
       ``"Is there a <shape> in the image? Only answer with 'yes' or 'no'."`` → ``"yes"``/``"no"``
-      (``yes_no``: the two words, e.g. :data:`LLAVA_YES_NO`);
+      (:func:`with_yes_no` writes them another way, e.g. :data:`LLAVA_YES_NO`);
     - ``"What colour is the <shape>?"`` only when exactly one object has that shape;
     - ``"What shape is the <colour> object?"`` only when exactly one object has that colour.
     """
@@ -200,7 +200,7 @@ def scene_questions(objects: Sequence[ToyObject], yes_no: Sequence[str] = YES_NO
     shapes = Counter(o.shape for o in objects)
     colours = Counter(o.colour for o in objects)
     for shape in SHAPES:
-        answer = yes_no[0] if shapes[shape] else yes_no[1]
+        answer = YES_NO[0] if shapes[shape] else YES_NO[1]
         out.append(QA(EXISTS_QUESTION.format(shape), answer, "exists"))
         out.append(QA(HALLUCINATION_QUESTION.format(shape), answer, "hallucination"))
     for o in objects:
