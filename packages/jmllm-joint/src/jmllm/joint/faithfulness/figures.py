@@ -45,7 +45,9 @@ def curves_png(summary: dict[str, Any]) -> bytes:
     keys = [k for k in curves if k != "fractions"]
     methods = list(summary["settings"]["methods"])
     colours = method_colours(methods)
-    fig = Figure(figsize=(5.2 * max(1, len(keys)) / 1.35, 4.4), dpi=100)
+    # each panel's legend sits under it (its AUCs are the panel's own), clear of the curves
+    rows = math.ceil(len(methods) / 2)
+    fig = Figure(figsize=(5.2 * max(1, len(keys)) / 1.35, 4.0 + 0.16 * rows + 0.5), dpi=100)
     FigureCanvasAgg(fig)
     x = np.asarray(curves["fractions"])
     for i, key in enumerate(keys):
@@ -61,7 +63,8 @@ def curves_png(summary: dict[str, Any]) -> bytes:
         ax.set_xlabel("share of patches " + ("removed" if curve == "deletion" else "inserted"))
         ax.set_ylabel("probability of the explained token")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7)
+        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7, ncol=2,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     return _png(fig)
 
 
