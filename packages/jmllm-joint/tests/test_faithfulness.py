@@ -486,12 +486,21 @@ def test_the_pages_figures_are_the_documented_commands():
     resumed = {**summary, "seconds": 3.0, "images_scored_now": 0, "images_kept": 99}
     assert "99 were scored by an earlier invocation" in figures.tables(resumed)
     # --check: a rerun that took other seconds is up to date, one with another figure is not
-    slower = figures.page_with(figures.tables({**summary, "seconds": summary["seconds"] + 17}), page)
+    slower = figures.page_with(
+        figures.tables({**summary, "seconds": summary["seconds"] + 17}), page
+    )
     assert slower != page and figures._figures(slower) == figures._figures(page)
     ga = summary["methods"]["ga"]["pointing"]
-    moved = {**summary, "methods": {**summary["methods"], "ga": {
-        **summary["methods"]["ga"], "pointing": {**ga, "value": ga["value"] + 0.01}}}}
-    assert figures._figures(figures.page_with(figures.tables(moved), page)) != figures._figures(page)
+    moved = {
+        **summary,
+        "methods": {
+            **summary["methods"],
+            "ga": {**summary["methods"]["ga"], "pointing": {**ga, "value": ga["value"] + 0.01}},
+        },
+    }
+    assert figures._figures(figures.page_with(figures.tables(moved), page)) != figures._figures(
+        page
+    )
 
 
 @pytest.mark.slow

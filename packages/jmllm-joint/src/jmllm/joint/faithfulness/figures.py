@@ -63,8 +63,15 @@ def curves_png(summary: dict[str, Any]) -> bytes:
         ax.set_xlabel("share of patches " + ("removed" if curve == "deletion" else "inserted"))
         ax.set_ylabel("probability of the explained token")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7, ncol=2,
-                  loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        ax.legend(
+            fontsize=7,
+            title="method (AUC)",
+            title_fontsize=7,
+            ncol=2,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            frameon=False,
+        )
     return _png(fig)
 
 
