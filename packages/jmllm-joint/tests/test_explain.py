@@ -71,6 +71,22 @@ def test_report_is_self_contained_and_escaped(explanation, tmp_path):
     assert len(list((tmp_path / "maps").glob("*.png"))) == 2 * len(words)
 
 
+def test_report_opens_on_the_first_word_naming_a_query(explanation, tmp_path):
+    """The page shows a word before any click: the first that names a query ("bird", word 5),
+    not "The", whose map names nothing; with no such word, the first word."""
+    text = write_explanation_report(
+        tmp_path, explanation.image, QUESTION, explanation.answer_text, explanation.word_results
+    ).read_text()
+    selected = re.findall(r"<option value='(r\d+)' selected>([^<]*)</option>", text)
+    assert selected == [("r4", "bird")]
+    assert "if (picker && picker.value) { show(picker.value); }" in text  # the page shows it
+    nameless = [r for r in explanation.word_results if r.target in ("The", "image", "shows")]
+    other = write_explanation_report(
+        tmp_path / "nameless", explanation.image, QUESTION, "The image shows", nameless
+    ).read_text()
+    assert re.findall(r"<option value='(r\d+)' selected>", other) == ["r0"]
+
+
 def test_explain_object_is_the_paper_setting_drawn(tiny_joint, sample_images):
     """explain_object = attribute on 'The image shows a <name>' over every name token, in the
     authors' conversation template, drawn."""

@@ -147,6 +147,13 @@ def test_explanation_report_shows_the_chosen_words_map(
     path = write_explanation_report(
         tmp_path, exp.image, exp.prompt, exp.answer_text, exp.word_results
     )
+    # before any click the page shows the first word naming a query ("cat", word 2), not "The"
+    browser_page.goto(path.as_uri())
+    shown = [
+        p.get_attribute("id") for p in browser_page.query_selector_all(".panel") if p.is_visible()
+    ]
+    assert shown == ["p-r1"] and browser_page.eval_on_selector("#pick", "s => s.value") == "r1"
+    assert browser_page.get_attribute("button.w[data-k='r1']", "aria-pressed") == "true"
     assert _check_every_word(browser_page, path) == len(exp.word_results)
     labels = browser_page.eval_on_selector_all("#pick option", "os => os.map(o => o.textContent)")
     assert len(set(labels)) == len(labels) == len(exp.word_results)  # repeated words told apart

@@ -72,7 +72,7 @@ from jmllm.joint.render.object_explanation import OBJECT_VIEWS as OBJECT_VIEWS
 from jmllm.joint.render.pages import Markup, environment, render
 from jmllm.joint.render.report import atomic_write_bytes
 from jmllm.joint.render.report import png_bytes as png_bytes
-from jmllm.joint.saliency import GAResult
+from jmllm.joint.saliency import GAResult, names_a_query
 
 
 def data_url(png: bytes) -> str:
@@ -157,6 +157,21 @@ def word_choice_labels(words: Sequence[str], numbers: Sequence[int]) -> list[str
         f"{word} (word {number})" if counts[word] > 1 else word
         for word, number in zip(words, numbers, strict=True)
     ]
+
+
+def opening_word(words: Sequence[str], queries: Sequence[str]) -> int:
+    """The index of the word an explanation page opens on: the first that names one of the
+    detector's queries (a query's head noun, singular or plural: the object word a reader
+    looks for first), else the first word. Opening on the first word would show the map of a
+    word that names nothing (the demo's caption begins with "a").
+
+    Example:
+        >>> opening_word(["a", "yellow", "triangle", "and"], ["circle", "triangle"])
+        2
+        >>> opening_word(["a", "cat"], ["a photo of a cat"]), opening_word(["hi"], [])
+        (1, 0)
+    """
+    return next((i for i, word in enumerate(words) if names_a_query(word, queries)), 0)
 
 
 def result_panel(
@@ -302,7 +317,10 @@ def _explanation_parts(
             }
         )
     labels = word_choice_labels([r.target for r in results], numbers)
-    options = [{"key": f"r{i}", "label": label} for i, label in enumerate(labels)]
+    opening = opening_word([r.target for r in results], results[0].queries if results else [])
+    options = [
+        {"key": f"r{i}", "label": label, "selected": i == opening} for i, label in enumerate(labels)
+    ]
     page_html = render(
         "explanation.html",
         script=True,
@@ -495,6 +513,7 @@ __all__ = [
     "map_title",
     "object_explanation",
     "object_picture",
+    "opening_word",
     "overlay_image",
     "page",
     "render_explanation_report",

@@ -58,6 +58,7 @@ from jmllm.joint.saliency.answers import (
     answer_tokens,
     answer_words,
     matching_query,
+    names_a_query,
     resolve_target,
 )
 from jmllm.joint.saliency.answers import (
@@ -103,6 +104,7 @@ __all__ = [
     "matching_query",
     "minmax",
     "naive_owl_gradients",
+    "names_a_query",
     "normalise_similarities",
     "owl_outputs_reference",
     "paint_boxes",

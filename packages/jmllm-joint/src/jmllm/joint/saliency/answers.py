@@ -179,6 +179,18 @@ def _query_words(query: str) -> list[str]:
     return [_singular(m.group()) for m in _WORD.finditer(query)]
 
 
+def names_a_query(word: str, queries: Sequence[str]) -> bool:
+    """Whether ``word`` is the head (last word) of one of ``queries``, singular or plural, any
+    case: the noun the ``matching`` rule reads a phrase's object from.
+
+    Example:
+        >>> names_a_query("Cats", ["a photo of a cat"]), names_a_query("a", ["a photo of a cat"])
+        (True, False)
+    """
+    heads = {words[-1] for words in map(_query_words, queries) if words}
+    return _singular(word) in heads
+
+
 def matching_query(text: str, start: int, end: int, queries: Sequence[str]) -> QueryMatch:
     """The query that names the object the word at ``text[start:end]`` refers to.
 

@@ -14,5 +14,6 @@
   }
   words.forEach(b => b.addEventListener('click', () => show(b.dataset.k)));
   if (picker) { picker.addEventListener('change', () => show(picker.value)); }
-  if (words.length) { show(words[0].dataset.k); } else if (picker && picker.value) { show(picker.value); }
+  // the page opens on the picker's selected word (the first naming a query), else the first
+  if (picker && picker.value) { show(picker.value); } else if (words.length) { show(words[0].dataset.k); }
 })();
