@@ -301,6 +301,12 @@ def test_explain_with_another_method(
     arrays = load_file(out / "arrays.safetensors")
     assert all(tuple(v.shape) == (tiny_joint.num_image_tokens,) for v in arrays.values())
     assert any(name.startswith("004_bird") for name in arrays)
+    # no query: the page opens on the first word; with --query bird, on "bird", as GA's page
+    selected = r"<option value='(r\d+)' selected>"
+    assert __import__("re").findall(selected, page) == ["r0"]
+    assert main([*args[:-2], "--query", "bird", "--out", str(tmp_path / "q")]) == 0
+    queried = (tmp_path / "q" / "report.html").read_text()
+    assert __import__("re").findall(selected, queried) == ["r4"]
     assert main([*args[:-2], "--token", "bird", "--out", str(tmp_path / "one")]) == 0
     one = __import__("json").loads((tmp_path / "one" / "explanation.json").read_text())
     assert [r["target"] for r in one["results"]] == ["bird"]

@@ -218,6 +218,18 @@ def _painting(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _queries(args: argparse.Namespace) -> list[str]:
+    """The OWL-ViT queries of ``explain``: ``--query``, else ``--token``'s word, else with
+    ``--tiny`` the objects the toy world knows (every shape); else none."""
+    if args.queries or args.token:
+        return list(args.queries or [args.token])
+    if args.tiny:
+        from jmllm.joint.cli.common import builtin_vocabulary
+
+        return list(builtin_vocabulary())
+    return []
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from jmllm.joint.cli.common import CliError, image_arg, load_model, out_dir, output_folder
     from jmllm.joint.render.explanation import write_explanation_report
@@ -226,11 +238,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     image = image_arg(args.image)
     if args.method != "ga":
         return _explain_with(args, image)
-    queries = args.queries or ([args.token] if args.token else None)
-    if not queries and args.tiny:
-        from jmllm.joint.cli.common import builtin_vocabulary
-
-        queries = builtin_vocabulary()  # the objects the toy world knows: every shape
+    queries = _queries(args)
     if not queries:
         raise CliError("-q/--query: give at least one OWL-ViT query (or use --token WORD)")
     if any(not q.strip() for q in queries):
@@ -328,7 +336,14 @@ def _explain_with(args: argparse.Namespace, image: Path) -> int:
     text = requests[0].answer_text
     with output_folder(out):
         report = write_attribution_report(
-            out, emb.pil_image(0), args.prompt, text, attributions, method, requests[0].template
+            out,
+            emb.pil_image(0),
+            args.prompt,
+            text,
+            attributions,
+            method,
+            requests[0].template,
+            queries=_queries(args),  # only to open the page on the word that names one
         )
     print(f"ASSISTANT: {text}")
     print(f"Report: {report}")

@@ -174,6 +174,14 @@ def opening_word(words: Sequence[str], queries: Sequence[str]) -> int:
     return next((i for i, word in enumerate(words) if names_a_query(word, queries)), 0)
 
 
+def _options(labels: Sequence[str], words: Sequence[str], queries: Sequence[str]) -> list[dict]:
+    """The word picker's entries (template context), the :func:`opening_word` selected."""
+    opening = opening_word(words, queries)
+    return [
+        {"key": f"r{i}", "label": label, "selected": i == opening} for i, label in enumerate(labels)
+    ]
+
+
 def result_panel(
     key: str,
     result: GAResult,
@@ -317,10 +325,7 @@ def _explanation_parts(
             }
         )
     labels = word_choice_labels([r.target for r in results], numbers)
-    opening = opening_word([r.target for r in results], results[0].queries if results else [])
-    options = [
-        {"key": f"r{i}", "label": label, "selected": i == opening} for i, label in enumerate(labels)
-    ]
+    options = _options(labels, [r.target for r in results], results[0].queries if results else [])
     page_html = render(
         "explanation.html",
         script=True,
@@ -406,6 +411,7 @@ def write_attribution_report(
     attributions: Sequence[Any],
     method: Any,
     template: str | None = None,
+    queries: Sequence[str] = (),
 ) -> Path:
     """The report of another attribution method (:mod:`jmllm.joint.saliency.attribution`) for one
     answer: ``report.html`` (the same page as GA's, one map per explained word), ``maps/*.png``,
@@ -420,6 +426,8 @@ def write_attribution_report(
         method: the :class:`~jmllm.joint.saliency.attribution.AttributionMethod` that made them (its name
             and source are shown).
         template: the conversation template the prompt was put in.
+        queries: detector queries, if any: the page opens on the first word naming one
+            (:func:`opening_word`), as GA's does.
 
     Example:
         >>> write_attribution_report("out", image, "What's in the image?", answer, maps,
@@ -482,7 +490,7 @@ def write_attribution_report(
         title=f"{name} explanation",
         prompt=prompt,
         answer=highlighted_answer(answer_text, spans),
-        options=[{"key": f"r{i}", "label": text} for i, text in enumerate(labels)],
+        options=_options(labels, [a.label for a in attributions], queries),
         method_note=f"Method: {name} — {getattr(method, 'source', '')}.",
         template_name=template,
         template_first=get_template(template).first.replace("\n", "⏎") if template else None,

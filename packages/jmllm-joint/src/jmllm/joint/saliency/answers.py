@@ -187,8 +187,17 @@ def names_a_query(word: str, queries: Sequence[str]) -> bool:
         >>> names_a_query("Cats", ["a photo of a cat"]), names_a_query("a", ["a photo of a cat"])
         (True, False)
     """
-    heads = {words[-1] for words in map(_query_words, queries) if words}
-    return _singular(word) in heads
+    return _singular(word) in _query_heads(queries)
+
+
+def _query_heads(queries: Sequence[str]) -> dict[str, list[int]]:
+    """Each query's head noun (its last word, singular) → the indices of the queries it ends."""
+    heads: dict[str, list[int]] = {}
+    for q, query in enumerate(queries):
+        qwords = _query_words(query)
+        if qwords:
+            heads.setdefault(qwords[-1], []).append(q)
+    return heads
 
 
 def matching_query(text: str, start: int, end: int, queries: Sequence[str]) -> QueryMatch:
@@ -227,11 +236,7 @@ def matching_query(text: str, start: int, end: int, queries: Sequence[str]) -> Q
     first = next((i for i, w in enumerate(words) if w.end() > start and w.start() < end), None)
     if first is None:
         return QueryMatch(None, "no query names it: maximum over the queries")
-    heads: dict[str, list[int]] = {}
-    for q, query in enumerate(queries):
-        qwords = _query_words(query)
-        if qwords:
-            heads.setdefault(qwords[-1], []).append(q)
+    heads = _query_heads(queries)
     # the phrase: back to its start (for the preference among queries sharing a head) and on
     # from the explained word to its end
     begin = first
