@@ -47,6 +47,11 @@ def test_queries_sharing_a_head_prefer_the_one_the_phrase_spells_out():
     got = _by_word("a green cross and two crosses", queries)
     assert got["green"][0] == 1 and got["cross"][0] == 1
     assert got["two"][0] == 2 and got["crosses"][0] == 2  # "red"/"green" are not in its phrase
+    # the most specific of the queries the phrase spells out, whatever their order: "cross" is
+    # in "a green cross" too, but "green cross" names it more closely
+    got = _by_word("a green cross and two crosses", ["cross", "green cross", "red cross"])
+    assert got["green"][0] == 1 and got["cross"][0] == 1
+    assert got["two"][0] == 0 and got["crosses"][0] == 0
 
 
 def test_a_query_containing_the_word_is_the_second_rule():

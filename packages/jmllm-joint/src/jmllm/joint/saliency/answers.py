@@ -210,8 +210,8 @@ def matching_query(text: str, start: int, end: int, queries: Sequence[str]) -> Q
        phrase (punctuation, a conjunction, a preposition or a verb, see :data:`PHRASE_BREAKS`),
        the first word that is a query's last word (singular or plural) picks that query — "blue"
        in "a blue triangle" refers to the triangle's query, "cross" to the cross's; when several
-       queries end in that noun, the one whose every word is in the phrase (e.g. "green cross")
-       is preferred;
+       queries end in that noun, the most specific one whose every word is in the phrase is
+       preferred ("green cross" before "cross" in "a green cross");
     3. a query whose text contains the word ("red" with the query "red circle");
     4. none: ``index`` None, the maximum over the query channels (stated on the picture).
 
@@ -252,7 +252,11 @@ def matching_query(text: str, start: int, end: int, queries: Sequence[str]) -> Q
             candidates = heads.get(noun)
             if candidates:
                 whole = [q for q in candidates if set(_query_words(queries[q])) <= phrase]
-                return QueryMatch((whole or candidates)[0], f"phrase head {words[i].group()!r}")
+                # the most specific whole query ("green cross" before "cross"), else the first
+                best = max(whole, key=lambda q: len(_query_words(queries[q])), default=None)
+                return QueryMatch(
+                    candidates[0] if best is None else best, f"phrase head {words[i].group()!r}"
+                )
     said = {_singular(w.group()) for w in words[first:] if w.start() < end}
     for q, query in enumerate(queries):
         if said & set(_query_words(query)):
