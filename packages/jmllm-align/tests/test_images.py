@@ -134,6 +134,8 @@ def test_in_memory_images_and_bytes_follow_the_same_policy(tmp_path):
         load_image(data)
     with pytest.raises(ImageLoadError, match="no such image file"):
         open_image(tmp_path / "missing.png")
+    with pytest.raises(ImageLoadError, match="is a folder, not an image file"):
+        load_image(tmp_path)  # a folder exists: "no such image file" would mislead
 
 
 def test_box_scale_accepts_only_scaled_copies():

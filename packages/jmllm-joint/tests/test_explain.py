@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,9 @@ def test_cli_explain_missing_image(cli_env, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc != 0 and "nope.jpg: no such image file" in err
+    rc = main(["describe", str(tmp_path), "--tiny"])  # a folder where an image goes
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{tmp_path}: is a folder, not an image file" in err, err
 
 
 def test_cli_wsol(cli_env, sample_images, tmp_path, capsys):
@@ -287,3 +291,79 @@ def test_cli_wsol(cli_env, sample_images, tmp_path, capsys):
     (root / "boxes.csv").write_text("image_id,x0\n")
     rc = main(["wsol", str(root), "--tiny"])
     assert rc != 0 and "header must be" in capsys.readouterr().err
+
+
+def test_cli_wsol_never_replaces_what_it_did_not_write(cli_env, sample_images, tmp_path, capsys):
+    """The page and maps wsol writes beside ``--json-out`` are names the user did not choose:
+    another command's report, a user's file or a link there is refused before any work, and
+    left as it was; wsol's own page is replaced by its rerun."""
+    root = tmp_path / "cub"
+    (root / "images").mkdir(parents=True)
+    sample_images[0].save(root / "images" / "0.png")
+    (root / "boxes.csv").write_text("image_id,x0,y0,x1,y1\n0.png,2,2,20,20\n")
+    demo = tmp_path / "demo"
+    assert main(["sample-data", "-o", str(demo)]) == 0  # a folder another command owns
+    capsys.readouterr()
+    readme = (demo / "README.md").read_bytes()
+    wsol = ["wsol", str(root), "--tiny", "--protocol", "exact", "--samples", "1"]
+    # the named file is sample-data's README.md
+    rc = main([*wsol, "--json-out", str(demo / "README.md")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was written by jmllm-joint sample-data" in err, err
+    assert (demo / "README.md").read_bytes() == readme
+    # a page of the user's where wsol's would go
+    (tmp_path / "w.html").write_text("the user's page")
+    rc = main([*wsol, "--json-out", str(tmp_path / "w.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "w.html exists and was not written by jmllm-joint wsol" in err, err
+    assert (tmp_path / "w.html").read_text() == "the user's page"
+    assert not (tmp_path / "w.json").exists()
+    # a planted link in place of the maps' folder
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "v_maps").symlink_to(victim)
+    rc = main([*wsol, "--json-out", str(tmp_path / "v.json")])
+    assert rc == 2 and "v_maps exists" in capsys.readouterr().err
+    assert not any(victim.iterdir())
+    # wsol's own outputs: a rerun replaces them
+    assert main([*wsol, "--json-out", str(tmp_path / "x.json")]) == 0
+    assert main([*wsol, "--json-out", str(tmp_path / "x.json")]) == 0
+    assert (tmp_path / "x.html").is_file() and (tmp_path / "x_maps").is_dir()
+    capsys.readouterr()
+    rc = main([*wsol, "--json-out", "-"])
+    assert rc == 2 and "needs a file name" in capsys.readouterr().err
+    assert not (Path.cwd() / "-").exists()
+
+
+def test_reports_say_the_image_is_not_a_toy_scene(cli_env, tmp_path, capsys):
+    """The terminal's warning that a photo means nothing to the toy world heads every page
+    written for it (and its JSON); a toy scene's pages carry no such notice."""
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(photo)
+    scene = tmp_path / "scene.png"
+    from jmllm.joint.toy.scenes import make_scene
+
+    make_scene("heldout", 114).image.save(scene)
+    answer = ["--answer", "a yellow triangle and a green cross"]
+    for image, warned in ((photo, True), (scene, False)):
+        explain = tmp_path / f"explain-{image.stem}"
+        rc = main(["explain", str(image), "--tiny", "-p", QUESTION, *answer, "-o", str(explain)])
+        hall = tmp_path / f"hall-{image.stem}"
+        rc2 = main(
+            ["hallucinations", str(image), "--tiny", "-p", QUESTION, *answer, "-o", str(hall)]
+        )
+        capsys.readouterr()
+        assert rc == rc2 == 0
+        page = (explain / "report.html").read_text()
+        notes = json.loads((explain / "explanation.json").read_text())["notes"]
+        hall_page = (hall / "hallucinations.html").read_text()
+        hall_notes = json.loads((hall / "hallucinations.json").read_text())["notes"]
+        if warned:
+            assert any("mean nothing" in n for n in notes), notes
+            assert notes == hall_notes
+            for html in (page, hall_page):
+                assert 'class="notice"' in html and "mean nothing" in html
+        else:
+            assert notes == hall_notes == []
+            assert 'class="notice"' not in page and 'class="notice"' not in hall_page

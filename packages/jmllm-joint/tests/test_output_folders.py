@@ -114,3 +114,23 @@ def test_toy_train_refuses_other_files_without_force(tmp_path, capsys) -> None:
     code, err = _run(capsys, "toy", "train", "--quick", "--out", str(out))
     assert code == 2 and "holds 1 entry jmllm-joint toy train did not write (paper.pdf)" in err
     assert sorted(p.name for p in out.iterdir()) == ["paper.pdf"]
+
+
+def test_claim_beside_protects_the_names_the_user_did_not_choose(tmp_path):
+    """``claim_beside``: outputs written beside a named file must be new or the command's own;
+    the named file is the user's choice unless another command recorded it as its output."""
+    from jmllm.align.files import OUTPUTS_RECORD, ForeignOutputError, claim_beside
+
+    named = tmp_path / "run" / "cub.json"
+    assert claim_beside(named, "tool", ["cub.html"]) == named.parent  # a new folder
+    (named.parent / "cub.html").write_text("tool's page")
+    named.write_text("{}")
+    claim_beside(named, "tool", ["cub.html"])  # a rerun: its own outputs
+    with pytest.raises(ForeignOutputError, match="cub.html exists and was not written by other"):
+        claim_beside(named.parent / "new.json", "other", ["cub.html"])
+    with pytest.raises(ForeignOutputError, match="was written by tool"):
+        claim_beside(named, "other", [])
+    (named.parent / "mine.json").write_text("the user's own file, named by them")
+    claim_beside(named.parent / "mine.json", "other", [])  # theirs to replace
+    with pytest.raises(ForeignOutputError, match="record of a folder's outputs"):
+        claim_beside(named.parent / OUTPUTS_RECORD, "tool", [])

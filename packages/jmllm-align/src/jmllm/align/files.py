@@ -58,6 +58,7 @@ __all__ = [
     "check_output_claim",
     "check_output_dir",
     "check_output_file",
+    "claim_beside",
     "claim_output_folder",
     "current_umask",
     "file_mode",
@@ -457,6 +458,75 @@ def claim_output_folder(
     record.update(dict.fromkeys(outputs, command))
     root.mkdir(parents=True, exist_ok=True)
     _write_record(root, record)
+    return root
+
+
+def claim_beside(
+    named: str | os.PathLike[str],
+    command: str,
+    beside: Sequence[str],
+    *,
+    what: str = "--json-out",
+) -> Path:
+    """Claim the outputs a command writes *beside* a file the user names (``wsol --json-out
+    FILE`` writes ``FILE.html`` and ``FILE_maps/`` next to it), in a folder the command does not
+    own, and record them as its own in the folder's :data:`OUTPUTS_RECORD`.
+
+    The rule of output folders, for names the user did not choose:
+
+    - each of ``beside`` (names in the named file's folder) must be new, or written there
+      before by ``command`` (a rerun replaces its own page): a user's file, another command's
+      report or a planted link in its place is refused;
+    - the named file itself is the user's choice and may be replaced, unless it is another
+      jmllm command's recorded output (a report of ``jmllm-joint demo``) or the record itself.
+
+    Args:
+        named: the file the user named (e.g. ``--json-out``'s).
+        command: who writes, e.g. ``"jmllm-joint wsol"``.
+        beside: the names written beside it.
+        what: names the option in messages.
+
+    Returns:
+        The folder, created if missing.
+
+    Raises:
+        ForeignOutputError: one line naming the option, the path and who wrote it.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (root / "cub.html").write_text("the user's page")
+        >>> try:
+        ...     claim_beside(root / "cub.json", "jmllm-joint wsol", ["cub.html", "cub_maps"])
+        ... except ForeignOutputError as exc:
+        ...     print(str(exc).replace(str(root), "ROOT").split(";")[0])
+        --json-out ROOT/cub.json: ROOT/cub.html exists and was not written by jmllm-joint wsol
+    """
+    path = Path(named)
+    root = path.parent
+    if path.name == OUTPUTS_RECORD:
+        raise ForeignOutputError(f"{what} {path}: is jmllm's record of a folder's outputs")
+    if os.path.lexists(root) and not root.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {root} is not a folder")
+    refuse_link(root / OUTPUTS_RECORD, what)
+    record = _read_record(root)
+    owner = record.get(path.name)
+    if os.path.lexists(path) and owner not in (None, command):
+        raise ForeignOutputError(
+            f"{what} {path}: was written by {owner}, and {command} never replaces another "
+            "command's output (choose another name)"
+        )
+    for name in beside:
+        entry = root / name
+        if os.path.lexists(entry) and (record.get(name) != command or os.path.islink(entry)):
+            raise ForeignOutputError(
+                f"{what} {path}: {entry} exists and was not written by {command}; it never "
+                f"replaces what it did not write (move it away, or choose another {what} name)"
+            )
+    kept = {k: v for k, v in record.items() if os.path.lexists(root / k)}
+    kept.update(dict.fromkeys([path.name, *beside], command))
+    root.mkdir(parents=True, exist_ok=True)
+    _write_record(root, kept)
     return root
 
 

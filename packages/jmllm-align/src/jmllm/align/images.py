@@ -598,6 +598,8 @@ def open_image(
         )
     path = Path(source)
     label = name or str(path)
+    if path.is_dir():
+        raise ImageLoadError(f"{label}: is a folder, not an image file")
     if not path.is_file():
         raise ImageLoadError(f"{label}: no such image file")
     try:

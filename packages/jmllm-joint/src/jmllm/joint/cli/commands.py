@@ -60,6 +60,7 @@ from jmllm.joint.cli.common import (
     output_folder,
     preprocessing_argument,
     queries_of,
+    report_notes,
     template_argument,
     tokenization_argument,
 )
@@ -130,6 +131,7 @@ def _write_outputs(
         record["queries"] = detections.queries
         record["threshold"] = detections.threshold
         record["detections"] = detections.to_records()
+    record["notes"] = list(notes)
     atomic_write_text(out / "result.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return write_report(
         out / "report.html",
@@ -199,7 +201,7 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
             f"The image is the {truth} (the truth the answers can be checked against). "
             f"{TOY_WORLD_NOTE} {REAL_CHECKPOINTS_HINT}"
         )
-    notes += check_answers(model, emb, [turn.answer for turn in conversation.turns[:1]])
+    notes += report_notes(model, emb, [turn.answer for turn in conversation.turns[:1]])
     explanation = None
     links: list[tuple[str, str]] = []
     if args.explain:
@@ -269,11 +271,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = load_model(args)
     emb = model.embed([image], preprocessing=args.preprocessing)
     kwargs = generation_kwargs(args)
+    answer_problems: list[str] = []
     if args.prompt:
         conversation, stock = _run_chat(model, emb, args.prompt, args)
         _print_conversation(conversation, stock)
         for turn in conversation.turns:
-            check_answers(model, emb, [turn.answer])
+            answer_problems += check_answers(model, emb, [turn.answer])
     else:
         from jmllm.joint.chat.templates import Conversation
 
@@ -281,7 +284,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         for question in _interactive_questions():
             conversation = model.chat(emb, question, history=conversation, **kwargs)
             print(f"J: {printable(conversation.turns[-1].answer, keep_newlines=True)}", flush=True)
-            check_answers(model, emb, [conversation.turns[-1].answer])
+            answer_problems += check_answers(model, emb, [conversation.turns[-1].answer])
             if stock is not None:
                 stock = model.chat(emb, question, history=stock, vision="llava", **kwargs)
                 print(f"LLaVA: {printable(stock.turns[-1].answer, keep_newlines=True)}", flush=True)
@@ -295,8 +298,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 nms_iou=nms_of(args),
                 template=args.query_template,
             )[0]
+        notes = report_notes(model, emb) + list(dict.fromkeys(answer_problems))
         with output_folder(out, CHAT, REPORT_OUTPUTS, args.force):
-            report = _write_outputs(out, model, emb, conversation, stock, detections, args)
+            report = _write_outputs(out, model, emb, conversation, stock, detections, args, notes)
         print(f"Report: {report}")
     return 0
 
@@ -338,7 +342,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         emb, queries, threshold=args.threshold, nms_iou=nms_iou, template=args.query_template
     )[0]
     with output_folder(out, DETECT, REPORT_OUTPUTS, args.force):
-        report = _write_outputs(out, model, emb, None, None, detections, args)
+        report = _write_outputs(
+            out, model, emb, None, None, detections, args, report_notes(model, emb)
+        )
     _print_detections(detections, args.max_boxes)
     print(f"Report: {report}")
     return 0

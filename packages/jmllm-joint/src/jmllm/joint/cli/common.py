@@ -128,6 +128,20 @@ def check_answers(model: Any, emb: Any, texts: Sequence[str]) -> list[str]:
     return problems
 
 
+def report_notes(model: Any, emb: Any, texts: Sequence[str] = ()) -> list[str]:
+    """What a report of ``emb``'s images must say at its top: each image's problem with the
+    models (:attr:`~jmllm.joint.JointEmbedding.input_problems`, already logged when it was
+    embedded: a photo given to the toy world) and each answer's (:func:`check_answers`, logged
+    here), so the page never shows an answer without the warning the terminal gave.
+
+    Example:
+        >>> report_notes(model, emb, ["a red circle"])  # a toy scene, a consistent answer  # doctest: +SKIP
+        []
+    """
+    problems = [p for p in getattr(emb, "input_problems", ()) if p]
+    return problems + (check_answers(model, emb, texts) if texts else [])
+
+
 def notice(message: str) -> None:
     """One line on stderr for a person watching (a terminal), so a pause has a reason; logged
     at INFO otherwise, so a script's stderr keeps only its errors.
@@ -440,6 +454,8 @@ def force_argument(parser: argparse.ArgumentParser) -> None:
 
 def image_arg(path: str) -> Path:
     image = Path(path)
+    if image.is_dir():
+        raise CliError(f"{image}: is a folder, not an image file")
     if not image.is_file():
         raise CliError(f"{image}: no such image file")
     return image

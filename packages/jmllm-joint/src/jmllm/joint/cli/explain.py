@@ -156,7 +156,8 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         "--json-out",
         metavar="PATH",
         help="write the full report (curves included) here, its HTML page beside it (the same "
-        "name ending in .html) and the page's map pictures in NAME_maps/ (default: none)",
+        "name ending in .html) and the page's map pictures in NAME_maps/; those two are never "
+        "written over a file wsol did not write (default: none)",
     )
     wsol.add_argument(
         "--samples",
@@ -231,7 +232,14 @@ def _queries(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli.common import CliError, image_arg, load_model, out_dir, output_folder
+    from jmllm.joint.cli.common import (
+        CliError,
+        image_arg,
+        load_model,
+        out_dir,
+        output_folder,
+        report_notes,
+    )
     from jmllm.joint.render.explanation import write_explanation_report
     from jmllm.joint.saliency import GradientAlignment
 
@@ -281,6 +289,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         results, text = exp.word_results, exp.answer_text
         if not results:
             raise CliError(f"answer {text!r}: has no words to explain")
+    notes = report_notes(model, emb, [text])
     with output_folder(out, EXPLAIN, EXPLAIN_OUTPUTS, args.force):
         report = write_explanation_report(
             out,
@@ -290,6 +299,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             results,
             weighting=args.weighting,
             template=args.template,
+            notes=notes,
         )
     print(f"ASSISTANT: {printable(text, keep_newlines=True)}")
     print(f"Report: {report}")
@@ -298,7 +308,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _explain_with(args: argparse.Namespace, image: Path) -> int:
     """``explain --method NAME`` for a method other than GA: one map per explained word."""
-    from jmllm.joint.cli.common import CliError, load_model, out_dir, output_folder
+    from jmllm.joint.cli.common import CliError, load_model, out_dir, output_folder, report_notes
     from jmllm.joint.render.explanation import write_attribution_report
     from jmllm.joint.saliency import answer_tokens, answer_words
     from jmllm.joint.saliency.attribution import AttributionError, get_method, prepare_request
@@ -344,6 +354,7 @@ def _explain_with(args: argparse.Namespace, image: Path) -> int:
             method,
             requests[0].template,
             queries=_queries(args),  # only to open the page on the word that names one
+            notes=report_notes(model, emb, [text]),
         )
     print(f"ASSISTANT: {text}")
     print(f"Report: {report}")
@@ -351,7 +362,14 @@ def _explain_with(args: argparse.Namespace, image: Path) -> int:
 
 
 def cmd_hallucinations(args: argparse.Namespace) -> int:
-    from jmllm.joint.cli.common import CliError, image_arg, load_model, out_dir, output_folder
+    from jmllm.joint.cli.common import (
+        CliError,
+        image_arg,
+        load_model,
+        out_dir,
+        output_folder,
+        report_notes,
+    )
     from jmllm.joint.hallucination.check import check_hallucinations
     from jmllm.joint.hallucination.page import write_hallucination_report
 
@@ -367,9 +385,10 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         objects = builtin_vocabulary()  # the built-in models know the toy shapes only
     out = out_dir(args.out, HALLUCINATIONS, HALLUCINATIONS_OUTPUTS, args.force)
     model = load_model(args)
+    emb = model.embed([image], preprocessing=args.preprocessing)
     report = check_hallucinations(
         model,
-        model.embed([image], preprocessing=args.preprocessing),
+        emb,
         args.prompt,
         answer=args.answer,
         objects=objects,
@@ -380,7 +399,9 @@ def cmd_hallucinations(args: argparse.Namespace) -> int:
         tokenization=args.tokenization,
     )
     with output_folder(out, HALLUCINATIONS, HALLUCINATIONS_OUTPUTS, args.force):
-        path = write_hallucination_report(report, out)
+        path = write_hallucination_report(
+            report, out, report_notes(model, emb, [report.answer_text])
+        )
     print(f"ASSISTANT: {printable(report.answer_text, keep_newlines=True)}")
     missed = printable(", ".join(report.mentioned_not_detected) or "none")
     print(f"Mentioned but not detected: {missed}")
@@ -417,6 +438,7 @@ def wsol_maps_dir(json_out: Path) -> Path:
 
 
 def cmd_wsol(args: argparse.Namespace) -> int:
+    from jmllm.align.files import claim_beside
     from jmllm.joint.cli.common import CliError, load_model
     from jmllm.joint.wsol.run import WsolDependencyError, opencv, read_wsol_folder, run_wsol
 
@@ -424,6 +446,11 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         raise CliError(f"--token: must be one word, got {args.token[:100]!r}")
     page = maps = None
     if args.json_out:
+        if args.json_out == "-":
+            raise CliError(
+                "--json-out -: wsol writes its page beside the report, so it needs a file name "
+                "(the summary is printed on standard output anyway)"
+            )
         if Path(args.json_out).is_dir():
             raise CliError(f"--json-out {args.json_out}: is a folder; give a file name")
         page = wsol_page_path(Path(args.json_out))
@@ -436,6 +463,10 @@ def cmd_wsol(args: argparse.Namespace) -> int:
         except WsolDependencyError as exc:
             raise CliError(f"--protocol wsolevaluation: {exc}") from None
     read_wsol_folder(args.data_dir)  # fail on a malformed folder before loading the models
+    if page is not None and maps is not None:
+        # the page and the maps' folder are names the user did not choose: never another's file
+        beside = [page.name, maps.name] if args.samples else [page.name]
+        claim_beside(args.json_out, "jmllm-joint wsol", beside, what="--json-out")
     model = load_model(args)
     report = run_wsol(
         model,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -46,9 +47,10 @@ def detections_picture(
     return canvas, layout
 
 
-def render_hallucination_report(report: HallucinationReport) -> str:
+def render_hallucination_report(report: HallucinationReport, notes: Sequence[str] = ()) -> str:
     """The self-contained ``hallucinations.html`` page of :func:`write_hallucination_report`,
-    as a string (the Jinja2 template ``templates/hallucinations.html``, autoescaped).
+    as a string (the Jinja2 template ``templates/hallucinations.html``, autoescaped); ``notes``
+    are shown at the top (e.g. that the image is not a toy scene).
 
     Example:
         >>> page = render_hallucination_report(report)  # doctest: +SKIP
@@ -86,6 +88,7 @@ def render_hallucination_report(report: HallucinationReport) -> str:
         "hallucinations.html",
         script=True,
         title="Hallucination view",
+        notes=list(notes),
         prompt=report.prompt,
         answer=highlighted_answer(report.answer_text, spans, classes),
         missing=", ".join(report.mentioned_not_detected) or "none",
@@ -104,20 +107,21 @@ def render_hallucination_report(report: HallucinationReport) -> str:
 
 
 def write_hallucination_report(
-    report: HallucinationReport, out_dir: str | os.PathLike[str]
+    report: HallucinationReport, out_dir: str | os.PathLike[str], notes: Sequence[str] = ()
 ) -> Path:
-    """Write ``hallucinations.html`` (self-contained) and ``hallucinations.json``.
+    """Write ``hallucinations.html`` (self-contained) and ``hallucinations.json``; ``notes``
+    (what may make the answer meaningless, e.g. an image unlike the models' world) head the page
+    and are recorded in the JSON.
 
     Returns:
         the path of the HTML file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
-        out / "hallucinations.json", (json.dumps(report.to_json(), indent=2) + "\n").encode()
-    )
+    record = {**report.to_json(), "notes": list(notes)}
+    atomic_write_bytes(out / "hallucinations.json", (json.dumps(record, indent=2) + "\n").encode())
     return atomic_write_bytes(
-        out / "hallucinations.html", render_hallucination_report(report).encode()
+        out / "hallucinations.html", render_hallucination_report(report, notes).encode()
     )
 
 

@@ -57,12 +57,16 @@ class JointEmbedding:
         preprocessing: the named preprocessing the images were embedded with (``"authors"``,
             ``"exif"``; :mod:`jmllm.align.preprocessing`); stock LLaVA resizes with the same.
             None for an embedding made from ``t`` alone.
+        input_problems: per image, why it does not suit the models (the model's
+            ``input_check``, e.g. the toy world's "not a toy scene"), or None; empty when
+            nothing was checked. Reports show them (``docs/toy.md``).
     """
 
     t: torch.Tensor
     image_sizes: list[tuple[int, int]]
     images: list[torch.Tensor] = dataclasses.field(default_factory=list)
     preprocessing: str | None = None
+    input_problems: list[str | None] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -81,6 +85,9 @@ class JointEmbedding:
             image_sizes=[self.image_sizes[i] for i in indices],
             images=[self.images[i] for i in indices] if self.images else [],
             preprocessing=self.preprocessing,
+            input_problems=(
+                [self.input_problems[i] for i in indices] if self.input_problems else []
+            ),
         )
 
     def pil_image(self, index: int = 0) -> Image.Image:
@@ -183,18 +190,23 @@ class EmbeddingMixin(JointBase):
         except ValueError as exc:
             raise JointModelError(str(exc)) from None
         tensors, sizes = self._decode_images(images, preprocessing)
+        problems: list[str | None] = []
         if self.input_check is not None:
             for i, (tensor, size) in enumerate(zip(tensors, sizes, strict=True)):
-                problem = self.input_check(tensor, size)
-                if problem:
-                    logger.warning("image %d: %s", i, problem)
+                problems.append(self.input_check(tensor, size) or None)
+                if problems[-1]:
+                    logger.warning("image %d: %s", i, problems[-1])
         chunks = []
         for start in range(0, len(tensors), batch_size):
             batch = tensors[start : start + batch_size]
             pixel_values = self.owl_norm(batch, self.device, preprocessing)  # (b, 3, S, S)
             chunks.append(owl_penultimate(self.owl, pixel_values.to(self.dtype)))  # (b, 1+N, D)
         return JointEmbedding(
-            t=torch.cat(chunks), image_sizes=sizes, images=tensors, preprocessing=preprocessing
+            t=torch.cat(chunks),
+            image_sizes=sizes,
+            images=tensors,
+            preprocessing=preprocessing,
+            input_problems=problems,
         )
 
     def _as_embedding(

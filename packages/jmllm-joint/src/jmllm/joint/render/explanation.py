@@ -255,6 +255,7 @@ def render_explanation_report(
     title: str = "GA explanation",
     template: str | None = None,
     query: int | str | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """The self-contained ``report.html`` page of :func:`write_explanation_report`, as a string
     (the same bytes, without the files written beside it).
@@ -266,7 +267,7 @@ def render_explanation_report(
     if template is None:
         template = _recorded_template(results)
     return _explanation_parts(
-        image, prompt, answer_text, results, weighting, title, template, query
+        image, prompt, answer_text, results, weighting, title, template, query, notes
     )[0]
 
 
@@ -289,6 +290,7 @@ def _explanation_parts(
     title: str,
     template: str | None,
     query: int | str | None = None,
+    notes: Sequence[str] = (),
 ) -> tuple[str, dict[str, bytes], list[tuple[str, GAResult]], dict[str, Any]]:
     """The report page, its pictures (``maps/`` name → PNG), the labelled results and the
     summary record."""
@@ -330,6 +332,7 @@ def _explanation_parts(
         "explanation.html",
         script=True,
         title=title,
+        notes=list(notes),
         prompt=prompt,
         answer=highlighted_answer(answer_text, spans),
         options=options,
@@ -347,6 +350,7 @@ def _explanation_parts(
         "tokenization": _recorded(results, "tokenization"),
         "preprocessing": _recorded(results, "preprocessing"),
         "weighting": weighting,
+        "notes": list(notes),
         "results": records,
     }
     return page_html, pictures, labelled, summary
@@ -362,6 +366,7 @@ def write_explanation_report(
     title: str = "GA explanation",
     template: str | None = None,
     query: int | str | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write ``report.html`` (self-contained), ``maps/*.png``, ``explanation.json`` and
     ``arrays.safetensors`` for GA results of one answer.
@@ -380,6 +385,8 @@ def write_explanation_report(
             default: the one the results record, if any).
         query: the class channel of every map (default: each result's own, e.g. the query the
             word refers to; ``"first"``, ``"max"`` or a query index).
+        notes: notices at the top of the page, recorded in ``explanation.json`` (e.g. that the
+            image is not a toy scene, so the answer and its maps mean nothing).
 
     Returns:
         the path of ``report.html``.
@@ -394,7 +401,7 @@ def write_explanation_report(
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
     report, pictures, labelled, summary = _explanation_parts(
-        image, prompt, answer_text, results, weighting, title, template, query
+        image, prompt, answer_text, results, weighting, title, template, query, notes
     )
     for name, png in pictures.items():
         atomic_write_bytes(maps / name, png)
@@ -412,6 +419,7 @@ def write_attribution_report(
     method: Any,
     template: str | None = None,
     queries: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> Path:
     """The report of another attribution method (:mod:`jmllm.joint.saliency.attribution`) for one
     answer: ``report.html`` (the same page as GA's, one map per explained word), ``maps/*.png``,
@@ -428,6 +436,7 @@ def write_attribution_report(
         template: the conversation template the prompt was put in.
         queries: detector queries, if any: the page opens on the first word naming one
             (:func:`opening_word`), as GA's does.
+        notes: notices at the top of the page, recorded in ``explanation.json``.
 
     Example:
         >>> write_attribution_report("out", image, "What's in the image?", answer, maps,
@@ -488,6 +497,7 @@ def write_attribution_report(
         "explanation.html",
         script=True,
         title=f"{name} explanation",
+        notes=list(notes),
         prompt=prompt,
         answer=highlighted_answer(answer_text, spans),
         options=_options(labels, [a.label for a in attributions], queries),
@@ -498,7 +508,7 @@ def write_attribution_report(
     )
     atomic_write_bytes(out / "arrays.safetensors", save(tensors, metadata={"method": name}))
     summary = {"prompt": prompt, "answer": answer_text, "method": name, "template": template,
-               "results": records}  # fmt: skip
+               "notes": list(notes), "results": records}  # fmt: skip
     atomic_write_bytes(out / "explanation.json", (json.dumps(summary, indent=2) + "\n").encode())
     return atomic_write_bytes(out / "report.html", html.encode("utf-8"))
 
