@@ -24,10 +24,12 @@ from jmllm.joint.render.drawing import (
     draw_labelled_boxes,
     figure,
     fit_picture,
+    font,
     line_width,
     query_colour,
     spotlight,
     text_colour,
+    wrap_text,
 )
 from jmllm.joint.render.explanation import (
     highlighted_answer,
@@ -222,3 +224,19 @@ def test_docstring_examples(name):
     module = importlib.import_module(f"jmllm.joint.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0, name
+
+
+def test_a_long_colour_bar_title_wraps_instead_of_being_cut():
+    """A map's bar title says which channel and which scale: cut at the picture's edge it lost
+    the scale ("0: med…"); it wraps now, every word kept, every line inside the picture."""
+    title = (
+        "GA class weight, query “triangle” (matching: phrase head 'triangle'); "
+        "0: median patch, 1: top patch"
+    )
+    face = font(MIN_FONT_SIZE)
+    lines = wrap_text(title, face, 512)
+    assert " ".join(lines) == title and len(lines) == 2
+    assert all(face.getlength(line) <= 512 for line in lines)
+    assert colour_bar("gray", 512, title).height > colour_bar("gray", 512, "GA class").height
+    many = wrap_text(" ".join(["word"] * 200), face, 100, max_lines=2)
+    assert len(many) == 2 and many[-1].endswith("…")  # beyond max_lines: says so

@@ -126,7 +126,7 @@ def test_claim_beside_protects_the_names_the_user_did_not_choose(tmp_path):
     (named.parent / "cub.html").write_text("tool's page")
     named.write_text("{}")
     claim_beside(named, "tool", ["cub.html"])  # a rerun: its own outputs
-    with pytest.raises(ForeignOutputError, match="cub.html exists and was not written by other"):
+    with pytest.raises(ForeignOutputError, match=r"cub\.html exists and was not written by other"):
         claim_beside(named.parent / "new.json", "other", ["cub.html"])
     with pytest.raises(ForeignOutputError, match="was written by tool"):
         claim_beside(named, "other", [])

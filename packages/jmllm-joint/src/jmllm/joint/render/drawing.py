@@ -298,6 +298,26 @@ def fit_text(text: str, face: Any, limit: float) -> str:
     return text + "…" if text else ""
 
 
+def wrap_text(text: str, face: Any, limit: float, max_lines: int = 3) -> list[str]:
+    """``text`` broken at spaces into lines at most ``limit`` pixels wide in ``face``; a word
+    wider than a line, or text beyond ``max_lines``, is shortened with "…" (:func:`fit_text`).
+
+    Example:
+        >>> wrap_text("GA class weight, query 'cross'; 0: median patch", font(13), 200)
+        ["GA class weight, query 'cross';", '0: median patch']
+    """
+    lines: list[str] = []
+    words = text.split()
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and face.getlength(f"{line} {words[0]}") <= limit:
+            line = f"{line} {words.pop(0)}"
+        lines.append(line)
+    if words:  # more than max_lines: the last line says so
+        lines[-1] = fit_text(f"{lines[-1]} {' '.join(words)}", face, limit)
+    return [fit_text(line, face, limit) for line in lines]
+
+
 def place_label(
     box: Sequence[float], size: tuple[int, int], canvas: tuple[int, int], taken: Sequence[Rect]
 ) -> Rect | None:
@@ -497,14 +517,15 @@ def colour_bar(
     bar_h = max(8, round(font_size * 0.9))
     margin = max(1, round(face.getlength("0.5") / 2))  # ticks centred on the ends stay inside
     inner = max(2, width - 2 * margin)
-    title = fit_text(title, face, width)
-    height = (text_h + gap if title else 0) + bar_h + gap + text_h
+    lines = wrap_text(title, face, width)  # a long title wraps, never cut mid-sentence
+    height = (len(lines) * text_h + gap if lines else 0) + bar_h + gap + text_h
     out = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(out)
     y = 0
-    if title:
-        draw.text(((width - face.getlength(title)) / 2, 0), title, fill=INK, font=face)
-        y = text_h + gap
+    if lines:
+        for i, line in enumerate(lines):
+            draw.text(((width - face.getlength(line)) / 2, i * text_h), line, fill=INK, font=face)
+        y = len(lines) * text_h + gap
     ramp = np.linspace(0.0, 1.0, inner)[None, :].repeat(bar_h, axis=0)  # (bar_h, inner)
     strip = Image.fromarray((_bar_colours(cmap, ramp) * 255).astype(np.uint8), "RGB")
     out.paste(strip, (margin, y))
@@ -574,4 +595,5 @@ __all__ = [
     "relative_luminance",
     "spotlight",
     "text_colour",
+    "wrap_text",
 ]
