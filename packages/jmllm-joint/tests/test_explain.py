@@ -367,3 +367,22 @@ def test_reports_say_the_image_is_not_a_toy_scene(cli_env, tmp_path, capsys):
         else:
             assert notes == hall_notes == []
             assert 'class="notice"' not in page and 'class="notice"' not in hall_page
+
+
+def test_explain_and_hallucinations_ask_describes_question_by_default(cli_env, tmp_path, capsys):
+    """-p is optional, as on describe: the same default question (the demo's)."""
+    from jmllm.joint.cli.common import DEFAULT_QUESTION
+    from jmllm.joint.toy.scenes import make_scene
+
+    scene = tmp_path / "scene.png"
+    make_scene("heldout", 114).image.save(scene)
+    answer = ["--answer", "a yellow triangle and a green cross"]
+    assert main(["explain", str(scene), "--tiny", *answer, "-o", str(tmp_path / "e")]) == 0
+    assert main(["hallucinations", str(scene), "--tiny", *answer, "-o", str(tmp_path / "h")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "e" / "explanation.json").read_text())["prompt"] == (
+        DEFAULT_QUESTION
+    )
+    assert json.loads((tmp_path / "h" / "hallucinations.json").read_text())["prompt"] == (
+        DEFAULT_QUESTION
+    )

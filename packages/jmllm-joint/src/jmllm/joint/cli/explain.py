@@ -46,6 +46,7 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
     from jmllm.joint.chat.templates import INTERACTIVE_TEMPLATE, PAPER_TEMPLATE
     from jmllm.joint.chat.tokenization import INTERACTIVE_TOKENIZATION, PAPER_TOKENIZATION
     from jmllm.joint.cli.common import (
+        DEFAULT_QUESTION,
         force_argument,
         preprocessing_argument,
         template_argument,
@@ -59,7 +60,12 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="GA saliency maps of answer tokens (report.html, PNGs, arrays)",
     )
     explain.add_argument("image", help="image file")
-    explain.add_argument("-p", "--prompt", required=True, help="the question")
+    explain.add_argument(
+        "-p",
+        "--prompt",
+        default=DEFAULT_QUESTION,
+        help=f"the question (default: {DEFAULT_QUESTION!r}, as describe's)",
+    )
     target = explain.add_mutually_exclusive_group()
     target.add_argument(
         "--token",
@@ -105,7 +111,12 @@ def register(subparsers: Any, common_args: argparse.ArgumentParser) -> None:
         help="objects the answer mentions vs what OWL-ViT detects in the same embedding",
     )
     hall.add_argument("image", help="image file")
-    hall.add_argument("-p", "--prompt", required=True, help="the question")
+    hall.add_argument(
+        "-p",
+        "--prompt",
+        default=DEFAULT_QUESTION,
+        help=f"the question (default: {DEFAULT_QUESTION!r}, as describe's)",
+    )
     hall.add_argument(
         "-q",
         "--query",
