@@ -451,6 +451,9 @@ def test_the_models_warning_about_an_image_is_kept_for_the_page(tiny_joint, tmp_
     state = explorer.open_image(photo)
     assert state.notice == toy_input_check(Image.open(photo).convert("RGB"), (300, 200))
     assert "300 × 200 pixels" in state.notice
+    # the downloaded chat page heads with it too, as the command line's pages do
+    assert '<p class="notice">' in explorer.report_html(state)
+    assert "300 × 200 pixels" in explorer.report_html(state)
     assert explorer.open_image(scene).notice == ""
     monkeypatch.setattr(tiny_joint, "input_check", None)
     assert Explorer(tiny_joint).open_image(photo).notice == ""  # real models: no warning

@@ -482,9 +482,16 @@ class Explorer(ExplorerViews):
             conversation=state.conversation if state.conversation.turns else None,
             stock=state.stock,
             detections=self.detect(state),
+            notes=self._notes(state),
             sources=self.model.sources,
             max_boxes=self.max_boxes,
         )
+
+    @staticmethod
+    def _notes(state: ExplorerState) -> list[str]:
+        """What a downloaded page must say at its top, as the command line's pages do: the
+        model's warning about the image (a photo given to the toy world)."""
+        return [state.notice] if state.notice else []
 
     def explanation_html(
         self,
@@ -513,6 +520,7 @@ class Explorer(ExplorerViews):
             weighting=weighting,
             title="GA explanation of J's answer",
             query=self._check_channel(results[0], channel),
+            notes=self._notes(state),
         )
 
 
