@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     cosines: dict[str, list[torch.Tensor]] = {"object": [], "background": []}
     errors: dict[str, list[torch.Tensor]] = {"object": [], "background": []}
     objects_per_scene = np.array([len(objs) for objs in pool.objects])
+    coverage: torch.Tensor | None = None  # (N, K, grid²), once the grid is known
     for begin in range(0, len(pool), args.batch):
         rows = list(range(begin, min(begin + args.batch, len(pool))))
         emb = model.embed(pool.images(rows))
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         grid = math.isqrt(joint.shape[1])
         if grid * grid != joint.shape[1]:
             raise ValueError(f"--dir: {joint.shape[1]} image tokens are not one per patch")
-        on_object = (pool.coverage(grid)[rows] >= args.cover).any(1)  # (B, L)
+        if coverage is None:
+            coverage = pool.coverage(grid)
+        on_object = (coverage[rows] >= args.cover).any(1)  # (B, L)
         cosine = torch.nn.functional.cosine_similarity(joint, stock, dim=-1)
         error = ((joint - stock) ** 2).mean(-1)
         for place, where in (("object", on_object), ("background", ~on_object)):

@@ -190,12 +190,10 @@ class Explorer(ExplorerViews):
             )
         except ImageLoadError as exc:
             raise ExplorerError(_named(str(exc), path, name)) from None
-        notice = ""
-        check = getattr(self.model, "input_check", None)
-        if check is not None:
-            notice = check(loaded.image, loaded.original_size) or ""
         with self.lock:
             emb = self.model.embed([loaded], preprocessing=self.preprocessing.name)
+        # the model's check ran as the image was embedded (JointEmbedding.input_problems)
+        notice = (emb.input_problems or [None])[0] or ""
         return ExplorerState(image_name=name, emb=emb, notice=notice)
 
     @staticmethod

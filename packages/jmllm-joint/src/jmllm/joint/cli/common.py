@@ -138,7 +138,7 @@ def report_notes(model: Any, emb: Any, texts: Sequence[str] = ()) -> list[str]:
         >>> report_notes(model, emb, ["a red circle"])  # a toy scene, a consistent answer  # doctest: +SKIP
         []
     """
-    problems = [p for p in getattr(emb, "input_problems", ()) if p]
+    problems = [p for p in emb.input_problems if p]
     return problems + (check_answers(model, emb, texts) if texts else [])
 
 
